@@ -1,0 +1,3 @@
+from goldstone_cli.cli import main
+
+main()

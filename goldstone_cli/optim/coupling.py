@@ -1,0 +1,262 @@
+"""The symmetry-breaking coupling psi over time steps (paper Eq. 3, DESIGN.md §1-2).
+
+    psi(Z) = 1/2 sum_{t,t'} Lap[t,t'] <Z_t, Z_t'> = 1/2 sum_{edges (t,t')} w_tt' ||Z_t - Z_t'||^2
+
+``Lap = Deg - A`` is the Laplacian of a sparse weighted graph over the T time steps. Tensors of a
+symmetric group have shape ``(T, N, d)``; a rotation acts as ``Z_t <- Z_t @ R_t.T``.
+
+Edges are stored grouped by their *offset* ``o = t' - t > 0``: for each distinct offset one dense
+weight vector ``w_o`` of length ``T - o`` (zero where there is no edge). A chain has the single
+offset 1, so every operation is a handful of slice operations over the whole tensor: no Python loop
+over time steps or rows. A general graph costs one such pass per distinct offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class _Band:
+    offset: int
+    weight: Tensor  # (T - offset,), weight of edge (t, t + offset); 0 where absent
+
+
+class Coupling:
+    """Undirected weighted graph over T time steps, with the operations the models and the gauge
+    solvers need: ``psi``, ``L @ Z``, the pair moments ``M_tt'`` (Eq. 15) and the Laplacian."""
+
+    def __init__(self, T: int, src: Sequence[int], dst: Sequence[int], weight: Sequence[float]):
+        src_a = np.asarray(src, dtype=np.int64).reshape(-1)
+        dst_a = np.asarray(dst, dtype=np.int64).reshape(-1)
+        w_a = np.asarray(weight, dtype=np.float64).reshape(-1)
+        if T < 1:
+            raise ValueError(f"a coupling needs at least one time step, got T={T}")
+        if not (len(src_a) == len(dst_a) == len(w_a)):
+            raise ValueError("src, dst and weight must have the same length")
+        if len(src_a) and (src_a.min() < 0 or dst_a.min() < 0 or max(src_a.max(), dst_a.max()) >= T):
+            raise ValueError(f"edge endpoints must lie in [0, {T - 1}]")
+        if np.any(src_a == dst_a):
+            raise ValueError("self-loops do not couple anything; remove edges with src == dst")
+        if np.any(~np.isfinite(w_a)) or np.any(w_a < 0):
+            raise ValueError("coupling weights must be finite and non-negative")
+        lo, hi = np.minimum(src_a, dst_a), np.maximum(src_a, dst_a)
+        keep = w_a > 0
+        lo, hi, w_a = lo[keep], hi[keep], w_a[keep]
+        # merge duplicate edges by summing their weights
+        key = lo * T + hi
+        uniq, inv = np.unique(key, return_inverse=True)
+        w_sum = np.zeros(len(uniq))
+        np.add.at(w_sum, inv, w_a)
+        self.T = int(T)
+        self.src = (uniq // T).astype(np.int64)  # (E,), src < dst
+        self.dst = (uniq % T).astype(np.int64)  # (E,)
+        self.weight = w_sum  # (E,) float64
+        self._bands_cache: dict[tuple, list[_Band]] = {}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def chain(cls, T: int, weight: float | Sequence[float] | Tensor) -> "Coupling":
+        """Chain t - t+1 with a uniform weight ``lambda`` (Eq. 7) or per-edge weights (length T-1)."""
+        w = np.asarray(weight.cpu() if isinstance(weight, Tensor) else weight, dtype=np.float64)
+        if w.ndim == 0:
+            w = np.full(max(T - 1, 0), float(w))
+        if w.shape != (max(T - 1, 0),):
+            raise ValueError(f"a chain over T={T} steps needs {T - 1} edge weights, got {w.shape[0]}")
+        idx = np.arange(T - 1)
+        return cls(T, idx, idx + 1, w)
+
+    @classmethod
+    def from_adjacency(cls, A) -> "Coupling":
+        """From a symmetric (T, T) adjacency matrix: numpy, torch or scipy.sparse."""
+        try:
+            import scipy.sparse as sp
+        except ImportError:  # pragma: no cover - scipy is a dependency
+            sp = None
+        if sp is not None and sp.issparse(A):
+            A = sp.coo_matrix(A)
+            T = A.shape[0]
+            rows, cols, vals = A.row, A.col, A.data
+            dense_check = sp.csr_matrix(A)
+            if A.shape[0] != A.shape[1] or abs(dense_check - dense_check.T).max() > 1e-12 * (abs(vals).max() if len(vals) else 1):
+                raise ValueError("the adjacency matrix must be square and symmetric")
+        else:
+            A = np.asarray(A.cpu() if isinstance(A, Tensor) else A, dtype=np.float64)
+            if A.ndim != 2 or A.shape[0] != A.shape[1]:
+                raise ValueError(f"the adjacency matrix must be square, got shape {A.shape}")
+            if not np.allclose(A, A.T):
+                raise ValueError("the adjacency matrix must be symmetric")
+            T = A.shape[0]
+            rows, cols = np.nonzero(A)
+            vals = A[rows, cols]
+        upper = rows < cols
+        return cls(T, rows[upper], cols[upper], vals[upper])
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def num_edges(self) -> int:
+        return len(self.src)
+
+    def is_chain(self) -> bool:
+        return self.num_edges == self.T - 1 and bool(np.all(self.dst - self.src == 1))
+
+    def is_forest(self) -> bool:
+        """True if the graph has no cycle (union-find over the edges)."""
+        parent = list(range(self.T))
+
+        def find(a: int) -> int:
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+
+        for a, b in zip(self.src.tolist(), self.dst.tolist()):
+            ra, rb = find(a), find(b)
+            if ra == rb:
+                return False
+            parent[ra] = rb
+        return True
+
+    def is_connected(self) -> bool:
+        lap = self.laplacian(torch.float64)
+        return self.T == 1 or bool(torch.linalg.eigvalsh(lap)[1] > 1e-10 * lap.diagonal().max())
+
+    def degree(self) -> np.ndarray:
+        deg = np.zeros(self.T)
+        np.add.at(deg, self.src, self.weight)
+        np.add.at(deg, self.dst, self.weight)
+        return deg
+
+    def laplacian(self, dtype=torch.float64, device=None) -> Tensor:
+        """Dense (T, T) Laplacian ``Deg - A`` (T is small: time steps, not rows)."""
+        A = np.zeros((self.T, self.T))
+        A[self.src, self.dst] = self.weight
+        A[self.dst, self.src] = self.weight
+        return torch.as_tensor(np.diag(A.sum(1)) - A, dtype=dtype, device=device)
+
+    def laplacian_pinv(self, dtype=torch.float64, device=None) -> Tensor:
+        """Moore-Penrose pseudo-inverse of the Laplacian: eigendecomposition with the (near-)zero
+        eigenvalues of the connected components left at zero (paper, below Eq. 16)."""
+        lap = self.laplacian(torch.float64)
+        evals, evecs = torch.linalg.eigh(lap)
+        tol = max(self.T, 1) * torch.finfo(torch.float64).eps * max(float(evals.abs().max()), 1.0) * 10
+        inv = torch.where(evals > tol, 1.0 / evals, torch.zeros_like(evals))
+        return ((evecs * inv) @ evecs.T).to(dtype=dtype, device=device)
+
+    def bands(self, dtype=torch.float64, device=None) -> list[_Band]:
+        key = (dtype, str(device))
+        if key not in self._bands_cache:
+            offsets = self.dst - self.src
+            bands = []
+            for o in np.unique(offsets).tolist():
+                sel = offsets == o
+                w = np.zeros(self.T - o)
+                w[self.src[sel]] = self.weight[sel]
+                bands.append(_Band(int(o), torch.as_tensor(w, dtype=dtype, device=device)))
+            self._bands_cache[key] = bands
+        return self._bands_cache[key]
+
+    # ------------------------------------------------------------------ operations on (T, N, d)
+    def psi(self, tensors: Sequence[Tensor] | Tensor) -> Tensor:
+        """psi (Eq. 3 / Eq. 6) summed over the tensors of a group; differentiable.
+
+        The value is computed without keeping any (T, N, d) temporary alive for the backward pass;
+        the gradient is ``L @ Z`` (one pass per offset, in place)."""
+        if isinstance(tensors, Tensor):
+            tensors = [tensors]
+        total = None
+        for Z in tensors:
+            v = _Psi.apply(Z, self)
+            total = v if total is None else total + v
+        return total
+
+    def psi_value(self, tensors: Sequence[Tensor] | Tensor) -> Tensor:
+        """psi without autograd (for diagnostics)."""
+        with torch.no_grad():
+            return self.psi(tensors).detach()
+
+    def laplacian_apply(self, Z: Tensor) -> Tensor:
+        """``(L @ Z)[t] = Deg[t] Z_t - sum_t' A[t,t'] Z_t'`` for Z of shape (T, ...); the gradient of psi."""
+        self._check(Z)
+        deg = torch.as_tensor(self.degree(), dtype=Z.dtype, device=Z.device)
+        shape = (-1,) + (1,) * (Z.dim() - 1)
+        out = Z * deg.view(shape)
+        for band in self.bands(Z.dtype, Z.device):
+            o, w = band.offset, band.weight.view(shape)
+            out[:-o].addcmul_(w, Z[o:], value=-1.0)
+            out[o:].addcmul_(w, Z[:-o], value=-1.0)
+        return out
+
+    def pair_moments(self, tensors: Sequence[Tensor] | Tensor) -> Tensor:
+        """``M_tt' = sum_k Z_k[t]^T Z_k[t']`` (Eq. 15) for every edge (src[e], dst[e]): shape (E, d, d).
+
+        With rows as embedding vectors, ``M[e] = sum_i z_src,i z_dst,i^T``. Cost O(T N d^2) per offset."""
+        if isinstance(tensors, Tensor):
+            tensors = [tensors]
+        Z0 = tensors[0]
+        d = Z0.shape[-1]
+        out = torch.zeros(self.num_edges, d, d, dtype=Z0.dtype, device=Z0.device)
+        offsets = self.dst - self.src
+        for band in self.bands(Z0.dtype, Z0.device):
+            o = band.offset
+            m = None
+            for Z in tensors:
+                self._check(Z)
+                # (T-o, d, N) @ (T-o, N, d) -> (T-o, d, d); entry t is Z_t^T Z_{t+o}
+                mz = torch.bmm(Z[:-o].transpose(1, 2), Z[o:])
+                m = mz if m is None else m + mz
+            edges = np.nonzero(offsets == o)[0]
+            out[torch.as_tensor(edges, device=out.device)] = m[torch.as_tensor(self.src[edges], device=out.device)]
+        return out
+
+    def self_moments(self, tensors: Sequence[Tensor] | Tensor) -> Tensor:
+        """``M_tt = sum_k Z_k[t]^T Z_k[t]``: shape (T, d, d)."""
+        if isinstance(tensors, Tensor):
+            tensors = [tensors]
+        m = None
+        for Z in tensors:
+            self._check(Z)
+            mz = torch.bmm(Z.transpose(1, 2), Z)
+            m = mz if m is None else m + mz
+        return m
+
+    def edge_weights(self, dtype=torch.float64, device=None) -> Tensor:
+        return torch.as_tensor(self.weight, dtype=dtype, device=device)
+
+    def edge_index(self, device=None) -> tuple[Tensor, Tensor]:
+        return (torch.as_tensor(self.src, device=device), torch.as_tensor(self.dst, device=device))
+
+    def _check(self, Z: Tensor) -> None:
+        if Z.shape[0] != self.T:
+            raise ValueError(f"expected a tensor with T={self.T} time steps first, got shape {tuple(Z.shape)}")
+
+    def __repr__(self) -> str:
+        kind = "chain" if self.is_chain() else "graph"
+        return f"Coupling({kind}, T={self.T}, edges={self.num_edges})"
+
+
+class _Psi(torch.autograd.Function):
+    """psi for one tensor with a memory-lean backward: grad = L @ Z."""
+
+    @staticmethod
+    def forward(ctx, Z: Tensor, coupling: Coupling) -> Tensor:
+        coupling._check(Z)
+        ctx.coupling = coupling
+        ctx.save_for_backward(Z)
+        total = Z.new_zeros(())
+        for band in coupling.bands(Z.dtype, Z.device):
+            o = band.offset
+            diff = Z[o:] - Z[:-o]  # (T-o, N, d), freed at the end of the iteration
+            sq = torch.einsum("t...,t...->t", diff, diff)
+            total = total + 0.5 * torch.dot(band.weight, sq)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (Z,) = ctx.saved_tensors
+        return grad_out * ctx.coupling.laplacian_apply(Z), None
