@@ -1,0 +1,369 @@
+"""Structured configs (dataclasses) and Hydra composition.
+
+The YAML files in ``conf/`` select and fill these schemas: every option file of a config group
+names its schema in its defaults list (``- /schema/optimizer@_here_: base``), so Hydra rejects an
+unknown key or a wrong type while composing, before any work starts. Range checks that a type
+cannot express (negative steps, unknown choices) live in ``__post_init__`` and run in
+:func:`validate`.
+
+The Typer front end calls :func:`compose` itself (Hydra's compose API reads no ``sys.argv`` and
+makes no run folder); ``train.py`` creates the run folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config or override that cannot work; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------- enums
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    decay = "decay"  # rho_s = rho_0 (s_bar / (s + s_bar))^power  (paper Sec. 5.1 / 5.3)
+
+
+class BaseName(str, Enum):
+    gd = "gd"
+    adagrad = "adagrad"
+    adam = "adam"
+
+
+class Solver(str, Enum):
+    natural = "natural"
+    procrustes = "procrustes"
+
+
+class Rotation(str, Enum):
+    linear = "linear"
+    expm = "expm"
+    cayley = "cayley"
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+# ----------------------------------------------------------------------------- groups
+@dataclass
+class OptimizerConfig:
+    """Schema of ``conf/optimizer/{gd,adagrad,adam}.yaml``."""
+
+    name: str = "gd"  # gd | adagrad | adam (goldstone: see GoldstoneConfig)
+    lr: float = 0.01  # rho_0
+    schedule: Schedule = Schedule.constant
+    decay_steps: float = 100.0  # s_bar of the decaying schedule
+    decay_power: float = 0.7
+    clip: Optional[float] = None  # element-wise gradient clipping to [-clip, clip]
+    momentum: float = 0.0  # gd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam only
+    eps: float = 1e-8  # adam / adagrad
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        valid = ["goldstone"] if isinstance(self, GoldstoneConfig) else [b.value for b in BaseName]
+        if self.name not in valid:
+            raise ConfigError(f"optimizer.name must be one of {', '.join(valid)}, got '{self.name}'")
+        _positive("optimizer.lr", self.lr)
+        _positive("optimizer.decay_steps", self.decay_steps)
+        _positive("optimizer.decay_power", self.decay_power, allow_zero=True)
+        _positive("optimizer.clip", self.clip)
+        _positive("optimizer.eps", self.eps)
+        _positive("optimizer.weight_decay", self.weight_decay, allow_zero=True)
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optimizer.momentum must be in [0, 1), got {self.momentum}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
+class GoldstoneConfig(OptimizerConfig):
+    """Schema of ``conf/optimizer/goldstone.yaml``: a base optimizer plus gauge steps (Algorithm 1)."""
+
+    name: str = "goldstone"
+    base: BaseName = BaseName.gd  # the optimizer for the k1 steps in the full parameter space
+    solver: Solver = Solver.procrustes
+    k1: int = 50  # base steps between gauge steps
+    k2: int = 10  # natural-gradient steps per gauge step (natural solver)
+    lr_scale: float = 1.0  # multiplies rho' of Eq. 17 (natural solver)
+    keep_gauge_fields: bool = True  # paper: gauge fields are not reset between rounds
+    rotation: Rotation = Rotation.linear  # natural solver: how the rotation is applied
+    allow_reflections: bool = True  # procrustes: full O(d) (True) or SO(d)
+    max_sweeps: int = 100  # procrustes on graphs with cycles
+    tol: float = 1e-10  # procrustes sweeps: stop when psi decreases by less (relative)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k1 < 1:
+            raise ConfigError(f"optimizer.k1 must be >= 1, got {self.k1}")
+        if self.k2 < 0:
+            raise ConfigError(f"optimizer.k2 must be >= 0, got {self.k2}")
+        _positive("optimizer.lr_scale", self.lr_scale)
+        if self.max_sweeps < 1:
+            raise ConfigError(f"optimizer.max_sweeps must be >= 1, got {self.max_sweeps}")
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Schema of ``conf/data/synthetic.yaml``: the paper's Sec. 5.1 data."""
+
+    name: str = "synthetic"
+    n_rows: int = 10  # X is n_rows x n_cols
+    n_cols: int = 10
+    rank: int = 3  # rank of the true factors Ub, Vb (3 x 10 in the paper)
+    noise_var: float = 1e-3
+    T: int = 30
+    time_dependent: bool = False  # False: the same X at every t (paper); True: rotating true factors
+    drift: float = 0.05  # radians per time step of the true item factors when time_dependent
+    seed: int = 0  # the data's own seed (runs with different `seed` share the same data)
+
+    def __post_init__(self) -> None:
+        for k in ("n_rows", "n_cols", "rank", "T"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"data.{k} must be >= 1, got {getattr(self, k)}")
+        if self.rank > min(self.n_rows, self.n_cols):
+            raise ConfigError(f"data.rank={self.rank} exceeds min(n_rows, n_cols)={min(self.n_rows, self.n_cols)}")
+        _positive("data.noise_var", self.noise_var, allow_zero=True)
+
+
+@dataclass
+class DenseMFConfig:
+    """Schema of ``conf/model/dense_mf.yaml``: dense dynamic Gaussian MF (paper Eqs. 4-7)."""
+
+    name: str = "dense_mf"
+    d: int = 3
+    coupling: float = 10.0  # lambda of Eq. 6
+    init_scale: float = 0.1  # std of the random initialization
+
+    def __post_init__(self) -> None:
+        if self.d < 1:
+            raise ConfigError(f"model.d must be >= 1, got {self.d}")
+        _positive("model.coupling", self.coupling, allow_zero=True)
+        _positive("model.init_scale", self.init_scale)
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 5000
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 1000
+    device: Device = Device.auto
+    dtype: DType = DType.float64
+    progress: bool = True  # tqdm progress bar
+    target: Optional[float] = None  # stop early once the model's target metric reaches this value
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"trainer.steps must be >= 0, got {self.steps}")
+        for k in ("log_every", "eval_every", "checkpoint_every"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"trainer.{k} must be >= 1, got {getattr(self, k)}")
+
+
+@dataclass
+class Config:
+    model: Any = MISSING
+    data: Any = MISSING
+    optimizer: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0  # initialization (and minibatch) seed
+    output_dir: str = "outputs"  # runs go to <output_dir>/<model>/<date>_<time>_<optimizer>
+    run_dir: Optional[str] = None  # explicit run folder (overrides the naming scheme)
+    resume: Optional[str] = None  # a run folder to continue
+
+
+_SCHEMAS: dict[str, dict[str, type]] = {
+    "model": {"dense_mf": DenseMFConfig},
+    "data": {"synthetic": SyntheticDataConfig},
+    "optimizer": {"base": OptimizerConfig, "goldstone": GoldstoneConfig},
+}
+
+
+def register_schema(group: str, name: str, node: type) -> None:
+    """Register a dataclass schema; YAML option files refer to it as ``/schema/<group>@_here_: <name>``."""
+    _SCHEMAS.setdefault(group, {})[name] = node
+    ConfigStore.instance().store(group=f"schema/{group}", name=name, node=node)
+
+
+def _register_all() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, nodes in _SCHEMAS.items():
+        for name, node in nodes.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+_register_all()
+
+
+# ----------------------------------------------------------------------------- conf/ location
+def conf_dir() -> Path:
+    """The folder with ``config.yaml``: $GOLDSTONE_CONF, the copy shipped in the installed package
+    (``goldstone_cli/conf``), or the repository's top-level ``conf/`` (source checkout)."""
+    env = os.environ.get("GOLDSTONE_CONF")
+    if env:
+        path = Path(env)
+        if not (path / "config.yaml").is_file():
+            raise ConfigError(f"GOLDSTONE_CONF={env} has no config.yaml")
+        return path.resolve()
+    candidates = []
+    try:
+        candidates.append(Path(str(resources.files("goldstone_cli.conf"))))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    candidates.append(Path(__file__).resolve().parent / "conf")
+    candidates.append(Path(__file__).resolve().parent.parent / "conf")
+    for path in candidates:
+        if (path / "config.yaml").is_file():
+            return path.resolve()
+    raise ConfigError(
+        "cannot find the goldstone configs (config.yaml); reinstall the package or set GOLDSTONE_CONF to a conf/ folder"
+    )
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group, from the YAML files in ``conf/<group>/``."""
+    folder = conf_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+GROUPS = ("model", "data", "optimizer", "sweep")
+
+
+# ----------------------------------------------------------------------------- composition
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose ``config.yaml`` with Hydra overrides and validate it; raise ConfigError on a bad override."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides)
+    _check_group_choices(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except ConfigError:
+        raise
+    except Exception as exc:  # Hydra/OmegaConf errors: keep their message, make it one line
+        raise ConfigError(_one_line(exc)) from exc
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Reject keys a schema does not know (also those forced in with ``+key=``), then instantiate
+    the dataclasses, running their ``__post_init__`` range checks."""
+    for group in ("model", "data", "optimizer", "trainer"):
+        node = cfg.get(group)
+        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        if schema is not None and schema is not dict:
+            known = set(schema.__dataclass_fields__)
+            unknown = sorted(set(node.keys()) - known)
+            if unknown:
+                raise ConfigError(
+                    f"unknown key {group}.{unknown[0]} for {group} '{node.get('name', group)}'; "
+                    f"valid keys: {', '.join(sorted(known))}"
+                )
+    try:
+        OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(_one_line(exc)) from exc
+    return cfg
+
+
+def _check_group_choices(overrides: list[str]) -> None:
+    """A clear one-line error for ``group=unknown`` that names the valid choices."""
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        key = key.lstrip("+~")
+        if sep and key in GROUPS and "," not in value and not value.startswith(("glob(", "choice(", "range(")):
+            options = group_options(key)
+            if options and value not in options:
+                raise ConfigError(f"unknown {key} '{value}'; valid choices: {', '.join(options)}")
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra wraps the useful OmegaConf error ("Value 'abc' ... full_key: trainer.steps") in a
+    generic one ("Error merging override ..."): report the innermost message with its key."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None and len(chain) < 10:
+        chain.append(chain[-1].__cause__)
+    inner = chain[-1]
+    lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
+    first = lines[0] if lines else type(inner).__name__
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    return f"{key}: {first}" if key else first
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def _schema_for(group: str, name: str) -> type:
+    if group == "optimizer":
+        return GoldstoneConfig if name == "goldstone" else OptimizerConfig
+    try:
+        return _SCHEMAS[group][name]
+    except KeyError:
+        raise ConfigError(f"no schema for {group} '{name}'; known: {', '.join(sorted(_SCHEMAS.get(group, {})))}") from None
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config a run was started with (``<run_dir>/config.yaml``), with ``key=value`` overrides
+    (e.g. ``trainer.steps=20000`` to train longer), validated against the schemas."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml); pass resume=<a folder under outputs/>")
+    saved = OmegaConf.load(path)
+    base = OmegaConf.structured(Config)
+    for group in ("model", "data", "optimizer"):
+        base[group] = OmegaConf.structured(_schema_for(group, str(saved[group].name)))
+    try:
+        cfg = OmegaConf.merge(base, saved)
+        OmegaConf.set_struct(cfg, True)
+        for ov in overrides:
+            key, sep, value = ov.partition("=")
+            if not sep:
+                raise ConfigError(f"override '{ov}' is not of the form key=value")
+            if key in GROUPS:
+                raise ConfigError(f"cannot switch {key} when resuming; start a new run instead")
+            OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=True)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(_one_line(exc)) from exc
+    cfg.resume = None
+    validate(cfg)
+    return cfg

@@ -1,0 +1,62 @@
+"""The interface every dynamic model implements (paper Eq. 1):
+
+    L(Z) = sum_t l(X_t; Z_t) + psi(Z)
+
+A model owns its parameters (tensors of shape ``(T, N_k, d)``), declares which of them rotate
+together (its *symmetric groups*, DESIGN.md §2) and the coupling graph over time steps that
+defines psi. The training loop and Goldstone-GD need nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from goldstone_cli.optim.coupling import Coupling
+
+
+class DynamicModel(nn.Module):
+    coupling: Coupling
+    #: metric (from :meth:`evaluate`) that ``trainer.target`` refers to, and whether lower is better
+    target_metric: Optional[str] = None
+    target_lower_is_better: bool = True
+    #: metric used to keep the best checkpoint (``None``: keep only the last one)
+    best_metric: Optional[str] = None
+    best_lower_is_better: bool = False
+
+    def symmetric_groups(self) -> list[list[nn.Parameter]]:
+        """Lists of parameters that rotate together, each of shape (T, N_k, d)."""
+        raise NotImplementedError
+
+    def local_loss(self, generator: Optional[torch.Generator] = None) -> Tensor:
+        """sum_t l(X_t; Z_t): invariant under per-time-step rotations of every group.
+        A model with minibatches draws them from ``generator`` (the trainer checkpoints its state)."""
+        raise NotImplementedError
+
+    def psi(self) -> Tensor:
+        """The coupling term (Eq. 3), summed over the symmetric groups."""
+        total = None
+        for group in self.symmetric_groups():
+            p = self.coupling.psi(group)
+            total = p if total is None else total + p
+        return total
+
+    def loss_terms(self, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        local = self.local_loss(generator)
+        psi = self.psi()
+        return {"total": local + psi, "local": local, "psi": psi}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Model-specific metrics (suboptimality, held-out likelihood, ...), logged at ``eval_every``."""
+        return {}
+
+    def metric_names(self) -> list[str]:
+        """Column names of :meth:`evaluate`, fixed for the whole run (the metrics.csv header)."""
+        return []
+
+    def snapshot(self) -> Optional[dict[str, Tensor]]:
+        """Small copies of the embeddings for trajectory plots (Fig. 2); ``None`` for large models."""
+        return None

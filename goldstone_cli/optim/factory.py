@@ -1,0 +1,63 @@
+"""Build the optimizer and learning-rate schedule that a config asks for."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from omegaconf import DictConfig
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def decay_factor(step: int, decay_steps: float, power: float) -> float:
+    """``(s_bar / (s + s_bar))^power``: the paper's decaying prefactor (Sec. 5.1, 5.3)."""
+    return (decay_steps / (step + decay_steps)) ** power
+
+
+def build_base(name: str, params: Iterable[torch.Tensor], cfg: DictConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    if name == "gd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown base optimizer '{name}'; valid: gd, adagrad, adam")
+
+
+def build_optimizer(cfg: DictConfig, model) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """``(optimizer, scheduler)`` for ``cfg`` (the ``optimizer`` config group) and a DynamicModel.
+
+    ``optimizer=goldstone`` wraps the base optimizer in GoldstoneGD with the model's symmetric
+    groups and coupling; the schedule then acts on the base optimizer's learning rate."""
+    name = cfg.name
+    if name == "goldstone":
+        from goldstone_cli.optim.goldstone import GoldstoneGD
+
+        base = build_base(str(_value(cfg.base)), model.parameters(), cfg)
+        opt = GoldstoneGD(
+            base,
+            groups=model.symmetric_groups(),
+            coupling=model.coupling,
+            k1=cfg.k1,
+            solver=str(_value(cfg.solver)),
+            k2=cfg.k2,
+            lr_scale=cfg.lr_scale,
+            keep_gauge_fields=cfg.keep_gauge_fields,
+            rotation=str(_value(cfg.rotation)),
+            allow_reflections=cfg.allow_reflections,
+            max_sweeps=cfg.max_sweeps,
+            tol=cfg.tol,
+        )
+    else:
+        opt = build_base(name, model.parameters(), cfg)
+    if str(_value(cfg.schedule)) == "decay":
+        s_bar, power = float(cfg.decay_steps), float(cfg.decay_power)
+        sched = LambdaLR(opt, lambda s: decay_factor(s, s_bar, power))
+    else:
+        sched = LambdaLR(opt, lambda s: 1.0)
+    return opt, sched
+
+
+def _value(x):
+    return x.value if hasattr(x, "value") else x

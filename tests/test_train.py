@@ -1,0 +1,134 @@
+"""End-to-end runs of `goldstone train` on the Sec. 5.1 problem (small step counts)."""
+
+import json
+import os
+import signal
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from goldstone_cli.cli import app
+from goldstone_cli.config import compose
+from goldstone_cli.models.dense_mf import DenseDynamicMF
+from goldstone_cli.train import TrainingDiverged, train
+
+runner = CliRunner()
+FAST = ["trainer.progress=false", "trainer.log_every=5", "trainer.eval_every=10"]
+
+
+def _metrics(run_dir):
+    return pd.read_csv(run_dir / "metrics.csv").drop(columns=["wall_time", "gauge_time"], errors="ignore")
+
+
+def test_cli_train_writes_every_output(in_tmp):
+    res = runner.invoke(app, ["train", "trainer.steps=40", *FAST])
+    assert res.exit_code == 0, res.output
+    runs = list((in_tmp / "outputs" / "dense_mf").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    assert str(run.relative_to(in_tmp)) in res.output
+    for name in ("config.yaml", "metrics.csv", "summary.json", "loss.png", "snapshots.pt", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    df = pd.read_csv(run / "metrics.csv")
+    assert list(df.columns[:6]) == ["step", "wall_time", "total", "local", "psi", "lr"]
+    assert df["step"].iloc[0] == 0 and df["step"].iloc[-1] == 40
+    assert (df["total"] - df["local"] - df["psi"]).abs().max() < 1e-9
+    assert df["suboptimality"].notna().sum() == 5  # eval at 0, 10, 20, 30, 40
+    assert df["total"].iloc[-1] < df["total"].iloc[0]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 40
+    assert summary["final"]["suboptimality"] == pytest.approx(df["suboptimality"].iloc[-1])
+
+
+def test_cfg_prints_config_without_running(in_tmp):
+    res = runner.invoke(app, ["train", "--cfg", "optimizer=adam", "data.T=7"])
+    assert res.exit_code == 0, res.output
+    assert "name: adam" in res.output and "T: 7" in res.output
+    assert not (in_tmp / "outputs").exists()
+    res2 = runner.invoke(app, ["config", "optimizer=adam", "data.T=7"])
+    assert res2.output == res.output
+
+
+def test_cli_bad_override_fails_before_work(in_tmp):
+    res = runner.invoke(app, ["train", "optimizer=sgdd"])
+    assert res.exit_code == 2
+    assert "valid choices" in res.output and "adam" in res.output
+    assert not (in_tmp / "outputs").exists()
+
+
+def test_same_seed_same_metrics_different_seed_differs(in_tmp):
+    runs = [train(compose(["trainer.steps=30", f"seed={s}", *FAST])).run_dir for s in (0, 0, 1)]
+    a, b, c = (_metrics(r) for r in runs)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a["total"].equals(c["total"])
+
+
+@pytest.mark.parametrize("optimizer", ["gd_paper", "adam", "adagrad"])
+def test_resume_equals_uninterrupted(in_tmp, optimizer):
+    common = [f"optimizer={optimizer}", "trainer.checkpoint_every=10", *FAST]
+    full = train(compose(["trainer.steps=40", *common])).run_dir
+    part = train(compose(["trainer.steps=25", *common])).run_dir
+    res = runner.invoke(app, ["train", f"resume={part}", "trainer.steps=40"])
+    assert res.exit_code == 0, res.output
+    pd.testing.assert_frame_equal(_metrics(full), _metrics(part))
+    a, b = torch.load(full / "checkpoints/last.pt", weights_only=False), torch.load(part / "checkpoints/last.pt", weights_only=False)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_ctrl_c_saves_checkpoint_and_resumes_identically(in_tmp, monkeypatch):
+    common = ["trainer.checkpoint_every=1000", *FAST]
+    full = train(compose(["trainer.steps=40", *common])).run_dir
+    calls = {"n": 0}
+    original = DenseDynamicMF.local_loss
+
+    def local_loss_with_ctrl_c(self, generator=None):
+        calls["n"] += 1
+        if calls["n"] == 17:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C mid-run
+        return original(self, generator)
+
+    monkeypatch.setattr(DenseDynamicMF, "local_loss", local_loss_with_ctrl_c)
+    result = train(compose(["trainer.steps=40", *common]))
+    monkeypatch.setattr(DenseDynamicMF, "local_loss", original)
+    assert result.status == "interrupted" and "resume=" in result.summary["message"]
+    ckpt = torch.load(result.run_dir / "checkpoints/last.pt", weights_only=False)
+    assert 0 < ckpt["step"] == result.summary["steps"] < 40  # the step in flight finished, then the checkpoint
+    res = runner.invoke(app, ["train", f"resume={result.run_dir}"])
+    assert res.exit_code == 0, res.output
+    pd.testing.assert_frame_equal(_metrics(full), _metrics(result.run_dir))
+
+
+def test_nan_stops_with_clear_message_and_keeps_good_checkpoint(in_tmp):
+    cfg = compose(["optimizer=gd", "optimizer.lr=5.0", "trainer.steps=200", "trainer.checkpoint_every=2", *FAST])
+    with pytest.raises(TrainingDiverged, match="lower optimizer.lr"):
+        train(cfg)
+    run = next((in_tmp / "outputs" / "dense_mf").iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    state = torch.load(run / "checkpoints/last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    res = runner.invoke(app, ["train", "optimizer=gd", "optimizer.lr=5.0", "trainer.steps=200", *FAST])
+    assert res.exit_code == 3 and "became" in res.output
+
+
+def test_float32_and_time_dependent_data_run(in_tmp):
+    r = train(compose(["trainer.steps=20", "trainer.dtype=float32", "data.time_dependent=true", *FAST]))
+    df = pd.read_csv(r.run_dir / "metrics.csv")
+    assert "suboptimality" not in df.columns  # no closed form for drifting data
+    assert r.summary["dtype"] == "float32" and df["total"].iloc[-1] < df["total"].iloc[0]
+
+
+def test_target_stops_early(in_tmp):
+    r = train(compose(["optimizer=adam", "optimizer.lr=0.05", "trainer.steps=3000", "trainer.target=1000",
+                       "trainer.eval_every=1", "trainer.progress=false"]))
+    assert r.status == "target_reached"
+    assert r.summary["steps_to_target"] == r.summary["steps"] < 3000
+    df = pd.read_csv(r.run_dir / "metrics.csv")
+    assert df["suboptimality"].dropna().iloc[-1] <= 1000 < df["suboptimality"].dropna().iloc[-2]
+
+
+def test_resume_of_missing_run_is_a_clear_error(in_tmp):
+    res = runner.invoke(app, ["train", "resume=outputs/nothing"])
+    assert res.exit_code == 2 and "no checkpoint" in res.output
