@@ -22,6 +22,8 @@ prepare_app = typer.Typer(help="Turn raw corpora into per-time-step co-occurrenc
 data_app.add_typer(prepare_app, name="prepare")
 download_app = typer.Typer(help="Download published data sets, verified against their checksums.", no_args_is_help=True)
 data_app.add_typer(download_app, name="download")
+plot_app = typer.Typer(help="Plots of finished runs (trajectories, losses, histograms).", no_args_is_help=True)
+app.add_typer(plot_app, name="plot")
 
 
 def _groups_help() -> str:
@@ -101,6 +103,56 @@ def show_config(
 
     conf, _ = _config_from(list(overrides or []))
     typer.echo(to_yaml(conf), nl=False)
+
+
+@download_app.command("movielens")
+def download_movielens_cmd(
+    variant: str = typer.Option(
+        "ml-20m", "--variant", help="Which data set: ml-20m (the paper's), ml-25m, ml-1m, ml-100k, ml-latest-small."),
+    dest: Path = typer.Option(Path("data"), "--dest", help="Folder to unpack into (creates DEST/VARIANT/)."),
+    base_url: Optional[str] = typer.Option(
+        None, "--base-url", envvar="GOLDSTONE_MOVIELENS_URL",
+        help="Where VARIANT.zip and VARIANT.zip.md5 are served (default: GroupLens, https://files.grouplens.org/datasets/movielens)."),
+    md5: Optional[str] = typer.Option(
+        None, "--md5", help="Expected MD5 of the zip; overrides the published VARIANT.zip.md5 and the pinned value."),
+    force: bool = typer.Option(False, "--force", help="Download and replace DEST/VARIANT even if it exists."),
+    keep_zip: bool = typer.Option(False, "--keep-zip", help="Keep DEST/VARIANT.zip after unpacking."),
+) -> None:
+    """Download a MovieLens zip from GroupLens, verify its MD5, unpack it into DEST/VARIANT/."""
+    from goldstone_cli.data.download import DownloadError
+    from goldstone_cli.data.movielens import MovieLensVariant, download_movielens
+
+    choices = [v.value for v in MovieLensVariant]
+    if variant not in choices:
+        _fail(f"unknown --variant {variant!r}; choose one of {', '.join(choices)}")
+    try:
+        folder, downloaded = download_movielens(variant, dest, base_url=base_url, md5=md5, force=force,
+                                                keep_zip=keep_zip)
+    except (DownloadError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc), code=1)
+    typer.echo(f"{'downloaded and verified' if downloaded else 'already present (use --force to replace)'}: {folder}")
+
+
+@plot_app.command("trajectories")
+def plot_trajectories_cmd(
+    runs: List[Path] = typer.Argument(..., help="One or two run folders (e.g. a GD run and a Goldstone-GD run)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: trajectories.png in the first run folder)."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Comma-separated training steps to show (default: up to four log-spaced snapshot steps)."),
+    tensor: str = typer.Option("U", "--tensor", help="Which embedding tensor to draw (U: users/rows, V: items/columns)."),
+) -> None:
+    """Fig. 2: 3-D trajectories of every embedding vector over time steps, at a few training steps,
+    side by side for up to two runs (d > 3 is projected onto the top three principal directions)."""
+    from goldstone_cli.report import plot_trajectories
+
+    if not 1 <= len(runs) <= 2:
+        _fail("give one or two run folders")
+    step_list = [int(s) for s in steps.split(",")] if steps else None
+    out = out or runs[0] / "trajectories.png"
+    try:
+        path = plot_trajectories(runs, out, steps=step_list, tensor=tensor)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {path}")
 
 
 def main() -> None:
