@@ -57,7 +57,7 @@ class Coupling:
         self.src = (uniq // T).astype(np.int64)  # (E,), src < dst
         self.dst = (uniq % T).astype(np.int64)  # (E,)
         self.weight = w_sum  # (E,) float64
-        self._bands_cache: dict[tuple, list[_Band]] = {}
+        self._bands_cache: dict[tuple, object] = {}  # per (dtype, device): bands, degrees
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -148,6 +148,12 @@ class Coupling:
         inv = torch.where(evals > tol, 1.0 / evals, torch.zeros_like(evals))
         return ((evecs * inv) @ evecs.T).to(dtype=dtype, device=device)
 
+    def _degree_tensor(self, dtype, device) -> Tensor:
+        key = ("degree", dtype, str(device))
+        if key not in self._bands_cache:
+            self._bands_cache[key] = torch.as_tensor(self.degree(), dtype=dtype, device=device)
+        return self._bands_cache[key]
+
     def bands(self, dtype=torch.float64, device=None) -> list[_Band]:
         key = (dtype, str(device))
         if key not in self._bands_cache:
@@ -183,9 +189,8 @@ class Coupling:
     def laplacian_apply(self, Z: Tensor) -> Tensor:
         """``(L @ Z)[t] = Deg[t] Z_t - sum_t' A[t,t'] Z_t'`` for Z of shape (T, ...); the gradient of psi."""
         self._check(Z)
-        deg = torch.as_tensor(self.degree(), dtype=Z.dtype, device=Z.device)
         shape = (-1,) + (1,) * (Z.dim() - 1)
-        out = Z * deg.view(shape)
+        out = Z * self._degree_tensor(Z.dtype, Z.device).view(shape)
         for band in self.bands(Z.dtype, Z.device):
             o, w = band.offset, band.weight.view(shape)
             out[:-o].addcmul_(w, Z[o:], value=-1.0)
@@ -252,7 +257,7 @@ class _Psi(torch.autograd.Function):
         for band in coupling.bands(Z.dtype, Z.device):
             o = band.offset
             diff = Z[o:] - Z[:-o]  # (T-o, N, d), freed at the end of the iteration
-            sq = torch.einsum("t...,t...->t", diff, diff)
+            sq = torch.linalg.vector_norm(diff.flatten(1), dim=1).square()  # no second (T-o, N, d) temporary
             total = total + 0.5 * torch.dot(band.weight, sq)
         return total
 
