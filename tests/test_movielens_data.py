@@ -1,0 +1,454 @@
+"""MovieLens loading, preprocessing (paper Sec. 5.2), caching and the verified download."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from goldstone_cli.cli import app
+from goldstone_cli.data import movielens as ml
+from goldstone_cli.data.download import (ChecksumMismatchError, DownloadError, download_file,
+                                         parse_checksum_file, unpack_zip)
+from goldstone_cli.data.movielens import MalformedRatingsError, load_movielens
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ML_SMALL = SHARED / "movielens" / "ml-latest-small" / "ratings.csv"
+
+
+@pytest.fixture(scope="module")
+def small_csv() -> Path:
+    if not ML_SMALL.is_file():
+        pytest.skip(f"real MovieLens sample not found at {ML_SMALL} (see ../shared/data/README.md)")
+    return ML_SMALL
+
+
+@pytest.fixture(scope="module")
+def small_df(small_csv) -> pd.DataFrame:
+    return pd.read_csv(small_csv)
+
+
+@pytest.fixture(scope="module")
+def small(small_csv, tmp_path_factory) -> ml.MovieLensData:
+    return load_movielens(small_csv, T=100, seed=0, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def _assert_same(a: ml.MovieLensData, b: ml.MovieLensData) -> None:
+    for k in ("user", "item", "t", "x", "split", "bin_edges", "user_ids", "item_ids"):
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k), err_msg=k)
+    assert (a.n_users, a.n_items, a.T, a.median) == (b.n_users, b.n_items, b.T, b.median)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing on the real ml-latest-small
+
+
+def test_counts_and_median_binarization_match_pandas(small, small_df):
+    assert len(small_df) == 100_836 and small_df.userId.nunique() == 610
+    assert small.source.n_raw == 100_836 and small.source.layout == "csv"
+    median = small_df.rating.median()  # independent: pandas
+    assert small.median == median == 3.5
+    kept = small_df[small_df.rating != median]
+    assert len(small) == len(kept) == 100_836 - (small_df.rating == median).sum()
+    assert small.source.n_dropped_at_median == (small_df.rating == median).sum()
+    np.testing.assert_array_equal(small.x, np.where(kept.rating > median, 1, -1))
+    assert small.x.dtype == np.int8 and set(np.unique(small.x)) == {-1, 1}
+    # ids: contiguous over all kept ratings, sorted by original id, and round-trip to the file's ids
+    assert small.n_users == kept.userId.nunique() and small.n_items == kept.movieId.nunique()
+    np.testing.assert_array_equal(small.user_ids, np.sort(kept.userId.unique()))
+    np.testing.assert_array_equal(small.item_ids, np.sort(kept.movieId.unique()))
+    np.testing.assert_array_equal(small.user_ids[small.user], kept.userId.to_numpy())
+    np.testing.assert_array_equal(small.item_ids[small.item], kept.movieId.to_numpy())
+    for a in (small.user, small.item, small.t):
+        assert a.dtype == np.int64
+    assert small.user.min() == 0 and small.user.max() == small.n_users - 1
+    assert small.item.min() == 0 and small.item.max() == small.n_items - 1
+
+
+@pytest.mark.parametrize("T", [100, 7, 1])
+def test_time_bins_equal_duration_and_cover_the_range(small_csv, small_df, tmp_path, T):
+    d = load_movielens(small_csv, T=T, cache_dir=tmp_path, progress=False)
+    ts = small_df.timestamp[small_df.rating != small_df.rating.median()].to_numpy()
+    lo, hi = ts.min(), ts.max()
+    assert d.bin_edges.shape == (T + 1,) and d.bin_edges[0] == lo and d.bin_edges[-1] == hi
+    np.testing.assert_allclose(np.diff(d.bin_edges), (hi - lo) / T)
+    # independent exact computation: bin t covers [lo + t*(hi-lo)/T, lo + (t+1)*(hi-lo)/T)
+    np.testing.assert_array_equal(d.t, np.minimum((ts - lo) * T // (hi - lo), T - 1))
+    assert d.t.min() == 0 and d.t.max() == T - 1
+    assert np.all(d.bin_edges[d.t] <= ts) and np.all((ts < d.bin_edges[d.t + 1]) | (ts == hi))
+    assert str(d.bin_dates()[0]) == "1996-03-29T18:36:55"
+
+
+def test_split_fractions_determinism_and_tensors(small_csv, small, tmp_path):
+    n = len(small)
+    counts = np.bincount(small.split, minlength=3)
+    assert counts.tolist() == [round(0.5 * n), round(0.2 * n), n - round(0.5 * n) - round(0.2 * n)]
+    again = load_movielens(small_csv, seed=0, use_cache=False, progress=False)
+    _assert_same(small, again)
+    other = load_movielens(small_csv, seed=1, use_cache=False, progress=False)
+    assert not np.array_equal(other.split, small.split)
+    np.testing.assert_array_equal(np.bincount(other.split, minlength=3), counts)
+    np.testing.assert_array_equal(other.x, small.x)
+    # random across all bins: in each half of the time range the train share is close to 50%
+    early = small.t < 50
+    for part in (early, ~early):
+        assert abs((small.split[part] == 0).mean() - 0.5) < 0.02
+    custom = load_movielens(small_csv, split_fractions=(0.8, 0.1, 0.1), use_cache=False, progress=False)
+    assert np.bincount(custom.split).tolist()[:2] == [round(0.8 * n), round(0.1 * n)]
+
+    sizes = 0
+    for name, code in (("train", 0), ("val", 1), ("test", 2)):
+        s = small.split_tensors(name)
+        m = small.split == code
+        assert all(v.shape == (m.sum(),) for v in s)
+        assert s.user.dtype == s.item.dtype == s.t.dtype == torch.int64 and s.x.dtype == torch.float32
+        np.testing.assert_array_equal(s.user.numpy(), small.user[m])
+        np.testing.assert_array_equal(s.x.numpy(), small.x[m].astype(np.float32))
+        sizes += len(s.x)
+    assert sizes == n
+    with pytest.raises(ValueError, match="unknown split"):
+        small.split_mask("holdout")
+
+
+def test_bad_settings_are_rejected(small_csv):
+    with pytest.raises(ValueError, match="positive integer"):
+        load_movielens(small_csv, T=0, use_cache=False)
+    with pytest.raises(ValueError, match="summing to 1"):
+        load_movielens(small_csv, split_fractions=(0.5, 0.5, 0.5), use_cache=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+
+
+def _write_layouts(df_str: pd.DataFrame, folder: Path) -> dict[str, Path]:
+    """The same ratings as ratings.csv, ratings.dat ('::') and u.data (tab, no header)."""
+    rows = df_str[["userId", "movieId", "rating", "timestamp"]].to_numpy()
+    paths = {}
+    for layout, name, sep, header in (("csv", "ratings.csv", ",", "userId,movieId,rating,timestamp\n"),
+                                      ("dat", "ratings.dat", "::", ""), ("udata", "u.data", "\t", "")):
+        sub = folder / layout
+        sub.mkdir()
+        (sub / name).write_text(header + "".join(sep.join(r) + "\n" for r in rows))
+        paths[layout] = sub
+    return paths
+
+
+def test_all_three_layouts_give_identical_results(small_csv, small, tmp_path):
+    df_str = pd.read_csv(small_csv, dtype=str)  # keep the exact text of every field
+    paths = _write_layouts(df_str, tmp_path)
+    for layout, folder in paths.items():
+        assert ml.detect_layout(ml.find_ratings_file(folder)) == layout
+        d = load_movielens(folder, cache_dir=tmp_path / "cache", progress=False)  # found from the folder
+        assert d.source.layout == layout and d.source.n_raw == 100_836
+        _assert_same(d, small)
+    # CRLF line endings (files edited on Windows) parse the same
+    crlf = tmp_path / "crlf" / "u.data"
+    crlf.parent.mkdir()
+    crlf.write_bytes((paths["udata"] / "u.data").read_bytes().replace(b"\n", b"\r\n"))
+    _assert_same(load_movielens(crlf, use_cache=False, progress=False), small)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+def test_cache_hit_miss_and_invalidation(small_csv, tmp_path):
+    raw = tmp_path / "ml" / "ratings.csv"
+    raw.parent.mkdir()
+    raw.write_bytes(small_csv.read_bytes())
+    cache = tmp_path / "cache"
+    first = load_movielens(raw, cache_dir=cache, progress=False)
+    assert not first.source.from_cache and Path(first.source.cache_path).is_file()
+    hit = load_movielens(raw, cache_dir=cache, progress=False)
+    assert hit.source.from_cache and hit.source.cache_path == first.source.cache_path
+    _assert_same(first, hit)
+
+    for settings in ({"T": 50}, {"seed": 3}, {"split_fractions": (0.6, 0.2, 0.2)}):
+        d = load_movielens(raw, cache_dir=cache, progress=False, **settings)
+        assert not d.source.from_cache, settings
+        assert d.source.cache_path != first.source.cache_path
+        assert load_movielens(raw, cache_dir=cache, progress=False, **settings).source.from_cache
+    assert len(list(cache.glob("*.npz"))) == 4
+
+    # same content under a new modification time: still a hit (the key is the content hash)
+    raw.touch()
+    assert load_movielens(raw, cache_dir=cache, progress=False).source.from_cache
+    # changed content (one rating 4.0 -> 1.0, same file size): miss, and the result changes
+    text = raw.read_text().splitlines(keepends=True)
+    assert text[1] == "1,1,4.0,964982703\n"
+    text[1] = "1,1,1.0,964982703\n"
+    raw.write_text("".join(text))
+    changed = load_movielens(raw, cache_dir=cache, progress=False)
+    assert not changed.source.from_cache and changed.source.content_sha256 != first.source.content_sha256
+    assert changed.x[0] == -1 and first.x[0] == 1
+    assert load_movielens(raw, cache_dir=cache, progress=False).source.from_cache
+
+
+def test_interrupted_cache_write_is_never_used(small_csv, small, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    real_savez = np.savez
+
+    def savez_then_crash(f, **arrays):
+        real_savez(f, **{k: arrays[k] for k in list(arrays)[:3]})  # part of the arrays on disk...
+        raise KeyboardInterrupt  # ...then Ctrl-C
+
+    monkeypatch.setattr(ml.np, "savez", savez_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        load_movielens(small_csv, cache_dir=cache, progress=False)
+    monkeypatch.setattr(ml.np, "savez", real_savez)
+    assert list(cache.iterdir()) == []  # no final file and no temporary left behind
+    d = load_movielens(small_csv, cache_dir=cache, progress=False)
+    assert not d.source.from_cache
+    _assert_same(d, small)
+
+    # a truncated cache file under the final name (e.g. a disk that filled up while copying)
+    path = Path(d.source.cache_path)
+    good = path.read_bytes()
+    for cut in (len(good) // 2, len(good) - 10, 100):
+        path.write_bytes(good[:cut])
+        with pytest.warns(UserWarning, match="damaged cache"):
+            again = load_movielens(small_csv, cache_dir=cache, progress=False)
+        assert not again.source.from_cache
+        _assert_same(again, small)
+        assert path.read_bytes() == good  # rebuilt in place
+
+    # a flipped byte inside an array is caught by the zip member's CRC-32
+    zf = zipfile.ZipFile(path)
+    info = zf.getinfo("x.npy")
+    offset = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2
+    zf.close()
+    corrupt = bytearray(good)
+    corrupt[offset] ^= 0xFF
+    path.write_bytes(bytes(corrupt))
+    with pytest.warns(UserWarning, match="damaged cache"):
+        assert not load_movielens(small_csv, cache_dir=cache, progress=False).source.from_cache
+
+    # a complete file whose key belongs to other settings (copied over by hand) is not used either
+    other = load_movielens(small_csv, T=10, cache_dir=cache, progress=False)
+    path.write_bytes(Path(other.source.cache_path).read_bytes())
+    with pytest.warns(UserWarning, match="key does not match"):
+        d = load_movielens(small_csv, cache_dir=cache, progress=False)
+    assert not d.source.from_cache and d.T == 100
+    _assert_same(d, small)
+
+
+def test_unwritable_cache_warns_and_still_loads(small_csv, small, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.warns(UserWarning, match="Could not write the MovieLens cache"):
+        d = load_movielens(small_csv, cache_dir=blocker / "sub", progress=False)
+    assert d.source.cache_path is None
+    _assert_same(d, small)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_missing_data_set_says_where_it_looked_and_how_to_download(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        load_movielens("ml-20m", data_dir=tmp_path / "data", use_cache=False)
+    msg = str(e.value)
+    assert str(tmp_path / "data" / "ml-20m") in msg and "ratings.csv" in msg and "u.data" in msg
+    assert f"goldstone data download movielens --variant ml-20m --dest {tmp_path / 'data'}" in msg
+
+    empty = tmp_path / "data" / "ml-1m"
+    empty.mkdir(parents=True)
+    (empty / "movies.dat").write_text("1::Toy Story (1995)::Animation\n")
+    with pytest.raises(FileNotFoundError) as e:
+        load_movielens(empty, use_cache=False)
+    assert "ratings.dat" in str(e.value) and "movies.dat" in str(e.value) and "--variant ml-1m" in str(e.value)
+
+
+@pytest.mark.parametrize("name, content, line, what", [
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.5,100\n1,3,4.0,101\n2,x,1.0,102\n", 4, "item id 'x'"),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.5,100\n1,3,4.0\n", 3, "expected 4 fields"),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.5,100\n\n1,3,nan,101\n", 4, "rating 'nan'"),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.5,100\n1,3,inf,101\n", 3, "rating 'inf'"),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.5,100\n1,3,,101\n", 3, "rating ''"),
+    ("ratings.csv", "user,movie,rating,time\n1,2,3.5,100\n", 1, "unexpected header"),
+    ("ratings.dat", "1::2::3::100\n1::3::4::101\n1:4::5::102\n", 3, "stray ':'"),
+    ("ratings.dat", "1::2::3::100\n1::3::4::1.5e9\n", 2, "timestamp '1.5e9'"),
+    ("u.data", "1\t2\t3\t100\n1\t3\t4\t101\t7\n", 2, "got 5"),
+    ("u.data", "   \n\n", None, "empty"),
+    ("u.data", "1 2 3 100\n", 1, "unrecognized layout"),
+])
+def test_malformed_rows_name_file_and_line(tmp_path, name, content, line, what):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(MalformedRatingsError) as e:
+        load_movielens(path, use_cache=False, progress=False)
+    assert e.value.path == path and e.value.line == line
+    assert str(path) in str(e.value) and what in str(e.value)
+    if line is not None:
+        assert f"line {line}" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verified download against a local HTTP server
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}/datasets/movielens"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+RATINGS = "userId,movieId,rating,timestamp\n1,10,4.0,1000\n1,20,1.0,2000\n2,10,5.0,3000\n2,30,2.5,4000\n3,20,3.5,5000\n"
+
+
+def _publish(root: Path, variant: str, files: dict[str, str], corrupt: bool = False, md5_style: str = "bsd") -> str:
+    """Serve <variant>.zip (folder <variant>/ with ``files``) and its .md5; return the true MD5."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, text in files.items():
+            zf.writestr(f"{variant}/{name}", text)
+    data = buf.getvalue()
+    md5 = hashlib.md5(data).hexdigest()
+    folder = root / "datasets" / "movielens"
+    folder.mkdir(parents=True, exist_ok=True)
+    if corrupt:  # one flipped bit in the middle of the transfer
+        data = bytearray(data)
+        data[len(data) // 2] ^= 0x01
+        data = bytes(data)
+    (folder / f"{variant}.zip").write_bytes(data)
+    line = f"MD5 ({variant}.zip) = {md5}\n" if md5_style == "bsd" else f"{md5}  {variant}.zip\n"
+    (folder / f"{variant}.zip.md5").write_text(line)
+    return md5
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(app, ["data", "download", "movielens", *args])
+
+
+def test_download_verifies_and_unpacks(server, tmp_path):
+    root, url = server
+    _publish(root, "ml-latest-small", {"ratings.csv": RATINGS, "README.txt": "terms\n"})
+    dest = tmp_path / "data"
+    r = _cli("--variant", "ml-latest-small", "--dest", str(dest), "--base-url", url)
+    assert r.exit_code == 0, r.output
+    assert "downloaded and verified" in r.output
+    assert (dest / "ml-latest-small" / "ratings.csv").read_text() == RATINGS
+    assert sorted(p.name for p in dest.iterdir()) == ["ml-latest-small"]  # zip and temp files are gone
+    d = load_movielens("ml-latest-small", data_dir=dest, use_cache=False, progress=False, T=2)
+    assert d.source.n_raw == 5 and d.median == 3.5 and d.x.tolist() == [1, -1, 1, -1]
+
+    r = _cli("--variant", "ml-latest-small", "--dest", str(dest), "--base-url", url)
+    assert r.exit_code == 0 and "already present" in r.output
+    # --force replaces the folder with a fresh copy; --keep-zip keeps the verified archive
+    (dest / "ml-latest-small" / "ratings.csv").write_text("edited")
+    r = _cli("--variant", "ml-latest-small", "--dest", str(dest), "--base-url", url, "--force", "--keep-zip")
+    assert r.exit_code == 0, r.output
+    assert (dest / "ml-latest-small" / "ratings.csv").read_text() == RATINGS
+    assert sorted(p.name for p in dest.iterdir()) == ["ml-latest-small", "ml-latest-small.zip"]
+
+
+def test_base_url_from_environment_and_gnu_md5(server, tmp_path, monkeypatch):
+    root, url = server
+    _publish(root, "ml-latest-small", {"ratings.csv": RATINGS}, md5_style="gnu")
+    monkeypatch.setenv("GOLDSTONE_MOVIELENS_URL", url)
+    folder, downloaded = ml.download_movielens("ml-latest-small", tmp_path / "d", progress=False)
+    assert downloaded and (folder / "ratings.csv").read_text() == RATINGS
+
+
+def test_corrupt_download_is_detected_and_removed(server, tmp_path):
+    root, url = server
+    _publish(root, "ml-latest-small", {"ratings.csv": RATINGS}, corrupt=True)
+    dest = tmp_path / "data"
+    r = _cli("--variant", "ml-latest-small", "--dest", str(dest), "--base-url", url)
+    assert r.exit_code == 1
+    assert "Checksum mismatch" in r.output and "deleted" in r.output
+    assert list(dest.iterdir()) == []  # no zip, no .part file, nothing unpacked
+
+    # an existing good copy survives a failed --force download untouched
+    (dest / "ml-latest-small").mkdir()
+    (dest / "ml-latest-small" / "ratings.csv").write_text(RATINGS)
+    with pytest.raises(ChecksumMismatchError):
+        ml.download_movielens("ml-latest-small", dest, base_url=url, force=True, progress=False)
+    assert sorted(p.name for p in dest.rglob("*")) == ["ml-latest-small", "ratings.csv"]
+
+
+def test_pinned_checksum_and_md5_override(server, tmp_path):
+    root, url = server
+    udata = "1\t10\t4\t1000\n2\t10\t2\t2000\n3\t20\t5\t3000\n"
+    md5 = _publish(root, "ml-100k", {"u.data": udata})  # a fake ml-100k: its .md5 differs from the pin
+    dest = tmp_path / "data"
+    r = _cli("--variant", "ml-100k", "--dest", str(dest), "--base-url", url)
+    assert r.exit_code == 1 and "differs from the MD5 pinned" in r.output
+    assert not dest.exists() or list(dest.iterdir()) == []
+    r = _cli("--variant", "ml-100k", "--dest", str(dest), "--base-url", url, "--md5", md5)
+    assert r.exit_code == 0, r.output
+    d = load_movielens(dest / "ml-100k", use_cache=False, progress=False, T=3)
+    assert d.source.layout == "udata" and d.median == 4.0 and d.x.tolist() == [-1, 1]
+
+
+def test_missing_md5_file_and_bad_url(server, tmp_path):
+    root, url = server
+    _publish(root, "ml-latest-small", {"ratings.csv": RATINGS})
+    (root / "datasets" / "movielens" / "ml-latest-small.zip.md5").unlink()
+    r = _cli("--variant", "ml-latest-small", "--dest", str(tmp_path / "d"), "--base-url", url)
+    assert r.exit_code == 1 and "HTTP 404" in r.output and "--md5" in r.output
+    with pytest.warns(UserWarning, match="pinned MD5"):  # no .md5 reachable: falls back to the pin...
+        r = _cli("--variant", "ml-20m", "--dest", str(tmp_path / "d"), "--base-url", "http://127.0.0.1:9/none")
+    assert r.exit_code == 1 and "Could not reach http://127.0.0.1:9/none/ml-20m.zip" in r.output  # ...then fails
+    assert not (tmp_path / "d").exists() or list((tmp_path / "d").iterdir()) == []
+
+
+def test_truncated_transfer_is_an_error(tmp_path):
+    body = b"x" * 5000
+
+    class Short(_QuietHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body) + 1000))
+            self.end_headers()
+            self.wfile.write(body)  # then the connection closes early
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Short)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(DownloadError, match="interrupted|truncated"):
+            download_file(f"http://127.0.0.1:{httpd.server_address[1]}/f.zip", tmp_path / "f.zip",
+                          md5=hashlib.md5(body).hexdigest(), progress=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checksum_file_parsing_and_zip_slip(tmp_path):
+    h = "cd245b17a1ae2cc31bb14903e1204af3"
+    assert parse_checksum_file(f"MD5 (ml-20m.zip) = {h}\n") == h
+    assert parse_checksum_file(f"{h.upper()}  ml-20m.zip\n") == h
+    assert parse_checksum_file(f"{'0' * 32}  other.zip\n{h}  ml-20m.zip\n", filename="ml-20m.zip") == h
+    with pytest.raises(DownloadError, match="0 candidates"):
+        parse_checksum_file("<html>Not Found</html>")
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("ok/ratings.csv", RATINGS)
+        zf.writestr("../escaped.txt", "gotcha")
+    with pytest.raises(DownloadError, match="outside"):
+        unpack_zip(evil, tmp_path / "out")
+    assert not (tmp_path / "escaped.txt").exists() and list((tmp_path / "out").iterdir()) == []
