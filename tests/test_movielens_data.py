@@ -263,6 +263,10 @@ def test_missing_data_set_says_where_it_looked_and_how_to_download(tmp_path):
     assert str(tmp_path / "data" / "ml-20m") in msg and "ratings.csv" in msg and "u.data" in msg
     assert f"goldstone data download movielens --variant ml-20m --dest {tmp_path / 'data'}" in msg
 
+    with pytest.raises(FileNotFoundError) as e:
+        load_movielens(tmp_path / "data" / "ml-25m" / "ratings.csv", use_cache=False)
+    assert f"--variant ml-25m --dest {tmp_path / 'data'}" in str(e.value)
+
     empty = tmp_path / "data" / "ml-1m"
     empty.mkdir(parents=True)
     (empty / "movies.dat").write_text("1::Toy Story (1995)::Animation\n")

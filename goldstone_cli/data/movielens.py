@@ -108,11 +108,13 @@ def find_ratings_file(path: str | os.PathLike, data_dir: str | os.PathLike = "da
     """
     p = Path(path)
     data_dir = Path(data_dir)
-    variant = p.name if p.name.startswith("ml-") else None
-    if not p.exists() and len(p.parts) == 1 and variant is not None:
+    if not p.exists() and len(p.parts) == 1 and p.name.startswith("ml-"):
         p = data_dir / p
     if p.is_file():
         return p
+    # For the hint: the data set folder (p, or p's parent when p names a ratings file) and its parent.
+    folder = p.parent if p.name in LAYOUT_FILES.values() else p
+    variant = folder.name if folder.name.startswith("ml-") else None
     wanted = ", ".join(f"{f} ({LAYOUT_VARIANTS[k]})" for k, f in LAYOUT_FILES.items())
     if p.is_dir():
         for name in LAYOUT_FILES.values():
@@ -121,10 +123,10 @@ def find_ratings_file(path: str | os.PathLike, data_dir: str | os.PathLike = "da
         found = ", ".join(sorted(q.name for q in p.iterdir())[:10]) or "nothing"
         raise FileNotFoundError(
             f"No MovieLens ratings file in {p.resolve()}: looked for {wanted}; the folder holds {found}.\n"
-            + _download_hint(variant, p.resolve().parent))
+            + _download_hint(variant, folder.resolve().parent))
     raise FileNotFoundError(
         f"No MovieLens data at {p.resolve()}: the path does not exist (looked for a ratings file or a "
-        f"folder holding {wanted}).\n" + _download_hint(variant, p.resolve().parent))
+        f"folder holding {wanted}).\n" + _download_hint(variant, folder.resolve().parent))
 
 
 def detect_layout(path: Path) -> str:
