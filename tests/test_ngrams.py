@@ -1,0 +1,450 @@
+"""Google Books Ngram pipeline: real v2 rows, hand-computed co-occurrences, v2/v3/gzip equality,
+malformed lines, parallel workers, interruption and resume."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from typer.testing import CliRunner
+
+from goldstone_cli.cli import app
+from goldstone_cli.data import ngrams
+from goldstone_cli.data.cooc import CoocFormatError, load_cooc
+from goldstone_cli.data.ngrams import MalformedInputError, prepare_ngrams
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ONEGRAM_REAL = DATA / "ngrams" / "googlebooks-eng-all-1gram-20120701-years-subset.tsv.gz"
+TOTALCOUNTS_REAL = DATA / "ngrams" / "googlebooks-eng-all-totalcounts-20120701.txt"
+TAG_RE = re.compile(r"_(NOUN|VERB|ADJ|ADV|PRON|DET|ADP|NUM|CONJ|PRT|X|\.)_?$")
+
+
+def real(path: Path) -> Path:
+    if not path.is_file():
+        pytest.skip(f"real sample data not found at {path} (the checkout's ../shared/data)")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ writers
+
+def write_v2(path: Path, rows, gz: bool = False) -> Path:
+    text = "".join(f"{n}\t{y}\t{m}\t{v}\n" for n, y, m, v in rows).encode()
+    path.write_bytes(gzip.compress(text) if gz else text)
+    return path
+
+
+def write_v3(path: Path, rows, gz: bool = False) -> Path:
+    by = defaultdict(list)
+    for n, y, m, v in rows:
+        by[n].append(f"{y},{m},{v}")
+    text = "".join(f"{n}\t" + "\t".join(e) + "\n" for n, e in by.items()).encode()
+    path.write_bytes(gzip.compress(text) if gz else text)
+    return path
+
+
+def dense(d, t):
+    return d.matrices[t].toarray()
+
+
+def same_output(a, b) -> None:
+    assert a.vocab == b.vocab and a.labels == b.labels
+    np.testing.assert_array_equal(a.counts, b.counts)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.totals, b.totals)
+    for x, y in zip(a.matrices, b.matrices):
+        assert (x != y).nnz == 0
+
+
+ONE = [("a", 1900, 10, 1), ("A", 1901, 2, 1), ("b", 1900, 5, 1), ("c", 1900, 3, 1), ("x", 1900, 1, 1),
+       ("cat_NOUN", 1900, 50, 1), ("_START_", 1900, 99, 1)]
+FIVE = [
+    ("a x b a c", 1900, 2, 1),          # the hand-computed 5-gram
+    ("a x b a c", 1901, 1, 1),
+    ("A x b _END_ y", 1901, 3, 2),      # capitals are lowercased; _END_ is an out-of-vocabulary position
+    ("b_NOUN c a a a", 1900, 7, 1),     # POS-annotated: skipped
+    ("a b c a b", 1850, 100, 9),        # outside --years
+]
+
+
+def expected_hand() -> tuple[np.ndarray, np.ndarray]:
+    """By hand, vocabulary (a, b, c). 'a x b a c' at positions 0..4: pairs (a0,b2) d=2 w3, (a0,a3) d=3 w2,
+    (a0,c4) d=4 w1, (b2,a3) d=1 w4, (b2,c4) d=2 w3, (a3,c4) d=1 w4. Times match count n:
+    a-b 7n, a-a 2n (diagonal doubled: 4n), a-c 5n, b-c 3n.  'a x b _END_ y' (n=3): (a0,b2) d=2 w3 -> a-b 9."""
+    def m(n):
+        return np.array([[4 * n, 7 * n, 5 * n], [7 * n, 0, 3 * n], [5 * n, 3 * n, 0]])
+    e1901 = m(1)
+    e1901[0, 1] += 9
+    e1901[1, 0] += 9
+    return m(2), e1901
+
+
+# ------------------------------------------------------------------------------------------ real data
+
+def test_real_v2_onegrams_parse_with_independent_totals():
+    path = real(ONEGRAM_REAL)
+    tab, meta = ngrams.onegram_counts(path, (1400, 2100))
+    assert meta["layout"] == "v2" and meta["malformed"] == 0 and meta["annotated_lines"] == 0
+    # Independent computation: plain csv reading.
+    per_year = defaultdict(int)
+    per_word = defaultdict(int)
+    n = 0
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
+        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            per_year[int(row[1])] += int(row[2])
+            per_word[row[0]] += int(row[2])
+            n += 1
+    assert meta["lines"] == n == 53_393
+    years = np.arange(1400, 2101)
+    np.testing.assert_array_equal(np.array(meta["year_totals"]), [per_year.get(int(y), 0) for y in years])
+    assert dict(zip(tab["word"].to_pylist(), tab["count"].to_pylist())) == dict(per_word)
+    assert len(per_word) == 200  # the tokens "1800".."1999"
+    # A sub-range keeps only its years.
+    _, sub = ngrams.onegram_counts(path, (1900, 1909))
+    assert sub["year_totals"] == [per_year[y] for y in range(1900, 1910)]
+    assert sub["out_of_range_lines"] > 0
+
+
+def test_real_totalcounts_parses():
+    path = real(TOTALCOUNTS_REAL)
+    tc = ngrams.read_totalcounts(path)
+    recs = re.findall(r"(\d+),(\d+),(\d+),(\d+)", path.read_text())
+    assert len(tc["year"]) == len(recs) == 425
+    assert (tc["year"][0], tc["match_count"][0], tc["page_count"][0], tc["volume_count"][0]) == (1505, 32059, 231, 1)
+    assert (tc["year"][-1], tc["match_count"][-1], tc["page_count"][-1], tc["volume_count"][-1]) == \
+        (2008, 19482936409, 108811006, 206272)
+    assert np.all(np.diff(tc["year"]) > 0)
+    np.testing.assert_array_equal(tc["match_count"], [int(r[1]) for r in sorted(recs, key=lambda r: int(r[0]))])
+
+
+def test_bad_totalcounts_is_reported(tmp_path):
+    bad = tmp_path / "tc.txt"
+    bad.write_text(" \t1800,1,2,3\t1801,x,2,3\t")
+    with pytest.raises(MalformedInputError, match="record 2"):
+        ngrams.read_totalcounts(bad)
+
+
+def test_real_onegrams_with_totalcounts_end_to_end(tmp_path):
+    one, tcp = real(ONEGRAM_REAL), real(TOTALCOUNTS_REAL)
+    # Independent relfreq ranking: mean over years (with a total) of count / total(year).
+    tc = {int(y): int(m) for y, m, _, _ in re.findall(r"(\d+),(\d+),(\d+),(\d+)", tcp.read_text())}
+    y0, y1 = 1850, 1999
+    score = defaultdict(float)
+    count = defaultdict(int)
+    with gzip.open(one, "rt") as f:
+        for ln in f:
+            w, y, m, _ = ln.rstrip("\n").split("\t")
+            y, m = int(y), int(m)
+            if y0 <= y <= y1:
+                score[w] += m / tc[y]
+                count[w] += m
+    ranked = sorted(score, key=lambda w: (-score[w], -count[w], w))[:20]
+    rng = np.random.default_rng(1)
+    toks = sorted(count)
+    rows = [(" ".join(rng.choice(toks, 5)), int(rng.integers(y0, y1 + 1)), int(rng.integers(1, 9)), 1) for _ in range(300)]
+    five = write_v2(tmp_path / "five.tsv", rows)
+    r = prepare_ngrams([one], [five], tmp_path / "out", years=(y0, y1), vocab_size=20, totalcounts=tcp, progress=False)
+    d = load_cooc(r.out, verify=True)
+    assert d.vocab == ranked
+    assert d.counts.tolist() == [count[w] for w in ranked]
+    np.testing.assert_array_equal(d.tokens, [tc[y] for y in range(y0, y1 + 1)])
+    assert d.years.tolist() == list(range(y0, y1 + 1)) and d.labels[0] == str(y0)
+    assert d.manifest["settings"]["tokens_source"] == "totalcounts"
+    roles = sorted(i["role"] for i in d.manifest["inputs"])
+    assert roles == ["fivegrams", "onegrams", "totalcounts"]
+
+
+# ------------------------------------------------------------------------------------------ counting rule
+
+@pytest.mark.parametrize("layout,gz", [("v2", False), ("v2", True), ("v3", False), ("v3", True)])
+def test_hand_computed_cooccurrences(tmp_path, layout, gz):
+    write = write_v2 if layout == "v2" else write_v3
+    one = write(tmp_path / "one", ONE, gz)
+    five = write(tmp_path / "five", FIVE, gz)
+    r = prepare_ngrams([one], [five], tmp_path / "out", years=(1900, 1902), vocab_size=3, workers=1, progress=False)
+    d = load_cooc(r.out)
+    assert d.vocab == ["a", "b", "c"]  # relfreq: a (10/19+2/2)/2 > b 5/19/2 > c 3/19/2 > x; cat_NOUN and _START_ excluded
+    assert d.counts.tolist() == [12, 5, 3]
+    assert d.tokens.tolist() == [19, 2, 0]  # 1-gram totals without the annotated token and the marker
+    e1900, e1901 = expected_hand()
+    np.testing.assert_array_equal(dense(d, 0), e1900)
+    np.testing.assert_array_equal(dense(d, 1), e1901)
+    np.testing.assert_array_equal(dense(d, 2), np.zeros((3, 3)))  # 1902: no data, kept as an empty step
+    for m in d.matrices:
+        assert (m != m.T).nnz == 0
+    assert d.totals.tolist() == [int(e1900.sum()), int(e1901.sum()), 0]
+    assert d.manifest["inputs"][1]["layout"] == layout
+    assert d.manifest["stats"]["annotated_lines"] == 2  # the b_NOUN 5-gram line and the cat_NOUN 1-gram
+    assert d.manifest["malformed"]["lines"] == 0
+
+
+def test_count_rank_keep_case_and_pos_keep(tmp_path):
+    one = write_v2(tmp_path / "one", ONE)
+    five = write_v2(tmp_path / "five", FIVE)
+    r = prepare_ngrams([one], [five], tmp_path / "o1", years=(1900, 1901), vocab_size=3, rank="count", progress=False)
+    d = load_cooc(r.out)
+    assert d.vocab == ["a", "b", "c"]  # counts 12, 5, 3 (cat_NOUN, _START_ dropped)
+    r = prepare_ngrams([one], [five], tmp_path / "o2", years=(1900, 1901), vocab_size=2, rank="count", pos="keep",
+                       lowercase=False, progress=False)
+    d = load_cooc(r.out)
+    assert d.vocab == ["_START_", "cat_NOUN"]  # kept verbatim, and the biggest counts
+
+
+def annotated(ngram: str) -> bool:
+    return any(TAG_RE.search(t) and t not in ("_START_", "_END_", "_ROOT_") for t in ngram.split(" "))
+
+
+def reference(rows, vocab, years, lowercase=True):
+    """Plain Python, line by line: the counting rule of DESIGN.md Sec. 5 with the default POS rule."""
+    idx = {w: i for i, w in enumerate(vocab)}
+    T, V = years[1] - years[0] + 1, len(vocab)
+    out = np.zeros((T, V, V), dtype=np.int64)
+    for ngram, y, m, _ in rows:
+        if not years[0] <= y <= years[1]:
+            continue
+        toks = ngram.split(" ")
+        if annotated(ngram):
+            continue
+        ids = [idx.get(t.lower() if lowercase else t) for t in toks]
+        for p in range(5):
+            for q in range(p + 1, 5):
+                if ids[p] is not None and ids[q] is not None:
+                    out[y - years[0], ids[p], ids[q]] += (5 - (q - p)) * m
+                    out[y - years[0], ids[q], ids[p]] += (5 - (q - p)) * m
+    return out
+
+
+def random_rows(seed: int, n_ngrams: int = 400):
+    rng = np.random.default_rng(seed)
+    words = ["the", "The", "of", "cat", "dog", "Dog", "sat", "on", "mat", "zz", "q", "_START_", "_END_", "ran_VERB",
+             "_NOUN_", "\"quote", "x.y", "naïve", "NA", "null"]
+    p = np.linspace(2, 0.2, len(words))
+    p /= p.sum()
+    rows = []
+    seen = set()
+    for _ in range(n_ngrams):
+        ng = " ".join(rng.choice(words, 5, p=p))
+        if ng in seen:
+            continue
+        seen.add(ng)
+        yrs = np.sort(rng.choice(np.arange(1895, 1916), rng.integers(1, 8), replace=False))
+        rows += [(ng, int(y), int(rng.integers(1, 60)), 1) for y in yrs]
+    return rows
+
+
+def test_matches_plain_python_reference_across_blocks_layouts_and_workers(tmp_path):
+    rows = random_rows(0) + random_rows(1)
+    vocab = ["the", "of", "cat", "dog", "sat", "on", "mat", "\"quote", "naïve", "na", "null"]
+    years = (1900, 1910)
+    ref = reference(rows, vocab, years)
+    one = write_v2(tmp_path / "one.tsv", [("the", 1900, 5, 1)])
+    half = len(rows) // 2
+    v2a = write_v2(tmp_path / "a.tsv", rows[:half])
+    v3b = write_v3(tmp_path / "b.tsv.gz", rows[half:], gz=True)
+    outs = {}
+    for name, kw in {"big-blocks": dict(block_mb=16, workers=1), "tiny-blocks": dict(block_mb=0.004, workers=1),
+                     "two-workers": dict(block_mb=0.004, workers=2)}.items():
+        r = prepare_ngrams([one], [v2a, v3b], tmp_path / name, years=years, vocab_words=vocab, progress=False, **kw)
+        outs[name] = load_cooc(r.out)
+    assert v2a.stat().st_size > 4 * 4096  # the tiny blocks really split the file
+    for d in outs.values():
+        assert d.vocab == vocab
+        got = np.stack([m.toarray() for m in d.matrices])
+        np.testing.assert_array_equal(got, ref)
+    same_output(outs["big-blocks"], outs["two-workers"])
+    # annotated lines: one per row in v2, one per distinct ngram in v3
+    n_ann = sum(annotated(n) for n, *_ in rows[:half]) + len({n for n, *_ in rows[half:] if annotated(n)})
+    assert n_ann > 0
+    assert outs["big-blocks"].manifest["stats"]["annotated_lines"] == n_ann
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+def test_malformed_lines_are_counted_with_an_example(tmp_path):
+    rows = random_rows(2, 300)
+    lines = [f"{n}\t{y}\t{m}\t{v}" for n, y, m, v in rows]
+    assert len(lines) > 300
+    lines.insert(10, "the cat sat on\t1900\t3\t1")  # 4 tokens in a 5-gram file
+    lines.insert(50, "the cat sat on mat\t19x0\t3\t1")  # not an integer (slow path)
+    five = tmp_path / "five.tsv"
+    five.write_text("\n".join(lines) + "\n")
+    one = write_v2(tmp_path / "one.tsv", [("the", 1900, 5, 1)])
+    r = prepare_ngrams([one], [five], tmp_path / "out", years=(1900, 1910), vocab_words=["the", "cat"], progress=False)
+    assert r.malformed_lines == 2 and r.total_lines == len(lines) + 1
+    ex = {(e["line"], e["text"]) for e in r.malformed_examples}
+    assert (11, "the cat sat on\t1900\t3\t1") in ex and (51, "the cat sat on mat\t19x0\t3\t1") in ex
+    d = load_cooc(r.out)
+    assert d.manifest["malformed"]["lines"] == 2
+    np.testing.assert_array_equal(np.stack([m.toarray() for m in d.matrices]),
+                                  reference(rows, ["the", "cat"], (1900, 1910)))
+
+
+def test_more_than_one_percent_malformed_fails(tmp_path):
+    rows = random_rows(3, 100)
+    lines = [f"{n}\t{y}\t{m}\t{v}" for n, y, m, v in rows]
+    for k in range(0, len(lines), 40):  # 2.5% broken: truncated lines
+        lines[k] = lines[k].split("\t")[0]
+    five = tmp_path / "five.tsv"
+    five.write_text("\n".join(lines) + "\n")
+    one = write_v2(tmp_path / "one.tsv", [("the", 1900, 5, 1)])
+    with pytest.raises(MalformedInputError) as ei:
+        prepare_ngrams([one], [five], tmp_path / "out", years=(1900, 1910), vocab_words=["the"], progress=False)
+    msg = str(ei.value)
+    assert str(five) in msg and "malformed" in msg and "line 1:" in msg and "1%" in msg
+    assert not (tmp_path / "out").exists()
+    # A looser threshold accepts the same file.
+    r = prepare_ngrams([one], [five], tmp_path / "out", years=(1900, 1910), vocab_words=["the"], max_malformed=0.05,
+                       progress=False)
+    assert r.malformed_lines == len(range(0, len(lines), 40))
+
+
+def test_not_an_ngram_file_and_truncated_gzip(tmp_path):
+    one = write_v2(tmp_path / "one.tsv", [("the", 1900, 5, 1)])
+    junk = tmp_path / "junk.txt"
+    junk.write_text("hello world\nthis is not an ngram file\n")
+    with pytest.raises(MalformedInputError, match="not a Google Books Ngram file"):
+        prepare_ngrams([one], [junk], tmp_path / "out", years=(1900, 1910), vocab_words=["the"], progress=False)
+    rows = random_rows(4, 200)
+    data = gzip.compress("".join(f"{n}\t{y}\t{m}\t{v}\n" for n, y, m, v in rows).encode())
+    cut = tmp_path / "cut.tsv.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MalformedInputError, match="truncated"):
+        prepare_ngrams([one], [cut], tmp_path / "out", years=(1900, 1910), vocab_words=["the"], progress=False)
+
+
+def test_missing_input_file_is_a_clear_error(tmp_path):
+    one = write_v2(tmp_path / "one.tsv", [("the", 1900, 5, 1)])
+    with pytest.raises(FileNotFoundError, match=r"--fivegrams: input file .*nope\.gz does not exist"):
+        prepare_ngrams([one], [tmp_path / "nope.gz"], tmp_path / "out", progress=False)
+    with pytest.raises(FileNotFoundError, match="--onegrams: no file matches"):
+        prepare_ngrams([str(tmp_path / "*.missing")], [one], tmp_path / "out", progress=False)
+    res = CliRunner().invoke(app, ["data", "prepare", "ngrams", "--onegrams", str(one), "--fivegrams",
+                                   str(tmp_path / "nope.gz"), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1
+    assert "does not exist" in res.output and "nope.gz" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_force(tmp_path):
+    one = write_v2(tmp_path / "one.tsv", ONE)
+    five = write_v2(tmp_path / "five.tsv", FIVE)
+    kw = dict(years=(1900, 1901), vocab_size=3, progress=False)
+    prepare_ngrams([one], [five], tmp_path / "out", **kw)
+    with pytest.raises(FileExistsError, match="--force"):
+        prepare_ngrams([one], [five], tmp_path / "out", **kw)
+    r = prepare_ngrams([one], [five], tmp_path / "out", force=True, **{**kw, "vocab_size": 2})
+    assert load_cooc(r.out).V == 2
+
+
+# ------------------------------------------------------------------------------------------ interruption
+
+def _interrupt_inputs(tmp_path):
+    one = write_v2(tmp_path / "one.tsv", [(w, 1900, c, 1) for w, c in [("the", 50), ("of", 40), ("cat", 30),
+                                                                       ("dog", 20), ("mat", 10)]])
+    f1 = write_v2(tmp_path / "f1.tsv", random_rows(10, 300))
+    f2_rows = random_rows(11, 300)
+    return one, f1, f2_rows
+
+
+def test_interrupted_in_a_worker_then_resumed(tmp_path, monkeypatch):
+    one, f1, f2_rows = _interrupt_inputs(tmp_path)
+    f2 = write_v2(tmp_path / "f2.tsv", f2_rows)
+    kw = dict(years=(1900, 1910), vocab_size=5, workers=1, progress=False)
+    base = load_cooc(prepare_ngrams([one], [f1, f2], tmp_path / "base", **kw).out)
+
+    real_count = ngrams._count_fivegrams
+    calls = []
+
+    def failing(job, report):
+        calls.append(job.path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived while the second file was read
+        return real_count(job, report)
+
+    monkeypatch.setattr(ngrams, "_count_fivegrams", failing)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prepare_ngrams([one], [f1, f2], out, **kw)
+    assert not out.exists()
+    with pytest.raises(CoocFormatError):
+        load_cooc(out)
+    parts = sorted(p.name for p in (tmp_path / ".out.work").iterdir())
+    assert sum(p.startswith("fivegrams-") for p in parts) == 1
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+    monkeypatch.setattr(ngrams, "_count_fivegrams", real_count)
+    r = prepare_ngrams([one], [f1, f2], out, **kw)
+    assert r.processed_parts == 1  # only the second 5-gram file; the 1-grams and the first file were reused
+    same_output(load_cooc(out), base)
+    assert not (tmp_path / ".out.work").exists()
+
+
+def test_killed_process_then_resumed(tmp_path):
+    """A real kill (SIGKILL) while the run waits on its second 5-gram file, a named pipe."""
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("needs named pipes")
+    one, f1, f2_rows = _interrupt_inputs(tmp_path)
+    f2 = tmp_path / "f2.tsv"
+    os.mkfifo(f2)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "goldstone_cli", "data", "prepare", "ngrams", "--onegrams", str(one),
+           "--fivegrams", str(f1), "--fivegrams", str(f2), "--out", str(out), "--years", "1900-1910", "--vocab", "5",
+           "--workers", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        work = tmp_path / ".out.work"
+        while not (work.is_dir() and any(p.name.startswith("fivegrams-") for p in work.iterdir())):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the first 5-gram file was never finished"
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert proc.poll() is None  # blocked on the pipe
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not out.exists()
+    with pytest.raises(CoocFormatError):
+        load_cooc(out)
+    f2.unlink()
+    write_v2(f2, f2_rows)
+    r = prepare_ngrams([one], [f1, f2], out, years=(1900, 1910), vocab_size=5, workers=1, progress=False)
+    assert r.processed_parts == 1 and r.reused_parts >= 2
+    base = prepare_ngrams([one], [f1, f2], tmp_path / "base", years=(1900, 1910), vocab_size=5, workers=1,
+                          progress=False)
+    a, b = load_cooc(out), load_cooc(base.out)
+    same_output(a, b)
+    strip = lambda m: {k: v for k, v in m.items() if k != "created_utc"}  # noqa: E731
+    assert strip(a.manifest) == strip(b.manifest)
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+def test_cli_help_and_run(tmp_path):
+    res = CliRunner().invoke(app, ["data", "prepare", "ngrams", "--help"])
+    assert res.exit_code == 0
+    for opt in ["--onegrams", "--fivegrams", "--out", "--years", "--vocab", "--rank", "--totalcounts", "--pos",
+                "--workers", "--block-mb", "--max-malformed", "--force", "--vocab-file", "--lowercase"]:
+        assert opt in res.output
+    one = write_v2(tmp_path / "one.tsv", ONE)
+    write_v2(tmp_path / "five-1.tsv", FIVE[:2])
+    write_v2(tmp_path / "five-2.tsv", FIVE[2:])
+    res = CliRunner().invoke(app, ["data", "prepare", "ngrams", "--onegrams", str(one), "--fivegrams",
+                                   str(tmp_path / "five-*.tsv"), "--out", str(tmp_path / "out"), "--years", "1900-1901",
+                                   "--vocab", "3", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "2 years x 3 words" in res.output
+    d = load_cooc(tmp_path / "out")
+    e1900, e1901 = expected_hand()
+    np.testing.assert_array_equal(dense(d, 0), e1900)
+    np.testing.assert_array_equal(dense(d, 1), e1901)
