@@ -190,7 +190,7 @@ def prepare_ngrams_cmd(
                                                   "and keep _START_/_END_ out of the vocabulary; keep: every token verbatim."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Parallel processes (default: the number of "
                                                                         "CPUs); each counts one input file at a time."),
-    block_mb: float = typer.Option(16.0, "--block-mb", help="Uncompressed block size read and parsed at a time (MB); "
+    block_mb: float = typer.Option(8.0, "--block-mb", help="Uncompressed block size read and parsed at a time (MB); "
                                                             "memory per process grows with it."),
     max_malformed: float = typer.Option(0.01, "--max-malformed", help="Fail if more than this fraction of the lines "
                                                                       "of a file (or of all files) is malformed."),

