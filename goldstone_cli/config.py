@@ -167,6 +167,111 @@ class DenseMFConfig:
 
 
 @dataclass
+class MovieLensDataConfig:
+    """Schema of ``conf/data/movielens.yaml``: MovieLens ratings preprocessed as in Sec. 5.2."""
+
+    name: str = "movielens"
+    path: str = "data/ml-20m"  # a MovieLens folder or ratings file (any layout), or a variant name under data/
+    T: int = 100  # equal-duration time bins
+    seed: int = 0  # the train/validation/test split's seed (runs with different `seed` share the split)
+    split: list[float] = field(default_factory=lambda: [0.5, 0.2, 0.3])  # train, validation, test
+    cache_dir: Optional[str] = None  # processed-array cache (null: $GOLDSTONE_CACHE_DIR or data/cache/movielens)
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.T < 1:
+            raise ConfigError(f"data.T must be >= 1, got {self.T}")
+        fr = list(self.split)
+        if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-9 or fr[0] == 0:
+            raise ConfigError(f"data.split must be three fractions (train > 0, validation, test) summing to 1, got {fr}")
+
+
+@dataclass
+class MovieLensModelConfig:
+    """Schema of ``conf/model/movielens.yaml``: sparse dynamic Bernoulli MF (paper Eqs. 6, 8, 9)."""
+
+    name: str = "movielens"
+    d: int = 30  # embedding dimension
+    coupling: float = 10.0  # lambda of Eq. 6
+    gamma: float = 1.0  # local regularizer of Eq. 9
+    init_scale: float = 0.1  # std of the random initialization
+    batch_size: Optional[int] = None  # null: full batch (paper); else training ratings per step
+    chunk_size: int = 1048576  # ratings gathered at once (memory ~ 4 * chunk_size * d numbers)
+
+    def __post_init__(self) -> None:
+        if self.d < 1:
+            raise ConfigError(f"model.d must be >= 1, got {self.d}")
+        _positive("model.coupling", self.coupling, allow_zero=True)
+        _positive("model.gamma", self.gamma, allow_zero=True)
+        _positive("model.init_scale", self.init_scale)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"model.batch_size must be >= 1 or null (full batch), got {self.batch_size}")
+        if self.chunk_size < 1:
+            raise ConfigError(f"model.chunk_size must be >= 1, got {self.chunk_size}")
+
+
+@dataclass
+class CorpusDataConfig:
+    """Schema of ``conf/data/{sotu,cooc}.yaml``: a prepared co-occurrence folder (``data/cooc.py``),
+    prepared on first use from ``source`` when ``path`` does not exist yet."""
+
+    name: str = "sotu"
+    path: str = "data/sotu-10y-v3000-relfreq"  # the prepared folder (manifest.json, vocab.tsv, times.tsv, cooc_*.npz)
+    source: Optional[str] = "sotu"  # what to prepare it from if missing: sotu, a folder of YEAR*.txt files, or null
+    bin_years: int = 10  # width of the time bins (years) when preparing
+    vocab_size: int = 3000  # vocabulary size when preparing
+    rank: str = "relfreq"  # relfreq | count: how the vocabulary is chosen when preparing
+    verify: bool = False  # check every file's sha256 against the manifest when loading
+
+    def __post_init__(self) -> None:
+        if self.bin_years < 1:
+            raise ConfigError(f"data.bin_years must be >= 1, got {self.bin_years}")
+        if self.vocab_size < 2:
+            raise ConfigError(f"data.vocab_size must be >= 2, got {self.vocab_size}")
+        if self.rank not in ("relfreq", "count"):
+            raise ConfigError(f"data.rank must be relfreq or count, got '{self.rank}'")
+
+
+@dataclass
+class DWEConfig:
+    """Schema of ``conf/model/dwe.yaml``: Dynamic Word Embeddings (paper Sec. 3.2 model 3, Sec. 5.3)."""
+
+    name: str = "dwe"
+    inference: str = "variational"  # variational (smoothing, paper) | map (point estimates, cheaper)
+    d: int = 100  # embedding dimension
+    D: float = 1.0e-3  # diffusion constant per year: transition variance D * tau_t
+    sigma0: float = 1.0  # std of the zero-mean prior term
+    neg_ratio: float = 1.0  # r: negative counts per positive count
+    neg_exponent: float = 0.75  # context distribution exponent of the negatives
+    coupled: bool = True  # false: no chain prior (the alignment baseline before Procrustes)
+    batch_words: int = 1000  # words (rows) per minibatch; 0: all
+    batch_contexts: int = 1000  # contexts (columns) per minibatch; 0: all
+    init_mean_std: float = 0.1  # std of the random initial means
+    init_std: float = 0.1  # initial posterior std of every coordinate (variational)
+    test_steps: float = 0.1  # fraction of time steps held out entirely (interior steps)
+    test_mass: float = 0.1  # fraction of the co-occurrence counts of training steps held out
+    split_seed: int = 0  # seed of the held-out split (runs with different `seed` share it)
+    eval_chunk: int = 4194304  # logits formed at once during evaluation
+
+    def __post_init__(self) -> None:
+        if self.inference not in ("variational", "map"):
+            raise ConfigError(f"model.inference must be variational or map, got '{self.inference}'")
+        if self.d < 1:
+            raise ConfigError(f"model.d must be >= 1, got {self.d}")
+        for k in ("D", "sigma0", "init_mean_std", "init_std"):
+            _positive(f"model.{k}", getattr(self, k))
+        _positive("model.neg_ratio", self.neg_ratio, allow_zero=True)
+        for k in ("batch_words", "batch_contexts"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"model.{k} must be >= 0 (0: all), got {getattr(self, k)}")
+        for k in ("test_steps", "test_mass"):
+            if not 0 <= getattr(self, k) < 1:
+                raise ConfigError(f"model.{k} must be in [0, 1), got {getattr(self, k)}")
+        if self.eval_chunk < 1:
+            raise ConfigError(f"model.eval_chunk must be >= 1, got {self.eval_chunk}")
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 5000
     log_every: int = 10
@@ -198,8 +303,9 @@ class Config:
 
 
 _SCHEMAS: dict[str, dict[str, type]] = {
-    "model": {"dense_mf": DenseMFConfig},
-    "data": {"synthetic": SyntheticDataConfig},
+    "model": {"dense_mf": DenseMFConfig, "movielens": MovieLensModelConfig, "dwe": DWEConfig},
+    "data": {"synthetic": SyntheticDataConfig, "movielens": MovieLensDataConfig,
+             "sotu": CorpusDataConfig, "cooc": CorpusDataConfig},
     "optimizer": {"base": OptimizerConfig, "goldstone": GoldstoneConfig},
 }
 
