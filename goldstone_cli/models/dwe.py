@@ -1,0 +1,575 @@
+"""Model 3: Dynamic Word Embeddings (Bamler & Mandt 2017; paper Sec. 3.2 and 5.3, DESIGN.md §4.3).
+
+Per time step t, word i and context j, positive counts ``n+_ij,t`` (co-occurrences) and rank-one
+negative counts ``n-_ij,t = r c_i,t c_j,t^0.75 / sum_k c_k,t^0.75`` (``c`` = row sums of ``n+``)
+enter the skip-gram likelihood
+
+    log p(X_t | U_t, V_t) = sum_ij n+_ij log sigma(u_i.v_j) + n-_ij log sigma(-u_i.v_j).
+
+Prior, independently for every word, dimension and both embeddings (u and v): a Gaussian chain with
+transition variance ``D tau_t`` (``tau_t`` = years between steps t and t+1) and a zero-mean term,
+
+    log p(x) = -1/2 sum_t w_t (x_t+1 - x_t)^2 - 1/(2 sigma_0^2) sum_t x_t^2 + 1/2 log det Pi + const,
+    w_t = 1/(D tau_t),   Pi = Lap_w + I / sigma_0^2   (tridiagonal, T x T).
+
+The coupling part ``1/2 sum_t w_t ||mu_t+1 - mu_t||^2`` over the means is psi (paper Eq. 3/6); the
+trainer's ``local`` is everything else, so ``total = local + psi = -ELBO`` (variational) or the
+negative log joint (MAP).
+
+Variational smoothing: ``q`` is Gaussian, independent over words and dimensions; along time its
+precision is ``P = B B^T`` with B lower bidiagonal (diagonal ``b_t = softplus(raw_t) > 0``,
+sub-diagonal ``l_t``). Samples ``x = mu + B^{-T} eps`` solve ``b_t y_t + l_t y_t+1 = eps_t``
+backwards in t: a first-order linear recurrence, evaluated as a log-depth associative scan
+(:func:`linear_scan`). The marginal variances obey the same kind of recurrence, so
+``E_q[log p]`` and the entropy ``H[q] = -sum_t log b_t + const`` are exact and O(T) per chain.
+
+Goldstone-GD acts on the means ``[mu_U, mu_V]`` (each (T, V, d)), as in the paper. A rotation of
+the means alone leaves the expected likelihood only approximately unchanged (the posterior noise is
+axis-aligned); the paper makes the same choice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from goldstone_cli.models.base import DynamicModel
+from goldstone_cli.optim.coupling import Coupling
+
+
+# ============================================================================ data
+@dataclass
+class WordCounts:
+    """What the model needs from a prepared corpus: a vocabulary, a time stamp per step and one
+    symmetric V x V co-occurrence count matrix per step."""
+
+    vocab: list[str]
+    years: np.ndarray  # (T,) first year of each time step, strictly increasing
+    counts: list[sp.csr_matrix]  # T matrices, (V, V), symmetric, non-negative
+    labels: Optional[list[str]] = None  # (T,) display names of the steps ("1790-1799")
+    year_end: Optional[np.ndarray] = None  # (T,) last year of each step (inclusive)
+    times: Optional[np.ndarray] = None  # (T,) position of each step in years; gaps tau_t = diff(times)
+
+    def __post_init__(self) -> None:
+        self.years = np.asarray(self.years, dtype=np.int64).reshape(-1)
+        T, V = len(self.years), len(self.vocab)
+        if T < 2:
+            raise ValueError(f"dynamic word embeddings need at least 2 time steps, got {T}")
+        if len(self.counts) != T:
+            raise ValueError(f"{len(self.counts)} count matrices for {T} time steps")
+        if np.any(np.diff(self.years) <= 0):
+            raise ValueError(f"time steps must have strictly increasing years, got {self.years.tolist()}")
+        if len(set(self.vocab)) != V:
+            raise ValueError("the vocabulary has duplicate words")
+        for t, m in enumerate(self.counts):
+            if m.shape != (V, V):
+                raise ValueError(f"count matrix {t} ({self.step_label(t)}) has shape {m.shape}, expected ({V}, {V})")
+            if m.nnz and (m.data.min() < 0 or not np.all(np.isfinite(m.data))):
+                raise ValueError(f"count matrix {t} ({self.step_label(t)}) has negative or non-finite counts")
+        self.counts = [sp.csr_matrix(m, dtype=np.float64) for m in self.counts]
+        if self.year_end is None:
+            gaps = np.diff(self.years)
+            last = gaps[-1] if len(gaps) else 1
+            self.year_end = np.concatenate([self.years[1:] - 1, [self.years[-1] + last - 1]])
+        self.year_end = np.asarray(self.year_end, dtype=np.int64).reshape(-1)
+        self.times = (self.years.astype(np.float64) if self.times is None
+                      else np.asarray(self.times, dtype=np.float64).reshape(-1))
+        if self.year_end.shape != (T,) or self.times.shape != (T,) or np.any(np.diff(self.times) <= 0):
+            raise ValueError("year_end and times need one entry per time step, times strictly increasing")
+
+    @property
+    def T(self) -> int:
+        return len(self.years)
+
+    @property
+    def V(self) -> int:
+        return len(self.vocab)
+
+    def step_label(self, t: int) -> str:
+        if self.labels is not None:
+            return str(self.labels[t])
+        return str(int(self.years[t]))
+
+
+def word_counts_from_cooc(cooc) -> WordCounts:
+    """The one integration point with ``goldstone_cli.data.cooc``: a loaded prepared corpus
+    (:class:`~goldstone_cli.data.cooc.CoocData`) to :class:`WordCounts`. The gaps between steps are
+    the differences of the steps' mid-years (``times``)."""
+    return WordCounts(vocab=list(cooc.vocab), years=np.asarray(cooc.start), counts=list(cooc.matrices),
+                      labels=list(cooc.labels), year_end=np.asarray(cooc.end), times=np.asarray(cooc.times))
+
+
+def planted_corpus(V: int = 40, T: int = 6, n_clusters: int = 4, rate_in: float = 20.0, rate_out: float = 0.3,
+                   drift_word: int = 0, drift_step: Optional[int] = None, start_year: int = 1800, gap: int = 10,
+                   seed: int = 0) -> WordCounts:
+    """A synthetic corpus with known structure: words ``w<i>`` in ``n_clusters`` equal clusters that
+    co-occur within a cluster at Poisson rate ``rate_in`` and across at ``rate_out``; the word
+    ``drift_word`` belongs to cluster 0 before ``drift_step`` and to cluster 1 from then on."""
+    if V < 2 * n_clusters or n_clusters < 2:
+        raise ValueError("need at least 2 clusters of at least 2 words")
+    drift_step = T // 2 if drift_step is None else drift_step
+    rng = np.random.default_rng(seed)
+    base = np.arange(V) % n_clusters  # (V,) cluster of every word
+    counts = []
+    for t in range(T):
+        cl = base.copy()
+        cl[drift_word] = 0 if t < drift_step else 1
+        rate = np.where(cl[:, None] == cl[None, :], rate_in, rate_out)  # (V, V)
+        n = np.triu(rng.poisson(rate).astype(np.float64))
+        n = n + np.triu(n, 1).T
+        counts.append(sp.csr_matrix(n))
+    years = start_year + gap * np.arange(T)
+    return WordCounts(vocab=[f"w{i}" for i in range(V)], years=years, counts=counts)
+
+
+def load_word_counts(data_cfg, progress: bool = True) -> WordCounts:
+    """The corpus that ``data=sotu`` / ``data=cooc`` names: ``data.path`` if it holds a prepared
+    corpus (its preparation settings must match the config's), else prepared there from
+    ``data.source`` first (``data/corpus.py``)."""
+    from pathlib import Path
+
+    from goldstone_cli.data.cooc import CoocFormatError, existing_output_state, load_cooc
+
+    path = Path(str(data_cfg.path))
+    source = data_cfg.get("source")
+    state = existing_output_state(path)
+    if state in ("missing", "empty"):
+        if not source:
+            raise FileNotFoundError(
+                f"no prepared corpus at {path}; prepare one with `goldstone data prepare corpus --out {path}` "
+                "(or `goldstone data prepare ngrams`), or point data.path at a prepared folder")
+        from goldstone_cli.data.corpus import prepare_corpus
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"Preparing the {source} corpus into {path} (first use) ...")
+        prepare_corpus(str(source), path, bin_years=int(data_cfg.bin_years), vocab_size=int(data_cfg.vocab_size),
+                       rank=str(data_cfg.rank), force=state == "empty", progress=progress)
+    try:
+        cooc = load_cooc(path, verify=bool(data_cfg.get("verify", False)))
+    except CoocFormatError as exc:
+        raise FileNotFoundError(f"{path} is not a complete prepared corpus ({exc}); remove it to prepare it again") from exc
+    if source:  # a corpus prepared on demand must be the one the config asks for
+        settings = cooc.manifest.get("settings", {})
+        for key in ("bin_years", "vocab_size", "rank"):
+            if key in settings and settings[key] != data_cfg[key]:
+                raise ValueError(f"{path} was prepared with {key}={settings[key]}, but data.{key}={data_cfg[key]}; "
+                                 "set data.path to another folder (or remove this one)")
+    return word_counts_from_cooc(cooc)
+
+
+@dataclass
+class Split:
+    """Training counts and the two held-out sets of the paper's evaluation."""
+
+    train: list[sp.csr_matrix]  # T matrices; empty at held-out steps
+    test_steps: list[int]  # held-out time steps (all their counts removed from training)
+    heldout_steps: list[sp.csr_matrix] = field(default_factory=list)  # their full counts
+    heldout_mass: list[Optional[sp.csr_matrix]] = field(default_factory=list)  # T entries: thinned-out counts of training steps
+
+
+def choose_test_steps(T: int, fraction: float) -> list[int]:
+    """Evenly spread interior time steps (never the first or the last: Fig. 4 compares them)."""
+    n = int(round(fraction * T))
+    if n <= 0 or T < 3:
+        return []
+    n = min(n, T - 2)
+    pos = np.linspace(1, T - 2, n + 2)[1:-1] if n < T - 2 else np.arange(1, T - 1)
+    return sorted(set(int(round(p)) for p in pos))
+
+
+def split_counts(wc: WordCounts, test_steps_fraction: float, test_mass_fraction: float, seed: int) -> Split:
+    """Hold out whole time steps and, in the other steps, a binomial thinning of the counts
+    (each co-occurrence independently with probability ``test_mass_fraction``, symmetric)."""
+    test_steps = choose_test_steps(wc.T, test_steps_fraction)
+    rng = np.random.default_rng(seed)
+    train, mass, held = [], [], []
+    for t, m in enumerate(wc.counts):
+        if t in test_steps:
+            train.append(sp.csr_matrix(m.shape))
+            held.append(m)
+            mass.append(None)
+            continue
+        if test_mass_fraction <= 0:
+            train.append(m)
+            mass.append(None)
+            continue
+        upper = sp.triu(m, k=0, format="coo")
+        n = upper.data
+        if not np.allclose(n, np.round(n)):
+            raise ValueError(f"held-out mass needs integer counts, but step {wc.step_label(t)} has fractional ones; "
+                             "set model.test_mass=0")
+        k = rng.binomial(np.round(n).astype(np.int64), test_mass_fraction).astype(np.float64)
+        test_u = sp.coo_matrix((k, (upper.row, upper.col)), shape=m.shape).tocsr()
+        test = (test_u + test_u.T - sp.diags(test_u.diagonal())).tocsr()
+        test.eliminate_zeros()
+        tr = (m - test).tocsr()
+        tr.eliminate_zeros()
+        train.append(tr)
+        mass.append(test)
+    return Split(train=train, test_steps=test_steps, heldout_steps=held, heldout_mass=mass)
+
+
+# ============================================================================ math helpers
+def _scan_forward(a: Tensor, c: Tensor) -> Tensor:
+    """``y_0 = c_0``, ``y_t = a_t y_t-1 + c_t`` along dim 0; ``a`` holds a_1..a_T-1 (shape (T-1, ...)).
+
+    Hillis-Steele scan over the affine maps f_t(y) = a_t y + c_t: after the level with stride k,
+    element t holds the composition of the 2k maps ending at t. log2(T) levels of whole-tensor ops."""
+    T = c.shape[0]
+    y = c.clone()
+    A = a.clone()  # A[t-1]: product of the a's of the window ending at element t
+    k = 1
+    while k < T:
+        y[k:] = y[k:] + A[k - 1:] * y[:-k]  # the right side is evaluated before the write
+        if k < T - 1:
+            A[k:] = A[k:] * A[:-k]
+        k *= 2
+    return y
+
+
+class _LinearScan(torch.autograd.Function):
+    """Linear recurrence with an O(T)-memory backward: the adjoint is the same recurrence reversed,
+    ``lam_t = g_t + a_t+1 lam_t+1``, ``dL/dc_t = lam_t``, ``dL/da_t = lam_t y_t-1``."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, c: Tensor) -> Tensor:
+        y = _scan_forward(a, c)
+        ctx.save_for_backward(a, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        a, y = ctx.saved_tensors
+        lam = _scan_forward(a.flip(0), g.flip(0)).flip(0)  # (T, ...)
+        grad_a = lam[1:] * y[:-1] if ctx.needs_input_grad[0] else None
+        return grad_a, lam
+
+
+def linear_scan(a: Tensor, c: Tensor, reverse: bool = False) -> Tensor:
+    """Solve the first-order linear recurrence along dim 0 in log-depth, differentiably.
+
+    Forward (``reverse=False``): ``y_0 = c_0``, ``y_t = a_t-1' y_t-1 + c_t`` where ``a`` (T-1, ...)
+    holds the coefficient of the link between steps t-1 and t. Reverse: ``y_T-1 = c_T-1``,
+    ``y_t = a_t y_t+1 + c_t`` with ``a[t]`` the link between t and t+1."""
+    if a.shape[0] != c.shape[0] - 1:
+        raise ValueError(f"a needs T-1={c.shape[0] - 1} entries along dim 0, got {a.shape[0]}")
+    if c.shape[0] == 1:
+        return c.clone()
+    if reverse:
+        return _LinearScan.apply(a.flip(0), c.flip(0)).flip(0)
+    return _LinearScan.apply(a, c)
+
+
+def linear_recurrence_loop(a: Tensor, c: Tensor, reverse: bool = False) -> Tensor:
+    """Reference implementation of :func:`linear_scan` (a Python loop over T; tests and benchmarks)."""
+    ys = [None] * c.shape[0]
+    order = range(c.shape[0] - 1, -1, -1) if reverse else range(c.shape[0])
+    prev = None
+    for t in order:
+        if prev is None:
+            ys[t] = c[t]
+        else:
+            ys[t] = (a[t] if reverse else a[t - 1]) * ys[prev] + c[t]
+        prev = t
+    return torch.stack(ys)
+
+
+def bidiagonal(raw_diag: Tensor, offdiag: Tensor) -> tuple[Tensor, Tensor]:
+    """``(b, a)``: the positive diagonal ``b = softplus(raw)`` (T, ...) of the Cholesky factor and
+    the ratios ``a_t = l_t / b_t`` (T-1, ...) that drive both recurrences."""
+    b = F.softplus(raw_diag)
+    return b, offdiag / b[:-1]
+
+
+def sample_chain(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor) -> Tensor:
+    """Reparameterized sample ``mu + B^{-T} eps`` with precision ``P = B B^T``: back-substitution
+    ``y_t = eps_t / b_t - a_t y_t+1`` (O(T) per chain, log-depth scan). All shapes (T, ...)."""
+    b, a = bidiagonal(raw_diag, offdiag)
+    return mu + linear_scan(-a, eps / b, reverse=True)
+
+
+def chain_moments(raw_diag: Tensor, offdiag: Tensor) -> tuple[Tensor, Tensor]:
+    """Marginal variances ``Sigma_tt`` (T, ...) and lag-one covariances ``Sigma_t,t+1`` (T-1, ...)
+    of ``q``: from ``B^T Sigma = B^{-1}`` (upper part), ``Sigma_tt = 1/b_t^2 + a_t^2 Sigma_t+1,t+1``
+    and ``Sigma_t,t+1 = -a_t Sigma_t+1,t+1``."""
+    b, a = bidiagonal(raw_diag, offdiag)
+    var = linear_scan(a * a, 1.0 / (b * b), reverse=True)
+    return var, -a * var[1:]
+
+
+def expected_neg_log_prior_var(raw_diag: Tensor, offdiag: Tensor, w: Tensor, inv_var0: float) -> Tensor:
+    """The covariance part of ``-E_q[log p]``: ``1/2 sum_t w_t (S_tt + S_t+1,t+1 - 2 S_t,t+1)
+    + 1/(2 sigma_0^2) sum_t S_tt`` summed over all chains. ``w``: (T-1,) edge weights."""
+    var, cross = chain_moments(raw_diag, offdiag)
+    shape = (-1,) + (1,) * (var.dim() - 1)
+    diff = var[1:] + var[:-1] - 2.0 * cross  # E (x_t+1 - x_t)^2 minus the squared mean difference
+    return 0.5 * (w.view(shape) * diff).sum() + 0.5 * inv_var0 * var.sum()
+
+
+def neg_entropy(raw_diag: Tensor) -> Tensor:
+    """``-H[q]`` up to the constant ``T/2 (1 + log 2 pi)`` per chain: ``sum_t log b_t`` (det P = prod b_t^2)."""
+    return torch.log(F.softplus(raw_diag)).sum()
+
+
+def prior_precision(w: np.ndarray, inv_var0: float) -> np.ndarray:
+    """Dense (T, T) prior precision ``Pi = Lap_w + I / sigma_0^2`` of one chain."""
+    T = len(w) + 1
+    P = np.diag(np.full(T, inv_var0))
+    idx = np.arange(T - 1)
+    P[idx, idx] += w
+    P[idx + 1, idx + 1] += w
+    P[idx, idx + 1] -= w
+    P[idx + 1, idx] -= w
+    return P
+
+
+def skipgram_block(X: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg_ratio: float,
+                   pos_t: Tensor, pos_p: Tensor, pos_q: Tensor, pos_n: Tensor) -> Tensor:
+    """Log-likelihood of one block of word-context pairs at every step.
+
+    X: (T, P, Q) logits u.v; ``c_rows`` (T, P) row counts c_i; ``cneg_cols`` (T, Q) the normalized
+    ``c_j^0.75 / sum_k c_k^0.75``; positive counts as a sparse list (t, p, q, n)."""
+    per_row = torch.bmm(F.logsigmoid(-X), cneg_cols.unsqueeze(-1)).squeeze(-1)  # (T, P)
+    neg = (c_rows * per_row).sum() * neg_ratio
+    pos = (pos_n * F.logsigmoid(X[pos_t, pos_p, pos_q])).sum()
+    return pos + neg
+
+
+# ============================================================================ model
+class DynamicWordEmbeddings(DynamicModel):
+    """DWE with variational smoothing (``inference="variational"``) or MAP point estimates."""
+
+    target_metric = "ll_test"
+    target_lower_is_better = False
+    best_metric = None  # the held-out sets are test sets: no model selection on them
+
+    def __init__(self, wc: WordCounts, d: int = 100, inference: str = "variational", D: float = 1e-3,
+                 sigma0: float = 1.0, neg_ratio: float = 1.0, neg_exponent: float = 0.75,
+                 coupled: bool = True, batch_words: int = 1000, batch_contexts: int = 1000,
+                 init_mean_std: float = 0.1, init_std: float = 0.1, test_steps: float = 0.1,
+                 test_mass: float = 0.1, split_seed: int = 0, eval_chunk: int = 1 << 22, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 split: Optional[Split] = None):
+        super().__init__()
+        if inference not in ("variational", "map"):
+            raise ValueError(f"inference must be 'variational' or 'map', got {inference!r}")
+        if d < 1 or D <= 0 or sigma0 <= 0 or neg_ratio < 0 or init_mean_std <= 0 or init_std <= 0:
+            raise ValueError("d, D, sigma0, init_mean_std and init_std must be positive, neg_ratio >= 0")
+        T, V = wc.T, wc.V
+        self.variational = inference == "variational"
+        self.T, self.V, self.d = T, V, d
+        self.neg_ratio, self.neg_exponent = float(neg_ratio), float(neg_exponent)
+        self.inv_var0 = 1.0 / sigma0 ** 2
+        self.batch_words = V if batch_words <= 0 else min(batch_words, V)
+        self.batch_contexts = V if batch_contexts <= 0 else min(batch_contexts, V)
+        self.eval_chunk = int(eval_chunk)
+        self.vocab, self.years, self.year_end = list(wc.vocab), wc.years.copy(), wc.year_end.copy()
+        self.labels = [wc.step_label(t) for t in range(T)]
+        device = torch.device(device)
+
+        # ---- prior: w_t = 1/(D tau_t) (uneven gaps allowed); coupled=False drops the chain
+        tau = np.diff(wc.times)
+        w = 1.0 / (D * tau) if coupled else np.zeros(T - 1)
+        self.coupled = bool(coupled)
+        self.coupling = Coupling.chain(T, w)
+        self.register_buffer("w", torch.as_tensor(w, dtype=dtype, device=device), persistent=False)  # (T-1,)
+        # normalization per chain: 1/2 log det Pi + T/2 (entropy constant minus prior's 2 pi terms)
+        _, logdet = np.linalg.slogdet(prior_precision(w, self.inv_var0))
+        n_chains = 2 * V * d
+        if self.variational:
+            self._const = -n_chains * (0.5 * logdet + 0.5 * T)
+        else:
+            self._const = -n_chains * (0.5 * logdet - 0.5 * T * math.log(2 * math.pi))
+
+        # ---- data
+        self.split = split if split is not None else split_counts(wc, test_steps, test_mass, split_seed)
+        self.train_mask = np.array([t not in self.split.test_steps for t in range(T)])
+        self._set_train_counts(self.split.train, dtype, device)
+        self._eval_sets = {
+            "steps": [(t, m) for t, m in zip(self.split.test_steps, self.split.heldout_steps) if m.nnz],
+            "mass": [(t, m) for t, m in enumerate(self.split.heldout_mass) if m is not None and m.nnz],
+        }
+
+        # ---- parameters, initialized in float64 on the CPU then cast (same start on every device)
+        g = torch.Generator().manual_seed(seed)
+
+        def randn(*shape, std):
+            return nn.Parameter((std * torch.randn(*shape, generator=g, dtype=torch.float64)).to(device, dtype))
+
+        if self.variational:
+            self.mu_U = randn(T, V, d, std=init_mean_std)  # (T, V, d)
+            self.mu_V = randn(T, V, d, std=init_mean_std)  # (T, V, d)
+            raw0 = math.log(math.expm1(1.0 / init_std))  # softplus(raw0) = 1/init_std: q starts with std init_std
+            self.raw_U = nn.Parameter(torch.full((T, V, d), raw0, dtype=dtype, device=device))  # (T, V, d)
+            self.raw_V = nn.Parameter(torch.full((T, V, d), raw0, dtype=dtype, device=device))  # (T, V, d)
+            self.off_U = nn.Parameter(torch.zeros(T - 1, V, d, dtype=dtype, device=device))  # (T-1, V, d)
+            self.off_V = nn.Parameter(torch.zeros(T - 1, V, d, dtype=dtype, device=device))  # (T-1, V, d)
+        else:
+            self.U = randn(T, V, d, std=init_mean_std)  # (T, V, d)
+            self.V_ = randn(T, V, d, std=init_mean_std)  # (T, V, d)
+
+    # ------------------------------------------------------------------ data tensors
+    def _set_train_counts(self, train: Sequence[sp.csr_matrix], dtype, device) -> None:
+        """One CSR over rows ``t*V + i`` for all steps (held-out steps have empty rows), and the
+        row sums ``c`` (T, V) with the normalized ``c^0.75`` (T, V) that define the negatives."""
+        V = self.V
+        stacked = sp.vstack([sp.csr_matrix(m) for m in train], format="csr")  # (T*V, V)
+        stacked.sort_indices()
+        self.register_buffer("crow", torch.as_tensor(stacked.indptr.astype(np.int64), device=device), persistent=False)
+        self.register_buffer("col", torch.as_tensor(stacked.indices.astype(np.int64), device=device), persistent=False)
+        self.register_buffer("val", torch.as_tensor(stacked.data, dtype=dtype, device=device), persistent=False)
+        c = np.asarray(stacked.sum(axis=1)).reshape(self.T, V)  # (T, V)
+        cp = c ** self.neg_exponent
+        z = cp.sum(axis=1, keepdims=True)
+        cneg = np.divide(cp, z, out=np.zeros_like(cp), where=z > 0)
+        self.register_buffer("c", torch.as_tensor(c, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("cneg", torch.as_tensor(cneg, dtype=dtype, device=device), persistent=False)
+        self.n_train_points = float(c.sum() * (1.0 + self.neg_ratio))
+
+    def _block_positives(self, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Positive counts of the block rows x cols at every step, as (t, p, q, n) with p, q the
+        positions in ``rows`` / ``cols``. Cost O(nnz of the selected rows)."""
+        T, V = self.T, self.V
+        dev = self.crow.device
+        col_pos = torch.full((V,), -1, dtype=torch.int64, device=dev)
+        col_pos[cols] = torch.arange(len(cols), device=dev)
+        r = (torch.arange(T, device=dev)[:, None] * V + rows[None, :]).reshape(-1)  # (T*P,) global rows
+        start, lens = self.crow[r], self.crow[r + 1] - self.crow[r]
+        owner = torch.repeat_interleave(torch.arange(len(r), device=dev), lens)  # (nnz_sel,)
+        offs = torch.arange(len(owner), device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+        idx = start[owner] + offs
+        q = col_pos[self.col[idx]]
+        keep = q >= 0
+        owner, idx, q = owner[keep], idx[keep], q[keep]
+        return owner // len(rows), owner % len(rows), q, self.val[idx]
+
+    # ------------------------------------------------------------------ DynamicModel interface
+    def symmetric_groups(self) -> list[list[nn.Parameter]]:
+        return [[self.mu_U, self.mu_V]] if self.variational else [[self.U, self.V_]]
+
+    def means(self) -> tuple[Tensor, Tensor]:
+        """Posterior means (variational) or point estimates (MAP): two (T, V, d) tensors."""
+        return (self.mu_U, self.mu_V) if self.variational else (self.U, self.V_)
+
+    def local_loss(self, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Everything in -ELBO (or -log joint) except psi(means): the minibatch likelihood scaled
+        to the full vocabulary, the zero-mean prior term, and (variational) the covariance part of
+        the prior and the entropy for the words in the minibatch, scaled likewise."""
+        mu_u, mu_v = self.means()
+        dev = mu_u.device
+        P, Q = self.batch_words, self.batch_contexts
+        rows = torch.randperm(self.V, generator=generator, device=dev)[:P].sort().values if P < self.V \
+            else torch.arange(self.V, device=dev)
+        cols = torch.randperm(self.V, generator=generator, device=dev)[:Q].sort().values if Q < self.V \
+            else torch.arange(self.V, device=dev)
+        scale_r, scale_c = self.V / P, self.V / Q
+        if self.variational:
+            eps_u = torch.randn(self.T, P, self.d, generator=generator, device=dev, dtype=mu_u.dtype)  # (T, P, d)
+            eps_v = torch.randn(self.T, Q, self.d, generator=generator, device=dev, dtype=mu_u.dtype)  # (T, Q, d)
+            ru, ou = self.raw_U[:, rows], self.off_U[:, rows]
+            rv, ov = self.raw_V[:, cols], self.off_V[:, cols]
+            u = sample_chain(mu_u[:, rows], ru, ou, eps_u)  # (T, P, d)
+            v = sample_chain(mu_v[:, cols], rv, ov, eps_v)  # (T, Q, d)
+            var_terms = (scale_r * (expected_neg_log_prior_var(ru, ou, self.w, self.inv_var0) + neg_entropy(ru))
+                         + scale_c * (expected_neg_log_prior_var(rv, ov, self.w, self.inv_var0) + neg_entropy(rv)))
+        else:
+            u, v = mu_u[:, rows], mu_v[:, cols]
+            var_terms = 0.0
+        ll = self.block_loglik(u, v, rows, cols)
+        zero_mean = 0.5 * self.inv_var0 * (mu_u.pow(2).sum() + mu_v.pow(2).sum())
+        return -scale_r * scale_c * ll + zero_mean + var_terms + self._const
+
+    def block_loglik(self, u: Tensor, v: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        """Training log-likelihood of the word-context block rows x cols at every step, for word
+        embeddings ``u`` (T, P, d) of ``rows`` and context embeddings ``v`` (T, Q, d) of ``cols``."""
+        X = torch.bmm(u, v.transpose(1, 2))  # (T, P, Q)
+        pt, pp, pq, pn = self._block_positives(rows, cols)
+        return skipgram_block(X, self.c[:, rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn)
+
+    def metric_names(self) -> list[str]:
+        return ["ll_test", "ll_test_steps", "ll_test_mass", "ll_train", "cos_first_last_q10",
+                "cos_first_last_median", "cos_first_last_q90"]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Predictive log-likelihood per test point under the posterior mean (paper Sec. 5.3) on the
+        held-out time steps, on the held-out mass of training steps and pooled; the training
+        log-likelihood per point on a fixed subsample of steps; quantiles of cos(u_i,first, u_i,last)."""
+        mu_u, mu_v = self.means()
+        out: dict[str, float] = {}
+        tot_ll, tot_n = 0.0, 0.0
+        for name, sets in self._eval_sets.items():
+            ll, n = 0.0, 0.0
+            for t, m in sets:
+                a, b = heldout_loglik(mu_u[t], mu_v[t], m, self.neg_ratio, self.neg_exponent, self.eval_chunk)
+                ll, n = ll + a, n + b
+            out[f"ll_test_{name}"] = ll / n if n > 0 else float("nan")
+            tot_ll, tot_n = tot_ll + ll, tot_n + n
+        out["ll_test"] = tot_ll / tot_n if tot_n > 0 else float("nan")
+        # training likelihood on at most 4 evenly spaced training steps (a cheap fit diagnostic)
+        steps = np.nonzero(self.train_mask)[0]
+        steps = steps[np.linspace(0, len(steps) - 1, min(4, len(steps))).round().astype(int)]
+        ll, n = 0.0, 0.0
+        for t in steps.tolist():
+            m = self.split.train[t]
+            if m.nnz:
+                a, b = heldout_loglik(mu_u[t], mu_v[t], m, self.neg_ratio, self.neg_exponent, self.eval_chunk)
+                ll, n = ll + a, n + b
+        out["ll_train"] = ll / n if n > 0 else float("nan")
+        cos = first_last_cosines(mu_u)
+        q = torch.quantile(cos.to(torch.float64), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64, device=cos.device))
+        out["cos_first_last_q10"], out["cos_first_last_median"], out["cos_first_last_q90"] = (float(x) for x in q)
+        return out
+
+    # ------------------------------------------------------------------ persistence of metadata
+    def get_extra_state(self):
+        return {"vocab": self.vocab, "years": self.years.tolist(), "year_end": self.year_end.tolist(),
+                "labels": self.labels, "train_mask": self.train_mask.tolist(),
+                "inference": "variational" if self.variational else "map", "coupled": self.coupled}
+
+    def set_extra_state(self, state) -> None:
+        if state["vocab"] != self.vocab or state["years"] != self.years.tolist():
+            raise ValueError("this checkpoint was trained on another corpus (vocabulary or time steps differ)")
+
+
+# ============================================================================ evaluation helpers
+@torch.no_grad()
+def heldout_loglik(U: Tensor, V: Tensor, counts: sp.csr_matrix, neg_ratio: float, neg_exponent: float,
+                   chunk: int = 1 << 22) -> tuple[float, float]:
+    """``(sum log-likelihood, number of points)`` of one step's counts (with their own rank-one
+    negatives) under embeddings U, V (V_words, d). Points: ``sum n+ + sum n- = (1 + r) sum c``.
+    Dense logits are formed ``chunk`` entries at a time; nothing V x V is stored."""
+    Vn = U.shape[0]
+    dev, dt = U.device, U.dtype
+    coo = counts.tocoo()
+    c = np.asarray(counts.sum(axis=1)).reshape(-1)  # (V,)
+    cp = c ** neg_exponent
+    cneg = torch.as_tensor(cp / cp.sum(), dtype=dt, device=dev)  # (V,)
+    ct = torch.as_tensor(c, dtype=dt, device=dev)  # (V,)
+    rows = torch.as_tensor(coo.row.astype(np.int64), device=dev)
+    cols = torch.as_tensor(coo.col.astype(np.int64), device=dev)
+    vals = torch.as_tensor(coo.data, dtype=torch.float64, device=dev)
+    pos = 0.0
+    step = max(1, chunk // max(U.shape[1], 1))
+    for s in range(0, len(rows), step):  # O(nnz d), chunked over nonzeros
+        x = (U[rows[s:s + step]] * V[cols[s:s + step]]).sum(-1)
+        pos += float((vals[s:s + step] * F.logsigmoid(x).to(torch.float64)).sum())
+    neg = 0.0
+    rstep = max(1, chunk // Vn)
+    for s in range(0, Vn, rstep):  # O(V^2 d), chunked over rows
+        X = U[s:s + rstep] @ V.T  # (rstep, V)
+        neg += float(torch.einsum("p,q,pq->", ct[s:s + rstep], cneg, F.logsigmoid(-X)).to(torch.float64))
+    return pos + neg_ratio * neg, float(c.sum() * (1.0 + neg_ratio))
+
+
+def first_last_cosines(U: Tensor) -> Tensor:
+    """cos(u_i,first, u_i,last) for every word (paper Fig. 4): shape (V,)."""
+    a, b = U[0], U[-1]
+    return F.cosine_similarity(a, b, dim=-1, eps=1e-12)
