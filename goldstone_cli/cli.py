@@ -257,6 +257,79 @@ def prepare_corpus_cmd(
         typer.echo(f"empty bins (kept as empty time steps): {', '.join(r.empty_steps)}")
 
 
+# ----------------------------------------------------------------------------- word embeddings
+def _align_choice(value: str) -> Optional[bool]:
+    if value not in ("auto", "yes", "no"):
+        _fail(f"--align must be auto, yes or no, got {value!r}")
+    return None if value == "auto" else value == "yes"
+
+
+@app.command("age-words")
+def age_words_cmd(
+    words: List[str] = typer.Argument(..., help="Query words (lowercase, as in the corpus vocabulary)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="A word-embedding run folder (default: the newest "
+                                                           "model=dwe run under --outputs)."),
+    compare: Optional[Path] = typer.Option(None, "--compare", help="A second run shown side by side "
+                                                                   "(e.g. the Adam or the aligned baseline)."),
+    from_year: Optional[int] = typer.Option(None, "--from", help="Year of the query embeddings (default: the last step)."),
+    to_year: Optional[int] = typer.Option(None, "--to", help="Year whose vocabulary is searched (default: the first step)."),
+    top: int = typer.Option(5, "--top", "-k", help="Number of words to show per query."),
+    align: str = typer.Option("auto", "--align", help="Procrustes-align each run's time steps first: auto (only runs "
+                                                      "trained without the chain prior), yes or no."),
+    include_query: bool = typer.Option(False, "--include-query", help="Allow the query word itself in the answer."),
+    show_cos: bool = typer.Option(False, "--cos", help="Also print each answer's cosine."),
+    outputs: Path = typer.Option(Path("outputs"), "--outputs", help="Where to look for the newest run when --run is not given."),
+) -> None:
+    """Word aging (paper Table 2): for each WORD, the words whose embedding at --to has the largest
+    cosine with WORD's embedding at --from (default: last step -> first step)."""
+    from goldstone_cli.words import WordsError, age_words, find_latest_run, format_age_words, load_run
+
+    how = _align_choice(align)
+    try:
+        if run is None:
+            run = find_latest_run(outputs)
+            typer.echo(f"using the newest word-embedding run: {run}")
+        runs = [load_run(run, align=how)] + ([load_run(compare, align=how)] if compare is not None else [])
+        results = [age_words(r, words, from_year, to_year, top=top, exclude_query=not include_query) for r in runs]
+    except WordsError as exc:
+        _fail(str(exc))
+    r0 = runs[0]
+    s = r0.step_of_year(from_year) if from_year is not None else len(r0.labels) - 1
+    t = r0.step_of_year(to_year) if to_year is not None else 0
+    typer.echo(format_age_words(results, runs, r0.labels[s], r0.labels[t]))
+    if show_cos:
+        for r, res in zip(runs, results):
+            typer.echo(f"\n{r.label} ({r.run_dir}):")
+            for w, nb in res:
+                typer.echo(f"  {w}: " + ", ".join(f"{x} ({c:.3f})" for x, c in nb))
+
+
+@plot_app.command("cosines")
+def plot_cosines_cmd(
+    runs: List[Path] = typer.Argument(..., help="One or more word-embedding run folders (e.g. Goldstone-GD, Adam, "
+                                                "and the uncoupled baseline)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: first_last_cosine.png in the first run folder)."),
+    align: str = typer.Option("auto", "--align", help="Procrustes-align each run first: auto (only uncoupled runs), yes or no."),
+) -> None:
+    """Fig. 4: histogram of cos(u_i,first, u_i,last) over the vocabulary for each run; prints the
+    quantiles and records them in each run's summary.json (key first_last_cosine)."""
+    from goldstone_cli.words import (WordsError, cosine_summary, first_last_cosines, load_run, plot_first_last,
+                                     record_cosine_summary)
+
+    how = _align_choice(align)
+    try:
+        loaded = [load_run(r, align=how) for r in runs]
+    except WordsError as exc:
+        _fail(str(exc))
+    for r in loaded:
+        summ = cosine_summary(first_last_cosines(r))
+        record_cosine_summary(r, summ)
+        typer.echo(f"{r.label} ({r.run_dir}): median {summ['median']:.3f}, q10 {summ['q10']:.3f}, "
+                   f"q90 {summ['q90']:.3f}, negative {100 * summ['frac_negative']:.1f}%")
+    path = plot_first_last(loaded, out or loaded[0].run_dir / "first_last_cosine.png")
+    typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     app()
 

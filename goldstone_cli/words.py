@@ -1,0 +1,242 @@
+"""Reading trained word-embedding runs: word aging (paper Table 2), first/last cosines (Fig. 4) and
+the alignment baseline (orthogonal Procrustes of each time step onto its neighbour after training).
+
+A DWE run folder holds ``config.yaml`` and ``checkpoints/last.pt``; the model's state carries the
+vocabulary and the time steps (``_extra_state``), so a run is self-contained.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+MODEL_NAMES = ("dwe",)
+
+
+class WordsError(ValueError):
+    """A user-facing problem (unknown word, year out of range, not a word-embedding run)."""
+
+
+@dataclass
+class WordRun:
+    run_dir: Path
+    vocab: list[str]
+    years: np.ndarray  # (T,) first year of every step
+    year_end: np.ndarray  # (T,) last year of every step (inclusive)
+    labels: list[str]  # (T,)
+    train_mask: np.ndarray  # (T,) bool: steps with training data
+    U: Tensor  # (T, V, d) word embeddings (posterior means)
+    Vc: Tensor  # (T, V, d) context embeddings
+    coupled: bool
+    inference: str
+    optimizer: str
+    aligned: bool = False
+
+    @property
+    def label(self) -> str:
+        base = f"{self.optimizer}{'' if self.coupled else ', uncoupled'}"
+        return base + (" + Procrustes alignment" if self.aligned else "")
+
+    def index(self, word: str) -> int:
+        try:
+            return self._index[word]
+        except AttributeError:
+            self._index = {w: i for i, w in enumerate(self.vocab)}
+            return self.index(word)
+        except KeyError:
+            close = difflib.get_close_matches(word, self.vocab, n=5, cutoff=0.6)
+            hint = f"; closest vocabulary words: {', '.join(close)}" if close else ""
+            raise WordsError(f"'{word}' is not in the vocabulary of {self.run_dir} ({len(self.vocab)} words){hint}") from None
+
+    def step_of_year(self, year: int) -> int:
+        """The time step whose years contain ``year``."""
+        first, last = int(self.years[0]), int(self.year_end[-1])
+        if not first <= year <= last:
+            raise WordsError(f"year {year} is outside the run's range {first}-{last} "
+                             f"({len(self.years)} steps: {self.labels[0]} .. {self.labels[-1]})")
+        return int(np.searchsorted(self.years, year, side="right") - 1)
+
+
+# ----------------------------------------------------------------------------- finding and loading runs
+def _run_model_name(run_dir: Path) -> Optional[str]:
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        return str(cfg["model"]["name"])
+    except Exception:
+        return None
+
+
+def find_latest_run(root: str | Path = "outputs") -> Path:
+    """The newest word-embedding run (by its last checkpoint's time) under ``root``."""
+    root = Path(root)
+    best, best_t = None, -1.0
+    if root.is_dir():
+        for cfg in root.rglob("config.yaml"):
+            run = cfg.parent
+            ck = run / "checkpoints" / "last.pt"
+            if ck.is_file() and _run_model_name(run) in MODEL_NAMES and ck.stat().st_mtime > best_t:
+                best, best_t = run, ck.stat().st_mtime
+    if best is None:
+        raise WordsError(f"no finished word-embedding run under {root}/; train one with `goldstone train model=dwe` "
+                         "or pass --run DIR")
+    return best
+
+
+def load_run(run_dir: str | Path, align: Optional[bool] = None) -> WordRun:
+    """Load a DWE run's embeddings. ``align``: apply Procrustes alignment (None: only for runs
+    trained without the chain prior, i.e. the alignment baseline)."""
+    import yaml
+
+    from goldstone_cli import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise WordsError(f"{run_dir} is not a run folder (no config.yaml)")
+    name = _run_model_name(run_dir)
+    if name not in MODEL_NAMES:
+        raise WordsError(f"{run_dir} is a '{name}' run, not a word-embedding run (model=dwe)")
+    path = run_dir / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise WordsError(f"{run_dir} has no checkpoint yet ({path}); wait for the run to save one")
+    state = ckpt.load(path)["model"]
+    extra = state.get("_extra_state")
+    if extra is None:
+        raise WordsError(f"{path} has no vocabulary (trained with an older version?)")
+    if "mu_U" in state:
+        U, Vc = state["mu_U"], state["mu_V"]
+    else:
+        U, Vc = state["U"], state["V_"]
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    opt = cfg["optimizer"]
+    opt_name = str(opt["name"]) if opt["name"] != "goldstone" else f"goldstone-{opt.get('solver')}({opt.get('base')})"
+    run = WordRun(run_dir=run_dir, vocab=list(extra["vocab"]), years=np.asarray(extra["years"]),
+                  year_end=np.asarray(extra["year_end"]), labels=list(extra["labels"]),
+                  train_mask=np.asarray(extra["train_mask"], dtype=bool), U=U.float(), Vc=Vc.float(),
+                  coupled=bool(extra["coupled"]), inference=str(extra["inference"]), optimizer=opt_name)
+    if align or (align is None and not run.coupled):
+        run.U, run.Vc = procrustes_align(run.U, run.Vc, run.train_mask)
+        run.aligned = True
+    return run
+
+
+# ----------------------------------------------------------------------------- alignment baseline
+def procrustes_align(U: Tensor, Vc: Tensor, train_mask: Optional[np.ndarray] = None) -> tuple[Tensor, Tensor]:
+    """Rotate every time step onto its (aligned) predecessor, as HistWords-style pipelines do after
+    training independent models: ``W_t = argmin_{W orthogonal} ||Z_t W - Z_{t-1} W_{t-1}||_F`` with
+    ``Z_t = [U_t; V_t]``, by an SVD per step (orthogonal Procrustes). Steps without training data
+    (``train_mask`` False) are skipped and keep their predecessor's rotation. Returns (U', V')."""
+    T = U.shape[0]
+    mask = np.ones(T, dtype=bool) if train_mask is None else np.asarray(train_mask, dtype=bool)
+    steps = np.nonzero(mask)[0]
+    Z = torch.cat([U, Vc], dim=1).to(torch.float64)  # (T, 2V, d)
+    # relative rotation of each trained step onto the previous trained step, all at once
+    M = torch.bmm(Z[steps[1:]].transpose(1, 2), Z[steps[:-1]])  # (S-1, d, d) = Z_t^T Z_prev
+    P, _, Qh = torch.linalg.svd(M)
+    Q = P @ Qh  # (S-1, d, d): Z_t Q ~ Z_prev
+    d = U.shape[-1]
+    W = torch.empty(T, d, d, dtype=torch.float64)
+    cur = torch.eye(d, dtype=torch.float64)
+    k = 0
+    for t in range(T):  # composing T small d x d matrices (post-processing, not a training hot path)
+        if mask[t] and t != steps[0]:
+            cur = Q[k] @ cur
+            k += 1
+        W[t] = cur
+    W = W.to(U.dtype)
+    return torch.bmm(U, W), torch.bmm(Vc, W)
+
+
+# ----------------------------------------------------------------------------- queries
+def age_words(run: WordRun, words: Sequence[str], source_year: Optional[int] = None, target_year: Optional[int] = None,
+              top: int = 5, exclude_query: bool = True) -> list[tuple[str, list[tuple[str, float]]]]:
+    """For each query word, the ``top`` words whose embedding at ``target_year`` has the largest
+    cosine with the query's embedding at ``source_year`` (paper Table 2; defaults: last step to first)."""
+    if top < 1:
+        raise WordsError(f"--top must be at least 1, got {top}")
+    idx = [run.index(w) for w in words]  # unknown words fail before any work
+    s = run.step_of_year(source_year) if source_year is not None else run.U.shape[0] - 1
+    t = run.step_of_year(target_year) if target_year is not None else 0
+    target = torch.nn.functional.normalize(run.U[t], dim=-1)  # (V, d)
+    query = torch.nn.functional.normalize(run.U[s, idx], dim=-1)  # (W, d)
+    cos = query @ target.T  # (W, V)
+    if exclude_query:
+        cos[torch.arange(len(idx)), torch.as_tensor(idx)] = -float("inf")
+    vals, nbr = cos.topk(min(top, cos.shape[1] - (1 if exclude_query else 0)), dim=1)
+    return [(w, [(run.vocab[j], float(v)) for j, v in zip(nbr[i].tolist(), vals[i].tolist())])
+            for i, w in enumerate(words)]
+
+
+def first_last_cosines(run: WordRun) -> Tensor:
+    """cos(u_i,first, u_i,last) for every word (Fig. 4): (V,)."""
+    return torch.nn.functional.cosine_similarity(run.U[0], run.U[-1], dim=-1, eps=1e-12)
+
+
+def cosine_summary(cos: Tensor) -> dict[str, float]:
+    c = cos.to(torch.float64)
+    qs = torch.tensor([0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95], dtype=torch.float64)
+    vals = torch.quantile(c, qs)
+    out = {f"q{int(round(q * 100)):02d}": float(v) for q, v in zip(qs.tolist(), vals.tolist())}
+    out["median"] = out.pop("q50")
+    out["mean"] = float(c.mean())
+    out["frac_above_0.5"] = float((c > 0.5).double().mean())
+    out["frac_negative"] = float((c < 0).double().mean())
+    return out
+
+
+def record_cosine_summary(run: WordRun, summary: dict[str, float]) -> None:
+    """Add the quantiles to the run's ``summary.json`` under ``first_last_cosine`` (atomic)."""
+    from goldstone_cli.io import atomic_write_json
+
+    path = run.run_dir / "summary.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault("first_last_cosine", {})["aligned" if run.aligned else "raw"] = summary
+    atomic_write_json(path, data)
+
+
+def plot_first_last(runs: Sequence[WordRun], out_png: str | Path, bins: int = 60) -> Path:
+    """Fig. 4: histograms of cos(u_i,first, u_i,last) over the vocabulary, one per run."""
+    from goldstone_cli.io import atomic_path
+    from goldstone_cli.report import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colors = ["tab:green", "tab:purple", "tab:orange", "tab:blue"]
+    edges = np.linspace(-1, 1, bins + 1)
+    for k, run in enumerate(runs):
+        cos = first_last_cosines(run).numpy()
+        med = float(np.median(cos))
+        ax.hist(cos, bins=edges, alpha=0.55, color=colors[k % len(colors)],
+                label=f"{run.label} (median {med:.2f})")
+    first, last = runs[0].labels[0], runs[0].labels[-1]
+    ax.set_xlabel(f"cos(u_i,first, u_i,last): first step {first}, last step {last}")
+    ax.set_ylabel("number of words")
+    ax.set_xlim(-1, 1)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    with atomic_path(out_png, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return out_png
+
+
+def format_age_words(results: list[list[tuple[str, list[tuple[str, float]]]]], runs: Sequence[WordRun],
+                     source: str, target: str) -> str:
+    """A plain-text table: one row per query word, one column per run."""
+    header = [f"query ({source})"] + [f"{r.label} ({target})" for r in runs]
+    rows = []
+    for i, (word, _) in enumerate(results[0]):
+        rows.append([word] + [", ".join(w for w, _ in res[i][1]) for res in results])
+    widths = [max(len(header[c]), *(len(r[c]) for r in rows)) for c in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
