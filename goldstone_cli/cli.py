@@ -52,6 +52,9 @@ def _config_from(overrides: list[str]):
 
     resume = [o for o in overrides if o.startswith("resume=")]
     rest = [o for o in overrides if not o.startswith("resume=")]
+    for o in rest:
+        if o.split("=", 1)[0].lstrip("+~").split(".", 1)[0] == "sweep":
+            _fail(f"'{o}': named sweeps are run by `goldstone sweep {o}`; `goldstone train` runs a single model")
     try:
         if resume:
             run_dir = Path(resume[-1].split("=", 1)[1])
@@ -103,6 +106,63 @@ def show_config(
 
     conf, _ = _config_from(list(overrides or []))
     typer.echo(to_yaml(conf), nl=False)
+
+
+def _sweeps_help() -> str:
+    from goldstone_cli.config import group_options
+
+    return ("Named sweeps (conf/sweep/, select with sweep=NAME): " + ", ".join(group_options("sweep")) + "\n\n"
+            "Examples:\n\n  goldstone sweep                      (GD vs Goldstone-GD on the Sec. 5.1 data, 3 seeds)\n\n"
+            "  goldstone sweep sweep=fig2 --jobs 2\n\n"
+            "  goldstone sweep model=movielens optimizer=adagrad_paper,goldstone_adagrad seed=0,1,2\n\n"
+            "  goldstone sweep 'optimizer=glob(gd*)' optimizer.lr=0.01,0.1 'seed=range(3)'\n\n"
+            "  goldstone sweep --dir outputs/sweeps/default_2026-01-01_12-00-00     (resume; skips finished runs)\n\n"
+            "  goldstone sweep sweep=fig3 hydra/launcher=submitit_slurm hydra.launcher.partition=gpu")
+
+
+@app.command(epilog=_sweeps_help())
+def sweep(
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="Hydra overrides added to the sweep's grid: comma lists (seed=0,1,2), range(3), choice(a,b), "
+                   "glob(gd*) over a config group's options; sweep=NAME picks a named sweep, sweep.KEY=VALUE "
+                   "changes its settings (sweep.target.value=1e-6), hydra/launcher=NAME and "
+                   "hydra.launcher.KEY=VALUE choose a Hydra launcher plugin (joblib, submitit_slurm)."),
+    dir: Optional[Path] = typer.Option(
+        None, "--dir", help="Sweep folder (default: outputs/sweeps/<name>_<date>_<time>). An existing sweep folder "
+                            "is continued: finished runs are skipped, interrupted ones resumed."),
+    jobs: Optional[int] = typer.Option(
+        None, "--jobs", "-j", min=1, help="Runs at a time, each in its own process with cores/N CPU threads "
+                                          "(default: the sweep's `jobs` setting; 0 there means one per CPU core, or one per GPU)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the planned runs; start nothing."),
+) -> None:
+    """Run many trainings from one command (every combination of the overrides), in parallel and
+    resumable, then write a comparison report (summary.csv, report.md, plots) into the sweep folder."""
+    from goldstone_cli.config import ConfigError
+    from goldstone_cli.sweep import run_sweep
+
+    try:
+        result = run_sweep(list(overrides or []), sweep_dir=dir, jobs=jobs, dry_run=dry_run, echo=typer.echo)
+    except ConfigError as exc:
+        _fail(str(exc))
+    typer.echo(result.message)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+@app.command("report")
+def report_cmd(
+    sweep_dir: Path = typer.Argument(..., help="A sweep folder (with sweep.json) or any folder of run folders."),
+) -> None:
+    """Rebuild a sweep's report from its run folders: summary.csv (one row per run), report.md
+    (tables per model, mean and spread over seeds) and plots/<model>.png."""
+    from goldstone_cli.sweep_report import build_report
+
+    try:
+        paths = build_report(sweep_dir)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(f"report: {paths.report_md}\nsummary: {paths.summary_csv}"
+               + "".join(f"\nplot: {p}" for p in paths.plots))
 
 
 @download_app.command("movielens")

@@ -1,0 +1,461 @@
+"""The comparison report of a sweep, rebuilt at any time from its run folders.
+
+``build_report(sweep_dir)`` writes, atomically:
+
+- ``summary.csv``: one row per run: the settings that vary across the sweep, status, steps, wall
+  time, final values of every metrics.csv column, the best checkpoint's metric, steps and
+  optimization time to reach the sweep's target, gauge-step count, time and overhead;
+- ``report.md``: per model, a table aggregated over seeds (mean +- standard deviation), the plots,
+  the runs and, for runs that failed, the end of their logs;
+- ``plots/<model>.png``: loss, psi and the model's held-out / target metric against training steps
+  and against wall time, one line per method (median over seeds) with a min-max band.
+
+The plan comes from ``sweep.json``; a folder of run folders without one (e.g. runs made with
+``goldstone train run_dir=...``) also works: the settings that differ between the runs' config.yaml
+files are then the varying settings, and runs that differ only in ``seed`` are one method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from goldstone_cli.io import atomic_path, atomic_write_text
+
+# metrics.csv columns that are not model metrics (train.py: BASE_COLUMNS, GAUGE_COLUMNS)
+_BASE = ["step", "wall_time", "total", "local", "psi", "lr"]
+_GAUGE = ["gauge_steps", "gauge_time", "psi_before_gauge", "psi_after_gauge", "gauge_max_angle"]
+_IGNORED_SETTINGS = {"run_dir", "resume", "output_dir", "trainer.progress"}
+
+
+@dataclass
+class RunInfo:
+    name: str
+    folder: Path
+    method: str
+    settings: dict[str, str]
+    status: str  # completed | target_reached | interrupted | diverged | failed | incomplete | pending
+    model: str = "?"
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: Optional[pd.DataFrame] = None
+
+
+@dataclass
+class ReportPaths:
+    sweep_dir: Path
+    summary_csv: Path
+    report_md: Path
+    plots: list[Path]
+
+
+# ----------------------------------------------------------------------------- collecting
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _status(folder: Path, summary: Optional[dict]) -> str:
+    swept = _read_json(folder / "sweep_status.json") or {}
+    if swept.get("outcome") == "failed":
+        return "failed"
+    if summary and summary.get("status"):
+        return str(summary["status"])
+    if (folder / "metrics.csv").exists() or (folder / "train.log").exists():
+        return "incomplete"  # still running, killed, or crashed before its first summary
+    return "pending"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else str(v)
+    return out
+
+
+def _load_run(folder: Path, name: str, method: str, settings: dict[str, str]) -> RunInfo:
+    summary = _read_json(folder / "summary.json")
+    info = RunInfo(name, folder, method, settings, _status(folder, summary), summary=summary or {})
+    metrics_csv = folder / "metrics.csv"
+    if metrics_csv.exists():
+        try:
+            df = pd.read_csv(metrics_csv)
+            info.metrics = df if len(df) else None
+        except (pd.errors.EmptyDataError, pd.errors.ParserError):
+            info.metrics = None
+    if summary and summary.get("model"):
+        info.model = str(summary["model"])
+    else:
+        info.model = _config_value(folder, "model", "name") or "?"
+    return info
+
+
+def _config_value(folder: Path, *keys: str) -> Optional[str]:
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+        for k in keys:
+            cfg = cfg[k]
+        return str(cfg)
+    except (FileNotFoundError, KeyError, TypeError, yaml.YAMLError):
+        return None
+
+
+def collect(sweep_dir: str | Path) -> tuple[list[RunInfo], dict[str, Any]]:
+    """The runs of a sweep folder and its manifest (synthesized when there is no sweep.json)."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"{sweep_dir} is not a folder")
+    manifest = _read_json(sweep_dir / "sweep.json")
+    if manifest is not None:
+        runs = [_load_run(sweep_dir / r["name"], r["name"], r["method"], dict(r["settings"])) for r in manifest["runs"]]
+        return runs, manifest
+    import yaml
+
+    folders = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "config.yaml").is_file())
+    if not folders:
+        raise FileNotFoundError(f"{sweep_dir} holds neither sweep.json nor run folders with a config.yaml")
+    flat = {p.name: _flatten(yaml.safe_load((p / "config.yaml").read_text()) or {}) for p in folders}
+    keys = sorted({k for f in flat.values() for k in f} - _IGNORED_SETTINGS)
+    varying = [k for k in keys if len({f.get(k) for f in flat.values()}) > 1]
+    runs = []
+    for p in folders:
+        settings = {k: flat[p.name].get(k, "") for k in varying}
+        method = ",".join(f"{k}={v}" for k, v in settings.items() if k != "seed") or "run"
+        runs.append(_load_run(p, p.name, method, settings))
+    manifest = {"name": sweep_dir.name, "description": "", "varying": varying, "seed_keys": ["seed"],
+                "target": {"metric": None, "value": None, "mode": "min"}, "report": {"title": "", "metric": None},
+                "grid": [], "fixed": [], "methods": {}, "runs": []}
+    return runs, manifest
+
+
+# ----------------------------------------------------------------------------- per-run numbers
+def _last(df: pd.DataFrame, col: str) -> float:
+    s = df[col].dropna() if col in df else pd.Series(dtype=float)
+    return float(s.iloc[-1]) if len(s) else math.nan
+
+
+def _target_of(run: RunInfo, manifest: dict) -> tuple[Optional[str], Optional[float], str]:
+    t = manifest.get("target") or {}
+    metric = t.get("metric") or run.summary.get("target_metric")
+    value = t.get("value")
+    if value is None:
+        value = run.summary.get("target")  # the run's own trainer.target
+    return metric, (None if value is None else float(value)), t.get("mode") or "min"
+
+
+def reach(df: pd.DataFrame, metric: str, value: float, mode: str = "min") -> tuple[float, float]:
+    """(step, wall_time) of the first metrics row where ``metric`` reaches ``value``; NaN if never."""
+    if metric not in df:
+        return math.nan, math.nan
+    s = df[["step", "wall_time", metric]].dropna(subset=[metric])
+    hit = s[s[metric] <= value] if mode == "min" else s[s[metric] >= value]
+    if hit.empty:
+        return math.nan, math.nan
+    return float(hit["step"].iloc[0]), float(hit["wall_time"].iloc[0])
+
+
+def summary_frame(runs: list[RunInfo], manifest: dict) -> pd.DataFrame:
+    """One row per run (the content of summary.csv)."""
+    setting_keys = list(dict.fromkeys(k for r in runs for k in r.settings))
+    metric_cols = list(dict.fromkeys(c for r in runs if r.metrics is not None
+                                     for c in r.metrics.columns if c not in _BASE + _GAUGE))
+    rows = []
+    for r in runs:
+        row: dict[str, Any] = {"run": r.name, "model": r.model, "method": r.method}
+        row.update({k: r.settings.get(k, "") for k in setting_keys})
+        row["status"] = r.status
+        df = r.metrics
+        row["steps"] = int(df["step"].iloc[-1]) if df is not None else math.nan
+        row["wall_time"] = _last(df, "wall_time") if df is not None else math.nan
+        for c in ["total", "local", "psi"] + metric_cols:
+            row[f"final_{c}"] = _last(df, c) if df is not None else math.nan
+        best = r.summary.get("best") or {}
+        row["best_metric"] = best.get("metric", "")
+        row["best_value"] = best.get("value", math.nan)
+        row["best_step"] = best.get("step", math.nan)
+        metric, value, mode = _target_of(r, manifest)
+        row["target_metric"] = metric or ""
+        row["target_value"] = value if value is not None else math.nan
+        if df is not None and metric and value is not None:
+            row["steps_to_target"], row["time_to_target"] = reach(df, metric, value, mode)
+        else:
+            row["steps_to_target"], row["time_to_target"] = math.nan, math.nan
+        g_steps = r.summary.get("gauge_steps", _last(df, "gauge_steps") if df is not None else math.nan)
+        g_time = r.summary.get("gauge_time", _last(df, "gauge_time") if df is not None else math.nan)
+        row["gauge_steps"] = g_steps
+        row["gauge_time"] = g_time
+        wall = row["wall_time"]
+        row["gauge_overhead"] = r.summary.get(
+            "gauge_overhead", g_time / wall if isinstance(wall, float) and wall > 0 and not math.isnan(g_time) else math.nan)
+        row["run_dir"] = r.name
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- aggregation
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    return f"{x:.{digits}g}"
+
+
+def _mean_std(values: pd.Series) -> str:
+    v = pd.to_numeric(values, errors="coerce").dropna()
+    if v.empty:
+        return "–"
+    if len(v) == 1:
+        return _fmt(float(v.iloc[0]))
+    return f"{_fmt(float(v.mean()))} ± {_fmt(float(v.std(ddof=1)), 2)}"
+
+
+def aggregate(df: pd.DataFrame, model: str, metric_cols: list[str]) -> pd.DataFrame:
+    """Per method of one model: runs, status counts, mean ± std over seeds of the main numbers."""
+    sub = df[df["model"] == model]
+    out = []
+    for method, g in sub.groupby("method", sort=False):
+        statuses = g["status"].value_counts()
+        row = {"method": method, "runs": len(g), "status": ", ".join(f"{n} {s}" for s, n in statuses.items())}
+        for c in ["final_total", "final_psi"] + [f"final_{m}" for m in metric_cols]:
+            if c in g and g[c].notna().any():
+                row[c.replace("final_", "final ")] = _mean_std(g[c])
+        if g["best_metric"].astype(str).str.len().gt(0).any():
+            row[f"best {g['best_metric'].iloc[0]}"] = _mean_std(g["best_value"])
+        if g["target_value"].notna().any():
+            reached = int(g["steps_to_target"].notna().sum())
+            row["reached target"] = f"{reached}/{len(g)}"
+            row["steps to target"] = _mean_std(g["steps_to_target"])
+            row["time to target (s)"] = _mean_std(g["time_to_target"])
+        row["steps"] = _mean_std(g["steps"])
+        row["wall time (s)"] = _mean_std(g["wall_time"])
+        if g["gauge_overhead"].notna().any():
+            row["gauge overhead"] = _mean_std(g["gauge_overhead"])
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(str(r[c]).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _curve_by_step(runs: list[RunInfo], col: str) -> Optional[pd.DataFrame]:
+    """Steps x runs table of ``col`` (NaN where a run has no value at that step)."""
+    series = {}
+    for r in runs:
+        if r.metrics is None or col not in r.metrics:
+            continue
+        s = r.metrics[["step", col]].dropna().drop_duplicates("step").set_index("step")[col]
+        if len(s):
+            series[r.name] = s
+    return pd.DataFrame(series).sort_index() if series else None
+
+
+def _curve_by_time(runs: list[RunInfo], col: str, log: bool, n: int = 300) -> Optional[pd.DataFrame]:
+    """Wall-time grid x runs: each run interpolated (in log10 for log-scale metrics) inside its
+    own time range, NaN outside."""
+    data = []
+    for r in runs:
+        if r.metrics is None or col not in r.metrics:
+            continue
+        d = r.metrics[["wall_time", col]].dropna()
+        if log:
+            d = d[d[col] > 0]
+        if len(d) >= 1:
+            data.append((r.name, d["wall_time"].to_numpy(), d[col].to_numpy()))
+    if not data:
+        return None
+    t_max = max(t[-1] for _, t, _ in data)
+    grid = np.linspace(0.0, t_max, n)  # (n,)
+    out = {}
+    for name, t, y in data:
+        yy = np.log10(y) if log else y
+        v = np.interp(grid, t, yy, left=np.nan, right=np.nan)
+        out[name] = 10.0 ** v if log else v
+    return pd.DataFrame(out, index=grid)
+
+
+def _positive(runs: list[RunInfo], col: str) -> bool:
+    vals = [r.metrics[col].dropna() for r in runs if r.metrics is not None and col in r.metrics]
+    vals = [v for v in vals if len(v)]
+    return bool(vals) and all((v > 0).mean() > 0.9 for v in vals)
+
+
+def plot_model(runs: list[RunInfo], panels: list[tuple[str, str]], out_png: Path, title: str,
+               target: Optional[tuple[str, float]] = None) -> Path:
+    """A 2 x len(panels) figure: each (column, label) against steps (top) and wall time (bottom);
+    one color per method: median over its runs, band from min to max."""
+    plt = _plt()
+    methods = list(dict.fromkeys(r.method for r in runs))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ncol = len(panels)
+    fig, axes = plt.subplots(2, ncol, figsize=(5.2 * ncol, 8.0), squeeze=False)
+    for j, (col, label) in enumerate(panels):
+        log = _positive(runs, col)
+        for i, method in enumerate(methods):
+            mruns = [r for r in runs if r.method == method]
+            color = colors[i % len(colors)]
+            for row, table in ((0, _curve_by_step(mruns, col)), (1, _curve_by_time(mruns, col, log))):
+                if table is None:
+                    continue
+                if log:
+                    table = table.where(table > 0)
+                med, lo, hi = table.median(axis=1), table.min(axis=1), table.max(axis=1)
+                ok = table.notna().all(axis=1)  # where every run has a value: no jumps where one ends
+                if not ok.any():
+                    continue
+                ax = axes[row][j]
+                ax.plot(med.index[ok], med[ok], color=color, lw=1.6,
+                        label=f"{method} ({table.shape[1]} run{'s' if table.shape[1] != 1 else ''})")
+                if table.shape[1] > 1:
+                    ax.fill_between(med.index[ok], lo[ok], hi[ok], color=color, alpha=0.2, lw=0)
+        for row, xlabel in ((0, "training step"), (1, "wall time (s, optimization only)")):
+            ax = axes[row][j]
+            if log:
+                ax.set_yscale("log")
+            if target is not None and target[0] == col:
+                ax.axhline(target[1], color="k", ls="--", lw=1, label=f"target {target[1]:g}")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.grid(True, which="major", alpha=0.3)
+            ax.set_title(f"{label} vs {'steps' if row == 0 else 'time'}", fontsize=10)
+    axes[0][0].legend(fontsize=8, loc="best")
+    fig.suptitle(f"{title}\nline: median over seeds, band: min–max over seeds (drawn while every run has data)",
+                 fontsize=11)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_png, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return out_png
+
+
+def _held_out_metric(runs: list[RunInfo], manifest: dict) -> Optional[str]:
+    wanted = (manifest.get("report") or {}).get("metric")
+    candidates = [wanted] if wanted else []
+    candidates += [r.summary.get("target_metric") for r in runs] + [(r.summary.get("best") or {}).get("metric") for r in runs]
+    candidates += [c for r in runs if r.metrics is not None for c in r.metrics.columns if c not in _BASE + _GAUGE]
+    for c in candidates:
+        if c and any(r.metrics is not None and c in r.metrics and r.metrics[c].notna().any() for r in runs):
+            return c
+    return None
+
+
+# ----------------------------------------------------------------------------- the report
+def build_report(sweep_dir: str | Path) -> ReportPaths:
+    """Write summary.csv, report.md and plots/*.png for a sweep folder; return their paths."""
+    sweep_dir = Path(sweep_dir)
+    runs, manifest = collect(sweep_dir)
+    df = summary_frame(runs, manifest)
+    summary_csv = sweep_dir / "summary.csv"
+    with atomic_path(summary_csv, suffix=".csv") as tmp:
+        df.to_csv(tmp, index=False)
+
+    title = (manifest.get("report") or {}).get("title") or f"Sweep {manifest.get('name', sweep_dir.name)}"
+    lines = [f"# {title}", ""]
+    if manifest.get("description"):
+        lines += [manifest["description"], ""]
+    counts = df["status"].value_counts()
+    lines += [f"Sweep folder: `{sweep_dir}`" + (f", planned {manifest['created']}" if manifest.get("created") else ""),
+              f"Runs: {len(df)} ({', '.join(f'{n} {s}' for s, n in counts.items())}). "
+              "One row per run with every number: [summary.csv](summary.csv).", ""]
+    if manifest.get("grid") or manifest.get("fixed") or manifest.get("methods"):
+        lines.append("Plan:")
+        for label, ovs in (manifest.get("methods") or {}).items():
+            lines.append(f"- method `{label}`: `{' '.join(ovs)}`")
+        if manifest.get("grid"):
+            lines.append(f"- grid: `{' '.join(manifest['grid'])}`")
+        if manifest.get("command_line"):
+            lines.append(f"- from the command line: `{' '.join(manifest['command_line'])}`")
+        if manifest.get("fixed"):
+            lines.append(f"- every run: `{' '.join(manifest['fixed'])}`")
+        lines.append("")
+    t = manifest.get("target") or {}
+    if t.get("value") is not None:
+        op = "<=" if t.get("mode", "min") == "min" else ">="
+        lines += [f"Target: {t.get('metric') or 'the model target metric'} {op} {t['value']:g}; steps and "
+                  "optimization time (training steps only, without logging and evaluation) until the first "
+                  "evaluation that reaches it.", ""]
+    lines += ["Tables: mean ± standard deviation over the runs of each method (seeds). "
+              "Plots: median over seeds, band from the minimum to the maximum.", ""]
+
+    plots = []
+    for model in dict.fromkeys(df["model"]):
+        mruns = [r for r in runs if r.model == model]
+        metric_cols = list(dict.fromkeys(c for r in mruns if r.metrics is not None
+                                         for c in r.metrics.columns if c not in _BASE + _GAUGE))
+        lines += [f"## Model `{model}`", ""]
+        agg = aggregate(df, model, metric_cols)
+        lines += [_markdown(agg), ""]
+        held = _held_out_metric(mruns, manifest)
+        panels = [("total", "loss L (total)"), ("psi", "psi (coupling)")]
+        if held and held not in ("total", "psi"):
+            panels.append((held, held))
+        target = None
+        if t.get("value") is not None:
+            tm = t.get("metric") or held
+            if tm:
+                target = (tm, float(t["value"]))
+        if any(r.metrics is not None for r in mruns):
+            png = plot_model(mruns, panels, sweep_dir / "plots" / f"{model}.png", f"{title} — {model}", target)
+            plots.append(png)
+            lines += [f"![{model}: loss, psi and {held or 'metrics'} against steps and wall time](plots/{png.name})", ""]
+
+    show = ["run", "method"] + [k for k in (manifest.get("seed_keys") or ["seed"]) if k in df] + ["status", "steps"]
+    show += [c for c in df.columns if c.startswith("final_") and c not in ("final_local",)]
+    show += [c for c in ("steps_to_target", "time_to_target", "gauge_overhead") if df[c].notna().any()]
+    runs_tab = df[show].copy()
+    for c in runs_tab.columns:
+        if c not in ("run", "method", "status"):
+            runs_tab[c] = runs_tab[c].map(lambda x: _fmt(x) if isinstance(x, (float, int, np.number)) else x)
+    runs_tab["run"] = [f"[{n}]({n}/)" for n in runs_tab["run"]]
+    lines += ["## Runs", "", _markdown(runs_tab), ""]
+
+    bad = [r for r in runs if r.status in ("failed", "diverged", "incomplete", "interrupted")]
+    if bad:
+        lines += ["## Runs that did not finish", ""]
+        for r in bad:
+            msg = r.summary.get("message") or ""
+            lines += [f"- `{r.name}`: {r.status}" + (f" — {msg}" if msg else "") + f" (log: [{r.name}/train.log]({r.name}/train.log))"]
+            tail = _tail(r.folder / "train.log")
+            if tail and r.status in ("failed", "diverged"):
+                lines += ["", "  ```", *("  " + ln for ln in tail), "  ```"]
+        lines.append("")
+    lines.append(f"Rebuild this report at any time with `goldstone report {sweep_dir}`.")
+    report_md = sweep_dir / "report.md"
+    atomic_write_text(report_md, "\n".join(lines) + "\n")
+    return ReportPaths(sweep_dir, summary_csv, report_md, plots)
+
+
+def _tail(path: Path, n: int = 8) -> list[str]:
+    try:
+        return path.read_text(errors="replace").rstrip().splitlines()[-n:]
+    except FileNotFoundError:
+        return []

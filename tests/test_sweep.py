@@ -1,0 +1,349 @@
+"""`goldstone sweep` and `goldstone report`: override expansion, planning, validation before any
+run, real sweeps end to end (local subprocesses and a Hydra launcher plugin), resume after Ctrl-C,
+an isolated failing run, and the report agreeing with each run's own files."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from goldstone_cli.cli import app
+from goldstone_cli.config import ConfigError, group_options
+from goldstone_cli.sweep import (SweepConfig, expand, load_sweep, make_plan, plan_from_manifest, prepare,
+                                 run_state, split_args, validate_plan)
+from goldstone_cli.sweep_report import build_report, reach
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+TINY = ["trainer.steps=60", "trainer.log_every=5", "trainer.eval_every=10", "trainer.checkpoint_every=20"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+# ----------------------------------------------------------------------------- expansion and planning
+def test_expand_hydra_grammar():
+    axes = {a.key: a for a in expand(["optimizer=adam,gd", "seed=range(3)", "+x.y=choice(1,2)",
+                                      "optimizer.lr=0.1", "data.path='a,b'"])}
+    assert axes["optimizer"].values == ["adam", "gd"]
+    assert axes["optimizer"].overrides == ["optimizer=adam", "optimizer=gd"]
+    assert axes["seed"].values == ["0", "1", "2"]
+    assert axes["x.y"].overrides == ["+x.y=1", "+x.y=2"]  # the +/~ prefix is kept, the key is bare
+    assert axes["optimizer.lr"].values == ["0.1"]
+    assert axes["data.path"].overrides == ["data.path='a,b'"]  # a quoted comma is one value
+    glob = expand(["optimizer=glob(gd*)"])[0]
+    assert glob.values == [o for o in group_options("optimizer") if o.startswith("gd")] and len(glob.values) >= 2
+    assert expand(["optimizer=glob(*,exclude=[gd*,goldstone*])"])[0].values == [
+        o for o in group_options("optimizer") if not o.startswith(("gd", "goldstone"))]
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("seed=0,", "cannot parse override 'seed=0,'"),
+    ("seed=interval(0,1)", "interval()"),
+    ("optimizer.lr=glob(a*)", "not a config group"),
+    ("optimizer=glob(zzz*)", "matches no option"),
+])
+def test_expand_errors_are_one_line(bad, words):
+    with pytest.raises(ConfigError) as exc:
+        expand([bad])
+    assert words in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_plan_is_the_cartesian_product_with_safe_unique_names():
+    cfg = SweepConfig(name="t", overrides=["optimizer=adam,gd", "seed=0,1"], fixed=["trainer.steps=5"])
+    plan = make_plan(cfg, ["optimizer.lr=0.1,0.01", "seed=7"])  # seed=7 replaces the sweep's seeds
+    assert len(plan.runs) == 4
+    assert plan.varying == ["optimizer", "optimizer.lr"]
+    names = [r.name for r in plan.runs]
+    assert len(set(names)) == 4 and all(all(c.isalnum() or c in "._-" for c in n) for n in names)
+    assert names[0] == "optimizer-adam__optimizer.lr-0.1"
+    r = plan.runs[0]
+    assert r.overrides == ["trainer.steps=5", "optimizer=adam", "seed=7", "optimizer.lr=0.1"]
+    assert r.settings == {"optimizer": "adam", "optimizer.lr": "0.1"} and r.method == "optimizer=adam,optimizer.lr=0.1"
+
+
+def test_methods_are_a_grid_axis_and_the_command_line_replaces_them():
+    cfg = SweepConfig(name="m", methods={"gd": ["optimizer=gd_paper"], "gs": ["optimizer=goldstone", "optimizer.k1=5"]},
+                      overrides=["seed=0,1,2"])
+    plan = make_plan(cfg)
+    assert [r.name for r in plan.runs][:4] == ["gd__seed-0", "gd__seed-1", "gd__seed-2", "gs__seed-0"]
+    assert plan.runs[3].overrides == ["optimizer=goldstone", "optimizer.k1=5", "seed=0"]
+    assert {r.method for r in plan.runs} == {"gd", "gs"} and plan.varying == ["method", "seed"]
+    plan2 = make_plan(cfg, ["optimizer=adam,adagrad"])  # the command line now defines what is compared
+    assert {r.method for r in plan2.runs} == {"adam", "adagrad"} and len(plan2.runs) == 6
+    with pytest.raises(ConfigError, match="both by sweep.methods"):
+        make_plan(SweepConfig(methods={"a": ["optimizer=adam"]}, overrides=["optimizer=gd,adam"]))
+    with pytest.raises(ConfigError, match="appears twice"):
+        make_plan(SweepConfig(overrides=["seed=0,1"], fixed=["seed=3"]))
+
+
+def test_split_args_routes_sweep_launcher_and_grid():
+    a = split_args(["sweep=fig2", "sweep.jobs=3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1"])
+    assert (a.sweep, a.sweep_overrides, a.launcher, a.launcher_params, a.grid) == (
+        "fig2", ["sweep.jobs=3"], "joblib", ["hydra.launcher.n_jobs=2"], ["seed=0,1"])
+    for bad in ["run_dir=x", "hydra.run.dir=x", "seed"]:
+        with pytest.raises(ConfigError):
+            split_args([bad])
+
+
+def test_named_sweeps_load_and_their_runs_validate():
+    names = group_options("sweep")
+    assert {"default", "fig2", "fig3", "dwe"} <= set(names)
+    for name in names:
+        cfg = load_sweep(name)
+        plan = make_plan(cfg)
+        assert cfg.name == name and plan.runs
+        model = next((o.split("=", 1)[1] for o in cfg.fixed if o.startswith("model=")), "dense_mf")
+        if model in group_options("model"):  # fig3/dwe need their model options (other issues)
+            validate_plan(plan, progress=False)
+    default = make_plan(load_sweep("default"))
+    assert len(default.runs) == 6 and {r.settings["optimizer"] for r in default.runs} == {"gd_paper", "goldstone"}
+    assert load_sweep("default", ["sweep.jobs=3"]).jobs == 3
+    with pytest.raises(ConfigError, match="sweep.bogus"):
+        load_sweep("default", ["sweep.bogus=1"])
+    with pytest.raises(ConfigError, match="unknown sweep 'nope'"):
+        load_sweep("nope")
+
+
+def test_invalid_override_fails_before_anything_is_created(in_tmp):
+    for args, words in [(["optimizer=adam,sgdd"], "unknown optimizer 'sgdd'"),
+                        (["trainer.steps=10,-1"], "trainer.steps must be >= 0"),
+                        (["optimizer=adam", "optimizer.k1=5,10"], "optimizer.k1"),
+                        (["seed=0,"], "cannot parse"),
+                        (["sweep=nope"], "unknown sweep 'nope'")]:
+        res = runner.invoke(app, ["sweep", *args])
+        assert res.exit_code == 2, (args, res.output)
+        assert words in res.output, res.output
+        err = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert len(err) == 1
+    assert not (in_tmp / "outputs").exists()
+
+
+def test_train_rejects_sweep_settings(in_tmp):
+    for arg in ["sweep=fig2", "+sweep=fig2", "sweep.jobs=2"]:
+        res = runner.invoke(app, ["train", arg])
+        assert res.exit_code == 2 and "goldstone sweep" in res.output, res.output
+    assert not (in_tmp / "outputs").exists()
+
+
+def test_dry_run_plans_without_running(in_tmp):
+    res = runner.invoke(app, ["sweep", "--dry-run", "optimizer=adam,gd_paper", "seed=0,1", *TINY])
+    assert res.exit_code == 0, res.output
+    assert "4 runs" in res.output and "optimizer-adam__seed-1" in res.output
+    assert not (in_tmp / "outputs").exists()
+
+
+def test_launcher_configs_compose_and_validate(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from goldstone_cli.config import conf_dir
+    from goldstone_cli.sweep import check_launcher, launcher_config, launcher_params
+
+    params = launcher_params("submitit_slurm", {"partition": "gpu", "timeout_min": 600, "gpus_per_node": 1,
+                                                "cpus_per_task": 8, "additional_parameters": {"mail-type": "END"}}, 4)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            _, cfg = launcher_config("submitit_slurm", params, tmp_path)
+    finally:
+        GlobalHydra.instance().clear()
+    lc = cfg.hydra.launcher
+    assert lc._target_.endswith("SlurmLauncher")
+    assert (lc.partition, lc.timeout_min, lc.gpus_per_node, lc.cpus_per_task, lc.array_parallelism) == ("gpu", 600, 1, 8, 4)
+    assert lc.additional_parameters["mail-type"] == "END"
+    assert str(tmp_path / ".launcher") in str(cfg.hydra.sweep.dir)
+    check_launcher("joblib", launcher_params("joblib", {}, 2), tmp_path)
+    with pytest.raises(ConfigError, match="partitionn"):
+        check_launcher("submitit_slurm", {"partitionn": "gpu"}, tmp_path)
+    with pytest.raises(ConfigError, match="timeout_min"):
+        check_launcher("submitit_slurm", {"timeout_min": "soon"}, tmp_path)
+    with pytest.raises(ConfigError, match="--jobs"):
+        check_launcher("local", {"n_jobs": 2}, tmp_path)
+
+
+def test_cli_launcher_settings_are_validated_before_anything(in_tmp):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    res = runner.invoke(app, ["sweep", "--dry-run", "seed=0,1", "hydra/launcher=submitit_slurm",
+                              "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=120"])
+    assert res.exit_code == 0, res.output
+    assert "launcher submitit_slurm" in res.output
+    res = runner.invoke(app, ["sweep", "seed=0,1", "hydra/launcher=submitit_slurm", "hydra.launcher.partitio=gpu"])
+    assert res.exit_code == 2 and "partitio" in res.output
+    res = runner.invoke(app, ["sweep", "seed=0,1", "hydra/launcher=pbs"])
+    assert res.exit_code == 2 and "unknown hydra/launcher 'pbs'" in res.output
+    assert not (in_tmp / "outputs").exists()
+
+
+def test_another_plan_is_refused_in_an_existing_sweep_folder(in_tmp):
+    plan, _, _, _ = prepare(["optimizer=adam", "seed=0,1", *TINY])
+    d = in_tmp / "sw"
+    d.mkdir()
+    (d / "sweep.json").write_text(json.dumps(plan.manifest()))
+    same, _, exists, _ = prepare([], d)
+    assert exists and [r.overrides for r in same.runs] == [r.overrides for r in plan.runs]
+    res = runner.invoke(app, ["sweep", "--dir", str(d), "optimizer=adam", "seed=0,1,2", *TINY])
+    assert res.exit_code == 2 and "different sweep plan" in res.output and f"--dir {d}" in res.output
+    assert sorted(p.name for p in d.iterdir()) == ["sweep.json"]
+    (in_tmp / "other").mkdir()
+    (in_tmp / "other" / "x.txt").write_text("x")
+    res = runner.invoke(app, ["sweep", "--dir", str(in_tmp / "other"), "seed=0"])
+    assert res.exit_code == 2 and "not a sweep folder" in res.output
+    assert plan_from_manifest(json.loads((d / "sweep.json").read_text())).runs[0].name == plan.runs[0].name
+
+
+# ----------------------------------------------------------------------------- real sweeps
+def _check_report_agrees(sweep_dir: Path, n_runs: int, target: float):
+    summary = pd.read_csv(sweep_dir / "summary.csv")
+    assert len(summary) == n_runs
+    for _, row in summary.iterrows():
+        run = sweep_dir / row["run"]
+        metrics = pd.read_csv(run / "metrics.csv")
+        s = json.loads((run / "summary.json").read_text())
+        assert row["status"] == s["status"]
+        assert row["steps"] == s["steps"] == metrics["step"].iloc[-1]
+        for col in ("total", "psi", "suboptimality"):
+            assert row[f"final_{col}"] == pytest.approx(metrics[col].dropna().iloc[-1], rel=1e-12)
+            assert row[f"final_{col}"] == pytest.approx(s["final"][col], rel=1e-12)
+        hit = metrics.dropna(subset=["suboptimality"])
+        hit = hit[hit["suboptimality"] <= target]
+        assert row["steps_to_target"] == hit["step"].iloc[0] and row["time_to_target"] == hit["wall_time"].iloc[0]
+    return summary
+
+
+@pytest.mark.slow
+def test_two_methods_two_seeds_end_to_end_and_rerun_skips(in_tmp):
+    # target chosen so that some but not all evaluations reach it: steps/time to target are real numbers
+    args = ["sweep", "optimizer=adam,gd_paper", "seed=0,1", *TINY, "sweep.target.value=7000", "--jobs", "2",
+            "--dir", "sw"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    d = in_tmp / "sw"
+    assert "4 done" in res.output and "report: sw/report.md" in res.output
+    names = ["optimizer-adam__seed-0", "optimizer-adam__seed-1", "optimizer-gd_paper__seed-0", "optimizer-gd_paper__seed-1"]
+    for n in names:
+        for f in ("config.yaml", "metrics.csv", "summary.json", "train.log", "checkpoints/last.pt"):
+            assert (d / n / f).is_file(), (n, f)
+        assert json.loads((d / n / "summary.json").read_text())["status"] == "completed"
+        cfg = yaml.safe_load((d / n / "config.yaml").read_text())
+        assert cfg["optimizer"]["name"] == ("adam" if "adam" in n else "gd") and cfg["seed"] == int(n[-1])
+        assert cfg["trainer"]["steps"] == 60 and cfg["trainer"]["progress"] is False
+    summary = _check_report_agrees(d, 4, 7000.0)
+    assert set(summary["method"]) == {"adam", "gd_paper"} and set(summary["seed"]) == {0, 1}
+    assert summary["steps_to_target"].notna().all() and (summary["steps_to_target"] > 0).all()
+    md = (d / "report.md").read_text()
+    assert "| adam | 2 | 2 completed |" in md and "| gd_paper | 2 | 2 completed |" in md
+    assert "suboptimality <= 7000" in md and "![dense_mf" in md
+    png = d / "plots" / "dense_mf.png"
+    assert png.is_file() and png.stat().st_size > 20_000
+    # the report is a pure function of the run folders
+    before = (d / "summary.csv").read_text()
+    (d / "summary.csv").unlink()
+    res = runner.invoke(app, ["report", str(d)])
+    assert res.exit_code == 0 and str(d / "report.md") in res.output
+    assert (d / "summary.csv").read_text() == before
+    # a plain folder of run folders (no sweep.json): the settings that differ between configs vary
+    plain = in_tmp / "plain"
+    for n in names:
+        shutil.copytree(d / n, plain / n)
+    paths = build_report(plain)
+    flat = pd.read_csv(paths.summary_csv)
+    assert len(flat) == 4 and flat["method"].nunique() == 2 and set(flat["seed"]) == {0, 1}
+    assert (flat.sort_values("run")["final_total"].to_numpy() == summary.sort_values("run")["final_total"].to_numpy()).all()
+    # re-invoking the finished sweep runs nothing
+    stamps = {n: (d / n / "summary.json").stat().st_mtime_ns for n in names}
+    res = runner.invoke(app, ["sweep", "--dir", "sw"])
+    assert res.exit_code == 0 and "4 finished (skipped)" in res.output and "4 skipped" in res.output
+    assert stamps == {n: (d / n / "summary.json").stat().st_mtime_ns for n in names}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the failing run asks for CUDA, which exists here")
+def test_a_failing_run_is_reported_without_stopping_the_others(in_tmp):
+    res = runner.invoke(app, ["sweep", "optimizer=adam", "seed=0", "trainer.device=cpu,cuda", *TINY, "--jobs", "2", "--dir", "sw"])
+    assert res.exit_code == 1, res.output
+    d = in_tmp / "sw"
+    ok, bad = d / "trainer.device-cpu", d / "trainer.device-cuda"
+    assert json.loads((ok / "summary.json").read_text())["status"] == "completed"
+    assert "run trainer.device-cuda failed" in res.output and "no CUDA device" in res.output  # its log tail
+    assert "1 done, 1 failed" in res.output
+    assert json.loads((bad / "sweep_status.json").read_text())["outcome"] == "failed"
+    summary = pd.read_csv(d / "summary.csv").set_index("run")
+    assert summary.loc["trainer.device-cuda", "status"] == "failed"
+    assert summary.loc["trainer.device-cpu", "status"] == "completed"
+    assert "Runs that did not finish" in (d / "report.md").read_text()
+    assert run_state(bad) == "fresh" and run_state(ok) == "skip"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_sweep_and_re_invoking_resumes_it(in_tmp):
+    steps = 4000  # long enough to be interrupted mid-run on a busy 2-core machine
+    cmd = [sys.executable, "-m", "goldstone_cli", "sweep", "optimizer=adam", "seed=0,1,2", f"trainer.steps={steps}",
+           "trainer.log_every=50", "trainer.eval_every=100", "trainer.checkpoint_every=1000", "--jobs", "2",
+           "--dir", "sw"]
+    proc = subprocess.Popen(cmd, cwd=in_tmp, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    d = in_tmp / "sw"
+    first = [d / "seed-0" / "metrics.csv", d / "seed-1" / "metrics.csv"]
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if all(p.exists() and len(p.read_text().splitlines()) > 3 for p in first):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 130, out
+    assert "resume with: goldstone sweep --dir sw" in out
+    for n in ("seed-0", "seed-1"):
+        s = json.loads((d / n / "summary.json").read_text())
+        assert s["status"] == "interrupted" and 0 < s["steps"] < steps
+        assert (d / n / "checkpoints" / "last.pt").is_file() and run_state(d / n) == "resume"
+    assert not (d / "seed-2").exists()  # never launched
+    assert "not started" in out
+
+    res = runner.invoke(app, ["sweep", "--dir", "sw"])
+    assert res.exit_code == 0, res.output
+    assert "2 to resume, 1 to start" in res.output
+    for n in ("seed-0", "seed-1", "seed-2"):
+        m = pd.read_csv(d / n / "metrics.csv")
+        assert m["step"].is_unique and m["step"].is_monotonic_increasing and m["step"].iloc[-1] == steps
+        assert json.loads((d / n / "summary.json").read_text())["status"] == "completed"
+    assert "Resuming" in (d / "seed-0" / "train.log").read_text()
+    assert len(pd.read_csv(d / "summary.csv")) == 3
+
+
+@pytest.mark.slow
+def test_hydra_joblib_launcher_runs_the_plan(in_tmp):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    res = runner.invoke(app, ["sweep", "optimizer=adam", "seed=0,1", *TINY, "sweep.target.value=1e9", "hydra/launcher=joblib", "--jobs", "2",
+                              "--dir", "sw"])
+    assert res.exit_code == 0, res.output
+    d = in_tmp / "sw"
+    _check_report_agrees(d, 2, 1e9)
+    assert json.loads((d / "sweep.json").read_text())["launcher"]["name"] == "joblib"
+    assert "run_dir=" in (d / "seed-0" / "train.log").read_text()
+
+
+def test_reach_finds_the_first_evaluation_at_the_target():
+    df = pd.DataFrame({"step": [0, 5, 10, 15, 20], "wall_time": [0.0, 0.1, 0.2, 0.3, 0.4],
+                       "m": [5.0, None, 2.0, None, 0.5]})
+    assert reach(df, "m", 2.0) == (10.0, 0.2)
+    assert all(math.isnan(x) for x in reach(df, "m", 0.1))  # never reached
+    assert reach(df, "m", 4.0, mode="max") == (0.0, 0.0)
+    assert all(math.isnan(x) for x in reach(df, "missing", 1.0))
