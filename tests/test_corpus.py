@@ -44,7 +44,7 @@ def test_sotu_end_to_end(sotu_out):
     assert d.manifest["bin_edges"] == list(range(1790, 2031, 10))
     np.testing.assert_allclose(np.diff(d.times), 10.0)
     assert len(d.manifest["inputs"]) == 249 and d.manifest["settings"]["bin_years"] == 10
-    assert d.V == corpus.DEFAULT_VOCAB and not any(w.isdigit() for w in d.vocab)
+    assert d.V == corpus.DEFAULT_VOCAB and not any(w.isdecimal() for w in d.vocab)
     for m in d.matrices:
         assert m.shape == (d.V, d.V) and (m != m.T).nnz == 0 and m.data.min() > 0
 
@@ -56,7 +56,7 @@ def test_sotu_end_to_end(sotu_out):
     per_bin = defaultdict(Counter)
     for (y, toks), b in zip(docs, bins):
         tokens[b] += len(toks)
-        per_bin[b].update(t for t in toks if not t.isdigit())
+        per_bin[b].update(t for t in toks if not t.isdecimal())
         ids = np.array([index.get(t, -1) for t in toks])
         for dist in (1, 2, 3, 4):  # weight 5 - dist, both orders of the pair
             weight[b] += 2 * (5 - dist) * int(np.sum((ids[:-dist] >= 0) & (ids[dist:] >= 0)))

@@ -389,6 +389,27 @@ def test_interrupted_in_a_worker_then_resumed(tmp_path, monkeypatch):
     assert not (tmp_path / ".out.work").exists()
 
 
+def test_changed_input_is_not_trusted_after_an_interruption(tmp_path, monkeypatch):
+    one, f1, f2_rows = _interrupt_inputs(tmp_path)
+    f2 = write_v2(tmp_path / "f2.tsv", f2_rows)
+    kw = dict(years=(1900, 1910), vocab_size=5, workers=1, progress=False)
+    real_count = ngrams._count_fivegrams
+
+    def failing(job, report):
+        if job.path == str(f2):
+            raise RuntimeError("boom")
+        return real_count(job, report)
+
+    monkeypatch.setattr(ngrams, "_count_fivegrams", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        prepare_ngrams([one], [f1, f2], tmp_path / "out", **kw)
+    monkeypatch.setattr(ngrams, "_count_fivegrams", real_count)
+    write_v2(f1, random_rows(12, 300))  # f1 changes after its part was saved
+    r = prepare_ngrams([one], [f1, f2], tmp_path / "out", **kw)
+    assert r.processed_parts == 2  # both 5-gram files counted again; the 1-gram parts reused
+    same_output(load_cooc(r.out), load_cooc(prepare_ngrams([one], [f1, f2], tmp_path / "base", **kw).out))
+
+
 def test_killed_process_then_resumed(tmp_path):
     """A real kill (SIGKILL) while the run waits on its second 5-gram file, a named pipe."""
     if not hasattr(os, "mkfifo"):

@@ -12,7 +12,7 @@ Tokens: the lowercased text is split into maximal runs of letters and digits, wi
 inside a word (``nation's``, ``don't``; a typographic apostrophe is stored as ``'``). Punctuation
 separates tokens and is not a token. Every token occupies a position in its document's token sequence
 (windows never cross documents), but tokens made only of digits (``1790``, ``000``) never enter the
-vocabulary.
+vocabulary (decimal digits of any script).
 
 Counting: the window-4 rule of ``cooc`` (weights 4, 3, 2, 1 for distances 1..4 between two vocabulary
 tokens of the same document; both (i, j) and (j, i)), one matrix per time bin.
@@ -220,7 +220,7 @@ def prepare_corpus(source: str | os.PathLike, out: str | os.PathLike, *, bin_yea
             tables.append(pa.table({"bin": cnt.row.astype(np.int64), "word": pc.take(enc.dictionary, pa.array(cnt.col)),
                                     "n": cnt.data}))
     tab = pa.concat_tables(tables).group_by(["bin", "word"]).aggregate([("n", "sum")])
-    words_only = pc.invert(pc.match_substring_regex(tab["word"], r"^[0-9]+$"))
+    words_only = pc.invert(pc.match_substring_regex(tab["word"], r"^\p{Nd}+$"))  # digit-only tokens
     tab = tab.filter(words_only)
     enc = pc.dictionary_encode(tab["word"]).combine_chunks()
     types = enc.dictionary

@@ -34,8 +34,9 @@ p < q whose tokens i, j are in the vocabulary adds ``(5 - (q - p)) * n`` to ``M_
 ``times.tsv`` is the year's 1-gram total (``totalcounts`` when given, else summed from the 1-grams).
 
 Streaming and memory: every file is read in blocks (``block_mb`` of uncompressed text, cut at a line
-end), parsed with pyarrow's CSV reader, dictionary-encoded (each distinct ngram is split and looked up
-once per block) and reduced per block with one sparse product ``(years x ngrams) @ (ngrams x pairs)``.
+end), parsed with pyarrow's CSV reader and dictionary-encoded (each distinct ngram is split and looked
+up once per block); every ~500,000 (ngram, year) rows are reduced with one sparse product
+``(years x ngrams) @ (ngrams x pairs)``.
 Per file the counts live in a (years, V*V) sparse matrix of upper-triangle pair keys ``i * V + j``
 (i <= j), merged block by block in a log-structured way; memory is bounded by the block, the vocabulary
 and the output, never by the size of the input.
@@ -49,7 +50,8 @@ written atomically (see ``cooc``) and the work folder is removed after success.
 Malformed lines (wrong number of fields, non-integer year or counts, a 5-gram without exactly 5
 non-empty tokens, invalid UTF-8) are skipped, counted and reported with an example (file and line).
 If more than ``max_malformed`` (default 1%) of the lines of any file, or of all files, are malformed, the
-run fails: the input is probably not a Google Books Ngram file.
+run fails: the input is probably not a Google Books Ngram file (a file that is mostly malformed after
+10,000 lines fails at once, without reading the rest).
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 RAW_CHUNK = 1 << 20          # bytes read from disk at a time
 MAX_LINE = 1 << 26           # a "line" longer than this means the file is not an ngram file
 EXAMPLES_PER_FILE = 3
+FLUSH_ENTRIES = 500_000      # 5-gram (ngram, year) rows gathered over blocks before one sparse product
 N_FIVE = 5
 PAIRS = [(p, q) for p in range(N_FIVE) for q in range(p + 1, N_FIVE)]
 PAIR_P = np.array([p for p, _ in PAIRS])                 # (10,)
@@ -199,8 +202,10 @@ def iter_blocks(path: str | os.PathLike, block_bytes: int, on_raw: Callable[[byt
                     raise MalformedInputError(f"{path}: a line longer than {MAX_LINE >> 20} MiB; this is not a "
                                               f"Google Books Ngram text file")
                 return
-            yield bytes(buf[:k + 1])
+            with memoryview(buf) as mv:
+                block = bytes(mv[:k + 1])  # one copy
             del buf[:k + 1]
+            yield block
 
     with open(path, "rb") as f:
         chunk = f.read(RAW_CHUNK)
@@ -674,6 +679,31 @@ def _count_fivegrams(job: _Job, report: Callable[[int], None] | None) -> tuple[s
     lsm = _LSM()
     out_of_range = 0
     entries = 0
+    pending: dict[str, list[np.ndarray]] = {"pk": [], "w": [], "pu": [], "m": [], "yu": [], "y": []}
+    n_pending = 0
+    n_ngrams = 0  # distinct ngrams of the pending blocks (their row numbers are offset block by block)
+
+    def flush() -> None:
+        nonlocal n_pending, n_ngrams
+        if n_pending == 0:
+            return
+        c = {k: np.concatenate(v) for k, v in pending.items()}
+        for v in pending.values():
+            v.clear()
+        G, loc = np.unique(c["pk"], return_inverse=True)  # distinct pairs (sorted)
+        # R = Y @ P: (T, npairs) summed pair weights, with Y (T, U) the match counts per year and distinct
+        # ngram and P (U, npairs) the window weights of the pairs in each ngram. Computed as (P^T @ Y^T)^T:
+        # the product has only T columns (a small accumulator), and CSR -> CSC yields R with sorted indices.
+        PT = sp.csr_matrix((c["w"], (loc, c["pu"])), shape=(len(G), n_ngrams))
+        YT = sp.csr_matrix((c["m"], (c["yu"], c["y"])), shape=(n_ngrams, T))
+        R = (PT @ YT).tocsc()  # (npairs, T) in CSC = (T, npairs) in CSR, sorted
+        R.eliminate_zeros()
+        Rg = sp.csr_matrix((R.data.astype(np.int64), G[R.indices].astype(idx_dtype), R.indptr.astype(idx_dtype)),
+                           shape=(T, VV))  # G is sorted, so the indices stay sorted
+        Rg.has_canonical_format = True
+        lsm.push(Rg)
+        n_pending = n_ngrams = 0
+
     for rows, toks, ok, _ in _stream_rows(job, feed, issues, N_FIVE):  # markers: out-of-vocabulary positions
         U = len(ok)
         inr = (rows.year >= y0) & (rows.year <= y1)
@@ -692,20 +722,19 @@ def _count_fivegrams(job: _Job, report: Callable[[int], None] | None) -> tuple[s
         ur, uc = np.nonzero((a >= 0) & (b >= 0))
         if len(ur) == 0:
             continue
-        pk = np.minimum(a[ur, uc], b[ur, uc]) * V + np.maximum(a[ur, uc], b[ur, uc])  # pair keys i * V + j, i <= j
-        G, loc = np.unique(pk, return_inverse=True)  # distinct pairs of this block (sorted)
-        # R = Y @ P: (T, npairs) summed pair weights, with Y (T, U) the match counts per year and distinct
-        # ngram and P (U, npairs) the window weights. Computed as (P^T @ Y^T)^T: the product has only T
-        # columns (a small accumulator), and the CSR -> CSC conversion yields R with sorted indices.
-        PT = sp.csr_matrix((PAIR_W[uc], (loc, ur)), shape=(len(G), U))
-        YT = sp.csr_matrix((rows.match[e], (rows.ngram[e], rows.year[e] - y0)), shape=(U, T))
-        R = (PT @ YT).tocsc()  # (npairs, T) in CSC = (T, npairs) in CSR, sorted
-        R.eliminate_zeros()
-        Rg = sp.csr_matrix((R.data.astype(np.int64), G[R.indices].astype(idx_dtype), R.indptr.astype(idx_dtype)),
-                           shape=(T, VV))  # G is sorted, so the indices stay sorted
-        Rg.has_canonical_format = True
+        lo, hi = a[ur, uc], b[ur, uc]
+        pending["pk"].append(np.minimum(lo, hi) * V + np.maximum(lo, hi))  # pair keys i * V + j, i <= j
+        pending["w"].append(PAIR_W[uc])
+        pending["pu"].append(ur + n_ngrams)
+        pending["m"].append(rows.match[e])
+        pending["yu"].append(rows.ngram[e] + n_ngrams)
+        pending["y"].append(rows.year[e] - y0)
+        n_ngrams += U
+        n_pending += len(e)
         entries += len(e)
-        lsm.push(Rg)
+        if n_pending >= FLUSH_ENTRIES:
+            flush()
+    flush()
     _check_malformed(issues, job.max_malformed, final=True)
     S = lsm.result((T, VV), idx_dtype)
     meta = {"key": job.key, "version": PART_VERSION, "path": job.path, "size": feed.size,
