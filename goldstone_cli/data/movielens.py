@@ -41,7 +41,6 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 
