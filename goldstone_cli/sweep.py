@@ -788,7 +788,8 @@ def prepare(args: list[str], sweep_dir: Optional[Path] = None) -> tuple[Plan, Pa
             existing = plan_from_manifest(read_manifest(sweep_dir))
         elif any(Path(sweep_dir).iterdir()):
             raise ConfigError(f"--dir {sweep_dir} exists but is not a sweep folder (no {MANIFEST}); pick an empty or new folder")
-    if existing is not None and a.sweep is None and not a.grid:
+    reuse = existing is not None and a.sweep is None and not a.grid
+    if reuse:
         plan = existing
         if a.sweep_overrides:  # report/target/launcher settings may change; the runs may not
             cfg = OmegaConf.merge(OmegaConf.structured(plan.config),
@@ -816,7 +817,8 @@ def prepare(args: list[str], sweep_dir: Optional[Path] = None) -> tuple[Plan, Pa
         params = dict(plan.config.launcher.params)
         params.update(OmegaConf.to_container(OmegaConf.from_dotlist([p.split(".", 2)[2] for p in a.launcher_params])))
         plan.config.launcher.params = params
-    validate_plan(plan)
+    if not reuse:  # a plan read back from sweep.json was validated when the sweep was created
+        validate_plan(plan)
     if sweep_dir is None:
         stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         sweep_dir = Path("outputs") / "sweeps" / f"{plan.name}_{stamp}"
@@ -858,7 +860,11 @@ def run_sweep(args: list[str] = (), sweep_dir: Optional[Path] = None, jobs: Opti
         return SweepResult(sweep_dir, {r.name: "planned" for r in plan.runs}, None, 0, "dry run: nothing was started")
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(sweep_dir / MANIFEST, plan.manifest())
+    manifest = plan.manifest()
+    if exists:  # keep when the sweep was planned; note when it was continued
+        manifest["created"] = read_manifest(sweep_dir).get("created", manifest["created"])
+        manifest["continued"] = _dt.datetime.now().isoformat(timespec="seconds")
+    atomic_write_json(sweep_dir / MANIFEST, manifest)
     n_resume = sum(1 for _, s in todo if s == "resume")
     echo(f"sweep {plan.name}: {len(plan.runs)} runs in {sweep_dir}: {len(skipped)} finished (skipped), "
          f"{n_resume} to resume, {len(todo) - n_resume} to start; "

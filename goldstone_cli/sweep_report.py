@@ -200,7 +200,6 @@ def summary_frame(runs: list[RunInfo], manifest: dict) -> pd.DataFrame:
         wall = row["wall_time"]
         row["gauge_overhead"] = r.summary.get(
             "gauge_overhead", g_time / wall if isinstance(wall, float) and wall > 0 and not math.isnan(g_time) else math.nan)
-        row["run_dir"] = r.name
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -252,7 +251,8 @@ def _markdown(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, r in df.iterrows():
-        lines.append("| " + " | ".join(str(r[c]).replace("|", "\\|") for c in cols) + " |")
+        cells = ["–" if (isinstance(r[c], float) and math.isnan(r[c])) else str(r[c]).replace("|", "\\|") for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
