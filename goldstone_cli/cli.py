@@ -32,6 +32,8 @@ def _groups_help() -> str:
 
     lines = ["Config groups (select with GROUP=OPTION):\n"]
     for g in GROUPS:
+        if g == "sweep":  # named sweeps belong to `goldstone sweep` (see its --help)
+            continue
         opts = group_options(g)
         if opts:
             lines.append(f"  {g}: {', '.join(opts)}\n")
