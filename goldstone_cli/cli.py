@@ -340,6 +340,10 @@ def age_words_cmd(
                                                       "trained without the chain prior), yes or no."),
     include_query: bool = typer.Option(False, "--include-query", help="Allow the query word itself in the answer."),
     show_cos: bool = typer.Option(False, "--cos", help="Also print each answer's cosine."),
+    min_count: float = typer.Option(0.0, "--min-count", help="Only answers with at least this co-occurrence mass "
+                                                             "(row sum of the corpus matrix) in the --to step; a word "
+                                                             "absent there has only its prior-smoothed embedding. "
+                                                             "Needs the run's corpus folder."),
     outputs: Path = typer.Option(Path("outputs"), "--outputs", help="Where to look for the newest run when --run is not given."),
 ) -> None:
     """Word aging (paper Table 2): for each WORD, the words whose embedding at --to has the largest
@@ -352,7 +356,8 @@ def age_words_cmd(
             run = find_latest_run(outputs)
             typer.echo(f"using the newest word-embedding run: {run}")
         runs = [load_run(run, align=how)] + ([load_run(compare, align=how)] if compare is not None else [])
-        results = [age_words(r, words, from_year, to_year, top=top, exclude_query=not include_query) for r in runs]
+        results = [age_words(r, words, from_year, to_year, top=top, exclude_query=not include_query,
+                             min_count=min_count) for r in runs]
     except WordsError as exc:
         _fail(str(exc))
     r0 = runs[0]

@@ -38,6 +38,24 @@ class WordRun:
     inference: str
     optimizer: str
     aligned: bool = False
+    data_path: Optional[Path] = None  # the prepared corpus the run was trained on
+    _step_counts: Optional[np.ndarray] = None
+
+    def step_counts(self) -> np.ndarray:
+        """(T, V) co-occurrence mass of every word in every step (row sums of the corpus matrices),
+        read from the run's prepared corpus (``data.path`` of its config)."""
+        if self._step_counts is None:
+            from goldstone_cli.data.cooc import CoocFormatError, load_cooc
+
+            try:
+                cooc = load_cooc(self.data_path)
+            except (CoocFormatError, FileNotFoundError, TypeError) as exc:
+                raise WordsError(f"--min-count needs the run's corpus at {self.data_path}, which cannot be read "
+                                 f"({exc}); pass --min-count 0") from None
+            if list(cooc.vocab) != self.vocab:
+                raise WordsError(f"the corpus at {self.data_path} has another vocabulary than the run; pass --min-count 0")
+            self._step_counts = np.stack([np.asarray(m.sum(axis=1)).reshape(-1) for m in cooc.matrices])
+        return self._step_counts
 
     @property
     def label(self) -> str:
@@ -121,7 +139,8 @@ def load_run(run_dir: str | Path, align: Optional[bool] = None) -> WordRun:
     run = WordRun(run_dir=run_dir, vocab=list(extra["vocab"]), years=np.asarray(extra["years"]),
                   year_end=np.asarray(extra["year_end"]), labels=list(extra["labels"]),
                   train_mask=np.asarray(extra["train_mask"], dtype=bool), U=U.float(), Vc=Vc.float(),
-                  coupled=bool(extra["coupled"]), inference=str(extra["inference"]), optimizer=opt_name)
+                  coupled=bool(extra["coupled"]), inference=str(extra["inference"]), optimizer=opt_name,
+                  data_path=Path(str(cfg["data"]["path"])) if cfg.get("data", {}).get("path") else None)
     if align or (align is None and not run.coupled):
         run.U, run.Vc = procrustes_align(run.U, run.Vc, run.train_mask)
         run.aligned = True
@@ -157,9 +176,11 @@ def procrustes_align(U: Tensor, Vc: Tensor, train_mask: Optional[np.ndarray] = N
 
 # ----------------------------------------------------------------------------- queries
 def age_words(run: WordRun, words: Sequence[str], source_year: Optional[int] = None, target_year: Optional[int] = None,
-              top: int = 5, exclude_query: bool = True) -> list[tuple[str, list[tuple[str, float]]]]:
+              top: int = 5, exclude_query: bool = True, min_count: float = 0.0) -> list[tuple[str, list[tuple[str, float]]]]:
     """For each query word, the ``top`` words whose embedding at ``target_year`` has the largest
-    cosine with the query's embedding at ``source_year`` (paper Table 2; defaults: last step to first)."""
+    cosine with the query's embedding at ``source_year`` (paper Table 2; defaults: last step to first).
+    ``min_count`` > 0 keeps only answers that occur in the target step with at least this
+    co-occurrence mass (a word absent from a step has only its prior-smoothed embedding there)."""
     if top < 1:
         raise WordsError(f"--top must be at least 1, got {top}")
     idx = [run.index(w) for w in words]  # unknown words fail before any work
@@ -170,7 +191,10 @@ def age_words(run: WordRun, words: Sequence[str], source_year: Optional[int] = N
     cos = query @ target.T  # (W, V)
     if exclude_query:
         cos[torch.arange(len(idx)), torch.as_tensor(idx)] = -float("inf")
-    vals, nbr = cos.topk(min(top, cos.shape[1] - (1 if exclude_query else 0)), dim=1)
+    if min_count > 0:
+        cos[:, ~torch.as_tensor(run.step_counts()[t] >= min_count)] = -float("inf")
+    n_ok = int(torch.isfinite(cos).sum(dim=1).min())  # candidates left for every query
+    vals, nbr = cos.topk(min(top, n_ok), dim=1)
     return [(w, [(run.vocab[j], float(v)) for j, v in zip(nbr[i].tolist(), vals[i].tolist())])
             for i, w in enumerate(words)]
 

@@ -88,6 +88,16 @@ def test_age_words_recovers_planted_drift(planted_runs, coupled):
     assert {_cluster(w) for w, _ in stay} == {2}
 
 
+def test_min_count_keeps_only_words_present_in_the_target_step(planted_runs):
+    run = _as_run(planted_runs[True])
+    counts = np.zeros((len(run.years), len(run.vocab)))
+    counts[0, [5, 9, 13]] = 50.0  # only three cluster-1 words occur in the first step
+    counts[0, 1] = 10.0  # and a cluster-1 word below the threshold
+    run._step_counts = counts
+    (_, ans), = age_words(run, ["w0"], top=5, min_count=20)
+    assert sorted(w for w, _ in ans) == ["w13", "w5", "w9"]
+
+
 def test_coupled_embeddings_are_comparable_across_time(planted_runs):
     cos = first_last_cosines(_as_run(planted_runs[True]))
     assert float(cos[1:].median()) > 0.8  # every word but the drifting w0 keeps its direction
@@ -177,6 +187,8 @@ def test_train_dwe_then_age_words_and_fig4(in_tmp):
                               "--from", "1840", "--to", "1800", "--top", "3", "--cos"])
     assert res.exit_code == 0, res.output
     assert "goldstone-procrustes(adam)" in res.output and "adam (1800)" in res.output
+    res = runner.invoke(app, ["age-words", "w0", "--run", "outputs/dwe/gs", "--min-count", "1"])
+    assert res.exit_code == 0 and "w0" in res.output, res.output  # reads the run's corpus folder
 
     res = runner.invoke(app, ["age-words", "carriage", "--run", "outputs/dwe/gs"])
     assert res.exit_code == 2 and "not in the vocabulary" in res.output
