@@ -377,6 +377,8 @@ def plot_cosines_cmd(
                                                 "and the uncoupled baseline)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: first_last_cosine.png in the first run folder)."),
     align: str = typer.Option("auto", "--align", help="Procrustes-align each run first: auto (only uncoupled runs), yes or no."),
+    min_count: float = typer.Option(0.0, "--min-count", help="Only words with at least this co-occurrence mass in both "
+                                                             "the first and the last step (needs the run's corpus folder)."),
 ) -> None:
     """Fig. 4: histogram of cos(u_i,first, u_i,last) over the vocabulary for each run; prints the
     quantiles and records them in each run's summary.json (key first_last_cosine)."""
@@ -388,12 +390,16 @@ def plot_cosines_cmd(
         loaded = [load_run(r, align=how) for r in runs]
     except WordsError as exc:
         _fail(str(exc))
-    for r in loaded:
-        summ = cosine_summary(first_last_cosines(r))
-        record_cosine_summary(r, summ)
-        typer.echo(f"{r.label} ({r.run_dir}): median {summ['median']:.3f}, q10 {summ['q10']:.3f}, "
-                   f"q90 {summ['q90']:.3f}, negative {100 * summ['frac_negative']:.1f}%")
-    path = plot_first_last(loaded, out or loaded[0].run_dir / "first_last_cosine.png")
+    try:
+        for r in loaded:
+            cos = first_last_cosines(r, min_count)
+            summ = cosine_summary(cos)
+            record_cosine_summary(r, summ, min_count)
+            typer.echo(f"{r.label} ({r.run_dir}): {cos.numel()} words, median {summ['median']:.3f}, "
+                       f"q10 {summ['q10']:.3f}, q90 {summ['q90']:.3f}, negative {100 * summ['frac_negative']:.1f}%")
+        path = plot_first_last(loaded, out or loaded[0].run_dir / "first_last_cosine.png", min_count=min_count)
+    except WordsError as exc:
+        _fail(str(exc))
     typer.echo(f"wrote {path}")
 
 

@@ -199,9 +199,16 @@ def age_words(run: WordRun, words: Sequence[str], source_year: Optional[int] = N
             for i, w in enumerate(words)]
 
 
-def first_last_cosines(run: WordRun) -> Tensor:
-    """cos(u_i,first, u_i,last) for every word (Fig. 4): (V,)."""
-    return torch.nn.functional.cosine_similarity(run.U[0], run.U[-1], dim=-1, eps=1e-12)
+def first_last_cosines(run: WordRun, min_count: float = 0.0) -> Tensor:
+    """cos(u_i,first, u_i,last) for every word (Fig. 4): (V,). ``min_count`` > 0 keeps only the
+    words with at least this co-occurrence mass in both the first and the last step."""
+    cos = torch.nn.functional.cosine_similarity(run.U[0], run.U[-1], dim=-1, eps=1e-12)
+    if min_count > 0:
+        c = run.step_counts()
+        cos = cos[torch.as_tensor((c[0] >= min_count) & (c[-1] >= min_count))]
+        if cos.numel() == 0:
+            raise WordsError(f"no word occurs with co-occurrence mass >= {min_count} in both the first and the last step")
+    return cos
 
 
 def cosine_summary(cos: Tensor) -> dict[str, float]:
@@ -216,17 +223,19 @@ def cosine_summary(cos: Tensor) -> dict[str, float]:
     return out
 
 
-def record_cosine_summary(run: WordRun, summary: dict[str, float]) -> None:
-    """Add the quantiles to the run's ``summary.json`` under ``first_last_cosine`` (atomic)."""
+def record_cosine_summary(run: WordRun, summary: dict[str, float], min_count: float = 0.0) -> None:
+    """Add the quantiles to the run's ``summary.json`` under ``first_last_cosine`` (atomic), keyed
+    ``raw`` / ``aligned`` (+ ``_min<count>`` when restricted to frequent words)."""
+    key = ("aligned" if run.aligned else "raw") + (f"_min{min_count:g}" if min_count > 0 else "")
     from goldstone_cli.io import atomic_write_json
 
     path = run.run_dir / "summary.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
-    data.setdefault("first_last_cosine", {})["aligned" if run.aligned else "raw"] = summary
+    data.setdefault("first_last_cosine", {})[key] = summary
     atomic_write_json(path, data)
 
 
-def plot_first_last(runs: Sequence[WordRun], out_png: str | Path, bins: int = 60) -> Path:
+def plot_first_last(runs: Sequence[WordRun], out_png: str | Path, bins: int = 60, min_count: float = 0.0) -> Path:
     """Fig. 4: histograms of cos(u_i,first, u_i,last) over the vocabulary, one per run."""
     from goldstone_cli.io import atomic_path
     from goldstone_cli.report import _plt
@@ -236,12 +245,13 @@ def plot_first_last(runs: Sequence[WordRun], out_png: str | Path, bins: int = 60
     colors = ["tab:green", "tab:purple", "tab:orange", "tab:blue"]
     edges = np.linspace(-1, 1, bins + 1)
     for k, run in enumerate(runs):
-        cos = first_last_cosines(run).numpy()
+        cos = first_last_cosines(run, min_count).numpy()
         med = float(np.median(cos))
         ax.hist(cos, bins=edges, alpha=0.55, color=colors[k % len(colors)],
                 label=f"{run.label} (median {med:.2f})")
     first, last = runs[0].labels[0], runs[0].labels[-1]
-    ax.set_xlabel(f"cos(u_i,first, u_i,last): first step {first}, last step {last}")
+    which = f", words with mass >= {min_count:g} in both" if min_count > 0 else ""
+    ax.set_xlabel(f"cos(u_i,first, u_i,last): first step {first}, last step {last}{which}")
     ax.set_ylabel("number of words")
     ax.set_xlim(-1, 1)
     ax.grid(True, alpha=0.3)

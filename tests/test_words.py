@@ -201,6 +201,9 @@ def test_train_dwe_then_age_words_and_fig4(in_tmp):
     assert (in_tmp / "fig4.png").stat().st_size > 1000
     summary = json.loads((in_tmp / "outputs/dwe/uncoupled/summary.json").read_text())
     assert "median" in summary["first_last_cosine"]["aligned"]
+    res = runner.invoke(app, ["plot", "cosines", "outputs/dwe/gs", "--min-count", "1", "--out", "fig4b.png"])
+    assert res.exit_code == 0 and "24 words" in res.output, res.output
+    assert "raw_min1" in json.loads((in_tmp / "outputs/dwe/gs/summary.json").read_text())["first_last_cosine"]
 
     run = load_run(in_tmp / "outputs/dwe/gs")
     assert run.U.shape == (5, 24, 3) and not run.aligned and run.vocab == wc.vocab
