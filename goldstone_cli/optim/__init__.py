@@ -1,0 +1,6 @@
+"""Optimizers: Goldstone-GD (paper Algorithm 1), its gauge solvers and the coupling psi."""
+
+from .coupling import Coupling
+from .goldstone import GoldstoneGD
+
+__all__ = ["Coupling", "GoldstoneGD"]

@@ -1,0 +1,329 @@
+"""Goldstone Gradient Descent (paper Algorithm 1) as a wrapper around any ``torch.optim`` optimizer."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import gauge as G
+from .coupling import Coupling
+
+# Per-parameter optimizer state that transforms like the parameter itself under Z_t <- Z_t R_t^T.
+ROTATED_STATE_KEYS = ("momentum_buffer", "exp_avg")
+
+
+class GoldstoneGD(torch.optim.Optimizer):
+    """Goldstone-GD: a base optimizer plus, after every ``k1`` base steps, one *gauge step* that
+    rotates each symmetric group per time step (``Z_t <- Z_t @ R_t.T``) to lower the coupling psi.
+
+    Args:
+        base: the optimizer that takes the ordinary steps (SGD, Adam, ...). ``GoldstoneGD`` shares
+            its ``param_groups``, ``state`` and ``defaults``, so LR schedulers built on the wrapper
+            change the base's learning rates.
+        groups: symmetric groups, each a list of parameters of shape (T, N_k, d) that rotate together
+            (e.g. ``[[U, V]]``); every tensor must be a parameter of ``base``.
+        coupling: the graph over the T time steps that defines psi (the same one the loss uses).
+        k1: base steps between gauge steps (Algorithm 1, line 4).
+        solver: ``"natural"`` (paper Sec. 4.1: gauge fields, Eq. 14, natural gradient Eq. 16) or
+            ``"procrustes"`` (exact minimization of psi over rotations; see ``gauge.py``).
+        k2: natural-gradient steps per gauge step (Algorithm 1, line 7; ``natural`` only).
+        lr_scale: factor on the automatic gauge learning rate rho' of Eq. 17 (``natural`` only).
+        keep_gauge_fields: ``natural`` only. True (paper): the gauge fields G~ are *not* reset after
+            they have been applied; the next gauge step starts its k2 steps from them and applies
+            the full resulting Gamma again. Whatever part of the previous rotation the k2 steps do not
+            undo is applied once more, which acts like momentum in the symmetry subspace. False:
+            G~ starts from zero at every gauge step (only the new rotation is applied).
+        rotation: how ``natural`` applies Gamma = G~ - G~^T: ``"linear"`` Z_t (I + Gamma_t)^T
+            (paper, Algorithm 1 line 9; first order, changes the local loss slightly), ``"expm"``
+            (exact rotation, Eq. 12) or ``"cayley"`` (exact rotation, cheaper). ``procrustes``
+            always applies exact orthogonal matrices.
+        allow_reflections: ``procrustes`` only: optimize over O(d) (default; the local losses are
+            invariant under reflections too, and only O(d) removes reflection domain walls) or over
+            SO(d).
+        max_sweeps, tol: ``procrustes`` on graphs with cycles: block-coordinate sweeps until psi
+            drops by at most ``tol`` (relative) in a sweep, at most ``max_sweeps`` sweeps.
+
+    Optimizer state: the base state that transforms like the parameters is rotated with them by the
+    same matrices: SGD's ``momentum_buffer`` and the first moment ``exp_avg`` of Adam / AdamW / NAdam
+    / RAdam / Adamax. Per-coordinate statistics (Adam's ``exp_avg_sq`` and ``max_exp_avg_sq``,
+    AdaGrad's ``sum``, Adamax's ``exp_inf``, ...) are left as they are: they are not rotation
+    equivariant, there is no exact way to transform a diagonal preconditioner, and they adapt
+    within a few steps. After ``gauge_step`` the attributes ``last_gauge`` (diagnostics of the last
+    gauge step), ``num_gauge_steps`` and ``gauge_seconds`` (cumulative wall time) are updated.
+    """
+
+    def __init__(
+        self,
+        base: torch.optim.Optimizer,
+        groups: Sequence[Sequence[Tensor]],
+        coupling: Coupling,
+        k1: int = 50,
+        solver: str = "natural",
+        k2: int = 10,
+        lr_scale: float = 1.0,
+        keep_gauge_fields: bool = True,
+        rotation: str = "linear",
+        allow_reflections: bool = True,
+        max_sweeps: int = 100,
+        tol: float = 1e-10,
+    ):
+        if not isinstance(base, torch.optim.Optimizer):
+            raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
+        if isinstance(base, GoldstoneGD):
+            raise ValueError("base is already a GoldstoneGD; wrap the underlying optimizer once")
+        if not isinstance(coupling, Coupling):
+            raise TypeError(f"coupling must be a goldstone_cli.optim.Coupling, got {type(coupling).__name__}")
+        _check_int("k1", k1, 1)
+        _check_int("k2", k2, 1 if solver == "natural" else 0)
+        _check_int("max_sweeps", max_sweeps, 0)
+        if solver not in G.SOLVERS:
+            raise ValueError(f"unknown gauge solver {solver!r}; valid solvers: {', '.join(G.SOLVERS)}")
+        if rotation not in G.ROTATIONS:
+            raise ValueError(f"unknown rotation {rotation!r}; valid rotations: {', '.join(G.ROTATIONS)}")
+        if not (isinstance(lr_scale, (int, float)) and math.isfinite(lr_scale) and lr_scale > 0):
+            raise ValueError(f"lr_scale must be a positive finite number, got {lr_scale!r}")
+        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+            raise ValueError(f"tol must be a non-negative finite number, got {tol!r}")
+        self.base = base
+        self.groups = _check_groups(groups, base, coupling)
+        self.coupling = coupling
+        self.k1, self.k2, self.solver = int(k1), int(k2), solver
+        self.lr_scale, self.keep_gauge_fields, self.rotation = float(lr_scale), bool(keep_gauge_fields), rotation
+        self.allow_reflections, self.max_sweeps, self.tol = bool(allow_reflections), int(max_sweeps), float(tol)
+
+        # what torch.optim.Optimizer.__init__ sets up, minus the parameter groups (shared with base)
+        torch._C._log_api_usage_once("python.optimizer")
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self._warned_capturable_if_run_uncaptured = True
+
+        self.gauge_fields: list[Tensor | None] = [None] * len(self.groups)  # (T, d, d) float64 each
+        self.base_steps = 0
+        self.num_gauge_steps = 0
+        self.gauge_seconds = 0.0
+        self.last_gauge: dict | None = None
+        self._cache: dict[Any, Any] = {}  # device -> L^+ or Procrustes plan (built once)
+
+    # ----------------------------------------------------------- shared with the base optimizer
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.base.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        self.base.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.base.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.base.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.base.defaults
+
+    @defaults.setter
+    def defaults(self, value) -> None:
+        self.base.defaults = value
+
+    # ----------------------------------------------------------- optimizer interface
+    def step(self, closure: Callable[[], Any] | None = None):  # type: ignore[override]
+        """One base step; after every k1-th base step, one gauge step. Returns the closure's loss."""
+        loss = self.base.step() if closure is None else self.base.step(closure)
+        self.base_steps += 1
+        if self.base_steps % self.k1 == 0:
+            self.gauge_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {
+            "base": self.base.state_dict(),
+            "goldstone": {
+                "base_steps": self.base_steps,
+                "num_gauge_steps": self.num_gauge_steps,
+                "gauge_seconds": self.gauge_seconds,
+                "gauge_fields": [None if g is None else g.detach().clone() for g in self.gauge_fields],
+                "last_gauge": None if self.last_gauge is None else dict(self.last_gauge),
+                "config": self._config(),
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        if not isinstance(state_dict, dict) or set(state_dict) != {"base", "goldstone"}:
+            raise ValueError(
+                "not a GoldstoneGD state dict (expected the keys 'base' and 'goldstone'); to load a plain "
+                "optimizer's state use goldstone_opt.base.load_state_dict(...)"
+            )
+        gs = state_dict["goldstone"]
+        fields = gs["gauge_fields"]
+        if len(fields) != len(self.groups):
+            raise ValueError(
+                f"the state dict has gauge fields for {len(fields)} symmetric groups, this optimizer has {len(self.groups)}"
+            )
+        loaded: list[Tensor | None] = []
+        for k, (f, tensors) in enumerate(zip(fields, self.groups)):
+            if f is None:
+                loaded.append(None)
+                continue
+            want = (self.coupling.T, tensors[0].shape[-1], tensors[0].shape[-1])
+            if tuple(f.shape) != want:
+                raise ValueError(f"gauge fields of group {k} have shape {tuple(f.shape)}, expected {want}")
+            loaded.append(f.detach().to(device=tensors[0].device, dtype=torch.float64).clone())
+        self.base.load_state_dict(state_dict["base"])
+        self.gauge_fields = loaded
+        self.base_steps = int(gs["base_steps"])
+        self.num_gauge_steps = int(gs["num_gauge_steps"])
+        self.gauge_seconds = float(gs["gauge_seconds"])
+        self.last_gauge = None if gs.get("last_gauge") is None else dict(gs["last_gauge"])
+
+    def __repr__(self) -> str:
+        return (
+            f"GoldstoneGD(base={type(self.base).__name__}, solver={self.solver}, k1={self.k1}, "
+            f"groups={len(self.groups)}, coupling={self.coupling!r})"
+        )
+
+    # ----------------------------------------------------------- the gauge step
+    @torch.no_grad()
+    def gauge_step(self) -> dict:
+        """Rotate every symmetric group by the solver's R_t (in place) and the rotation-equivariant
+        base state with it. Returns (and stores in ``last_gauge``) the diagnostics
+        {"step", "psi_before", "psi_after", "max_angle", "seconds", "groups": [per-group info]}."""
+        t0 = time.perf_counter()
+        psi_before = psi_after = max_angle = 0.0
+        per_group = []
+        for k, tensors in enumerate(self.groups):
+            device = tensors[0].device
+            p_before = float(self.coupling.psi_value(tensors))
+            M = self.coupling.pair_moments(tensors).to(torch.float64)  # (E, d, d), Eq. 15
+            if self.solver == "natural":
+                R, info = self._natural(k, tensors, M)
+            else:
+                plan = self._plan(device)
+                M_self = self.coupling.self_moments(tensors).to(torch.float64)  # (T, d, d)
+                R, info = G.procrustes_solve(
+                    M, M_self, plan, self.allow_reflections, self.max_sweeps, self.tol, psi0=p_before
+                )
+            for Z in tensors:
+                G.rotate_rows_(Z, R)
+                st = self.base.state.get(Z)
+                for key in ROTATED_STATE_KEYS:
+                    buf = None if st is None else st.get(key)
+                    if isinstance(buf, Tensor) and buf.shape == Z.shape:
+                        G.rotate_rows_(buf, R)
+            p_after = float(self.coupling.psi_value(tensors))
+            angle = float(G.rotation_angles(R).max()) if R.numel() else 0.0
+            psi_before, psi_after, max_angle = psi_before + p_before, psi_after + p_after, max(max_angle, angle)
+            per_group.append({"psi_before": p_before, "psi_after": p_after, "max_angle": angle, **info})
+        if any(t.is_cuda for group in self.groups for t in group):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        self.num_gauge_steps += 1
+        self.gauge_seconds += seconds
+        self.last_gauge = {
+            "step": self.base_steps,
+            "psi_before": psi_before,
+            "psi_after": psi_after,
+            "max_angle": max_angle,
+            "seconds": seconds,
+            "groups": per_group,
+        }
+        return self.last_gauge
+
+    def _natural(self, k: int, tensors: list[Tensor], M: Tensor) -> tuple[Tensor, dict]:
+        """Algorithm 1, lines 6-9 for one group: rho' (Eq. 17), k2 steps of Eq. 16, the rotation."""
+        device, T, d = M.device, self.coupling.T, tensors[0].shape[-1]
+        src, dst = self.coupling.edge_index(device)
+        w = self.coupling.edge_weights(torch.float64, device)
+        sq = sum(float(torch.linalg.vector_norm(Z, dtype=torch.float64)) ** 2 for Z in tensors)
+        lr = G.natural_learning_rate(sq, d, self.lr_scale)
+        gauge = self.gauge_fields[k] if self.keep_gauge_fields else None
+        if gauge is None or gauge.device != device:
+            gauge = torch.zeros(T, d, d, dtype=torch.float64, device=device)  # G~ (T, d, d)
+        gauge = G.natural_solve(gauge, M, src, dst, w, self._pinv(device), lr, self.k2)
+        self.gauge_fields[k] = gauge if self.keep_gauge_fields else None
+        R = G.rotation_from_generator(G.skew(gauge), self.rotation)  # (T, d, d), line 9
+        return R, {"lr": lr}
+
+    def _pinv(self, device) -> G.LaplacianPinv:
+        key = ("pinv", str(device))
+        if key not in self._cache:
+            self._cache[key] = G.LaplacianPinv(self.coupling, device=device)
+        return self._cache[key]
+
+    def _plan(self, device) -> G.ProcrustesPlan:
+        if "plan" not in self._cache:
+            self._cache["plan"] = G.procrustes_plan(self.coupling)
+        key = ("plan", str(device))
+        if key not in self._cache:
+            self._cache[key] = self._cache["plan"].to(device)
+        return self._cache[key]
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "k1": self.k1, "k2": self.k2, "solver": self.solver, "lr_scale": self.lr_scale,
+            "keep_gauge_fields": self.keep_gauge_fields, "rotation": self.rotation,
+            "allow_reflections": self.allow_reflections, "max_sweeps": self.max_sweeps, "tol": self.tol,
+        }
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_groups(groups, base: torch.optim.Optimizer, coupling: Coupling) -> list[list[Tensor]]:
+    """Validate the symmetric groups: shapes (T, N_k, d) with T = coupling.T and one d per group,
+    one device and a floating dtype, every tensor a parameter of ``base`` and in one group only."""
+    if isinstance(groups, Tensor) or not isinstance(groups, (list, tuple)) or len(groups) == 0:
+        raise ValueError("groups must be a non-empty list of symmetric groups, e.g. [[U, V]]")
+    base_params = {id(p) for g in base.param_groups for p in g["params"]}
+    seen: set[int] = set()
+    out = []
+    for k, group in enumerate(groups):
+        if isinstance(group, Tensor):
+            raise ValueError(f"group {k} is a tensor; each group must be a list of tensors, e.g. [[U, V]]")
+        group = list(group)
+        if not group:
+            raise ValueError(f"group {k} is empty")
+        for j, Z in enumerate(group):
+            where = f"group {k}, tensor {j}"
+            if not isinstance(Z, Tensor):
+                raise ValueError(f"{where} is a {type(Z).__name__}, not a tensor")
+            if Z.dim() != 3:
+                raise ValueError(f"{where} has shape {tuple(Z.shape)}; expected (T, N, d) with T={coupling.T}")
+            if Z.shape[0] != coupling.T:
+                raise ValueError(
+                    f"{where} has T={Z.shape[0]} time steps but the coupling has T={coupling.T}"
+                )
+            if Z.shape[-1] != group[0].shape[-1]:
+                raise ValueError(
+                    f"{where} has embedding dimension d={Z.shape[-1]} but tensor 0 of the group has "
+                    f"d={group[0].shape[-1]}; tensors that rotate together must share d"
+                )
+            if not Z.is_floating_point():
+                raise ValueError(f"{where} has dtype {Z.dtype}; gauge steps need floating point parameters")
+            if Z.device != group[0].device:
+                raise ValueError(f"{where} is on {Z.device} but tensor 0 of the group is on {group[0].device}")
+            if id(Z) not in base_params:
+                raise ValueError(f"{where} is not a parameter of the base optimizer; pass the same tensors to both")
+            if id(Z) in seen:
+                raise ValueError(f"{where} appears twice in the groups; each tensor belongs to one group")
+            seen.add(id(Z))
+        out.append(group)
+    return out

@@ -1,0 +1,354 @@
+"""Gauge solvers (goldstone_cli/optim/gauge.py): the expansion L'' (Eq. 14), its gradient, the
+natural-gradient steps (Eqs. 16-17), and the exact Procrustes solver against brute force."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+from scipy.spatial.transform import Rotation
+
+from goldstone_cli.optim import Coupling
+from goldstone_cli.optim import gauge as G
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny problems: one thread avoids oversubscription on shared 2-core machines."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rng(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _cycle(T: int, seed: int) -> Coupling:
+    w = np.random.default_rng(seed).uniform(0.3, 2.0, T)
+    idx = np.arange(T)
+    return Coupling(T, idx, (idx + 1) % T, w)
+
+
+def _psi_np(Z: np.ndarray, src, dst, w) -> float:
+    """Independent reference: 1/2 sum_e w ||Z_src - Z_dst||^2 for Z (T, N, d)."""
+    return 0.5 * float(sum(we * np.sum((Z[a] - Z[b]) ** 2) for a, b, we in zip(src, dst, w)))
+
+
+def _rotate(Z: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    return Z @ R.transpose(1, 2)
+
+
+def _solve(c: Coupling, Z: torch.Tensor, reflections: bool, **kw):
+    M, Ms = c.pair_moments(Z), c.self_moments(Z)
+    return G.procrustes_solve(M, Ms, G.procrustes_plan(c), reflections, **kw)
+
+
+# ------------------------------------------------------------------------- natural: Eq. 14
+@pytest.mark.parametrize("graph", ["chain", "cycle"])
+def test_second_order_expansion_has_third_order_error(graph):
+    T, N, d = 5, 7, 3
+    c = Coupling.chain(T, [1.0, 2.0, 0.5, 1.5]) if graph == "chain" else _cycle(T, 1)
+    Z = torch.randn(T, N, d, generator=_rng(0), dtype=DT)
+    M = c.pair_moments(Z)
+    src, dst = c.edge_index()
+    w = c.edge_weights()
+    direction = torch.randn(T, d, d, generator=_rng(1), dtype=DT)
+    errors = []
+    for eps in (1e-1, 1e-2, 1e-3):
+        gauge = eps * direction
+        R = torch.linalg.matrix_exp(G.skew(gauge))
+        exact = c.psi(_rotate(Z, R)) - c.psi(Z)  # Eq. 11 with R = expm(Gamma)
+        approx = G.natural_objective(gauge, M, src, dst, w)
+        errors.append(float((exact - approx).abs()))
+        if eps < 0.05:
+            assert abs(float(exact)) > 100 * errors[-1]  # the expansion captures the change
+    # error ~ eps^3: each factor 10 in eps divides the error by ~1000
+    assert 3e-4 < errors[1] / errors[0] < 3e-3
+    assert 3e-4 < errors[2] / errors[1] < 3e-3
+
+
+def test_natural_gradient_matches_autograd_and_finite_differences():
+    T, N, d = 6, 5, 4
+    c = _cycle(T, 2)
+    Z = torch.randn(T, N, d, generator=_rng(3), dtype=DT)
+    M = c.pair_moments(Z)
+    src, dst = c.edge_index()
+    w = c.edge_weights()
+    gauge = torch.randn(T, d, d, generator=_rng(4), dtype=DT)  # not small: the formula is exact
+    g = gauge.clone().requires_grad_(True)
+    G.natural_objective(g, M, src, dst, w).backward()
+    analytic = G.natural_gradient(gauge, M, src, dst, w)
+    torch.testing.assert_close(analytic, g.grad, rtol=1e-12, atol=1e-10)
+    # central finite differences along a random direction
+    v = torch.randn(T, d, d, generator=_rng(5), dtype=DT)
+    h = 1e-5
+    fd = (G.natural_objective(gauge + h * v, M, src, dst, w) - G.natural_objective(gauge - h * v, M, src, dst, w)) / (2 * h)
+    assert float(fd) == pytest.approx(float((analytic * v).sum()), rel=1e-7)
+
+
+@pytest.mark.parametrize("graph", ["chain", "cycle", "star"])
+def test_laplacian_pinv_matches_dense_pseudo_inverse(graph):
+    T, d = 7, 3
+    if graph == "chain":
+        c = Coupling.chain(T, np.linspace(0.5, 2.0, T - 1))
+    elif graph == "cycle":
+        c = _cycle(T, 6)
+    else:
+        c = Coupling(T, [0] * (T - 1), list(range(1, T)), np.arange(1.0, T))
+    b = torch.randn(T, d, d, generator=_rng(7), dtype=DT)
+    ref = torch.einsum("ts,sij->tij", c.laplacian_pinv(), b)
+    torch.testing.assert_close(G.LaplacianPinv(c)(b), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_natural_learning_rate_is_eq17():
+    Z = [torch.randn(4, 6, 3, generator=_rng(8), dtype=DT), torch.randn(4, 2, 3, generator=_rng(9), dtype=DT)]
+    T, N, d = 4, 8, 3
+    mean_sq = sum(float((z**2).sum()) for z in Z) / (T * N * d)  # <Z^2>
+    sq = sum(float((z**2).sum()) for z in Z)
+    assert G.natural_learning_rate(sq, d) == pytest.approx(1.0 / (T * N * mean_sq))
+    assert G.natural_learning_rate(sq, d, lr_scale=0.25) == pytest.approx(0.25 / (T * N * mean_sq))
+    assert G.natural_learning_rate(0.0, d) == 0.0
+
+
+def _goldstone_mode(T, N, d, twist, noise, seed):
+    """Aligned rows rotated by a smooth twist along t (a Goldstone mode), plus noise: (T, N, d)."""
+    gen = _rng(seed)
+    Z0 = torch.randn(N, d, generator=gen, dtype=DT)
+    A = torch.randn(d, d, generator=gen, dtype=DT)
+    A = (A - A.T) / torch.linalg.matrix_norm(A - A.T, 2) * twist
+    R = torch.linalg.matrix_exp(torch.linspace(0, 1, T, dtype=DT)[:, None, None] * A)
+    return Z0 @ R.transpose(1, 2) + noise * torch.randn(T, N, d, generator=gen, dtype=DT)
+
+
+def test_natural_steps_lower_the_expansion_and_psi():
+    T, N, d = 12, 40, 3
+    c = Coupling.chain(T, 1.0)
+    Z = _goldstone_mode(T, N, d, twist=0.5, noise=0.01, seed=10)
+    M = c.pair_moments(Z)
+    src, dst = c.edge_index()
+    w = c.edge_weights()
+    lr = G.natural_learning_rate(float((Z**2).sum()), d)
+    pinv = G.LaplacianPinv(c)
+    gauge = torch.zeros(T, d, d, dtype=DT)
+    values = [float(G.natural_objective(gauge, M, src, dst, w))]
+    for _ in range(10):  # k2 = 10 steps with rho' of Eq. 17
+        gauge = G.natural_solve(gauge, M, src, dst, w, pinv, lr, 1)
+        values.append(float(G.natural_objective(gauge, M, src, dst, w)))
+    assert all(b < a for a, b in zip(values, values[1:]))  # Eq. 16 descends on L''
+    R = G.rotation_from_generator(G.skew(gauge), "expm")
+    psi0, psi_opt = float(c.psi(Z)), float(c.psi(_rotate(Z, _solve(c, Z, False)[0])))
+    assert float(c.psi(_rotate(Z, R))) - psi_opt < 0.05 * (psi0 - psi_opt)  # near the exact minimum
+    # every step is a rotation about the mean: L^+ removes the global (zero) mode
+    torch.testing.assert_close(gauge.sum(0), torch.zeros(d, d, dtype=DT), atol=1e-10, rtol=0)
+
+
+def test_rotation_from_generator():
+    gamma = G.skew(torch.randn(5, 4, 4, generator=_rng(11), dtype=DT))
+    eye = torch.eye(4, dtype=DT).expand(5, 4, 4)
+    lin = G.rotation_from_generator(gamma, "linear")
+    torch.testing.assert_close(lin, eye + gamma)
+    for mode in ("expm", "cayley"):
+        R = G.rotation_from_generator(gamma, mode)
+        torch.testing.assert_close(R.transpose(1, 2) @ R, eye, atol=1e-12, rtol=0)
+        assert torch.allclose(torch.linalg.det(R), torch.ones(5, dtype=DT))
+    small = 1e-3 * gamma  # Cayley agrees with expm to third order
+    diff = G.rotation_from_generator(small, "cayley") - torch.linalg.matrix_exp(small)
+    assert float(diff.abs().max()) < 1e-8
+    with pytest.raises(ValueError, match="linear, expm, cayley"):
+        G.rotation_from_generator(gamma, "quaternion")
+
+
+# ------------------------------------------------------------------------- procrustes
+def test_polar_factor_is_the_best_orthogonal_matrix():
+    B = torch.randn(6, 3, 3, generator=_rng(12), dtype=DT)
+    eye = torch.eye(3, dtype=DT)
+    for refl in (True, False):
+        Q = G.polar_factor(B, refl)
+        torch.testing.assert_close(Q.transpose(1, 2) @ Q, eye.expand(6, 3, 3), atol=1e-12, rtol=0)
+        if not refl:
+            torch.testing.assert_close(torch.linalg.det(Q), torch.ones(6, dtype=DT))
+        best = (Q * B).sum((1, 2))
+        for s in range(50):  # no random orthogonal matrix of the same group does better
+            P = torch.as_tensor(Rotation.random(6, random_state=s).as_matrix(), dtype=DT)
+            if refl and s % 2:
+                P = P * torch.tensor([1.0, 1.0, -1.0], dtype=DT)
+            assert torch.all((P * B).sum((1, 2)) <= best + 1e-12)
+    # a zero or rank-deficient matrix leaves the unconstrained directions alone
+    torch.testing.assert_close(G.polar_factor(torch.zeros(2, 3, 3, dtype=DT)), eye.expand(2, 3, 3))
+
+
+def _brute_force_min(c: Coupling, Z: torch.Tensor, reflections: bool, starts: int = 6, seed: int = 0) -> float:
+    """min over R_1..R_{T-1} in SO(d) (or O(d)) of psi(RZ), R_0 = I, by multi-start BFGS."""
+    T, _, d = Z.shape
+    Zn = Z.numpy()
+    rng = np.random.default_rng(seed)
+    k = d * (d - 1) // 2
+    flip = np.diag([-1.0] + [1.0] * (d - 1))
+
+    def rot(x):
+        if d == 2:
+            a = x[0]
+            return np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        return Rotation.from_rotvec(x).as_matrix()
+
+    best = np.inf
+    for signs in itertools.product([False, True] if reflections else [False], repeat=T - 1):
+        def f(x):
+            Zr = [Zn[0]] + [Zn[t] @ (rot(x[(t - 1) * k:t * k]) @ (flip if signs[t - 1] else np.eye(d))).T for t in range(1, T)]
+            return _psi_np(np.stack(Zr), c.src, c.dst, c.weight)
+
+        for _ in range(starts):
+            best = min(best, minimize(f, rng.uniform(-np.pi, np.pi, (T - 1) * k), method="BFGS").fun)
+    return best
+
+
+@pytest.mark.parametrize(
+    "T,d,reflections",
+    [(3, 2, False), (3, 2, True), (4, 2, False), (4, 2, True), (3, 3, False), (3, 3, True), (4, 3, False),
+     pytest.param(4, 3, True, marks=pytest.mark.slow)],  # 8 sign patterns x 9 parameters: ~1 min
+)
+def test_procrustes_on_a_chain_reaches_the_brute_force_minimum(T, d, reflections):
+    gen = _rng(100 + 10 * T + d)
+    c = Coupling.chain(T, (0.5 + torch.rand(T - 1, generator=gen, dtype=DT)).tolist())
+    Z = torch.randn(T, 5, d, generator=gen, dtype=DT)
+    R, _ = _solve(c, Z, reflections)
+    got = _psi_np(_rotate(Z, R).numpy(), c.src, c.dst, c.weight)
+    assert got <= _psi_np(Z.numpy(), c.src, c.dst, c.weight)
+    assert got == pytest.approx(_brute_force_min(c, Z, reflections), rel=1e-8, abs=1e-10)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_procrustes_removes_a_reflection_only_with_o_d(d):
+    T, N = 3, 8
+    Z0 = torch.randn(N, d, generator=_rng(20 + d), dtype=DT)
+    flip = torch.ones(d, dtype=DT)
+    flip[-1] = -1.0
+    Z = torch.stack([Z0, Z0 * flip, Z0 * flip])  # a reflection domain wall between t=0 and t=1
+    c = Coupling.chain(T, [1.0, 0.7])
+    R_o, _ = _solve(c, Z, True)
+    assert float(c.psi(_rotate(Z, R_o))) < 1e-20 * float(c.psi(Z)) + 1e-20
+    R_so, _ = _solve(c, Z, False)
+    assert torch.allclose(torch.linalg.det(R_so), torch.ones(T, dtype=DT))
+    psi_so = float(c.psi(_rotate(Z, R_so)))
+    assert psi_so > 1e-3 * float(c.psi(Z))  # SO(d) cannot remove it
+    assert psi_so == pytest.approx(_brute_force_min(c, Z, False), rel=1e-8)
+
+
+@pytest.mark.parametrize("graph", ["triangle", "4-cycle", "square+diagonal"])
+@pytest.mark.parametrize("reflections", [False, True])
+def test_procrustes_sweeps_on_graphs_with_cycles_reach_the_brute_force_minimum(graph, reflections):
+    edges = {"triangle": [(0, 1), (1, 2), (0, 2)], "4-cycle": [(0, 1), (1, 2), (2, 3), (0, 3)],
+             "square+diagonal": [(0, 1), (1, 2), (2, 3), (0, 3), (0, 2)]}[graph]
+    T = max(max(e) for e in edges) + 1
+    rng = np.random.default_rng(len(edges) + 7 * reflections)
+    c = Coupling(T, [a for a, _ in edges], [b for _, b in edges], rng.uniform(0.3, 2.0, len(edges)))
+    assert not c.is_forest()
+    Z = torch.as_tensor(rng.normal(size=(T, 6, 2)), dtype=DT)
+    R, info = _solve(c, Z, reflections, tol=1e-14, max_sweeps=500)
+    assert info["sweeps"] >= 1
+    got = _psi_np(_rotate(Z, R).numpy(), c.src, c.dst, c.weight)
+    assert got <= _psi_np(Z.numpy(), c.src, c.dst, c.weight) + 1e-12
+    assert got == pytest.approx(_brute_force_min(c, Z, reflections, starts=8), rel=1e-6)
+
+
+def test_procrustes_never_raises_psi_on_a_graph_already_at_its_optimum():
+    c = _cycle(6, 3)
+    Z = torch.randn(1, 9, 3, generator=_rng(30), dtype=DT).expand(6, 9, 3).clone()  # psi = 0
+    Z = Z + 1e-9 * torch.randn(6, 9, 3, generator=_rng(31), dtype=DT)
+    R, _ = _solve(c, Z, True)
+    assert float(c.psi(_rotate(Z, R))) <= float(c.psi(Z)) * (1 + 1e-12)
+    assert float(G.rotation_angles(R).max()) < 1e-6
+
+
+def test_tree_composition_reproduces_every_edge_rotation():
+    # a random tree (not a chain): each node attaches to an earlier one
+    T, d = 40, 3
+    rng = np.random.default_rng(40)
+    parents = [int(rng.integers(0, v)) for v in range(1, T)]
+    c = Coupling(T, parents, list(range(1, T)), rng.uniform(0.5, 2.0, T - 1))
+    plan = G.procrustes_plan(c)
+    assert plan.is_forest and plan.jumps <= int(np.ceil(np.log2(T))) + 1
+    Z = torch.randn(T, 6, d, generator=_rng(41), dtype=DT)
+    M = c.pair_moments(Z)
+    Q = G.edge_procrustes(M, True)  # (E, d, d)
+    R = G.tree_rotations(Q, plan)
+    src, dst = c.edge_index()
+    torch.testing.assert_close(R[src].transpose(1, 2) @ R[dst], Q, atol=1e-12, rtol=0)
+    # and the full solve is the exact minimum: no single-node Procrustes update improves it
+    R, _ = G.procrustes_solve(M, c.self_moments(Z), plan, True)
+    Zr = _rotate(Z, R)
+    for t in range(T):  # reference check, not the hot path
+        B = torch.zeros(d, d, dtype=DT)
+        for e in range(c.num_edges):
+            a, b, we = int(src[e]), int(dst[e]), float(c.weight[e])
+            if a == t:
+                B += we * (Zr[b].T @ Zr[a])
+            elif b == t:
+                B += we * (Zr[a].T @ Zr[b])
+        torch.testing.assert_close(G.polar_factor(B[None].transpose(1, 2))[0], torch.eye(d, dtype=DT), atol=1e-8, rtol=0)
+
+
+def test_global_fix_moves_z_least():
+    T, d = 6, 3
+    c = Coupling.chain(T, 1.0)
+    Z = _goldstone_mode(T, 10, d, twist=2.0, noise=0.1, seed=50)
+    R, _ = _solve(c, Z, True)
+    moved = float(((_rotate(Z, R) - Z) ** 2).sum())
+    for s in range(30):  # any other global rotation of the solution moves Z more
+        if s % 2:
+            P = torch.as_tensor(Rotation.random(random_state=s).as_matrix(), dtype=DT)
+        else:
+            P = torch.linalg.matrix_exp(1e-2 * G.skew(torch.randn(d, d, generator=_rng(s), dtype=DT)))
+        assert float(((_rotate(Z, P @ R) - Z) ** 2).sum()) >= moved - 1e-10
+
+
+def test_procrustes_on_a_forest_with_an_isolated_node():
+    # components {0,1,2} (chain), {3,4} and the isolated node 5
+    c = Coupling(6, [0, 1, 3], [1, 2, 4], [1.0, 2.0, 0.5])
+    Z = torch.randn(6, 7, 2, generator=_rng(60), dtype=DT)
+    R, _ = _solve(c, Z, True)
+    Zr = _rotate(Z, R)
+    torch.testing.assert_close(R[5], torch.eye(2, dtype=DT))  # nothing couples it
+    sub1, sub2 = Coupling.chain(3, [1.0, 2.0]), Coupling.chain(2, [0.5])
+    r1, _ = _solve(sub1, Z[:3], True)
+    r2, _ = _solve(sub2, Z[3:5], True)
+    assert float(c.psi(Zr)) == pytest.approx(float(sub1.psi(_rotate(Z[:3], r1)) + sub2.psi(_rotate(Z[3:5], r2))), rel=1e-10)
+
+
+def test_procrustes_rank_deficient_moments():
+    # N = 1 < d: the moments have rank one; the solution is still orthogonal and optimal
+    T, d = 5, 3
+    c = Coupling.chain(T, 1.0)
+    Z = torch.randn(T, 1, d, generator=_rng(70), dtype=DT)
+    R, _ = _solve(c, Z, True)
+    torch.testing.assert_close(R.transpose(1, 2) @ R, torch.eye(d, dtype=DT).expand(T, d, d), atol=1e-12, rtol=0)
+    Zr = _rotate(Z, R)[:, 0]  # (T, d): all rotated vectors point the same way
+    unit = Zr / Zr.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(unit, unit[:1].expand(T, d), atol=1e-10, rtol=0)
+    # so psi reaches its minimum, where only the differences of the norms remain
+    norms = Z[:, 0].norm(dim=1)
+    assert float(c.psi(_rotate(Z, R))) == pytest.approx(0.5 * float(((norms[1:] - norms[:-1]) ** 2).sum()), rel=1e-10)
+
+
+def test_rotation_angles():
+    a = torch.tensor([0.3, -1.2, 3.0], dtype=DT)
+    R = torch.zeros(3, 3, 3, dtype=DT)
+    R[:, 0, 0], R[:, 0, 1], R[:, 1, 0], R[:, 1, 1], R[:, 2, 2] = a.cos(), -a.sin(), a.sin(), a.cos(), 1.0
+    torch.testing.assert_close(G.rotation_angles(R), a.abs())
+    torch.testing.assert_close(G.rotation_angles(torch.diag(torch.tensor([1.0, -1.0], dtype=DT))[None]),
+                               torch.tensor([np.pi], dtype=DT))
+
+
+def test_rotate_rows_in_place_in_chunks():
+    Z = torch.randn(7, 5, 3, generator=_rng(80), dtype=DT)
+    R = torch.linalg.matrix_exp(G.skew(torch.randn(7, 3, 3, generator=_rng(81), dtype=DT)))
+    ref = _rotate(Z, R)
+    G.rotate_rows_(Z, R, max_chunk_elems=20)  # forces several blocks
+    torch.testing.assert_close(Z, ref)

@@ -1,0 +1,344 @@
+"""GoldstoneGD (goldstone_cli/optim/goldstone.py): validation, exactness of gauge steps, rotation of
+the base optimizer's state, convergence on a dense dynamic MF problem, state_dict and schedulers."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from goldstone_cli.optim import Coupling, GoldstoneGD
+from goldstone_cli.optim import gauge as G
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny problems: one thread avoids oversubscription on shared 2-core machines."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rng(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class _MF:
+    """Dense dynamic Gaussian MF with the same X for every t (paper Sec. 5.1 style):
+    L = sum_t 1/2 ||X - U_t V_t^T||^2 + psi(U, V). Its minimum L* = T/2 * (rank-d SVD residual)."""
+
+    def __init__(self, T=20, nu=20, ni=15, d=3, lam=1.0, twist=3.0, noise=0.3, seed=0, dtype=DT, device="cpu"):
+        g = _rng(seed)
+        X = torch.randn(nu, d, generator=g, dtype=DT) @ torch.randn(d, ni, generator=g, dtype=DT)
+        X = X + 0.3 * torch.randn(nu, ni, generator=g, dtype=DT)
+        Us, s, Vh = torch.linalg.svd(X)
+        self.L_star = T * 0.5 * float((s[d:] ** 2).sum())
+        self.lr = 0.5 / (float(s[0]) ** 2 + 4 * lam)  # stable plain GD step
+        U_opt, V_opt = Us[:, :d] * s[:d].sqrt(), Vh[:d].T * s[:d].sqrt()
+        # start in a Goldstone mode: the optimum twisted smoothly along t, plus noise
+        A = torch.randn(d, d, generator=g, dtype=DT)
+        A = (A - A.T) / torch.linalg.matrix_norm(A - A.T, 2) * twist
+        R = torch.linalg.matrix_exp(torch.linspace(0, 1, T, dtype=DT)[:, None, None] * A)  # (T, d, d)
+        U0 = U_opt @ R.transpose(1, 2) + noise * torch.randn(T, nu, d, generator=g, dtype=DT)  # (T, nu, d)
+        V0 = V_opt @ R.transpose(1, 2) + noise * torch.randn(T, ni, d, generator=g, dtype=DT)  # (T, ni, d)
+        self.X = X.to(dtype=dtype, device=device)
+        self.U = U0.to(dtype=dtype, device=device).requires_grad_(True)
+        self.V = V0.to(dtype=dtype, device=device).requires_grad_(True)
+        self.coupling = Coupling.chain(T, lam)
+
+    def local(self) -> torch.Tensor:
+        return 0.5 * ((self.X - self.U @ self.V.transpose(1, 2)) ** 2).sum()
+
+    def loss(self) -> torch.Tensor:
+        return self.local() + self.coupling.psi([self.U, self.V])
+
+    def gap(self) -> float:
+        with torch.no_grad():
+            return (float(self.loss()) - self.L_star) / self.L_star
+
+    def invariants(self) -> tuple[torch.Tensor, ...]:
+        """Rotation-invariant per-t quantities: U_t V_t^T, U_t U_t^T, V_t V_t^T."""
+        U, V = self.U.detach(), self.V.detach()
+        return U @ V.transpose(1, 2), U @ U.transpose(1, 2), V @ V.transpose(1, 2)
+
+
+def _train(opt, mf: _MF, steps: int, tol: float | None = None) -> int:
+    for s in range(steps):
+        if tol is not None and mf.gap() < tol:
+            return s
+        opt.zero_grad()
+        mf.loss().backward()
+        opt.step()
+    return steps
+
+
+# ------------------------------------------------------------------------- validation
+def test_hyperparameter_and_group_validation():
+    mf = _MF(T=4, nu=5, ni=4)
+    base = torch.optim.SGD([mf.U, mf.V], lr=0.1)
+    c = mf.coupling
+    ok = dict(base=base, groups=[[mf.U, mf.V]], coupling=c)
+    GoldstoneGD(**ok)  # valid
+    with pytest.raises(ValueError, match="k1 must be an integer >= 1"):
+        GoldstoneGD(**ok, k1=0)
+    with pytest.raises(ValueError, match="k2 must be an integer >= 1"):
+        GoldstoneGD(**ok, k2=0)
+    with pytest.raises(ValueError, match="valid solvers: natural, procrustes"):
+        GoldstoneGD(**ok, solver="newton")
+    with pytest.raises(ValueError, match="valid rotations: linear, expm, cayley"):
+        GoldstoneGD(**ok, rotation="euler")
+    with pytest.raises(ValueError, match="lr_scale"):
+        GoldstoneGD(**ok, lr_scale=0.0)
+    with pytest.raises(ValueError, match="tol"):
+        GoldstoneGD(**ok, tol=-1.0)
+    with pytest.raises(ValueError, match="has T=4 time steps but the coupling has T=5"):
+        GoldstoneGD(base, [[mf.U, mf.V]], Coupling.chain(5, 1.0))
+    W = torch.zeros(4, 3, 2, dtype=DT, requires_grad=True)
+    with pytest.raises(ValueError, match="embedding dimension d=2 .* d=3"):
+        GoldstoneGD(torch.optim.SGD([mf.U, W], lr=0.1), [[mf.U, W]], c)
+    with pytest.raises(ValueError, match="not a parameter of the base optimizer"):
+        GoldstoneGD(torch.optim.SGD([mf.U], lr=0.1), [[mf.U, mf.V]], c)
+    with pytest.raises(ValueError, match="appears twice"):
+        GoldstoneGD(base, [[mf.U], [mf.U, mf.V]], c)
+    with pytest.raises(ValueError, match=r"expected \(T, N, d\)"):
+        flat = torch.zeros(4, 3, dtype=DT, requires_grad=True)
+        GoldstoneGD(torch.optim.SGD([flat], lr=0.1), [[flat]], c)
+    with pytest.raises(ValueError, match="list of tensors"):
+        GoldstoneGD(base, [mf.U, mf.V], c)
+    with pytest.raises(ValueError, match="non-empty list"):
+        GoldstoneGD(base, [], c)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        GoldstoneGD("sgd", [[mf.U, mf.V]], c)
+    with pytest.raises(ValueError, match="already a GoldstoneGD"):
+        GoldstoneGD(GoldstoneGD(**ok), [[mf.U, mf.V]], c)
+
+
+# ------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("kw", [
+    dict(solver="procrustes"),
+    dict(solver="procrustes", allow_reflections=False),
+    dict(solver="natural", rotation="expm"),
+    dict(solver="natural", rotation="cayley"),
+])
+@pytest.mark.parametrize("graph", ["chain", "cycle"])
+def test_exact_gauge_steps_keep_every_local_loss_and_never_raise_psi(kw, graph):
+    mf = _MF(T=8, twist=1.0, noise=0.05, seed=1)
+    if graph == "cycle":
+        mf.coupling = Coupling(8, list(range(8)), [(t + 1) % 8 for t in range(8)], [1.0, 2.0, 0.5, 1.0, 1.5, 1.0, 0.7, 1.2])
+    opt = GoldstoneGD(torch.optim.SGD([mf.U, mf.V], lr=mf.lr), [[mf.U, mf.V]], mf.coupling, **kw)
+    for _ in range(3):  # repeated gauge steps (natural keeps its gauge fields in between)
+        before = mf.invariants()
+        info = opt.gauge_step()
+        for a, b in zip(before, mf.invariants()):
+            assert float((a - b).norm() / b.norm()) < 1e-10
+        assert info["psi_after"] <= info["psi_before"] * (1 + 1e-12)
+    assert set(info) >= {"step", "psi_before", "psi_after", "max_angle", "seconds"}
+    assert opt.num_gauge_steps == 3 and opt.gauge_seconds > 0
+
+
+def test_linear_rotation_is_only_first_order():
+    """The paper's update Z + Gamma Z is not orthogonal: the invariants move (slightly)."""
+    mf = _MF(T=8, twist=1.0, noise=0.05, seed=1)
+    opt = GoldstoneGD(torch.optim.SGD([mf.U, mf.V], lr=mf.lr), [[mf.U, mf.V]], mf.coupling, rotation="linear")
+    before = mf.invariants()
+    info = opt.gauge_step()
+    rel = float((before[0] - mf.invariants()[0]).norm() / before[0].norm())
+    assert 1e-8 < rel < 0.2
+    assert info["psi_after"] < info["psi_before"]
+
+
+def test_first_gauge_step_removes_a_goldstone_mode():
+    # exact solver: to rounding; natural: up to the error of the second-order expansion (Eq. 14)
+    for kw, reduction in ((dict(solver="procrustes"), 1e-12), (dict(solver="natural", rotation="expm", k2=50), 1e-2)):
+        m = _MF(T=10, twist=2.0, noise=0.0, seed=2)  # a pure twist: psi can reach zero
+        info = GoldstoneGD(torch.optim.SGD([m.U, m.V], lr=m.lr), [[m.U, m.V]], m.coupling, **kw).gauge_step()
+        assert info["psi_after"] < reduction * info["psi_before"], kw
+        assert info["max_angle"] > 0.3  # it really rotated
+
+
+def _pinv_rotation(Z_before: torch.Tensor, Z_after: torch.Tensor) -> torch.Tensor:
+    """R^T per t from Z_after = Z_before R^T (least squares; rows span R^d)."""
+    return torch.linalg.lstsq(Z_before, Z_after).solution  # (T, d, d)
+
+
+@pytest.mark.parametrize("base_name", ["sgd", "adam", "adamw"])
+def test_base_state_rotates_with_the_parameters(base_name):
+    mf = _MF(T=6, twist=1.5, noise=0.05, seed=3)
+    params = [mf.U, mf.V]
+    base = {"sgd": lambda: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
+            "adam": lambda: torch.optim.Adam(params, lr=1e-3),
+            "adamw": lambda: torch.optim.AdamW(params, lr=1e-3)}[base_name]()
+    opt = GoldstoneGD(base, [[mf.U, mf.V]], mf.coupling, k1=1000, solver="procrustes")
+    _train(opt, mf, 5)
+    key = "momentum_buffer" if base_name == "sgd" else "exp_avg"
+    U0 = mf.U.detach().clone()
+    buf0 = base.state[mf.U][key].clone()
+    sq0 = None if base_name == "sgd" else base.state[mf.U]["exp_avg_sq"].clone()
+    opt.gauge_step()
+    Rt = _pinv_rotation(U0, mf.U.detach())
+    torch.testing.assert_close(Rt.transpose(1, 2) @ Rt, torch.eye(3, dtype=DT).expand(6, 3, 3), atol=1e-10, rtol=0)
+    assert float((Rt - torch.eye(3, dtype=DT)).abs().max()) > 0.1  # a real rotation happened
+    torch.testing.assert_close(base.state[mf.U][key], buf0 @ Rt, atol=1e-12, rtol=1e-10)
+    if sq0 is not None:  # per-coordinate second moments are left as they are (documented)
+        assert torch.equal(base.state[mf.U]["exp_avg_sq"], sq0)
+
+
+# ------------------------------------------------------------------------- convergence
+_TOL = 1e-3  # relative gap (L - L*) / L*
+
+
+@pytest.fixture(scope="module")
+def plain_gd_gaps() -> list[float]:
+    """Relative gap of plain GD after s steps, s = 0..3000, from the convergence test's start."""
+    mf = _MF(noise=0.05)
+    opt = torch.optim.SGD([mf.U, mf.V], lr=mf.lr)
+    gaps = [mf.gap()]
+    for _ in range(3000):
+        opt.zero_grad()
+        mf.loss().backward()
+        opt.step()
+        gaps.append(mf.gap())
+    return gaps
+
+
+@pytest.mark.parametrize("kw", [
+    dict(solver="procrustes"),
+    dict(solver="natural"),  # the paper's defaults: linear rotation, kept gauge fields, lr_scale=1
+    dict(solver="natural", rotation="expm", keep_gauge_fields=False),
+])
+def test_goldstone_gd_converges_far_faster_than_plain_gd(kw, plain_gd_gaps):
+    mf = _MF(noise=0.05)  # T=20 steps, a smooth twist of up to 3 rad along t plus noise
+    opt = GoldstoneGD(torch.optim.SGD([mf.U, mf.V], lr=mf.lr), [[mf.U, mf.V]], mf.coupling, k1=10, **kw)
+    steps = _train(opt, mf, 600, tol=_TOL)
+    assert steps < 600, f"Goldstone-GD did not reach a relative gap of {_TOL}: {mf.gap()}"
+    assert opt.num_gauge_steps == steps // 10
+    # plain GD with the same learning rate from the same start is still far from L* after 5x the steps
+    assert plain_gd_gaps[5 * steps] > 10 * _TOL
+    assert plain_gd_gaps[-1] > 10 * _TOL
+
+
+@pytest.mark.parametrize("solver", ["procrustes", "natural"])
+def test_float32(solver):
+    mf = _MF(T=8, twist=1.0, noise=0.05, seed=4, dtype=torch.float32)
+    opt = GoldstoneGD(torch.optim.SGD([mf.U, mf.V], lr=mf.lr), [[mf.U, mf.V]], mf.coupling,
+                      solver=solver, rotation="cayley")
+    before = mf.invariants()
+    info = opt.gauge_step()
+    assert mf.U.dtype == torch.float32
+    if solver == "natural":  # d x d work runs in float64 whatever the parameters' dtype
+        assert opt.gauge_fields[0].dtype == DT
+    for a, b in zip(before, mf.invariants()):
+        assert float((a - b).norm() / b.norm()) < 1e-5
+    assert info["psi_after"] < info["psi_before"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("solver", ["procrustes", "natural"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_cpu(solver, dtype):
+    results = []
+    for device in ("cpu", "cuda"):
+        mf = _MF(T=8, twist=1.0, noise=0.05, seed=5, dtype=dtype, device=device)
+        opt = GoldstoneGD(torch.optim.SGD([mf.U, mf.V], lr=mf.lr, momentum=0.5), [[mf.U, mf.V]],
+                          mf.coupling, k1=5, solver=solver, rotation="expm")
+        _train(opt, mf, 20)
+        results.append(mf.U.detach().cpu())
+    tol = 1e-3 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(results[1], results[0], atol=tol, rtol=tol)
+
+
+# ------------------------------------------------------------------------- bookkeeping
+def test_gauge_step_every_k1_steps_and_closure():
+    mf = _MF(T=5, nu=6, ni=4)
+    opt = GoldstoneGD(torch.optim.SGD([mf.U, mf.V], lr=mf.lr), [[mf.U, mf.V]], mf.coupling, k1=3, solver="procrustes")
+    assert opt.last_gauge is None
+
+    def closure():
+        opt.zero_grad()
+        loss = mf.loss()
+        loss.backward()
+        return loss
+
+    for s in range(1, 8):
+        loss = opt.step(closure)
+        assert isinstance(loss, torch.Tensor)
+        assert opt.num_gauge_steps == s // 3
+    assert opt.last_gauge["step"] == 6 and opt.base_steps == 7
+
+
+def _make(kind: str, mf: _MF, **kw):
+    if kind == "sgd":
+        base = torch.optim.SGD([mf.U, mf.V], lr=mf.lr, momentum=0.5)
+    else:
+        base = torch.optim.Adam([mf.U, mf.V], lr=1e-2)
+    return GoldstoneGD(base, [[mf.U, mf.V]], mf.coupling, k1=4, **kw)
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("sgd", dict(solver="natural")),  # kept gauge fields must round-trip
+    ("sgd", dict(solver="procrustes")),
+    ("adam", dict(solver="natural", rotation="expm")),
+    ("adam", dict(solver="procrustes")),
+])
+def test_state_dict_round_trip_is_bit_exact(kind, kw):
+    k = 10  # not a multiple of k1: the step counter must round-trip too
+    ref = _MF(T=6, nu=8, ni=5, seed=7)
+    _train(_make(kind, ref, **kw), ref, 2 * k)
+
+    first = _MF(T=6, nu=8, ni=5, seed=7)
+    opt = _make(kind, first, **kw)
+    _train(opt, first, k)
+    state = opt.state_dict()
+    params = [first.U.detach().clone(), first.V.detach().clone()]
+    if kw["solver"] == "natural":
+        assert state["goldstone"]["gauge_fields"][0] is not None
+
+    second = _MF(T=6, nu=8, ni=5, seed=7)  # new objects (same data X)
+    with torch.no_grad():
+        second.U.copy_(params[0])
+        second.V.copy_(params[1])
+    opt2 = _make(kind, second, **kw)
+    opt2.load_state_dict(state)
+    assert opt2.base_steps == k and opt2.num_gauge_steps == opt.num_gauge_steps
+    _train(opt2, second, k)
+    assert torch.equal(second.U, ref.U) and torch.equal(second.V, ref.V)
+
+
+def test_load_state_dict_rejects_plain_optimizer_state():
+    mf = _MF(T=4, nu=5, ni=4)
+    opt = _make("sgd", mf)
+    with pytest.raises(ValueError, match="not a GoldstoneGD state dict"):
+        opt.load_state_dict(opt.base.state_dict())
+
+
+def test_lambda_lr_changes_the_base_learning_rate():
+    mf = _MF(T=4, nu=5, ni=4)
+    base = torch.optim.SGD([mf.U, mf.V], lr=0.1)
+    opt = GoldstoneGD(base, [[mf.U, mf.V]], mf.coupling, k1=1000)  # no gauge step in this test
+    assert opt.param_groups is base.param_groups and opt.state is base.state
+    sched = LambdaLR(opt, lambda s: 0.5**s)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "scheduler.step() before optimizer.step()" warning
+        for s in range(1, 4):
+            opt.zero_grad()
+            mf.loss().backward()
+            opt.step()
+            sched.step()
+            assert base.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**s)
+    # the learning rate really drives the base steps
+    U0 = mf.U.detach().clone()
+    opt.zero_grad()
+    mf.loss().backward()
+    expected = U0 - base.param_groups[0]["lr"] * mf.U.grad
+    opt.step()
+    torch.testing.assert_close(mf.U.detach(), expected)
+    assert sched.get_last_lr() == [pytest.approx(0.1 * 0.5**3)]
+    # the scheduler keeps working after a load_state_dict of the wrapper
+    opt.load_state_dict(opt.state_dict())
+    sched.step()
+    assert base.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**4)
