@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The sotu results of docs/benchmarks.md (DWE, Sec. 5.3 on the State of the Union corpus):
-# Goldstone-GD (procrustes gauge solver) vs the Adam baseline vs the aligned
+# Goldstone-GD (procrustes and natural gauge solvers) vs the Adam baseline vs the aligned
 # baseline (no chain prior, Procrustes alignment after training), same steps, same data, same seed.
 # Usage: bash bench/dwe_sotu.sh [STEPS]   (one run after the other; runs go to outputs/dwe/sotu-*)
 set -euo pipefail
@@ -11,3 +11,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python -m goldstone_cli train $COMMON optimizer.solver=procrustes run_dir=outputs/dwe/sotu-goldstone-procrustes
 python -m goldstone_cli train $COMMON optimizer=adam_dwe run_dir=outputs/dwe/sotu-adam
 python -m goldstone_cli train $COMMON optimizer=adam_dwe model.coupled=false run_dir=outputs/dwe/sotu-uncoupled
+python -m goldstone_cli train $COMMON optimizer.solver=natural optimizer.keep_gauge_fields=false \
+  optimizer.lr_scale=0.25 optimizer.rotation=expm run_dir=outputs/dwe/sotu-goldstone-natural
+# Fig. 4 and its quantiles (all words; words with co-occurrence mass >= 100 in 1790-1799 and 2020-2029)
+R="outputs/dwe/sotu-goldstone-procrustes outputs/dwe/sotu-goldstone-natural outputs/dwe/sotu-adam outputs/dwe/sotu-uncoupled"
+python -m goldstone_cli plot cosines $R --out outputs/dwe/fig4_sotu.png
+python -m goldstone_cli plot cosines $R --min-count 100 --out outputs/dwe/fig4_sotu_min100.png
+python -m goldstone_cli age-words government war nation railroad constitution people navy liberty \
+  --run outputs/dwe/sotu-goldstone-procrustes --compare outputs/dwe/sotu-adam --min-count 100
