@@ -29,7 +29,8 @@ def test_cli_train_writes_every_output(in_tmp):
     assert len(runs) == 1
     run = runs[0]
     assert str(run.relative_to(in_tmp)) in res.output
-    for name in ("config.yaml", "metrics.csv", "summary.json", "loss.png", "snapshots.pt", "checkpoints/last.pt"):
+    for name in ("config.yaml", "metrics.csv", "gauge.csv", "summary.json", "loss.png", "snapshots.pt",
+                 "checkpoints/last.pt"):
         assert (run / name).is_file(), name
     df = pd.read_csv(run / "metrics.csv")
     assert list(df.columns[:6]) == ["step", "wall_time", "total", "local", "psi", "lr"]
@@ -39,6 +40,12 @@ def test_cli_train_writes_every_output(in_tmp):
     assert df["total"].iloc[-1] < df["total"].iloc[0]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 40
+    # the default optimizer is Goldstone-GD: k1=50 > 40 steps, so no gauge step yet; k1=10 gives four
+    assert summary["gauge_steps"] == 0
+    res = runner.invoke(app, ["train", "trainer.steps=40", "optimizer.k1=10", *FAST])
+    run2 = next(r for r in (in_tmp / "outputs" / "dense_mf").iterdir() if r != run)
+    gauge = pd.read_csv(run2 / "gauge.csv")
+    assert list(gauge["step"]) == [10, 20, 30, 40] and (gauge["psi_after"] <= gauge["psi_before"]).all()
     assert summary["final"]["suboptimality"] == pytest.approx(df["suboptimality"].iloc[-1])
 
 
