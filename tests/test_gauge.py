@@ -344,6 +344,15 @@ def test_rotation_angles():
     torch.testing.assert_close(G.rotation_angles(R), a.abs())
     torch.testing.assert_close(G.rotation_angles(torch.diag(torch.tensor([1.0, -1.0], dtype=DT))[None]),
                                torch.tensor([np.pi], dtype=DT))
+    for scale in (1e-7, 0.5):  # small angles are resolved too: angle = max |Im eig(Gamma)|
+        gen = G.skew(scale * torch.randn(2, 4, 4, generator=_rng(82), dtype=DT))
+        expected = torch.linalg.eigvals(gen).imag.abs().amax(-1)
+        torch.testing.assert_close(G.rotation_angles(torch.linalg.matrix_exp(gen)), expected, rtol=1e-6, atol=0)
+    # the linear update I + Gamma: the angle of its orthogonal part, atan(rate)
+    gamma = torch.zeros(1, 3, 3, dtype=DT)
+    gamma[0, 0, 1], gamma[0, 1, 0] = -0.5, 0.5
+    torch.testing.assert_close(G.rotation_angles(torch.eye(3, dtype=DT) + gamma, gamma),
+                               torch.tensor([np.arctan(0.5)], dtype=DT))
 
 
 def test_rotate_rows_in_place_in_chunks():

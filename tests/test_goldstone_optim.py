@@ -309,6 +309,20 @@ def test_state_dict_round_trip_is_bit_exact(kind, kw):
     assert torch.equal(second.U, ref.U) and torch.equal(second.V, ref.V)
 
 
+def test_deepcopy_gives_an_independent_identical_optimizer():
+    import copy
+
+    a = _MF(T=6, nu=8, ni=5, seed=8)
+    opt = _make("sgd", a, solver="natural")
+    _train(opt, a, 6)
+    b, twin = copy.deepcopy((a, opt))  # parameters, base state and gauge fields copied together
+    assert twin.groups[0][0] is b.U and twin.base.param_groups[0]["params"][0] is b.U
+    _train(opt, a, 6)
+    _train(twin, b, 6)
+    assert torch.equal(a.U, b.U) and a.U is not b.U
+    assert twin.num_gauge_steps == opt.num_gauge_steps == 3
+
+
 def test_load_state_dict_rejects_plain_optimizer_state():
     mf = _MF(T=4, nu=5, ni=4)
     opt = _make("sgd", mf)

@@ -55,6 +55,17 @@ class GoldstoneGD(torch.optim.Optimizer):
     equivariant, there is no exact way to transform a diagonal preconditioner, and they adapt
     within a few steps. After ``gauge_step`` the attributes ``last_gauge`` (diagnostics of the last
     gauge step), ``num_gauge_steps`` and ``gauge_seconds`` (cumulative wall time) are updated.
+
+    Numerical notes:
+        ``natural`` is a second-order (local) method: L'' (Eq. 14) is a good model only while
+        neighbouring time steps are roughly aligned. From a random start, M_tt' is far from positive
+        definite, L'' is indefinite and the gauge fields can run away; with ``rotation="linear"`` and
+        kept gauge fields every gauge step then also scales the rotated planes by
+        sqrt(1 + angle^2) again, and a randomly initialized dense MF (T=20, d=3) reached NaN after 70
+        base steps. ``procrustes`` has no such failure mode; for ``natural`` start from an aligned
+        initialization, use ``keep_gauge_fields=False`` or a smaller ``lr_scale``. Only O(d)
+        (``procrustes`` with reflections) removes reflection "domain walls" between time steps;
+        ``natural`` and SO(d) Procrustes leave them in place.
     """
 
     def __init__(
@@ -113,6 +124,8 @@ class GoldstoneGD(torch.optim.Optimizer):
         self.gauge_seconds = 0.0
         self.last_gauge: dict | None = None
         self._cache: dict[Any, Any] = {}  # device -> L^+ or Procrustes plan (built once)
+        if solver == "procrustes":  # graph setup (spanning forest, colouring) once, outside the timing
+            self._cache["plan"] = G.procrustes_plan(coupling)
 
     # ----------------------------------------------------------- shared with the base optimizer
     @property
@@ -192,6 +205,12 @@ class GoldstoneGD(torch.optim.Optimizer):
         self.gauge_seconds = float(gs["gauge_seconds"])
         self.last_gauge = None if gs.get("last_gauge") is None else dict(gs["last_gauge"])
 
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy / pickle: the whole wrapper
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     def __repr__(self) -> str:
         return (
             f"GoldstoneGD(base={type(self.base).__name__}, solver={self.solver}, k1={self.k1}, "
@@ -211,14 +230,20 @@ class GoldstoneGD(torch.optim.Optimizer):
             device = tensors[0].device
             p_before = float(self.coupling.psi_value(tensors))
             M = self.coupling.pair_moments(tensors).to(torch.float64)  # (E, d, d), Eq. 15
-            if self.solver == "natural":
-                R, info = self._natural(k, tensors, M)
-            else:
-                plan = self._plan(device)
+            M_self = None
+            if self.solver == "procrustes":
                 M_self = self.coupling.self_moments(tensors).to(torch.float64)  # (T, d, d)
-                R, info = G.procrustes_solve(
-                    M, M_self, plan, self.allow_reflections, self.max_sweeps, self.tol, psi0=p_before
-                )
+            with G.serial_cpu(M):  # only (T, d, d) / (E, d, d) work in here: one CPU thread is fastest
+                if self.solver == "natural":
+                    sq = sum(float(torch.linalg.vector_norm(Z)) ** 2 for Z in tensors)  # sum ||z||^2
+                    R, info, gamma = self._natural(k, M, sq, tensors[0].shape[-1])
+                else:
+                    R, info = G.procrustes_solve(
+                        M, M_self, self._plan(device), self.allow_reflections, self.max_sweeps, self.tol,
+                        psi0=p_before,
+                    )
+                    gamma = None
+                angle = float(G.rotation_angles(R, gamma).max()) if R.numel() else 0.0
             for Z in tensors:
                 G.rotate_rows_(Z, R)
                 st = self.base.state.get(Z)
@@ -227,7 +252,6 @@ class GoldstoneGD(torch.optim.Optimizer):
                     if isinstance(buf, Tensor) and buf.shape == Z.shape:
                         G.rotate_rows_(buf, R)
             p_after = float(self.coupling.psi_value(tensors))
-            angle = float(G.rotation_angles(R).max()) if R.numel() else 0.0
             psi_before, psi_after, max_angle = psi_before + p_before, psi_after + p_after, max(max_angle, angle)
             per_group.append({"psi_before": p_before, "psi_after": p_after, "max_angle": angle, **info})
         if any(t.is_cuda for group in self.groups for t in group):
@@ -245,20 +269,21 @@ class GoldstoneGD(torch.optim.Optimizer):
         }
         return self.last_gauge
 
-    def _natural(self, k: int, tensors: list[Tensor], M: Tensor) -> tuple[Tensor, dict]:
-        """Algorithm 1, lines 6-9 for one group: rho' (Eq. 17), k2 steps of Eq. 16, the rotation."""
-        device, T, d = M.device, self.coupling.T, tensors[0].shape[-1]
+    def _natural(self, k: int, M: Tensor, sq: float, d: int) -> tuple[Tensor, dict, Tensor | None]:
+        """Algorithm 1, lines 6-9 for one group: rho' (Eq. 17) from sq = sum ||z||^2, k2 steps of
+        Eq. 16, the rotation (line 9). Returns R, info and Gamma for the linear update's angle."""
+        device, T = M.device, self.coupling.T
         src, dst = self.coupling.edge_index(device)
         w = self.coupling.edge_weights(torch.float64, device)
-        sq = sum(float(torch.linalg.vector_norm(Z, dtype=torch.float64)) ** 2 for Z in tensors)
         lr = G.natural_learning_rate(sq, d, self.lr_scale)
         gauge = self.gauge_fields[k] if self.keep_gauge_fields else None
         if gauge is None or gauge.device != device:
             gauge = torch.zeros(T, d, d, dtype=torch.float64, device=device)  # G~ (T, d, d)
         gauge = G.natural_solve(gauge, M, src, dst, w, self._pinv(device), lr, self.k2)
         self.gauge_fields[k] = gauge if self.keep_gauge_fields else None
-        R = G.rotation_from_generator(G.skew(gauge), self.rotation)  # (T, d, d), line 9
-        return R, {"lr": lr}
+        gamma = G.skew(gauge)  # (T, d, d), Eq. 13
+        R = G.rotation_from_generator(gamma, self.rotation)  # (T, d, d), line 9
+        return R, {"lr": lr}, (gamma if self.rotation == "linear" else None)
 
     def _pinv(self, device) -> G.LaplacianPinv:
         key = ("pinv", str(device))
