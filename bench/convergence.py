@@ -141,8 +141,9 @@ def main() -> None:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in summary:
         share = f"{100 * r['gauge_share']:.1f}%" if r["gauge_share"] is not None else ""
+        ratio = f"{r['speedup_vs_best_baseline']:.1f}x" if r["speedup_vs_best_baseline"] else "n/a"
         lines.append(f"| {r['T']} | {r['method']} | {r['grid']} | {r['lr']} | {r['steps_mean']:.0f}; {r['steps']} | "
-                     f"{r['reached']}/{r['runs']} | {r['seconds_mean']:.2f} | {share} | {r['speedup_vs_best_baseline']:.1f}x |")
+                     f"{r['reached']}/{r['runs']} | {r['seconds_mean']:.2f} | {share} | {ratio} |")
     table = "\n".join(lines)
     args.out.with_suffix(".md").write_text(table + "\n")
     print(json.dumps(meta))
