@@ -27,13 +27,7 @@ from goldstone_cli.models.dwe import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run thousands of tiny ops: one thread avoids thread-pool stalls on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sym_counts(V: int, T: int, density: float = 0.3, seed: int = 0) -> list[sp.csr_matrix]:

@@ -28,12 +28,7 @@ F64 = torch.float64
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(model: DynamicWordEmbeddings, steps: int, lr: float = 0.05) -> None:
