@@ -23,8 +23,9 @@ def plot_losses(metrics_csv: str | Path, out_png: str | Path, title: str = "") -
     cols = [c for c in ("total", "local", "psi", "suboptimality") if c in df and df[c].notna().any()]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for c in cols:
-        y = df[c].where(df[c] > 0)  # log scale: non-positive values are not drawn
-        ax.plot(df["step"], y, label=c if c != "suboptimality" else "L - L*")
+        rows = df[df[c].notna()]  # evaluation metrics exist only every eval_every steps
+        y = rows[c].where(rows[c] > 0)  # log scale: non-positive values are not drawn
+        ax.plot(rows["step"], y, label=c if c != "suboptimality" else "L - L*")
     ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("loss")
