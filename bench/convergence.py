@@ -28,7 +28,8 @@ METHODS = {
     "gd_paper": (["optimizer=gd_paper"], [0.3, 1.0, 3.0]),  # clipped to 0.01, rho_s = rho_0 (100/(s+100))^0.7
     "gd": (["optimizer=gd"], [0.005, 0.01, 0.02, 0.03]),
     "adam": (["optimizer=adam"], [0.003, 0.01, 0.03, 0.1]),
-    "goldstone_natural": (["optimizer=goldstone", "optimizer.solver=natural", "optimizer.k1=50", "optimizer.k2=10"],
+    "goldstone_natural": (["optimizer=goldstone", "optimizer.solver=natural", "optimizer.k1=50", "optimizer.k2=10",
+                           "optimizer.rotation=linear", "optimizer.keep_gauge_fields=true"],  # Algorithm 1 as published
                           [0.005, 0.01, 0.02, 0.03]),
     "goldstone_procrustes": (["optimizer=goldstone", "optimizer.solver=procrustes", "optimizer.k1=50"],
                              [0.005, 0.01, 0.02, 0.03]),
