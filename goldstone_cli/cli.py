@@ -83,15 +83,14 @@ def train(
     if cfg:
         typer.echo(to_yaml(conf), nl=False)
         return
-    from goldstone_cli.config import ConfigError
     from goldstone_cli.train import TrainingDiverged, train as run_training
 
     try:
         result = run_training(conf, run_dir=run_dir)
-    except ConfigError as exc:
-        _fail(str(exc))
     except TrainingDiverged as exc:
         _fail(str(exc), code=3)
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError, missing or malformed data, bad checkpoint
+        _fail(str(exc))
     s = result.summary
     typer.echo(f"{result.status}: {s['steps']} steps in {s['wall_time']:.1f} s; outputs in {result.run_dir}")
     if result.status == "interrupted":

@@ -61,6 +61,11 @@ class Rotation(str, Enum):
     cayley = "cayley"
 
 
+def choice(value) -> str:
+    """The string of a config choice: typed configs hold Enum members, plain ones strings."""
+    return value.value if isinstance(value, Enum) else str(value)
+
+
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
     if value is None:
         return

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from goldstone_cli import checkpoint as ckpt
-from goldstone_cli.config import ConfigError, to_yaml
+from goldstone_cli.config import ConfigError, choice, to_yaml
 from goldstone_cli.io import atomic_path, atomic_write_json, atomic_write_text
 from goldstone_cli.models import build_model
 from goldstone_cli.optim.factory import build_optimizer
@@ -61,10 +61,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
-def _enum_str(x) -> str:
-    return x.value if hasattr(x, "value") else str(x)
-
-
 def new_run_dir(cfg: DictConfig) -> Path:
     """``<output_dir>/<model>/<YYYY-MM-DD_HH-MM-SS>_<optimizer>``, made unique with a suffix."""
     if cfg.run_dir:
@@ -74,7 +70,7 @@ def new_run_dir(cfg: DictConfig) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         return path
     stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    opt = cfg.optimizer.name if cfg.optimizer.name != "goldstone" else f"goldstone-{_enum_str(cfg.optimizer.solver)}"
+    opt = cfg.optimizer.name if cfg.optimizer.name != "goldstone" else f"goldstone-{choice(cfg.optimizer.solver)}"
     base = Path(cfg.output_dir) / str(cfg.model.name) / f"{stamp}_{opt}"
     path, n = base, 1
     while True:
@@ -151,17 +147,19 @@ class _Interrupt:
 def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
     """Run (or, with ``run_dir`` holding a checkpoint, continue) the training that ``cfg`` describes."""
     tc = cfg.trainer
-    device = resolve_device(_enum_str(tc.device))
-    dtype = resolve_dtype(_enum_str(tc.dtype))
+    device = resolve_device(choice(tc.device))
+    dtype = resolve_dtype(choice(tc.dtype))
     resuming = run_dir is not None and (Path(run_dir) / "checkpoints" / ckpt.LAST).exists()
+
+    # data, model and optimizer first: a missing data set or a bad setting leaves no run folder behind
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, device, dtype)
+    optimizer, scheduler = build_optimizer(cfg.optimizer, model)
+
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, device, dtype)
-    optimizer, scheduler = build_optimizer(cfg.optimizer, model)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     has_gauge = hasattr(optimizer, "gauge_step")
     columns = BASE_COLUMNS + model.metric_names() + (GAUGE_COLUMNS if has_gauge else [])

@@ -139,3 +139,9 @@ def test_target_stops_early(in_tmp):
 def test_resume_of_missing_run_is_a_clear_error(in_tmp):
     res = runner.invoke(app, ["train", "resume=outputs/nothing"])
     assert res.exit_code == 2 and "no checkpoint" in res.output
+
+
+def test_bad_data_fails_cleanly_without_a_run_folder(in_tmp):
+    res = runner.invoke(app, ["train", "model=movielens", "data.path=nowhere/ml-20m", "trainer.steps=1"])
+    assert res.exit_code == 2 and "nowhere" in res.output and "goldstone data download movielens" in res.output
+    assert not (in_tmp / "outputs").exists()

@@ -8,6 +8,8 @@ import torch
 from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
 
+from goldstone_cli.config import choice
+
 
 def decay_factor(step: int, decay_steps: float, power: float) -> float:
     """``(s_bar / (s + s_bar))^power``: the paper's decaying prefactor (Sec. 5.1, 5.3)."""
@@ -34,30 +36,27 @@ def build_optimizer(cfg: DictConfig, model) -> tuple[torch.optim.Optimizer, Lamb
     if name == "goldstone":
         from goldstone_cli.optim.goldstone import GoldstoneGD
 
-        base = build_base(str(_value(cfg.base)), model.parameters(), cfg)
+        base = build_base(choice(cfg.base), model.parameters(), cfg)
         opt = GoldstoneGD(
             base,
             groups=model.symmetric_groups(),
             coupling=model.coupling,
             k1=cfg.k1,
-            solver=str(_value(cfg.solver)),
+            solver=choice(cfg.solver),
             k2=cfg.k2,
             lr_scale=cfg.lr_scale,
             keep_gauge_fields=cfg.keep_gauge_fields,
-            rotation=str(_value(cfg.rotation)),
+            rotation=choice(cfg.rotation),
             allow_reflections=cfg.allow_reflections,
             max_sweeps=cfg.max_sweeps,
             tol=cfg.tol,
         )
     else:
         opt = build_base(name, model.parameters(), cfg)
-    if str(_value(cfg.schedule)) == "decay":
+    if choice(cfg.schedule) == "decay":
         s_bar, power = float(cfg.decay_steps), float(cfg.decay_power)
         sched = LambdaLR(opt, lambda s: decay_factor(s, s_bar, power))
     else:
         sched = LambdaLR(opt, lambda s: 1.0)
     return opt, sched
 
-
-def _value(x):
-    return x.value if hasattr(x, "value") else x
