@@ -117,7 +117,7 @@ class GoldstoneConfig(OptimizerConfig):
     lr_scale: float = 1.0  # multiplies rho' of Eq. 17 (natural solver)
     keep_gauge_fields: bool = True  # paper: gauge fields are not reset between rounds
     rotation: Rotation = Rotation.expm  # natural solver: how the rotation is applied (linear: the paper, not exact)
-    allow_reflections: bool = True  # procrustes: full O(d) (True) or SO(d)
+    allow_reflections: bool = True  # full O(d) (True: procrustes per edge, natural flips walls first) or SO(d)
     max_sweeps: int = 100  # procrustes on graphs with cycles
     tol: float = 1e-10  # procrustes sweeps: stop when psi decreases by less (relative)
 

@@ -355,3 +355,61 @@ def test_rotate_rows_in_place_in_chunks():
     ref = _rotate(Z, R)
     G.rotate_rows_(Z, R, max_chunk_elems=20)  # forces several blocks
     torch.testing.assert_close(Z, ref)
+
+
+# ------------------------------------------------------------------------- reflections for natural
+def _with_walls(Z: torch.Tensor, walls: list[int], seed: int) -> torch.Tensor:
+    """Z with a random reflection applied to every time step after each edge in ``walls``."""
+    gen = _rng(seed)
+    Z = Z.clone()
+    for e in walls:
+        u = torch.randn(Z.shape[-1], generator=gen, dtype=DT)
+        u = u / u.norm()
+        H = torch.eye(Z.shape[-1], dtype=DT) - 2 * torch.outer(u, u)
+        Z[e + 1:] = Z[e + 1:] @ H
+    return Z
+
+
+def test_reflection_flips_find_planted_walls_and_lower_psi_by_the_predicted_amount():
+    T, N, d = 10, 30, 3
+    w = np.random.default_rng(3).uniform(0.5, 2.0, T - 1)
+    c = Coupling.chain(T, w)
+    Z = _with_walls(_goldstone_mode(T, N, d, twist=0.8, noise=0.02, seed=31), walls=[2, 6], seed=32)
+    M = c.pair_moments(Z)
+    assert G.wall_edges(M).nonzero().flatten().tolist() == [2, 6]
+    A, walls = G.reflection_flips(M, G.procrustes_plan(c))
+    assert walls.nonzero().flatten().tolist() == [2, 6]
+    eye = torch.eye(d, dtype=DT).expand(T, d, d)
+    torch.testing.assert_close(A @ A.transpose(1, 2), eye, atol=1e-12, rtol=0)  # orthogonal
+    dets = torch.linalg.det(A)
+    assert dets[:3].tolist() == pytest.approx([1.0] * 3) and dets[3:7].tolist() == pytest.approx([-1.0] * 4)
+    assert dets[7:].tolist() == pytest.approx([1.0] * 3)  # two reflections compose to a rotation
+    Z2 = _rotate(Z, A)
+    assert not bool(G.wall_edges(c.pair_moments(Z2)).any())  # no wall left
+    # each flip lowers its edge by -2 w lambda_min(sym M), the other edges are unchanged
+    lam = torch.linalg.eigvalsh(0.5 * (M + M.transpose(1, 2)))[:, 0]
+    assert float(lam[2]) < 0 and float(lam[6]) < 0
+    predicted = -2 * (float(w[2] * lam[2]) + float(w[6] * lam[6]))
+    src, dst = c.src, c.dst
+    drop = _psi_np(Z.numpy(), src, dst, w) - _psi_np(Z2.numpy(), src, dst, w)
+    assert drop == pytest.approx(predicted, rel=1e-10)
+    # the flip is the best Householder reflection of its edge: random ones gain less
+    u = torch.randn(4000, d, generator=_rng(33), dtype=DT)
+    u = u / u.norm(dim=1, keepdim=True)
+    for e in (2, 6):
+        gains = torch.einsum("ij,ji->", M[e], torch.eye(d, dtype=DT)) - 2 * torch.einsum("ki,ij,kj->k", u, M[e], u)
+        best = float(torch.trace(M[e]) - 2 * lam[e])
+        assert float(gains.max()) <= best + 1e-12 and float(gains.max()) > best - 1e-2 * abs(best)
+
+
+def test_reflection_flips_without_walls_or_on_a_cycle_never_raise_psi():
+    T, N, d = 8, 20, 3
+    Z = _goldstone_mode(T, N, d, twist=0.5, noise=0.01, seed=40)
+    c = Coupling.chain(T, 1.0)
+    assert G.reflection_flips(c.pair_moments(Z), G.procrustes_plan(c)) is None  # nothing to flip
+    c = _cycle(T, seed=41)
+    for walls in ([3], [1, 5], [0, 2, 4]):
+        Zw = _with_walls(Z, walls, seed=42)
+        out = G.reflection_flips(c.pair_moments(Zw), G.procrustes_plan(c))
+        assert out is not None  # on a cycle an odd number of walls keeps one: psi still drops
+        assert float(c.psi(_rotate(Zw, out[0]))) < float(c.psi(Zw))

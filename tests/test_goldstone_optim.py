@@ -350,3 +350,29 @@ def test_lambda_lr_changes_the_base_learning_rate():
     opt.load_state_dict(opt.state_dict())
     sched.step()
     assert base.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**4)
+
+
+@pytest.mark.parametrize("rotation", ["expm", "linear"])
+def test_natural_over_o_d_removes_a_reflection_wall_that_so_d_keeps(rotation):
+    """A twist plus a mirror image after t=4: the natural gradient (so(d)) cannot undo the mirror;
+    with allow_reflections the gauge step flips it exactly first, then rotates."""
+    results = {}
+    for reflections in (False, True):
+        mf = _MF(T=10, twist=1.0, noise=0.0, seed=4)
+        with torch.no_grad():
+            for Z in (mf.U, mf.V):
+                Z[5:, :, 0] *= -1  # reflection domain wall between t=4 and t=5
+        opt = GoldstoneGD(torch.optim.SGD([mf.U, mf.V], lr=mf.lr), [[mf.U, mf.V]], mf.coupling, solver="natural",
+                          rotation=rotation, k2=50, allow_reflections=reflections)
+        before = mf.invariants()
+        info = opt.gauge_step()
+        results[reflections] = info
+        if rotation == "expm":  # an exact step: local losses unchanged
+            for a, b in zip(before, mf.invariants()):
+                assert float((a - b).norm() / b.norm()) < 1e-10
+        M = mf.coupling.pair_moments([mf.U.detach(), mf.V.detach()])
+        assert bool(G.wall_edges(M).any()) == (not reflections)
+    assert results[True]["groups"][0]["flips"] == 1 and results[False]["groups"][0]["flips"] == 0
+    assert results[True]["max_angle"] == pytest.approx(torch.pi)
+    assert results[True]["psi_after"] < 0.05 * results[True]["psi_before"]
+    assert results[False]["psi_after"] > 0.2 * results[False]["psi_before"]  # the wall stays

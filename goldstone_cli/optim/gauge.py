@@ -449,3 +449,44 @@ def procrustes_solve(
             if gain <= tol * max(psi_now, torch.finfo(M.dtype).tiny):
                 break
     return global_fix(R, M_self, plan, allow_reflections), info
+
+
+# ============================================================================ reflections for natural
+def wall_edges(M: Tensor) -> Tensor:
+    """Edges that are reflection domain walls: det M[e] < 0, i.e. the best orthogonal alignment of
+    the two time steps (the polar factor of M[e]) is a reflection. (E,) bool."""
+    if M.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool, device=M.device)
+    with serial_cpu(M):
+        return torch.linalg.slogdet(M).sign < 0
+
+
+def reflection_flips(M: Tensor, plan: ProcrustesPlan) -> tuple[Tensor, Tensor] | None:
+    """Exact reflections A (T, d, d) that remove the reflection domain walls of a tree, for the
+    ``natural`` solver over O(d); None if there is no wall.
+
+    The natural gradient moves in so(d), the identity component of O(d), so it cannot undo a wall
+    where one side is a mirror image of the other (det M[e] < 0). Across each wall edge we put the
+    Householder reflection Q_e = I - 2 u u^T that maximizes the edge's gain Tr(Q_e M[e]^T) = Tr M[e]
+    - 2 u^T M[e] u among reflections: u is the eigenvector of the smallest eigenvalue of
+    sym(M[e]) = (M[e] + M[e]^T)/2, the direction in which the two sides disagree most. det M[e] < 0
+    implies that eigenvalue is negative (det(S + K) >= det S >= 0 for S positive semidefinite, K
+    skew), so every flip lowers that edge's term of psi by -2 w_e lambda_min > 0 and leaves the other
+    edges unchanged (both their ends are reflected alike). The flips are composed along the spanning
+    tree like Procrustes rotations (``tree_rotations``); on a graph with cycles the result is kept
+    only if it lowers psi. The remaining relative rotation across a former wall lies in SO(d), where
+    the natural steps can reach it. Returns (A, walls) with ``walls`` the (E,) bool wall mask."""
+    walls = wall_edges(M)
+    if not bool(walls.any()):
+        return None
+    sym = 0.5 * (M[walls] + M[walls].transpose(1, 2))
+    with serial_cpu(sym):
+        u = torch.linalg.eigh(sym)[1][..., :, 0]  # (W, d): eigenvector of the smallest eigenvalue
+    Q = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device).repeat(M.shape[0], 1, 1)
+    Q[walls] = Q[walls] - 2 * u[:, :, None] * u[:, None, :]
+    A = tree_rotations(Q, plan)
+    if not plan.is_forest:
+        w = plan.weight.to(M.dtype)
+        if coupling_gain(A, M, plan.src, plan.dst, w) <= coupling_gain(_eye_like(A), M, plan.src, plan.dst, w):
+            return None
+    return A, walls

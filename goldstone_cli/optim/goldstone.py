@@ -42,9 +42,11 @@ class GoldstoneGD(torch.optim.Optimizer):
             (paper, Algorithm 1 line 9; first order, changes the local loss slightly), ``"expm"``
             (exact rotation, Eq. 12) or ``"cayley"`` (exact rotation, cheaper). ``procrustes``
             always applies exact orthogonal matrices.
-        allow_reflections: ``procrustes`` only: optimize over O(d) (default; the local losses are
-            invariant under reflections too, and only O(d) removes reflection domain walls) or over
-            SO(d).
+        allow_reflections: optimize over O(d) (default; the local losses are invariant under
+            reflections too, and only O(d) removes reflection domain walls) or over SO(d).
+            ``procrustes`` then solves each edge over O(d); ``natural`` (whose gradient lives in
+            so(d), the paper's setting being SO(d)) first flips the walls with exact Householder
+            reflections (``gauge.reflection_flips``), then takes its k2 steps.
         max_sweeps, tol: ``procrustes`` on graphs with cycles: block-coordinate sweeps until psi
             drops by at most ``tol`` (relative) in a sweep, at most ``max_sweeps`` sweeps.
 
@@ -64,8 +66,8 @@ class GoldstoneGD(torch.optim.Optimizer):
         sqrt(1 + angle^2) again, and a randomly initialized dense MF (T=20, d=3) reached NaN after 70
         base steps. ``procrustes`` has no such failure mode; for ``natural`` start from an aligned
         initialization, use ``keep_gauge_fields=False`` or a smaller ``lr_scale``. Only O(d)
-        (``procrustes`` with reflections) removes reflection "domain walls" between time steps;
-        ``natural`` and SO(d) Procrustes leave them in place.
+        (``allow_reflections=True``) removes reflection "domain walls" between time steps; with
+        ``allow_reflections=False`` both solvers leave them in place.
     """
 
     def __init__(
@@ -124,7 +126,7 @@ class GoldstoneGD(torch.optim.Optimizer):
         self.gauge_seconds = 0.0
         self.last_gauge: dict | None = None
         self._cache: dict[Any, Any] = {}  # device -> L^+ or Procrustes plan (built once)
-        if solver == "procrustes":  # graph setup (spanning forest, colouring) once, outside the timing
+        if solver == "procrustes" or allow_reflections:  # graph setup (spanning forest, colouring) once
             self._cache["plan"] = G.procrustes_plan(coupling)
 
     # ----------------------------------------------------------- shared with the base optimizer
@@ -236,7 +238,7 @@ class GoldstoneGD(torch.optim.Optimizer):
             with G.serial_cpu(M):  # only (T, d, d) / (E, d, d) work in here: one CPU thread is fastest
                 if self.solver == "natural":
                     sq = sum(float(torch.linalg.vector_norm(Z)) ** 2 for Z in tensors)  # sum ||z||^2
-                    R, info, gamma = self._natural(k, M, sq, tensors[0].shape[-1])
+                    R, info, gamma = self._natural(k, M, sq, tensors)
                 else:
                     R, info = G.procrustes_solve(
                         M, M_self, self._plan(device), self.allow_reflections, self.max_sweeps, self.tol,
@@ -244,6 +246,8 @@ class GoldstoneGD(torch.optim.Optimizer):
                     )
                     gamma = None
                 angle = float(G.rotation_angles(R, gamma).max()) if R.numel() else 0.0
+                if info.get("flips"):  # a reflection counts as an angle of pi
+                    angle = math.pi
             for Z in tensors:
                 G.rotate_rows_(Z, R)
                 st = self.base.state.get(Z)
@@ -269,21 +273,34 @@ class GoldstoneGD(torch.optim.Optimizer):
         }
         return self.last_gauge
 
-    def _natural(self, k: int, M: Tensor, sq: float, d: int) -> tuple[Tensor, dict, Tensor | None]:
+    def _natural(self, k: int, M: Tensor, sq: float, tensors: list[Tensor]) -> tuple[Tensor, dict, Tensor | None]:
         """Algorithm 1, lines 6-9 for one group: rho' (Eq. 17) from sq = sum ||z||^2, k2 steps of
-        Eq. 16, the rotation (line 9). Returns R, info and Gamma for the linear update's angle."""
-        device, T = M.device, self.coupling.T
+        Eq. 16, the rotation (line 9). Over O(d) the reflection walls are first removed exactly
+        (``gauge.reflection_flips``), R = rotation @ A. Returns R, info and Gamma for the linear
+        update's angle."""
+        device, T, d = M.device, self.coupling.T, tensors[0].shape[-1]
         src, dst = self.coupling.edge_index(device)
         w = self.coupling.edge_weights(torch.float64, device)
         lr = G.natural_learning_rate(sq, d, self.lr_scale)
         gauge = self.gauge_fields[k] if self.keep_gauge_fields else None
         if gauge is None or gauge.device != device:
             gauge = torch.zeros(T, d, d, dtype=torch.float64, device=device)  # G~ (T, d, d)
+        flips = G.reflection_flips(M, self._plan(device)) if self.allow_reflections else None
+        A = None
+        if flips is not None:
+            plan = self._plan(device)
+            M_self = self.coupling.self_moments(tensors).to(torch.float64)
+            A = G.global_fix(flips[0], M_self, plan)  # the flipped frame that moves Z least
+            M = torch.bmm(torch.bmm(A[src], M), A[dst].transpose(1, 2))  # moments of z -> A_t z
+            gauge = torch.bmm(torch.bmm(A, gauge), A.transpose(1, 2))  # kept fields, in the new frame
         gauge = G.natural_solve(gauge, M, src, dst, w, self._pinv(device), lr, self.k2)
         self.gauge_fields[k] = gauge if self.keep_gauge_fields else None
         gamma = G.skew(gauge)  # (T, d, d), Eq. 13
         R = G.rotation_from_generator(gamma, self.rotation)  # (T, d, d), line 9
-        return R, {"lr": lr}, (gamma if self.rotation == "linear" else None)
+        if A is not None:
+            R = torch.bmm(R, A)
+        info = {"lr": lr, "flips": 0 if flips is None else int(flips[1].sum())}
+        return R, info, (gamma if self.rotation == "linear" and A is None else None)
 
     def _pinv(self, device) -> G.LaplacianPinv:
         key = ("pinv", str(device))
