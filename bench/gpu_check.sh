@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU check of this project as one prepared script: the CUDA tests and the GPU benchmarks that
+# docs/benchmarks.md asks for (MovieLens-20M-shaped full-batch step and gauge-step overhead, Dynamic
+# Word Embeddings at the paper's Google Books size, variational and MAP). About 6-8 minutes on one
+# H100; everything it measures lands in $OUT (default bench/results/gpu) as a few files.
+#
+# On a machine without internet (e.g. the lent GPU machines), carry the three packages that its
+# image lacks as wheels. Here, once, from the repository root:
+#
+#     echo /.whl/ >> .git/info/exclude
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform any -d .whl hydra-core==1.3.2 omegaconf==2.3.0
+#     python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
+#
+# then run there:   bash bench/gpu_check.sh      (it installs .whl/*.whl into /tmp/site if present)
+#
+# GPU_CHECK_SMALL=1 DEVICE=cpu bash bench/gpu_check.sh   runs every step at toy sizes on the CPU
+# (a smoke test of this script, not a measurement).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu}
+DEVICE=${DEVICE:-cuda}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+LOG=$OUT/gpu_check.log
+: > "$LOG"
+step() { echo "=== $* ($(date -u +%H:%M:%S))" | tee -a "$LOG"; "$@" 2>&1 | tee -a "$LOG"; echo "=== rc=${PIPESTATUS[0]}" | tee -a "$LOG"; }
+
+(nvidia-smi 2>&1 || true; $PY -c "import torch; print(torch.__version__, torch.cuda.is_available())") | tee -a "$LOG"
+
+if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then
+    ROWS=200000; DWE=(--V 300 --T 12 --d 16 --batch 100); GAUGE=1
+else
+    ROWS=20000263; DWE=(); GAUGE=3
+fi
+
+# 1. CUDA tests (each compares the GPU against the CPU in float64)
+step $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_gauge.py tests/test_goldstone_optim.py
+
+# 2. MovieLens: a generated file in the exact ml-20m layout (20,000,263 rows), then the full-batch
+#    AdaGrad step and the natural gauge step (paper settings, d=30, T=100) on the device
+step $PY -m bench.movielens_load --rows "$ROWS" --repeats 1
+ML=$(ls -d bench/results/movielens/ml-20m-synthetic-"$ROWS"-s0)
+step $PY -m bench.movielens_step steptime --device "$DEVICE" --data "$ML" --steps 6 --gauge-steps "$GAUGE" --tag "gpu_check"
+
+# 3. Dynamic Word Embeddings at the paper's size (V=10,000, T=209, d=100): variational and MAP,
+#    Adam steps and a procrustes gauge step (overhead at k1=10), peak memory
+step $PY -m bench.dwe_scale --inference variational --device "$DEVICE" --steps 5 --optimizer goldstone --k1 10 "${DWE[@]}"
+step $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 5 --optimizer goldstone --k1 10 "${DWE[@]}"
+
+# everything in one archive plus the log (the device tool returns at most 8 files)
+tar -czf "$OUT/results.tar.gz" bench/results/*.json 2>/dev/null
+echo "wrote $OUT/gpu_check.log and $OUT/results.tar.gz"

@@ -1,0 +1,84 @@
+"""The models, Goldstone-GD and `goldstone train` on a CUDA device, each against the same computation
+on the CPU (float64, so the two must agree to rounding). Skipped where no CUDA device exists; run
+them on a GPU with `pytest tests/test_cuda.py tests/test_gauge.py tests/test_goldstone_optim.py`
+(bench/gpu_check.sh does, with the GPU benchmarks)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from goldstone_cli.cli import app
+from goldstone_cli.models.dwe import DynamicWordEmbeddings
+from goldstone_cli.models.movielens import SparseDynamicBernoulliMF
+from goldstone_cli.optim import GoldstoneGD
+
+from test_dwe import _wc
+from test_movielens_model import planted
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+F64 = torch.float64
+
+
+def _loss_and_grads(model, **kw):
+    model.zero_grad()
+    total = model.loss_terms(**kw)["total"]
+    total.backward()
+    return float(total.detach()), [p.grad.detach().cpu() for p in model.parameters()]
+
+
+def _assert_same(cpu_model, gpu_model, **kw):
+    loss_c, grads_c = _loss_and_grads(cpu_model, **kw)
+    loss_g, grads_g = _loss_and_grads(gpu_model, **kw)
+    assert loss_g == pytest.approx(loss_c, rel=1e-10)
+    for a, b in zip(grads_c, grads_g):
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10)
+    ev_c, ev_g = cpu_model.evaluate(), gpu_model.evaluate()
+    assert sorted(ev_c) == sorted(ev_g)
+    for k in ev_c:
+        assert ev_g[k] == pytest.approx(ev_c[k], rel=1e-8, abs=1e-10, nan_ok=True), k
+
+
+def test_movielens_model_on_cuda_matches_cpu():
+    data = planted(n=3000, T=6)
+    kw = dict(d=3, coupling=2.0, gamma=0.7, init_scale=0.5, chunk_size=501, dtype=F64)
+    _assert_same(SparseDynamicBernoulliMF(data, **kw), SparseDynamicBernoulliMF(data, device="cuda", **kw))
+
+
+def test_dwe_map_full_batch_on_cuda_matches_cpu():
+    wc = _wc(V=12, T=5)
+    kw = dict(d=3, inference="map", batch_words=0, batch_contexts=0, dtype=F64, test_mass=0.2)
+    _assert_same(DynamicWordEmbeddings(wc, **kw), DynamicWordEmbeddings(wc, device="cuda", **kw))
+
+
+@pytest.mark.parametrize("solver", ["procrustes", "natural"])
+def test_dwe_variational_trains_with_goldstone_gd_on_cuda(solver):
+    wc = _wc(V=30, T=6)
+    model = DynamicWordEmbeddings(wc, d=4, inference="variational", batch_words=10, batch_contexts=12,
+                                  device="cuda", test_mass=0.2)
+    opt = GoldstoneGD(torch.optim.Adam(model.parameters(), lr=0.05), model.symmetric_groups(), model.coupling,
+                      k1=5, solver=solver, rotation="expm")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(20):
+        opt.zero_grad()
+        loss = model.loss_terms(g)["total"]
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+    assert opt.num_gauge_steps == 4
+    assert opt.last_gauge["psi_after"] <= opt.last_gauge["psi_before"] * (1 + 1e-5)
+    assert all(np.isfinite(v) for v in model.evaluate().values() if not np.isnan(v))
+
+
+def test_goldstone_train_on_cuda_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["train", "model=dense_mf", "data=synthetic", "trainer.device=cuda",
+                                   "trainer.steps=120", "trainer.eval_every=40", "run_dir=run"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 120
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
