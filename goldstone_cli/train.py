@@ -345,9 +345,10 @@ def _gauge_row(optimizer) -> dict[str, Any]:
 
 
 class _GaugeLog:
-    """``gauge.csv``: one row per gauge step (psi before/after, largest rotation angle, seconds)."""
+    """``gauge.csv``: one row per gauge step (psi before/after, largest rotation angle, seconds; for
+    the natural solver also the reflection walls it flipped and the halvings of its step)."""
 
-    COLUMNS = ["step", "psi_before", "psi_after", "max_angle", "seconds"]
+    COLUMNS = ["step", "psi_before", "psi_after", "max_angle", "seconds", "flips", "backtracks"]
 
     def __init__(self, path: Path, resume_from_step: Optional[int]):
         self._w = MetricsWriter(path, self.COLUMNS, resume_from_step=resume_from_step)

@@ -376,3 +376,21 @@ def test_natural_over_o_d_removes_a_reflection_wall_that_so_d_keeps(rotation):
     assert results[True]["max_angle"] == pytest.approx(torch.pi)
     assert results[True]["psi_after"] < 0.05 * results[True]["psi_before"]
     assert results[False]["psi_after"] > 0.2 * results[False]["psi_before"]  # the wall stays
+
+
+@pytest.mark.parametrize("rotation", ["expm", "cayley"])
+def test_natural_with_a_too_large_step_backtracks_instead_of_raising_psi(rotation):
+    """Far from alignment L'' (Eq. 14) is a poor model and rho' (Eq. 17) times a large lr_scale
+    overshoots; an exact natural gauge step then halves its generator until psi does not rise."""
+    mf = _MF(T=12, twist=3.0, noise=0.6, seed=5)
+    opt = GoldstoneGD(torch.optim.SGD([mf.U, mf.V], lr=mf.lr), [[mf.U, mf.V]], mf.coupling, solver="natural",
+                      rotation=rotation, lr_scale=30.0, keep_gauge_fields=True)
+    backtracked = 0
+    for _ in range(4):
+        before = mf.invariants()
+        info = opt.gauge_step()
+        backtracked += info["groups"][0]["backtracks"]
+        assert info["psi_after"] <= info["psi_before"] * (1 + 1e-12)
+        for a, b in zip(before, mf.invariants()):
+            assert float((a - b).norm() / b.norm()) < 1e-10
+    assert backtracked > 0  # the step really was too large

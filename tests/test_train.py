@@ -46,6 +46,13 @@ def test_cli_train_writes_every_output(in_tmp):
     run2 = next(r for r in (in_tmp / "outputs" / "dense_mf").iterdir() if r != run)
     gauge = pd.read_csv(run2 / "gauge.csv")
     assert list(gauge["step"]) == [10, 20, 30, 40] and (gauge["psi_after"] <= gauge["psi_before"]).all()
+    assert gauge["flips"].isna().all()  # procrustes: natural-only columns stay empty
+    res = runner.invoke(app, ["train", "trainer.steps=20", "optimizer.k1=10", "optimizer.solver=natural",
+                              "run_dir=natural", *FAST])
+    assert res.exit_code == 0, res.output
+    gauge = pd.read_csv(in_tmp / "natural" / "gauge.csv")
+    assert list(gauge["step"]) == [10, 20] and (gauge["flips"] >= 0).all() and (gauge["backtracks"] >= 0).all()
+    assert (gauge["psi_after"] <= gauge["psi_before"]).all()
     assert summary["final"]["suboptimality"] == pytest.approx(df["suboptimality"].iloc[-1])
 
 

@@ -15,6 +15,8 @@ from .coupling import Coupling
 
 # Per-parameter optimizer state that transforms like the parameter itself under Z_t <- Z_t R_t^T.
 ROTATED_STATE_KEYS = ("momentum_buffer", "exp_avg")
+# natural solver with an exact rotation: halvings of the gauge field before a step that would raise psi is dropped
+MAX_BACKTRACKS = 30
 
 
 class GoldstoneGD(torch.optim.Optimizer):
@@ -61,11 +63,14 @@ class GoldstoneGD(torch.optim.Optimizer):
     Numerical notes:
         ``natural`` is a second-order (local) method: L'' (Eq. 14) is a good model only while
         neighbouring time steps are roughly aligned. From a random start, M_tt' is far from positive
-        definite, L'' is indefinite and the gauge fields can run away; with ``rotation="linear"`` and
-        kept gauge fields every gauge step then also scales the rotated planes by
-        sqrt(1 + angle^2) again, and a randomly initialized dense MF (T=20, d=3) reached NaN after 70
-        base steps. ``procrustes`` has no such failure mode; for ``natural`` start from an aligned
-        initialization, use ``keep_gauge_fields=False`` or a smaller ``lr_scale``. Only O(d)
+        definite, L'' is indefinite and the gauge fields can run away. With an exact rotation
+        (``expm``, ``cayley``) the step is therefore checked: psi(RZ) - psi(Z) follows from the
+        pair moments alone, and the generator is halved until psi does not rise (``backtracks`` in
+        the diagnostics), so an exact gauge step never raises psi. With ``rotation="linear"`` (the
+        paper's update, not a rotation) there is no such check, and with kept gauge fields every
+        gauge step also scales the rotated planes by sqrt(1 + angle^2) again: a randomly
+        initialized dense MF (T=20, d=3) reached NaN after 70 base steps. ``procrustes`` has no such
+        failure mode. Only O(d)
         (``allow_reflections=True``) removes reflection "domain walls" between time steps; with
         ``allow_reflections=False`` both solvers leave them in place.
     """
@@ -224,7 +229,8 @@ class GoldstoneGD(torch.optim.Optimizer):
     def gauge_step(self) -> dict:
         """Rotate every symmetric group by the solver's R_t (in place) and the rotation-equivariant
         base state with it. Returns (and stores in ``last_gauge``) the diagnostics
-        {"step", "psi_before", "psi_after", "max_angle", "seconds", "groups": [per-group info]}."""
+        {"step", "psi_before", "psi_after", "max_angle", "seconds", "groups": [per-group info]}, and
+        for ``natural`` the totals "flips" (reflection walls flipped) and "backtracks" (halvings)."""
         t0 = time.perf_counter()
         psi_before = psi_after = max_angle = 0.0
         per_group = []
@@ -271,6 +277,9 @@ class GoldstoneGD(torch.optim.Optimizer):
             "seconds": seconds,
             "groups": per_group,
         }
+        for key in ("flips", "backtracks"):  # natural only: reflection walls flipped, step halvings
+            if any(key in g for g in per_group):
+                self.last_gauge[key] = sum(g.get(key, 0) for g in per_group)
         return self.last_gauge
 
     def _natural(self, k: int, M: Tensor, sq: float, tensors: list[Tensor]) -> tuple[Tensor, dict, Tensor | None]:
@@ -294,12 +303,27 @@ class GoldstoneGD(torch.optim.Optimizer):
             M = torch.bmm(torch.bmm(A[src], M), A[dst].transpose(1, 2))  # moments of z -> A_t z
             gauge = torch.bmm(torch.bmm(A, gauge), A.transpose(1, 2))  # kept fields, in the new frame
         gauge = G.natural_solve(gauge, M, src, dst, w, self._pinv(device), lr, self.k2)
-        self.gauge_fields[k] = gauge if self.keep_gauge_fields else None
         gamma = G.skew(gauge)  # (T, d, d), Eq. 13
         R = G.rotation_from_generator(gamma, self.rotation)  # (T, d, d), line 9
+        backtracks = 0
+        if self.rotation != "linear":
+            # An exact rotation must never raise psi. L'' (Eq. 14) is only a local model: far from
+            # alignment it can send the fields past the minimum (we saw psi x4 on word embeddings at
+            # lr_scale=1). psi(RZ) - psi(Z) = -(f(R) - f(I)) by (*) costs O(E d^3), so halve the
+            # generator until psi does not rise (at most MAX_BACKTRACKS times, then rotate nothing).
+            f_id = G.coupling_gain(torch.eye(d, dtype=M.dtype, device=device).expand(T, d, d), M, src, dst, w)
+            f_id = f_id - 64 * torch.finfo(M.dtype).eps * (w * torch.linalg.matrix_norm(M)).sum()  # rounding
+            while G.coupling_gain(R, M, src, dst, w) < f_id:
+                backtracks += 1
+                gauge = 0.5 * gauge if backtracks <= MAX_BACKTRACKS else torch.zeros_like(gauge)
+                gamma = G.skew(gauge)
+                R = G.rotation_from_generator(gamma, self.rotation)
+                if backtracks > MAX_BACKTRACKS:
+                    break
+        self.gauge_fields[k] = gauge if self.keep_gauge_fields else None
         if A is not None:
             R = torch.bmm(R, A)
-        info = {"lr": lr, "flips": 0 if flips is None else int(flips[1].sum())}
+        info = {"lr": lr, "flips": 0 if flips is None else int(flips[1].sum()), "backtracks": backtracks}
         return R, info, (gamma if self.rotation == "linear" and A is None else None)
 
     def _pinv(self, device) -> G.LaplacianPinv:
