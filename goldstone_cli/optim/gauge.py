@@ -150,19 +150,39 @@ def natural_gradient(gauge: Tensor, M: Tensor, src: Tensor, dst: Tensor, weight:
     Per edge, with N = M^T: dL''/dGamma_src = w [M + 1/2 (Gamma_dst N - Gamma_src M + M (Gamma_dst -
     Gamma_src))^T] and dL''/dGamma_dst = w [N + 1/2 (Gamma_src M - Gamma_dst N + N (Gamma_src -
     Gamma_dst))^T]; then dL''/dG~ = g - g^T (chain rule through Eq. 13)."""
-    G = skew(gauge)
-    Ga, Gb = G[src], G[dst]  # (E, d, d)
-    N = M.transpose(1, 2)
-    GbN, GaM = torch.bmm(Gb, N), torch.bmm(Ga, M)
-    Ha = GbN - GaM + torch.bmm(M, Gb - Ga)
-    Hb = GaM - GbN + torch.bmm(N, Ga - Gb)
-    w = weight[:, None, None]
-    grad_a = w * (M + 0.5 * Ha.transpose(1, 2))  # (E, d, d)
-    grad_b = w * (N + 0.5 * Hb.transpose(1, 2))
-    g = torch.zeros_like(gauge)  # (T, d, d), dL''/dGamma
-    g.index_add_(0, src, grad_a)
-    g.index_add_(0, dst, grad_b)
-    return g - g.transpose(1, 2)
+    return _NaturalGradient(M, src, dst, weight)(gauge)
+
+
+class _NaturalGradient:
+    """:func:`natural_gradient` with the per-edge constants (w M, w M^T) computed once for the k2
+    steps of a gauge step, and a chain fast path (edges (t, t+1) in order: slices instead of
+    gathers and scatter-adds)."""
+
+    def __init__(self, M: Tensor, src: Tensor, dst: Tensor, weight: Tensor):
+        self.M, self.N = M, M.transpose(1, 2)
+        self.w = weight.to(M.dtype)[:, None, None]
+        self.wM, self.wN = self.w * self.M, self.w * self.N
+        self.src, self.dst = src, dst
+        E = src.numel()
+        self.chain = E > 0 and bool((src == torch.arange(E, device=src.device)).all()) and bool((dst == src + 1).all())
+
+    def __call__(self, gauge: Tensor) -> Tensor:
+        G = skew(gauge)  # (T, d, d), Eq. 13
+        if self.chain and G.shape[0] == self.src.numel() + 1:
+            Ga, Gb = G[:-1], G[1:]
+        else:
+            Ga, Gb = G[self.src], G[self.dst]  # (E, d, d)
+        P = torch.bmm(Gb, self.N) - torch.bmm(Ga, self.M)  # Gamma_dst N - Gamma_src M
+        D = Gb - Ga
+        grad_a = self.wM + 0.5 * self.w * (P + torch.bmm(self.M, D)).transpose(1, 2)
+        grad_b = self.wN - 0.5 * self.w * (P + torch.bmm(self.N, D)).transpose(1, 2)
+        if self.chain and G.shape[0] == self.src.numel() + 1:
+            g = torch.nn.functional.pad(grad_a, (0, 0, 0, 0, 0, 1)) + torch.nn.functional.pad(grad_b, (0, 0, 0, 0, 1, 0))
+        else:
+            g = torch.zeros_like(gauge)  # (T, d, d), dL''/dGamma
+            g.index_add_(0, self.src, grad_a)
+            g.index_add_(0, self.dst, grad_b)
+        return g - g.transpose(1, 2)
 
 
 def natural_learning_rate(total_sq_norm: float, d: int, lr_scale: float = 1.0) -> float:
@@ -177,22 +197,27 @@ class LaplacianPinv:
     """Applies L^+ (the Laplacian pseudo-inverse) in t-space to a (T, ...) tensor (Eq. 16).
 
     A chain is solved exactly in O(T) per entry with two cumulative sums (the edge "fluxes" of
-    L y = b); any other graph uses the dense (T, T) pseudo-inverse, computed once."""
+    L y = b); any other graph uses the dense (T, T) pseudo-inverse, computed once. Small chain
+    problems (T * b.numel() <= ``dense_work`` multiply-adds) use the dense product too: one kernel
+    beats the recurrences' ten small ones there."""
 
-    def __init__(self, coupling: Coupling, device=None, dtype=torch.float64):
+    DENSE_WORK = 1 << 21
+
+    def __init__(self, coupling: Coupling, device=None, dtype=torch.float64, dense_work: int = DENSE_WORK):
         self.T = coupling.T
         self.chain = coupling.is_chain() and coupling.T > 1
-        if self.chain:
-            self.weight = torch.as_tensor(coupling.weight, dtype=dtype, device=device)  # (T-1,)
-            self.dense = None
-        else:
-            self.weight = None
-            self.dense = coupling.laplacian_pinv(dtype=dtype, device=device)  # (T, T)
+        self.dense_work = dense_work
+        self._coupling, self._device, self._dtype = coupling, device, dtype
+        self.weight = torch.as_tensor(coupling.weight, dtype=dtype, device=device) if self.chain else None  # (T-1,)
+        small = self.chain and self.T <= 512  # the dense product may serve small chains too (below)
+        self.dense = coupling.laplacian_pinv(dtype=dtype, device=device) if not self.chain or small else None  # (T, T)
 
     def __call__(self, b: Tensor) -> Tensor:
         if self.T == 1:
             return torch.zeros_like(b)
-        if not self.chain:
+        if not self.chain or self.T * b.numel() <= self.dense_work:
+            if self.dense is None:
+                self.dense = self._coupling.laplacian_pinv(dtype=self._dtype, device=self._device)
             return torch.tensordot(self.dense.to(b.dtype), b, dims=([1], [0]))
         shape = (-1,) + (1,) * (b.dim() - 1)
         b = b - b.mean(dim=0, keepdim=True)  # project out the zero mode (global rotations)
@@ -214,8 +239,9 @@ def natural_solve(
     k2: int,
 ) -> Tensor:
     """k2 natural-gradient steps G~ <- G~ - rho' L^+ grad L''(G~; M) (Eq. 16, Algorithm 1 line 8)."""
+    grad = _NaturalGradient(M, src, dst, weight)
     for _ in range(k2):
-        gauge = gauge - lr * lap_pinv(natural_gradient(gauge, M, src, dst, weight))
+        gauge = gauge - lr * lap_pinv(grad(gauge))
     return gauge
 
 

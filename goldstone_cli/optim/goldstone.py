@@ -15,8 +15,8 @@ from .coupling import Coupling
 
 # Per-parameter optimizer state that transforms like the parameter itself under Z_t <- Z_t R_t^T.
 ROTATED_STATE_KEYS = ("momentum_buffer", "exp_avg")
-# natural solver with an exact rotation: halvings of the gauge field before a step that would raise psi is dropped
-MAX_BACKTRACKS = 30
+# natural solver, exact rotation: halvings of the gauge field (1/1024) before a step that would raise psi is dropped
+MAX_BACKTRACKS = 10
 
 
 class GoldstoneGD(torch.optim.Optimizer):
@@ -133,6 +133,8 @@ class GoldstoneGD(torch.optim.Optimizer):
         self._cache: dict[Any, Any] = {}  # device -> L^+ or Procrustes plan (built once)
         if solver == "procrustes" or allow_reflections:  # graph setup (spanning forest, colouring) once
             self._cache["plan"] = G.procrustes_plan(coupling)
+        if solver == "natural":  # L^+ once (paper, below Eq. 16), on the parameters' device
+            self._pinv(self.groups[0][0].device)
 
     # ----------------------------------------------------------- shared with the base optimizer
     @property
