@@ -168,7 +168,8 @@ class _NaturalGradient:
 
     def __call__(self, gauge: Tensor) -> Tensor:
         G = skew(gauge)  # (T, d, d), Eq. 13
-        if self.chain and G.shape[0] == self.src.numel() + 1:
+        chain = self.chain and G.shape[0] == self.src.numel() + 1  # no node beyond the last edge
+        if chain:
             Ga, Gb = G[:-1], G[1:]
         else:
             Ga, Gb = G[self.src], G[self.dst]  # (E, d, d)
@@ -176,7 +177,7 @@ class _NaturalGradient:
         D = Gb - Ga
         grad_a = self.wM + 0.5 * self.w * (P + torch.bmm(self.M, D)).transpose(1, 2)
         grad_b = self.wN - 0.5 * self.w * (P + torch.bmm(self.N, D)).transpose(1, 2)
-        if self.chain and G.shape[0] == self.src.numel() + 1:
+        if chain:
             g = torch.nn.functional.pad(grad_a, (0, 0, 0, 0, 0, 1)) + torch.nn.functional.pad(grad_b, (0, 0, 0, 0, 1, 0))
         else:
             g = torch.zeros_like(gauge)  # (T, d, d), dL''/dGamma
@@ -207,17 +208,15 @@ class LaplacianPinv:
         self.T = coupling.T
         self.chain = coupling.is_chain() and coupling.T > 1
         self.dense_work = dense_work
-        self._coupling, self._device, self._dtype = coupling, device, dtype
         self.weight = torch.as_tensor(coupling.weight, dtype=dtype, device=device) if self.chain else None  # (T-1,)
-        small = self.chain and self.T <= 512  # the dense product may serve small chains too (below)
-        self.dense = coupling.laplacian_pinv(dtype=dtype, device=device) if not self.chain or small else None  # (T, T)
+        # T * b.numel() >= T^2: above dense_work a chain never takes the dense product
+        needs_dense = not self.chain or self.T * self.T <= dense_work
+        self.dense = coupling.laplacian_pinv(dtype=dtype, device=device) if needs_dense else None  # (T, T)
 
     def __call__(self, b: Tensor) -> Tensor:
         if self.T == 1:
             return torch.zeros_like(b)
         if not self.chain or self.T * b.numel() <= self.dense_work:
-            if self.dense is None:
-                self.dense = self._coupling.laplacian_pinv(dtype=self._dtype, device=self._device)
             return torch.tensordot(self.dense.to(b.dtype), b, dims=([1], [0]))
         shape = (-1,) + (1,) * (b.dim() - 1)
         b = b - b.mean(dim=0, keepdim=True)  # project out the zero mode (global rotations)

@@ -70,9 +70,8 @@ class GoldstoneGD(torch.optim.Optimizer):
         paper's update, not a rotation) there is no such check, and with kept gauge fields every
         gauge step also scales the rotated planes by sqrt(1 + angle^2) again: a randomly
         initialized dense MF (T=20, d=3) reached NaN after 70 base steps. ``procrustes`` has no such
-        failure mode. Only O(d)
-        (``allow_reflections=True``) removes reflection "domain walls" between time steps; with
-        ``allow_reflections=False`` both solvers leave them in place.
+        failure mode. Only O(d) (``allow_reflections=True``) removes reflection "domain walls"
+        between time steps; with ``allow_reflections=False`` both solvers leave them in place.
     """
 
     def __init__(
@@ -299,34 +298,33 @@ class GoldstoneGD(torch.optim.Optimizer):
         flips = G.reflection_flips(M, self._plan(device)) if self.allow_reflections else None
         A = None
         if flips is not None:
-            plan = self._plan(device)
             M_self = self.coupling.self_moments(tensors).to(torch.float64)
-            A = G.global_fix(flips[0], M_self, plan)  # the flipped frame that moves Z least
+            A = G.global_fix(flips[0], M_self, self._plan(device))  # the flipped frame that moves Z least
             M = torch.bmm(torch.bmm(A[src], M), A[dst].transpose(1, 2))  # moments of z -> A_t z
             gauge = torch.bmm(torch.bmm(A, gauge), A.transpose(1, 2))  # kept fields, in the new frame
         gauge = G.natural_solve(gauge, M, src, dst, w, self._pinv(device), lr, self.k2)
-        gamma = G.skew(gauge)  # (T, d, d), Eq. 13
-        R = G.rotation_from_generator(gamma, self.rotation)  # (T, d, d), line 9
+        R = G.rotation_from_generator(G.skew(gauge), self.rotation)  # (T, d, d), Eq. 13 and line 9
         backtracks = 0
         if self.rotation != "linear":
             # An exact rotation must never raise psi. L'' (Eq. 14) is only a local model: far from
             # alignment it can send the fields past the minimum (we saw psi x4 on word embeddings at
             # lr_scale=1). psi(RZ) - psi(Z) = -(f(R) - f(I)) by (*) costs O(E d^3), so halve the
             # generator until psi does not rise (at most MAX_BACKTRACKS times, then rotate nothing).
-            f_id = G.coupling_gain(torch.eye(d, dtype=M.dtype, device=device).expand(T, d, d), M, src, dst, w)
+            eye = torch.eye(d, dtype=M.dtype, device=device).expand(T, d, d)
+            f_id = G.coupling_gain(eye, M, src, dst, w)
             f_id = f_id - 64 * torch.finfo(M.dtype).eps * (w * torch.linalg.matrix_norm(M)).sum()  # rounding
             while G.coupling_gain(R, M, src, dst, w) < f_id:
-                backtracks += 1
-                gauge = 0.5 * gauge if backtracks <= MAX_BACKTRACKS else torch.zeros_like(gauge)
-                gamma = G.skew(gauge)
-                R = G.rotation_from_generator(gamma, self.rotation)
-                if backtracks > MAX_BACKTRACKS:
+                if backtracks == MAX_BACKTRACKS:  # still rising: rotate nothing, forget the fields
+                    gauge, R = torch.zeros_like(gauge), eye.clone()
                     break
+                backtracks += 1
+                gauge = 0.5 * gauge
+                R = G.rotation_from_generator(G.skew(gauge), self.rotation)
         self.gauge_fields[k] = gauge if self.keep_gauge_fields else None
         if A is not None:
             R = torch.bmm(R, A)
         info = {"lr": lr, "flips": 0 if flips is None else int(flips[1].sum()), "backtracks": backtracks}
-        return R, info, (gamma if self.rotation == "linear" and A is None else None)
+        return R, info, (G.skew(gauge) if self.rotation == "linear" and A is None else None)
 
     def _pinv(self, device) -> G.LaplacianPinv:
         key = ("pinv", str(device))
