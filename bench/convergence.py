@@ -141,8 +141,12 @@ def main() -> None:
         base = [rows[b]["steps_mean"] for b in BASELINES if b in rows]
         if not base:
             for ref in args.reference:
-                base += [r["steps_mean"] for r in json.loads(ref.read_text())["summary"]
-                         if r["T"] == T and r["method"] in BASELINES]
+                earlier = json.loads(ref.read_text())
+                same = {k: earlier["meta"].get(k) for k in ("cap", "tol", "seeds", "init_scale")}
+                if same != {"cap": args.cap, "tol": args.tol, "seeds": args.seeds, "init_scale": args.init_scale}:
+                    raise SystemExit(f"{ref} was run with {same}; this run uses cap={args.cap}, tol={args.tol}, "
+                                     f"seeds={args.seeds}, init_scale={args.init_scale}: its baselines do not compare")
+                base += [r["steps_mean"] for r in earlier["summary"] if r["T"] == T and r["method"] in BASELINES]
         best_base = min(base) if base else None
         for row in rows.values():
             row["speedup_vs_best_baseline"] = best_base / row["steps_mean"] if best_base else None
