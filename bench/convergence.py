@@ -106,6 +106,10 @@ def main() -> None:
                     help="earlier results .json files whose baseline rows count as the best baseline when "
                          "--methods runs no baseline (step counts are deterministic: float64, one thread)")
     args = ap.parse_args()
+    for ref in args.reference:
+        if not ref.is_file():
+            ap.error(f"--reference {ref}: no such file; write it first with a full run, e.g. "
+                     f"python -m bench.convergence --T {' '.join(map(str, args.T))} --out {ref.with_suffix('')}")
 
     tasks = [(m, lr, T, 0, args.cap, args.tol, args.init_scale)
              for T in args.T for m in args.methods for lr in (METHODS[m][1][:2] if args.quick else METHODS[m][1])]
