@@ -176,7 +176,10 @@ def main() -> None:
     if device.type == "cuda":
         res["cuda_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     print(res, flush=True)
-    atomic_write_json(RESULTS / f"dwe_scale-{args.inference}-{device.type}-{args.optimizer}.json", res)
+    name = f"dwe_scale-{args.inference}-{device.type}-{args.optimizer}"
+    if args.optimizer == "goldstone" and args.solver != "procrustes":
+        name += f"-{args.solver}"
+    atomic_write_json(RESULTS / f"{name}.json", res)
 
 
 if __name__ == "__main__":

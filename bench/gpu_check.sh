@@ -2,7 +2,7 @@
 # The GPU check of this project as one prepared script: the CUDA tests and the GPU benchmarks that
 # docs/benchmarks.md asks for (MovieLens-20M-shaped full-batch step and gauge-step overhead, Dynamic
 # Word Embeddings at the paper's Google Books size, variational and MAP). About 5 minutes on one
-# H100; everything it measures lands in $OUT (default bench/results/gpu) as a few files.
+# H200; everything it measures lands in $OUT (default bench/results/gpu) as a few files.
 #
 # On a machine without internet (e.g. the lent GPU machines), carry the three packages that its
 # image lacks as wheels. Here, once, from the repository root:
@@ -16,7 +16,8 @@
 # ML_SMALL=<copy of ml-latest-small> adds that sample, which the device machine lacks)
 #
 # GPU_CHECK_SMALL=1 DEVICE=cpu bash bench/gpu_check.sh   runs every step at toy sizes on the CPU
-# (a smoke test of this script, not a measurement).
+# (a smoke test of this script, not a measurement). GPU_CHECK_STEPS="tests dxd dwe" runs a subset of
+# the steps tests, ml_small, dwe, dxd, ml20m (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
@@ -28,6 +29,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+STEPS=" ${GPU_CHECK_STEPS:-tests ml_small dwe dxd ml20m} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 LOG=$OUT/gpu_check.log
 : > "$LOG"
 step() { echo "=== $* ($(date -u +%H:%M:%S))" | tee -a "$LOG"; "$@" 2>&1 | tee -a "$LOG"; echo "=== rc=${PIPESTATUS[0]}" | tee -a "$LOG"; }
@@ -42,17 +45,21 @@ fi
 
 # 0. In the background (CPU only): a generated file in the exact ml-20m layout (20,000,263 rows),
 #    parsed and cached, for step 4. It overlaps the tests; its load times are not reported from here.
-(timeout 420 $PY -m bench.movielens_load --rows "$ROWS" --repeats 1 > "$OUT/ml20m_generate.log" 2>&1;
- echo "rc=$?" >> "$OUT/ml20m_generate.log") &
-GEN=$!
+if want ml20m; then
+    (timeout 420 $PY -m bench.movielens_load --rows "$ROWS" --repeats 1 > "$OUT/ml20m_generate.log" 2>&1;
+     echo "rc=$?" >> "$OUT/ml20m_generate.log") &
+    GEN=$!
+fi
 
 # 1. CUDA tests (each compares the GPU against the CPU in float64)
-step timeout 300 $PY -m pytest -q -p no:cacheprovider --durations=8 tests/test_cuda.py tests/test_gauge.py tests/test_goldstone_optim.py
+want tests && step timeout 300 $PY -m pytest -q -p no:cacheprovider --durations=8 tests/test_cuda.py tests/test_gauge.py tests/test_goldstone_optim.py
 
 # 2. MovieLens ml-latest-small, paper settings (d=30, T=100): full-batch AdaGrad step and natural gauge
 #    step on the device. ML_SMALL names a copy of the sample (the device machine has no ../shared).
 ML_SMALL=${ML_SMALL:-../shared/data/movielens/ml-latest-small}
-if [ -e "$ML_SMALL" ]; then
+if ! want ml_small; then
+    :
+elif [ -e "$ML_SMALL" ]; then
     step timeout 180 $PY -m bench.movielens_step steptime --device "$DEVICE" --data "$ML_SMALL" --steps 11 --gauge-steps 5 --tag "gpu_small"
 else
     echo "=== skipped ml-latest-small: $ML_SMALL not found (set ML_SMALL)" | tee -a "$LOG"
@@ -60,13 +67,20 @@ fi
 
 # 3. Dynamic Word Embeddings at the paper's size (V=10,000, T=209, d=100): variational and MAP,
 #    Adam steps and a procrustes gauge step (overhead at k1=10), peak memory
-step timeout 240 $PY -m bench.dwe_scale --inference variational --device "$DEVICE" --steps 5 --optimizer goldstone --k1 10 "${DWE[@]}"
-step timeout 240 $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 5 --optimizer goldstone --k1 10 "${DWE[@]}"
+#    (and the natural solver on MAP); then the d x d linear algebra of those gauge steps on its own
+if want dwe; then
+    step timeout 240 $PY -m bench.dwe_scale --inference variational --device "$DEVICE" --steps 5 --optimizer goldstone --k1 10 "${DWE[@]}"
+    step timeout 240 $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 5 --optimizer goldstone --k1 10 "${DWE[@]}"
+    step timeout 240 $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 5 --optimizer goldstone --solver natural --k1 10 "${DWE[@]}"
+fi
+want dxd && step timeout 120 $PY -m bench.dxd_speed --device "$DEVICE"
 
 # 4. MovieLens on the ML-20M-shaped file of step 0 (waits for it)
-wait $GEN; cat "$OUT/ml20m_generate.log" >> "$LOG"
-ML=$(ls -d bench/results/movielens/ml-20m-synthetic-"$ROWS"-s0)
-step timeout 240 $PY -m bench.movielens_step steptime --device "$DEVICE" --data "$ML" --steps 6 --gauge-steps "$GAUGE" --tag "gpu_check"
+if want ml20m; then
+    wait $GEN; cat "$OUT/ml20m_generate.log" >> "$LOG"
+    ML=$(ls -d bench/results/movielens/ml-20m-synthetic-"$ROWS"-s0)
+    step timeout 240 $PY -m bench.movielens_step steptime --device "$DEVICE" --data "$ML" --steps 6 --gauge-steps "$GAUGE" --tag "gpu_check"
+fi
 
 # everything in one archive plus the log (the device tool returns at most 8 files)
 tar -czf "$OUT/results.tar.gz" bench/results/*.json 2>/dev/null

@@ -181,6 +181,46 @@ def test_polar_factor_is_the_best_orthogonal_matrix():
     torch.testing.assert_close(G.polar_factor(torch.zeros(2, 3, 3, dtype=DT)), eye.expand(2, 3, 3))
 
 
+def test_polar_newton_matches_the_svd_polar_factor():
+    """The GPU path of polar_factor (d > 32): the scaled Newton iteration gives the SVD's Q on well- and
+    ill-conditioned matrices, the same objective Tr(Q^T B) on rank-deficient ones (where Q is free in the
+    null directions), and reports the matrices it cannot invert."""
+    g, d = _rng(14), 40
+    Qa, _ = torch.linalg.qr(torch.randn(4, d, d, generator=g, dtype=DT))
+    Qb, _ = torch.linalg.qr(torch.randn(4, d, d, generator=g, dtype=DT))
+    well = torch.randn(6, d, d, generator=g, dtype=DT)
+    ill = Qa @ torch.diag_embed(torch.logspace(0, -11, d, dtype=DT).expand(4, d)) @ Qb  # condition 1e11
+    refl = well * torch.tensor([1.0] * (d - 1) + [-1.0], dtype=DT)  # some with det < 0
+    Zl = torch.randn(4, d, 7, generator=g, dtype=DT)
+    rank7 = Zl @ Zl.transpose(1, 2) @ Qa  # rank 7 of 40
+    for B, q_tol in ((well, 1e-12), (ill, 1e-4), (refl, 1e-12), (rank7, None)):
+        B = B + G._TIE_BREAK * B.flatten(-2).norm(dim=-1)[..., None, None] * torch.eye(d, dtype=DT)
+        Q, ok = G.polar_newton(B)
+        assert bool(ok.all())
+        U, _, Vh = torch.linalg.svd(B)
+        Q_svd = U @ Vh
+        torch.testing.assert_close(Q.transpose(1, 2) @ Q, torch.eye(d, dtype=DT).expand_as(Q), atol=1e-12, rtol=0)
+        torch.testing.assert_close((Q * B).sum((1, 2)), (Q_svd * B).sum((1, 2)), atol=1e-11, rtol=1e-13)
+        if q_tol is not None:
+            torch.testing.assert_close(Q, Q_svd, atol=q_tol, rtol=0)
+    singular = torch.zeros(2, d, d, dtype=DT)
+    singular[1] = torch.eye(d, dtype=DT)
+    _, ok = G.polar_newton(singular)
+    assert ok.tolist() == [False, True]
+
+
+def test_largest_eigenvalue_from_products_matches_eigvalsh():
+    g = _rng(15)
+    R = torch.linalg.matrix_exp(G.skew(torch.randn(8, 40, 40, generator=g, dtype=DT) * 0.2))
+    D = R - torch.eye(40, dtype=DT)
+    A = torch.randn(3, 40, 40, generator=g, dtype=DT)
+    for P in (D.transpose(1, 2) @ D, A @ A.transpose(1, 2), torch.zeros(2, 40, 40, dtype=DT)):
+        torch.testing.assert_close(G._largest_eigenvalue_psd(P), torch.linalg.eigvalsh(P)[..., -1], rtol=1e-4, atol=1e-14)
+    # a pair of equal largest eigenvalues (one rotation plane) and a near tie resolve too
+    P = torch.diag(torch.tensor([3.0, 3.0, 2.9999, 1.0], dtype=DT))[None]
+    torch.testing.assert_close(G._largest_eigenvalue_psd(P), torch.tensor([3.0], dtype=DT), rtol=1e-4, atol=0)
+
+
 def _brute_force_min(c: Coupling, Z: torch.Tensor, reflections: bool, starts: int = 6, seed: int = 0) -> float:
     """min over R_1..R_{T-1} in SO(d) (or O(d)) of psi(RZ), R_0 = I, by multi-start BFGS."""
     T, _, d = Z.shape

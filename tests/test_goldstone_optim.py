@@ -233,17 +233,36 @@ def test_float32(solver):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("solver", ["procrustes", "natural"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_matches_cpu(solver, dtype):
+# d > 32: on the GPU the d x d work takes gauge.polar_newton and product-only eigenvalues
+@pytest.mark.parametrize("dtype, d", [(torch.float32, 3), (torch.float64, 3), (torch.float64, 40)])
+def test_cuda_matches_cpu(solver, dtype, d):
     results = []
+    size = dict(nu=20, ni=15) if d <= 3 else dict(nu=60, ni=50)
     for device in ("cpu", "cuda"):
-        mf = _MF(T=8, twist=1.0, noise=0.05, seed=5, dtype=dtype, device=device)
+        mf = _MF(T=8, d=d, twist=1.0, noise=0.05, seed=5, dtype=dtype, device=device, **size)
         opt = GoldstoneGD(torch.optim.SGD([mf.U, mf.V], lr=mf.lr, momentum=0.5), [[mf.U, mf.V]],
                           mf.coupling, k1=5, solver=solver, rotation="expm")
         _train(opt, mf, 20)
         results.append(mf.U.detach().cpu())
     tol = 1e-3 if dtype == torch.float32 else 1e-9
     torch.testing.assert_close(results[1], results[0], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("solver", ["procrustes", "natural"])
+def test_product_only_d_by_d_path_gives_the_same_training(solver, monkeypatch):
+    """What the GPU does for d > 32 (polar factors by Newton's iteration, largest eigenvalues by
+    repeated squaring), forced on the CPU: the same parameters and diagnostics as the LAPACK path."""
+    runs = []
+    for forced in (False, True):
+        monkeypatch.setattr(G, "_loops_on_device", lambda B, forced=forced: forced and B.shape[-1] > 1)
+        mf = _MF(T=8, nu=60, ni=50, d=40, twist=1.0, noise=0.05, seed=5)
+        opt = GoldstoneGD(torch.optim.SGD([mf.U, mf.V], lr=mf.lr, momentum=0.5), [[mf.U, mf.V]],
+                          mf.coupling, k1=5, solver=solver, rotation="expm")
+        _train(opt, mf, 20)
+        runs.append((mf.U.detach().clone(), opt.last_gauge))
+    torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-9, rtol=1e-9)
+    for key in ("psi_before", "psi_after", "max_angle"):
+        assert runs[1][1][key] == pytest.approx(runs[0][1][key], rel=1e-4, abs=1e-9), key
 
 
 # ------------------------------------------------------------------------- bookkeeping

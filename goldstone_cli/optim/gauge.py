@@ -71,13 +71,31 @@ def _eye_like(B: Tensor) -> Tensor:
     return torch.eye(B.shape[-1], dtype=B.dtype, device=B.device).expand_as(B)
 
 
+# cuSOLVER's batched Jacobi SVD and eigensolvers take matrices up to 32 x 32 only; for larger ones
+# torch loops over the batch, about 1 ms per 100 x 100 matrix on an H200 (0.8 s of each procrustes
+# gauge step of DWE at the paper's size against an Adam step of 0.03-0.08 s). There the d x d work
+# below uses iterations built from batched products and inverses instead.
+_BATCHED_SOLVER_MAX_D = 32
+
+
+def _loops_on_device(B: Tensor) -> bool:
+    return B.is_cuda and B.shape[-1] > _BATCHED_SOLVER_MAX_D
+
+
 def polar_factor(B: Tensor, allow_reflections: bool = True) -> Tensor:
     """The orthogonal Q maximizing <Q, B>_F = Tr(Q^T B) for each matrix of a batch (..., d, d).
 
     Q = U V^T from the SVD B = U S V^T (Kabsch). With ``allow_reflections=False`` Q is restricted to
-    SO(d): the sign of the smallest singular direction is flipped where det(U V^T) < 0."""
+    SO(d): the sign of the smallest singular direction is flipped where det(U V^T) < 0. On a GPU with
+    d > 32 (O(d) only) the same Q comes from :func:`polar_newton`, the SVD taking the matrices where
+    that did not converge."""
     scale = B.flatten(-2).norm(dim=-1)[..., None, None]  # (..., 1, 1)
     B = B + _TIE_BREAK * (scale + torch.finfo(B.dtype).tiny) * _eye_like(B)
+    if allow_reflections and _loops_on_device(B) and B.numel():
+        Q, ok = polar_newton(B)
+        if not bool(ok.all()):
+            Q[~ok] = polar_factor(B[~ok].cpu()).to(B.device)  # rare: (nearly) singular matrices
+        return Q
     with serial_cpu(B):
         U, _, Vh = torch.linalg.svd(B)
         det = torch.linalg.det(U) * torch.linalg.det(Vh) if not allow_reflections else None
@@ -89,6 +107,58 @@ def polar_factor(B: Tensor, allow_reflections: bool = True) -> Tensor:
     return U @ Vh
 
 
+def polar_newton(B: Tensor, max_iter: int = 30) -> tuple[Tensor, Tensor]:
+    """Orthogonal polar factor of each (nonsingular) matrix of a batch (..., d, d) by the scaled
+    Newton iteration X <- (zeta X + X^{-T} / zeta) / 2, zeta = sqrt(||X^{-1}||_F / ||X||_F) (Higham,
+    1986): it keeps the singular vectors, maps every singular value towards 1 and converges
+    quadratically (about 10 iterations for condition numbers up to 1e13). Batched inverses and
+    products only, so it runs at the speed of the GPU where a batched SVD does not. Returns
+    (Q, converged): converged (...,) is False where an inverse failed or Q^T Q is not I to 1e-10."""
+    X = B.clone()
+    d = B.shape[-1]
+    eye = _eye_like(B)
+    ok = torch.ones(B.shape[:-2], dtype=torch.bool, device=B.device)
+    for _ in range(max_iter):
+        Y, info = torch.linalg.inv_ex(X)
+        ok &= info == 0
+        Y = torch.where(ok[..., None, None], Y, eye)  # failed ones: held at the identity, reported
+        zeta = (torch.linalg.matrix_norm(Y) / torch.linalg.matrix_norm(X).clamp_min(torch.finfo(X.dtype).tiny)).sqrt()
+        zeta = torch.where(torch.isfinite(zeta) & (zeta > 0), zeta, torch.ones_like(zeta))[..., None, None]
+        X_new = 0.5 * (zeta * X + Y.transpose(-1, -2) / zeta)
+        X_new = torch.where(ok[..., None, None], X_new, eye)
+        change = float(torch.linalg.matrix_norm(X_new - X).max()) if X.numel() else 0.0
+        X = X_new
+        if not change > 1e-9 * d ** 0.5:  # converged (or NaN: caught below); one more step squares the error
+            Y, info = torch.linalg.inv_ex(X)
+            ok &= info == 0
+            X = torch.where(ok[..., None, None], 0.5 * (X + Y.transpose(-1, -2)), eye)
+            break
+    resid = torch.linalg.matrix_norm(X.transpose(-1, -2) @ X - eye)
+    ok &= torch.isfinite(resid) & (resid <= 1e-10 * d)
+    return X, ok
+
+
+def _largest_eigenvalue_psd(P: Tensor, squarings: int = 11) -> Tensor:
+    """Largest eigenvalue of each symmetric positive semidefinite (..., d, d) matrix from products
+    only: P^(2^k) by repeated squaring (normalized), its largest column v, then the Rayleigh quotient
+    v^T P v / v^T v. Relative error below max_x x^(2^(k+1)) (1 - x) < 1e-4 for k=11."""
+    X = P
+    for _ in range(squarings):
+        X = X @ X
+        X = X / X.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(P.dtype).tiny)[..., None, None]
+    norms = torch.linalg.vector_norm(X, dim=-2)  # (..., d) column norms
+    v = torch.take_along_dim(X, norms.argmax(-1)[..., None, None].expand(*X.shape[:-1], 1), dim=-1)  # (..., d, 1)
+    vv = (v * v).sum((-2, -1))
+    return torch.where(vv > 0, (v * (P @ v)).sum((-2, -1)) / vv.clamp_min(torch.finfo(P.dtype).tiny), torch.zeros_like(vv))
+
+
+def _largest_eigvalsh(P: Tensor) -> Tensor:
+    if _loops_on_device(P):
+        return _largest_eigenvalue_psd(P)
+    with serial_cpu(P):
+        return torch.linalg.eigvalsh(P)[..., -1]
+
+
 def rotation_angles(R: Tensor, generator: Tensor | None = None) -> Tensor:
     """Largest rotation angle (radians, in [0, pi]) of each orthogonal (d, d) matrix: (T,).
 
@@ -96,12 +166,10 @@ def rotation_angles(R: Tensor, generator: Tensor | None = None) -> Tensor:
     the skew ``generator`` of the linear update I + Gamma, atan of Gamma's largest rotation rate
     (the angle of the orthogonal part of I + Gamma). Symmetric eigenvalues only: cheap, any device."""
     if generator is not None:
-        with serial_cpu(generator):
-            rate = torch.linalg.eigvalsh(generator.transpose(-1, -2) @ generator)[..., -1].clamp_min(0).sqrt()
+        rate = _largest_eigvalsh(generator.transpose(-1, -2) @ generator).clamp_min(0).sqrt()
         return torch.atan(rate)
     D = R - _eye_like(R)
-    with serial_cpu(D):
-        s = torch.linalg.eigvalsh(D.transpose(-1, -2) @ D)[..., -1].clamp_min(0).sqrt()  # ||R - I||_2
+    s = _largest_eigvalsh(D.transpose(-1, -2) @ D).clamp_min(0).sqrt()  # ||R - I||_2
     return 2 * torch.asin((0.5 * s).clamp(max=1.0))
 
 
