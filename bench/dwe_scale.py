@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--sampler-only", action="store_true", help="only the sampler micro-benchmark")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's top operations of one more gauge step")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -171,6 +172,19 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         gauge_s = time.perf_counter() - t0
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                opt.gauge_step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            for key in (["self_cuda_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]:
+                try:
+                    print(prof.key_averages().table(sort_by=key, row_limit=18), flush=True)
+                except Exception as exc:  # noqa: BLE001 (sort keys differ between torch versions)
+                    print(f"profile table sorted by {key}: {exc}")
         res.update({"k1": args.k1, "solver": args.solver, "gauge_step_seconds": gauge_s,
                     "gauge_overhead_at_k1": gauge_s / (args.k1 * res["step_seconds_mean"])})
     if device.type == "cuda":

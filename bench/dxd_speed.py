@@ -1,5 +1,5 @@
 """The batched d x d linear algebra of a gauge step, timed on one device: a polar factor by SVD
-(LAPACK / cuSOLVER) vs by Newton's iteration (``gauge.polar_newton``), and the largest eigenvalue of a
+(LAPACK / cuSOLVER) vs by Newton's iteration (``gauge.polar_newton``, with and without its Newton-Schulz finish), and the largest eigenvalue of a
 symmetric PSD matrix by ``eigvalsh`` vs by repeated squaring, for a batch of 208 matrices (the edges
 of DWE's 209 time steps) in float64, d = 30 (MovieLens) and 100 (DWE).
 
@@ -72,6 +72,7 @@ def main() -> None:
                 "d": d, "condition": cond or float(torch.linalg.cond(M).max()),
                 "svd_polar": timed(lambda: torch.linalg.svd(M), device, args.repeats),
                 "newton_polar": timed(lambda: G.polar_newton(M), device, args.repeats),
+                "newton_only_polar": timed(lambda: G.polar_newton(M, schulz=False), device, args.repeats),
                 "eigvalsh": timed(lambda: torch.linalg.eigvalsh(P), device, args.repeats),
                 "squaring_eig": timed(lambda: G._largest_eigenvalue_psd(P), device, args.repeats),
                 "newton_converged": bool(ok.all()),

@@ -70,7 +70,7 @@ fi
 #    (and the natural solver on MAP); then the d x d linear algebra of those gauge steps on its own
 if want dwe; then
     step timeout 240 $PY -m bench.dwe_scale --inference variational --device "$DEVICE" --steps 5 --optimizer goldstone --k1 10 "${DWE[@]}"
-    step timeout 240 $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 5 --optimizer goldstone --k1 10 "${DWE[@]}"
+    step timeout 240 $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 5 --optimizer goldstone --k1 10 --profile "${DWE[@]}"
     step timeout 240 $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 5 --optimizer goldstone --solver natural --k1 10 "${DWE[@]}"
 fi
 want dxd && step timeout 120 $PY -m bench.dxd_speed --device "$DEVICE"

@@ -197,6 +197,9 @@ def test_polar_newton_matches_the_svd_polar_factor():
         B = B + G._TIE_BREAK * B.flatten(-2).norm(dim=-1)[..., None, None] * torch.eye(d, dtype=DT)
         Q, ok = G.polar_newton(B)
         assert bool(ok.all())
+        Q_plain, ok_plain = G.polar_newton(B, schulz=False)  # Newton all the way: the same Q
+        assert bool(ok_plain.all())
+        torch.testing.assert_close(Q, Q_plain, atol=1e-9 if q_tol is None else 1e-12, rtol=0)
         U, _, Vh = torch.linalg.svd(B)
         Q_svd = U @ Vh
         torch.testing.assert_close(Q.transpose(1, 2) @ Q, torch.eye(d, dtype=DT).expand_as(Q), atol=1e-12, rtol=0)
