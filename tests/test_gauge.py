@@ -212,6 +212,18 @@ def test_polar_newton_matches_the_svd_polar_factor():
     assert ok.tolist() == [False, True]
 
 
+def test_polar_factor_on_the_gpu_path_falls_back_to_the_svd(monkeypatch):
+    """polar_factor as a GPU with d > 32 runs it (forced here on the CPU): Newton where it converges,
+    the SVD for a zero matrix (no inverse), the same Q as the SVD path for the rest."""
+    B = torch.randn(3, 40, 40, generator=_rng(16), dtype=DT)
+    B[1] = 0.0
+    expected = G.polar_factor(B)
+    monkeypatch.setattr(G, "_loops_on_device", lambda M: True)
+    Q = G.polar_factor(B)
+    torch.testing.assert_close(Q, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(Q[1], torch.eye(40, dtype=DT))
+
+
 def test_largest_eigenvalue_from_products_matches_eigvalsh():
     g = _rng(15)
     R = torch.linalg.matrix_exp(G.skew(torch.randn(8, 40, 40, generator=g, dtype=DT) * 0.2))

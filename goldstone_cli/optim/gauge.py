@@ -94,8 +94,12 @@ def polar_factor(B: Tensor, allow_reflections: bool = True) -> Tensor:
     if allow_reflections and _loops_on_device(B) and B.numel():
         Q, ok = polar_newton(B)
         if not bool(ok.all()):
-            Q[~ok] = polar_factor(B[~ok].cpu()).to(B.device)  # rare: (nearly) singular matrices
+            Q[~ok] = _polar_svd(B[~ok].cpu(), True).to(B.device)  # rare: (nearly) singular matrices
         return Q
+    return _polar_svd(B, allow_reflections)
+
+
+def _polar_svd(B: Tensor, allow_reflections: bool) -> Tensor:
     with serial_cpu(B):
         U, _, Vh = torch.linalg.svd(B)
         det = torch.linalg.det(U) * torch.linalg.det(Vh) if not allow_reflections else None
