@@ -460,6 +460,27 @@ def test_reflection_flips_find_planted_walls_and_lower_psi_by_the_predicted_amou
         assert float(gains.max()) <= best + 1e-12 and float(gains.max()) > best - 1e-2 * abs(best)
 
 
+def test_reflection_flips_on_the_gpu_path_match_eigh(monkeypatch):
+    """For d > 32 a GPU finds each wall's reflection direction from products only (forced here on
+    the CPU): the same flips, the same psi drop to 1e-8, as with ``eigh``."""
+    T, N, d = 8, 120, 40
+    c = Coupling.chain(T, 1.0)
+    Z = _with_walls(_goldstone_mode(T, N, d, twist=0.5, noise=0.05, seed=34), walls=[1, 4, 5], seed=35)
+    M = c.pair_moments(Z)
+    plan = G.procrustes_plan(c)
+    A_exact, walls = G.reflection_flips(M, plan)
+    monkeypatch.setattr(G, "_loops_on_device", lambda B: True)
+    A, walls_gpu = G.reflection_flips(M, plan)
+    assert walls_gpu.tolist() == walls.tolist() and walls.nonzero().flatten().tolist() == [1, 4, 5]
+    torch.testing.assert_close(A.transpose(1, 2) @ A, torch.eye(d, dtype=DT).expand(T, d, d), atol=1e-12, rtol=0)
+    psi = [float(c.psi(_rotate(Z, R))) for R in (A_exact, A)]
+    assert psi[1] == pytest.approx(psi[0], rel=1e-8) and psi[1] < float(c.psi(Z))
+    # a symmetric matrix with a clear smallest eigenvalue: the same eigenvector up to sign
+    S = torch.diag(torch.tensor([2.0, -1.0, 0.5] + [1.0] * 37, dtype=DT))[None]
+    u = G._smallest_eigenvector_sym(S)[0]
+    assert abs(float(u[1])) == pytest.approx(1.0, abs=1e-12)
+
+
 def test_reflection_flips_without_walls_or_on_a_cycle_never_raise_psi():
     T, N, d = 8, 20, 3
     Z = _goldstone_mode(T, N, d, twist=0.5, noise=0.01, seed=40)

@@ -169,6 +169,36 @@ def _largest_eigenvalue_psd(P: Tensor, squarings: int = 11) -> Tensor:
     return torch.where(vv > 0, (v * (P @ v)).sum((-2, -1)) / vv.clamp_min(torch.finfo(P.dtype).tiny), torch.zeros_like(vv))
 
 
+def _dominant_eigenvector_psd(P: Tensor, squarings: int = 11) -> Tensor:
+    """Unit eigenvector of the largest eigenvalue of each symmetric PSD (..., d, d) matrix from
+    products only (the largest column of P^(2^k), as in :func:`_largest_eigenvalue_psd`): (..., d)."""
+    X = P
+    for _ in range(squarings):
+        X = X @ X
+        X = X / X.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(P.dtype).tiny)[..., None, None]
+    norms = torch.linalg.vector_norm(X, dim=-2)  # (..., d)
+    v = torch.take_along_dim(X, norms.argmax(-1)[..., None, None].expand(*X.shape[:-1], 1), dim=-1)[..., 0]
+    v = P @ v[..., None]  # one more power step (also from the largest column of a near-zero X)
+    return v[..., 0] / torch.linalg.vector_norm(v[..., 0], dim=-1, keepdim=True).clamp_min(torch.finfo(P.dtype).tiny)
+
+
+def _smallest_eigenvector_sym(S: Tensor) -> Tensor:
+    """Unit eigenvector of the smallest eigenvalue of each symmetric (..., d, d) matrix: (..., d).
+    ``eigh`` where it is batched; on a GPU with d > 32 the dominant eigenvector of c I - S
+    (c = ||S||_F >= lambda_max, so c I - S is PSD), with ``eigh`` for any matrix whose Rayleigh
+    quotient it does not bring below zero (the only case the reflection flips use it for)."""
+    if not _loops_on_device(S):
+        with serial_cpu(S):
+            return torch.linalg.eigh(S)[1][..., :, 0]
+    c = torch.linalg.matrix_norm(S)[..., None, None]
+    u = _dominant_eigenvector_psd(c * _eye_like(S) - S)
+    rayleigh = (u[..., None, :] @ S @ u[..., :, None])[..., 0, 0]
+    bad = ~(rayleigh < 0)
+    if bool(bad.any()):
+        u[bad] = torch.linalg.eigh(S[bad].cpu())[1][..., :, 0].to(S.device, S.dtype)
+    return u
+
+
 def _largest_eigvalsh(P: Tensor) -> Tensor:
     if _loops_on_device(P):
         return _largest_eigenvalue_psd(P)
@@ -590,8 +620,7 @@ def reflection_flips(M: Tensor, plan: ProcrustesPlan) -> tuple[Tensor, Tensor] |
     if not bool(walls.any()):
         return None
     sym = 0.5 * (M[walls] + M[walls].transpose(1, 2))
-    with serial_cpu(sym):
-        u = torch.linalg.eigh(sym)[1][..., :, 0]  # (W, d): eigenvector of the smallest eigenvalue
+    u = _smallest_eigenvector_sym(sym)  # (W, d): eigenvector of the smallest eigenvalue
     Q = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device).repeat(M.shape[0], 1, 1)
     Q[walls] = Q[walls] - 2 * u[:, :, None] * u[:, None, :]
     A = tree_rotations(Q, plan)
