@@ -225,3 +225,27 @@ def test_writer_is_atomic_and_checks_input(tmp_path):
         _write_small(out)
     _write_small(out, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_prepare_on_first_use_tolerates_a_run_that_prepared_the_same_folder_meanwhile(tmp_path, monkeypatch):
+    """Two runs that start together (a sweep with several jobs) both find the corpus missing; the one
+    that finishes second must read the first one's corpus, not fail (it did: FileExistsError)."""
+    from omegaconf import OmegaConf
+
+    import goldstone_cli.data.corpus as corpus
+    from goldstone_cli.models.dwe import load_word_counts
+
+    texts, out = _folder(tmp_path), tmp_path / "prepared"
+    real = corpus.prepare_corpus
+
+    def racing(source, path, **kw):
+        real(source, path, **kw)  # the other run wins the race ...
+        return real(source, path, **kw)  # ... then this one tries to write the same folder
+
+    monkeypatch.setattr(corpus, "prepare_corpus", racing)
+    cfg = OmegaConf.create({"path": str(out), "source": str(texts), "bin_years": 10, "vocab_size": 3,
+                            "rank": "relfreq", "verify": False})
+    wc = load_word_counts(cfg, progress=False)
+    assert wc.vocab == ["the", "cat", "cat's"] and len(wc.counts) == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+

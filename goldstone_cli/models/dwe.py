@@ -149,8 +149,15 @@ def load_word_counts(data_cfg, progress: bool = True) -> WordCounts:
         from tqdm.auto import tqdm
 
         tqdm.write(f"Preparing the {source} corpus into {path} (first use) ...")
-        prepare_corpus(str(source), path, bin_years=int(data_cfg.bin_years), vocab_size=int(data_cfg.vocab_size),
-                       rank=str(data_cfg.rank), force=state == "empty", progress=progress)
+        try:
+            prepare_corpus(str(source), path, bin_years=int(data_cfg.bin_years), vocab_size=int(data_cfg.vocab_size),
+                           rank=str(data_cfg.rank), force=state == "empty", progress=progress)
+        except FileExistsError:
+            # another run started beside this one (e.g. a parallel sweep job) finished preparing the same
+            # folder first: the writer never replaces a complete corpus, and this run reads that one
+            if existing_output_state(path) != "complete":
+                raise
+            tqdm.write(f"{path} was prepared by another run meanwhile; using it")
     try:
         cooc = load_cooc(path, verify=bool(data_cfg.get("verify", False)))
     except CoocFormatError as exc:
