@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of this project as one prepared script: the CUDA tests and the GPU benchmarks that
 # docs/benchmarks.md asks for (MovieLens-20M-shaped full-batch step and gauge-step overhead, Dynamic
-# Word Embeddings at the paper's Google Books size, variational and MAP). About 5 minutes on one
+# Word Embeddings at the paper's Google Books size, variational and MAP). About 3-5 minutes on one
 # H200; everything it measures lands in $OUT (default bench/results/gpu) as a few files.
 #
 # On a machine without internet (e.g. the lent GPU machines), carry the three packages that its
