@@ -21,10 +21,8 @@ python -m goldstone_cli train $COMMON optimizer.solver=natural optimizer.keep_ga
 GS=$!
 python -m goldstone_cli train $COMMON optimizer=adam_dwe model.coupled=false run_dir=outputs/dwe/sotu1y-uncoupled
 wait $GS
-R="outputs/dwe/sotu1y-goldstone-procrustes outputs/dwe/sotu1y-adam"
+R="outputs/dwe/sotu1y-goldstone-procrustes outputs/dwe/sotu1y-adam outputs/dwe/sotu1y-goldstone-natural outputs/dwe/sotu1y-uncoupled"
 python -m goldstone_cli plot cosines $R --out outputs/dwe/fig4_sotu_yearly.png
-python -m goldstone_cli plot cosines $R outputs/dwe/sotu1y-goldstone-natural outputs/dwe/sotu1y-uncoupled \
-  --out outputs/dwe/fig4_sotu_yearly_all.png
 python -m goldstone_cli plot cosines $R --min-count 100 --out outputs/dwe/fig4_sotu_yearly_min100.png
 python -m goldstone_cli age-words government war nation people navy liberty congress peace \
   --run outputs/dwe/sotu1y-goldstone-procrustes --compare outputs/dwe/sotu1y-adam --min-count 20
