@@ -15,9 +15,10 @@ counts as the cap):
 Base optimizers: SGD, SGD + momentum 0.9, Adam + ExponentialLR(0.999), AdamW (weight decay 0.01) +
 StepLR(500, 0.5), AdaGrad. Each runs plain, and wrapped in GoldstoneGD (k1=50) with the ``procrustes``
 and the ``natural`` solver (k2=10, expm, over O(d)), the adaptive ones with every
-``state_transform``. Each method's step size is tuned with seed 0 on a factor-2 grid that is
-extended while the best value is at its edge, then refined by a factor sqrt(2) around the best;
-the best runs with seeds 1 and 2.
+``state_transform``. Each method's step size is tuned on a factor-2 grid that is extended while
+the best value is at its edge, then refined by a factor sqrt(2) around the best;
+all seeds run side by side in one process (one symmetric group each, so their gauge steps and
+optimizer states stay independent) and the best mean over the seeds wins.
 
     nice python -m bench.adaptive                         # everything (about an hour on one core)
     nice python -m bench.adaptive --quick --problems chain --bases adam   # a smoke run
@@ -51,80 +52,95 @@ SOLVERS = ("plain", "procrustes", "natural")
 TRANSFORMS = ("none", "rotate_diag", "isotropic", "reset")
 
 
-class _Uneven:
+class Problem:
+    """S seeds of one problem side by side: tensors ``Z[k]`` (S, T, N_k, d) as S separate leaves each
+    (one symmetric group per seed, so the seeds' gauge steps and optimizer states are independent),
+    local loss ``sum_blocks 1/2 ||X_b - Z[a_b]_t Z[c_b]_t^T||^2`` plus psi (Eq. 3). Loss and
+    gradient in closed form, batched over seeds (checked against autograd in tests)."""
+
+    def __init__(self, blocks, coupling, inits, L_star: float):
+        import torch
+
+        self.blocks = blocks  # [(a, c, X (n_a, n_c))]
+        self.coupling = coupling
+        self.L_star = L_star
+        self.lap = coupling.laplacian(torch.float64)  # (T, T)
+        # params[s][k]: (T, N_k, d)
+        self.params = [[torch.nn.Parameter(Z.clone()) for Z in seed_init] for seed_init in inits]
+
+    def groups(self):
+        return self.params
+
+    def flat_params(self):
+        return [Z for group in self.params for Z in group]
+
+    def losses_and_grads(self):
+        """Per-seed total loss (S,) and the gradient written into every parameter's .grad."""
+        import torch
+
+        with torch.no_grad():
+            K = len(self.params[0])
+            Zs = [torch.stack([g[k] for g in self.params]) for k in range(K)]  # (S, T, N_k, d)
+            grads = [torch.zeros_like(Z) for Z in Zs]
+            loss = torch.zeros(len(self.params), dtype=torch.float64)
+            for a, c, X in self.blocks:
+                res = X - Zs[a] @ Zs[c].transpose(-1, -2)  # (S, T, n_a, n_c)
+                loss += 0.5 * res.pow(2).sum(dim=(1, 2, 3))
+                grads[a] -= res @ Zs[c]
+                grads[c] -= res.transpose(-1, -2) @ Zs[a]
+            for k, Z in enumerate(Zs):
+                LZ = torch.einsum("ts,bsnd->btnd", self.lap, Z)  # Lap @ Z: gradient of psi
+                loss += 0.5 * (Z * LZ).sum(dim=(1, 2, 3))  # psi = 1/2 <Z, Lap Z>
+                grads[k] += LZ
+            for s, group in enumerate(self.params):
+                for k, P in enumerate(group):
+                    P.grad = grads[k][s].clone()
+        return loss
+
+
+def _uneven(kind: str, seeds, T: int = 20, d: int = 3) -> Problem:
     """Three tensors of different N in one group, T=20, uneven chain or ring (see the module doc)."""
+    import numpy as np
+    import torch
 
-    def __init__(self, kind: str, seed: int, T: int = 20, d: int = 3):
-        import numpy as np
-        import torch
+    from goldstone_cli.optim import Coupling
 
-        from goldstone_cli.optim import Coupling
-
-        dt = torch.float64
-        g = torch.Generator().manual_seed(1234)  # the data and the graph: the same for every seed
-        n_u, n_v, n_w = 12, 8, 5
-        B = torch.randn(n_u, d, generator=g, dtype=dt)
-        X = B @ torch.randn(d, n_v, generator=g, dtype=dt) + 0.1 * torch.randn(n_u, n_v, generator=g, dtype=dt)
-        Y = B @ torch.randn(d, n_w, generator=g, dtype=dt) + 0.1 * torch.randn(n_u, n_w, generator=g, dtype=dt)
-        s = torch.linalg.svdvals(torch.cat([X, Y], dim=1))
-        self.L_star = T * 0.5 * float((s[d:] ** 2).sum())
-        w = np.exp(np.log(30.0) * torch.rand(T, generator=g, dtype=dt).numpy())  # log-uniform in [1, 30]
-        A = np.zeros((T, T))
-        idx = np.arange(T - 1)
-        A[idx, idx + 1] = A[idx + 1, idx] = w[: T - 1]
-        if kind == "ring":
-            A[0, T - 1] = A[T - 1, 0] = w[T - 1]
-        self.coupling = Coupling.from_adjacency(A)
+    dt = torch.float64
+    g = torch.Generator().manual_seed(1234)  # the data and the graph: the same for every seed
+    n_u, n_v, n_w = 12, 8, 5
+    B = torch.randn(n_u, d, generator=g, dtype=dt)
+    X = B @ torch.randn(d, n_v, generator=g, dtype=dt) + 0.1 * torch.randn(n_u, n_v, generator=g, dtype=dt)
+    Y = B @ torch.randn(d, n_w, generator=g, dtype=dt) + 0.1 * torch.randn(n_u, n_w, generator=g, dtype=dt)
+    sv = torch.linalg.svdvals(torch.cat([X, Y], dim=1))
+    w = np.exp(np.log(30.0) * torch.rand(T, generator=g, dtype=dt).numpy())  # log-uniform in [1, 30]
+    A = np.zeros((T, T))
+    idx = np.arange(T - 1)
+    A[idx, idx + 1] = A[idx + 1, idx] = w[: T - 1]
+    if kind == "ring":
+        A[0, T - 1] = A[T - 1, 0] = w[T - 1]
+    inits = []
+    for seed in seeds:
         gi = torch.Generator().manual_seed(seed)
-        self.U, self.V, self.W = (torch.nn.Parameter(0.3 * torch.randn(T, n, d, generator=gi, dtype=dt))
-                                  for n in (n_u, n_v, n_w))
-        self.X, self.Y = X, Y
-        self._src = torch.as_tensor(self.coupling.src)
-        self._dst = torch.as_tensor(self.coupling.dst)
-        self._w = torch.as_tensor(self.coupling.weight, dtype=dt)[:, None, None]
-
-    def groups(self):
-        return [[self.U, self.V, self.W]]
-
-    def params(self):
-        return [self.U, self.V, self.W]
-
-    def loss(self):
-        import torch
-
-        rx = self.X - self.U @ self.V.transpose(1, 2)  # (T, 12, 8)
-        ry = self.Y - self.U @ self.W.transpose(1, 2)  # (T, 12, 5)
-        Z = torch.cat([self.U, self.V, self.W], dim=1)  # (T, 25, d)
-        psi = 0.5 * (self._w * (Z[self._src] - Z[self._dst]).pow(2)).sum()  # = coupling.psi (Eq. 3), one pass
-        return 0.5 * (rx.pow(2).sum() + ry.pow(2).sum()) + psi
+        inits.append([0.3 * torch.randn(T, n, d, generator=gi, dtype=dt) for n in (n_u, n_v, n_w)])
+    return Problem([(0, 1, X), (0, 2, Y)], Coupling.from_adjacency(A), inits, T * 0.5 * float((sv[d:] ** 2).sum()))
 
 
-class _MF:
-    """The Sec. 5.1 problem (``bench.convergence``)."""
+def _sec51(T: int, seeds) -> Problem:
+    """The Sec. 5.1 problem exactly as ``bench.convergence`` builds it (DenseDynamicMF's initialization)."""
+    from goldstone_cli.data.synthetic import make_synthetic
+    from goldstone_cli.models.dense_mf import DenseDynamicMF
 
-    def __init__(self, T: int, seed: int):
-        from goldstone_cli.data.synthetic import make_synthetic
-        from goldstone_cli.models.dense_mf import DenseDynamicMF
-
-        self.model = DenseDynamicMF(make_synthetic(T=T, seed=0), d=3, coupling=10.0, init_scale=0.1, seed=seed)
-        self.L_star = self.model.L_star
-        self.coupling = self.model.coupling
-
-    def groups(self):
-        return self.model.symmetric_groups()
-
-    def params(self):
-        return list(self.model.parameters())
-
-    def loss(self):
-        return self.model.loss_terms()["total"]
+    data = make_synthetic(T=T, seed=0)
+    models = [DenseDynamicMF(data, d=3, coupling=10.0, init_scale=0.1, seed=s) for s in seeds]
+    inits = [[m.U.detach(), m.V.detach()] for m in models]
+    return Problem([(0, 1, data.X[0].to(models[0].U.dtype))], models[0].coupling, inits, models[0].L_star)
 
 
-def make_problem(name: str, seed: int):
+def make_problem(name: str, seeds) -> Problem:
     if name in ("chain", "ring"):
-        return _Uneven(name, seed)
+        return _uneven(name, seeds)
     if name.startswith("mf"):
-        return _MF(int(name[2:]), seed)
+        return _sec51(int(name[2:]), seeds)
     raise ValueError(f"unknown problem {name!r}; valid: {', '.join(PROBLEMS)}")
 
 
@@ -133,17 +149,17 @@ def make_base(name: str, params, lr: float):
     import torch
 
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr), None
+        return torch.optim.SGD(params, lr=lr, foreach=True), None
     if name == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9), None
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=True), None
     if name == "adam":
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = torch.optim.Adam(params, lr=lr, foreach=True)
         return opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.999)
     if name == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, foreach=True)
         return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=500, gamma=0.5)
     if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr), None
+        return torch.optim.Adagrad(params, lr=lr, foreach=True), None
     raise ValueError(f"unknown base {name!r}; valid: {', '.join(BASES)}")
 
 
@@ -161,52 +177,76 @@ def methods(bases, solvers, transforms, natural_transforms=None) -> list[tuple[s
     return out
 
 
-def run_one(problem: str, base: str, solver: str, transform: str, lr: float, seed: int, cap: int,
-            tol: float) -> dict:
+def run_one(problem: str, base: str, solver: str, transform: str, lr: float, seeds: int, cap: int,
+            tol: float, budget: float = float("inf")) -> dict:
+    """All seeds side by side. Steps until ``L - L* <= tol`` per seed (the cap if not reached). The
+    run stops once every seed has reached the target or diverged, or once the mean steps would
+    exceed ``budget`` (the best mean of the tuning so far: this value cannot win; ``complete`` False)."""
     import torch
 
     torch.set_num_threads(1)
     from goldstone_cli.optim import GoldstoneGD
 
-    prob = make_problem(problem, seed)
-    opt, sched = make_base(base, prob.params(), lr)
+    prob = make_problem(problem, range(seeds))
+    opt, sched = make_base(base, prob.flat_params(), lr)
     if solver != "plain":
         opt = GoldstoneGD(opt, prob.groups(), prob.coupling, k1=50, solver=solver, k2=10, rotation="expm",
                           allow_reflections=True, state_transform=transform)
-    reached, step, gap = False, 0, float("inf")
-    psi_rises = 0
+    first = [None] * seeds  # step at which each seed first reached the target
+    gaps = [float("inf")] * seeds
+    psi_rises, complete, step = 0, True, 0
     for step in range(cap + 1):
         opt.zero_grad(set_to_none=True)
-        loss = prob.loss()
-        gap = float(loss.detach()) - prob.L_star
-        if gap <= tol or not gap < 1e12 or step == cap:
-            reached = gap <= tol
+        loss = prob.losses_and_grads()
+        for s_, value in enumerate(loss.tolist()):
+            gaps[s_] = value - prob.L_star
+            if first[s_] is None and gaps[s_] <= tol:
+                first[s_] = step
+        dead = [f is None and not gaps[i] < 1e12 for i, f in enumerate(first)]  # diverged (nan or huge)
+        if all(f is not None or x for f, x in zip(first, dead)) or step == cap:
             break
-        loss.backward()
+        if sum(f for f in first if f is not None) + step * sum(f is None for f in first) > seeds * budget:
+            complete = False
+            break
         opt.step()
         if sched is not None:
             sched.step()
         lg = getattr(opt, "last_gauge", None)
-        if lg is not None and lg["step"] == opt.base_steps and lg["psi_after"] > lg["psi_before"] * (1 + 1e-12):
-            psi_rises += 1
-    return {"problem": problem, "base": base, "solver": solver, "transform": transform, "lr": lr, "seed": seed,
-            "reached": reached, "steps": step if reached else cap, "final_gap": gap if math.isfinite(gap) else 1e300,
-            "psi_rises": psi_rises}
+        if lg is not None and lg["step"] == opt.base_steps:
+            psi_rises += sum(g["psi_after"] > g["psi_before"] * (1 + 1e-12) for g in lg["groups"])
+    steps = [f if f is not None else cap for f in first]
+    return {"problem": problem, "base": base, "solver": solver, "transform": transform, "lr": lr,
+            "reached": sum(f is not None for f in first), "steps": steps, "steps_mean": sum(steps) / seeds,
+            "final_gap": max(g if math.isfinite(g) else 1e300 for g in gaps), "psi_rises": psi_rises,
+            "complete": complete, "ran": step}
 
 
 def _run(args):
-    return run_one(*args)
+    try:
+        return run_one(*args)
+    except (RuntimeError, torch_linalg_error()) as e:  # e.g. an SVD of a diverged (nan) run
+        problem, base, solver, transform, lr, seeds, cap = args[:7]
+        return {"problem": problem, "base": base, "solver": solver, "transform": transform, "lr": lr,
+                "reached": 0, "steps": [cap] * seeds, "steps_mean": float(cap), "final_gap": 1e300,
+                "psi_rises": 0, "complete": True, "ran": None, "error": str(e).splitlines()[0][:200]}
+
+
+def torch_linalg_error():
+    import torch
+
+    return torch.linalg.LinAlgError
 
 
 def _key(r) -> tuple:
-    return (r["steps"], r["final_gap"])
+    return (r["steps_mean"] if r["complete"] else float("inf"), r["final_gap"])
 
 
-def tune(pool, ms, problems, cap, tol, quick) -> dict:
-    """Seed-0 runs; per (problem, method): the grid is extended while its best value is at the edge
-    (at most 5 times, 2 if no value reaches the target), then refined once by sqrt(2) around the
-    best (if one reaches the target). A run added after the first grid is stopped at the fewest
-    steps that an earlier value of the same method needed (it cannot win later than that)."""
+def tune(pool, ms, problems, seeds, cap, tol, quick, log=None) -> dict:
+    """Per (problem, method): every grid value runs all seeds; the best mean wins (ties: the smaller
+    worst final gap). The factor-2 grid is extended while its best value is at the edge (at most 5
+    times, 2 if no seed reaches the target), then refined once by sqrt(2) around the best (if it
+    reaches the target). A value added after the first grid stops once its mean can no longer beat
+    the best so far (``complete`` False)."""
     grids = {(p, m): (BASES[m[0]][:2] if quick else list(BASES[m[0]])) for p in problems for m in ms}
     done: dict[tuple, dict] = {}  # (p, m, lr) -> row
     expansions = {k: 0 for k in grids}
@@ -225,21 +265,23 @@ def tune(pool, ms, problems, cap, tol, quick) -> dict:
                     g.append(best * 2 if best == g[-1] else best / 2)
                     expansions[(p, m)] += 1
                     changed = True
-                elif not refined[(p, m)] and any_reached:
+                elif not refined[(p, m)] and done[(p, m, best)]["reached"]:
                     g += [best * math.sqrt(2), best / math.sqrt(2)]
                     refined[(p, m)] = True
                     changed = True
             if not changed:
                 break
             continue
-        caps = {}
+        budget = {}
         for p, m, lr in todo:
-            reached = [done[(p, m, x)]["steps"] for x in grids[(p, m)] if (p, m, x) in done and done[(p, m, x)]["reached"]]
-            caps[(p, m, lr)] = min([cap] + reached)
-        rows = list(pool.map(_run, [(p, *m, lr, 0, caps[(p, m, lr)], tol) for p, m, lr in todo]))
+            means = [done[(p, m, x)]["steps_mean"] for x in grids[(p, m)] if (p, m, x) in done and done[(p, m, x)]["complete"]]
+            budget[(p, m, lr)] = min(means, default=float("inf"))
+        rows = pool.map(_run, [(p, *m, lr, seeds, cap, tol, budget[(p, m, lr)]) for p, m, lr in todo])
         for (p, m, lr), r in zip(todo, rows):
-            r["cap"] = caps[(p, m, lr)]
             done[(p, m, lr)] = r
+            if log is not None:  # progress, one JSON line per run (the summary is written at the end)
+                with open(log, "a") as f:
+                    f.write(json.dumps(r) + "\n")
     return {"grids": grids, "runs": done}
 
 
@@ -252,7 +294,7 @@ def main() -> None:
                     help="GoldstoneGD state_transform values to run on the adaptive bases (procrustes)")
     ap.add_argument("--natural-transforms", nargs="+", default=["none", "rotate_diag"], choices=TRANSFORMS,
                     help="state_transform values to run with the natural solver")
-    ap.add_argument("--seeds", type=int, default=3, help="initialization seeds (seed 0 tunes the step size)")
+    ap.add_argument("--seeds", type=int, default=3, help="initialization seeds 0..S-1, run side by side")
     ap.add_argument("--cap", type=int, default=4000, help="step cap (a run that does not converge counts as the cap)")
     ap.add_argument("--tol", type=float, default=1e-4, help="target suboptimality L - L*")
     ap.add_argument("--jobs", type=int, default=1, help="parallel processes (one thread each)")
@@ -263,21 +305,18 @@ def main() -> None:
     ms = methods(args.bases, args.solvers, args.transforms, args.natural_transforms)
     started = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:
-        tuned = tune(pool, ms, args.problems, args.cap, args.tol, args.quick)
-        best_lr = {(p, m): min(g, key=lambda lr: _key(tuned["runs"][(p, m, lr)])) for (p, m), g in tuned["grids"].items()}
-        finals = [(p, *m, best_lr[(p, m)], s, args.cap, args.tol) for (p, m) in best_lr for s in range(1, args.seeds)]
-        extra = list(pool.map(_run, finals))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tuned = tune(pool, ms, args.problems, args.seeds, args.cap, args.tol, args.quick,
+                     log=args.out.with_suffix(".runs.jsonl"))
     summary = []
-    for (p, m), lr in best_lr.items():
-        g = sorted(tuned["grids"][(p, m)])
-        rs = [tuned["runs"][(p, m, lr)]] + [r for r in extra if (r["problem"], r["base"], r["solver"], r["transform"]) == (p, *m)]
-        summary.append({
-            "problem": p, "base": m[0], "solver": m[1], "transform": m[2], "lr": lr, "grid": g,
-            "interior": g[0] < lr < g[-1], "steps": [r["steps"] for r in rs],
-            "steps_mean": statistics.mean(r["steps"] for r in rs), "reached": sum(r["reached"] for r in rs),
-            "runs": len(rs), "max_final_gap": max(r["final_gap"] for r in rs),
-            "psi_rises": sum(r["psi_rises"] for r in rs),
-        })
+    for (p, m), g in tuned["grids"].items():
+        g = sorted(g)
+        lr = min(g, key=lambda x: _key(tuned["runs"][(p, m, x)]))
+        r = tuned["runs"][(p, m, lr)]
+        summary.append({"problem": p, "base": m[0], "solver": m[1], "transform": m[2], "lr": lr, "grid": g,
+                        "interior": g[0] < lr < g[-1], "steps": r["steps"], "steps_mean": r["steps_mean"],
+                        "reached": r["reached"], "runs": len(r["steps"]), "max_final_gap": r["final_gap"],
+                        "psi_rises": r["psi_rises"]})
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "load_average_at_end": os.getloadavg(), "python": platform.python_version(), "cap": args.cap,
             "tol": args.tol, "seeds": args.seeds, "quick": args.quick,
@@ -285,8 +324,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from goldstone_cli.io import atomic_write_text
 
-    all_runs = [dict(r) for r in tuned["runs"].values()] + extra
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps({"meta": meta, "summary": summary, "runs": all_runs}, indent=1))
+    atomic_write_text(args.out.with_suffix(".json"),
+                      json.dumps({"meta": meta, "summary": summary, "runs": list(tuned["runs"].values())}, indent=1))
     table = render(summary, args.tol)
     atomic_write_text(args.out.with_suffix(".md"), table + "\n")
     print(json.dumps(meta))

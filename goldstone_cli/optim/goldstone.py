@@ -398,9 +398,7 @@ def transform_state_(st: dict | None, Z: Tensor, R: Tensor, mode: str, group: di
         buf = st.get(key)
         if isinstance(buf, Tensor) and buf.shape == Z.shape:
             G.rotate_rows_(buf, R)
-    if mode == "none":
-        return
-    for key in SECOND_MOMENT_KEYS:
+    for key in SECOND_MOMENT_KEYS if mode != "none" else ():
         buf = st.get(key)
         if not (isinstance(buf, Tensor) and buf.shape == Z.shape):
             continue
