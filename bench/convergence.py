@@ -101,11 +101,24 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes (one thread each)")
     ap.add_argument("--quick", action="store_true", help="tune on the first two grid values only")
+    ap.add_argument("--grid", action="append", default=[], metavar="METHOD=LR,LR,...",
+                    help="replace a method's learning-rate grid for this run (repeatable), e.g. to add values "
+                         "around an earlier best: --grid gd=0.0225,0.025,0.0275")
     ap.add_argument("--out", type=Path, default=Path("bench/results/convergence"))
     ap.add_argument("--reference", type=Path, nargs="*", default=[],
                     help="earlier results .json files whose baseline rows count as the best baseline when "
                          "--methods runs no baseline (step counts are deterministic: float64, one thread)")
     args = ap.parse_args()
+    for item in args.grid:
+        name, _, values = item.partition("=")
+        try:
+            lrs = [float(v) for v in values.split(",") if v]
+        except ValueError:
+            lrs = []
+        if name not in METHODS or not lrs or any(not lr > 0 for lr in lrs):
+            ap.error(f"--grid {item!r}: expected METHOD=LR,LR,... with METHOD one of {', '.join(METHODS)} "
+                     "and positive learning rates")
+        METHODS[name] = (METHODS[name][0], lrs)
     for ref in args.reference:
         if not ref.is_file():
             ap.error(f"--reference {ref}: no such file; write it first with a full run, e.g. "

@@ -57,13 +57,23 @@ class GoldstoneGD(torch.optim.Optimizer):
             reflections (``gauge.reflection_flips``), then takes its k2 steps.
         max_sweeps, tol: ``procrustes`` on graphs with cycles: block-coordinate sweeps until psi
             drops by at most ``tol`` (relative) in a sweep, at most ``max_sweeps`` sweeps.
+        state_transform: what happens to the base optimizer's per-coordinate second moments under
+            a gauge rotation (:func:`transform_state_`): ``"none"`` (left in the old coordinates),
+            ``"rotate_diag"`` (v <- (R o R) v, the diagonal of R diag(v) R^T), ``"isotropic"``
+            (v <- its mean over the d coordinates on every rotated time step) or ``"reset"`` (the
+            parameter's whole base state starts afresh). docs/benchmarks.md ("Goldstone-GD on
+            adaptive base optimizers") compares them.
 
     Optimizer state: the base state that transforms like the parameters is rotated with them by the
-    same matrices: SGD's ``momentum_buffer`` and the first moment ``exp_avg`` of Adam / AdamW / NAdam
-    / RAdam / Adamax. Per-coordinate statistics (Adam's ``exp_avg_sq`` and ``max_exp_avg_sq``,
-    AdaGrad's ``sum``, Adamax's ``exp_inf``, ...) are left as they are: they are not rotation
-    equivariant, there is no exact way to transform a diagonal preconditioner, and they adapt
-    within a few steps. After ``gauge_step`` the attributes ``last_gauge`` (diagnostics of the last
+    same matrices in every mode: SGD's and RMSprop's ``momentum_buffer``, the first moment
+    ``exp_avg`` of Adam / AdamW / NAdam / RAdam / Adamax, and centered RMSprop's ``grad_avg``.
+    Per-coordinate second moments (``exp_avg_sq`` and AMSGrad's ``max_exp_avg_sq`` of Adam / AdamW
+    / NAdam / RAdam, AdaGrad's ``sum``, RMSprop's ``square_avg``) follow ``state_transform``: a
+    diagonal preconditioner has no exact image under a rotation (R diag(v) R^T is not diagonal);
+    ``rotate_diag`` keeps its diagonal and is exact for signed permutations and for isotropic v.
+    Other state (Adamax's ``exp_inf``, Rprop's step sizes, LBFGS's history, ...) is left as it is.
+    None of this changes the gauge step itself: it never changes a local loss and never raises psi.
+    After ``gauge_step`` the attributes ``last_gauge`` (diagnostics of the last
     gauge step), ``num_gauge_steps`` and ``gauge_seconds`` (cumulative wall time) are updated.
 
     Numerical notes:
