@@ -218,7 +218,7 @@ def run_one(problem: str, base: str, solver: str, transform: str, lr: float, see
     return {"problem": problem, "base": base, "solver": solver, "transform": transform, "lr": lr,
             "reached": sum(f is not None for f in first), "steps": steps, "steps_mean": sum(steps) / seeds,
             "final_gap": max(g if math.isfinite(g) else 1e300 for g in gaps), "psi_rises": psi_rises,
-            "complete": complete, "ran": step}
+            "complete": complete, "ran": step, "cap": cap, "tol": tol}
 
 
 def _run(args):
@@ -241,7 +241,7 @@ def _key(r) -> tuple:
     return (r["steps_mean"] if r["complete"] else float("inf"), r["final_gap"])
 
 
-def tune(pool, ms, problems, seeds, cap, tol, quick, log=None) -> dict:
+def tune(pool, ms, problems, seeds, cap, tol, quick, log=None, resume=None) -> dict:
     """Per (problem, method): every grid value runs all seeds; the best mean wins (ties: the smaller
     worst final gap). The factor-2 grid is extended while its best value is at the edge (at most 5
     times, 2 if no seed reaches the target), then refined once by sqrt(2) around the best (if it
@@ -249,10 +249,17 @@ def tune(pool, ms, problems, seeds, cap, tol, quick, log=None) -> dict:
     the best so far (``complete`` False)."""
     grids = {(p, m): (BASES[m[0]][:2] if quick else list(BASES[m[0]])) for p in problems for m in ms}
     done: dict[tuple, dict] = {}  # (p, m, lr) -> row
+    if resume is not None and resume.is_file():  # rows of an earlier (interrupted) run with the same settings
+        for line in resume.read_text().splitlines():
+            r = json.loads(line)
+            key = (r["problem"], (r["base"], r["solver"], r["transform"]))
+            if key in grids and len(r["steps"]) == seeds and r.get("cap", cap) == cap and r.get("tol", tol) == tol:
+                done[(*key, r["lr"])] = r
     expansions = {k: 0 for k in grids}
     refined = {k: quick for k in grids}
     while True:
         todo = [(p, m, lr) for (p, m), g in grids.items() for lr in g if (p, m, lr) not in done]
+        todo.sort(key=lambda x: (x[0], x[1][2] in ("reset", "isotropic")))  # the main candidates first
         if not todo:
             changed = False
             for (p, m), g in grids.items():
@@ -300,6 +307,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="parallel processes (one thread each)")
     ap.add_argument("--quick", action="store_true", help="the first two grid values, no extension or refinement")
     ap.add_argument("--out", type=Path, default=Path("bench/results/adaptive"))
+    ap.add_argument("--resume", type=Path, default=None,
+                    help="a .runs.jsonl progress log of an interrupted run: its rows (same seeds, cap, tol) are reused")
     args = ap.parse_args()
 
     ms = methods(args.bases, args.solvers, args.transforms, args.natural_transforms)
@@ -307,7 +316,7 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs) as pool:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tuned = tune(pool, ms, args.problems, args.seeds, args.cap, args.tol, args.quick,
-                     log=args.out.with_suffix(".runs.jsonl"))
+                     log=args.out.with_suffix(".runs.jsonl"), resume=args.resume)
     summary = []
     for (p, m), g in tuned["grids"].items():
         g = sorted(g)
