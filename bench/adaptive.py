@@ -309,7 +309,20 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/adaptive"))
     ap.add_argument("--resume", type=Path, default=None,
                     help="a .runs.jsonl progress log of an interrupted run: its rows (same seeds, cap, tol) are reused")
+    ap.add_argument("--report", type=Path, nargs="+", default=None, metavar="LOG",
+                    help="only print the table of the runs in these .runs.jsonl progress logs (e.g. of an "
+                         "interrupted run: each method's best over the values it tried; * marks a best at the edge)")
     args = ap.parse_args()
+    if args.report is not None:
+        rows = {}
+        for log in args.report:
+            if not log.is_file():
+                ap.error(f"--report {log}: no such file")
+            for line in log.read_text().splitlines():
+                r = json.loads(line)
+                rows[(r["problem"], (r["base"], r["solver"], r["transform"]), r["lr"])] = r
+        print(render(summarize(rows), args.tol))
+        return
 
     ms = methods(args.bases, args.solvers, args.transforms, args.natural_transforms)
     started = time.time()
@@ -317,15 +330,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tuned = tune(pool, ms, args.problems, args.seeds, args.cap, args.tol, args.quick,
                      log=args.out.with_suffix(".runs.jsonl"), resume=args.resume)
-    summary = []
-    for (p, m), g in tuned["grids"].items():
-        g = sorted(g)
-        lr = min(g, key=lambda x: _key(tuned["runs"][(p, m, x)]))
-        r = tuned["runs"][(p, m, lr)]
-        summary.append({"problem": p, "base": m[0], "solver": m[1], "transform": m[2], "lr": lr, "grid": g,
-                        "interior": g[0] < lr < g[-1], "steps": r["steps"], "steps_mean": r["steps_mean"],
-                        "reached": r["reached"], "runs": len(r["steps"]), "max_final_gap": r["final_gap"],
-                        "psi_rises": r["psi_rises"]})
+    summary = summarize(tuned["runs"])
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "load_average_at_end": os.getloadavg(), "python": platform.python_version(), "cap": args.cap,
             "tol": args.tol, "seeds": args.seeds, "quick": args.quick,
@@ -339,6 +344,23 @@ def main() -> None:
     atomic_write_text(args.out.with_suffix(".md"), table + "\n")
     print(json.dumps(meta))
     print(table)
+
+
+def summarize(runs: dict) -> list[dict]:
+    """Per (problem, method): the best of the learning rates tried, ``runs`` keyed (problem, method, lr)."""
+    grids: dict = {}
+    for p, m, lr in runs:
+        grids.setdefault((p, m), []).append(lr)
+    summary = []
+    for (p, m), g in grids.items():
+        g = sorted(g)
+        lr = min(g, key=lambda x: _key(runs[(p, m, x)]))
+        r = runs[(p, m, lr)]
+        summary.append({"problem": p, "base": m[0], "solver": m[1], "transform": m[2], "lr": lr, "grid": g,
+                        "interior": g[0] < lr < g[-1], "steps": r["steps"], "steps_mean": r["steps_mean"],
+                        "reached": r["reached"], "runs": len(r["steps"]), "max_final_gap": r["final_gap"],
+                        "psi_rises": r["psi_rises"]})
+    return summary
 
 
 def _cell(r) -> str:
