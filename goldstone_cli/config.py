@@ -127,7 +127,7 @@ class GoldstoneConfig(OptimizerConfig):
     allow_reflections: bool = True  # full O(d) (True: procrustes per edge, natural flips walls first) or SO(d)
     max_sweeps: int = 100  # procrustes on graphs with cycles
     tol: float = 1e-10  # procrustes sweeps: stop when psi decreases by less (relative)
-    state_transform: StateTransform = StateTransform.rotate_diag  # base second moments under a rotation (GoldstoneGD)
+    state_transform: StateTransform = StateTransform.none  # base second moments under a rotation (GoldstoneGD)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -58,8 +58,8 @@ class GoldstoneGD(torch.optim.Optimizer):
         max_sweeps, tol: ``procrustes`` on graphs with cycles: block-coordinate sweeps until psi
             drops by at most ``tol`` (relative) in a sweep, at most ``max_sweeps`` sweeps.
         state_transform: what happens to the base optimizer's per-coordinate second moments under
-            a gauge rotation (:func:`transform_state_`): ``"rotate_diag"`` (default: v <- (R o R) v,
-            the diagonal of R diag(v) R^T), ``"none"`` (left in the old coordinates), ``"isotropic"``
+            a gauge rotation (:func:`transform_state_`): ``"none"`` (default: left in the old
+            coordinates), ``"rotate_diag"`` (v <- (R o R) v, the diagonal of R diag(v) R^T), ``"isotropic"``
             (v <- its mean over the d coordinates on every rotated time step) or ``"reset"`` (the
             parameter's whole base state starts afresh). docs/benchmarks.md ("Goldstone-GD on
             adaptive base optimizers") compares them.
@@ -104,7 +104,7 @@ class GoldstoneGD(torch.optim.Optimizer):
         allow_reflections: bool = True,
         max_sweeps: int = 100,
         tol: float = 1e-10,
-        state_transform: str = "rotate_diag",
+        state_transform: str = "none",
     ):
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
