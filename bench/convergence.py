@@ -27,8 +27,10 @@ from pathlib import Path
 METHODS = {
     # name: (optimizer overrides, learning-rate grid)
     "gd_paper": (["optimizer=gd_paper"], [0.3, 1.0, 3.0]),  # clipped to 0.01, rho_s = rho_0 (100/(s+100))^0.7
-    "gd": (["optimizer=gd"], [0.005, 0.01, 0.02, 0.03]),
-    "adam": (["optimizer=adam"], [0.003, 0.01, 0.03, 0.1]),
+    # refined around the best (issue 15): 0.025 is best at T=30, 0.0275 no longer converges
+    "gd": (["optimizer=gd"], [0.005, 0.01, 0.02, 0.0225, 0.025, 0.0275, 0.03]),
+    # 0.0015 and 0.002 added below T=100's best (0.003, at the old grid's edge)
+    "adam": (["optimizer=adam"], [0.0015, 0.002, 0.003, 0.01, 0.03, 0.1]),
     # Algorithm 1 as published: natural gradient in so(d), linear update, gauge fields kept
     "goldstone_natural_paper": (["optimizer=goldstone", "optimizer.solver=natural", "optimizer.k1=50",
                                  "optimizer.k2=10", "optimizer.rotation=linear", "optimizer.keep_gauge_fields=true",
