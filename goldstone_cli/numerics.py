@@ -31,38 +31,26 @@ BLOCK = 1024
 def row_sum_squares(x: Tensor, block: int = BLOCK) -> Tensor:
     """``sum_j x[r, j]^2`` for every row r of a 2-D tensor, accumulated in float64: shape (rows,).
 
-    Not differentiable (use :func:`sum_squares` in a loss). Rows may be strided views (e.g.
-    ``Z.flatten(1)``); each row must be contiguous along its last dimension for the blocks to be
-    views, otherwise ``reshape`` copies one block row at a time."""
+    Not differentiable (use :func:`sum_squares` in a loss). Rows may be strided views (e.g. a slice
+    of ``Z.flatten(1)``); each row must be contiguous along its last dimension for the blocks to be
+    views, otherwise ``reshape`` copies."""
     if x.dim() != 2:
         raise ValueError(f"row_sum_squares needs a 2-D tensor, got shape {tuple(x.shape)}")
     x = x.detach()
     R, L = x.shape
     m = L // block
-    out = torch.zeros(R, dtype=torch.float64, device=x.device)
+    norms = []  # float32 norms of blocks of `block` numbers (the last block may be shorter)
     if m:
-        head = x[:, : m * block].reshape(R, m, block)  # (R, m, block)
-        norms = torch.linalg.vector_norm(head, dim=-1)  # (R, m), in x.dtype: float32 sums of `block` terms
-        out += norms.to(torch.float64).square().sum(dim=-1)
-    if m * block < L:
-        tail = x[:, m * block:].to(torch.float64)  # (R, < block)
-        out += tail.square().sum(dim=-1)
-    return out
+        norms.append(torch.linalg.vector_norm(x[:, : m * block].reshape(R, m, block), dim=-1))  # (R, m)
+    if m * block < L or not norms:
+        norms.append(torch.linalg.vector_norm(x[:, m * block:], dim=-1, keepdim=True))  # (R, 1)
+    n = norms[0] if len(norms) == 1 else torch.cat(norms, dim=1)
+    return n.to(torch.float64).square().sum(dim=-1)
 
 
 def sum_squares_value(x: Tensor, block: int = BLOCK) -> Tensor:
     """``sum x^2`` over every entry, accumulated in float64 (a float64 scalar; no autograd)."""
-    flat = x.detach().reshape(-1)
-    n = flat.numel()
-    m = n // block
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
-    if m:
-        norms = torch.linalg.vector_norm(flat[: m * block].view(m, block), dim=-1)  # (m,)
-        total = total + norms.to(torch.float64).square().sum()
-    if m * block < n:
-        tail = flat[m * block:].to(torch.float64)
-        total = total + tail.square().sum()
-    return total
+    return row_sum_squares(x.detach().reshape(1, -1), block)[0]
 
 
 class _SumSquares(torch.autograd.Function):
