@@ -403,6 +403,7 @@ def validate(cfg: DictConfig) -> DictConfig:
                     f"unknown key {group}.{unknown[0]} for {group} '{node.get('name', group)}'; "
                     f"valid keys: {', '.join(sorted(known))}"
                 )
+    _check_finite(cfg)
     try:
         OmegaConf.to_object(cfg)
     except ConfigError:
@@ -410,6 +411,28 @@ def validate(cfg: DictConfig) -> DictConfig:
     except Exception as exc:
         raise ConfigError(_one_line(exc)) from exc
     return cfg
+
+
+def _check_finite(cfg: DictConfig) -> None:
+    """NaN and +-inf are valid YAML and Hydra floats (``optimizer.lr=nan``, ``trainer.target=inf``)
+    but meaningless for every number in these schemas (learning rates, clip values, powers, scales,
+    weights, targets, fractions, time ranges); they would also slip past range checks like
+    ``value < 0``. Reject them for every float (and every float in a list) of every group."""
+    import math
+
+    for group in ("model", "data", "optimizer", "trainer"):
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig):
+            continue
+        for key in node.keys():
+            try:
+                value = node[key]
+            except Exception:  # an unresolved interpolation: reported by to_object below
+                continue
+            items = list(value) if OmegaConf.is_list(value) else [value]
+            for v in items:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{group}.{key} must be a finite number, got {value if items == [value] else list(value)}")
 
 
 def _check_group_choices(overrides: list[str]) -> None:
