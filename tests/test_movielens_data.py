@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import io
 import threading
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -456,3 +457,47 @@ def test_checksum_file_parsing_and_zip_slip(tmp_path):
     with pytest.raises(DownloadError, match="outside"):
         unpack_zip(evil, tmp_path / "out")
     assert not (tmp_path / "escaped.txt").exists() and list((tmp_path / "out").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Download safety (issue 12): non-https warning, a zip without ratings leaves nothing behind
+
+
+def test_non_https_base_url_warns(server, tmp_path):
+    root, url = server
+    _publish(root, "ml-latest-small", {"ratings.csv": RATINGS})
+    with pytest.warns(UserWarning, match="is not https: the zip and its .md5 travel unencrypted"):
+        folder, downloaded = ml.download_movielens("ml-latest-small", tmp_path / "a", base_url=url, progress=False)
+    assert downloaded and (folder / "ratings.csv").read_text() == RATINGS
+    md5 = hashlib.md5((root / "datasets" / "movielens" / "ml-latest-small.zip").read_bytes()).hexdigest()
+    with pytest.warns(UserWarning, match="your --md5 still detects a replaced file"):
+        ml.download_movielens("ml-latest-small", tmp_path / "b", base_url=url, md5=md5, progress=False)
+    # https (here unreachable) does not warn about the scheme
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(DownloadError):
+            ml.download_movielens("ml-latest-small", tmp_path / "c", base_url="https://127.0.0.1:9/x", progress=False)
+    assert not [w for w in caught if "not https" in str(w.message)]
+
+
+@pytest.mark.parametrize("files", [{"README.txt": "terms\n"}, {"movies.csv": "movieId,title\n"}])
+@pytest.mark.parametrize("keep", [False, True])
+def test_zip_without_ratings_leaves_nothing_behind(server, tmp_path, files, keep):
+    root, url = server
+    _publish(root, "ml-latest-small", files)
+    dest = tmp_path / "data"
+    r = _cli("--variant", "ml-latest-small", "--dest", str(dest), "--base-url", url, *(["--keep-zip"] if keep else []))
+    assert r.exit_code == 1 and "holds none of ml-latest-small/ratings.csv" in r.output
+    assert "Traceback" not in r.output
+    assert not dest.exists() or list(dest.rglob("*")) == []  # no folder, no zip, no .part / .unpack
+
+
+def test_zip_with_ratings_in_another_folder_is_rejected(tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("elsewhere/ratings.csv", RATINGS)
+    archive = tmp_path / "ml-20m.zip"
+    archive.write_bytes(buf.getvalue())
+    with pytest.raises(DownloadError, match="holds none of ml-20m/ratings.csv"):
+        unpack_zip(archive, tmp_path / "out", require_any=["ml-20m/ratings.csv"])
+    assert list((tmp_path / "out").iterdir()) == []

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import time
+import urllib.parse
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -597,6 +598,14 @@ def download_movielens(
         return target, False
     base = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
     url = f"{base}/{variant}.zip"
+    if urllib.parse.urlparse(base).scheme.lower() not in ("https", "file"):  # file: no network involved
+        warnings.warn(
+            f"the MovieLens base URL {base} is not https: the zip "
+            + ("travels" if md5 is not None else "and its .md5 travel")
+            + " unencrypted and unauthenticated, so anyone on the network path can "
+            + ("read or replace it (your --md5 still detects a replaced file)." if md5 is not None else
+               "replace both and the checksum check cannot notice; use an https mirror or pass --md5 "
+               "with a checksum from a trusted source."), stacklevel=2)
     pinned = PINNED_MD5.get(variant)
     if md5 is not None:
         expected = md5.strip().lower()
@@ -616,6 +625,7 @@ def download_movielens(
                 f"The published checksum of {variant}.zip ({expected}, from {url}.md5) differs from the MD5 "
                 f"pinned in goldstone ({pinned}) for this fixed release. Not downloading; if the publisher "
                 "really re-released the file, pass --md5 with the checksum you trust.")
-    download_and_unpack(url, dest, md5=expected, keep_archive=keep_zip, overwrite=force, progress=progress)
+    download_and_unpack(url, dest, md5=expected, keep_archive=keep_zip, overwrite=force, progress=progress,
+                        require_any=[f"{variant}/{f}" for f in LAYOUT_FILES.values()])
     find_ratings_file(target)  # the archive must have produced dest/<variant>/<ratings file>
     return target, True
