@@ -21,6 +21,11 @@ ROTATED_STATE_KEYS = ("momentum_buffer", "exp_avg")
 MAX_BACKTRACKS = 10
 
 
+class NonFiniteGaugeInput(FloatingPointError):
+    """A gauge step met NaN or infinite parameters or pair moments (the base steps diverged).
+    The training loop reports it like a non-finite loss ("diverged")."""
+
+
 class GoldstoneGD(torch.optim.Optimizer):
     """Goldstone-GD: a base optimizer plus, after every ``k1`` base steps, one *gauge step* that
     rotates each symmetric group per time step (``Z_t <- Z_t @ R_t.T``) to lower the coupling psi.
@@ -240,7 +245,14 @@ class GoldstoneGD(torch.optim.Optimizer):
         for k, tensors in enumerate(self.groups):
             device = tensors[0].device
             p_before = float(self.coupling.psi_value(tensors))
+            if not math.isfinite(p_before):  # NaN / inf parameters: no SVD or solve can use them
+                raise NonFiniteGaugeInput(f"psi became {p_before} before gauge step {self.num_gauge_steps + 1} "
+                                          f"(symmetric group {k}): the parameters are not finite")
             M = self.coupling.pair_moments(tensors, torch.float64)  # (E, d, d), Eq. 15
+            # finite parameters whose products overflow; the solvers also need ||M_tt'|| (polar tie-break)
+            if M.numel() and not bool(torch.isfinite(torch.linalg.matrix_norm(M)).all()):
+                raise NonFiniteGaugeInput(f"the pair moments M_tt' (Eq. 15) of symmetric group {k} overflow "
+                                          f"(parameters too large) before gauge step {self.num_gauge_steps + 1}")
             M_self = None
             if self.solver == "procrustes":
                 M_self = self.coupling.self_moments(tensors, torch.float64)  # (T, d, d)
