@@ -182,6 +182,8 @@ class MovieLensDataConfig:
     split: list[float] = field(default_factory=lambda: [0.5, 0.2, 0.3])  # train, validation, test
     cache_dir: Optional[str] = None  # processed-array cache (null: $GOLDSTONE_CACHE_DIR or data/cache/movielens)
     use_cache: bool = True
+    # [start, end]: use only the ratings in this range (unix seconds or ISO dates, UTC) and bin it; null: all
+    time_range: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         if self.T < 1:
@@ -189,6 +191,13 @@ class MovieLensDataConfig:
         fr = list(self.split)
         if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-9 or fr[0] == 0:
             raise ConfigError(f"data.split must be three fractions (train > 0, validation, test) summing to 1, got {fr}")
+        if self.time_range is not None:
+            from goldstone_cli.data.movielens import check_time_range
+
+            try:
+                check_time_range(self.time_range)
+            except ValueError as exc:
+                raise ConfigError(f"data.{exc}; e.g. data.time_range=[1995-01-01,2016-01-01]") from None
 
 
 @dataclass
