@@ -438,9 +438,8 @@ def changes_cmd(
     top: int = typer.Option(20, "--top", "-k", help="Words shown in each table (most changed, most stable); the CSV has all."),
     min_count: float = typer.Option(1.0, "--min-count", help=_MIN_COUNT_HELP + " Words absent from either step are "
                                                              "listed as not ranked."),
-    by: str = typer.Option("mean", "--by", help="Ranking key: mean (1-cos of the posterior means), posterior (posterior "
-                                                "mean of 1-cos) or lower (lower end of the credible interval: words "
-                                                "that certainly moved; variational runs)."),
+    by: str = typer.Option("mean", "--by", help="Ranking key: mean (1-cos of the posterior means) or posterior (the "
+                                                "posterior mean of 1-cos, variational runs; larger for uncertain words)."),
     samples: int = typer.Option(200, "--samples", help="Posterior samples for the credible intervals (variational runs)."),
     level: float = typer.Option(0.9, "--level", help="Probability mass of the equal-tailed credible interval."),
     seed: int = typer.Option(0, "--seed", help="Seed of the posterior samples."),

@@ -4,9 +4,11 @@ For every word i, ``dist_i = 1 - cos(u_i,t0, u_i,t1)`` of the posterior means (o
 For variational runs the distance is also computed on ``samples`` joint posterior draws of
 ``(u_i,t0, u_i,t1)`` (embeddings.py ``sample_pair``: exact bivariate marginals of the Gauss-Markov
 chain, so the posterior correlation between the two steps is kept): its posterior mean and an
-equal-tailed credible interval. A word with little data is uncertain, and its distance under the
-posterior is both larger and wider than its distance of the means; ranking by the lower end of the
-interval (``by="lower"``) prefers words that certainly moved.
+equal-tailed credible interval. Posterior noise inflates the distance of an uncertain word (two
+noisy draws are less aligned than their means), so for a word with little data the posterior mean
+lies well above the distance of the means and the interval is wide: the width says how well the
+data pin the distance down. Words are ranked by the distance of the means (``by="mean"``) or by
+the posterior mean of the distance (``by="posterior"``).
 
 Words with less than ``min_count`` co-occurrence mass in either step have no data there: their
 embedding is the prior's extrapolation from other steps. They are marked, not ranked.
@@ -23,7 +25,7 @@ import torch
 from goldstone_cli.analysis.embeddings import AnalysisError, Embeddings
 
 F64 = torch.float64
-BY = ("mean", "posterior", "lower")
+BY = ("mean", "posterior")
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -93,7 +95,7 @@ def word_changes(emb: Embeddings, t0: int, t1: int, min_count: float = 1.0, samp
                  level=level, by=by, min_count=min_count, status=status)
     if emb.variational:
         ch.post_mean, ch.post_lo, ch.post_hi = posterior_distance_stats(emb, t0, t1, samples, level, seed)
-    key = {"mean": dist, "posterior": ch.post_mean, "lower": ch.post_lo}[by]
+    key = dist if by == "mean" else ch.post_mean
     idx = np.nonzero(ok)[0]
     ch.ranked = idx[np.lexsort((idx, -key[idx]))]  # largest first, ties by vocabulary order
     if len(ch.ranked) == 0:

@@ -43,7 +43,7 @@ def changes(run: Path, echo: Echo, t_from: Optional[str] = None, t_to: Optional[
             echo(f"note: step {emb.labels[t]} was held out of training; its embeddings are the prior's interpolation "
                  "and every word counts as without data there")
     ch = word_changes(emb, t0, t1, min_count=min_count, samples=samples, level=level, seed=seed, by=by)
-    key = {"mean": "1-cos of the means", "posterior": "posterior mean of 1-cos", "lower": "lower end of the interval"}[by]
+    key = {"mean": "1-cos of the means", "posterior": "posterior mean of 1-cos"}.get(by, by)
     echo(f"{emb.source} ({emb.description}): {emb.labels[t0]} -> {emb.labels[t1]}, {len(ch.ranked)} words ranked by "
          f"{key}" + (f" ({samples} posterior samples)" if ch.post_mean is not None else ""))
     echo(f"\nmost changed:\n{changes_table(emb, ch, ch.ranked[:top])}")

@@ -53,6 +53,18 @@ class Posterior:
         return chain_moments(self.raw, self.off)[0]
 
 
+def pair_moments(raw: Tensor, off: Tensor, t0: int, t1: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Var(x_t0), Var(x_t1) and Cov(x_t0, x_t1), t0 <= t1, of every chain of ``q`` (shapes (T, ...) ->
+    (...)): with ``y_k = eps_k / b_k - a_k y_k+1`` (models/dwe.py ``sample_chain``),
+    ``Cov(y_t0, y_t1) = prod_{k=t0}^{t1-1} (-a_k) Var(y_t1)``."""
+    from goldstone_cli.models.dwe import bidiagonal, chain_moments
+
+    var = chain_moments(raw, off)[0]  # (T, ...)
+    _, a = bidiagonal(raw, off)  # (T-1, ...)
+    cov = torch.prod(-a[t0:t1], dim=0) * var[t1] if t1 > t0 else var[t1]
+    return var[t0], var[t1], cov
+
+
 @dataclass
 class Embeddings:
     """Word embeddings per time step. Shapes: ``U`` (T, V, d); ``counts`` (T, V); ``rotations``
@@ -145,17 +157,8 @@ class Embeddings:
             b, a = self.sample_pair(t1, t0, n, generator, rows)
             return a, b
         if self.posterior is not None:
-            from goldstone_cli.models.dwe import bidiagonal, chain_moments
-
             p = self.posterior
-            raw, off = p.raw[:, sel], p.off[:, sel]
-            var = chain_moments(raw, off)[0]  # (T, W, d)
-            _, a = bidiagonal(raw, off)  # (T-1, W, d)
-            v0, v1 = var[t0], var[t1]
-            if t1 > t0:
-                cov = torch.prod(-a[t0:t1], dim=0) * v1
-            else:
-                cov = v1
+            v0, v1, cov = pair_moments(p.raw[:, sel], p.off[:, sel], t0, t1)  # (W, d) each
             mu0, mu1 = p.mu[t0, sel], p.mu[t1, sel]
             z0 = torch.randn((n,) + tuple(v0.shape), generator=generator, dtype=F64)
             z1 = torch.randn((n,) + tuple(v0.shape), generator=generator, dtype=F64)
