@@ -50,8 +50,10 @@ def changes(run: Path, echo: Echo, t_from: Optional[str] = None, t_to: Optional[
     echo(f"\nmost stable:\n{changes_table(emb, ch, ch.ranked[::-1][:top])}")
     if len(ch.unranked):
         eg = ", ".join(emb.vocab[i] for i in ch.unranked[:8].tolist())
-        echo(f"\nnot ranked: {len(ch.unranked)} words with co-occurrence mass < {min_count:g} in {emb.labels[t0]} or "
-             f"{emb.labels[t1]} (no data there), e.g. {eg}")
+        n0 = int((~emb.present(t0, min_count)).sum())
+        n1 = int((~emb.present(t1, min_count)).sum())
+        echo(f"\nnot ranked: {len(ch.unranked)} words with co-occurrence mass < {min_count:g} in {emb.labels[t0]} "
+             f"({n0} words) or {emb.labels[t1]} ({n1} words), i.e. without data there, e.g. {eg}")
     header, rows = change_records(emb, ch)
     stem = f"changes_{safe_stem(emb.labels[t0])}_{safe_stem(emb.labels[t1])}"
     paths = write_csv_json(out or default_out(emb), stem, header, rows, {
