@@ -284,3 +284,20 @@ def test_prior_precision_is_what_pair_moments_invert():
     off = torch.full((4, 1), -0.3, dtype=F64)
     v0, v1, c = pair_moments(raw, off, 0, 4)
     assert torch.isfinite(torch.stack([v0, v1, c])).all() and (c.abs() <= (v0 * v1).sqrt()).all()
+
+
+def test_every_option_of_the_analysis_commands_is_explained():
+    import typer.main
+
+    cli = typer.main.get_command(app)
+    paths = [["changes"], ["neighbors"], ["export"], ["align"], ["plot", "word"], ["eval", "lsc"], ["eval", "changes"],
+             ["data", "make-planted"]]
+    for path in paths:
+        cmd = cli
+        for p in path:
+            cmd = cmd.commands[p]
+        assert cmd.help, path
+        for param in cmd.params:
+            assert getattr(param, "help", None), (path, param.name)
+        r = runner.invoke(app, [*path, "--help"])
+        assert r.exit_code == 0, r.output

@@ -43,7 +43,7 @@ PERIODS = {
     "swe": [(1790, 1830), (1895, 1903)],
 }
 DIGITS = re.compile(r"^\d+$")
-CHUNK_LINES = 200_000
+CHUNK_LINES = 50_000  # sentences per batch (bounds memory: a few hundred MB of Python strings at most)
 
 
 def corpus_files(root: Path) -> list[list[Path]]:
