@@ -232,9 +232,12 @@ def write_word2vec(path: Path, words: Sequence[str], vectors: np.ndarray, binary
             for w, v in zip(words, vectors.astype("<f4")):
                 f.write(w.encode("utf-8") + b" " + v.tobytes() + b"\n")
         else:
-            # repr of float32 round-trips exactly (shortest digits that read back the same value)
-            for w, v in zip(words, vectors):
-                f.write((w + " " + " ".join(repr(float(x)) if x != 0 else "0" for x in v.tolist()) + "\n").encode())
+            import io
+
+            body = io.StringIO()
+            np.savetxt(body, vectors, fmt="%.9g", delimiter=" ")  # 9 significant digits: float32 round-trips exactly
+            rows = body.getvalue().splitlines()
+            f.write("".join(w + " " + r + "\n" for w, r in zip(words, rows)).encode("utf-8"))
 
 
 def read_period(path: str | Path) -> Period:
