@@ -325,3 +325,37 @@ def test_planted_drift_three_methods(tmp_path):
         assert r.exit_code == 0, r.output
         prec[name] = json.loads((tmp_path / name / "analysis" / "eval_changes.json").read_text())["precision_at_k"]
     assert prec["goldstone"] == 1.0 and prec["adam"] == 1.0 and prec["uncoupled"] < 1.0, prec
+
+
+def test_alignment_of_an_uncoupled_run_rotates_means_and_posterior_draws(tmp_path):
+    """Steps in unrelated coordinates (random O(d) per step): after _align_in_place the means agree,
+    and posterior draws are rotated with them; export keeps std and rotations, and reads them back."""
+    from goldstone_cli.analysis.embeddings import _align_in_place
+    from goldstone_cli.analysis.export import export_embeddings, load_export
+
+    g = torch.Generator().manual_seed(0)
+    T, V, d = 4, 12, 3
+    base = torch.randn(V, d, generator=g, dtype=F64)
+    Q = torch.linalg.qr(torch.randn(T, d, d, generator=g, dtype=F64)).Q
+    Q[2, :, 0] *= -1  # one mirrored step
+    mu = torch.stack([base @ Q[t] for t in range(T)])  # (T, V, d)
+    raw = torch.full((T, V, d), 4.0, dtype=F64)
+    off = torch.zeros(T - 1, V, d, dtype=F64)
+    emb = _emb(mu.clone(), posterior=Posterior(mu=mu, raw=raw, off=off))
+    emb.source = tmp_path / "run"
+    _align_in_place(emb)
+    for t in range(1, T):
+        torch.testing.assert_close(emb.U[t], emb.U[0])
+    x0, x3 = emb.sample_pair(0, 3, 2000, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x0.mean(0), emb.U[0], atol=0.02, rtol=0)
+    torch.testing.assert_close(x3.mean(0), emb.U[3], atol=0.02, rtol=0)
+    assert float(word_changes(emb, 0, 3, min_count=0, samples=50).distance.max()) < 1e-12
+    out = export_embeddings(emb, tmp_path / "exp", fmt="npy")
+    back = load_export(out)
+    torch.testing.assert_close(back.rotations, emb.rotations)
+    torch.testing.assert_close(back.U, emb.U.float().double())
+    assert back.std is not None and back.variational
+    y0, _ = back.sample_pair(0, 3, 2000, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(y0.mean(0), back.U[0], atol=0.02, rtol=0)
+    with pytest.raises(AnalysisError, match="not empty"):
+        export_embeddings(emb, out, fmt="npy")
