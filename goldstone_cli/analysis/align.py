@@ -82,7 +82,6 @@ def chain_rotations(Zs: Sequence[Tensor], vocabs: Optional[Sequence[Sequence[str
         raise AnalysisError(f"all periods need the same dimension; got {sorted({int(z.shape[-1]) for z in Zs})}")
     if skip < 1:
         raise AnalysisError(f"--skip must be at least 1, got {skip}")
-    Zs = [z.to(F64) for z in Zs]
     src = np.array([t for t in range(T) for k in range(1, skip + 1) if t + k < T], dtype=np.int64)
     dst = np.array([t + k for t in range(T) for k in range(1, skip + 1) if t + k < T], dtype=np.int64)
     if present is None:
@@ -97,10 +96,12 @@ def chain_rotations(Zs: Sequence[Tensor], vocabs: Optional[Sequence[Sequence[str
         if t == s + 1 and len(a) < d:
             raise AnalysisError(f"periods {s} and {t} share only {len(a)} words (< d = {d}): the rotation between "
                                 "them is not determined")
-    M = torch.stack([Zs[s][torch.as_tensor(a)].T @ Zs[t][torch.as_tensor(b)]
+    # tables stay in their dtype (float32 files); each product is formed in float64 (sums over many words)
+    rows = lambda z, idx: z[torch.as_tensor(idx)].to(F64)  # noqa: E731
+    M = torch.stack([rows(Zs[s], a).T @ rows(Zs[t], b)
                      for (a, b), s, t in zip(pairs, src.tolist(), dst.tolist())]) if len(src) \
         else torch.zeros(0, d, d, dtype=F64)  # (E, d, d) = Z_s^T Z_t over shared words (Eq. 15)
-    M_self = torch.stack([z[torch.as_tensor(p)].T @ z[torch.as_tensor(p)] for z, p in zip(Zs, present)])  # (T, d, d)
+    M_self = torch.stack([rows(z, p).T @ rows(z, p) for z, p in zip(Zs, present)])  # (T, d, d)
     plan = procrustes_plan(Coupling(T, src, dst, np.ones(len(src))))
     R, _ = procrustes_solve(M, M_self, plan, allow_reflections=allow_reflections)
     if anchor == "first":
@@ -306,7 +307,7 @@ def align_files(paths: Sequence[str | Path], out_dir: str | Path, skip: int = 1,
     for p in periods:
         if (out_dir / p.path.name).resolve() == p.path.resolve():
             raise AnalysisError(f"--out {out_dir} would overwrite the input {p.path}; choose another folder")
-    Zs = [torch.as_tensor(p.vectors, dtype=F64) for p in periods]
+    Zs = [torch.as_tensor(p.vectors) for p in periods]  # float32 as read; products in float64
     present = [p.present for p in periods]
     vocabs = [p.vocab for p in periods]
     R = chain_rotations(Zs, vocabs, skip=skip, allow_reflections=allow_reflections, anchor=anchor, present=present)
@@ -315,14 +316,15 @@ def align_files(paths: Sequence[str | Path], out_dir: str | Path, skip: int = 1,
     pairs = _pairs(vocabs, present, src, dst)
 
     def psi(Rs: Tensor) -> float:
-        return float(sum(0.5 * ((Zs[s][torch.as_tensor(a)] @ Rs[s].T - Zs[s + 1][torch.as_tensor(b)] @ Rs[s + 1].T) ** 2).sum()
+        return float(sum(0.5 * ((Zs[s][torch.as_tensor(a)].to(F64) @ Rs[s].T
+                                 - Zs[s + 1][torch.as_tensor(b)].to(F64) @ Rs[s + 1].T) ** 2).sum()
                          for s, (a, b) in enumerate(pairs)))
 
     eye = torch.eye(R.shape[-1], dtype=F64).expand_as(R)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     for p, z, r in zip(periods, Zs, R):
-        files += write_period(p, out_dir, (z @ r.T).numpy())
+        files += write_period(p, out_dir, (z.to(F64) @ r.T).numpy())
     dets = torch.linalg.det(R)
     res = AlignResult(files=files, rotations=R.numpy(), shared=[len(a) for a, _ in pairs], psi_before=psi(eye),
                       psi_after=psi(R), reflections=[t for t in range(T) if float(dets[t]) < 0])
