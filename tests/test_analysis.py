@@ -359,3 +359,22 @@ def test_alignment_of_an_uncoupled_run_rotates_means_and_posterior_draws(tmp_pat
     torch.testing.assert_close(y0.mean(0), back.U[0], atol=0.02, rtol=0)
     with pytest.raises(AnalysisError, match="not empty"):
         export_embeddings(emb, out, fmt="npy")
+
+
+def test_make_planted_cli_layouts_are_deterministic(tmp_path):
+    for layout in ("dated", "semeval"):
+        a, b = tmp_path / f"{layout}-a", tmp_path / f"{layout}-b"
+        for out in (a, b):
+            r = runner.invoke(app, ["data", "make-planted", "--out", str(out), "--layout", layout, "--seed", "3"])
+            assert r.exit_code == 0, r.output
+        files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+        assert files and all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+        r = runner.invoke(app, ["data", "make-planted", "--out", str(a), "--layout", layout])
+        assert r.exit_code == 2 and "--force" in r.output
+    assert (tmp_path / "dated-a" / "texts" / "1900.txt").is_file()
+    truth = read_truth(tmp_path / "dated-a")
+    assert truth.words == ["drift0", "drift1", "drift2"] and truth.change_years == [1915, 1930, 1945]
+    r = runner.invoke(app, ["data", "make-planted", "--out", str(tmp_path / "c"), "--layout", "tsv"])
+    assert r.exit_code == 2 and "--layout must be" in r.output
+    r = runner.invoke(app, ["eval", "changes", str(tmp_path), "--planted", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "no planted.tsv" in r.output

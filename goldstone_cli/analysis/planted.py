@@ -143,8 +143,8 @@ def make_semeval_corpus(out: str | Path, n_topics: int = 10, words_per_topic: in
         path = out / f"corpus{c}" / "lemma" / f"synthetic{c}.txt.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, suffix=".gz") as tmp:
-            with gzip.open(tmp, "wt", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
+            with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:  # mtime 0: same bytes
+                f.write(("\n".join(lines) + "\n").encode("utf-8"))
     atomic_write_text(out / "targets.txt", "\n".join(targets) + "\n")
     atomic_write_text(out / "truth" / "graded.txt", "".join(f"{w}\t{g}\n" for w, g in zip(targets, graded)))
     atomic_write_text(out / "truth" / "binary.txt", "".join(f"{w}\t{int(g >= 0.1)}\n" for w, g in zip(targets, graded)))
