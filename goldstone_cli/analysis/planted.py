@@ -143,7 +143,7 @@ def make_semeval_corpus(out: str | Path, n_topics: int = 10, words_per_topic: in
         path = out / f"corpus{c}" / "lemma" / f"synthetic{c}.txt.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, suffix=".gz") as tmp:
-            with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:  # mtime 0: same bytes
+            with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as f:  # same bytes
                 f.write(("\n".join(lines) + "\n").encode("utf-8"))
     atomic_write_text(out / "targets.txt", "\n".join(targets) + "\n")
     atomic_write_text(out / "truth" / "graded.txt", "".join(f"{w}\t{g}\n" for w, g in zip(targets, graded)))
