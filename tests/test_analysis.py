@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from goldstone_cli.analysis.changes import cosine_distance, word_changes
+from goldstone_cli.analysis.changes import word_changes
 from goldstone_cli.analysis.embeddings import AnalysisError, Embeddings, Posterior, load_embeddings, pair_moments
 from goldstone_cli.analysis.neighbors import neighbors
 from goldstone_cli.analysis.planted import change_point, make_dated_corpus, read_truth

@@ -18,7 +18,6 @@ posterior standard deviations, presence counts; no posterior correlations along 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,7 +360,3 @@ def safe_stem(text: str) -> str:
 def default_out(emb: Embeddings) -> Path:
     """Where analysis files go by default: ``<run or export folder>/analysis/``."""
     return emb.source / "analysis"
-
-
-def json_default(meta: dict) -> dict:
-    return json.loads(json.dumps(meta, default=str))

@@ -28,10 +28,9 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
-import torch
 
 from goldstone_cli.analysis.embeddings import AnalysisError, Embeddings
 

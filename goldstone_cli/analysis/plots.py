@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from goldstone_cli.analysis.embeddings import AnalysisError, Embeddings
+from goldstone_cli.analysis.embeddings import Embeddings
 from goldstone_cli.analysis.neighbors import neighbors
 
 F64 = torch.float64
