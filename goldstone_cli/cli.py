@@ -319,6 +319,12 @@ def prepare_corpus_cmd(
                f"({r.n_tokens:,} tokens), total weight {r.total_weight:,}")
     if r.empty_steps:
         typer.echo(f"empty bins (kept as empty time steps): {', '.join(r.empty_steps)}")
+    if source.startswith("semeval:"):
+        from goldstone_cli.data.cooc import read_manifest
+
+        missing = read_manifest(r.out).get("settings", {}).get("targets_missing", [])
+        if missing:
+            typer.echo(f"warning: {len(missing)} targets never occur in the corpora: {', '.join(missing[:10])}")
 
 
 # ----------------------------------------------------------------------------- word embeddings

@@ -51,6 +51,9 @@ def test_semeval_prepare_layout_windows_and_targets(tmp_path):
     assert "plane_nn" in c.vocab and len(c.vocab) == 2  # the target is kept, whatever its rank
     assert "1999" not in c.vocab
     assert c.manifest["settings"]["targets_missing"] == ["missing_vb"]
+    r = runner.invoke(app, ["data", "prepare", "corpus", "--source", f"semeval:{root}", "--out", str(tmp_path / "cli"),
+                            "-q"])
+    assert r.exit_code == 0 and "1 targets never occur in the corpora: missing_vb" in r.output, r.output
     # a window never crosses a line: with every word in the vocabulary, 'b' (end of line 1) and 'c'
     # (start of line 2) never co-occur
     prepare_corpus(f"semeval:{root}", tmp_path / "all", vocab_size=100, progress=False)
