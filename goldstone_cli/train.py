@@ -234,16 +234,21 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                                   f"{_first_line(exc)}") from None
         start, wall, best = state["step"], state["wall_time"], state.get("best")
         target_step = state.get("target_step")
+    snapshots: dict[int, Any] = _load_snapshots(run_dir, start) if resuming else {}
+    metrics = MetricsWriter(run_dir / "metrics.csv", columns, resume_from_step=start if resuming else None)
+    try:
+        gauge_log = _GaugeLog(run_dir / "gauge.csv", start if resuming else None) if has_gauge else None
+    except BaseException:
+        metrics.close()
+        raise
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # after the checks: a refused resume changes nothing
+    if resuming:
         threads = state.get("torch_threads")
         if threads is not None and threads != torch.get_num_threads():
             tqdm.write(f"warning: the checkpoint was written with {threads} torch threads, this process uses "
                        f"{torch.get_num_threads()}: the resumed run can differ from an uninterrupted one in the last "
                        f"digits (set OMP_NUM_THREADS={threads} for a bit-exact resume)")
         tqdm.write(f"Resuming {run_dir} from step {start}")
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # after the checks: a refused resume changes nothing
-    snapshots: dict[int, Any] = _load_snapshots(run_dir, start) if resuming else {}
-    metrics = MetricsWriter(run_dir / "metrics.csv", columns, resume_from_step=start if resuming else None)
-    gauge_log = _GaugeLog(run_dir / "gauge.csv", start if resuming else None) if has_gauge else None
 
     def state_at(step: int) -> dict[str, Any]:
         return {
@@ -280,8 +285,10 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                     message = (f"interrupted ({interrupt.name}) at step {step}; continue with: "
                                f"goldstone train resume={run_dir}")
                     break
-                if step % tc.checkpoint_every == 0 and (step != start or not resuming):
-                    checkpoint(step)  # also at step 0 of a fresh run: a run killed at once is resumable
+                if step % tc.checkpoint_every == 0 and (step != start or not resuming) and step < steps:
+                    # also at step 0 of a fresh run: a run killed at once is resumable (the last step's
+                    # checkpoint is written after the loop)
+                    checkpoint(step)
                 final = step >= steps
                 t0 = time.perf_counter()
                 if final:
