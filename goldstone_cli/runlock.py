@@ -41,10 +41,7 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            pid = _holder_pid(self.path)
-            raise RunLocked(f"{self.path.parent} is in use by another goldstone process"
-                            + (f" (pid {pid})" if pid else "") + f" that holds {self.path}; wait for it to "
-                            "finish or stop it (Ctrl-C or kill), then try again") from None
+            raise in_use(self.path.parent, _holder_pid(self.path)) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -61,6 +58,12 @@ class RunLock:
     def __exit__(self, *exc) -> bool:
         self.release()
         return False
+
+
+def in_use(run_dir: str | os.PathLike, pid: Optional[int]) -> RunLocked:
+    path = Path(run_dir) / LOCK
+    return RunLocked(f"{path.parent} is in use by another goldstone process" + (f" (pid {pid})" if pid and pid > 0 else "")
+                     + f" that holds {path}; wait for it to finish or stop it (Ctrl-C or kill), then try again")
 
 
 def holder(run_dir: str | os.PathLike) -> Optional[int]:

@@ -609,7 +609,7 @@ def log_tail(path: Path, lines: int = 12) -> str:
 
 # ----------------------------------------------------------------------------- local runner
 class _Stop:
-    """Ctrl-C (or SIGTERM) while the sweep runs: stop launching and forward SIGINT to the runs
+    """Ctrl-C (or SIGTERM, SIGHUP, SIGUSR1) while the sweep runs: stop launching and forward SIGINT to the runs
     (each saves a checkpoint and exits); a second Ctrl-C is forwarded too (runs stop at once)."""
 
     def __init__(self):
@@ -617,7 +617,7 @@ class _Stop:
         self._old: dict[int, Any] = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):  # as `goldstone train` does
             try:
                 self._old[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread

@@ -41,7 +41,7 @@ from goldstone_cli.config import ConfigError, choice, to_yaml
 from goldstone_cli.io import atomic_path, atomic_write_json, atomic_write_text
 from goldstone_cli.models import build_model
 from goldstone_cli.optim.factory import build_optimizer
-from goldstone_cli.runlock import RunLock
+from goldstone_cli.runlock import RunLock, holder, in_use
 
 BASE_COLUMNS = ["step", "wall_time", "total", "local", "psi", "lr"]
 GAUGE_COLUMNS = ["gauge_steps", "gauge_time", "psi_before_gauge", "psi_after_gauge", "gauge_max_angle"]
@@ -91,8 +91,11 @@ def new_run_dir(cfg: DictConfig) -> Path:
             path = base.with_name(f"{base.name}_{n}")
 
 
-def _check_not_a_run(path: Path) -> None:
-    """A fresh run may not start in a folder that holds a resumable run (a checkpoint)."""
+def _check_not_a_run(path: Path, locked_by_us: bool = False) -> None:
+    """A fresh run may not start in a folder that another process uses or that holds a resumable run."""
+    pid = None if locked_by_us else holder(path)
+    if pid is not None:
+        raise in_use(path, pid)
     if ckpt.has_checkpoint(path):
         raise ConfigError(f"run_dir={path} already holds a run; continue it with resume={path} or pick another folder")
 
@@ -212,7 +215,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
     tc = cfg.trainer
     ckpt_dir = run_dir / "checkpoints"
     if not resuming:
-        _check_not_a_run(run_dir)  # again, now that no other process can be writing here
+        _check_not_a_run(run_dir, locked_by_us=True)  # again, now that no other process can be writing here
     ckpt_dir.mkdir(exist_ok=True)
     for folder in (run_dir, ckpt_dir):  # left by a process killed while writing (we hold the lock)
         ckpt.remove_stale_temporaries(folder)
