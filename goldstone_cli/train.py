@@ -414,9 +414,8 @@ def _update_best(model, evals: dict[str, float], best, step: int, run_dir: Path)
     v = evals[name]
     better = best is None or (v < best["value"] if model.best_lower_is_better else v > best["value"])
     if better:
-        best = {"metric": name, "value": v, "step": step}
-        ckpt.save(run_dir / "checkpoints" / ckpt.BEST, {"step": step, "metric": name, "value": v,
-                                                         "model": model.state_dict()}, kind="best")
+        best = {"metric": name, "value": float(v), "step": int(step)}
+        ckpt.save(run_dir / "checkpoints" / ckpt.BEST, {**best, "model": model.state_dict()}, kind="best")
     return best
 
 
