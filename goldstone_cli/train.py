@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass

@@ -106,8 +106,18 @@ def _signal_at_call(monkeypatch, n: int, sig: int):
     return original
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1])
-def test_stop_signals_checkpoint_print_the_resume_command_and_resume_identically(in_tmp, monkeypatch, sig):
+def test_sighup_and_sigusr1_stop_like_ctrl_c(in_tmp, monkeypatch):
+    for sig in (signal.SIGHUP, signal.SIGUSR1):
+        original = _signal_at_call(monkeypatch, 12, sig)
+        res = runner.invoke(app, ["train", *SMALL, "trainer.steps=40", f"run_dir={sig}"])
+        monkeypatch.setattr(DenseDynamicMF, "local_loss", original)
+        assert res.exit_code == 128 + sig, res.output
+        assert f"{signal.Signals(sig).name} received" in res.output and f"goldstone train resume={sig}" in res.output
+        assert 0 < ckpt.load(in_tmp / str(sig) / "checkpoints" / "last.pt")["step"] < 40
+
+
+def test_sigterm_checkpoints_prints_the_resume_command_and_resumes_identically(in_tmp, monkeypatch):
+    sig = signal.SIGTERM
     args = [*SMALL, "trainer.checkpoint_every=1000"]
     full = _run(args, "full", 120).run_dir
     original = _signal_at_call(monkeypatch, 58, sig)
@@ -179,16 +189,6 @@ def test_a_bit_flip_in_last_pt_is_detected_and_the_previous_checkpoint_resumes(i
     assert res.exit_code == 2 and "Traceback" not in res.output
     err = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(err) == 1 and "last.pt" in err[0] and "prev.pt" in err[0], res.output
-
-
-def test_stale_temporary_files_are_removed_at_the_next_start(in_tmp):
-    r = _run(SMALL, "r", 20).run_dir
-    stale = [r / "checkpoints" / ".last.pt.abc123.tmp", r / ".snapshots.pt.x1.tmp", r / ".metrics.csv.y.tmp"]
-    for p in stale:
-        p.write_bytes(b"half a checkpoint")
-    res = runner.invoke(app, ["train", "resume=r", "trainer.steps=30"])
-    assert res.exit_code == 0, res.output
-    assert not any(p.exists() for p in stale)
 
 
 def _one_line_error(res, *words):
@@ -274,14 +274,18 @@ def test_a_second_process_on_a_locked_run_folder_fails_at_once(in_tmp):
     assert res.exit_code == 0, res.output
 
 
-def test_thread_count_is_recorded_and_a_different_one_warns(in_tmp):
+def test_thread_count_is_recorded_and_stale_temporary_files_are_removed_at_the_next_start(in_tmp):
     r = _run(SMALL, "r", 20).run_dir
     assert ckpt.load(r / "checkpoints" / "last.pt")["torch_threads"] == torch.get_num_threads()
     state = ckpt.load(r / "checkpoints" / "last.pt")
     state["torch_threads"] = torch.get_num_threads() + 3
     ckpt.save_last(r / "checkpoints", state)
+    stale = [r / "checkpoints" / ".last.pt.abc123.tmp", r / ".snapshots.pt.x1.tmp", r / ".metrics.csv.y.tmp"]
+    for p in stale:  # as left by a process killed while writing
+        p.write_bytes(b"half a checkpoint")
     res = runner.invoke(app, ["train", "resume=r", "trainer.steps=30"])
     assert res.exit_code == 0 and f"OMP_NUM_THREADS={torch.get_num_threads() + 3}" in res.output, res.output
+    assert not any(p.exists() for p in stale)
 
 
 # ----------------------------------------------------------------------------- real processes, real signals

@@ -372,3 +372,49 @@ def test_reach_finds_the_first_evaluation_at_the_target():
     assert all(math.isnan(x) for x in reach(df, "m", 0.1))  # never reached
     assert reach(df, "m", 4.0, mode="max") == (0.0, 0.0)
     assert all(math.isnan(x) for x in reach(df, "missing", 1.0))
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_with_sigkill_leaves_its_runs_running_and_a_rerun_does_not_start_them_twice(in_tmp):
+    cmd = [sys.executable, "-m", "goldstone_cli", "sweep", "optimizer=adam", "trainer.steps=10000000,20",
+           "trainer.log_every=50", "trainer.eval_every=100", "trainer.checkpoint_every=200", "--jobs", "1", "--dir", "sw"]
+    proc = subprocess.Popen(cmd, cwd=in_tmp, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    d = in_tmp / "sw"
+    long_run = d / "trainer.steps-10000000"
+    child = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            m = long_run / "metrics.csv"
+            if m.exists() and len(m.read_text().splitlines()) > 3:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[0]
+        proc.kill()  # SIGKILL: the sweep cannot forward anything; its run (own session) keeps going
+        proc.communicate(timeout=60)
+        child = int((long_run / "run.lock").read_text())
+        os.kill(child, 0)  # still alive
+        res = runner.invoke(app, ["sweep", "--dir", "sw"])
+        assert res.exit_code == 75, res.output
+        assert f"run trainer.steps-10000000 is still running in process {child}" in res.output
+        assert json.loads((d / "trainer.steps-20" / "summary.json").read_text())["status"] == "completed"
+        assert "Resuming" not in (long_run / "train.log").read_text()  # no second process was started there
+        os.kill(child, signal.SIGTERM)  # the orphan stops like any run: checkpoint, exit 143
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        child = None
+        assert json.loads((long_run / "summary.json").read_text())["status"] == "interrupted"
+        assert run_state(long_run) == "resume"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
