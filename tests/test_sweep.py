@@ -376,7 +376,7 @@ def test_reach_finds_the_first_evaluation_at_the_target():
 
 @pytest.mark.slow
 def test_a_sweep_killed_with_sigkill_leaves_its_runs_running_and_a_rerun_does_not_start_them_twice(in_tmp):
-    cmd = [sys.executable, "-m", "goldstone_cli", "sweep", "optimizer=adam", "trainer.steps=10000000,20",
+    cmd = [sys.executable, "-m", "goldstone_cli", "sweep", "optimizer=adam", "seed=0", "trainer.steps=10000000,20",
            "trainer.log_every=50", "trainer.eval_every=100", "trainer.checkpoint_every=200", "--jobs", "1", "--dir", "sw"]
     proc = subprocess.Popen(cmd, cwd=in_tmp, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     d = in_tmp / "sw"
@@ -389,7 +389,7 @@ def test_a_sweep_killed_with_sigkill_leaves_its_runs_running_and_a_rerun_does_no
             if m.exists() and len(m.read_text().splitlines()) > 3:
                 break
             time.sleep(0.1)
-        assert proc.poll() is None, proc.communicate()[0]
+        assert proc.poll() is None and (long_run / "run.lock").exists(), (proc.poll(), sorted(os.listdir(d)))
         proc.kill()  # SIGKILL: the sweep cannot forward anything; its run (own session) keeps going
         proc.communicate(timeout=60)
         child = int((long_run / "run.lock").read_text())
