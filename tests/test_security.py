@@ -231,3 +231,41 @@ def test_corpus_folder_files_linking_outside_are_refused(tmp_path):
     (src / "1851-b.txt").unlink()
     os.symlink(src / "1850-a.txt", src / "1852-c.txt")  # a link inside the folder is fine
     assert [d.year for d in folder_documents(src)] == [1850, 1852]
+
+
+def test_ngram_part_caches_are_trusted_only_as_real_files_of_their_work_folder(tmp_path, monkeypatch):
+    from test_ngrams import _interrupt_inputs, same_output, write_v2
+
+    from goldstone_cli.data import ngrams
+    from goldstone_cli.data.ngrams import prepare_ngrams
+
+    one, f1, f2_rows = _interrupt_inputs(tmp_path)
+    f2 = write_v2(tmp_path / "f2.tsv", f2_rows)
+    kw = dict(years=(1900, 1910), vocab_size=5, workers=1, progress=False)
+    base = load_cooc(prepare_ngrams([one], [f1, f2], tmp_path / "base", **kw).out)
+    out, work = tmp_path / "out", tmp_path / ".out.work"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, work)  # the cache folder is a link out: nothing is written (or removed) through it
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        prepare_ngrams([one], [f1, f2], out, **kw)
+    assert not any(elsewhere.iterdir())
+    work.unlink()
+    real_count, calls = ngrams._count_fivegrams, []
+
+    def interrupted(job, report):
+        calls.append(job.path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_count(job, report)
+
+    monkeypatch.setattr(ngrams, "_count_fivegrams", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_ngrams([one], [f1, f2], out, **kw)
+    monkeypatch.setattr(ngrams, "_count_fivegrams", real_count)
+    part = next(p for p in work.iterdir() if p.name.startswith("fivegrams-"))
+    part.rename(elsewhere / part.name)
+    os.symlink(elsewhere / part.name, part)  # a part that links elsewhere is not read: it is recomputed
+    r = prepare_ngrams([one], [f1, f2], out, **kw)
+    assert r.processed_parts == 2 and r.reused_parts >= 1
+    same_output(load_cooc(out), base)
