@@ -141,8 +141,8 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-def load(path: str | Path, map_location="cpu", kind: Optional[str] = "last") -> dict[str, Any]:
-    """Read and verify a checkpoint; ``kind`` (``last``, ``best``, ``snapshots`` or None for any)
+def load(path: str | Path, map_location="cpu", kind: Optional[str] = None) -> dict[str, Any]:
+    """Read and verify a checkpoint; ``kind`` (``last``, ``best``, ``snapshots``; None: any kind)
     is the kind of file expected. Raises FileNotFoundError or CheckpointError (one line)."""
     path = Path(path)
     if not path.is_file():
