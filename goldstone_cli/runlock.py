@@ -7,10 +7,14 @@ for the message that a second ``train`` / ``resume`` / ``sweep --dir`` prints.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 from typing import Optional
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): no locking, runs work as before
+    fcntl = None
 
 LOCK = "run.lock"
 
@@ -37,6 +41,9 @@ class RunLock:
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # not inherited by subprocesses (PEP 446)
+        if fcntl is None:
+            self._fd = fd
+            return self
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -69,6 +76,8 @@ def in_use(run_dir: str | os.PathLike, pid: Optional[int]) -> RunLocked:
 def holder(run_dir: str | os.PathLike) -> Optional[int]:
     """The pid (or -1 when unknown) of a live process holding ``run_dir``'s lock; None when free."""
     path = Path(run_dir) / LOCK
+    if fcntl is None:
+        return None
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
