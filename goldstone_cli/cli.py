@@ -59,9 +59,12 @@ def _config_from(overrides: list[str]):
             _fail(f"'{o}': named sweeps are run by `goldstone sweep {o}`; `goldstone train` runs a single model")
     try:
         if resume:
+            from goldstone_cli.checkpoint import has_checkpoint
+
             run_dir = Path(resume[-1].split("=", 1)[1])
-            if not (run_dir / "checkpoints" / "last.pt").is_file():
-                _fail(f"{run_dir} has no checkpoint to resume from (expected {run_dir / 'checkpoints' / 'last.pt'})")
+            if not has_checkpoint(run_dir):
+                _fail(f"{run_dir} has no checkpoint to resume from (expected {run_dir / 'checkpoints' / 'last.pt'}); "
+                      f"a run killed before its first checkpoint can be started again with run_dir={run_dir}")
             return load_run_config(run_dir, rest), run_dir
         return compose(rest), None
     except ConfigError as exc:
@@ -95,7 +98,7 @@ def train(
     typer.echo(f"{result.status}: {s['steps']} steps in {s['wall_time']:.1f} s; outputs in {result.run_dir}")
     if result.status == "interrupted":
         typer.echo(s["message"])
-        raise typer.Exit(130)
+        raise typer.Exit(int(s.get("exit_code", 130)))  # 128 + the signal: 130 Ctrl-C, 143 SIGTERM
 
 
 @app.command("config", epilog=_groups_help())
@@ -160,7 +163,7 @@ def report_cmd(
 
     try:
         paths = build_report(sweep_dir)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # ValueError: ConfigError for a malformed sweep.json
         _fail(str(exc))
     typer.echo(f"report: {paths.report_md}\nsummary: {paths.summary_csv}"
                + "".join(f"\nplot: {p}" for p in paths.plots))

@@ -497,7 +497,19 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.yaml); pass resume=<a folder under outputs/>")
-    saved = OmegaConf.load(path)
+    try:
+        saved = OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax, not UTF-8
+        raise ConfigError(f"{path} is not a valid run config ({_one_line(exc)}); restore it (it is rewritten by "
+                          "every start of the run) or start a new run") from None
+    missing = [g for g in ("model", "data", "optimizer", "trainer")
+               if not isinstance(saved, DictConfig) or not isinstance(saved.get(g), DictConfig) or
+               (g != "trainer" and not isinstance(saved[g].get("name"), str))]
+    if missing:
+        what = "is empty" if not isinstance(saved, DictConfig) or not len(saved) else \
+            f"lacks the section(s) {', '.join(missing)} (each with its name)"
+        raise ConfigError(f"{path} {what}: not a run config; restore it (it is rewritten by every start of the "
+                          "run) or start a new run")
     base = OmegaConf.structured(Config)
     for group in ("model", "data", "optimizer"):
         base[group] = OmegaConf.structured(_schema_for(group, str(saved[group].name)))

@@ -227,6 +227,15 @@ def _load_state(path: Path) -> dict:
         raise AnalysisError(f"cannot read checkpoint {path} as plain tensors ({str(exc).splitlines()[0]})") from None
     if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict):
         raise AnalysisError(f"{path} is not a goldstone checkpoint (no model state)")
+    from goldstone_cli import checkpoint as ckpt
+
+    if ck.get("format") == ckpt.FORMAT:  # current checkpoints carry a checksum: verify it
+        try:
+            ok = ckpt.checksum(ck) == ck.get("checksum")
+        except TypeError:
+            ok = False
+        if not ok:
+            raise AnalysisError(f"{path} is corrupt: its contents do not match their SHA-256 checksum")
     return ck["model"]
 
 

