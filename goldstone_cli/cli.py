@@ -91,8 +91,10 @@ def train(
         _fail(str(exc), code=3)
     except (ValueError, FileNotFoundError) as exc:  # ConfigError, missing or malformed data, bad checkpoint
         _fail(str(exc))
+    from goldstone_cli.train import format_result
+
     s = result.summary
-    typer.echo(f"{result.status}: {s['steps']} steps in {s['wall_time']:.1f} s; outputs in {result.run_dir}")
+    typer.echo(format_result(result))
     if result.status == "interrupted":
         typer.echo(s["message"])
         raise typer.Exit(130)
@@ -217,6 +219,9 @@ def plot_trajectories_cmd(
 
 
 _PREPARE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError)
+# the defaults of `data prepare corpus` are those of conf/data/sotu.yaml (tests/test_corpus.py checks it)
+_DWE_BIN_YEARS, _DWE_VOCAB = 1, 1000
+_TABLE2_WORDS = ("car", "computer", "electricity", "tuberculosis", "dna")
 
 
 @prepare_app.command("ngrams")
@@ -286,11 +291,18 @@ def prepare_corpus_cmd(
     source: str = typer.Option("sotu", "--source", help="'sotu' (the State of the Union package: 249 addresses, "
                                                         "1790-2026) or a folder of UTF-8 text files whose names begin "
                                                         "with a year (1850-title.txt)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: vocab.tsv, times.tsv, cooc_00000.npz ... (one "
-                                                      "sparse matrix per time bin), manifest.json (written last)."),
-    bin_years: int = typer.Option(10, "--bin-years", help="Width of a time bin in years (10: calendar decades). Bins "
-                                                          "without text are kept as empty time steps."),
-    vocab: int = typer.Option(3000, "--vocab", help="Vocabulary size (digit-only tokens are never in it)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Output folder: vocab.tsv, times.tsv, cooc_00000.npz ... (one sparse matrix per time "
+                                  "bin), manifest.json (written last). Default: data/<source>-<N>y-v<V>-<rank>[-k<hash "
+                                  "of --keep-words>], the folder `goldstone train model=dwe` prepares and reads."),
+    bin_years: int = typer.Option(_DWE_BIN_YEARS, "--bin-years", help="Width of a time bin in years (1: one step per "
+                                                                      "year, as model=dwe; 10: calendar decades). Bins "
+                                                                      "without text are kept as empty time steps."),
+    vocab: int = typer.Option(_DWE_VOCAB, "--vocab", help="Vocabulary size (digit-only tokens are never in it)."),
+    keep_words: str = typer.Option(
+        ",".join(_TABLE2_WORDS), "--keep-words", help="Comma-separated words kept in the vocabulary whenever the corpus "
+                                                      "has them, in place of the lowest-ranked others (default: the "
+                                                      "paper's Table 2 queries); '' for none."),
     years: Optional[str] = typer.Option(None, "--years", help="Only documents in FIRST-LAST; the first bin starts at "
                                                               "FIRST (default: all, bins aligned to multiples of "
                                                               "--bin-years)."),
@@ -306,16 +318,25 @@ def prepare_corpus_cmd(
     from goldstone_cli.data.corpus import prepare_corpus
     from goldstone_cli.data.ngrams import parse_years
 
+    from goldstone_cli.data.corpus import default_corpus_dir
+
+    keep = [w.strip() for w in keep_words.split(",") if w.strip()]
     try:
         y = parse_years(years) if years else None
+        if out is None:
+            if years:
+                _fail("--years needs --out (the default folder name does not record a year range)")
+            out = default_corpus_dir(source, bin_years, vocab, rank, keep)
         r = prepare_corpus(source, out, bin_years=bin_years, vocab_size=vocab, years=y, rank=rank,
-                           include_related=sotu_all, force=force, progress=not quiet)
+                           include_related=sotu_all, keep_words=keep, force=force, progress=not quiet)
     except _PREPARE_ERRORS as exc:
         _fail(str(exc), code=1)
     typer.echo(f"wrote {r.out}: {r.n_steps} bins x {r.vocab_size} words from {r.n_documents} documents "
                f"({r.n_tokens:,} tokens), total weight {r.total_weight:,}")
     if r.empty_steps:
         typer.echo(f"empty bins (kept as empty time steps): {', '.join(r.empty_steps)}")
+    if r.keep_words_missing:
+        typer.echo(f"--keep-words not in the corpus (left out): {', '.join(r.keep_words_missing)}")
 
 
 # ----------------------------------------------------------------------------- word embeddings
@@ -339,10 +360,12 @@ def age_words_cmd(
                                                       "trained without the chain prior), yes or no."),
     include_query: bool = typer.Option(False, "--include-query", help="Allow the query word itself in the answer."),
     show_cos: bool = typer.Option(False, "--cos", help="Also print each answer's cosine."),
-    min_count: float = typer.Option(0.0, "--min-count", help="Only answers with at least this co-occurrence mass "
-                                                             "(row sum of the corpus matrix) in the --to step; a word "
-                                                             "absent there has only its prior-smoothed embedding. "
-                                                             "Needs the run's corpus folder."),
+    min_count: float = typer.Option(1.0, "--min-count", help="Only answers with at least this co-occurrence mass "
+                                                             "(row sum of the corpus matrix) in the --to step. Default 1: "
+                                                             "the word occurs there (a word absent from a step has only "
+                                                             "its prior-smoothed embedding, e.g. 'inflation' in 1790); "
+                                                             "0 allows every word. Reads the run's corpus folder "
+                                                             "(data.path of its config) unless 0."),
     outputs: Path = typer.Option(Path("outputs"), "--outputs", help="Where to look for the newest run when --run is not given."),
 ) -> None:
     """Word aging (paper Table 2): for each WORD, the words whose embedding at --to has the largest
