@@ -16,12 +16,20 @@ def _plt():
     return plt
 
 
-def plot_losses(metrics_csv: str | Path, out_png: str | Path, title: str = "") -> Path:
-    """Total loss, local loss and psi (and the suboptimality when known) against steps, log scale."""
+def plot_losses(metrics_csv: str | Path, out_png: str | Path, title: str = "",
+                heldout: list[tuple[str, str]] | tuple = ()) -> Path:
+    """Total loss, local loss and psi (and the suboptimality when known) against steps, log scale;
+    with ``heldout`` ((metric, label) pairs, e.g. DWE's held-out likelihood) that the run logged, a
+    second panel draws them against steps (the minibatch loss alone is noisy)."""
     plt = _plt()
     df = pd.read_csv(metrics_csv)
     cols = [c for c in ("total", "local", "psi", "suboptimality") if c in df and df[c].notna().any()]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    evals = [(c, label) for c, label in heldout if c in df and df[c].notna().any()]
+    if evals:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+        _plot_heldout(ax2, df, evals)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
     for c in cols:
         rows = df[df[c].notna()]  # evaluation metrics exist only every eval_every steps
         y = rows[c].where(rows[c] > 0)  # log scale: non-positive values are not drawn
@@ -37,6 +45,27 @@ def plot_losses(metrics_csv: str | Path, out_png: str | Path, title: str = "") -
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return out_png
+
+
+def _plot_heldout(ax, df: pd.DataFrame, evals: list[tuple[str, str]]) -> None:
+    """Evaluation metrics against steps, one line each; per-point log-likelihoods share one axis,
+    any other metric (AUC, cosines) gets a second y axis."""
+    ll = [(c, lab) for c, lab in evals if "ll" in c.split("_")]
+    other = [(c, lab) for c, lab in evals if (c, lab) not in ll]
+    axes = [(ax, ll or other, "log-likelihood per point" if ll else "metric")]
+    if ll and other:
+        axes.append((ax.twinx(), other, ", ".join(lab for _, lab in other)))
+    styles = iter(["o-", "s--", "^-.", "d:", "v-"])
+    handles = []
+    for a, items, ylabel in axes:
+        for c, label in items:
+            rows = df[df[c].notna()]
+            handles += a.plot(rows["step"], rows[c], next(styles), ms=3, label=label)
+        a.set_ylabel(ylabel)
+    ax.set_xlabel("training step")
+    ax.set_title("evaluation (every trainer.eval_every steps)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(handles=handles, labels=[h.get_label() for h in handles], fontsize=8, loc="lower right")
 
 
 def load_snapshots(run_dir: str | Path) -> dict[int, dict]:

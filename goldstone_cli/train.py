@@ -195,8 +195,9 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
     target = tc.target
     snapshots: dict[int, Any] = _load_snapshots(run_dir) if resuming else {}
     snapshot_steps = _snapshot_steps(steps)
-    pbar = tqdm(total=steps, initial=start, desc=f"{cfg.model.name}/{cfg.optimizer.name}", unit="step",
-                disable=not tc.progress, dynamic_ncols=True)
+    desc = f"{cfg.model.name}/{cfg.optimizer.name}"
+    pbar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not tc.progress, dynamic_ncols=True)
+    eta = _Eta(start, steps, device)
     try:
         with _Interrupt() as interrupt:
             step = start
@@ -268,6 +269,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
                 del terms
                 step += 1
                 pbar.update(1)
+                _announce_eta(eta, step, pbar, desc)
             if status in ("completed", "target_reached"):
                 ckpt.save(run_dir / "checkpoints" / ckpt.LAST, state_at(step))
     finally:
@@ -299,11 +301,13 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
         summary["gauge_steps"] = int(optimizer.num_gauge_steps)
         summary["gauge_time"] = float(optimizer.gauge_seconds)
         summary["gauge_overhead"] = float(optimizer.gauge_seconds / wall) if wall > 0 else None
+    summary["headline"] = _headline(model, last_row)
     atomic_write_json(run_dir / "summary.json", summary)
     try:
         from goldstone_cli.report import plot_losses
 
-        plot_losses(run_dir / "metrics.csv", run_dir / "loss.png", title=f"{cfg.model.name} / {cfg.optimizer.name}")
+        plot_losses(run_dir / "metrics.csv", run_dir / "loss.png", title=f"{cfg.model.name} / {cfg.optimizer.name}",
+                    heldout=[(m, label) for m, label in model.headline_metrics if m != "suboptimality"])
     except Exception as exc:  # a plot must never lose a finished run
         tqdm.write(f"warning: could not draw loss.png: {exc}")
     if status == "diverged":
@@ -312,6 +316,82 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
 
 
 # ----------------------------------------------------------------------------- small pieces
+def _human_seconds(sec: float) -> str:
+    if sec < 90:
+        return f"{max(sec, 1):.0f} s"
+    if sec < 90 * 60:
+        return f"{sec / 60:.0f} min"
+    return f"{sec / 3600:.1f} h"
+
+
+def _device_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+class _Eta:
+    """The run's expected duration, measured over its first steps (evaluation and logging included):
+    ready once at least 5 steps took 10 s, or any number of steps took a minute."""
+
+    def __init__(self, start: int, steps: int, device: torch.device, clock=time.perf_counter):
+        self.start, self.steps, self.device, self.clock = start, steps, device, clock
+        self.t0 = clock()
+        self.done = steps <= start
+
+    def check(self, step: int) -> Optional[str]:
+        """A one-line estimate the first time enough steps have run, else None."""
+        if self.done:
+            return None
+        n, elapsed = step - self.start, self.clock() - self.t0
+        if n < 1 or not (elapsed >= 60 or (n >= 5 and elapsed >= 10)):
+            return None
+        self.done = True
+        per = elapsed / n
+        left = per * (self.steps - step)
+        which = f"{self.steps:,} steps" if self.start == 0 else f"the remaining {self.steps - self.start:,} steps"
+        per_text = f"{per:.2f} s" if per >= 0.01 else f"{per * 1000:.1f} ms"
+        return (f"about {_human_seconds(elapsed + left)} for {which} on {_device_text(self.device)}: "
+                f"{per_text} per step over the first {n:,} (evaluation included), {_human_seconds(left)} left")
+
+    def total_seconds(self, step: int) -> float:
+        n = max(step - self.start, 1)
+        return (self.clock() - self.t0) / n * (self.steps - self.start)
+
+
+def _announce_eta(eta: _Eta, step: int, pbar, desc: str) -> None:
+    """Print the estimate above the progress bar (also without one: sweeps log it) and show it in the bar."""
+    msg = eta.check(step)
+    if msg is not None:
+        tqdm.write(msg)
+        pbar.set_description(f"{desc} (~{_human_seconds(eta.total_seconds(step))})", refresh=False)
+
+
+def _headline(model, row: dict[str, Any]) -> dict[str, float]:
+    """The model's headline metrics at the end of the run, by label (``summary.json``: ``headline``)."""
+    out = {}
+    for metric, label in model.headline_metrics:
+        v = row.get(metric)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            out[label] = float(v)
+    return out
+
+
+def format_result(result: "RunResult") -> str:
+    """The end-of-run lines: status, steps and time, the headline numbers, the best checkpoint,
+    the gauge steps' share of the time, and the run folder."""
+    s = result.summary
+    parts = [f"{result.status}: {s['steps']:,} steps in {_human_seconds(s['wall_time'])} of optimization"]
+    parts += [f"{label} {v:.3g}" if abs(v) < 1e-3 or "L*" in label else f"{label} {v:.4f}"
+              for label, v in (s.get("headline") or {}).items()]
+    best = s.get("best")
+    if best:
+        parts.append(f"best {best['metric']} {best['value']:.4f} at step {best['step']:,} (checkpoints/best.pt)")
+    if s.get("gauge_overhead") is not None:
+        parts.append(f"gauge steps {100 * s['gauge_overhead']:.1f}% of the time ({s['gauge_steps']:,} steps)")
+    return "; ".join(parts) + f"\noutputs in {result.run_dir}"
+
+
 def _reached(model, evals: dict[str, float], target: float) -> bool:
     name = model.target_metric
     if name is None or name not in evals:
