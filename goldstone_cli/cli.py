@@ -22,7 +22,8 @@ prepare_app = typer.Typer(help="Turn raw corpora into per-time-step co-occurrenc
 data_app.add_typer(prepare_app, name="prepare")
 download_app = typer.Typer(help="Download published data sets, verified against their checksums.", no_args_is_help=True)
 data_app.add_typer(download_app, name="download")
-plot_app = typer.Typer(help="Plots of finished runs (trajectories, losses, histograms).", no_args_is_help=True)
+plot_app = typer.Typer(help="Plots of finished runs: Fig. 2 trajectories, Fig. 4 cosine histograms (every run also writes its own loss.png).",
+                       no_args_is_help=True)
 app.add_typer(plot_app, name="plot")
 
 
@@ -188,11 +189,17 @@ def download_movielens_cmd(
     choices = [v.value for v in MovieLensVariant]
     if variant not in choices:
         _fail(f"unknown --variant {variant!r}; choose one of {', '.join(choices)}")
-    try:
-        folder, downloaded = download_movielens(variant, dest, base_url=base_url, md5=md5, force=force,
-                                                keep_zip=keep_zip)
-    except (DownloadError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc), code=1)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as notes:  # shown as plain lines, and only if the download works
+        warnings.simplefilter("always")
+        try:
+            folder, downloaded = download_movielens(variant, dest, base_url=base_url, md5=md5, force=force,
+                                                    keep_zip=keep_zip)
+        except (DownloadError, FileNotFoundError, ValueError) as exc:
+            _fail(str(exc), code=1)
+    for w in notes:
+        typer.echo(f"note: {w.message}", err=True)
     typer.echo(f"{'downloaded and verified' if downloaded else 'already present (use --force to replace)'}: {folder}")
 
 
