@@ -77,7 +77,7 @@ def load_snapshots(run_dir: str | Path) -> dict[int, dict]:
             f"{run_dir} has no snapshots.pt: trajectories are kept for small models only "
             "(e.g. model=dense_mf); is this a run folder under outputs/?"
         )
-    return torch.load(path, weights_only=False)
+    return torch.load(path, weights_only=True)  # tensors only: never unpickle
 
 
 def _top3(points):
@@ -113,20 +113,28 @@ def plot_trajectories(run_dirs: list[str | Path], out_png: str | Path, steps: li
     missing = [s for s in steps if s not in common]
     if missing:
         raise ValueError(f"no snapshot at step(s) {missing}; available in every run: {common}")
-    fig = plt.figure(figsize=(4 * len(steps), 4 * len(snaps)))
+    fig = plt.figure(figsize=(4 * len(steps), 4 * len(snaps) + 0.6))
     for r, (run, snap) in enumerate(zip(run_dirs, snaps)):
         label = _run_label(run)
         for c, step in enumerate(steps):
             if tensor not in snap[step]:
                 raise ValueError(f"snapshot has no tensor '{tensor}'; available: {', '.join(snap[step])}")
+            d = snap[step][tensor].shape[-1]
             Z = _top3(snap[step][tensor])  # (T, N, 3)
             ax = fig.add_subplot(len(snaps), len(steps), r * len(steps) + c + 1, projection="3d")
             colors = plt.cm.tab10(np.arange(Z.shape[1]) % 10)
             for i in range(Z.shape[1]):  # one line per embedding vector (a handful in Fig. 2)
                 ax.plot(Z[:, i, 0], Z[:, i, 1], Z[:, i, 2], ".-", color=colors[i], ms=3, lw=0.8)
-            ax.set_title(f"{label}\nstep {step}", fontsize=9)
-            ax.tick_params(labelsize=6)
-    fig.tight_layout()
+                ax.scatter(Z[0, i, 0], Z[0, i, 1], Z[0, i, 2], color=colors[i], s=18, marker="o")  # t = 1
+            ax.set_title(f"{label}\ntraining step {step}", fontsize=9)
+            names = [f"PC {k + 1}" if d > 3 else f"coordinate {k + 1}" if k < d else "(zero: d < 3)" for k in range(3)]
+            for setter, name in zip((ax.set_xlabel, ax.set_ylabel, ax.set_zlabel), names):
+                setter(name, fontsize=7, labelpad=-2)
+            ax.tick_params(labelsize=6, pad=0)
+    what = "principal directions of each panel" if any(s[steps[0]][tensor].shape[-1] > 3 for s in snaps) else "coordinates"
+    fig.suptitle(f"Fig. 2: each line is one row of {tensor} (one embedding vector) across the time steps t = 1..T "
+                 f"(big dot: t = 1); axes: embedding {what}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
