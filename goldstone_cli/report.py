@@ -55,12 +55,13 @@ def _plot_heldout(ax, df: pd.DataFrame, evals: list[tuple[str, str]]) -> None:
     axes = [(ax, ll or other, "log-likelihood per point" if ll else "metric")]
     if ll and other:
         axes.append((ax.twinx(), other, ", ".join(lab for _, lab in other)))
-    styles = iter(["o-", "s--", "^-.", "d:", "v-"])
+    styles = iter(zip(["o-", "s--", "^-.", "d:", "v-"], ["tab:blue", "tab:red", "tab:green", "tab:purple", "tab:brown"]))
     handles = []
     for a, items, ylabel in axes:
         for c, label in items:
             rows = df[df[c].notna()]
-            handles += a.plot(rows["step"], rows[c], next(styles), ms=3, label=label)
+            style, color = next(styles)  # the twin axis would restart the colour cycle
+            handles += a.plot(rows["step"], rows[c], style, color=color, ms=3, label=label)
         a.set_ylabel(ylabel)
     ax.set_xlabel("training step")
     ax.set_title("evaluation (every trainer.eval_every steps)")

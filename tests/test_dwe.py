@@ -390,3 +390,6 @@ def test_dwe_keeps_best_checkpoint_on_validation_likelihood(tmp_path):
     assert saved["metric"] == "ll_val" and saved["step"] == int(best["step"])
     assert result.summary["best"]["value"] == pytest.approx(best["ll_val"])
     assert "held-out LL/point" in result.summary["headline"]
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "run" / "loss.png").shape[1] == 12 * 120  # the held-out panel beside the loss
