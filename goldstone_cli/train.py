@@ -197,7 +197,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
     snapshot_steps = _snapshot_steps(steps)
     desc = f"{cfg.model.name}/{cfg.optimizer.name}"
     pbar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not tc.progress, dynamic_ncols=True)
-    eta = _Eta(start, steps, device)
+    eta = _Eta(start, steps, device, eval_every=int(tc.eval_every))
     try:
         with _Interrupt() as interrupt:
             step = start
@@ -235,9 +235,11 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
                     row = {"step": step, "wall_time": round(wall, 6), "total": total,
                            "local": terms["local"].item(), "psi": terms["psi"].item(), "lr": lr}
                     if step % tc.eval_every == 0 or final:
+                        t_eval = time.perf_counter()
                         model.eval()
                         evals = model.evaluate()
                         model.train()
+                        eta.add_eval(time.perf_counter() - t_eval)
                         row.update(evals)
                         best = _update_best(model, evals, best, step, run_dir)
                         if target is not None and target_step is None and _reached(model, evals, target):
@@ -331,32 +333,54 @@ def _device_text(device: torch.device) -> str:
 
 
 class _Eta:
-    """The run's expected duration, measured over its first steps (evaluation and logging included):
-    ready once at least 5 steps took 10 s, or any number of steps took a minute."""
+    """The run's expected duration from its first steps: the time per step (everything but
+    evaluation) times the steps, plus the time per evaluation times the evaluations (one every
+    ``eval_every`` steps and one at the end). Ready once at least 5 steps took 10 s, or any number
+    of steps a minute."""
 
-    def __init__(self, start: int, steps: int, device: torch.device, clock=time.perf_counter):
+    def __init__(self, start: int, steps: int, device: torch.device, eval_every: int = 0, clock=time.perf_counter):
         self.start, self.steps, self.device, self.clock = start, steps, device, clock
+        self.eval_every = eval_every
         self.t0 = clock()
+        self.eval_seconds, self.n_evals = 0.0, 0
         self.done = steps <= start
+
+    def add_eval(self, seconds: float) -> None:
+        self.eval_seconds += seconds
+        self.n_evals += 1
+
+    def _evals_left(self, step: int) -> int:
+        if self.eval_every <= 0:
+            return 0
+        return (self.steps - 1) // self.eval_every - (step - 1) // self.eval_every + 1  # every eval_every, and the end
+
+    def _split(self, step: int) -> tuple[float, float]:
+        """(seconds so far, seconds still to come)."""
+        n = max(step - self.start, 1)
+        elapsed = self.clock() - self.t0
+        per = max(elapsed - self.eval_seconds, 0.0) / n
+        per_eval = self.eval_seconds / self.n_evals if self.n_evals else 0.0
+        return elapsed, per * (self.steps - step) + per_eval * self._evals_left(step)
 
     def check(self, step: int) -> Optional[str]:
         """A one-line estimate the first time enough steps have run, else None."""
         if self.done:
             return None
-        n, elapsed = step - self.start, self.clock() - self.t0
-        if n < 1 or not (elapsed >= 60 or (n >= 5 and elapsed >= 10)):
+        n, busy = step - self.start, self.clock() - self.t0 - self.eval_seconds
+        if n < 1 or not (busy >= 60 or (n >= 5 and busy >= 10)):
             return None
         self.done = True
-        per = elapsed / n
-        left = per * (self.steps - step)
+        elapsed, left = self._split(step)
+        per = busy / n
         which = f"{self.steps:,} steps" if self.start == 0 else f"the remaining {self.steps - self.start:,} steps"
         per_text = f"{per:.2f} s" if per >= 0.01 else f"{per * 1000:.1f} ms"
+        evals = (f", {self.eval_seconds / self.n_evals:.1f} s per evaluation" if self.n_evals and
+                 self.eval_seconds / self.n_evals >= 0.1 else "")
         return (f"about {_human_seconds(elapsed + left)} for {which} on {_device_text(self.device)}: "
-                f"{per_text} per step over the first {n:,} (evaluation included), {_human_seconds(left)} left")
+                f"{per_text} per step over the first {n:,}{evals}; {_human_seconds(left)} left")
 
     def total_seconds(self, step: int) -> float:
-        n = max(step - self.start, 1)
-        return (self.clock() - self.t0) / n * (self.steps - self.start)
+        return sum(self._split(step))
 
 
 def _announce_eta(eta: _Eta, step: int, pbar, desc: str) -> None:
