@@ -412,7 +412,8 @@ def format_result(result: "RunResult") -> str:
     if best:
         parts.append(f"best {best['metric']} {best['value']:.4f} at step {best['step']:,} (checkpoints/best.pt)")
     if s.get("gauge_overhead") is not None:
-        parts.append(f"gauge steps {100 * s['gauge_overhead']:.1f}% of the time ({s['gauge_steps']:,} steps)")
+        n = s["gauge_steps"]
+        parts.append(f"gauge steps {100 * s['gauge_overhead']:.1f}% of the time ({n:,} gauge step{'s' if n != 1 else ''})")
     return "; ".join(parts) + f"\noutputs in {result.run_dir}"
 
 

@@ -183,6 +183,6 @@ def test_end_of_run_line_has_the_headline_numbers_and_the_folder(in_tmp):
     summary = json.loads((run / "summary.json").read_text())
     lines = res.output.strip().splitlines()
     assert lines[-2].startswith("completed: 30 steps in ") and "L - L* " in lines[-2]
-    assert f"gauge steps {100 * summary['gauge_overhead']:.1f}% of the time (3 steps)" in lines[-2]
+    assert f"gauge steps {100 * summary['gauge_overhead']:.1f}% of the time (3 gauge steps)" in lines[-2]
     assert lines[-1] == f"outputs in {run.relative_to(in_tmp)}"
     assert summary["headline"]["L - L*"] == pytest.approx(summary["final"]["suboptimality"])
