@@ -182,6 +182,8 @@ class MovieLensDataConfig:
     split: list[float] = field(default_factory=lambda: [0.5, 0.2, 0.3])  # train, validation, test
     cache_dir: Optional[str] = None  # processed-array cache (null: $GOLDSTONE_CACHE_DIR or data/cache/movielens)
     use_cache: bool = True
+    # [start, end]: use only the ratings in this range (unix seconds or ISO dates, UTC) and bin it; null: all
+    time_range: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         if self.T < 1:
@@ -189,6 +191,13 @@ class MovieLensDataConfig:
         fr = list(self.split)
         if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-9 or fr[0] == 0:
             raise ConfigError(f"data.split must be three fractions (train > 0, validation, test) summing to 1, got {fr}")
+        if self.time_range is not None:
+            from goldstone_cli.data.movielens import check_time_range
+
+            try:
+                check_time_range(self.time_range)
+            except ValueError as exc:
+                raise ConfigError(f"data.{exc}; e.g. data.time_range=[1995-01-01,2016-01-01]") from None
 
 
 @dataclass
@@ -418,6 +427,7 @@ def validate(cfg: DictConfig) -> DictConfig:
                     f"unknown key {group}.{unknown[0]} for {group} '{node.get('name', group)}'; "
                     f"valid keys: {', '.join(sorted(known))}"
                 )
+    _check_finite(cfg)
     try:
         OmegaConf.to_object(cfg)
     except ConfigError:
@@ -425,6 +435,28 @@ def validate(cfg: DictConfig) -> DictConfig:
     except Exception as exc:
         raise ConfigError(_one_line(exc)) from exc
     return cfg
+
+
+def _check_finite(cfg: DictConfig) -> None:
+    """NaN and +-inf are valid YAML and Hydra floats (``optimizer.lr=nan``, ``trainer.target=inf``)
+    but meaningless for every number in these schemas (learning rates, clip values, powers, scales,
+    weights, targets, fractions, time ranges); they would also slip past range checks like
+    ``value < 0``. Reject them for every float (and every float in a list) of every group."""
+    import math
+
+    for group in ("model", "data", "optimizer", "trainer"):
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig):
+            continue
+        for key in node.keys():
+            try:
+                value = node[key]
+            except Exception:  # an unresolved interpolation: reported by to_object below
+                continue
+            items = list(value) if OmegaConf.is_list(value) else [value]
+            for v in items:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{group}.{key} must be a finite number, got {value if items == [value] else list(value)}")
 
 
 def _check_group_choices(overrides: list[str]) -> None:

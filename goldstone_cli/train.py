@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from goldstone_cli import checkpoint as ckpt
 from goldstone_cli.config import ConfigError, choice, to_yaml
-from goldstone_cli.io import atomic_path, atomic_write_json, atomic_write_text
+from goldstone_cli.io import atomic_path, atomic_write_json, atomic_write_text, non_finite_paths
 from goldstone_cli.models import build_model
 from goldstone_cli.optim.factory import build_optimizer
 
@@ -110,7 +110,10 @@ class MetricsWriter:
             w.writerows(keep)
 
     def write(self, row: dict[str, Any]) -> None:
-        self._w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        # empty field for "no value": not evaluated at this step, or NaN / inf (csv would write the
+        # bare tokens nan / inf; summary.json names the non-finite final values)
+        self._w.writerow({k: ("" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v)
+                          for k, v in row.items()})
         self._f.flush()
 
     def close(self) -> None:
@@ -261,7 +264,13 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
                 if cfg.optimizer.clip is not None:
                     torch.nn.utils.clip_grad_value_(model.parameters(), cfg.optimizer.clip)
                 n_gauge = getattr(optimizer, "num_gauge_steps", 0)
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except FloatingPointError as exc:  # e.g. a gauge step met NaN parameters (NonFiniteGaugeInput)
+                    status = "diverged"
+                    message = (f"{exc} in the update of step {step}; the last good checkpoint is "
+                               f"{run_dir / 'checkpoints' / ckpt.LAST} (lower optimizer.lr, or set optimizer.clip)")
+                    break
                 scheduler.step()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -304,6 +313,11 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
         summary["gauge_time"] = float(optimizer.gauge_seconds)
         summary["gauge_overhead"] = float(optimizer.gauge_seconds / wall) if wall > 0 else None
     summary["headline"] = _headline(model, last_row)
+    if status == "diverged":
+        summary["diverged_at_step"] = int(step)
+    bad = non_finite_paths(summary)
+    if bad:  # JSON has no NaN: atomic_write_json writes null; say which values and why
+        summary["non_finite"] = {"values": bad, "note": "these values were NaN or infinite; written as null"}
     atomic_write_json(run_dir / "summary.json", summary)
     try:
         from goldstone_cli.report import plot_losses

