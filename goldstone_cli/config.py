@@ -61,6 +61,13 @@ class Rotation(str, Enum):
     cayley = "cayley"
 
 
+class StateTransform(str, Enum):  # GoldstoneGD(state_transform=...): base second moments under a gauge rotation
+    none = "none"
+    rotate_diag = "rotate_diag"
+    isotropic = "isotropic"
+    reset = "reset"
+
+
 def choice(value) -> str:
     """The string of a config choice: typed configs hold Enum members, plain ones strings."""
     return value.value if isinstance(value, Enum) else str(value)
@@ -120,6 +127,7 @@ class GoldstoneConfig(OptimizerConfig):
     allow_reflections: bool = True  # full O(d) (True: procrustes per edge, natural flips walls first) or SO(d)
     max_sweeps: int = 100  # procrustes on graphs with cycles
     tol: float = 1e-10  # procrustes sweeps: stop when psi decreases by less (relative)
+    state_transform: StateTransform = StateTransform.none  # base second moments under a rotation (GoldstoneGD)
 
     def __post_init__(self) -> None:
         super().__post_init__()
