@@ -22,7 +22,8 @@ prepare_app = typer.Typer(help="Turn raw corpora into per-time-step co-occurrenc
 data_app.add_typer(prepare_app, name="prepare")
 download_app = typer.Typer(help="Download published data sets, verified against their checksums.", no_args_is_help=True)
 data_app.add_typer(download_app, name="download")
-plot_app = typer.Typer(help="Plots of finished runs (trajectories, losses, histograms).", no_args_is_help=True)
+plot_app = typer.Typer(help="Plots of finished runs: Fig. 2 trajectories, Fig. 4 cosine histograms (every run also writes its own loss.png).",
+                       no_args_is_help=True)
 app.add_typer(plot_app, name="plot")
 
 
@@ -79,7 +80,9 @@ def train(
     cfg: bool = typer.Option(False, "--cfg", help="Print the resolved config and exit without training."),
 ) -> None:
     """Train one model. With no arguments: the paper's Sec. 5.1 experiment (dense dynamic MF on
-    synthetic data), a minute on a CPU. Outputs go to ./outputs/<model>/<date>_<time>_<optimizer>/."""
+    synthetic data), about 20 s on a 2-core CPU. After the first steps it prints how long the run will
+    take; at the end, the headline numbers and the run folder. Outputs go to
+    ./outputs/<model>/<date>_<time>_<optimizer>/."""
     from goldstone_cli.config import to_yaml
 
     conf, run_dir = _config_from(list(overrides or []))
@@ -94,8 +97,10 @@ def train(
         _fail(str(exc), code=3)
     except (ValueError, FileNotFoundError) as exc:  # ConfigError, missing or malformed data, bad checkpoint
         _fail(str(exc))
+    from goldstone_cli.train import format_result
+
     s = result.summary
-    typer.echo(f"{result.status}: {s['steps']} steps in {s['wall_time']:.1f} s; outputs in {result.run_dir}")
+    typer.echo(format_result(result))
     if result.status == "interrupted":
         typer.echo(s["message"])
         raise typer.Exit(int(s.get("exit_code", 130)))  # 128 + the signal: 130 Ctrl-C, 143 SIGTERM
@@ -189,11 +194,17 @@ def download_movielens_cmd(
     choices = [v.value for v in MovieLensVariant]
     if variant not in choices:
         _fail(f"unknown --variant {variant!r}; choose one of {', '.join(choices)}")
-    try:
-        folder, downloaded = download_movielens(variant, dest, base_url=base_url, md5=md5, force=force,
-                                                keep_zip=keep_zip)
-    except (DownloadError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc), code=1)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as notes:  # shown as plain lines, and only if the download works
+        warnings.simplefilter("always")
+        try:
+            folder, downloaded = download_movielens(variant, dest, base_url=base_url, md5=md5, force=force,
+                                                    keep_zip=keep_zip)
+        except (DownloadError, FileNotFoundError, ValueError) as exc:
+            _fail(str(exc), code=1)
+    for w in notes:
+        typer.echo(f"note: {w.message}", err=True)
     typer.echo(f"{'downloaded and verified' if downloaded else 'already present (use --force to replace)'}: {folder}")
 
 
@@ -220,6 +231,9 @@ def plot_trajectories_cmd(
 
 
 _PREPARE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError)
+# the defaults of `data prepare corpus` are those of conf/data/sotu.yaml (tests/test_corpus.py checks it)
+_DWE_BIN_YEARS, _DWE_VOCAB = 1, 1000
+_TABLE2_WORDS = ("car", "computer", "electricity", "tuberculosis", "dna")
 
 
 @prepare_app.command("ngrams")
@@ -292,11 +306,21 @@ def prepare_corpus_cmd(
                                                         "Task 1 folder (corpus1/lemma/*.txt.gz, corpus2/lemma/*.txt.gz, "
                                                         "targets.txt: one step per corpus, one sentence per line, "
                                                         "targets always in the vocabulary)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: vocab.tsv, times.tsv, cooc_00000.npz ... (one "
-                                                      "sparse matrix per time bin), manifest.json (written last)."),
-    bin_years: int = typer.Option(10, "--bin-years", help="Width of a time bin in years (10: calendar decades). Bins "
-                                                          "without text are kept as empty time steps."),
-    vocab: int = typer.Option(3000, "--vocab", help="Vocabulary size (digit-only tokens are never in it)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Output folder: vocab.tsv, times.tsv, cooc_00000.npz ... (one sparse matrix per time "
+                                  "bin), manifest.json (written last). Default (sotu or a folder of dated files): "
+                                  "data/<source>-<N>y-v<V>-<rank>[-k<hash of --keep-words>], the folder `goldstone "
+                                  "train model=dwe` prepares and reads; semeval:DIR needs --out."),
+    bin_years: int = typer.Option(_DWE_BIN_YEARS, "--bin-years", help="Width of a time bin in years (1: one step per "
+                                                                      "year, as model=dwe; 10: calendar decades). Bins "
+                                                                      "without text are kept as empty time steps."),
+    vocab: Optional[int] = typer.Option(None, "--vocab", help="Vocabulary size (digit-only tokens are never in it; "
+                                                              f"default {_DWE_VOCAB}, as model=dwe; semeval: 3000)."),
+    keep_words: str = typer.Option(
+        ",".join(_TABLE2_WORDS), "--keep-words", help="Comma-separated words kept in the vocabulary whenever the corpus "
+                                                      "has them, in place of the lowest-ranked others (default: the "
+                                                      "paper's Table 2 queries); '' for none. Not for semeval (its "
+                                                      "targets are always kept)."),
     years: Optional[str] = typer.Option(None, "--years", help="Only documents in FIRST-LAST; the first bin starts at "
                                                               "FIRST (default: all, bins aligned to multiples of "
                                                               "--bin-years)."),
@@ -312,16 +336,29 @@ def prepare_corpus_cmd(
     from goldstone_cli.data.corpus import prepare_corpus
     from goldstone_cli.data.ngrams import parse_years
 
+    from goldstone_cli.data.corpus import default_corpus_dir
+
+    keep = [w.strip() for w in keep_words.split(",") if w.strip()]
+    semeval = source.startswith("semeval:")
+    if vocab is None:
+        vocab = 3000 if semeval else _DWE_VOCAB
     try:
         y = parse_years(years) if years else None
+        if out is None:
+            if semeval or years:
+                _fail(f"{'a semeval: source' if semeval else '--years'} needs --out (the default folder name is for "
+                      "sotu or a folder of dated files over all their years)")
+            out = default_corpus_dir(source, bin_years, vocab, rank, keep)
         r = prepare_corpus(source, out, bin_years=bin_years, vocab_size=vocab, years=y, rank=rank,
-                           include_related=sotu_all, force=force, progress=not quiet)
+                           include_related=sotu_all, keep_words=keep, force=force, progress=not quiet)
     except _PREPARE_ERRORS as exc:
         _fail(str(exc), code=1)
     typer.echo(f"wrote {r.out}: {r.n_steps} bins x {r.vocab_size} words from {r.n_documents} documents "
                f"({r.n_tokens:,} tokens), total weight {r.total_weight:,}")
     if r.empty_steps:
         typer.echo(f"empty bins (kept as empty time steps): {', '.join(r.empty_steps)}")
+    if r.keep_words_missing:
+        typer.echo(f"--keep-words not in the corpus (left out): {', '.join(r.keep_words_missing)}")
     if source.startswith("semeval:"):
         from goldstone_cli.data.cooc import read_manifest
 
@@ -351,10 +388,12 @@ def age_words_cmd(
                                                       "trained without the chain prior), yes or no."),
     include_query: bool = typer.Option(False, "--include-query", help="Allow the query word itself in the answer."),
     show_cos: bool = typer.Option(False, "--cos", help="Also print each answer's cosine."),
-    min_count: float = typer.Option(0.0, "--min-count", help="Only answers with at least this co-occurrence mass "
-                                                             "(row sum of the corpus matrix) in the --to step; a word "
-                                                             "absent there has only its prior-smoothed embedding. "
-                                                             "Needs the run's corpus folder."),
+    min_count: float = typer.Option(1.0, "--min-count", help="Only answers with at least this co-occurrence mass "
+                                                             "(row sum of the corpus matrix) in the --to step. Default 1: "
+                                                             "the word occurs there (a word absent from a step has only "
+                                                             "its prior-smoothed embedding, e.g. 'inflation' in 1790); "
+                                                             "0 allows every word. Reads the run's corpus folder "
+                                                             "(data.path of its config) unless 0."),
     outputs: Path = typer.Option(Path("outputs"), "--outputs", help="Where to look for the newest run when --run is not given."),
 ) -> None:
     """Word aging (paper Table 2): for each WORD, the words whose embedding at --to has the largest

@@ -243,6 +243,7 @@ class CorpusDataConfig:
     bin_years: int = 10  # width of the time bins (years) when preparing
     vocab_size: int = 3000  # vocabulary size when preparing
     rank: str = "relfreq"  # relfreq | count: how the vocabulary is chosen when preparing
+    keep_words: list[str] = field(default_factory=list)  # always in the vocabulary when the corpus has them
     verify: bool = False  # check every file's sha256 against the manifest when loading
 
     def __post_init__(self) -> None:
@@ -274,6 +275,7 @@ class DWEConfig:
     test_mass: float = 0.1  # fraction of the co-occurrence counts of training steps held out
     split_seed: int = 0  # seed of the held-out split (runs with different `seed` share it)
     eval_chunk: int = 4194304  # logits formed at once during evaluation
+    val_mass: float = 0.0  # fraction of the remaining training counts held out for validation (picks best.pt)
 
     def __post_init__(self) -> None:
         if self.inference not in ("variational", "map"):
@@ -286,7 +288,7 @@ class DWEConfig:
         for k in ("batch_words", "batch_contexts"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"model.{k} must be >= 0 (0: all), got {getattr(self, k)}")
-        for k in ("test_steps", "test_mass"):
+        for k in ("test_steps", "test_mass", "val_mass"):
             if not 0 <= getattr(self, k) < 1:
                 raise ConfigError(f"model.{k} must be in [0, 1), got {getattr(self, k)}")
         if self.eval_chunk < 1:
@@ -347,6 +349,19 @@ def _register_all() -> None:
 
 
 _register_all()
+
+
+def keep_words_tag(words) -> str:
+    """The part of a prepared corpus's folder name that stands for its ``keep_words``: empty for
+    none, else ``-k`` and 8 hex digits of their hash (conf/data/sotu.yaml: ``${keep_tag:...}``)."""
+    import hashlib
+
+    keep = sorted({str(w).lower().replace("\u2019", "'") for w in (words or ()) if str(w).strip()})
+    return "-k" + hashlib.sha256("\n".join(keep).encode()).hexdigest()[:8] if keep else ""
+
+
+if not OmegaConf.has_resolver("keep_tag"):
+    OmegaConf.register_new_resolver("keep_tag", keep_words_tag)
 
 
 # ----------------------------------------------------------------------------- conf/ location

@@ -145,14 +145,40 @@ def collect(sweep_dir: str | Path) -> tuple[list[RunInfo], dict[str, Any]]:
     keys = sorted({k for f in flat.values() for k in f} - _IGNORED_SETTINGS)
     varying = [k for k in keys if len({f.get(k) for f in flat.values()}) > 1]
     runs = []
+    methods = _readable_methods(flat, varying)
     for p in folders:
         settings = {k: flat[p.name].get(k, "") for k in varying}
-        method = ",".join(f"{k}={v}" for k, v in settings.items() if k != "seed") or "run"
-        runs.append(_load_run(p, p.name, method, settings))
+        runs.append(_load_run(p, p.name, methods[p.name], settings))
     manifest = {"name": sweep_dir.name, "description": "", "varying": varying, "seed_keys": ["seed"],
                 "target": {"metric": None, "value": None, "mode": "min"}, "report": {"title": "", "metric": None},
                 "grid": [], "fixed": [], "methods": {}, "runs": []}
     return runs, manifest
+
+
+def _optimizer_label(flat: dict[str, str]) -> str:
+    """What ran, in a few characters: ``gd``, ``adam``, ``goldstone-procrustes(gd)``."""
+    name = flat.get("optimizer.name")
+    if name is None:
+        return "run"
+    if name == "goldstone":
+        return f"goldstone-{flat.get('optimizer.solver', '?')}({flat.get('optimizer.base', '?')})"
+    return name
+
+
+def _readable_methods(flat: dict[str, dict[str, str]], varying: list[str]) -> dict[str, str]:
+    """Method names for a folder of plain runs: the optimizer label, plus the settings that tell apart
+    runs with the same label and model (leaf names, ``lr=0.3``); the seed never makes a method."""
+    base = {n: (f.get("model.name", ""), _optimizer_label(f)) for n, f in flat.items()}
+    out = {}
+    for key in dict.fromkeys(base.values()):
+        names = [n for n in flat if base[n] == key]
+        keys = [k for k in varying if k != "seed" and len({flat[n].get(k) for n in names}) > 1]
+        leaves = [k.rsplit(".", 1)[-1] for k in keys]
+        short = {k: (leaf if leaves.count(leaf) == 1 else k) for k, leaf in zip(keys, leaves)}
+        for n in names:
+            extra = ", ".join(f"{short[k]}={flat[n].get(k, '')}" for k in keys)
+            out[n] = f"{key[1]} ({extra})" if extra else key[1]
+    return out
 
 
 # ----------------------------------------------------------------------------- per-run numbers
@@ -355,15 +381,28 @@ def plot_model(runs: list[RunInfo], panels: list[tuple[str, str]], out_png: Path
             if log:
                 ax.set_yscale("log")
             if target is not None and target[0] == col:
-                ax.axhline(target[1], color="k", ls="--", lw=1, label=f"target {target[1]:g}")
+                ax.axhline(target[1], color="k", ls="--", lw=1, label=f"target: {col} = {target[1]:g}")
+                ax.annotate(f"target {target[1]:g}", xy=(0.99, target[1]), xycoords=("axes fraction", "data"),
+                            ha="right", va="bottom", fontsize=8)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(label)
             ax.grid(True, which="major", alpha=0.3)
             ax.set_title(f"{label} vs {'steps' if row == 0 else 'time'}", fontsize=10)
-    axes[0][0].legend(fontsize=8, loc="best")
+    # one legend for the figure, below the panels (inside a panel it covered the curves)
+    handles, labels = {}, []
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    ncol = max(1, min(len(labels), 3 if max((len(x) for x in labels), default=0) < 45 else 1))
+    nrows = -(-len(labels) // ncol)
+    bottom = min(0.4, (0.15 + 0.22 * nrows) / fig.get_figheight())  # legend height as a fraction of the figure
+    if labels:
+        fig.legend([handles[x] for x in labels], labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.suptitle(f"{title}\nline: median over seeds, band: min–max over seeds (drawn while every run has data)",
                  fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     out_png.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_png, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -437,6 +476,13 @@ def build_report(sweep_dir: str | Path) -> ReportPaths:
             tm = t.get("metric") or held
             if tm:
                 target = (tm, float(t["value"]))
+        else:  # plain runs: their own trainer.target, when they share one
+            own = {(r.summary.get("target_metric"), r.summary.get("target")) for r in mruns if r.summary}
+            if len(own) == 1 and None not in next(iter(own)):
+                tm, tv = next(iter(own))
+                target = (tm, float(tv))
+                if tm not in [c for c, _ in panels]:
+                    panels.append((tm, tm))
         if any(r.metrics is not None for r in mruns):
             png = plot_model(mruns, panels, sweep_dir / "plots" / f"{model}.png", f"{title} — {model}", target)
             plots.append(png)

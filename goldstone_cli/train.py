@@ -278,8 +278,9 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
     steps = int(tc.steps)
     target = tc.target
     snapshot_steps = _snapshot_steps(steps)
-    pbar = tqdm(total=steps, initial=start, desc=f"{cfg.model.name}/{cfg.optimizer.name}", unit="step",
-                disable=not tc.progress, dynamic_ncols=True)
+    desc = f"{cfg.model.name}/{cfg.optimizer.name}"
+    pbar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not tc.progress, dynamic_ncols=True)
+    eta = _Eta(start, steps, device, eval_every=int(tc.eval_every))
     try:
         with _Interrupt() as interrupt:
             step = start
@@ -320,9 +321,11 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                     row = {"step": step, "wall_time": round(wall, 6), "total": total,
                            "local": terms["local"].item(), "psi": terms["psi"].item(), "lr": lr}
                     if step % tc.eval_every == 0 or final:
+                        t_eval = time.perf_counter()
                         model.eval()
                         evals = model.evaluate()
                         model.train()
+                        eta.add_eval(time.perf_counter() - t_eval)
                         row.update(evals)
                         best = _update_best(model, evals, best, step, run_dir)
                         if target is not None and target_step is None and _reached(model, evals, target):
@@ -360,6 +363,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                 del terms
                 step += 1
                 pbar.update(1)
+                _announce_eta(eta, step, pbar, desc)
             if status in ("completed", "target_reached"):
                 checkpoint(step)
     finally:
@@ -394,6 +398,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
         summary["gauge_steps"] = int(optimizer.num_gauge_steps)
         summary["gauge_time"] = float(optimizer.gauge_seconds)
         summary["gauge_overhead"] = float(optimizer.gauge_seconds / wall) if wall > 0 else None
+    summary["headline"] = _headline(model, last_row)
     if status == "diverged":
         summary["diverged_at_step"] = int(step)
     bad = non_finite_paths(summary)
@@ -403,7 +408,8 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
     try:
         from goldstone_cli.report import plot_losses
 
-        plot_losses(run_dir / "metrics.csv", run_dir / "loss.png", title=f"{cfg.model.name} / {cfg.optimizer.name}")
+        plot_losses(run_dir / "metrics.csv", run_dir / "loss.png", title=f"{cfg.model.name} / {cfg.optimizer.name}",
+                    heldout=[(m, label) for m, label in model.headline_metrics if m != "suboptimality"])
     except Exception as exc:  # a plot must never lose a finished run
         tqdm.write(f"warning: could not draw loss.png: {exc}")
     if status == "diverged":
@@ -412,6 +418,105 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
 
 
 # ----------------------------------------------------------------------------- small pieces
+def _human_seconds(sec: float) -> str:
+    if sec < 90:
+        return f"{max(sec, 1):.0f} s"
+    if sec < 90 * 60:
+        return f"{sec / 60:.0f} min"
+    return f"{sec / 3600:.1f} h"
+
+
+def _device_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+class _Eta:
+    """The run's expected duration from its first steps: the time per step (everything but
+    evaluation) times the steps, plus the time per evaluation times the evaluations (one every
+    ``eval_every`` steps and one at the end). Ready once at least 5 steps took 10 s, or any number
+    of steps a minute."""
+
+    def __init__(self, start: int, steps: int, device: torch.device, eval_every: int = 0, clock=time.perf_counter):
+        self.start, self.steps, self.device, self.clock = start, steps, device, clock
+        self.eval_every = eval_every
+        self.t0 = clock()
+        self.eval_seconds, self.n_evals = 0.0, 0
+        self.done = steps <= start
+
+    def add_eval(self, seconds: float) -> None:
+        self.eval_seconds += seconds
+        self.n_evals += 1
+
+    def _evals_left(self, step: int) -> int:
+        if self.eval_every <= 0:
+            return 0
+        return (self.steps - 1) // self.eval_every - (step - 1) // self.eval_every + 1  # every eval_every, and the end
+
+    def _split(self, step: int) -> tuple[float, float]:
+        """(seconds so far, seconds still to come)."""
+        n = max(step - self.start, 1)
+        elapsed = self.clock() - self.t0
+        per = max(elapsed - self.eval_seconds, 0.0) / n
+        per_eval = self.eval_seconds / self.n_evals if self.n_evals else 0.0
+        return elapsed, per * (self.steps - step) + per_eval * self._evals_left(step)
+
+    def check(self, step: int) -> Optional[str]:
+        """A one-line estimate the first time enough steps have run, else None."""
+        if self.done:
+            return None
+        n, busy = step - self.start, self.clock() - self.t0 - self.eval_seconds
+        if n < 1 or not (busy >= 60 or (n >= 5 and busy >= 10)):
+            return None
+        self.done = True
+        elapsed, left = self._split(step)
+        per = busy / n
+        which = f"{self.steps:,} steps" if self.start == 0 else f"the remaining {self.steps - self.start:,} steps"
+        per_text = f"{per:.2f} s" if per >= 0.01 else f"{per * 1000:.1f} ms"
+        evals = (f", {self.eval_seconds / self.n_evals:.1f} s per evaluation" if self.n_evals and
+                 self.eval_seconds / self.n_evals >= 0.1 else "")
+        return (f"about {_human_seconds(elapsed + left)} for {which} on {_device_text(self.device)}: "
+                f"{per_text} per step over the first {n:,}{evals}; {_human_seconds(left)} left")
+
+    def total_seconds(self, step: int) -> float:
+        return sum(self._split(step))
+
+
+def _announce_eta(eta: _Eta, step: int, pbar, desc: str) -> None:
+    """Print the estimate above the progress bar (also without one: sweeps log it) and show it in the bar."""
+    msg = eta.check(step)
+    if msg is not None:
+        tqdm.write(msg)
+        pbar.set_description(f"{desc} (~{_human_seconds(eta.total_seconds(step))})", refresh=False)
+
+
+def _headline(model, row: dict[str, Any]) -> dict[str, float]:
+    """The model's headline metrics at the end of the run, by label (``summary.json``: ``headline``)."""
+    out = {}
+    for metric, label in model.headline_metrics:
+        v = row.get(metric)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            out[label] = float(v)
+    return out
+
+
+def format_result(result: "RunResult") -> str:
+    """The end-of-run lines: status, steps and time, the headline numbers, the best checkpoint,
+    the gauge steps' share of the time, and the run folder."""
+    s = result.summary
+    parts = [f"{result.status}: {s['steps']:,} steps in {_human_seconds(s['wall_time'])} of optimization"]
+    parts += [f"{label} {v:.3g}" if abs(v) < 1e-3 or "L*" in label else f"{label} {v:.4f}"
+              for label, v in (s.get("headline") or {}).items()]
+    best = s.get("best")
+    if best:
+        parts.append(f"best {best['metric']} {best['value']:.4f} at step {best['step']:,} (checkpoints/best.pt)")
+    if s.get("gauge_overhead") is not None:
+        n = s["gauge_steps"]
+        parts.append(f"gauge steps {100 * s['gauge_overhead']:.1f}% of the time ({n:,} gauge step{'s' if n != 1 else ''})")
+    return "; ".join(parts) + f"\noutputs in {result.run_dir}"
+
+
 def _reached(model, evals: dict[str, float], target: float) -> bool:
     name = model.target_metric
     if name is None or name not in evals:

@@ -51,8 +51,9 @@ class WordRun:
             try:
                 cooc = load_cooc(self.data_path)
             except (CoocFormatError, FileNotFoundError, TypeError) as exc:
-                raise WordsError(f"--min-count needs the run's corpus at {self.data_path}, which cannot be read "
-                                 f"({exc}); pass --min-count 0") from None
+                raise WordsError(f"--min-count (default 1: answers must occur in the target step) needs the run's "
+                                 f"corpus at {self.data_path}, which cannot be read ({exc}); run from the folder the "
+                                 "run was trained in, or pass --min-count 0 to allow every word") from None
             if list(cooc.vocab) != self.vocab:
                 raise WordsError(f"the corpus at {self.data_path} has another vocabulary than the run; pass --min-count 0")
             self._step_counts = np.stack([np.asarray(m.sum(axis=1)).reshape(-1) for m in cooc.matrices])

@@ -166,12 +166,12 @@ def planted_run(tmp_path_factory):
     corpus = make_dated_corpus(root / "gen", sentences_per_year=100)
     prep = root / "prep"
     r = runner.invoke(app, ["data", "prepare", "corpus", "--source", str(corpus / "texts"), "--out", str(prep),
-                            "--bin-years", "5", "-q"])
+                            "--bin-years", "5", "--vocab", "3000", "--keep-words", "", "-q"])
     assert r.exit_code == 0, r.output
     run_dir = root / "run"
     r = runner.invoke(app, ["train", "model=dwe", "data=cooc", f"data.path={prep}", "model.d=6", "model.batch_words=0",
                             "model.batch_contexts=0", "model.test_steps=0.1", "model.test_mass=0",
-                            "trainer.steps=200", "trainer.eval_every=200", "trainer.checkpoint_every=200",
+                            "model.val_mass=0", "trainer.steps=200", "trainer.eval_every=200", "trainer.checkpoint_every=200",
                             "trainer.progress=false", "optimizer=goldstone", "optimizer.base=adam",
                             "optimizer.lr=0.1", "optimizer.k1=10", f"run_dir={run_dir}"])
     assert r.exit_code == 0, r.output
@@ -311,9 +311,9 @@ def test_planted_drift_three_methods(tmp_path):
     corpus = make_dated_corpus(tmp_path / "gen", sentences_per_year=100)
     prep = tmp_path / "prep"
     assert runner.invoke(app, ["data", "prepare", "corpus", "--source", str(corpus / "texts"), "--out", str(prep),
-                               "--bin-years", "5", "-q"]).exit_code == 0
+                               "--bin-years", "5", "--vocab", "3000", "--keep-words", "", "-q"]).exit_code == 0
     common = ["model=dwe", "data=cooc", f"data.path={prep}", "model.d=6", "model.batch_words=0",
-              "model.batch_contexts=0", "model.test_steps=0", "model.test_mass=0", "trainer.steps=200",
+              "model.batch_contexts=0", "model.test_steps=0", "model.test_mass=0", "model.val_mass=0", "trainer.steps=200",
               "trainer.eval_every=200", "trainer.checkpoint_every=200", "trainer.progress=false", "optimizer.lr=0.1"]
     methods = {"goldstone": ["optimizer=goldstone", "optimizer.base=adam", "optimizer.k1=10"],
                "adam": ["optimizer=adam"], "uncoupled": ["optimizer=adam", "model.coupled=false"]}

@@ -249,3 +249,100 @@ def test_prepare_on_first_use_tolerates_a_run_that_prepared_the_same_folder_mean
     assert wc.vocab == ["the", "cat", "cat's"] and len(wc.counts) == 3
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
 
+
+
+# ------------------------------------------------------------------------------------------ keep_words (issue 13)
+
+def test_choose_vocab_keeps_words_in_rank_order_against_brute_force():
+    rng = np.random.default_rng(0)
+    types = [f"w{i}" for i in range(40)]
+    order = rng.permutation(40)
+    for keep in ([], ["w3"], ["W7", "w7", "w30", "absent"], [types[i] for i in order[:5]], [types[i] for i in order[-6:]]):
+        got, missing = corpus.choose_vocab(order, types, 10, keep)
+        kept = {w.lower() for w in keep} & set(types)
+        # brute force: walk the ranking, taking every kept word and the best others up to the size
+        room = 10 - len(kept)
+        want = []
+        for i in order:
+            if types[i] in kept:
+                want.append(i)
+            elif room > 0:
+                want.append(i)
+                room -= 1
+        assert got.tolist() == want and len(got) == 10
+        assert missing == (["absent"] if "absent" in keep else [])
+    with pytest.raises(ValueError, match="keep_words"):
+        corpus.choose_vocab(order, types, 2, ["w1", "w2", "w3"])
+
+
+def test_keep_words_enter_the_vocabulary_and_the_manifest(tmp_path):
+    r = prepare_corpus(_folder(tmp_path), tmp_path / "out", bin_years=10, vocab_size=3, keep_words=["Sat", "dna"],
+                       progress=False)
+    d = load_cooc(r.out)
+    # "sat" (1 occurrence, last of the ties) takes the place of the lowest-ranked word ("cat's")
+    assert d.vocab == ["the", "cat", "sat"] and r.keep_words_missing == ["dna"]
+    assert d.manifest["settings"]["keep_words"] == ["dna", "sat"]
+    assert d.manifest["stats"]["keep_words_missing"] == ["dna"]
+    i, j = d.vocab.index("sat"), d.vocab.index("cat")
+    assert d.matrices[0][i, j] == 4 + 3  # "cat sat" (distance 1) and "sat the cat" (distance 2)
+
+
+def test_table2_words_are_in_the_default_dwe_corpus(tmp_path):
+    from goldstone_cli.config import compose
+
+    cfg = compose(["model=dwe"])
+    assert list(cfg.data.keep_words) == list(corpus.TABLE2_WORDS)
+    r = prepare_corpus("sotu", tmp_path / "c", bin_years=cfg.data.bin_years, vocab_size=cfg.data.vocab_size,
+                       keep_words=list(cfg.data.keep_words), progress=False)
+    d = load_cooc(r.out)
+    assert d.V == cfg.data.vocab_size and r.keep_words_missing == []
+    for w in corpus.TABLE2_WORDS:
+        assert w in d.vocab
+    # without keep_words, car and computer are not among the top 1,000 (the issue's failure)
+    assert "car" not in corpus.choose_vocab(np.arange(5), ["a", "b", "c", "d", "car"], 4, [])[0].tolist()
+
+
+def test_cli_prepare_corpus_default_folder_is_the_one_train_model_dwe_uses(tmp_path, monkeypatch, capsys):
+    """`goldstone data prepare corpus --source sotu` without --out writes the folder that
+    `goldstone train model=dwe` reads (same defaults, same name), and its bars count to the end."""
+    from goldstone_cli import cli
+    from goldstone_cli.config import compose
+
+    cfg = compose(["model=dwe"])
+    seen = {}
+
+    def fake_prepare(source, out, **kw):
+        seen.update(kw, out=out, source=source)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(corpus, "prepare_corpus", fake_prepare)
+    res = CliRunner().invoke(app, ["data", "prepare", "corpus", "--source", "sotu"])
+    assert res.exit_code == 1 and "stop here" in res.output
+    assert str(seen["out"]) == cfg.data.path
+    assert (seen["bin_years"], seen["vocab_size"], seen["rank"]) == (cfg.data.bin_years, cfg.data.vocab_size, cfg.data.rank)
+    assert sorted(seen["keep_words"]) == sorted(cfg.data.keep_words)
+    assert cli._TABLE2_WORDS == corpus.TABLE2_WORDS
+    # another keep list gives another folder; none gives the plain name
+    assert compose(["model=dwe", "data.keep_words=[]"]).data.path == "data/sotu-1y-v1000-relfreq"
+    assert compose(["model=dwe", "data.keep_words=[car]"]).data.path != cfg.data.path
+    monkeypatch.undo()
+
+    # progress bars count every document in both passes (the second stopped at 0/N)
+    monkeypatch.chdir(tmp_path)
+    prepare_corpus(_folder(tmp_path), tmp_path / "out", bin_years=10, vocab_size=3, progress=True)
+    err = capsys.readouterr().err
+    assert "vocabulary: 100%" in err and "co-occurrences: 100%" in err and "3/3" in err.split("co-occurrences")[-1]
+
+
+def test_prepared_corpus_with_other_keep_words_is_refused(tmp_path):
+    from omegaconf import OmegaConf
+
+    from goldstone_cli.models.dwe import load_word_counts
+
+    texts, out = _folder(tmp_path), tmp_path / "prepared"
+    cfg = OmegaConf.create({"path": str(out), "source": str(texts), "bin_years": 10, "vocab_size": 3,
+                            "rank": "relfreq", "keep_words": ["sat"], "verify": False})
+    assert "sat" in load_word_counts(cfg, progress=False).vocab  # prepared on first use with keep_words
+    cfg.keep_words = []
+    with pytest.raises(ValueError, match="keep_words"):
+        load_word_counts(cfg, progress=False)

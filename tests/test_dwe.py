@@ -319,3 +319,77 @@ def test_training_improves_heldout_likelihood(inference):
     after = model.evaluate()
     assert after["ll_test_mass"] > before["ll_test_mass"] + 0.01
     assert after["ll_test_steps"] > before["ll_test_steps"] + 0.01
+
+
+# ----------------------------------------------------------------------------- issue 13: validation set, best.pt
+def test_validation_split_leaves_the_test_sets_unchanged_and_conserves_counts():
+    wc = _wc(V=15, T=6)
+    plain = split_counts(wc, 0.2, 0.3, seed=0)
+    s = split_counts(wc, 0.2, 0.3, seed=0, val_mass_fraction=0.25)
+    assert s.test_steps == plain.test_steps
+    for t in range(wc.T):
+        if t in s.test_steps:
+            assert s.val_mass[t] is None
+            continue
+        assert (s.heldout_mass[t] != plain.heldout_mass[t]).nnz == 0  # same test mass with or without validation
+        v = s.val_mass[t]
+        np.testing.assert_allclose((s.train[t] + v).toarray(), plain.train[t].toarray())
+        assert abs(v - v.T).max() == 0 and (v.nnz == 0 or v.data.min() > 0)
+    frac = sum(m.sum() for m in s.val_mass if m is not None) / sum(m.sum() for m in plain.train)
+    assert 0.15 < frac < 0.35
+
+
+def test_heldout_loglik_many_equals_one_at_a_time():
+    from goldstone_cli.models.dwe import heldout_loglik_many
+
+    rng = np.random.default_rng(1)
+    V, d = 11, 3
+    U, Vm = (torch.as_tensor(rng.normal(size=(V, d))) for _ in range(2))
+    mats = _sym_counts(V, 3, seed=2)
+    many = heldout_loglik_many(U, Vm, mats, 1.0, 0.75, chunk=5)
+    for m, (ll, n) in zip(mats, many):
+        ll1, n1 = heldout_loglik(U, Vm, m, 1.0, 0.75, chunk=5)
+        assert ll == pytest.approx(ll1, rel=1e-12) and n == n1
+
+
+def test_dwe_keeps_best_checkpoint_on_validation_likelihood(tmp_path):
+    from goldstone_cli import checkpoint as ckpt
+    from goldstone_cli.models.dwe import planted_corpus
+    from goldstone_cli.train import train
+    from omegaconf import OmegaConf
+
+    from goldstone_cli.config import compose
+
+    wc = planted_corpus(V=24, T=5, n_clusters=3, seed=1)
+    model = DynamicWordEmbeddings(wc, d=3, inference="map", batch_words=0, batch_contexts=0, dtype=F64,
+                                  test_steps=0.2, test_mass=0.1, val_mass=0.1)
+    assert model.best_metric == "ll_val" and "ll_val" in model.metric_names()
+    ev = model.evaluate()
+    assert -0.8 < ev["ll_val"] < 0 and set(model.metric_names()) == set(ev)
+    assert DynamicWordEmbeddings(wc, d=3, inference="map", dtype=F64).best_metric is None  # no validation set
+
+    # through the trainer: best.pt holds the step with the highest ll_val of metrics.csv
+    import goldstone_cli.models as models
+
+    cfg = compose(["model=dwe", "data=cooc", "data.path=unused", "model.inference=map", "model.d=3",
+                   "trainer.steps=40", "trainer.eval_every=10", "trainer.progress=false", "trainer.dtype=float64",
+                   f"run_dir={tmp_path / 'run'}", "model.val_mass=0.1"])
+    built = DynamicWordEmbeddings(wc, d=3, inference="map", batch_words=12, batch_contexts=0, dtype=F64,
+                                  test_steps=0.2, test_mass=0.1, val_mass=0.1)
+    orig = models._BUILDERS["dwe"]
+    models._BUILDERS["dwe"] = lambda *a: built
+    try:
+        result = train(cfg)
+    finally:
+        models._BUILDERS["dwe"] = orig
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "run" / "metrics.csv").dropna(subset=["ll_val"])
+    best = df.loc[df["ll_val"].idxmax()]
+    saved = ckpt.load(tmp_path / "run" / "checkpoints" / ckpt.BEST)
+    assert saved["metric"] == "ll_val" and saved["step"] == int(best["step"])
+    assert result.summary["best"]["value"] == pytest.approx(best["ll_val"])
+    assert "held-out LL/point" in result.summary["headline"]
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "run" / "loss.png").shape[1] == 12 * 120  # the held-out panel beside the loss

@@ -85,7 +85,7 @@ def test_semeval_end_to_end_with_planted_changes(tmp_path):
     assert r.exit_code == 0, r.output
     run = tmp_path / "run"
     r = runner.invoke(app, ["train", "model=dwe", "data=cooc", f"data.path={prep}", "model.d=8", "model.batch_words=0",
-                            "model.batch_contexts=0", "model.test_mass=0", "trainer.steps=200",
+                            "model.batch_contexts=0", "model.test_mass=0", "model.val_mass=0", "trainer.steps=200",
                             "trainer.eval_every=200", "trainer.checkpoint_every=200", "trainer.progress=false",
                             "optimizer=goldstone", "optimizer.base=adam", "optimizer.lr=0.1", "optimizer.k1=10",
                             f"run_dir={run}"])

@@ -415,9 +415,15 @@ def test_missing_md5_file_and_bad_url(server, tmp_path):
     (root / "datasets" / "movielens" / "ml-latest-small.zip.md5").unlink()
     r = _cli("--variant", "ml-latest-small", "--dest", str(tmp_path / "d"), "--base-url", url)
     assert r.exit_code == 1 and "HTTP 404" in r.output and "--md5" in r.output
-    with pytest.warns(UserWarning, match="pinned MD5"):  # no .md5 reachable: falls back to the pin...
-        r = _cli("--variant", "ml-20m", "--dest", str(tmp_path / "d"), "--base-url", "http://127.0.0.1:9/none")
-    assert r.exit_code == 1 and "Could not reach http://127.0.0.1:9/none/ml-20m.zip" in r.output  # ...then fails
+    # no .md5 reachable: falls back to the pin, then fails on the zip; the CLI says only that (one line)
+    r = _cli("--variant", "ml-20m", "--dest", str(tmp_path / "d"), "--base-url", "http://127.0.0.1:9/none")
+    assert r.exit_code == 1 and "Could not reach http://127.0.0.1:9/none/ml-20m.zip" in r.output
+    assert "pinned MD5" not in r.output and len(r.output.strip().splitlines()) == 1
+    from goldstone_cli.data.download import DownloadError
+    from goldstone_cli.data.movielens import download_movielens
+
+    with pytest.warns(UserWarning, match="pinned MD5"), pytest.raises(DownloadError, match="ml-20m.zip"):
+        download_movielens("ml-20m", tmp_path / "d", base_url="http://127.0.0.1:9/none")  # the library warns
     assert not (tmp_path / "d").exists() or list((tmp_path / "d").iterdir()) == []
 
 

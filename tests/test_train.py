@@ -152,3 +152,37 @@ def test_bad_data_fails_cleanly_without_a_run_folder(in_tmp):
     res = runner.invoke(app, ["train", "model=movielens", "data.path=nowhere/ml-20m", "trainer.steps=1"])
     assert res.exit_code == 2 and "nowhere" in res.output and "goldstone data download movielens" in res.output
     assert not (in_tmp / "outputs").exists()
+
+
+# ----------------------------------------------------------------------------- issue 13: ETA, end-of-run line
+def test_eta_is_announced_once_after_the_first_steps():
+    from goldstone_cli.train import _Eta
+
+    now = [100.0]
+    eta = _Eta(start=0, steps=2000, device=torch.device("cpu"), eval_every=100, clock=lambda: now[0])
+    now[0] += 30.0  # the evaluation at step 0 took 30 s: it must not count as step time
+    eta.add_eval(30.0)
+    now[0] += 3.0
+    assert eta.check(4) is None  # too few steps and too little time
+    now[0] += 9.0  # 12 s for 5 steps: 2.4 s per step
+    msg = eta.check(5)
+    # 2,000 steps x 2.4 s + 21 evaluations (steps 0, 100, ..., 2000) x 30 s = 80 + 10.5 min = 1.5 h
+    assert msg.startswith("about 1.5 h for 2,000 steps on cpu (") and "2.40 s per step" in msg, msg
+    assert "30.0 s per evaluation" in msg
+    assert eta.total_seconds(5) == pytest.approx(2000 * 2.4 + 21 * 30.0)
+    assert eta.check(6) is None  # once only
+    slow = _Eta(start=10, steps=12, device=torch.device("cpu"), clock=lambda: now[0])
+    now[0] += 61.0  # one step of a minute is enough
+    assert "about 2 min for the remaining 2 steps" in slow.check(11)
+
+
+def test_end_of_run_line_has_the_headline_numbers_and_the_folder(in_tmp):
+    res = runner.invoke(app, ["train", "trainer.steps=30", "optimizer.k1=10", *FAST])
+    assert res.exit_code == 0, res.output
+    run = next((in_tmp / "outputs" / "dense_mf").iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    lines = res.output.strip().splitlines()
+    assert lines[-2].startswith("completed: 30 steps in ") and "L - L* " in lines[-2]
+    assert f"gauge steps {100 * summary['gauge_overhead']:.1f}% of the time (3 gauge steps)" in lines[-2]
+    assert lines[-1] == f"outputs in {run.relative_to(in_tmp)}"
+    assert summary["headline"]["L - L*"] == pytest.approx(summary["final"]["suboptimality"])

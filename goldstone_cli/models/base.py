@@ -25,6 +25,8 @@ class DynamicModel(nn.Module):
     #: metric used to keep the best checkpoint (``None``: keep only the last one)
     best_metric: Optional[str] = None
     best_lower_is_better: bool = False
+    #: (metric, label) pairs of the headline numbers: printed at the end of a run, drawn in loss.png
+    headline_metrics: tuple[tuple[str, str], ...] = ()
 
     def symmetric_groups(self) -> list[list[nn.Parameter]]:
         """Lists of parameters that rotate together, each of shape (T, N_k, d)."""

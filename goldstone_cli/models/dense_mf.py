@@ -30,6 +30,7 @@ def optimal_loss(X: Tensor, d: int) -> float:
 class DenseDynamicMF(DynamicModel):
     target_metric = "suboptimality"
     target_lower_is_better = True
+    headline_metrics = (("suboptimality", "L - L*"),)
 
     def __init__(self, data: SyntheticData, d: int = 3, coupling: float = 10.0, init_scale: float = 0.1,
                  seed: int = 0, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu"):

@@ -152,7 +152,8 @@ def load_word_counts(data_cfg, progress: bool = True) -> WordCounts:
         tqdm.write(f"Preparing the {source} corpus into {path} (first use) ...")
         try:
             prepare_corpus(str(source), path, bin_years=int(data_cfg.bin_years), vocab_size=int(data_cfg.vocab_size),
-                           rank=str(data_cfg.rank), force=state == "empty", progress=progress)
+                           rank=str(data_cfg.rank), keep_words=list(data_cfg.get("keep_words") or []),
+                           force=state == "empty", progress=progress)
         except FileExistsError:
             # another run started beside this one (e.g. a parallel sweep job) finished preparing the same
             # folder first: the writer never replaces a complete corpus, and this run reads that one
@@ -165,9 +166,14 @@ def load_word_counts(data_cfg, progress: bool = True) -> WordCounts:
         raise FileNotFoundError(f"{path} is not a complete prepared corpus ({exc}); remove it to prepare it again") from exc
     if source:  # a corpus prepared on demand must be the one the config asks for
         settings = cooc.manifest.get("settings", {})
-        for key in ("bin_years", "vocab_size", "rank"):
-            if key in settings and settings[key] != data_cfg[key]:
-                raise ValueError(f"{path} was prepared with {key}={settings[key]}, but data.{key}={data_cfg[key]}; "
+        from goldstone_cli.data.corpus import normalize_keep_words
+
+        wanted = {"bin_years": data_cfg.bin_years, "vocab_size": data_cfg.vocab_size, "rank": data_cfg.rank,
+                  "keep_words": normalize_keep_words(data_cfg.get("keep_words"))}
+        have = {"keep_words": [], **settings}  # corpora prepared before keep_words existed kept none
+        for key, want in wanted.items():
+            if key in have and have[key] != want:
+                raise ValueError(f"{path} was prepared with {key}={have[key]}, but data.{key}={want}; "
                                  "set data.path to another folder (or remove this one)")
     return word_counts_from_cooc(cooc)
 
@@ -180,6 +186,7 @@ class Split:
     test_steps: list[int]  # held-out time steps (all their counts removed from training)
     heldout_steps: list[sp.csr_matrix] = field(default_factory=list)  # their full counts
     heldout_mass: list[Optional[sp.csr_matrix]] = field(default_factory=list)  # T entries: thinned-out counts of training steps
+    val_mass: list[Optional[sp.csr_matrix]] = field(default_factory=list)  # T entries: validation counts (picks best.pt)
 
 
 def choose_test_steps(T: int, fraction: float) -> list[int]:
@@ -192,36 +199,49 @@ def choose_test_steps(T: int, fraction: float) -> list[int]:
     return sorted(set(int(round(p)) for p in pos))
 
 
-def split_counts(wc: WordCounts, test_steps_fraction: float, test_mass_fraction: float, seed: int) -> Split:
+def _thin(m: sp.csr_matrix, fraction: float, rng: np.random.Generator, label: str, key: str) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Split symmetric integer counts ``m`` into (kept, taken): each co-occurrence independently
+    taken with probability ``fraction`` (binomial thinning of the upper triangle, mirrored)."""
+    upper = sp.triu(m, k=0, format="coo")
+    n = upper.data
+    if not np.allclose(n, np.round(n)):
+        raise ValueError(f"held-out mass needs integer counts, but step {label} has fractional ones; set model.{key}=0")
+    k = rng.binomial(np.round(n).astype(np.int64), fraction).astype(np.float64)
+    taken_u = sp.coo_matrix((k, (upper.row, upper.col)), shape=m.shape).tocsr()
+    taken = (taken_u + taken_u.T - sp.diags(taken_u.diagonal())).tocsr()
+    taken.eliminate_zeros()
+    kept = (m - taken).tocsr()
+    kept.eliminate_zeros()
+    return kept, taken
+
+
+def split_counts(wc: WordCounts, test_steps_fraction: float, test_mass_fraction: float, seed: int,
+                 val_mass_fraction: float = 0.0) -> Split:
     """Hold out whole time steps and, in the other steps, a binomial thinning of the counts
-    (each co-occurrence independently with probability ``test_mass_fraction``, symmetric)."""
+    (each co-occurrence independently with probability ``test_mass_fraction``, symmetric); then
+    thin what is left by ``val_mass_fraction`` into a validation set (its own random stream, so the
+    test sets do not depend on it)."""
     test_steps = choose_test_steps(wc.T, test_steps_fraction)
     rng = np.random.default_rng(seed)
-    train, mass, held = [], [], []
+    rng_val = np.random.default_rng([seed, 1])
+    train, mass, held, val = [], [], [], []
     for t, m in enumerate(wc.counts):
         if t in test_steps:
             train.append(sp.csr_matrix(m.shape))
             held.append(m)
             mass.append(None)
+            val.append(None)
             continue
-        if test_mass_fraction <= 0:
-            train.append(m)
-            mass.append(None)
-            continue
-        upper = sp.triu(m, k=0, format="coo")
-        n = upper.data
-        if not np.allclose(n, np.round(n)):
-            raise ValueError(f"held-out mass needs integer counts, but step {wc.step_label(t)} has fractional ones; "
-                             "set model.test_mass=0")
-        k = rng.binomial(np.round(n).astype(np.int64), test_mass_fraction).astype(np.float64)
-        test_u = sp.coo_matrix((k, (upper.row, upper.col)), shape=m.shape).tocsr()
-        test = (test_u + test_u.T - sp.diags(test_u.diagonal())).tocsr()
-        test.eliminate_zeros()
-        tr = (m - test).tocsr()
-        tr.eliminate_zeros()
-        train.append(tr)
+        test = None
+        if test_mass_fraction > 0:
+            m, test = _thin(m, test_mass_fraction, rng, wc.step_label(t), "test_mass")
+        v = None
+        if val_mass_fraction > 0:
+            m, v = _thin(m, val_mass_fraction, rng_val, wc.step_label(t), "val_mass")
+        train.append(m)
         mass.append(test)
-    return Split(train=train, test_steps=test_steps, heldout_steps=held, heldout_mass=mass)
+        val.append(v)
+    return Split(train=train, test_steps=test_steps, heldout_steps=held, heldout_mass=mass, val_mass=val)
 
 
 # ============================================================================ math helpers
@@ -356,7 +376,10 @@ class DynamicWordEmbeddings(DynamicModel):
 
     target_metric = "ll_test"
     target_lower_is_better = False
-    best_metric = None  # the held-out sets are test sets: no model selection on them
+    best_metric = None  # "ll_val" when there is a validation set (val_mass > 0); never a test set
+    best_lower_is_better = False
+    headline_metrics = (("ll_test", "held-out LL/point"), ("ll_val", "validation LL/point"),
+                        ("cos_first_last_median", "median cos(first, last)"))
 
     def __init__(self, wc: WordCounts, d: int = 100, inference: str = "variational", D: float = 1e-3,
                  sigma0: float = 1.0, neg_ratio: float = 1.0, neg_exponent: float = 0.75,
@@ -364,7 +387,7 @@ class DynamicWordEmbeddings(DynamicModel):
                  init_mean_std: float = 0.1, init_std: float = 0.1, test_steps: float = 0.1,
                  test_mass: float = 0.1, split_seed: int = 0, eval_chunk: int = 1 << 22, seed: int = 0,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 split: Optional[Split] = None):
+                 split: Optional[Split] = None, val_mass: float = 0.0):
         super().__init__()
         if inference not in ("variational", "map"):
             raise ValueError(f"inference must be 'variational' or 'map', got {inference!r}")
@@ -397,13 +420,16 @@ class DynamicWordEmbeddings(DynamicModel):
             self._const = -n_chains * (0.5 * logdet - 0.5 * T * math.log(2 * math.pi))
 
         # ---- data
-        self.split = split if split is not None else split_counts(wc, test_steps, test_mass, split_seed)
+        self.split = split if split is not None else split_counts(wc, test_steps, test_mass, split_seed, val_mass)
         self.train_mask = np.array([t not in self.split.test_steps for t in range(T)])
         self._set_train_counts(self.split.train, dtype, device)
         self._eval_sets = {
             "steps": [(t, m) for t, m in zip(self.split.test_steps, self.split.heldout_steps) if m.nnz],
             "mass": [(t, m) for t, m in enumerate(self.split.heldout_mass) if m is not None and m.nnz],
         }
+        self._val_sets = [(t, m) for t, m in enumerate(self.split.val_mass or []) if m is not None and m.nnz]
+        if self._val_sets:
+            self.best_metric = "ll_val"  # checkpoints/best.pt: the best validation likelihood
 
         # ---- parameters, initialized in float64 on the CPU then cast (same start on every device)
         g = torch.Generator().manual_seed(seed)
@@ -504,7 +530,7 @@ class DynamicWordEmbeddings(DynamicModel):
 
     def metric_names(self) -> list[str]:
         return ["ll_test", "ll_test_steps", "ll_test_mass", "ll_train", "cos_first_last_q10",
-                "cos_first_last_median", "cos_first_last_q90"]
+                "cos_first_last_median", "cos_first_last_q90"] + (["ll_val"] if self._val_sets else [])
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -513,15 +539,25 @@ class DynamicWordEmbeddings(DynamicModel):
         log-likelihood per point on a fixed subsample of steps; quantiles of cos(u_i,first, u_i,last)."""
         mu_u, mu_v = self.means()
         out: dict[str, float] = {}
-        tot_ll, tot_n = 0.0, 0.0
-        for name, sets in self._eval_sets.items():
-            ll, n = 0.0, 0.0
+        # every held-out matrix of a step shares that step's logits: one pass per step
+        per_step: dict[int, list[tuple[str, sp.csr_matrix]]] = {}
+        for name, sets in list(self._eval_sets.items()) + [("val", self._val_sets)]:
             for t, m in sets:
-                a, b = heldout_loglik(mu_u[t], mu_v[t], m, self.neg_ratio, self.neg_exponent, self.eval_chunk)
-                ll, n = ll + a, n + b
+                per_step.setdefault(t, []).append((name, m))
+        sums = {name: [0.0, 0.0] for name in ("steps", "mass", "val")}
+        for t, named in per_step.items():
+            res = heldout_loglik_many(mu_u[t], mu_v[t], [m for _, m in named], self.neg_ratio, self.neg_exponent,
+                                      self.eval_chunk)
+            for (name, _), (a, b) in zip(named, res):
+                sums[name][0] += a
+                sums[name][1] += b
+        for name in ("steps", "mass"):
+            ll, n = sums[name]
             out[f"ll_test_{name}"] = ll / n if n > 0 else float("nan")
-            tot_ll, tot_n = tot_ll + ll, tot_n + n
+        tot_ll, tot_n = sums["steps"][0] + sums["mass"][0], sums["steps"][1] + sums["mass"][1]
         out["ll_test"] = tot_ll / tot_n if tot_n > 0 else float("nan")
+        if self._val_sets:
+            out["ll_val"] = sums["val"][0] / sums["val"][1] if sums["val"][1] > 0 else float("nan")
         # training likelihood on at most 4 evenly spaced training steps (a cheap fit diagnostic)
         steps = np.nonzero(self.train_mask)[0]
         steps = steps[np.linspace(0, len(steps) - 1, min(4, len(steps))).round().astype(int)]
@@ -555,28 +591,40 @@ def heldout_loglik(U: Tensor, V: Tensor, counts: sp.csr_matrix, neg_ratio: float
     """``(sum log-likelihood, number of points)`` of one step's counts (with their own rank-one
     negatives) under embeddings U, V (V_words, d). Points: ``sum n+ + sum n- = (1 + r) sum c``.
     Dense logits are formed ``chunk`` entries at a time; nothing V x V is stored."""
+    return heldout_loglik_many(U, V, [counts], neg_ratio, neg_exponent, chunk)[0]
+
+
+@torch.no_grad()
+def heldout_loglik_many(U: Tensor, V: Tensor, counts: Sequence[sp.csr_matrix], neg_ratio: float, neg_exponent: float,
+                        chunk: int = 1 << 22) -> list[tuple[float, float]]:
+    """:func:`heldout_loglik` of several count matrices of the same step at once: the dense logits
+    ``U V^T`` (the O(V^2 d) part) are formed once for all of them."""
     Vn = U.shape[0]
     dev, dt = U.device, U.dtype
-    coo = counts.tocoo()
-    c = np.asarray(counts.sum(axis=1)).reshape(-1)  # (V,)
-    cp = c ** neg_exponent
-    cneg = torch.as_tensor(cp / cp.sum(), dtype=dt, device=dev)  # (V,)
-    ct = torch.as_tensor(c, dtype=dt, device=dev)  # (V,)
-    rows = torch.as_tensor(coo.row.astype(np.int64), device=dev)
-    cols = torch.as_tensor(coo.col.astype(np.int64), device=dev)
-    vals = torch.as_tensor(coo.data, dtype=torch.float64, device=dev)
-    pos = 0.0
+    out, cts, cnegs = [], [], []
     step = max(1, chunk // max(U.shape[1], 1))
-    for s in range(0, len(rows), step):  # O(nnz d), chunked over nonzeros
-        x = (U[rows[s:s + step]] * V[cols[s:s + step]]).sum(-1)
-        pos += float((vals[s:s + step] * F.logsigmoid(x).to(torch.float64)).sum())
-    neg = 0.0
+    for m in counts:
+        coo = m.tocoo()
+        c = np.asarray(m.sum(axis=1)).reshape(-1)  # (V,)
+        cp = c ** neg_exponent
+        cnegs.append(torch.as_tensor(cp / cp.sum(), dtype=dt, device=dev))  # (V,)
+        cts.append(torch.as_tensor(c, dtype=dt, device=dev))  # (V,)
+        rows = torch.as_tensor(coo.row.astype(np.int64), device=dev)
+        cols = torch.as_tensor(coo.col.astype(np.int64), device=dev)
+        vals = torch.as_tensor(coo.data, dtype=torch.float64, device=dev)
+        pos = 0.0
+        for s in range(0, len(rows), step):  # O(nnz d), chunked over nonzeros
+            x = (U[rows[s:s + step]] * V[cols[s:s + step]]).sum(-1)
+            pos += float((vals[s:s + step] * F.logsigmoid(x).to(torch.float64)).sum())
+        out.append([pos, float(c.sum() * (1.0 + neg_ratio))])
+    neg = [0.0] * len(counts)
     rstep = max(1, chunk // Vn)
     for s in range(0, Vn, rstep):  # O(V^2 d), chunked over rows
-        X = U[s:s + rstep] @ V.T  # (rstep, V)
-        per_row = F.logsigmoid(-X) @ cneg  # (rstep,): sums over V contexts
-        neg += float(torch.dot(ct[s:s + rstep].to(torch.float64), per_row.to(torch.float64)))
-    return pos + neg_ratio * neg, float(c.sum() * (1.0 + neg_ratio))
+        L = F.logsigmoid(-(U[s:s + rstep] @ V.T))  # (rstep, V)
+        for k in range(len(counts)):  # a handful of matrices per step
+            per_row = L @ cnegs[k]  # (rstep,): sums over V contexts
+            neg[k] += float(torch.dot(cts[k][s:s + rstep].to(torch.float64), per_row.to(torch.float64)))
+    return [(pos + neg_ratio * ng, n) for (pos, n), ng in zip(out, neg)]
 
 
 def first_last_cosines(U: Tensor) -> Tensor:

@@ -156,6 +156,7 @@ class SparseDynamicBernoulliMF(DynamicModel):
     target_lower_is_better = False
     best_metric = "val_ll"
     best_lower_is_better = False
+    headline_metrics = (("test_ll", "test LL/rating"), ("test_auc", "test AUC"), ("val_ll", "validation LL/rating"))
 
     def __init__(self, data: RatingsLike, d: int = 30, coupling: float = 10.0, gamma: float = 1.0,
                  init_scale: float = 0.1, batch_size: Optional[int] = None, chunk_size: int = 1 << 20,

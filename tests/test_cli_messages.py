@@ -1,0 +1,100 @@
+"""What a user sees on the command line and in plots (issue 13: small things found on a fresh machine)."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from goldstone_cli.cli import app
+
+runner = CliRunner()
+
+
+def test_offline_movielens_download_prints_one_line(tmp_path):
+    """No raw `UserWarning` with a source line: the unreachable checksum falls back to the pinned
+    MD5 silently when the download itself fails too; the error is one line."""
+    import subprocess
+    import sys
+
+    # a real process: pytest would otherwise capture the warning itself
+    res = subprocess.run([sys.executable, "-m", "goldstone_cli", "data", "download", "movielens", "--variant", "ml-20m",
+                          "--dest", str(tmp_path), "--base-url", "http://127.0.0.1:1"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    out = res.stdout + res.stderr
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "127.0.0.1:1" in lines[0], out
+    assert "Warning" not in out
+
+
+def test_plot_help_lists_only_existing_commands():
+    res = runner.invoke(app, ["plot", "--help"])
+    assert res.exit_code == 0
+    assert "losses" not in res.output
+    assert "trajectories" in res.output and "cosines" in res.output
+
+
+def _fake_run(folder, optimizer: dict, seed: int, target: float, values: list[float]):
+    """A run folder as `goldstone train run_dir=...` leaves it (config, metrics, summary), without training."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    folder.mkdir(parents=True)
+    cfg = {"model": {"name": "dense_mf", "d": 3}, "optimizer": optimizer, "seed": seed, "run_dir": str(folder),
+           "trainer": {"steps": 20, "target": target}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    steps = [0, 10, 20][: len(values)]
+    pd.DataFrame({"step": steps, "wall_time": [0.1 * s for s in steps], "total": values, "local": values,
+                  "psi": [1.0] * len(steps), "lr": [0.1] * len(steps), "suboptimality": values}).to_csv(
+        folder / "metrics.csv", index=False)
+    (folder / "summary.json").write_text(json.dumps({"status": "completed", "model": "dense_mf", "target": target,
+                                                     "target_metric": "suboptimality", "steps": steps[-1]}))
+
+
+def test_report_on_plain_runs_has_readable_methods_a_legend_outside_and_a_labelled_target(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from goldstone_cli.sweep_report import build_report
+
+    gd = {"name": "gd", "lr": 0.1, "clip": None}
+    gs = {"name": "goldstone", "base": "gd", "solver": "procrustes", "lr": 0.1, "k1": 50}
+    _fake_run(tmp_path / "a", gd, 0, 1e-2, [10.0, 1.0, 0.5])
+    _fake_run(tmp_path / "b", gd, 1, 1e-2, [12.0, 2.0, 0.4])
+    _fake_run(tmp_path / "c", {**gd, "lr": 0.3}, 0, 1e-2, [9.0, 0.9, 0.2])
+    _fake_run(tmp_path / "d", gs, 0, 1e-2, [10.0, 1e-3, 1e-4])
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    paths = build_report(tmp_path)
+    methods = dict(pd.read_csv(paths.summary_csv)[["run", "method"]].values)
+    assert methods == {"a": "gd (lr=0.1)", "b": "gd (lr=0.1)", "c": "gd (lr=0.3)", "d": "goldstone-procrustes(gd)"}
+    fig = figures[-1]
+    assert len(fig.legends) == 1  # one legend for the whole figure ...
+    assert all(ax.get_legend() is None for ax in fig.axes)  # ... and none inside a panel
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "gd (lr=0.1) (2 runs)" in labels and "target: suboptimality = 0.01" in labels
+    legend_top = fig.legends[0].get_window_extent(fig.canvas.get_renderer()).y1
+    assert all(ax.get_window_extent().y0 > legend_top for ax in fig.axes)  # below every panel
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert texts.count("target 0.01") == 2  # the dashed line is labelled in both suboptimality panels
+
+
+def test_trajectory_plot_has_axis_labels(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    import torch
+
+    from goldstone_cli.report import plot_trajectories
+
+    for name, d in (("small", 3), ("big", 5)):
+        run = tmp_path / name
+        run.mkdir()
+        g = torch.Generator().manual_seed(0)
+        torch.save({s: {"U": torch.randn(4, 3, d, generator=g, dtype=torch.float64)} for s in (0, 10)}, run / "snapshots.pt")
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    plot_trajectories([tmp_path / "small", tmp_path / "big"], tmp_path / "t.png")
+    axes = figures[-1].axes
+    assert [a.get_xlabel() for a in axes] == ["coordinate 1"] * 2 + ["PC 1"] * 2
+    assert all(a.get_ylabel() and a.get_zlabel() for a in axes)
+    assert "time steps" in figures[-1]._suptitle.get_text()
