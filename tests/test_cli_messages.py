@@ -84,13 +84,15 @@ def test_trajectory_plot_has_axis_labels(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
     import torch
 
+    from goldstone_cli import checkpoint as ckpt
     from goldstone_cli.report import plot_trajectories
 
     for name, d in (("small", 3), ("big", 5)):
         run = tmp_path / name
         run.mkdir()
         g = torch.Generator().manual_seed(0)
-        torch.save({s: {"U": torch.randn(4, 3, d, generator=g, dtype=torch.float64)} for s in (0, 10)}, run / "snapshots.pt")
+        snaps = {s: {"U": torch.randn(4, 3, d, generator=g, dtype=torch.float64)} for s in (0, 10)}
+        ckpt.save(run / ckpt.SNAPSHOTS, {"snapshots": snaps}, kind="snapshots")  # as train.py writes it
     figures = []
     monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
     plot_trajectories([tmp_path / "small", tmp_path / "big"], tmp_path / "t.png")
