@@ -3,7 +3,7 @@
 A sweep is a *plan*, a list of runs, each a list of Hydra overrides for ``goldstone train``:
 
 - the named sweep ``conf/sweep/<name>.yaml`` (schema :class:`SweepConfig`) gives a grid of
-  overrides in Hydra's multirun grammar (``optimizer=gd_paper,goldstone``, ``seed=range(3)``,
+  overrides in Hydra's multirun grammar (``optimizer=gd,goldstone``, ``seed=range(3)``,
   ``choice(...)``, ``glob(...)`` over config group options), optional named ``methods`` (bundles
   of overrides, e.g. Goldstone-GD with the natural vs the Procrustes gauge solver) and ``fixed``
   overrides applied to every run;
@@ -365,14 +365,23 @@ def _entry(axis: Axis) -> list[str]:
 
 
 def validate_plan(plan: Plan, progress: bool = True) -> None:
-    """Compose every run's config; the first invalid one raises ConfigError naming the run."""
+    """Compose every run's config and check that its data exist; the first invalid one raises
+    ConfigError naming the run."""
+    from goldstone_cli.data.check import missing_data
+
     bar = tqdm(plan.runs, desc="validating", unit="run", disable=not progress or len(plan.runs) < 20, leave=False)
+    checked: dict[str, Optional[str]] = {}
     for run in bar:
         try:
             cfg = compose(run.overrides)
         except ConfigError as exc:
             raise ConfigError(f"run '{run.name}' ({' '.join(run.overrides)}): {exc}") from None
         run.device = str(getattr(cfg.trainer.device, "value", cfg.trainer.device))
+        key = OmegaConf.to_yaml(cfg.data)
+        if key not in checked:
+            checked[key] = missing_data(cfg)
+        if checked[key]:
+            raise ConfigError(f"run '{run.name}' needs data that is not there: {checked[key]}")
 
 
 # ----------------------------------------------------------------------------- manifest
