@@ -584,8 +584,9 @@ def tuned_tables() -> dict[str, dict[str, Any]]:
     return {o: table(o) for o in options}
 
 
-def describe_tuned(table: dict[str, Any]) -> str:
-    """One line for ``--help``: what each optimizer option means for a model's tuned table."""
+def tuned_cells(table: dict[str, Any]) -> list[str]:
+    """What ``optimizer=gd|adagrad|adam|goldstone`` means under a model's tuned table, one short text
+    each (``goldstone train --help`` and the README's table)."""
     def base(name: str) -> str:
         t = table.get(name) or {}
         parts = [f"lr {t['lr']}"] if "lr" in t else []
@@ -593,12 +594,18 @@ def describe_tuned(table: dict[str, Any]) -> str:
             parts.append(f"decay({t.get('decay_steps')}, {t.get('decay_power')})")
         if t.get("clip") is not None:
             parts.append(f"clip {t['clip']}")
-        return f"{name} " + (", ".join(parts) if parts else "(defaults)")
+        return ", ".join(parts) if parts else "(defaults)"
 
     g = table.get("goldstone") or {}
-    gauge = (f"goldstone on {g.get('base', 'gd')}, {g.get('solver', 'procrustes')}, k1={g.get('k1', 50)}"
+    gauge = (f"on {g.get('base', 'gd')}, {g.get('solver', 'procrustes')}, k1={g.get('k1', 50)}"
              + (f", k2={g['k2']}" if g.get("solver") == "natural" and "k2" in g else ""))
-    return " | ".join([base(b.value) for b in BaseName] + [gauge])
+    return [base(b.value) for b in BaseName] + [gauge]
+
+
+def describe_tuned(table: dict[str, Any]) -> str:
+    """One line for ``--help``: what each optimizer option means for a model's tuned table."""
+    names = [b.value for b in BaseName] + ["goldstone"]
+    return " | ".join(f"{n} {c}" for n, c in zip(names, tuned_cells(table)))
 
 
 def validate(cfg: DictConfig) -> DictConfig:

@@ -209,3 +209,16 @@ def test_every_model_trains_with_every_optimizer(in_tmp, request, model, opt):
     assert result.run_dir.parent.name == model
     if name == "goldstone":
         assert s["gauge_steps"] == 2 and s["method"] == f"goldstone-{base}-{solver}"
+
+
+def test_train_help_lists_every_model_with_every_optimizer():
+    res = runner.invoke(app, ["train", "--help"], terminal_width=200)
+    assert res.exit_code == 0
+    text = " ".join(res.output.split())
+    for group in ("model", "optimizer", "experiment"):
+        assert f"{group}: " + ", ".join(group_options(group)) in text
+    from goldstone_cli.config import describe_tuned
+
+    for model, table in tuned_tables().items():
+        assert f"{model}: {describe_tuned(table)}" in text, model
+    assert "optimizer.base=gd|adagrad|adam" in text and "optimizer.solver=procrustes|natural" in text
