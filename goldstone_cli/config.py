@@ -304,7 +304,7 @@ class Config:
     optimizer: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0  # initialization (and minibatch) seed
-    output_dir: str = "outputs"  # runs go to <output_dir>/<model>/<date>_<time>_<optimizer>
+    output_dir: str = "outputs"  # runs go to <output_dir>/<model option>/<date>_<time>_<name>
     run_dir: Optional[str] = None  # explicit run folder (overrides the naming scheme)
     resume: Optional[str] = None  # a run folder to continue
     # what ran: names the run folder, summary.json and the plot title; null: set when composing
