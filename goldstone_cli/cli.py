@@ -84,7 +84,8 @@ def train(
     cfg: bool = typer.Option(False, "--cfg", help="Print the resolved config and exit without training."),
 ) -> None:
     """Train one model. With no arguments: the paper's Sec. 5.1 experiment (dense dynamic MF on
-    synthetic data), a minute on a CPU. Outputs go to ./outputs/<model>/<date>_<time>_<name>/ (name: the experiment or the optimizer)."""
+    synthetic data), a minute on a CPU. Outputs go to ./outputs/<model>/<date>_<time>_<name>/
+    (name: the experiment, else the optimizer)."""
     from goldstone_cli.config import to_yaml
 
     conf, run_dir = _config_from(list(overrides or []))
