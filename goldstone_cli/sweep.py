@@ -384,6 +384,20 @@ def validate_plan(plan: Plan, progress: bool = True) -> None:
             raise ConfigError(f"run '{run.name}' needs data that is not there: {checked[key]}")
 
 
+def check_plan_data(runs: list[RunSpec]) -> None:
+    """The data of every run exists (composing each run's config); else ConfigError naming the run."""
+    from goldstone_cli.data.check import missing_data
+
+    checked: dict[str, Optional[str]] = {}
+    for run in runs:
+        cfg = compose(run.overrides)
+        key = OmegaConf.to_yaml(cfg.data)
+        if key not in checked:
+            checked[key] = missing_data(cfg)
+        if checked[key]:
+            raise ConfigError(f"run '{run.name}' needs data that is not there: {checked[key]}")
+
+
 # ----------------------------------------------------------------------------- manifest
 def read_manifest(sweep_dir: Path) -> dict[str, Any]:
     path = Path(sweep_dir) / MANIFEST
@@ -852,6 +866,8 @@ def run_sweep(args: list[str] = (), sweep_dir: Optional[Path] = None, jobs: Opti
     states = {r.name: run_state(sweep_dir / r.name) if exists else "fresh" for r in plan.runs}
     todo = [(r, states[r.name]) for r in plan.runs if states[r.name] != "skip"]
     skipped = [r.name for r in plan.runs if states[r.name] == "skip"]
+    if exists and todo:  # a continued plan was validated when it was made; its data may have moved since
+        check_plan_data([r for r, _ in todo])
     launcher = plan.config.launcher.name.value
     gpus_needed = any(r.device != "cpu" for r, _ in todo)
     if jobs is None:

@@ -164,6 +164,24 @@ def test_missing_data_fails_the_dry_run_before_any_folder(in_tmp):
     assert corpus.exit_code == 2 and "no prepared corpus at data.path=nowhere" in corpus.output, corpus.output
 
 
+def test_continued_sweep_checks_its_data_again(in_tmp, shared_data):
+    """A sweep folder whose data was moved away stops before any run is (re)started."""
+    from goldstone_cli.io import atomic_write_json
+    from goldstone_cli.sweep import MANIFEST, run_sweep
+
+    copy = in_tmp / "ml"
+    copy.mkdir()
+    shutil.copy(shared_data / "movielens" / "ml-latest-small" / "ratings.csv", copy / "ratings.csv")
+    plan, sweep_dir, _, _ = prepare(["model=movielens", "optimizer=adagrad,gd", f"data.path={copy}", "seed=0"],
+                                    in_tmp / "sw")
+    sweep_dir.mkdir()
+    atomic_write_json(sweep_dir / MANIFEST, plan.manifest())
+    (copy / "ratings.csv").unlink()
+    with pytest.raises(ConfigError, match="needs data that is not there: No MovieLens ratings file"):
+        run_sweep([], sweep_dir=sweep_dir, progress=False, echo=lambda *a: None)
+    assert sorted(p.name for p in sweep_dir.iterdir()) == [MANIFEST]
+
+
 def test_dry_run_plans_without_running(in_tmp):
     res = runner.invoke(app, ["sweep", "--dry-run", "optimizer=adam,gd", "seed=0,1", *TINY])
     assert res.exit_code == 0, res.output
