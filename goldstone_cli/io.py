@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,10 +34,33 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600: give the file the mode a new file gets from open(), 0666 minus the
+        # umask, so colleagues on a shared file system can read the run if the user's umask allows it
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it: from /proc/self/status (Linux >= 4.7); else by
+    setting and restoring it under a lock (the only portable way; another thread creating a file
+    in between would see umask 0o077, the safe direction)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -48,7 +73,36 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """Strict JSON: a NaN or infinite float is written as ``null`` (``json.dumps`` would write the
+    bare tokens ``NaN`` / ``Infinity``, which strict parsers reject). Callers that need to say why
+    record :func:`non_finite_paths` next to the values first."""
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (in dicts, lists, tuples) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def non_finite_paths(obj: Any, prefix: str = "") -> dict[str, str]:
+    """``{"final.test_auc": "nan", ...}``: the dotted paths of the non-finite floats in ``obj``."""
+    out: dict[str, str] = {}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        out[prefix or "."] = repr(obj)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(non_finite_paths(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(non_finite_paths(v, f"{prefix}[{i}]"))
+    return out
 
 
 def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:

@@ -40,15 +40,20 @@ def plot_losses(metrics_csv: str | Path, out_png: str | Path, title: str = "") -
 
 
 def load_snapshots(run_dir: str | Path) -> dict[int, dict]:
-    import torch
+    """``{step: {tensor name: (T, N, d)}}`` from a run's ``snapshots.pt`` (read with weights_only=True,
+    checksum verified; a crafted or damaged file is a one-line ValueError)."""
+    from goldstone_cli import checkpoint as ckpt
 
-    path = Path(run_dir) / "snapshots.pt"
+    path = Path(run_dir) / ckpt.SNAPSHOTS
     if not path.is_file():
         raise FileNotFoundError(
             f"{run_dir} has no snapshots.pt: trajectories are kept for small models only "
             "(e.g. model=dense_mf); is this a run folder under outputs/?"
         )
-    return torch.load(path, weights_only=False)
+    snaps = ckpt.load(path, kind="snapshots").get("snapshots")
+    if not isinstance(snaps, dict) or not all(isinstance(v, dict) for v in snaps.values()):
+        raise ValueError(f"{path} holds no snapshots")
+    return snaps
 
 
 def _top3(points):

@@ -40,8 +40,11 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from goldstone_cli.checkpoint import has_checkpoint
 from goldstone_cli.config import ConfigError, _one_line, compose, conf_dir, group_options, register_schema
 from goldstone_cli.io import atomic_write_json
+from goldstone_cli.paths import UnsafeNameError, child
+from goldstone_cli.runlock import holder
 
 MANIFEST = "sweep.json"
 RUN_STATUS = "sweep_status.json"  # written by the sweep next to each run's summary.json
@@ -400,13 +403,100 @@ def check_plan_data(runs: list[RunSpec]) -> None:
 
 # ----------------------------------------------------------------------------- manifest
 def read_manifest(sweep_dir: Path) -> dict[str, Any]:
+    """``sweep.json``, checked (types, run names that stay inside the folder): ConfigError, one line."""
     path = Path(sweep_dir) / MANIFEST
     try:
-        return json.loads(path.read_text())
+        m = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{sweep_dir} is not a sweep folder (no {MANIFEST})") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc}); it is written atomically, so it was edited by hand") from None
+    return check_manifest(m, path)
+
+
+def _type_name(t) -> str:
+    names = {str: "string", list: "list", dict: "object", int: "integer", float: "number", bool: "boolean"}
+    return " or ".join(names.get(x, x.__name__) for x in (t if isinstance(t, tuple) else (t,)))
+
+
+def check_manifest(m: Any, path: Path) -> dict[str, Any]:
+    """Every field ``plan_from_manifest`` and the report use, with its type; run names must be plain
+    folder names (``..``, ``/`` or an absolute path would let a hand-edited file reach outside the sweep)."""
+    def bad(msg: str):
+        raise ConfigError(f"{path}: {msg}; this file is written by goldstone sweep, so it was edited or damaged "
+                          "(restore it, or start the sweep in a new folder)")
+
+    def need(obj: dict, key: str, typ, where: str = "", optional: bool = False):
+        if key not in obj:
+            if optional:
+                return None
+            bad(f"missing key '{where}{key}'")
+        v = obj[key]
+        if not isinstance(v, typ) or (isinstance(v, bool) and bool not in (typ if isinstance(typ, tuple) else (typ,))):
+            bad(f"'{where}{key}' must be a {_type_name(typ)}, got {type(v).__name__} {json.dumps(v)[:40]}")
+        return v
+
+    def strings(obj: dict, key: str, where: str = "", optional: bool = False):
+        v = need(obj, key, list, where, optional)
+        if v is not None and not all(isinstance(x, str) for x in v):
+            bad(f"'{where}{key}' must be a list of strings")
+
+    if not isinstance(m, dict):
+        bad(f"expected a JSON object, got {type(m).__name__}")
+    need(m, "name", str)
+    strings(m, "grid")
+    strings(m, "fixed")
+    need(m, "description", str, optional=True)
+    for key in ("seed_keys", "varying", "command_line"):
+        strings(m, key, optional=True)
+    methods = need(m, "methods", dict, optional=True) or {}
+    for label in methods:
+        strings(methods, label, "methods.")
+    for key in ("target", "launcher", "report"):
+        if key not in m:
+            bad(f"missing key '{key}'")
+        need(m, key, dict)
+    t = m["target"]
+    need(t, "metric", (str, type(None)), "target.")
+    need(t, "value", (int, float, type(None)), "target.")
+    if need(t, "mode", str, "target.") not in [x.value for x in TargetMode]:
+        bad(f"'target.mode' must be one of {', '.join(x.value for x in TargetMode)}, got {t['mode']!r}")
+    if need(m["launcher"], "name", str, "launcher.") not in [x.value for x in LauncherName]:
+        bad(f"'launcher.name' must be one of {', '.join(x.value for x in LauncherName)}, got {m['launcher']['name']!r}")
+    need(m["launcher"], "params", dict, "launcher.")
+    need(m["report"], "title", str, "report.", optional=True)
+    need(m["report"], "metric", (str, type(None)), "report.", optional=True)
+    unknown = sorted(set(m["report"]) - {"title", "metric"})
+    if unknown:
+        bad(f"unknown key 'report.{unknown[0]}'")
+    runs = need(m, "runs", list)
+    seen = set()
+    for i, r in enumerate(runs):
+        where = f"runs[{i}]."
+        if not isinstance(r, dict):
+            bad(f"'runs[{i}]' must be an object, got {type(r).__name__}")
+        name = need(r, "name", str, where)
+        if not SAFE_NAME.match(name) or name in (".", ".."):
+            bad(f"run name {name!r} is not a plain folder name (letters, digits, '.', '_', '-'; not '..')")
+        if name in seen:
+            bad(f"run name {name!r} appears twice")
+        seen.add(name)
+        strings(r, "overrides", where)
+        need(r, "method", str, where)
+        settings = need(r, "settings", dict, where)
+        if not all(isinstance(v, str) for v in settings.values()):
+            bad(f"'{where}settings' must map names to strings")
+        need(r, "device", str, where, optional=True)
+    return m
+
+
+def run_folder(sweep_dir: Path, name: str) -> Path:
+    """``sweep_dir/name`` for a run name read from sweep.json: a real folder inside ``sweep_dir``
+    (never a symbolic link), else ConfigError."""
+    try:
+        return child(sweep_dir, name, "run name", source=Path(sweep_dir) / MANIFEST, allow_symlink=False)
+    except UnsafeNameError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def plan_from_manifest(m: dict[str, Any]) -> Plan:
@@ -439,22 +529,34 @@ def _same_runs(a: Plan, b: Plan) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- run state
 def run_state(run_dir: Path) -> str:
-    """What a re-invoked sweep does with a run folder: ``skip`` (finished or diverged: a rerun
-    would diverge the same way), ``resume`` (has a checkpoint) or ``fresh``."""
+    """What a re-invoked sweep does with a run folder: ``busy`` (a live process still holds its
+    lock, e.g. a run left behind by a sweep killed with SIGKILL: never start a second one there),
+    ``skip`` (finished or diverged: a rerun would diverge the same way), ``resume`` (has a checkpoint)
+    or ``fresh``."""
+    if holder(run_dir) is not None:
+        return "busy"
     summary = _read_json(run_dir / "summary.json")
     status = _read_json(run_dir / RUN_STATUS)
     if summary and summary.get("status") in FINISHED + ("diverged",) and (status or {}).get("outcome") != "failed":
         return "skip"
-    if (run_dir / "checkpoints" / "last.pt").is_file():
+    if has_checkpoint(run_dir):
         return "resume"
     return "fresh"
 
 
+def _busy_message(run_dir: Path) -> str:
+    pid = holder(run_dir)
+    who = f"process {pid}" if pid and pid > 0 else "another process"
+    return (f"run {run_dir.name} is still running in {who} (it holds {run_dir / 'run.lock'}); not starting it "
+            "again: wait for it to finish (or stop it), then re-invoke the sweep")
+
+
 def _read_json(path: Path) -> Optional[dict[str, Any]]:
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        d = json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return d if isinstance(d, dict) else None
 
 
 def _hydra_value(path: Path) -> str:
@@ -515,7 +617,7 @@ def outcome_of(run_dir: Path, returncode: int) -> str:
         return "done"
     if returncode == 3 and status == "diverged":
         return "diverged"
-    if returncode in (130, -signal.SIGINT) and status == "interrupted":
+    if returncode != 0 and status == "interrupted":  # 128 + SIGINT/SIGTERM/SIGHUP/SIGUSR1
         return "interrupted"
     return "failed"
 
@@ -530,7 +632,7 @@ def log_tail(path: Path, lines: int = 12) -> str:
 
 # ----------------------------------------------------------------------------- local runner
 class _Stop:
-    """Ctrl-C (or SIGTERM) while the sweep runs: stop launching and forward SIGINT to the runs
+    """Ctrl-C (or SIGTERM, SIGHUP, SIGUSR1) while the sweep runs: stop launching and forward SIGINT to the runs
     (each saves a checkpoint and exits); a second Ctrl-C is forwarded too (runs stop at once)."""
 
     def __init__(self):
@@ -538,7 +640,7 @@ class _Stop:
         self._old: dict[int, Any] = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):  # as `goldstone train` does
             try:
                 self._old[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread
@@ -594,8 +696,12 @@ def run_local(sweep_dir: Path, todo: list[tuple[RunSpec, str]], jobs: int, n_tot
                             pass
             while pending and free and not stop.count:
                 run, action = pending.popleft()
+                run_dir = run_folder(sweep_dir, run.name)
+                if holder(run_dir) is not None:  # started by now by someone else
+                    outcomes[run.name] = "busy"
+                    tqdm.write(_busy_message(run_dir))
+                    continue
                 slot = free.pop(0)
-                run_dir = sweep_dir / run.name
                 if action == "fresh" and run_dir.exists():
                     shutil.rmtree(run_dir)  # a failed start without checkpoint: begin again
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -756,7 +862,9 @@ def run_with_launcher(sweep_dir: Path, todo: list[tuple[RunSpec, str]], name: st
     if name == "joblib":
         os.environ["GOLDSTONE_SWEEP_THREADS"] = str(max(1, cpu_cores() // max(1, min(jobs, len(todo)))))
     for run, action in todo:
-        run_dir = sweep_dir / run.name
+        run_dir = run_folder(sweep_dir, run.name)
+        if holder(run_dir) is not None:
+            raise ConfigError(_busy_message(run_dir))
         if action == "fresh" and run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -796,7 +904,7 @@ def run_with_launcher(sweep_dir: Path, todo: list[tuple[RunSpec, str]], name: st
 @dataclass
 class SweepResult:
     sweep_dir: Path
-    outcomes: dict[str, str]  # every run of the plan: done | skipped | diverged | failed | interrupted | not started
+    outcomes: dict[str, str]  # every run of the plan: done | skipped | diverged | failed | interrupted | not started | busy
     report: Optional[Path]
     exit_code: int
     message: str
@@ -863,8 +971,9 @@ def run_sweep(args: list[str] = (), sweep_dir: Optional[Path] = None, jobs: Opti
               dry_run: bool = False, progress: bool = True, echo=print) -> SweepResult:
     """``goldstone sweep``: plan, validate, run what is not finished, write the report."""
     plan, sweep_dir, exists, _ = prepare(list(args), sweep_dir)
-    states = {r.name: run_state(sweep_dir / r.name) if exists else "fresh" for r in plan.runs}
-    todo = [(r, states[r.name]) for r in plan.runs if states[r.name] != "skip"]
+    states = {r.name: run_state(run_folder(sweep_dir, r.name)) if exists else "fresh" for r in plan.runs}
+    busy = [r.name for r in plan.runs if states[r.name] == "busy"]
+    todo = [(r, states[r.name]) for r in plan.runs if states[r.name] not in ("skip", "busy")]
     skipped = [r.name for r in plan.runs if states[r.name] == "skip"]
     if exists and todo:  # a continued plan was validated when it was made; its data may have moved since
         check_plan_data([r for r, _ in todo])
@@ -895,6 +1004,9 @@ def run_sweep(args: list[str] = (), sweep_dir: Optional[Path] = None, jobs: Opti
          f"{n_resume} to resume, {len(todo) - n_resume} to start; "
          + (f"{jobs} at a time" if launcher == "local" else f"launcher {launcher}"))
     outcomes = {name: "skipped" for name in skipped}
+    for name in busy:
+        outcomes[name] = "busy"
+        echo(_busy_message(sweep_dir / name))
     for name in skipped:  # a diverged run stays diverged
         if (_read_json(sweep_dir / name / "summary.json") or {}).get("status") == "diverged":
             outcomes[name] = "diverged"
@@ -914,11 +1026,13 @@ def run_sweep(args: list[str] = (), sweep_dir: Optional[Path] = None, jobs: Opti
         echo(f"warning: could not build the report ({type(exc).__name__}: {exc}); "
              f"retry with: goldstone report {sweep_dir}")
     counts = {k: sum(1 for v in outcomes.values() if v == k) for k in
-              ("done", "skipped", "diverged", "failed", "interrupted", "not started")}
+              ("done", "skipped", "diverged", "failed", "interrupted", "not started", "busy")}
     parts = [f"{v} {k}" for k, v in counts.items() if v]
     interrupted = counts["interrupted"] + counts["not started"]
     if interrupted:
         code, hint = 130, f"; resume with: goldstone sweep --dir {sweep_dir}"
+    elif counts["busy"]:
+        code, hint = 75, f"; re-invoke goldstone sweep --dir {sweep_dir} when the busy runs have finished"
     elif counts["failed"] or counts["diverged"]:
         code, hint = 1, ""
     else:

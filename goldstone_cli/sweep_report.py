@@ -57,9 +57,10 @@ class ReportPaths:
 # ----------------------------------------------------------------------------- collecting
 def _read_json(path: Path) -> Optional[dict[str, Any]]:
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        d = json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return d if isinstance(d, dict) else None
 
 
 def _status(folder: Path, summary: Optional[dict]) -> str:
@@ -109,7 +110,7 @@ def _config_value(folder: Path, *keys: str) -> Optional[str]:
         for k in keys:
             cfg = cfg[k]
         return str(cfg)
-    except (FileNotFoundError, KeyError, TypeError, yaml.YAMLError):
+    except (FileNotFoundError, KeyError, TypeError, yaml.YAMLError, UnicodeDecodeError):
         return None
 
 
@@ -118,16 +119,29 @@ def collect(sweep_dir: str | Path) -> tuple[list[RunInfo], dict[str, Any]]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir} is not a folder")
-    manifest = _read_json(sweep_dir / "sweep.json")
-    if manifest is not None:
-        runs = [_load_run(sweep_dir / r["name"], r["name"], r["method"], dict(r["settings"])) for r in manifest["runs"]]
+    if (sweep_dir / "sweep.json").exists():
+        from goldstone_cli.sweep import read_manifest, run_folder
+
+        manifest = read_manifest(sweep_dir)  # checked: types, and run names that stay inside sweep_dir
+        runs = [_load_run(run_folder(sweep_dir, r["name"]), r["name"], r["method"], dict(r["settings"]))
+                for r in manifest["runs"]]
         return runs, manifest
     import yaml
 
-    folders = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "config.yaml").is_file())
+    inside = sweep_dir.resolve()
+    folders = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "config.yaml").is_file()
+                     and (not p.is_symlink() or p.resolve().is_relative_to(inside)))  # no links out of the folder
     if not folders:
         raise FileNotFoundError(f"{sweep_dir} holds neither sweep.json nor run folders with a config.yaml")
-    flat = {p.name: _flatten(yaml.safe_load((p / "config.yaml").read_text()) or {}) for p in folders}
+    def config_of(p: Path) -> dict:
+        try:
+            cfg = yaml.safe_load((p / "config.yaml").read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{p / 'config.yaml'} is not valid YAML ({type(exc).__name__}); restore it or move "
+                             "the run folder out of the way") from None
+        return cfg if isinstance(cfg, dict) else {}
+
+    flat = {p.name: _flatten(config_of(p)) for p in folders}
     keys = sorted({k for f in flat.values() for k in f} - _IGNORED_SETTINGS)
     varying = [k for k in keys if len({f.get(k) for f in flat.values()}) > 1]
     runs = []

@@ -10,6 +10,13 @@ Conventions (so that a resumed run reproduces an uninterrupted one row for row):
   from it drops the metrics rows from ``s`` on and continues.
 - ``wall_time`` counts only optimization (forward, backward, optimizer and gauge steps), not
   logging, evaluation or checkpointing.
+- A gauge.csv row with step ``s`` comes from the gauge step inside iteration ``s - 1`` (the
+  optimizer's ``s``-th base step), so it belongs to a checkpoint at ``s`` and is kept on resume.
+- A fresh run writes a checkpoint at step 0, so even a run killed at once can be resumed; each
+  checkpoint also rewrites ``snapshots.pt`` (atomically), so a kill loses no snapshot before it.
+- Ctrl-C, SIGTERM (Slurm time limits, ``timeout``, ``kill``), SIGHUP and SIGUSR1 all finish the step,
+  write a checkpoint, print the resume command and exit with 128 + the signal number.
+- One process per run folder: ``run.lock`` is locked (``flock``) for the run's life.
 """
 
 from __future__ import annotations
@@ -28,10 +35,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from goldstone_cli import checkpoint as ckpt
+from goldstone_cli.checkpoint import CheckpointError
 from goldstone_cli.config import ConfigError, choice, run_names, to_yaml
-from goldstone_cli.io import atomic_path, atomic_write_json, atomic_write_text
+from goldstone_cli.io import atomic_path, atomic_write_json, atomic_write_text, non_finite_paths
 from goldstone_cli.models import build_model
 from goldstone_cli.optim.factory import build_optimizer
+from goldstone_cli.runlock import RunLock, holder, in_use
 
 BASE_COLUMNS = ["step", "wall_time", "total", "local", "psi", "lr"]
 GAUGE_COLUMNS = ["gauge_steps", "gauge_time", "psi_before_gauge", "psi_after_gauge", "gauge_max_angle"]
@@ -66,8 +75,7 @@ def new_run_dir(cfg: DictConfig) -> Path:
     (``name``: the experiment, else the optimizer, e.g. ``goldstone-adagrad-natural``)."""
     if cfg.run_dir:
         path = Path(cfg.run_dir)
-        if (path / "metrics.csv").exists():
-            raise ConfigError(f"run_dir={path} already holds a run; continue it with resume={path} or pick another folder")
+        _check_not_a_run(path)
         path.mkdir(parents=True, exist_ok=True)
         return path
     stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
@@ -83,15 +91,26 @@ def new_run_dir(cfg: DictConfig) -> Path:
             path = base.with_name(f"{base.name}_{n}")
 
 
+def _check_not_a_run(path: Path, locked_by_us: bool = False) -> None:
+    """A fresh run may not start in a folder that another process uses or that holds a resumable run."""
+    pid = None if locked_by_us else holder(path)
+    if pid is not None:
+        raise in_use(path, pid)
+    if ckpt.has_checkpoint(path):
+        raise ConfigError(f"run_dir={path} already holds a run; continue it with resume={path} or pick another folder")
+
+
 class MetricsWriter:
-    """Appends rows to ``metrics.csv`` with a header fixed at the start of the run."""
+    """Appends rows to ``metrics.csv`` with a header fixed at the start of the run.
+
+    ``resume_from_step``: keep the rows before it; None: a fresh run (an old file is replaced)."""
 
     def __init__(self, path: Path, columns: list[str], resume_from_step: Optional[int] = None):
         self.path, self.columns = path, columns
         if resume_from_step is not None and path.exists():
             self._truncate(resume_from_step)
-        new = not path.exists()
-        self._f = open(path, "a", newline="")
+        new = resume_from_step is None or not path.exists()
+        self._f = open(path, "w" if new else "a", newline="")
         self._w = csv.DictWriter(self._f, fieldnames=columns, extrasaction="ignore")
         if new:
             self._w.writeheader()
@@ -101,46 +120,74 @@ class MetricsWriter:
         """Keep the rows before ``step`` (those after the checkpoint are recomputed)."""
         with open(self.path, newline="") as f:
             rows = list(csv.reader(f))
+        if not rows:
+            raise ValueError(f"{self.path} is empty (no header), but the run has a checkpoint at step {step}: its "
+                             f"rows were lost; restore the file, or delete it to resume without the earlier rows")
         header, body = rows[0], rows[1:]
         if header != self.columns:
             raise ValueError(f"{self.path} has columns {header}, expected {self.columns}; cannot resume into it")
-        keep = [r for r in body if r and int(float(r[0])) < step]
+        keep = []
+        for n, r in enumerate(body, start=2):
+            if not r:
+                continue
+            try:
+                s = int(float(r[0]))
+            except ValueError:
+                raise ValueError(f"{self.path}, line {n}: step {r[0]!r} is not a number; the file was edited or "
+                                 "damaged: restore it, or delete it to resume without the earlier rows") from None
+            if s < step:
+                keep.append(r)
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(header)
             w.writerows(keep)
 
     def write(self, row: dict[str, Any]) -> None:
-        self._w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        # empty field for "no value": not evaluated at this step, or NaN / inf (csv would write the
+        # bare tokens nan / inf; summary.json names the non-finite final values)
+        self._w.writerow({k: ("" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v)
+                          for k, v in row.items()})
         self._f.flush()
 
     def close(self) -> None:
         self._f.close()
 
 
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1") if hasattr(signal, n))
+
+
 class _Interrupt:
-    """First Ctrl-C: finish the current step, checkpoint, exit cleanly. Second: stop at once."""
+    """First Ctrl-C / SIGTERM / SIGHUP / SIGUSR1: finish the current step, checkpoint, exit cleanly.
+    Second: stop at once."""
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signum: Optional[int] = None
+        self._old: dict[int, Any] = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: no handler, Ctrl-C raises as usual
-            self._old = None
+        for sig in STOP_SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: no handler, Ctrl-C raises as usual
+                break
         return self
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("Interrupt received: finishing this step and saving a checkpoint (Ctrl-C again to abort)...")
+        self.requested, self.signum = True, signum
+        tqdm.write(f"{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+                   "(send it again to abort)...")
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "interrupt"
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
         return False
 
 
@@ -150,7 +197,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
     tc = cfg.trainer
     device = resolve_device(choice(tc.device))
     dtype = resolve_dtype(choice(tc.dtype))
-    resuming = run_dir is not None and (Path(run_dir) / "checkpoints" / ckpt.LAST).exists()
+    resuming = run_dir is not None and ckpt.has_checkpoint(run_dir)
 
     # data, model and optimizer first: a missing data set or a bad setting leaves no run folder behind
     torch.manual_seed(cfg.seed)
@@ -159,24 +206,55 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
 
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    lock = RunLock(run_dir).acquire()  # RunLocked (a ValueError) at once if another process runs here
+    try:
+        return _train_locked(cfg, run_dir, resuming, device, dtype, model, optimizer, scheduler)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype, model, optimizer,
+                  scheduler) -> RunResult:
+    tc = cfg.trainer
+    ckpt_dir = run_dir / "checkpoints"
+    if not resuming:
+        _check_not_a_run(run_dir, locked_by_us=True)  # again, now that no other process can be writing here
+    ckpt_dir.mkdir(exist_ok=True)
+    for folder in (run_dir, ckpt_dir):  # left by a process killed while writing (we hold the lock)
+        ckpt.remove_stale_temporaries(folder)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     has_gauge = hasattr(optimizer, "gauge_step")
     columns = BASE_COLUMNS + model.metric_names() + (GAUGE_COLUMNS if has_gauge else [])
 
     start, wall, best, target_step = 0, 0.0, None, None
     if resuming:
-        state = ckpt.load(run_dir / "checkpoints" / ckpt.LAST, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"].cpu())
+        state, path = ckpt.load_latest(ckpt_dir, warn=tqdm.write, quarantine=True)
+        _check_fits(state, path, cfg, model)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"].cpu())
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise CheckpointError(f"{path} does not fit this run's model or optimizer: "
+                                  f"{_first_line(exc)}") from None
         start, wall, best = state["step"], state["wall_time"], state.get("best")
         target_step = state.get("target_step")
-        tqdm.write(f"Resuming {run_dir} from step {start}")
+    snapshots: dict[int, Any] = _load_snapshots(run_dir, start) if resuming else {}
     metrics = MetricsWriter(run_dir / "metrics.csv", columns, resume_from_step=start if resuming else None)
-    gauge_log = _GaugeLog(run_dir / "gauge.csv", start if resuming else None) if has_gauge else None
+    try:
+        gauge_log = _GaugeLog(run_dir / "gauge.csv", start if resuming else None) if has_gauge else None
+    except BaseException:
+        metrics.close()
+        raise
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # after the checks: a refused resume changes nothing
+    if resuming:
+        threads = state.get("torch_threads")
+        if threads is not None and threads != torch.get_num_threads():
+            tqdm.write(f"warning: the checkpoint was written with {threads} torch threads, this process uses "
+                       f"{torch.get_num_threads()}: the resumed run can differ from an uninterrupted one in the last "
+                       f"digits (set OMP_NUM_THREADS={threads} for a bit-exact resume)")
+        tqdm.write(f"Resuming {run_dir} from step {start}")
 
     def state_at(step: int) -> dict[str, Any]:
         return {
@@ -188,13 +266,18 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "generator": generator.get_state(),
-            "config": OmegaConf.to_container(cfg, resolve=True),
+            "config": _plain_config(cfg),
+            "torch_threads": torch.get_num_threads(),
         }
+
+    def checkpoint(step: int) -> None:
+        if snapshots:  # first: a kill between the two leaves snapshots that the older checkpoint trims
+            _save_snapshots(run_dir, snapshots)
+        ckpt.save_last(ckpt_dir, state_at(step))
 
     status, message, last_row = "completed", "", {}
     steps = int(tc.steps)
     target = tc.target
-    snapshots: dict[int, Any] = _load_snapshots(run_dir) if resuming else {}
     snapshot_steps = _snapshot_steps(steps)
     names = run_names(cfg)
     pbar = tqdm(total=steps, initial=start, desc=f"{names['model']}/{names['name']}", unit="step",
@@ -204,12 +287,15 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
             step = start
             while True:
                 if interrupt.requested:
-                    ckpt.save(run_dir / "checkpoints" / ckpt.LAST, state_at(step))
+                    checkpoint(step)
                     status = "interrupted"
-                    message = f"interrupted at step {step}; continue with: goldstone train resume={run_dir}"
+                    message = (f"interrupted ({interrupt.name}) at step {step}; continue with: "
+                               f"goldstone train resume={run_dir}")
                     break
-                if step % tc.checkpoint_every == 0 and step != start:
-                    ckpt.save(run_dir / "checkpoints" / ckpt.LAST, state_at(step))
+                if step % tc.checkpoint_every == 0 and (step != start or not resuming) and step < steps:
+                    # also at step 0 of a fresh run: a run killed at once is resumable (the last step's
+                    # checkpoint is written after the loop)
+                    checkpoint(step)
                 final = step >= steps
                 t0 = time.perf_counter()
                 if final:
@@ -260,7 +346,13 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
                 if cfg.optimizer.clip is not None:
                     torch.nn.utils.clip_grad_value_(model.parameters(), cfg.optimizer.clip)
                 n_gauge = getattr(optimizer, "num_gauge_steps", 0)
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except FloatingPointError as exc:  # e.g. a gauge step met NaN parameters (NonFiniteGaugeInput)
+                    status = "diverged"
+                    message = (f"{exc} in the update of step {step}; the last good checkpoint is "
+                               f"{run_dir / 'checkpoints' / ckpt.LAST} (lower optimizer.lr, or set optimizer.clip)")
+                    break
                 scheduler.step()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -271,7 +363,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
                 step += 1
                 pbar.update(1)
             if status in ("completed", "target_reached"):
-                ckpt.save(run_dir / "checkpoints" / ckpt.LAST, state_at(step))
+                checkpoint(step)
     finally:
         pbar.close()
         metrics.close()
@@ -300,10 +392,18 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
         "steps_to_target": target_step,
         "best": best,
     }
+    if status == "interrupted":
+        summary["signal"] = interrupt.name
+        summary["exit_code"] = 128 + (interrupt.signum or signal.SIGINT)
     if has_gauge:
         summary["gauge_steps"] = int(optimizer.num_gauge_steps)
         summary["gauge_time"] = float(optimizer.gauge_seconds)
         summary["gauge_overhead"] = float(optimizer.gauge_seconds / wall) if wall > 0 else None
+    if status == "diverged":
+        summary["diverged_at_step"] = int(step)
+    bad = non_finite_paths(summary)
+    if bad:  # JSON has no NaN: atomic_write_json writes null; say which values and why
+        summary["non_finite"] = {"values": bad, "note": "these values were NaN or infinite; written as null"}
     atomic_write_json(run_dir / "summary.json", summary)
     try:
         from goldstone_cli.report import plot_losses
@@ -333,9 +433,8 @@ def _update_best(model, evals: dict[str, float], best, step: int, run_dir: Path)
     v = evals[name]
     better = best is None or (v < best["value"] if model.best_lower_is_better else v > best["value"])
     if better:
-        best = {"metric": name, "value": v, "step": step}
-        ckpt.save(run_dir / "checkpoints" / ckpt.BEST, {"step": step, "metric": name, "value": v,
-                                                         "model": model.state_dict()})
+        best = {"metric": name, "value": float(v), "step": int(step)}
+        ckpt.save(run_dir / "checkpoints" / ckpt.BEST, {**best, "model": model.state_dict()}, kind="best")
     return best
 
 
@@ -357,7 +456,9 @@ class _GaugeLog:
     COLUMNS = ["step", "psi_before", "psi_after", "max_angle", "seconds", "flips", "backtracks"]
 
     def __init__(self, path: Path, resume_from_step: Optional[int]):
-        self._w = MetricsWriter(path, self.COLUMNS, resume_from_step=resume_from_step)
+        # a row with step s was written by iteration s - 1, before a checkpoint at s: keep it (rows <= s)
+        keep_before = None if resume_from_step is None else resume_from_step + 1
+        self._w = MetricsWriter(path, self.COLUMNS, resume_from_step=keep_before)
 
     def write(self, diag: Optional[dict[str, Any]]) -> None:
         if diag:
@@ -377,10 +478,67 @@ def _snapshot_steps(steps: int) -> set[int]:
 
 
 def _save_snapshots(run_dir: Path, snapshots: dict[int, Any]) -> None:
-    with atomic_path(run_dir / "snapshots.pt") as tmp:
-        torch.save(snapshots, tmp)
+    ckpt.save(run_dir / ckpt.SNAPSHOTS, {"snapshots": dict(sorted(snapshots.items()))}, kind="snapshots")
 
 
-def _load_snapshots(run_dir: Path) -> dict[int, Any]:
-    path = run_dir / "snapshots.pt"
-    return torch.load(path, weights_only=False) if path.exists() else {}
+def _load_snapshots(run_dir: Path, start: int) -> dict[int, Any]:
+    """The snapshots before ``start`` (later ones are taken again by the resumed run)."""
+    path = run_dir / ckpt.SNAPSHOTS
+    if not path.exists():
+        return {}
+    try:
+        snaps = ckpt.load(path, kind="snapshots")["snapshots"]
+    except (CheckpointError, KeyError) as exc:
+        raise CheckpointError(f"{exc}; delete {path} to resume without the snapshots before step {start}") from None
+    return {int(s): v for s, v in snaps.items() if int(s) < start}
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain containers (enums as their names): nothing a checkpoint cannot hold."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+# settings that a resumed run may change: where the data are and how much is computed at once
+_RESUME_MAY_CHANGE = {"data.path", "data.cache_dir", "data.use_cache", "data.verify", "data.source",
+                      "model.chunk_size", "model.eval_chunk"}
+
+
+def _flat(d: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}"))
+    return out
+
+
+def _check_fits(state: dict[str, Any], path: Path, cfg: DictConfig, model) -> None:
+    """One line naming every setting or model tensor in which the checkpoint and the run differ."""
+    ckpt.fits(state, ["step", "wall_time", "model", "optimizer", "scheduler", "generator", "config"], path)
+    saved = state["config"] if isinstance(state["config"], dict) else {}
+    now = _plain_config(cfg)
+    diffs = []
+    for section in ("model", "data", "optimizer", "seed", "trainer"):
+        a, b = _flat(saved.get(section), section), _flat(now.get(section), section)
+        if section == "trainer":  # of the trainer settings only the number type changes the numbers
+            a, b = {k: v for k, v in a.items() if k == "trainer.dtype"}, {k: v for k, v in b.items() if k == "trainer.dtype"}
+        for k in sorted(set(a) | set(b)):
+            if k not in _RESUME_MAY_CHANGE and a.get(k, "(unset)") != b.get(k, "(unset)"):
+                diffs.append(f"{k} is {a.get(k, '(unset)')!r} there, {b.get(k, '(unset)')!r} now")
+    if diffs:
+        raise CheckpointError(f"{path} does not fit the config: {'; '.join(diffs)}; resume with the run's own "
+                              "settings (only trainer.* may change), or start a new run")
+    mine, theirs = model.state_dict(), state["model"]
+    if not isinstance(theirs, dict):
+        raise CheckpointError(f"{path}: 'model' is not a state dict")
+    bad = [f"{k} missing" for k in mine if k not in theirs] + [f"{k} unexpected" for k in theirs if k not in mine]
+    bad += [f"{k} has shape {tuple(theirs[k].shape)} there, {tuple(v.shape)} now" for k, v in mine.items()
+            if isinstance(v, torch.Tensor) and isinstance(theirs.get(k), torch.Tensor) and theirs[k].shape != v.shape]
+    if bad:
+        raise CheckpointError(f"{path} does not fit the model: {'; '.join(bad[:6])}"
+                              + (f" (and {len(bad) - 6} more)" if len(bad) > 6 else ""))

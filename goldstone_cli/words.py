@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -101,6 +102,8 @@ def find_latest_run(root: str | Path = "outputs") -> Path:
         for cfg in root.rglob("config.yaml"):
             run = cfg.parent
             ck = run / "checkpoints" / "last.pt"
+            if not ck.is_file():
+                ck = run / "checkpoints" / "prev.pt"
             if ck.is_file() and _run_model_name(run) in MODEL_NAMES and ck.stat().st_mtime > best_t:
                 best, best_t = run, ck.stat().st_mtime
     if best is None:
@@ -122,10 +125,14 @@ def load_run(run_dir: str | Path, align: Optional[bool] = None) -> WordRun:
     name = _run_model_name(run_dir)
     if name not in MODEL_NAMES:
         raise WordsError(f"{run_dir} is a '{name}' run, not a word-embedding run (model=dwe)")
-    path = run_dir / "checkpoints" / "last.pt"
-    if not path.is_file():
-        raise WordsError(f"{run_dir} has no checkpoint yet ({path}); wait for the run to save one")
-    state = ckpt.load(path)["model"]
+    if not ckpt.has_checkpoint(run_dir):
+        raise WordsError(f"{run_dir} has no checkpoint yet ({run_dir / 'checkpoints' / ckpt.LAST}); "
+                         "wait for the run to save one")
+    try:  # last.pt, or prev.pt with a warning when last.pt is damaged
+        state, path = ckpt.load_latest(run_dir / "checkpoints", warn=lambda m: print(m, file=sys.stderr))
+    except ckpt.CheckpointError as exc:
+        raise WordsError(str(exc)) from None
+    state = state["model"]
     extra = state.get("_extra_state")
     if extra is None:
         raise WordsError(f"{path} has no vocabulary (trained with an older version?)")

@@ -5,7 +5,7 @@ import zipfile
 import pytest
 from omegaconf import OmegaConf
 
-from goldstone_cli.config import GROUPS, ConfigError, compose, conf_dir, group_options, load_run_config
+from goldstone_cli.config import GROUPS, ConfigError, compose, conf_dir, group_options, load_run_config, to_yaml
 
 
 def test_conf_dir_has_every_group():
@@ -65,6 +65,44 @@ def test_bad_override_is_one_clear_line(override, expected):
     msg = str(info.value)
     assert expected in msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optimizer.lr=nan", "optimizer.lr"),
+        ("optimizer.lr=inf", "optimizer.lr"),
+        ("optimizer.clip=inf", "optimizer.clip"),
+        ("optimizer.clip=nan", "optimizer.clip"),
+        ("optimizer.decay_power=nan", "optimizer.decay_power"),
+        ("optimizer.decay_steps=inf", "optimizer.decay_steps"),
+        ("model.init_scale=inf", "model.init_scale"),
+        ("model.coupling=nan", "model.coupling"),
+        ("trainer.target=nan", "trainer.target"),
+        ("trainer.target=-inf", "trainer.target"),
+        ("data.noise_var=nan", "data.noise_var"),
+    ],
+)
+def test_nan_and_inf_are_rejected_with_one_line(override, key):
+    with pytest.raises(ConfigError) as info:
+        compose([override])
+    msg = str(info.value)
+    assert msg.startswith(f"{key} must be a finite number") and "\n" not in msg
+
+
+def test_nan_rejected_for_goldstone_and_movielens_options():
+    for overrides in (["optimizer=goldstone", "optimizer.lr_scale=nan"], ["optimizer=goldstone", "optimizer.tol=inf"],
+                      ["model=movielens", "data=movielens", "model.gamma=nan"],
+                      ["model=movielens", "data=movielens", "data.split=[nan,0.5,0.5]"]):
+        with pytest.raises(ConfigError, match="must be a finite number"):
+            compose(overrides)
+
+
+def test_nan_override_on_resume_is_rejected(tmp_path):
+    cfg = compose(["trainer.steps=3"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    with pytest.raises(ConfigError, match="optimizer.lr must be a finite number"):
+        load_run_config(tmp_path, ["optimizer.lr=.nan"])
 
 
 def test_load_run_config_roundtrip(tmp_path):

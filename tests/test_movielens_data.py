@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import io
 import threading
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -456,3 +457,118 @@ def test_checksum_file_parsing_and_zip_slip(tmp_path):
     with pytest.raises(DownloadError, match="outside"):
         unpack_zip(evil, tmp_path / "out")
     assert not (tmp_path / "escaped.txt").exists() and list((tmp_path / "out").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Download safety (issue 12): non-https warning, a zip without ratings leaves nothing behind
+
+
+def test_non_https_base_url_warns(server, tmp_path):
+    root, url = server
+    _publish(root, "ml-latest-small", {"ratings.csv": RATINGS})
+    with pytest.warns(UserWarning, match="is not https: the zip and its .md5 travel unencrypted"):
+        folder, downloaded = ml.download_movielens("ml-latest-small", tmp_path / "a", base_url=url, progress=False)
+    assert downloaded and (folder / "ratings.csv").read_text() == RATINGS
+    md5 = hashlib.md5((root / "datasets" / "movielens" / "ml-latest-small.zip").read_bytes()).hexdigest()
+    with pytest.warns(UserWarning, match="your --md5 still detects a replaced file"):
+        ml.download_movielens("ml-latest-small", tmp_path / "b", base_url=url, md5=md5, progress=False)
+    # https (here unreachable) does not warn about the scheme
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(DownloadError):
+            ml.download_movielens("ml-latest-small", tmp_path / "c", base_url="https://127.0.0.1:9/x", progress=False)
+    assert not [w for w in caught if "not https" in str(w.message)]
+
+
+@pytest.mark.parametrize("files", [{"README.txt": "terms\n"}, {"movies.csv": "movieId,title\n"}])
+@pytest.mark.parametrize("keep", [False, True])
+def test_zip_without_ratings_leaves_nothing_behind(server, tmp_path, files, keep):
+    root, url = server
+    _publish(root, "ml-latest-small", files)
+    dest = tmp_path / "data"
+    r = _cli("--variant", "ml-latest-small", "--dest", str(dest), "--base-url", url, *(["--keep-zip"] if keep else []))
+    assert r.exit_code == 1 and "holds none of ml-latest-small/ratings.csv" in r.output
+    assert "Traceback" not in r.output
+    assert not dest.exists() or list(dest.rglob("*")) == []  # no folder, no zip, no .part / .unpack
+
+
+def test_zip_with_ratings_in_another_folder_is_rejected(tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("elsewhere/ratings.csv", RATINGS)
+    archive = tmp_path / "ml-20m.zip"
+    archive.write_bytes(buf.getvalue())
+    with pytest.raises(DownloadError, match="holds none of ml-20m/ratings.csv"):
+        unpack_zip(archive, tmp_path / "out", require_any=["ml-20m/ratings.csv"])
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Time bins (issue 12): one timestamp far outside the rest; data.time_range
+
+OUTLIER_TS = 9_000_000_000_000_000_000  # 2.9e11 years after 1970 (an int64 a corrupt export produced)
+
+
+@pytest.fixture(scope="module")
+def small_with_outlier(small_csv, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("outlier")
+    text = small_csv.read_text()
+    (folder / "ratings.csv").write_text(text + f"1,1,5.0,{OUTLIER_TS}\n")
+    return folder / "ratings.csv"
+
+
+def test_far_outlier_timestamp_warns_with_per_bin_counts(small_with_outlier, small_df, tmp_path):
+    with pytest.warns(UserWarning, match=r"99% of the .* ratings fall into 1 of the 100 .*per-bin counts: [\d,]+, "
+                                         r"0 \(x98\), 1\).*data.time_range=\[1996-0\d-\d\d,2018-\d\d-\d\d\]"):
+        d = load_movielens(small_with_outlier, T=100, cache_dir=tmp_path, progress=False)
+    assert np.bincount(d.t, minlength=100)[-1] == 1  # the outlier alone in the last bin, the rest in bin 0
+    # the warning comes back on a cache hit
+    with pytest.warns(UserWarning, match="per-bin counts"):
+        d2 = load_movielens(small_with_outlier, T=100, cache_dir=tmp_path, progress=False)
+    assert d2.source.from_cache
+
+
+def test_time_range_drops_outside_ratings_and_bins_the_range(small_with_outlier, small_df, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d = load_movielens(small_with_outlier, T=100, cache_dir=tmp_path, progress=False,
+                           time_range=["1996-01-01", "2019-01-01"])
+    msgs = [str(w.message) for w in caught]
+    assert any("dropped 1 of the 100,837 ratings" in m for m in msgs), msgs
+    assert not any("per-bin counts" in m for m in msgs)
+    start, end = ml.parse_time("1996-01-01"), ml.parse_time("2019-01-01")
+    assert d.bin_edges[0] == start and d.bin_edges[-1] == end
+    ts = small_df.timestamp.to_numpy()
+    # the same ratings as the file without the outlier, binned over [start, end] exactly
+    kept = small_df.rating != small_df.rating.median()
+    np.testing.assert_array_equal(d.t, (ts[kept] - start) * 100 // (end - start))
+    assert len(d) == int(kept.sum())
+    # time_range is part of the cache key
+    other = load_movielens(small_with_outlier, T=100, cache_dir=tmp_path, progress=False, time_range=[start, end - 1])
+    assert other.source.cache_path != d.source.cache_path and not other.source.from_cache
+
+
+def test_time_range_errors_are_one_line(small_with_outlier, tmp_path):
+    with pytest.raises(ValueError, match="no rating lies in time_range"):
+        load_movielens(small_with_outlier, T=10, use_cache=False, progress=False, time_range=[0, 1000])
+    from goldstone_cli.config import ConfigError, compose
+
+    for bad, why in (("[2016-01-01,1995-01-01]", "start < end"), ("[1995-01-01]", r"\[start, end\]"),
+                     ("[soon,2016-01-01]", "not a time: 'soon'")):
+        with pytest.raises(ConfigError, match=why) as info:
+            compose(["model=movielens", "data=movielens", f"data.time_range={bad}"])
+        assert "\n" not in str(info.value)
+    cfg = compose(["model=movielens", "data=movielens", "data.time_range=[828124615,2016-01-01T12:00:00]"])
+    assert ml.check_time_range(cfg.data.time_range) == (828124615, ml.parse_time("2016-01-01T12:00:00"))
+
+
+def test_time_range_reaches_the_loader_from_the_config(tmp_path):
+    from goldstone_cli.config import compose
+    from goldstone_cli.models import build_model
+
+    (tmp_path / "ratings.csv").write_text(RATINGS)
+    cfg = compose(["model=movielens", "data=movielens", f"data.path={tmp_path}", "data.T=2", "model.d=2",
+                   f"data.cache_dir={tmp_path / 'cache'}", "data.time_range=[1000,4500]", "trainer.progress=false"])
+    with pytest.warns(UserWarning, match="dropped 1 of the 5 ratings"):
+        model = build_model(cfg, torch.device("cpu"), torch.float32)
+    assert sum(model.split_sizes().values()) == 4  # 5 ratings, one outside; the median 3.25 of the rest drops none

@@ -160,9 +160,12 @@ def test_model_option_selects_paper_settings():
 
 def test_missing_data_gives_an_error_that_says_where(in_tmp):
     res = runner.invoke(app, ["train", "model=movielens", "data.path=nowhere/ml-20m", "trainer.steps=1"])
-    assert res.exit_code != 0
-    text = res.output + (str(res.exception) if res.exception else "")
-    assert "nowhere" in text and "goldstone data download movielens" in text
+    # the CLI's own one-line error (exit code 2), not an uncaught exception with a traceback
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "Traceback" not in res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert lines[0].startswith("error:") and sum(ln.startswith("error:") for ln in lines) == 1, res.output
+    assert "nowhere" in lines[0] and "goldstone data download movielens" in res.output  # the command: own line
 
 
 def _sample() -> Path:

@@ -469,3 +469,64 @@ def test_cli_help_and_run(tmp_path):
     e1900, e1901 = expected_hand()
     np.testing.assert_array_equal(dense(d, 0), e1900)
     np.testing.assert_array_equal(dense(d, 1), e1901)
+
+
+# ------------------------------------------------------------------------------------------ issue 12: overflow, CRLF
+
+@pytest.mark.parametrize("layout", ["v2", "v3"])
+def test_huge_match_counts_fail_instead_of_overflowing(tmp_path, layout):
+    """20 lines of count 1e18 gave a negative yearly total (int64 wrap) and a wrong vocabulary."""
+    write = write_v2 if layout == "v2" else write_v3
+    big = 9 * 10**17  # 18 digits: the largest count both layouts parse (v3 allows at most 18 digits)
+    one = write(tmp_path / "one", [(f"w{k}", 1900, big, 1) for k in range(20)])
+    five = write(tmp_path / "five", FIVE)
+    with pytest.raises(MalformedInputError, match=r"add up to 1.8e\+19.*64-bit integers and could overflow"):
+        prepare_ngrams([one], [five], tmp_path / "out", years=(1900, 1901), vocab_size=3, workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
+    # the same total split over two files: caught by the check over all files
+    a = write(tmp_path / "a", [(f"w{k}", 1900, big, 1) for k in range(4)])
+    b = write(tmp_path / "b", [(f"v{k}", 1900, big, 1) for k in range(4)])
+    with pytest.raises(MalformedInputError, match="over all files"):
+        prepare_ngrams([a, b], [five], tmp_path / "out2", years=(1900, 1901), vocab_size=3, workers=1, progress=False)
+    # 5-grams: the bound includes the pair weights (up to 40x the match count)
+    one_ok = write(tmp_path / "one_ok", ONE)
+    big5 = write(tmp_path / "big5", [("a a a a a", 1900, 2 * 10**17, 1)])
+    with pytest.raises(MalformedInputError, match="fivegram lines add up"):
+        prepare_ngrams([one_ok], [big5], tmp_path / "out3", years=(1900, 1901), vocab_size=3, workers=1,
+                       progress=False)
+
+
+def test_large_counts_below_the_limit_are_exact(tmp_path):
+    """Counts above 2^53 (where a float64 sum is no longer exact) are summed exactly in int64."""
+    n = 2**53 + 1
+    one = write_v2(tmp_path / "one", [("a", 1900, n, 1), ("a", 1901, n, 1), ("b", 1900, 3, 1), ("c", 1900, 1, 1)])
+    five = write_v2(tmp_path / "five", [("a b c a b", 1900, n, 1), ("a b c a b", 1900, 1, 1)])
+    r = prepare_ngrams([one], [five], tmp_path / "out", years=(1900, 1901), vocab_size=3, rank="count", workers=1,
+                       progress=False)
+    d = load_cooc(r.out)
+    assert d.vocab == ["a", "b", "c"]
+    assert d.counts.tolist() == [2 * n, 3, 1] and d.tokens.tolist() == [n + 4, n]
+    # 'a b c a b': a-b pairs (0,1) w4, (0,4) w1, (1,3) w3, (3,4) w4 -> 12 per match count; a-a (0,3) w2,
+    # doubled on the diagonal -> 4
+    ai, bi = d.vocab.index("a"), d.vocab.index("b")
+    assert int(d.matrices[0][ai, bi]) == 12 * (n + 1) and int(d.matrices[0][ai, ai]) == 4 * (n + 1)
+
+
+@pytest.mark.parametrize("layout", ["v2", "v3"])
+@pytest.mark.parametrize("gz", [False, True])
+def test_crlf_files_give_the_same_output(tmp_path, layout, gz):
+    write = write_v2 if layout == "v2" else write_v3
+    lf_one, lf_five = write(tmp_path / "one", ONE), write(tmp_path / "five", FIVE)
+    crlf = {}
+    for name, p in (("one", lf_one), ("five", lf_five)):
+        text = p.read_bytes().replace(b"\n", b"\r\n")
+        q = tmp_path / f"{name}_crlf"
+        q.write_bytes(gzip.compress(text) if gz else text)
+        crlf[name] = q
+    kw = dict(years=(1900, 1902), vocab_size=3, workers=1, progress=False, block_mb=0.001)
+    ref = load_cooc(prepare_ngrams([lf_one], [lf_five], tmp_path / "ref", **kw).out)
+    r = prepare_ngrams([crlf["one"]], [crlf["five"]], tmp_path / "out", **kw)
+    assert r.malformed_lines == 0
+    same_output(ref, load_cooc(r.out))
+    e1900, _ = expected_hand()
+    np.testing.assert_array_equal(dense(load_cooc(r.out), 0), e1900)

@@ -19,15 +19,21 @@ import yaml
 from typer.testing import CliRunner
 
 from goldstone_cli.cli import app
-from goldstone_cli.config import ConfigError, group_options
+from goldstone_cli.config import ConfigError, compose, group_options
 from goldstone_cli.sweep import (SweepConfig, expand, load_sweep, make_plan, plan_from_manifest, prepare,
                                  run_state, split_args, validate_plan)
 from goldstone_cli.sweep_report import build_report, reach
+from goldstone_cli.train import train
 from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 TINY = ["trainer.steps=60", "trainer.log_every=5", "trainer.eval_every=10", "trainer.checkpoint_every=20"]
+
+
+def _values(run_dir: Path) -> pd.DataFrame:
+    """A run's metrics.csv without the wall-clock columns: equal for equal computations."""
+    return pd.read_csv(run_dir / "metrics.csv").drop(columns=["wall_time", "gauge_time"], errors="ignore")
 
 
 def _env():
@@ -190,8 +196,9 @@ def test_dry_run_plans_without_running(in_tmp):
 
 
 def test_launcher_configs_compose_and_validate(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    # the plugins are in the `test` extra: a missing one fails here instead of skipping
+    import hydra_plugins.hydra_joblib_launcher  # noqa: F401
+    import hydra_plugins.hydra_submitit_launcher  # noqa: F401
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -221,7 +228,7 @@ def test_launcher_configs_compose_and_validate(tmp_path):
 
 
 def test_cli_launcher_settings_are_validated_before_anything(in_tmp):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import hydra_plugins.hydra_submitit_launcher  # noqa: F401  (in the `test` extra: never skipped)
     res = runner.invoke(app, ["sweep", "--dry-run", "seed=0,1", "hydra/launcher=submitit_slurm",
                               "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=120"])
     assert res.exit_code == 0, res.output
@@ -334,7 +341,7 @@ def test_a_failing_run_is_reported_without_stopping_the_others(in_tmp):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_sweep_and_re_invoking_resumes_it(in_tmp):
+def test_ctrl_c_stops_the_sweep_and_re_invoking_resumes_it(in_tmp, one_thread):
     steps = 4000  # long enough to be interrupted mid-run on a busy 2-core machine
     cmd = [sys.executable, "-m", "goldstone_cli", "sweep", "optimizer=adam", "seed=0,1,2", f"trainer.steps={steps}",
            "trainer.log_every=50", "trainer.eval_every=100", "trainer.checkpoint_every=1000", "--jobs", "2",
@@ -368,18 +375,34 @@ def test_ctrl_c_stops_the_sweep_and_re_invoking_resumes_it(in_tmp):
         assert json.loads((d / n / "summary.json").read_text())["status"] == "completed"
     assert "Resuming" in (d / "seed-0" / "train.log").read_text()
     assert len(pd.read_csv(d / "summary.csv")) == 3
+    # the values, not only the steps: every run equals an uninterrupted run (the sweep's runs use one
+    # thread each here, 2 cores / 2 jobs; so do these)
+    for n in ("seed-0", "seed-1", "seed-2"):
+        ref = train(compose(["optimizer=adam", f"seed={n[-1]}", f"trainer.steps={steps}", "trainer.log_every=50",
+                             "trainer.eval_every=100", "trainer.checkpoint_every=1000", "trainer.progress=false",
+                             f"run_dir=ref-{n}"]))
+        pd.testing.assert_frame_equal(_values(d / n), _values(ref.run_dir), check_exact=True)
 
 
 @pytest.mark.slow
-def test_hydra_joblib_launcher_runs_the_plan(in_tmp):
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    res = runner.invoke(app, ["sweep", "optimizer=adam", "seed=0,1", *TINY, "sweep.target.value=1e9", "hydra/launcher=joblib", "--jobs", "2",
-                              "--dir", "sw"])
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_hydra_launcher_plugins_run_the_plan(in_tmp, launcher, one_thread):
+    import hydra_plugins.hydra_joblib_launcher  # noqa: F401  (both in the `test` extra: never skipped)
+    import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+
+    extra = ["hydra.launcher.timeout_min=30"] if launcher == "submitit_local" else []
+    res = runner.invoke(app, ["sweep", "optimizer=adam", "seed=0,1", *TINY, "sweep.target.value=1e9",
+                              f"hydra/launcher={launcher}", *extra, "--jobs", "2", "--dir", "sw"])
     assert res.exit_code == 0, res.output
     d = in_tmp / "sw"
     _check_report_agrees(d, 2, 1e9)
-    assert json.loads((d / "sweep.json").read_text())["launcher"]["name"] == "joblib"
+    assert json.loads((d / "sweep.json").read_text())["launcher"]["name"] == launcher
     assert "run_dir=" in (d / "seed-0" / "train.log").read_text()
+    for n in ("seed-0", "seed-1"):  # the plugin's runs are the same runs the local runner makes
+        ref = train(compose(["optimizer=adam", f"seed={n[-1]}", *TINY, "trainer.progress=false", f"run_dir=ref-{n}"]))
+        pd.testing.assert_frame_equal(_values(d / n), _values(ref.run_dir))
+    if launcher == "submitit_local":
+        assert list((d / ".launcher").glob("**/*_log.out")), "submitit keeps its job logs under .launcher/"
 
 
 def test_reach_finds_the_first_evaluation_at_the_target():
@@ -389,3 +412,49 @@ def test_reach_finds_the_first_evaluation_at_the_target():
     assert all(math.isnan(x) for x in reach(df, "m", 0.1))  # never reached
     assert reach(df, "m", 4.0, mode="max") == (0.0, 0.0)
     assert all(math.isnan(x) for x in reach(df, "missing", 1.0))
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_with_sigkill_leaves_its_runs_running_and_a_rerun_does_not_start_them_twice(in_tmp):
+    cmd = [sys.executable, "-m", "goldstone_cli", "sweep", "optimizer=adam", "seed=0", "trainer.steps=10000000,20",
+           "trainer.log_every=50", "trainer.eval_every=100", "trainer.checkpoint_every=200", "--jobs", "1", "--dir", "sw"]
+    proc = subprocess.Popen(cmd, cwd=in_tmp, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    d = in_tmp / "sw"
+    long_run = d / "trainer.steps-10000000"
+    child = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            m = long_run / "metrics.csv"
+            if m.exists() and len(m.read_text().splitlines()) > 3:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None and (long_run / "run.lock").exists(), (proc.poll(), sorted(os.listdir(d)))
+        proc.kill()  # SIGKILL: the sweep cannot forward anything; its run (own session) keeps going
+        proc.communicate(timeout=60)
+        child = int((long_run / "run.lock").read_text())
+        os.kill(child, 0)  # still alive
+        res = runner.invoke(app, ["sweep", "--dir", "sw"])
+        assert res.exit_code == 75, res.output
+        assert f"run trainer.steps-10000000 is still running in process {child}" in res.output
+        assert json.loads((d / "trainer.steps-20" / "summary.json").read_text())["status"] == "completed"
+        assert "Resuming" not in (long_run / "train.log").read_text()  # no second process was started there
+        os.kill(child, signal.SIGTERM)  # the orphan stops like any run: checkpoint, exit 143
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        child = None
+        assert json.loads((long_run / "summary.json").read_text())["status"] == "interrupted"
+        assert run_state(long_run) == "resume"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

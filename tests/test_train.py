@@ -87,7 +87,7 @@ def test_resume_equals_uninterrupted(in_tmp, optimizer):
     res = runner.invoke(app, ["train", f"resume={part}", "trainer.steps=40"])
     assert res.exit_code == 0, res.output
     pd.testing.assert_frame_equal(_metrics(full), _metrics(part))
-    a, b = torch.load(full / "checkpoints/last.pt", weights_only=False), torch.load(part / "checkpoints/last.pt", weights_only=False)
+    a, b = torch.load(full / "checkpoints/last.pt", weights_only=True), torch.load(part / "checkpoints/last.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
@@ -107,7 +107,7 @@ def test_ctrl_c_saves_checkpoint_and_resumes_identically(in_tmp, monkeypatch):
     result = train(compose(["trainer.steps=40", *common]))
     monkeypatch.setattr(DenseDynamicMF, "local_loss", original)
     assert result.status == "interrupted" and "resume=" in result.summary["message"]
-    ckpt = torch.load(result.run_dir / "checkpoints/last.pt", weights_only=False)
+    ckpt = torch.load(result.run_dir / "checkpoints/last.pt", weights_only=True)
     assert 0 < ckpt["step"] == result.summary["steps"] < 40  # the step in flight finished, then the checkpoint
     res = runner.invoke(app, ["train", f"resume={result.run_dir}"])
     assert res.exit_code == 0, res.output
@@ -121,7 +121,7 @@ def test_nan_stops_with_clear_message_and_keeps_good_checkpoint(in_tmp):
     run = next((in_tmp / "outputs" / "dense_mf").iterdir())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "diverged"
-    state = torch.load(run / "checkpoints/last.pt", weights_only=False)
+    state = torch.load(run / "checkpoints/last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     res = runner.invoke(app, ["train", "optimizer=gd", "optimizer.lr=5.0", "trainer.steps=200", *FAST])
     assert res.exit_code == 3 and "became" in res.output

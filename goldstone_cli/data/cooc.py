@@ -54,6 +54,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from goldstone_cli.io import file_sha256
+from goldstone_cli.paths import UnsafeNameError, child
 
 FORMAT_NAME = "goldstone-cooc"
 FORMAT_VERSION = 1
@@ -306,19 +307,38 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if manifest.get("complete") is not True or not isinstance(manifest.get("files"), dict):
         raise CoocFormatError(f"{mf} does not describe a complete corpus; prepare it again")
     for name, info in manifest["files"].items():
-        f = path / name
+        try:  # a name read from the manifest must stay inside the folder (no '..', '/', links out)
+            f = child(path, name, "file name", source=mf)
+        except UnsafeNameError as exc:
+            raise CoocFormatError(f"{exc}; prepare the corpus again") from None
+        if not isinstance(info, dict):
+            raise CoocFormatError(f"{mf}: the entry of {name} is not an object; prepare the corpus again")
         if not f.is_file():
             raise CoocFormatError(f"{path}: {name} is listed in the manifest but missing")
         if f.stat().st_size != info.get("size"):
             raise CoocFormatError(f"{path}: {name} has {f.stat().st_size} bytes, the manifest says "
                                   f"{info.get('size')}; the folder was modified, prepare the corpus again")
+    expected = [VOCAB_FILE, TIMES_FILE] + ([step_file(t) for t in range(manifest["n_steps"])]
+                                           if isinstance(manifest.get("n_steps"), int) else [])
+    unlisted = [n for n in expected if n not in manifest["files"]]
+    if unlisted:
+        raise CoocFormatError(f"{mf} does not list {unlisted[0]}; the folder is incomplete, prepare the corpus again")
+    for name in expected:  # the files the reader opens by their fixed names: no links out of the folder
+        try:
+            child(path, name, "file", source=mf)
+        except UnsafeNameError as exc:
+            raise CoocFormatError(f"{exc}; prepare the corpus again") from None
     return manifest
 
 
 def _read_tsv(path: Path, header: tuple[str, ...]) -> list[list[str]]:
     # Plain splitting, not pandas: words like "nan" or "null" must stay strings.
-    with open(path, encoding="utf-8", newline="\n") as f:
-        lines = f.read().split("\n")
+    try:
+        with open(path, encoding="utf-8", newline="\n") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as exc:
+        raise CoocFormatError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); the file is damaged, "
+                              "prepare the corpus again") from None
     if lines and lines[-1] == "":
         lines.pop()
     if not lines or tuple(lines[0].split("\t")) != header:
@@ -340,8 +360,12 @@ def load_cooc(path: str | os.PathLike, verify: bool = False) -> CoocData:
                 raise CoocFormatError(f"{path}: {name} does not match its sha256 in the manifest")
     vrows = _read_tsv(path / VOCAB_FILE, VOCAB_HEADER)
     vocab = [r[1] for r in vrows]
-    counts = np.array([int(r[2]) for r in vrows], dtype=np.int64)  # (V,)
-    if [int(r[0]) for r in vrows] != list(range(len(vrows))):
+    try:
+        counts = np.array([int(r[2]) for r in vrows], dtype=np.int64)  # (V,)
+        indices = [int(r[0]) for r in vrows]
+    except (ValueError, OverflowError) as exc:
+        raise CoocFormatError(f"{path / VOCAB_FILE}: {exc}; the file is damaged, prepare the corpus again") from None
+    if indices != list(range(len(vrows))):
         raise CoocFormatError(f"{path / VOCAB_FILE}: indices must be 0..V-1 in order")
     trows = _read_tsv(path / TIMES_FILE, TIMES_HEADER)
     T, V = len(trows), len(vocab)
@@ -350,16 +374,25 @@ def load_cooc(path: str | os.PathLike, verify: bool = False) -> CoocData:
                               f"{manifest.get('n_steps')} and {manifest.get('vocab_size')}")
     matrices = []
     for t in range(T):
-        m = sp.load_npz(path / step_file(t)).tocsr()
+        try:  # np.load checks the zip CRC of every member it reads: flipped bytes fail here
+            m = sp.load_npz(path / step_file(t)).tocsr()
+        except Exception as exc:  # BadZipFile, zlib.error, ValueError, EOFError, ...
+            raise CoocFormatError(f"{path / step_file(t)} cannot be read ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}); the file is damaged, "
+                                  "prepare the corpus again") from None
         if m.shape != (V, V):
             raise CoocFormatError(f"{path / step_file(t)}: shape {m.shape}, expected ({V}, {V})")
         matrices.append(m)
     col = list(zip(*trows))
+    try:
+        numbers = dict(start=np.array(col[2], dtype=np.int64), end=np.array(col[3], dtype=np.int64),
+                       times=np.array(col[4], dtype=np.float64), totals=np.array(col[5], dtype=np.int64),
+                       tokens=np.array(col[6], dtype=np.int64))
+    except (ValueError, OverflowError) as exc:
+        raise CoocFormatError(f"{path / TIMES_FILE}: {exc}; the file is damaged, prepare the corpus again") from None
     return CoocData(
         path=path, vocab=vocab, counts=counts, labels=list(col[1]),
-        start=np.array(col[2], dtype=np.int64), end=np.array(col[3], dtype=np.int64),
-        times=np.array(col[4], dtype=np.float64), totals=np.array(col[5], dtype=np.int64),
-        tokens=np.array(col[6], dtype=np.int64), matrices=matrices, manifest=manifest,
+        **numbers, matrices=matrices, manifest=manifest,
     )
 
 

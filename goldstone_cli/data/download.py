@@ -19,6 +19,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
+from typing import Sequence
 
 from tqdm.auto import tqdm
 
@@ -152,12 +153,25 @@ def _safe_members(zf: zipfile.ZipFile, archive: Path) -> list[zipfile.ZipInfo]:
     return members
 
 
-def unpack_zip(archive: str | os.PathLike, dest_dir: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:
+def _check_required(members: list[zipfile.ZipInfo], archive: Path, require_any: Sequence[str]) -> None:
+    if not require_any:
+        return
+    names = {PurePosixPath(m.filename.replace("\\", "/")).as_posix() for m in members if not m.is_dir()}
+    if not any(r in names for r in require_any):
+        shown = ", ".join(sorted(names)[:10]) or "nothing"
+        raise DownloadError(f"{archive.name} holds none of {', '.join(require_any)} (it holds {shown}); "
+                            "nothing was unpacked. Check --base-url and --variant.")
+
+
+def unpack_zip(archive: str | os.PathLike, dest_dir: str | os.PathLike, *, overwrite: bool = False,
+               require_any: Sequence[str] = ()) -> list[Path]:
     """Unpack ``archive`` into ``dest_dir``; return the top-level paths created.
 
     Everything is first extracted into a temporary folder inside ``dest_dir`` (same file system),
     then each top-level entry is renamed into place. If extraction fails, nothing appears under
-    ``dest_dir``. An existing top-level entry is an error unless ``overwrite``.
+    ``dest_dir``. An existing top-level entry is an error unless ``overwrite``. With
+    ``require_any`` (member paths such as ``ml-20m/ratings.csv``), an archive that holds none of
+    them is rejected before anything is extracted.
     """
     archive, dest_dir = Path(archive), Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -166,6 +180,7 @@ def unpack_zip(archive: str | os.PathLike, dest_dir: str | os.PathLike, *, overw
         try:
             with zipfile.ZipFile(archive) as zf:
                 members = _safe_members(zf, archive)
+                _check_required(members, archive, require_any)
                 with tqdm(total=sum(m.file_size for m in members), unit="B", unit_scale=True,
                           unit_divisor=1024, desc=f"unpack {archive.name}",
                           disable=len(members) < 2) as bar:
@@ -203,17 +218,23 @@ def download_and_unpack(
     overwrite: bool = False,
     timeout: float = 60.0,
     progress: bool = True,
+    require_any: Sequence[str] = (),
 ) -> list[Path]:
     """Download a zip from ``url``, verify its checksum, unpack it into ``dest_dir``.
 
     Returns the top-level paths created. The archive is deleted after unpacking unless
-    ``keep_archive`` (then it stays as ``dest_dir/<name>.zip``).
+    ``keep_archive`` (then it stays as ``dest_dir/<name>.zip``); an archive that could not be
+    unpacked (not a zip, or none of the ``require_any`` members) is always deleted, so a failed
+    download leaves nothing behind.
     """
     dest_dir = Path(dest_dir)
     name = PurePosixPath(urllib.parse.urlparse(url).path).name or "download.zip"
     archive = download_file(url, dest_dir / name, md5=md5, sha256=sha256, timeout=timeout, progress=progress)
+    ok = False
     try:
-        return unpack_zip(archive, dest_dir, overwrite=overwrite)
+        out = unpack_zip(archive, dest_dir, overwrite=overwrite, require_any=require_any)
+        ok = True
+        return out
     finally:
-        if not keep_archive:
+        if not (keep_archive and ok):
             archive.unlink(missing_ok=True)

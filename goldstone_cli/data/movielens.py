@@ -12,7 +12,12 @@ Preprocessing (Bamler & Mandt 2018, Sec. 5.2; model Eqs. 6-9):
    even count and two different middle values the median lies between them and nothing is dropped.)
 2. ``T`` time bins of equal duration over ``[min, max]`` of the kept ratings' timestamps: bin ``t``
    holds ``bin_edges[t] <= ts < bin_edges[t+1]`` (the last bin also holds ``ts == max``). Computed in
-   exact integer arithmetic, ``t = (ts - min) * T // (max - min)``.
+   exact integer arithmetic, ``t = (ts - min) * T // (max - min)``. With ``time_range=[start, end]``
+   (unix seconds or ISO dates, UTC) only the ratings with ``start <= ts <= end`` are used (before
+   step 1; the dropped count is reported in a warning) and the bins span ``[start, end]``. One
+   timestamp far outside the rest (we met one at 2.9e11 years) would otherwise squeeze every
+   rating into one bin: when 99% of the ratings fall into at most a tenth of the bins, a warning
+   gives the per-bin counts and a ``time_range`` that covers the bulk of the ratings.
 3. User and item ids are remapped to ``0..n-1`` in increasing order of the original id, over all
    kept (binarized) ratings of all splits. So every user and movie that appears in validation or test
    also has a row in the ``(T, N, d)`` embeddings (trained there only through the prior / regularizer
@@ -32,6 +37,7 @@ import math
 import os
 import re
 import time
+import urllib.parse
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -284,10 +290,104 @@ def _check_settings(T: int, split_fractions: Sequence[float]) -> tuple[int, tupl
     return int(T), fr  # type: ignore[return-value]
 
 
+def parse_time(value: Any) -> int:
+    """Unix seconds from an int / float / digit string (seconds) or an ISO date or date-time (UTC),
+    e.g. ``1995-01-01`` or ``2015-03-31T23:59:59``."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a time: {value!r}")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            raise ValueError(f"not a finite time: {value!r}")
+        return int(math.floor(value))
+    text = str(value).strip()
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    try:
+        dt = np.datetime64(text.rstrip("Zz"), "s")
+    except ValueError:
+        dt = np.datetime64("NaT")
+    if np.isnat(dt):
+        raise ValueError(f"not a time: {value!r}; give unix seconds or an ISO date like 1995-01-01")
+    return int(dt.astype(np.int64))
+
+
+def check_time_range(time_range: Sequence[Any] | None) -> tuple[int, int] | None:
+    """``[start, end]`` -> ``(start, end)`` unix seconds with start < end, or None."""
+    if time_range is None:
+        return None
+    tr = list(time_range)
+    if len(tr) != 2:
+        raise ValueError(f"time_range must be [start, end], got {tr!r}")
+    try:
+        start, end = parse_time(tr[0]), parse_time(tr[1])
+    except ValueError as exc:
+        raise ValueError(f"time_range={tr!r}: {exc}") from None
+    if not start < end:
+        raise ValueError(f"time_range must have start < end, got {tr!r} ({start} >= {end} unix seconds)")
+    return start, end
+
+
+def _fmt_time(ts: float) -> str:
+    try:
+        return str(np.datetime64(int(round(ts)), "s")).replace("T00:00:00", "")
+    except (OverflowError, ValueError):
+        return f"{ts:.4g} s"
+
+
+def _rle(counts: np.ndarray) -> str:
+    """'87,699, 0 (x98), 1': bin counts with runs of equal values shortened."""
+    out, k = [], 0
+    while k < len(counts):
+        j = k
+        while j + 1 < len(counts) and counts[j + 1] == counts[k]:
+            j += 1
+        out.append(f"{int(counts[k]):,}" + (f" (x{j - k + 1})" if j > k else ""))
+        k = j + 1
+    return ", ".join(out)
+
+
+def binning_warning(t: np.ndarray, T: int, quantiles: Sequence[float] | None = None) -> str | None:
+    """A warning text when 99% of the ratings fall into at most max(1, T // 10) of the T bins (a
+    timestamp far outside the rest squeezes the others together); else None. ``quantiles``: the
+    0.1% and 99.9% timestamp quantiles, for a suggested ``time_range``."""
+    if T < 2 or t.size == 0:
+        return None
+    counts = np.bincount(t, minlength=T)
+    top = np.cumsum(np.sort(counts)[::-1])
+    needed = int(np.searchsorted(top, 0.99 * t.size) + 1)  # bins holding 99% of the ratings
+    if needed > max(1, T // 10):
+        return None
+    hint = "data.time_range=[start,end]"
+    if quantiles is not None:
+        try:  # whole days around the 0.1% and 99.9% quantiles
+            lo = np.datetime64(int(quantiles[0]), "s").astype("datetime64[D]")
+            hi = np.datetime64(int(quantiles[1]), "s").astype("datetime64[D]") + np.timedelta64(1, "D")
+            hint = f"data.time_range=[{lo},{hi}] (0.1% to 99.9% of the ratings)"
+        except (OverflowError, ValueError):
+            pass
+    return (f"99% of the {t.size:,} ratings fall into {needed} of the {T} equal-duration time bins (per-bin counts: "
+            f"{_rle(counts)}): a few timestamps far outside the rest stretch the bins. Set {hint} to bin only that "
+            f"range (ratings outside it are dropped).")
+
+
 def preprocess(raw: RawRatings, T: int = 100, seed: int = 0,
-               split_fractions: Sequence[float] = (0.5, 0.2, 0.3)) -> dict[str, Any]:
-    """Binarize, bin, remap and split ``raw`` (paper Sec. 5.2); return the arrays of ``MovieLensData``."""
+               split_fractions: Sequence[float] = (0.5, 0.2, 0.3),
+               time_range: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Binarize, bin, remap and split ``raw`` (paper Sec. 5.2); return the arrays of ``MovieLensData``
+    plus ``n_outside_time_range`` and ``ts_quantiles`` (0.1% and 99.9%, for the binning warning)."""
     T, fr = _check_settings(T, split_fractions)
+    tr = check_time_range(time_range)
+    n_outside = 0
+    if tr is not None:
+        inside = (raw.timestamp >= tr[0]) & (raw.timestamp <= tr[1])
+        n_outside = int(raw.timestamp.size - inside.sum())
+        if n_outside == raw.timestamp.size:
+            raise ValueError(f"no rating lies in time_range [{_fmt_time(tr[0])}, {_fmt_time(tr[1])}]; the file's "
+                             f"ratings span {_fmt_time(raw.timestamp.min())} to {_fmt_time(raw.timestamp.max())}")
+        if n_outside:
+            raw = RawRatings(raw.user[inside], raw.item[inside], raw.rating[inside], raw.timestamp[inside])
     median = float(np.median(raw.rating))
     keep = raw.rating != median  # ratings equal to the median are dropped
     n = int(keep.sum())
@@ -296,8 +396,9 @@ def preprocess(raw: RawRatings, T: int = 100, seed: int = 0,
     x = np.where(raw.rating[keep] > median, 1, -1).astype(np.int8)  # (n,) +-1
     ts = raw.timestamp[keep]  # (n,)
 
-    t_min, t_max = int(ts.min()), int(ts.max())
+    t_min, t_max = (int(ts.min()), int(ts.max())) if tr is None else tr  # the bins span the data or time_range
     span = t_max - t_min
+    ts_quantiles = [float(q) for q in np.quantile(ts, [0.001, 0.999])]
     if span == 0:
         if T > 1:
             raise ValueError(f"all kept ratings have the same timestamp {t_min}; cannot make T={T} time bins.")
@@ -319,7 +420,8 @@ def preprocess(raw: RawRatings, T: int = 100, seed: int = 0,
     np.random.default_rng(seed).shuffle(split)  # random across all bins
 
     return dict(user=user, item=item, t=t, x=x, split=split, bin_edges=bin_edges, median=median,
-                user_ids=user_ids, item_ids=item_ids, T=T, n_dropped_at_median=int(raw.rating.size - n))
+                user_ids=user_ids, item_ids=item_ids, T=T, n_dropped_at_median=int(raw.rating.size - n),
+                n_outside_time_range=n_outside, ts_quantiles=ts_quantiles)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,10 +528,13 @@ def _file_sha256(path: Path, progress: bool) -> str:
     return h.hexdigest()
 
 
-def cache_key(content_sha256: str, layout: str, T: int, seed: int, split_fractions: Sequence[float]) -> str:
+def cache_key(content_sha256: str, layout: str, T: int, seed: int, split_fractions: Sequence[float],
+              time_range: tuple[int, int] | None = None) -> str:
     """Hex key of one preprocessing result: raw content, layout and every setting that changes it."""
     settings = {"version": PREPROCESS_VERSION, "content_sha256": content_sha256, "layout": layout,
                 "T": int(T), "seed": int(seed), "split_fractions": [float(f) for f in split_fractions]}
+    if time_range is not None:  # absent without one: the keys of existing caches stay valid
+        settings["time_range"] = [int(time_range[0]), int(time_range[1])]
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -486,16 +591,19 @@ def load_movielens(
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    time_range: Sequence[Any] | None = None,
 ) -> MovieLensData:
     """Load MovieLens ratings and preprocess them as in the paper (Sec. 5.2; see the module docstring).
 
     ``path`` is a ratings file, a folder holding one, or a variant name (``ml-20m`` ->
     ``data_dir/ml-20m``). Results are cached in ``cache_dir`` (default ``$GOLDSTONE_CACHE_DIR`` or
     ``data/cache/movielens``) under a key made of the raw file's SHA-256 (hashed in full on every
-    load) and the settings (``T``, ``seed``, ``split_fractions``, layout, preprocessing version). Cache
-    files are written atomically and checked (key, shapes, CRC) before use; a damaged one is rebuilt.
+    load) and the settings (``T``, ``seed``, ``split_fractions``, ``time_range``, layout, preprocessing
+    version). Cache files are written atomically and checked (key, shapes, CRC) before use; a damaged
+    one is rebuilt. ``time_range=[start, end]`` (unix seconds or ISO dates): see the module docstring.
     """
     T, fr = _check_settings(T, split_fractions)
+    tr = check_time_range(time_range)
     seed = int(seed)
     file = find_ratings_file(path, data_dir)
     timings: dict[str, float] = {}
@@ -512,7 +620,7 @@ def load_movielens(
         bar.set_postfix_str("detect layout, hash")
         layout = detect_layout(file)
         digest = _file_sha256(file, progress)
-        key = cache_key(digest, layout, T, seed, fr)
+        key = cache_key(digest, layout, T, seed, fr, tr)
         cache_path = None
         if use_cache:
             root = Path(cache_dir if cache_dir is not None else os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
@@ -530,7 +638,7 @@ def load_movielens(
             raw = read_ratings(file, layout)
             t0 = stage("parse", t0)
             bar.set_postfix_str("preprocess")
-            arrays = preprocess(raw, T, seed, fr)
+            arrays = preprocess(raw, T, seed, fr, tr)
             n_raw, n_dropped = len(raw), arrays["n_dropped_at_median"]
             del raw
             t0 = stage("preprocess", t0)
@@ -540,7 +648,9 @@ def load_movielens(
                 meta = {"n_raw": n_raw, "n_dropped_at_median": n_dropped, "median": arrays["median"], "T": T,
                         "n_users": int(arrays["user_ids"].size), "n_items": int(arrays["item_ids"].size),
                         "seed": seed, "split_fractions": list(fr), "layout": layout, "content_sha256": digest,
-                        "raw_path": str(file.resolve())}
+                        "raw_path": str(file.resolve()), "time_range": None if tr is None else list(tr),
+                        "n_outside_time_range": arrays["n_outside_time_range"],
+                        "ts_quantiles": arrays["ts_quantiles"]}
                 try:
                     _write_cache(cache_path, key, arrays, meta)
                 except OSError as e:
@@ -554,6 +664,13 @@ def load_movielens(
         bar.close()
 
     median = arrays["median"] if not from_cache else float(meta["median"])
+    info = arrays if not from_cache else meta
+    if info.get("n_outside_time_range"):
+        warnings.warn(f"time_range [{_fmt_time(tr[0])}, {_fmt_time(tr[1])}] dropped {info['n_outside_time_range']:,} "
+                      f"of the {n_raw:,} ratings of {file} (outside the range).", stacklevel=2)
+    squeeze = binning_warning(arrays["t"], T, info.get("ts_quantiles"))
+    if squeeze:
+        warnings.warn(f"{file}: {squeeze}", stacklevel=2)
     return MovieLensData(
         user=arrays["user"], item=arrays["item"], t=arrays["t"], x=arrays["x"], split=arrays["split"],
         n_users=int(arrays["user_ids"].size), n_items=int(arrays["item_ids"].size), T=T,
@@ -597,6 +714,14 @@ def download_movielens(
         return target, False
     base = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
     url = f"{base}/{variant}.zip"
+    if urllib.parse.urlparse(base).scheme.lower() not in ("https", "file"):  # file: no network involved
+        warnings.warn(
+            f"the MovieLens base URL {base} is not https: the zip "
+            + ("travels" if md5 is not None else "and its .md5 travel")
+            + " unencrypted and unauthenticated, so anyone on the network path can "
+            + ("read or replace it (your --md5 still detects a replaced file)." if md5 is not None else
+               "replace both and the checksum check cannot notice; use an https mirror or pass --md5 "
+               "with a checksum from a trusted source."), stacklevel=2)
     pinned = PINNED_MD5.get(variant)
     if md5 is not None:
         expected = md5.strip().lower()
@@ -616,6 +741,7 @@ def download_movielens(
                 f"The published checksum of {variant}.zip ({expected}, from {url}.md5) differs from the MD5 "
                 f"pinned in goldstone ({pinned}) for this fixed release. Not downloading; if the publisher "
                 "really re-released the file, pass --md5 with the checksum you trust.")
-    download_and_unpack(url, dest, md5=expected, keep_archive=keep_zip, overwrite=force, progress=progress)
+    download_and_unpack(url, dest, md5=expected, keep_archive=keep_zip, overwrite=force, progress=progress,
+                        require_any=[f"{variant}/{f}" for f in LAYOUT_FILES.values()])
     find_ratings_file(target)  # the archive must have produced dest/<variant>/<ratings file>
     return target, True

@@ -1,6 +1,7 @@
 """Google Books Ngram files -> yearly co-occurrence matrices (``cooc`` format), streamed and in parallel.
 
-Layouts (detected per file from its first lines; gzip detected from the magic bytes, else plain text):
+Layouts (detected per file from its first lines; gzip detected from the magic bytes, else plain text;
+LF or CRLF line ends):
 - v2 (2012): ``ngram TAB year TAB match_count TAB volume_count``, one line per ngram and year;
 - v3 (2020): ``ngram TAB year,match_count,volume_count TAB year,match_count,volume_count ...``.
 The published ``totalcounts`` files (one line of tab-separated ``year,match_count,page_count,volume_count``
@@ -52,6 +53,12 @@ non-empty tokens, invalid UTF-8) are skipped, counted and reported with an examp
 If more than ``max_malformed`` (default 1%) of the lines of any file, or of all files, are malformed, the
 run fails: the input is probably not a Google Books Ngram file (a file that is mostly malformed after
 10,000 lines fails at once, without reading the rest).
+
+Count overflow: co-occurrence counts, word counts and yearly totals are exact 64-bit integers (not
+float64: above 2^53 a float64 sum is no longer exact, and real counts are far below int64's limit).
+The sum of the counted match counts is tracked per file and over all files; a file whose counts could
+overflow int64 (e.g. twenty lines of count 1e18) fails with a message naming it, instead of silently
+wrapping to negative totals. See ``COUNT_LIMIT``.
 """
 
 from __future__ import annotations
@@ -81,7 +88,7 @@ from tqdm.auto import tqdm
 from goldstone_cli.data.cooc import CoocWriter, check_output_dir, inputs_entry, pair_rows_to_symmetric
 from goldstone_cli.io import atomic_path
 
-PART_VERSION = 1
+PART_VERSION = 2  # 2: parts record the sum of their match counts (overflow check), CRLF files accepted
 DEFAULT_YEARS = (1800, 2008)
 DEFAULT_VOCAB = 10_000
 RANKS = ("relfreq", "count")
@@ -99,6 +106,14 @@ PAIRS = [(p, q) for p in range(N_FIVE) for q in range(p + 1, N_FIVE)]
 PAIR_P = np.array([p for p, _ in PAIRS])                 # (10,)
 PAIR_Q = np.array([q for _, q in PAIRS])                 # (10,)
 PAIR_W = (N_FIVE - (PAIR_Q - PAIR_P)).astype(np.int64)   # (10,) weights 4,3,2,1 by distance
+# Counts are exact int64 sums. Every accumulated number is at most FACTOR x (the sum of the match counts
+# that enter it): 1 for the 1-gram counts and yearly totals; for a 5-gram, all its pairs together carry
+# at most 20 x its match count (weights 4+3+3+2+2+2+1+1+1+1) and the symmetric matrix doubles the
+# diagonal and the total, so 40. The sums of match counts are tracked (float64 upper bounds) per file
+# and over all files and must stay below COUNT_LIMIT / FACTOR: then no int64 sum can overflow. Real
+# Google Books files are many orders of magnitude below (all English 5-grams: about 1e12).
+COUNT_LIMIT = float(2**62)   # half of int64's range: margin for the float64 bound itself
+FACTOR = {"onegrams": 1, "fivegrams": 40}
 
 
 class MalformedInputError(ValueError):
@@ -155,6 +170,25 @@ def _open_text(path: Path) -> bytes:
     return zlib.decompress(data, 31) if data[:2] == GZIP_MAGIC else data
 
 
+def _check_count_sum(path: str, role: str, match_sum: float, where: str) -> None:
+    """Fail (clear message) before an int64 count could overflow (see COUNT_LIMIT)."""
+    if match_sum * FACTOR[role] >= COUNT_LIMIT:
+        raise MalformedInputError(
+            f"{path}: the match counts of the {role[:-1]} lines add up to {match_sum:.4g} {where}; the co-occurrence "
+            f"counts are exact 64-bit integers and could overflow (the limit is {COUNT_LIMIT / FACTOR[role]:.3g} for "
+            f"{role}). Real Google Books files add up to less than 1e13: check the file's match_count column.")
+
+
+def _int_bincount(idx: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
+    """Exact int64 ``sum weights`` per index. A float64 ``bincount`` is exact while every partial sum
+    stays below 2^53 (true for real blocks); otherwise sum in int64 with ``np.add.at``."""
+    if len(weights) == 0 or float(weights.sum(dtype=np.float64)) < 2.0**52:
+        return np.bincount(idx, weights=weights, minlength=n).astype(np.int64)
+    out = np.zeros(n, dtype=np.int64)
+    np.add.at(out, idx, weights.astype(np.int64))
+    return out
+
+
 def read_totalcounts(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A Google Books ``totalcounts`` file -> arrays ``year``, ``match_count``, ``page_count``,
     ``volume_count`` (int64, sorted by year). Records are ``year,match,pages,volumes`` separated by any
@@ -175,6 +209,9 @@ def read_totalcounts(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if len(f) != 4 or not all(x.isdigit() for x in f):
             raise MalformedInputError(f"{path}: record {k + 1} is {r[:80]!r}, expected year,match_count,page_count,"
                                       f"volume_count")
+        if any(len(x) > 18 for x in f):
+            raise MalformedInputError(f"{path}: record {k + 1} is {r[:80]!r}: a count with more than 18 digits "
+                                      f"does not fit the 64-bit totals")
         rows.append([int(x) for x in f])
     a = np.array(rows, dtype=np.int64)  # (Y, 4)
     a = a[np.argsort(a[:, 0], kind="stable")]
@@ -522,6 +559,10 @@ def _stream_rows(job: _Job, feed: _Feed, issues: _Issues, n_expected: int
     layout = None
     first_line = 0
     for block in iter_blocks(job.path, job.block_bytes, feed):
+        if b"\r" in block:  # CRLF line ends (Windows copies): blocks end at "\n", so no "\r\n" is split
+            block = block.replace(b"\r\n", b"\n")
+            if block.endswith(b"\r"):  # a last line ended by a lone "\r"
+                block = block[:-1] + b"\n"
         if layout is None:
             layout = detect_layout(block, job.path)
             issues.layout = layout
@@ -567,6 +608,7 @@ def _count_onegrams(job: _Job, report: Callable[[int], None] | None) -> tuple[pa
     acc_rows = 0
     state: pa.Table | None = None
     out_of_range = 0
+    match_sum = 0.0  # float64 bound of the counted match counts (overflow check)
     for rows, toks, ok, marker in _stream_rows(job, feed, issues, 1):
         ok = ok & ~marker  # sentence markers are not words
         inr = (rows.year >= y0) & (rows.year <= y1)
@@ -576,12 +618,14 @@ def _count_onegrams(job: _Job, report: Callable[[int], None] | None) -> tuple[pa
             continue
         yi = rows.year[e] - y0
         m = rows.match[e]
-        year_tot += np.bincount(yi, weights=m, minlength=T).astype(np.int64)
+        match_sum += float(m.sum(dtype=np.float64))
+        _check_count_sum(job.path, job.role, match_sum, f"by line {issues.lines}")
+        year_tot += _int_bincount(yi, m, T)
         norm = pc.utf8_lower(rows.uniq) if job.lowercase else rows.uniq
         enc = pc.dictionary_encode(norm)
         widx = enc.indices.to_numpy()[rows.ngram[e]]
         nw = len(enc.dictionary)
-        cols = {"word": enc.dictionary, "count": np.bincount(widx, weights=m, minlength=nw).astype(np.int64)}
+        cols = {"word": enc.dictionary, "count": _int_bincount(widx, m, nw)}
         if inv_den is not None:
             cols["score"] = np.bincount(widx, weights=m * inv_den[yi], minlength=nw)
         t = pa.table(cols)
@@ -601,7 +645,7 @@ def _count_onegrams(job: _Job, report: Callable[[int], None] | None) -> tuple[pa
             "sha256": feed.sha.hexdigest(), "layout": issues.layout, "lines": issues.lines,
             "malformed": issues.malformed, "examples": issues.examples,
             "annotated_lines": issues.annotated, "out_of_range_lines": out_of_range,
-            "year_totals": year_tot.tolist(), "peak_rss_mb": peak_rss_mb()}
+            "year_totals": year_tot.tolist(), "match_sum": match_sum, "peak_rss_mb": peak_rss_mb()}
     return state, meta
 
 
@@ -679,6 +723,7 @@ def _count_fivegrams(job: _Job, report: Callable[[int], None] | None) -> tuple[s
     lsm = _LSM()
     out_of_range = 0
     entries = 0
+    match_sum = 0.0  # float64 bound of the counted match counts (overflow check)
     pending: dict[str, list[np.ndarray]] = {"pk": [], "w": [], "pu": [], "m": [], "yu": [], "y": []}
     n_pending = 0
     n_ngrams = 0  # distinct ngrams of the pending blocks (their row numbers are offset block by block)
@@ -722,6 +767,8 @@ def _count_fivegrams(job: _Job, report: Callable[[int], None] | None) -> tuple[s
         ur, uc = np.nonzero((a >= 0) & (b >= 0))
         if len(ur) == 0:
             continue
+        match_sum += float(rows.match[e].sum(dtype=np.float64))
+        _check_count_sum(job.path, job.role, match_sum, f"by line {issues.lines}")
         lo, hi = a[ur, uc], b[ur, uc]
         pending["pk"].append(np.minimum(lo, hi) * V + np.maximum(lo, hi))  # pair keys i * V + j, i <= j
         pending["w"].append(PAIR_W[uc])
@@ -741,7 +788,7 @@ def _count_fivegrams(job: _Job, report: Callable[[int], None] | None) -> tuple[s
             "sha256": feed.sha.hexdigest(), "layout": issues.layout, "lines": issues.lines,
             "malformed": issues.malformed, "examples": issues.examples,
             "annotated_lines": issues.annotated, "out_of_range_lines": out_of_range,
-            "entries": entries, "nnz": int(S.nnz), "peak_rss_mb": peak_rss_mb()}
+            "entries": entries, "nnz": int(S.nnz), "match_sum": match_sum, "peak_rss_mb": peak_rss_mb()}
     return S, meta
 
 
@@ -757,7 +804,7 @@ def _fivegram_file(job: _Job, report: Callable[[int], None] | None) -> dict:
 
 def _load_fivegram_meta(path: str, key: str) -> dict | None:
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes())
     except Exception:  # noqa: BLE001 - an unreadable part is recomputed
         return None
@@ -765,7 +812,7 @@ def _load_fivegram_meta(path: str, key: str) -> dict | None:
 
 
 def _load_fivegram_part(path: str) -> sp.csr_matrix:
-    with np.load(path) as z:
+    with np.load(path, allow_pickle=False) as z:
         m = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(int(x) for x in z["shape"]))
     m.has_canonical_format = True
     return m
@@ -820,7 +867,10 @@ def _run_phase(jobs: list[_Job], workers: int, desc: str, progress: bool,
     metas: dict[int, dict] = {}
     pending = []
     for k, j in enumerate(jobs):
-        m = load_meta(j) if os.path.exists(j.part) else None
+        # a cached part is reused only when it is a real file of the work folder and describes this input
+        m = load_meta(j) if os.path.isfile(j.part) and not os.path.islink(j.part) else None
+        if m is not None and m.get("path") != j.path:
+            m = None
         if m is not None:
             metas[k] = m
         else:
@@ -907,6 +957,8 @@ def prepare_ngrams(onegrams: Sequence[str | os.PathLike], fivegrams: Sequence[st
     workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
     T = y1 - y0 + 1
     work = out.parent / f".{out.name}.work"
+    if work.is_symlink():  # the cache of per-file parts must be a real folder next to OUT
+        raise FileExistsError(f"{work} is a symbolic link (to {work.resolve()}); remove it, it holds only a cache")
     work.mkdir(parents=True, exist_ok=True)
     block_bytes = max(1 << 12, int(block_mb * (1 << 20)))
     common = {"years": [y0, y1], "lowercase": lowercase, "pos": pos}
@@ -938,6 +990,7 @@ def prepare_ngrams(onegrams: Sequence[str | os.PathLike], fivegrams: Sequence[st
     jobs1 = onegram_jobs(den)
     metas1, r = _run_phase(jobs1, workers, "1-grams", progress, load1)
     reused, processed = reused + r, processed + len(jobs1) - r
+    _check_count_sum(f"{len(one)} 1-gram files", "onegrams", sum(m["match_sum"] for m in metas1), "over all files")
     year_tot = np.sum([m["year_totals"] for m in metas1], axis=0).astype(np.int64)  # (T,)
     if need_scores and den is None:  # yearly totals from the 1-grams themselves: second pass for the scores
         den = year_tot
@@ -973,6 +1026,7 @@ def prepare_ngrams(onegrams: Sequence[str | os.PathLike], fivegrams: Sequence[st
                           block_bytes, max_malformed, vocab=tuple(vocab), size=os.stat(p).st_size))
     metas5, r = _run_phase(jobs5, workers, "5-grams", progress, lambda j: _load_fivegram_meta(j.part, j.key))
     reused, processed = reused + r, processed + len(jobs5) - r
+    _check_count_sum(f"{len(five)} 5-gram files", "fivegrams", sum(m["match_sum"] for m in metas5), "over all files")
 
     all_metas = metas1 + metas5
     for m in all_metas:  # a reused part may have been made with a looser threshold

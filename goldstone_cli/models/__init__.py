@@ -45,7 +45,8 @@ def _build_movielens(cfg: DictConfig, device: torch.device, dtype: torch.dtype) 
         raise ValueError(f"model=movielens needs data=movielens, got data={cfg.data.name}")
     d = cfg.data
     data = load_movielens(d.path, T=d.T, seed=d.seed, split_fractions=tuple(d.split), cache_dir=d.cache_dir,
-                          use_cache=d.use_cache, progress=bool(cfg.trainer.progress))
+                          use_cache=d.use_cache, progress=bool(cfg.trainer.progress),
+                          time_range=None if d.get("time_range") is None else list(d.time_range))
     m = cfg.model
     return SparseDynamicBernoulliMF(data, d=m.d, coupling=m.coupling, gamma=m.gamma, init_scale=m.init_scale,
                                     batch_size=m.batch_size, chunk_size=m.chunk_size, seed=cfg.seed,

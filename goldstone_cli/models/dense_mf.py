@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from goldstone_cli.data.synthetic import SyntheticData
 from goldstone_cli.models.base import DynamicModel
+from goldstone_cli.numerics import sum_squares
 from goldstone_cli.optim.coupling import Coupling
 
 
@@ -47,7 +48,7 @@ class DenseDynamicMF(DynamicModel):
 
     def local_loss(self, generator: Optional[torch.Generator] = None) -> Tensor:
         residual = self.X - torch.bmm(self.U, self.V.transpose(1, 2))  # (T, n_rows, n_cols)
-        return 0.5 * residual.pow(2).sum()
+        return (0.5 * sum_squares(residual)).to(residual.dtype)  # accumulated in float64
 
     def metric_names(self) -> list[str]:
         return ["suboptimality"] if self.L_star is not None else []

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from goldstone_cli.models.base import DynamicModel
+from goldstone_cli.numerics import sum_squares
 from goldstone_cli.optim.coupling import Coupling
 
 
@@ -490,7 +491,8 @@ class DynamicWordEmbeddings(DynamicModel):
             u, v = mu_u[:, rows], mu_v[:, cols]
             var_terms = 0.0
         ll = self.block_loglik(u, v, rows, cols)
-        zero_mean = 0.5 * self.inv_var0 * (mu_u.pow(2).sum() + mu_v.pow(2).sum())
+        # (T, V, d) sums of squares in float64, no mu ** 2 temporary
+        zero_mean = (0.5 * self.inv_var0 * (sum_squares(mu_u) + sum_squares(mu_v))).to(mu_u.dtype)
         return -scale_r * scale_c * ll + zero_mean + var_terms + self._const
 
     def block_loglik(self, u: Tensor, v: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -572,7 +574,8 @@ def heldout_loglik(U: Tensor, V: Tensor, counts: sp.csr_matrix, neg_ratio: float
     rstep = max(1, chunk // Vn)
     for s in range(0, Vn, rstep):  # O(V^2 d), chunked over rows
         X = U[s:s + rstep] @ V.T  # (rstep, V)
-        neg += float(torch.einsum("p,q,pq->", ct[s:s + rstep], cneg, F.logsigmoid(-X)).to(torch.float64))
+        per_row = F.logsigmoid(-X) @ cneg  # (rstep,): sums over V contexts
+        neg += float(torch.dot(ct[s:s + rstep].to(torch.float64), per_row.to(torch.float64)))
     return pos + neg_ratio * neg, float(c.sum() * (1.0 + neg_ratio))
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from goldstone_cli.numerics import batched_gram, row_sum_squares
+
 
 @dataclass(frozen=True)
 class _Band:
@@ -197,15 +199,17 @@ class Coupling:
             out[o:].addcmul_(w, Z[:-o], value=-1.0)
         return out
 
-    def pair_moments(self, tensors: Sequence[Tensor] | Tensor) -> Tensor:
+    def pair_moments(self, tensors: Sequence[Tensor] | Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """``M_tt' = sum_k Z_k[t]^T Z_k[t']`` (Eq. 15) for every edge (src[e], dst[e]): shape (E, d, d).
 
-        With rows as embedding vectors, ``M[e] = sum_i z_src,i z_dst,i^T``. Cost O(T N d^2) per offset."""
+        With rows as embedding vectors, ``M[e] = sum_i z_src,i z_dst,i^T``. Cost O(T N d^2) per offset.
+        The sums over rows accumulate in float64 (``numerics.batched_gram``); the result has ``dtype``
+        (default: the tensors' dtype)."""
         if isinstance(tensors, Tensor):
             tensors = [tensors]
         Z0 = tensors[0]
         d = Z0.shape[-1]
-        out = torch.zeros(self.num_edges, d, d, dtype=Z0.dtype, device=Z0.device)
+        out = torch.zeros(self.num_edges, d, d, dtype=torch.float64, device=Z0.device)
         offsets = self.dst - self.src
         for band in self.bands(Z0.dtype, Z0.device):
             o = band.offset
@@ -213,22 +217,23 @@ class Coupling:
             for Z in tensors:
                 self._check(Z)
                 # (T-o, d, N) @ (T-o, N, d) -> (T-o, d, d); entry t is Z_t^T Z_{t+o}
-                mz = torch.bmm(Z[:-o].transpose(1, 2), Z[o:])
+                mz = batched_gram(Z[:-o], Z[o:])
                 m = mz if m is None else m + mz
             edges = np.nonzero(offsets == o)[0]
             out[torch.as_tensor(edges, device=out.device)] = m[torch.as_tensor(self.src[edges], device=out.device)]
-        return out
+        return out.to(Z0.dtype if dtype is None else dtype)
 
-    def self_moments(self, tensors: Sequence[Tensor] | Tensor) -> Tensor:
-        """``M_tt = sum_k Z_k[t]^T Z_k[t]``: shape (T, d, d)."""
+    def self_moments(self, tensors: Sequence[Tensor] | Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """``M_tt = sum_k Z_k[t]^T Z_k[t]``: shape (T, d, d), summed over rows in float64, returned in
+        ``dtype`` (default: the tensors' dtype)."""
         if isinstance(tensors, Tensor):
             tensors = [tensors]
         m = None
         for Z in tensors:
             self._check(Z)
-            mz = torch.bmm(Z.transpose(1, 2), Z)
+            mz = batched_gram(Z, Z)
             m = mz if m is None else m + mz
-        return m
+        return m.to(tensors[0].dtype if dtype is None else dtype)
 
     def edge_weights(self, dtype=torch.float64, device=None) -> Tensor:
         return torch.as_tensor(self.weight, dtype=dtype, device=device)
@@ -253,13 +258,13 @@ class _Psi(torch.autograd.Function):
         coupling._check(Z)
         ctx.coupling = coupling
         ctx.save_for_backward(Z)
-        total = Z.new_zeros(())
-        for band in coupling.bands(Z.dtype, Z.device):
+        total = torch.zeros((), dtype=torch.float64, device=Z.device)
+        for band in coupling.bands(torch.float64, Z.device):
             o = band.offset
             diff = Z[o:] - Z[:-o]  # (T-o, N, d), freed at the end of the iteration
-            sq = torch.linalg.vector_norm(diff.flatten(1), dim=1).square()  # no second (T-o, N, d) temporary
-            total = total + 0.5 * torch.dot(band.weight, sq)
-        return total
+            sq = row_sum_squares(diff.flatten(1))  # (T-o,) ||Z_t+o - Z_t||^2 in float64, no second temporary
+            total = total + 0.5 * torch.dot(band.weight, sq)  # Eq. 3
+        return total.to(Z.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):

@@ -50,6 +50,7 @@ def build_optimizer(cfg: DictConfig, model) -> tuple[torch.optim.Optimizer, Lamb
             allow_reflections=cfg.allow_reflections,
             max_sweeps=cfg.max_sweeps,
             tol=cfg.tol,
+            state_transform=choice(cfg.get("state_transform", "none")),
         )
     else:
         opt = build_base(name, model.parameters(), cfg)

@@ -10,13 +10,26 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from goldstone_cli.numerics import sum_squares_value
+
 from . import gauge as G
 from .coupling import Coupling
 
-# Per-parameter optimizer state that transforms like the parameter itself under Z_t <- Z_t R_t^T.
-ROTATED_STATE_KEYS = ("momentum_buffer", "exp_avg")
+# Per-parameter optimizer state that transforms like the parameter itself under Z_t <- Z_t R_t^T
+# (SGD / RMSprop momentum, Adam-family first moments, centered RMSprop's mean gradient).
+ROTATED_STATE_KEYS = ("momentum_buffer", "exp_avg", "grad_avg")
+# Per-coordinate second moments (diagonal preconditioners): Adam / AdamW / NAdam / RAdam exp_avg_sq,
+# AMSGrad's max_exp_avg_sq, AdaGrad's sum, RMSprop's square_avg. ``state_transform`` says what
+# happens to them under a gauge rotation.
+SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg")
+STATE_TRANSFORMS = ("none", "rotate_diag", "isotropic", "reset")
 # natural solver, exact rotation: halvings of the gauge field (1/1024) before a step that would raise psi is dropped
 MAX_BACKTRACKS = 10
+
+
+class NonFiniteGaugeInput(FloatingPointError):
+    """A gauge step met NaN or infinite parameters or pair moments (the base steps diverged).
+    The training loop reports it like a non-finite loss ("diverged")."""
 
 
 class GoldstoneGD(torch.optim.Optimizer):
@@ -51,13 +64,23 @@ class GoldstoneGD(torch.optim.Optimizer):
             reflections (``gauge.reflection_flips``), then takes its k2 steps.
         max_sweeps, tol: ``procrustes`` on graphs with cycles: block-coordinate sweeps until psi
             drops by at most ``tol`` (relative) in a sweep, at most ``max_sweeps`` sweeps.
+        state_transform: what happens to the base optimizer's per-coordinate second moments under
+            a gauge rotation (:func:`transform_state_`): ``"none"`` (default: left in the old
+            coordinates), ``"rotate_diag"`` (v <- (R o R) v, the diagonal of R diag(v) R^T), ``"isotropic"``
+            (v <- its mean over the d coordinates on every rotated time step) or ``"reset"`` (the
+            parameter's whole base state starts afresh). docs/benchmarks.md ("Goldstone-GD on
+            adaptive base optimizers") compares them.
 
     Optimizer state: the base state that transforms like the parameters is rotated with them by the
-    same matrices: SGD's ``momentum_buffer`` and the first moment ``exp_avg`` of Adam / AdamW / NAdam
-    / RAdam / Adamax. Per-coordinate statistics (Adam's ``exp_avg_sq`` and ``max_exp_avg_sq``,
-    AdaGrad's ``sum``, Adamax's ``exp_inf``, ...) are left as they are: they are not rotation
-    equivariant, there is no exact way to transform a diagonal preconditioner, and they adapt
-    within a few steps. After ``gauge_step`` the attributes ``last_gauge`` (diagnostics of the last
+    same matrices in every mode: SGD's and RMSprop's ``momentum_buffer``, the first moment
+    ``exp_avg`` of Adam / AdamW / NAdam / RAdam / Adamax, and centered RMSprop's ``grad_avg``.
+    Per-coordinate second moments (``exp_avg_sq`` and AMSGrad's ``max_exp_avg_sq`` of Adam / AdamW
+    / NAdam / RAdam, AdaGrad's ``sum``, RMSprop's ``square_avg``) follow ``state_transform``: a
+    diagonal preconditioner has no exact image under a rotation (R diag(v) R^T is not diagonal);
+    ``rotate_diag`` keeps its diagonal and is exact for signed permutations and for isotropic v.
+    Other state (Adamax's ``exp_inf``, Rprop's step sizes, LBFGS's history, ...) is left as it is.
+    None of this changes the gauge step itself: it never changes a local loss and never raises psi.
+    After ``gauge_step`` the attributes ``last_gauge`` (diagnostics of the last
     gauge step), ``num_gauge_steps`` and ``gauge_seconds`` (cumulative wall time) are updated.
 
     Numerical notes:
@@ -88,6 +111,7 @@ class GoldstoneGD(torch.optim.Optimizer):
         allow_reflections: bool = True,
         max_sweeps: int = 100,
         tol: float = 1e-10,
+        state_transform: str = "none",
     ):
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
@@ -106,12 +130,17 @@ class GoldstoneGD(torch.optim.Optimizer):
             raise ValueError(f"lr_scale must be a positive finite number, got {lr_scale!r}")
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
             raise ValueError(f"tol must be a non-negative finite number, got {tol!r}")
+        if state_transform not in STATE_TRANSFORMS:
+            raise ValueError(
+                f"unknown state_transform {state_transform!r}; valid: {', '.join(STATE_TRANSFORMS)}"
+            )
         self.base = base
         self.groups = _check_groups(groups, base, coupling)
         self.coupling = coupling
         self.k1, self.k2, self.solver = int(k1), int(k2), solver
         self.lr_scale, self.keep_gauge_fields, self.rotation = float(lr_scale), bool(keep_gauge_fields), rotation
         self.allow_reflections, self.max_sweeps, self.tol = bool(allow_reflections), int(max_sweeps), float(tol)
+        self.state_transform = state_transform
 
         # what torch.optim.Optimizer.__init__ sets up, minus the parameter groups (shared with base)
         torch._C._log_api_usage_once("python.optimizer")
@@ -238,13 +267,20 @@ class GoldstoneGD(torch.optim.Optimizer):
         for k, tensors in enumerate(self.groups):
             device = tensors[0].device
             p_before = float(self.coupling.psi_value(tensors))
-            M = self.coupling.pair_moments(tensors).to(torch.float64)  # (E, d, d), Eq. 15
+            if not math.isfinite(p_before):  # NaN / inf parameters: no SVD or solve can use them
+                raise NonFiniteGaugeInput(f"psi became {p_before} before gauge step {self.num_gauge_steps + 1} "
+                                          f"(symmetric group {k}): the parameters are not finite")
+            M = self.coupling.pair_moments(tensors, torch.float64)  # (E, d, d), Eq. 15
+            # finite parameters whose products overflow; the solvers also need ||M_tt'|| (polar tie-break)
+            if M.numel() and not bool(torch.isfinite(torch.linalg.matrix_norm(M)).all()):
+                raise NonFiniteGaugeInput(f"the pair moments M_tt' (Eq. 15) of symmetric group {k} overflow "
+                                          f"(parameters too large) before gauge step {self.num_gauge_steps + 1}")
             M_self = None
             if self.solver == "procrustes":
-                M_self = self.coupling.self_moments(tensors).to(torch.float64)  # (T, d, d)
+                M_self = self.coupling.self_moments(tensors, torch.float64)  # (T, d, d)
             with G.serial_cpu(M):  # only (T, d, d) / (E, d, d) work in here: one CPU thread is fastest
                 if self.solver == "natural":
-                    sq = sum(float(torch.linalg.vector_norm(Z)) ** 2 for Z in tensors)  # sum ||z||^2
+                    sq = sum(float(sum_squares_value(Z)) for Z in tensors)  # sum ||z||^2 of Eq. 17, in float64
                     R, info, gamma = self._natural(k, M, sq, tensors)
                 else:
                     R, info = G.procrustes_solve(
@@ -257,11 +293,7 @@ class GoldstoneGD(torch.optim.Optimizer):
                     angle = math.pi
             for Z in tensors:
                 G.rotate_rows_(Z, R)
-                st = self.base.state.get(Z)
-                for key in ROTATED_STATE_KEYS:
-                    buf = None if st is None else st.get(key)
-                    if isinstance(buf, Tensor) and buf.shape == Z.shape:
-                        G.rotate_rows_(buf, R)
+                transform_state_(self.base.state.get(Z), Z, R, self.state_transform, self._param_group(Z))
             p_after = float(self.coupling.psi_value(tensors))
             psi_before, psi_after, max_angle = psi_before + p_before, psi_after + p_after, max(max_angle, angle)
             per_group.append({"psi_before": p_before, "psi_after": p_after, "max_angle": angle, **info})
@@ -298,7 +330,7 @@ class GoldstoneGD(torch.optim.Optimizer):
         flips = G.reflection_flips(M, self._plan(device)) if self.allow_reflections else None
         A = None
         if flips is not None:
-            M_self = self.coupling.self_moments(tensors).to(torch.float64)
+            M_self = self.coupling.self_moments(tensors, torch.float64)
             A = G.global_fix(flips[0], M_self, self._plan(device))  # the flipped frame that moves Z least
             M = torch.bmm(torch.bmm(A[src], M), A[dst].transpose(1, 2))  # moments of z -> A_t z
             gauge = torch.bmm(torch.bmm(A, gauge), A.transpose(1, 2))  # kept fields, in the new frame
@@ -345,7 +377,67 @@ class GoldstoneGD(torch.optim.Optimizer):
             "k1": self.k1, "k2": self.k2, "solver": self.solver, "lr_scale": self.lr_scale,
             "keep_gauge_fields": self.keep_gauge_fields, "rotation": self.rotation,
             "allow_reflections": self.allow_reflections, "max_sweeps": self.max_sweeps, "tol": self.tol,
+            "state_transform": self.state_transform,
         }
+
+    def _param_group(self, Z: Tensor) -> dict[str, Any]:
+        return next(g for g in self.base.param_groups if any(p is Z for p in g["params"]))
+
+
+@torch.no_grad()
+def transform_state_(st: dict | None, Z: Tensor, R: Tensor, mode: str, group: dict | None = None) -> None:
+    """Carry one parameter's base-optimizer state ``st`` through the rotation ``Z_t <- Z_t R_t^T``
+    (in place; ``Z`` is the parameter, (T, N, d), R is (T, d, d) orthogonal).
+
+    First moments (``ROTATED_STATE_KEYS``) transform like the parameter: they are rotated by R_t in
+    every mode. Per-coordinate second moments v (``SECOND_MOMENT_KEYS``) stand for the diagonal of
+    a d x d second-moment matrix S of each row, which rotates as R S R^T; ``mode`` says what is kept:
+
+    - ``"none"``: v is left in the old coordinates.
+    - ``"rotate_diag"``: v <- diag(R diag(v) R^T) = (R o R) v per row (o: element-wise product).
+      Exact for signed permutations (v is permuted), exact for S = c I, and it keeps sum_j v_j
+      (= Tr S) for every R since R o R is doubly stochastic.
+    - ``"isotropic"``: on every time step that rotated, v of each row is replaced by its mean over
+      the d coordinates (the rotation-invariant part Tr S / d I).
+    - ``"reset"``: the whole state of the parameter starts afresh (moments zero, AdaGrad's sum at its
+      initial value, step counters zero), as if the base optimizer had just been created for it.
+
+    AMSGrad's max_exp_avg_sq is transformed like exp_avg_sq (both maps are monotone, so max >= v
+    stays true); for centered RMSprop square_avg is kept >= grad_avg^2 so that the variance stays
+    non-negative. Other state (Adamax's exp_inf, Rprop's step sizes, ...) is left as it is."""
+    if not st:
+        return
+    if mode == "reset":
+        init = float(group.get("initial_accumulator_value", 0.0)) if group is not None else 0.0
+        for key, buf in st.items():
+            if key == "step":
+                if isinstance(buf, Tensor):
+                    buf.zero_()
+                else:
+                    st[key] = 0
+            elif isinstance(buf, Tensor) and buf.shape == Z.shape:
+                buf.fill_(init if key == "sum" else 0.0)
+        return
+    for key in ROTATED_STATE_KEYS:
+        buf = st.get(key)
+        if isinstance(buf, Tensor) and buf.shape == Z.shape:
+            G.rotate_rows_(buf, R)
+    for key in SECOND_MOMENT_KEYS if mode != "none" else ():
+        buf = st.get(key)
+        if not (isinstance(buf, Tensor) and buf.shape == Z.shape):
+            continue
+        if mode == "rotate_diag":
+            G.rotate_rows_(buf, R * R)  # v_t,i <- (R_t o R_t) v_t,i
+            buf.clamp_(min=0)  # rounding
+        else:  # isotropic, on the time steps that moved
+            eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+            moved = (R - eye).abs().amax(dim=(1, 2)) > 0  # (T,)
+            if bool(moved.any()):
+                mean = buf.mean(dim=-1, keepdim=True).expand_as(buf)
+                buf.copy_(torch.where(moved.to(buf.device)[:, None, None], mean, buf))
+    avg, sq = st.get("grad_avg"), st.get("square_avg")
+    if isinstance(avg, Tensor) and isinstance(sq, Tensor) and avg.shape == sq.shape:
+        torch.maximum(sq, avg * avg, out=sq)  # centered RMSprop: square_avg - grad_avg^2 >= 0
 
 
 def _check_int(name: str, value, minimum: int) -> None:
