@@ -801,5 +801,8 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     except Exception as exc:
         raise ConfigError(_one_line(exc)) from exc
     cfg.resume = None
+    if "tuned" in cfg:  # the schema's table, not part of a composed run's config
+        with open_dict(cfg):
+            del cfg["tuned"]
     validate(cfg)
     return cfg
