@@ -26,11 +26,12 @@ from pathlib import Path
 
 METHODS = {
     # name: (optimizer overrides, learning-rate grid)
-    "gd_paper": (["optimizer=gd_paper"], [0.3, 1.0, 3.0]),  # clipped to 0.01, rho_s = rho_0 (100/(s+100))^0.7
+    "gd_paper": (["experiment=fig2_gd_paper"], [0.3, 1.0, 3.0]),  # clipped to 0.01, rho_s = rho_0 (100/(s+100))^0.7
     # refined around the best (issue 15): 0.025 is best at T=30, 0.0275 no longer converges
     "gd": (["optimizer=gd"], [0.005, 0.01, 0.02, 0.0225, 0.025, 0.0275, 0.03]),
     # 0.0015 and 0.002 added below T=100's best (0.003, at the old grid's edge)
     "adam": (["optimizer=adam"], [0.0015, 0.002, 0.003, 0.01, 0.03, 0.1]),
+    "adagrad": (["optimizer=adagrad"], [0.03, 0.1, 0.3, 1.0]),
     # Algorithm 1 as published: natural gradient in so(d), linear update, gauge fields kept
     "goldstone_natural_paper": (["optimizer=goldstone", "optimizer.solver=natural", "optimizer.k1=50",
                                  "optimizer.k2=10", "optimizer.rotation=linear", "optimizer.keep_gauge_fields=true",
@@ -44,7 +45,7 @@ METHODS = {
     "goldstone_procrustes": (["optimizer=goldstone", "optimizer.solver=procrustes", "optimizer.k1=50"],
                              [0.005, 0.01, 0.02, 0.03]),
 }
-BASELINES = ("gd_paper", "gd", "adam")
+BASELINES = ("gd_paper", "gd", "adagrad", "adam")
 
 
 def run_one(method: str, lr: float, T: int, seed: int, cap: int, tol: float, init_scale: float) -> dict:
@@ -56,7 +57,7 @@ def run_one(method: str, lr: float, T: int, seed: int, cap: int, tol: float, ini
     from goldstone_cli.models.dense_mf import DenseDynamicMF
     from goldstone_cli.optim.factory import build_optimizer
 
-    cfg = compose([*METHODS[method][0], f"optimizer.lr={lr}", f"data.T={T}"])
+    cfg = compose([*METHODS[method][0], f"optimizer.lr={lr}", f"data.T={T}", "trainer.dtype=float64"])
     data = make_synthetic(T=T, seed=0)
     model = DenseDynamicMF(data, d=3, coupling=10.0, init_scale=init_scale, seed=seed)
     opt, sched = build_optimizer(cfg.optimizer, model)

@@ -12,8 +12,8 @@ model.batch_words=500 model.batch_contexts=500 trainer.steps=$STEPS trainer.eval
 trainer.progress=false"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python -m goldstone_cli train $COMMON optimizer.solver=procrustes run_dir=outputs/dwe/sotu-goldstone-procrustes
-python -m goldstone_cli train $COMMON optimizer=adam_dwe run_dir=outputs/dwe/sotu-adam
-python -m goldstone_cli train $COMMON optimizer=adam_dwe model.coupled=false run_dir=outputs/dwe/sotu-uncoupled
+python -m goldstone_cli train $COMMON optimizer=adam run_dir=outputs/dwe/sotu-adam
+python -m goldstone_cli train $COMMON optimizer=adam model.coupled=false run_dir=outputs/dwe/sotu-uncoupled
 python -m goldstone_cli train $COMMON optimizer.solver=natural optimizer.keep_gauge_fields=false \
   optimizer.lr_scale=0.25 optimizer.rotation=expm run_dir=outputs/dwe/sotu-goldstone-natural
 # Fig. 4 and its quantiles (all words; words with co-occurrence mass >= 100 in 1790-1799 and 2020-2029)

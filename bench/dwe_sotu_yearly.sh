@@ -15,13 +15,13 @@ model.batch_contexts=300 trainer.steps=$STEPS trainer.eval_every=100 trainer.che
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python -m goldstone_cli train $COMMON optimizer.solver=procrustes run_dir=outputs/dwe/sotu1y-goldstone-procrustes &
 GS=$!
-python -m goldstone_cli train $COMMON optimizer=adam_dwe run_dir=outputs/dwe/sotu1y-adam
+python -m goldstone_cli train $COMMON optimizer=adam run_dir=outputs/dwe/sotu1y-adam
 wait $GS
 # the other two of the decade table: the natural solver, and no chain prior + Procrustes alignment
 python -m goldstone_cli train $COMMON optimizer.solver=natural optimizer.keep_gauge_fields=false \
   optimizer.lr_scale=0.25 optimizer.rotation=expm run_dir=outputs/dwe/sotu1y-goldstone-natural &
 GS=$!
-python -m goldstone_cli train $COMMON optimizer=adam_dwe model.coupled=false run_dir=outputs/dwe/sotu1y-uncoupled
+python -m goldstone_cli train $COMMON optimizer=adam model.coupled=false run_dir=outputs/dwe/sotu1y-uncoupled
 wait $GS
 R="outputs/dwe/sotu1y-goldstone-procrustes outputs/dwe/sotu1y-adam outputs/dwe/sotu1y-goldstone-natural outputs/dwe/sotu1y-uncoupled"
 python -m goldstone_cli plot cosines $R --out outputs/dwe/fig4_sotu_yearly.png

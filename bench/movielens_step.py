@@ -5,10 +5,11 @@
     python -m bench.movielens_step steptime --data bench/results/movielens/ml-20m-synthetic-20000263-s0
 
 ``curves``: full training runs (``goldstone train model=movielens``, paper settings d=30, lambda=10,
-gamma=1, T=100, full batch) for ``optimizer=adagrad_paper`` and ``optimizer=goldstone_adagrad``
-(k1=100, k2=10), several seeds, through the real trainer. Reports per method: full-batch step time
-(optimization only, from ``metrics.csv``), the gauge steps' share of it, the steps until psi stays
-within 1% of its final value, and the final test log-likelihood and AUC. Run folders are kept
+gamma=1, T=100, full batch) for ``optimizer=adagrad`` and ``optimizer=goldstone`` (the model's tuned
+settings: the paper's AdaGrad lr 1, k1=100, k2=10), several seeds, through the real trainer. Reports
+per method: full-batch step time (optimization only, from ``metrics.csv``), the gauge steps' share
+of it, the steps until psi stays within 1% of its final value, and the final test log-likelihood and
+AUC. Run folders are kept
 (``--out``), so ``goldstone report`` / the ``fig3`` sweep plots can be drawn from them.
 
 ``steptime``: a few full-batch steps on any MovieLens copy (e.g. the generated ML-20M-shaped file of
@@ -91,7 +92,7 @@ def run_curves(args) -> dict:
         from goldstone_cli.train import train
 
         out = Path(args.out)
-        methods = {"adagrad": "adagrad_paper", "goldstone": "goldstone_adagrad"}
+        methods = {"adagrad": "adagrad", "goldstone": "goldstone"}
         for seed in range(args.seeds):
             for method, option in methods.items():
                 run_dir = out / f"{method}__seed-{seed}"
@@ -136,7 +137,7 @@ def run_steptime(args) -> dict:
     model = SparseDynamicBernoulliMF(data, d=30, coupling=10.0, gamma=1.0, device=device, dtype=torch.float32)
     sync()
     t_init = time.perf_counter() - t0
-    cfg = compose(["model=movielens", "optimizer=goldstone_adagrad"]).optimizer
+    cfg = compose(["model=movielens", "optimizer=goldstone"]).optimizer
     opt, _ = build_optimizer(cfg, model)  # GoldstoneGD on AdaGrad(lr=1); its step() is the base step until k1
     step_s, gauge_s = [], []
     for i in range(args.steps):

@@ -29,7 +29,7 @@ app.add_typer(plot_app, name="plot")
 
 def _groups_help() -> str:
     """The config groups and their options, read from conf/ (shown in `goldstone train --help`)."""
-    from goldstone_cli.config import GROUPS, group_options
+    from goldstone_cli.config import GROUPS, describe_tuned, group_options, tuned_tables
 
     lines = ["Config groups (select with GROUP=OPTION):\n"]
     for g in GROUPS:
@@ -38,8 +38,16 @@ def _groups_help() -> str:
         opts = group_options(g)
         if opts:
             lines.append(f"  {g}: {', '.join(opts)}\n")
-    lines.append("\nExamples:\n\n  goldstone train optimizer=adam optimizer.lr=0.01 trainer.steps=5000\n\n"
-                 "  goldstone train --cfg model=dense_mf data.T=100\n\n"
+    lines.append("\nmodel=X optimizer=Y is optimizer Y with model X's tuned settings (conf/model/X.yaml, `tuned:`); "
+                 "an explicit optimizer.KEY=VALUE or experiment wins, tuned=none keeps the optimizer file's own:\n")
+    for model, table in tuned_tables().items():
+        if table:
+            lines.append(f"  {model}: {describe_tuned(table)}\n")
+    lines.append("  goldstone: optimizer.base=gd|adagrad|adam, optimizer.solver=procrustes|natural\n")
+    lines.append("\nExamples:\n\n  goldstone train model=movielens optimizer=adagrad data.path=data/ml-latest-small\n\n"
+                 "  goldstone train optimizer=goldstone optimizer.solver=natural\n\n"
+                 "  goldstone train experiment=fig2_gd_paper       (the paper's exact Sec. 5.1 baseline)\n\n"
+                 "  goldstone train --cfg model=dwe optimizer=goldstone optimizer.base=adagrad\n\n"
                  "  goldstone train resume=outputs/dense_mf/2026-01-01_12-00-00_gd trainer.steps=20000")
     return "".join(lines)
 
@@ -82,7 +90,8 @@ def train(
     """Train one model. With no arguments: the paper's Sec. 5.1 experiment (dense dynamic MF on
     synthetic data), about 20 s on a 2-core CPU. After the first steps it prints how long the run will
     take; at the end, the headline numbers and the run folder. Outputs go to
-    ./outputs/<model>/<date>_<time>_<optimizer>/."""
+    ./outputs/<model>/<date>_<time>_<name>/ (name: the experiment,
+    else the optimizer)."""
     from goldstone_cli.config import to_yaml
 
     conf, run_dir = _config_from(list(overrides or []))
@@ -123,8 +132,8 @@ def _sweeps_help() -> str:
     return ("Named sweeps (conf/sweep/, select with sweep=NAME): " + ", ".join(group_options("sweep")) + "\n\n"
             "Examples:\n\n  goldstone sweep                      (GD vs Goldstone-GD on the Sec. 5.1 data, 3 seeds)\n\n"
             "  goldstone sweep sweep=fig2 --jobs 2\n\n"
-            "  goldstone sweep model=movielens optimizer=adagrad_paper,goldstone_adagrad seed=0,1,2\n\n"
-            "  goldstone sweep 'optimizer=glob(gd*)' optimizer.lr=0.01,0.1 'seed=range(3)'\n\n"
+            "  goldstone sweep model=movielens optimizer=adagrad,goldstone seed=0,1,2\n\n"
+            "  goldstone sweep optimizer=gd,goldstone optimizer.lr=0.01,0.02 'seed=range(3)'\n\n"
             "  goldstone sweep --dir outputs/sweeps/default_2026-01-01_12-00-00     (resume; skips finished runs)\n\n"
             "  goldstone sweep sweep=fig3 hydra/launcher=submitit_slurm hydra.launcher.partition=gpu")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 
 class ConfigError(ValueError):
@@ -117,7 +117,9 @@ class GoldstoneConfig(OptimizerConfig):
     """Schema of ``conf/optimizer/goldstone.yaml``: a base optimizer plus gauge steps (Algorithm 1)."""
 
     name: str = "goldstone"
-    base: BaseName = BaseName.gd  # the optimizer for the k1 steps in the full parameter space
+    # the optimizer for the k1 steps in the full parameter space; null: the model's tuned base
+    # (its `tuned.goldstone.base`), gd if it names none
+    base: Optional[BaseName] = None
     solver: Solver = Solver.procrustes
     k1: int = 50  # base steps between gauge steps
     k2: int = 10  # natural-gradient steps per gauge step (natural solver)
@@ -321,9 +323,18 @@ class Config:
     optimizer: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0  # initialization (and minibatch) seed
-    output_dir: str = "outputs"  # runs go to <output_dir>/<model>/<date>_<time>_<optimizer>
+    output_dir: str = "outputs"  # runs go to <output_dir>/<model option>/<date>_<time>_<name>
     run_dir: Optional[str] = None  # explicit run folder (overrides the naming scheme)
     resume: Optional[str] = None  # a run folder to continue
+    # what ran: names the run folder, summary.json and the plot title; null: set when composing
+    # (the experiment's name, else the optimizer's: gd, adam, goldstone-adagrad-natural, ...)
+    name: Optional[str] = None
+    # the config group options this run was composed from (model, data, optimizer, experiment);
+    # recorded when composing: runs go to <output_dir>/<choices.model>/...
+    choices: dict[str, Optional[str]] = field(default_factory=dict)
+    # the model option's tuned optimizer settings (a `tuned:` block in conf/model/*.yaml); compose()
+    # applies the part for the chosen optimizer and removes the table from the composed config
+    tuned: dict[str, Any] = field(default_factory=dict)
 
 
 _SCHEMAS: dict[str, dict[str, type]] = {
@@ -343,6 +354,7 @@ def register_schema(group: str, name: str, node: type) -> None:
 def _register_all() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    cs.store(group="tuned", name="none", node={})  # the defaults list's `tuned` entry (see compose())
     for group, nodes in _SCHEMAS.items():
         for name, node in nodes.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
@@ -395,30 +407,237 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
-GROUPS = ("model", "data", "optimizer", "sweep")
+GROUPS = ("model", "data", "optimizer", "experiment", "sweep")
+
+# The optimizer presets of earlier versions, and what replaced each (one line each).
+REMOVED_OPTIMIZERS = {
+    "gd_paper": "experiment=fig2_gd_paper (the paper's clipped, decaying GD on the Sec. 5.1 data) "
+                "or optimizer=gd (each model's tuned GD)",
+    "adagrad_paper": "optimizer=adagrad model=movielens (tuned: the paper's lr 1) or experiment=fig3_adagrad",
+    "goldstone_adagrad": "optimizer=goldstone model=movielens (tuned: AdaGrad lr 1, natural solver, k1=100, k2=10) "
+                         "or experiment=fig3",
+    "adam_dwe": "optimizer=adam model=dwe (tuned: rho_0=0.1, s_bar=1000, power 0.7) or experiment=dwe_paper_adam",
+    "goldstone_adam_dwe": "optimizer=goldstone model=dwe (tuned: the same Adam, k1=10) or experiment=dwe_paper",
+}
+TUNED_KEYS = ("gd", "adagrad", "adam", "goldstone")  # the sections of a model's `tuned:` block
+_NO_TUNING = "none"  # `tuned=none`: the optimizer option's own settings, not the model's tuned ones
+_ACTIVE = "_active"  # the ConfigStore node compose() fills with the tuned settings of one composition
 
 
 # ----------------------------------------------------------------------------- composition
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Compose ``config.yaml`` with Hydra overrides and validate it; raise ConfigError on a bad override."""
+    """Compose ``config.yaml`` with Hydra overrides and validate it; raise ConfigError on a bad override.
+
+    ``model=X optimizer=Y`` is optimizer Y with model X's tuned settings: the model option's
+    ``tuned:`` block has a section per optimizer (``gd``, ``adagrad``, ``adam``: learning rate,
+    schedule, clip, ...; ``goldstone``: base, solver, k1, k2, ...). Goldstone-GD takes the section of
+    its base and then its own. They are applied as a config of the defaults list (``tuned``) after
+    the model and before the experiment and the command line, so an experiment's settings and every
+    explicit override win. ``tuned=none`` turns this off."""
+    overrides = list(overrides)
+    _check_group_choices(overrides)
+    if _tuned_choice(overrides):
+        # one composition in the common case: the tuned settings predicted from the overrides are
+        # checked against what was composed (an experiment may pick another model, optimizer or base)
+        node = _predict_tuned(overrides)
+        for attempt in range(3):
+            try:
+                cfg = _compose_tuned(overrides, node)
+            except ConfigError:
+                if attempt or not node:
+                    raise
+                node = {}  # a wrong guess (e.g. an experiment picks another optimizer): compose without
+                cfg = _compose_tuned(overrides, node)
+            actual = tuned_settings(cfg)
+            if actual == node:
+                break
+            node = actual
+        else:  # pragma: no cover - the tuned settings cannot change the model, optimizer or base twice
+            raise ConfigError(f"the tuned optimizer settings of {' '.join(overrides)} do not settle; set optimizer.base")
+    else:
+        cfg = _hydra_compose(overrides)
+    choices = {g: cfg.hydra.runtime.choices.get(g) for g in ("model", "data", "optimizer", "experiment")}
+    with open_dict(cfg):
+        del cfg["hydra"]
+        del cfg["tuned"]
+    if cfg.optimizer.get("name") == "goldstone" and cfg.optimizer.get("base") is None:
+        cfg.optimizer.base = BaseName.gd.value
+    cfg.choices = choices
+    if cfg.name is None:
+        cfg.name = choices["experiment"] or optimizer_label(cfg.optimizer)
+    validate(cfg)
+    return cfg
+
+
+def _hydra_compose(overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    overrides = list(overrides)
-    _check_group_choices(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=overrides)
+            return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except ConfigError:
         raise
     except Exception as exc:  # Hydra/OmegaConf errors: keep their message, make it one line
-        raise ConfigError(_one_line(exc)) from exc
+        raise ConfigError(_one_line(exc) + (_experiment_hint(exc) or _did_you_mean(exc, overrides))) from exc
     finally:
         GlobalHydra.instance().clear()
-    validate(cfg)
-    return cfg
+
+
+def _tuned_choice(overrides: list[str]) -> bool:
+    """False when the command line says ``tuned=none``; reject any other ``tuned=`` value."""
+    tuning = True
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        if sep and key.lstrip("+~") == "tuned":
+            if value != _NO_TUNING:
+                raise ConfigError(f"tuned={value}: the only choice is tuned=none (the optimizer option's own "
+                                  "settings instead of the model's tuned ones)")
+            tuning = False
+    return tuning
+
+
+def tuned_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The optimizer settings that the composed model's ``tuned:`` block gives the composed optimizer."""
+    table = OmegaConf.to_container(cfg.tuned, resolve=True) if cfg.get("tuned") else {}
+    model = cfg.hydra.runtime.choices.get("model") if "hydra" in cfg else cfg.model.get("name")
+    base = cfg.optimizer.get("base")
+    return _tuned_node(table, str(cfg.optimizer.get("name")), choice(base) if base is not None else None, str(model))
+
+
+def _tuned_node(table: dict[str, Any], name: str, base: Optional[str], model: str) -> dict[str, Any]:
+    """Model ``tuned:`` table -> the settings for optimizer ``name`` (goldstone: on ``base``, or on
+    the table's ``goldstone.base`` when None)."""
+    bad = sorted(set(table) - set(TUNED_KEYS))
+    if bad:
+        raise ConfigError(f"conf/model/{model}.yaml: tuned.{bad[0]} is not an optimizer; "
+                          f"the sections of `tuned:` are {', '.join(TUNED_KEYS)}")
+    for k, v in table.items():
+        if not isinstance(v, dict):
+            raise ConfigError(f"conf/model/{model}.yaml: tuned.{k} must be a mapping of optimizer settings")
+    if name != "goldstone":
+        return dict(table.get(name) or {})
+    gauge = dict(table.get("goldstone") or {})
+    base = base if base is not None else str(gauge.get("base") or BaseName.gd.value)
+    if base not in [b.value for b in BaseName]:
+        raise ConfigError(f"conf/model/{model}.yaml: tuned.goldstone.base must be one of gd, adagrad, adam, got '{base}'")
+    return {**dict(table.get(base) or {}), **gauge, "base": base}
+
+
+def _predict_tuned(overrides: list[str]) -> dict[str, Any]:
+    """The tuned settings for the model, optimizer and base named on the command line (or the
+    defaults of config.yaml), read from the YAML files; compose() checks the guess."""
+    import yaml
+
+    def load(path: Path) -> dict[str, Any]:
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    picked: dict[str, Optional[str]] = {"model": None, "optimizer": None, "optimizer.base": None}
+    experiment = None
+    for ov in overrides:  # the command line first: it wins
+        key, sep, value = ov.partition("=")
+        key = key.lstrip("+~")
+        if sep and key in picked:
+            picked[key] = value
+        elif sep and key == "experiment" and value != "null":
+            experiment = value
+    if experiment:  # then the experiment's choices (`- override /model: X`) and its optimizer.base
+        doc = load(conf_dir() / "experiment" / f"{experiment}.yaml")
+        for entry in doc.get("defaults") or []:
+            for g in ("model", "optimizer"):
+                if isinstance(entry, dict) and picked[g] is None and f"override /{g}" in entry:
+                    picked[g] = entry[f"override /{g}"]
+        base = (doc.get("optimizer") or {}).get("base") if isinstance(doc.get("optimizer"), dict) else None
+        if picked["optimizer.base"] is None and base is not None:
+            picked["optimizer.base"] = str(base)
+    for entry in load(conf_dir() / "config.yaml").get("defaults") or []:  # then config.yaml's defaults
+        if isinstance(entry, dict):
+            for g in ("model", "optimizer"):
+                if picked[g] is None and g in entry:
+                    picked[g] = entry[g]
+    table = tuned_tables().get(str(picked["model"]), {})
+    try:
+        return _tuned_node(table, str(picked["optimizer"]), picked["optimizer.base"], str(picked["model"]))
+    except ConfigError:
+        return {}  # composing says what is wrong
+
+
+def _compose_tuned(overrides: list[str], node: dict[str, Any]) -> DictConfig:
+    if not node:
+        return _hydra_compose(overrides)
+    ConfigStore.instance().store(group="tuned", name=_ACTIVE, package="_global_", node={"optimizer": node})
+    return _hydra_compose(overrides + [f"tuned={_ACTIVE}"])
+
+
+def optimizer_label(opt) -> str:
+    """A short name for an optimizer config: ``gd``, ``adam``, ``goldstone-adagrad-natural``, ..."""
+    name = str(opt.get("name"))
+    if name != "goldstone":
+        return name
+    return f"goldstone-{choice(opt.get('base') or 'gd')}-{choice(opt.get('solver'))}"
+
+
+def run_names(cfg: DictConfig) -> dict[str, str]:
+    """What a run is called: ``model`` (the model option, e.g. dwe_map: the folder under output_dir),
+    ``name`` (the run's name, e.g. fig2_gd_paper) and ``method`` (the optimizer, e.g. gd).
+    Configs saved before these were recorded fall back to the model's and the optimizer's names."""
+    choices = cfg.get("choices") or {}
+    method = optimizer_label(cfg.optimizer)
+    return {"model": str(choices.get("model") or cfg.model.name), "name": str(cfg.get("name") or method),
+            "method": method}
+
+
+def tuned_tables() -> dict[str, dict[str, Any]]:
+    """Each model option's ``tuned:`` block, read from ``conf/model/*.yaml`` without composing (for
+    ``--help``; a parent option named in a file's defaults list, as ``dwe_map`` names ``dwe``, is followed)."""
+    import yaml
+
+    folder = conf_dir() / "model"
+    options = group_options("model")
+
+    def table(option: str, depth: int = 0) -> dict[str, Any]:
+        try:
+            doc = yaml.safe_load((folder / f"{option}.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return {}
+        if isinstance(doc.get("tuned"), dict):
+            return doc["tuned"]
+        for entry in doc.get("defaults") or []:
+            if isinstance(entry, str) and entry in options and entry != option and depth < 5:
+                return table(entry, depth + 1)
+        return {}
+
+    return {o: table(o) for o in options}
+
+
+def tuned_cells(table: dict[str, Any]) -> list[str]:
+    """What ``optimizer=gd|adagrad|adam|goldstone`` means under a model's tuned table, one short text
+    each (``goldstone train --help`` and the README's table)."""
+    def base(name: str) -> str:
+        t = table.get(name) or {}
+        parts = [f"lr {t['lr']}"] if "lr" in t else []
+        if t.get("schedule") == "decay":
+            parts.append(f"decay({t.get('decay_steps')}, {t.get('decay_power')})")
+        if t.get("clip") is not None:
+            parts.append(f"clip {t['clip']}")
+        return ", ".join(parts) if parts else "(defaults)"
+
+    g = table.get("goldstone") or {}
+    gauge = (f"on {g.get('base', 'gd')}, {g.get('solver', 'procrustes')}, k1={g.get('k1', 50)}"
+             + (f", k2={g['k2']}" if g.get("solver") == "natural" and "k2" in g else ""))
+    return [base(b.value) for b in BaseName] + [gauge]
+
+
+def describe_tuned(table: dict[str, Any]) -> str:
+    """One line for ``--help``: what each optimizer option means for a model's tuned table."""
+    names = [b.value for b in BaseName] + ["goldstone"]
+    return " | ".join(f"{n} {c}" for n, c in zip(names, tuned_cells(table)))
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -432,8 +651,8 @@ def validate(cfg: DictConfig) -> DictConfig:
             unknown = sorted(set(node.keys()) - known)
             if unknown:
                 raise ConfigError(
-                    f"unknown key {group}.{unknown[0]} for {group} '{node.get('name', group)}'; "
-                    f"valid keys: {', '.join(sorted(known))}"
+                    f"unknown key {group}.{unknown[0]} for {group} '{node.get('name', group)}'"
+                    f"{_close(unknown[0], known, group + '.')}; valid keys: {', '.join(sorted(known))}"
                 )
     _check_finite(cfg)
     try:
@@ -443,6 +662,54 @@ def validate(cfg: DictConfig) -> DictConfig:
     except Exception as exc:
         raise ConfigError(_one_line(exc)) from exc
     return cfg
+
+
+def _close(word: str, candidates, prefix: str = "", suffix: str = "") -> str:
+    """``" (did you mean PREFIX<closest>SUFFIX?)"`` (difflib), or "" when nothing is close."""
+    import difflib
+
+    match = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{match[0]}{suffix}?)" if match else ""
+
+
+def _experiment_hint(exc: BaseException) -> str:
+    """An experiment's settings that do not fit the model/optimizer chosen on the command line."""
+    import re
+
+    m = re.search(r"In 'experiment/([^']+)'", str(exc))
+    if not m:
+        return ""
+    return (f" (experiment={m.group(1)} sets up its own model, data and optimizer; a model=, data= or optimizer= "
+            "override that does not fit them fails: drop it or choose another experiment)")
+
+
+def _did_you_mean(exc: BaseException, overrides: list[str]) -> str:
+    """For Hydra's "Key 'stepz' not in 'TrainerConfig'": the closest key of that schema."""
+    import re
+
+    chain = [exc]
+    while chain[-1].__cause__ is not None and len(chain) < 10:
+        chain.append(chain[-1].__cause__)
+    text = "\n".join(str(e) for e in chain)
+    m = re.search(r"Key '([^']+)' not in '([A-Za-z_]\w*)'", text)
+    if not m:
+        return ""
+    key, schema_name = m.groups()
+    full = re.search(r"full_key: (\S+)", text)
+    prefix = full.group(1).rsplit(".", 1)[0] + "." if full and "." in full.group(1) else ""
+    schemas = [Config, TrainerConfig] + [t for nodes in _SCHEMAS.values() for t in nodes.values()]
+    schema = next((t for t in schemas if t.__name__ == schema_name), None)
+    if schema is None:
+        return ""
+    fields = set(schema.__dataclass_fields__) - {"tuned", "choices"}
+    if schema is Config:
+        groups = [g for g in GROUPS if g != "sweep"]
+        match = _close(key, groups)
+        value = next((ov.partition("=")[2] for ov in overrides if ov.partition("=")[0].lstrip("+~") == key), None)
+        if match and value is not None:  # optimizr=adam -> optimizer=adam
+            return match[:-2] + f"={value}?)"
+        return match or _close(key, fields)
+    return _close(key, fields, prefix)
 
 
 def _check_finite(cfg: DictConfig) -> None:
@@ -468,14 +735,19 @@ def _check_finite(cfg: DictConfig) -> None:
 
 
 def _check_group_choices(overrides: list[str]) -> None:
-    """A clear one-line error for ``group=unknown`` that names the valid choices."""
+    """A clear one-line error for ``group=unknown`` that names the valid choices (and the closest)."""
     for ov in overrides:
         key, sep, value = ov.partition("=")
         key = key.lstrip("+~")
         if sep and key in GROUPS and "," not in value and not value.startswith(("glob(", "choice(", "range(")):
+            if key == "experiment" and value == "null":
+                continue
+            if key == "optimizer" and value in REMOVED_OPTIMIZERS:
+                raise ConfigError(f"optimizer={value} was removed; use {REMOVED_OPTIMIZERS[value]}")
             options = group_options(key)
             if options and value not in options:
-                raise ConfigError(f"unknown {key} '{value}'; valid choices: {', '.join(options)}")
+                raise ConfigError(f"unknown {key} '{value}'{_close(value, options, key + '=')}; "
+                                  f"valid choices: {', '.join(options)}")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -488,6 +760,7 @@ def _one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
     first = lines[0] if lines else type(inner).__name__
     key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    first = first.rstrip(":")
     return f"{key}: {first}" if key else first
 
 
@@ -543,5 +816,8 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     except Exception as exc:
         raise ConfigError(_one_line(exc)) from exc
     cfg.resume = None
+    if "tuned" in cfg:  # the schema's table, not part of a composed run's config
+        with open_dict(cfg):
+            del cfg["tuned"]
     validate(cfg)
     return cfg

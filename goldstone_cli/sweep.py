@@ -3,7 +3,7 @@
 A sweep is a *plan*, a list of runs, each a list of Hydra overrides for ``goldstone train``:
 
 - the named sweep ``conf/sweep/<name>.yaml`` (schema :class:`SweepConfig`) gives a grid of
-  overrides in Hydra's multirun grammar (``optimizer=gd_paper,goldstone``, ``seed=range(3)``,
+  overrides in Hydra's multirun grammar (``optimizer=gd,goldstone``, ``seed=range(3)``,
   ``choice(...)``, ``glob(...)`` over config group options), optional named ``methods`` (bundles
   of overrides, e.g. Goldstone-GD with the natural vs the Procrustes gauge solver) and ``fixed``
   overrides applied to every run;
@@ -368,14 +368,37 @@ def _entry(axis: Axis) -> list[str]:
 
 
 def validate_plan(plan: Plan, progress: bool = True) -> None:
-    """Compose every run's config; the first invalid one raises ConfigError naming the run."""
+    """Compose every run's config and check that its data exist; the first invalid one raises
+    ConfigError naming the run."""
+    from goldstone_cli.data.check import missing_data
+
     bar = tqdm(plan.runs, desc="validating", unit="run", disable=not progress or len(plan.runs) < 20, leave=False)
+    checked: dict[str, Optional[str]] = {}
     for run in bar:
         try:
             cfg = compose(run.overrides)
         except ConfigError as exc:
             raise ConfigError(f"run '{run.name}' ({' '.join(run.overrides)}): {exc}") from None
         run.device = str(getattr(cfg.trainer.device, "value", cfg.trainer.device))
+        key = OmegaConf.to_yaml(cfg.data)
+        if key not in checked:
+            checked[key] = missing_data(cfg)
+        if checked[key]:
+            raise ConfigError(f"run '{run.name}' needs data that is not there: {checked[key]}")
+
+
+def check_plan_data(runs: list[RunSpec]) -> None:
+    """The data of every run exists (composing each run's config); else ConfigError naming the run."""
+    from goldstone_cli.data.check import missing_data
+
+    checked: dict[str, Optional[str]] = {}
+    for run in runs:
+        cfg = compose(run.overrides)
+        key = OmegaConf.to_yaml(cfg.data)
+        if key not in checked:
+            checked[key] = missing_data(cfg)
+        if checked[key]:
+            raise ConfigError(f"run '{run.name}' needs data that is not there: {checked[key]}")
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -952,6 +975,8 @@ def run_sweep(args: list[str] = (), sweep_dir: Optional[Path] = None, jobs: Opti
     busy = [r.name for r in plan.runs if states[r.name] == "busy"]
     todo = [(r, states[r.name]) for r in plan.runs if states[r.name] not in ("skip", "busy")]
     skipped = [r.name for r in plan.runs if states[r.name] == "skip"]
+    if exists and todo:  # a continued plan was validated when it was made; its data may have moved since
+        check_plan_data([r for r, _ in todo])
     launcher = plan.config.launcher.name.value
     gpus_needed = any(r.device != "cpu" for r, _ in todo)
     if jobs is None:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from goldstone_cli import checkpoint as ckpt
 from goldstone_cli.checkpoint import CheckpointError
-from goldstone_cli.config import ConfigError, choice, to_yaml
+from goldstone_cli.config import ConfigError, choice, run_names, to_yaml
 from goldstone_cli.io import atomic_path, atomic_write_json, atomic_write_text, non_finite_paths
 from goldstone_cli.models import build_model
 from goldstone_cli.optim.factory import build_optimizer
@@ -71,15 +71,16 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def new_run_dir(cfg: DictConfig) -> Path:
-    """``<output_dir>/<model>/<YYYY-MM-DD_HH-MM-SS>_<optimizer>``, made unique with a suffix."""
+    """``<output_dir>/<model option>/<YYYY-MM-DD_HH-MM-SS>_<name>``, made unique with a suffix
+    (``name``: the experiment, else the optimizer, e.g. ``goldstone-adagrad-natural``)."""
     if cfg.run_dir:
         path = Path(cfg.run_dir)
         _check_not_a_run(path)
         path.mkdir(parents=True, exist_ok=True)
         return path
     stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    opt = cfg.optimizer.name if cfg.optimizer.name != "goldstone" else f"goldstone-{choice(cfg.optimizer.solver)}"
-    base = Path(cfg.output_dir) / str(cfg.model.name) / f"{stamp}_{opt}"
+    names = run_names(cfg)
+    base = Path(cfg.output_dir) / names["model"] / f"{stamp}_{names['name']}"
     path, n = base, 1
     while True:
         try:
@@ -278,8 +279,10 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
     steps = int(tc.steps)
     target = tc.target
     snapshot_steps = _snapshot_steps(steps)
-    desc = f"{cfg.model.name}/{cfg.optimizer.name}"
-    pbar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not tc.progress, dynamic_ncols=True)
+    names = run_names(cfg)
+    desc = f"{names['model']}/{names['name']}"
+    pbar = tqdm(total=steps, initial=start, desc=desc, unit="step",
+                disable=not tc.progress, dynamic_ncols=True)
     eta = _Eta(start, steps, device, eval_every=int(tc.eval_every))
     try:
         with _Interrupt() as interrupt:
@@ -380,6 +383,9 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
         "run_dir": str(run_dir),
         "model": str(cfg.model.name),
         "optimizer": str(cfg.optimizer.name),
+        "name": names["name"],  # the experiment or the optimizer: what ran
+        "method": names["method"],  # the optimizer with its base and solver, e.g. goldstone-adagrad-natural
+        "choices": OmegaConf.to_container(cfg.choices) if cfg.get("choices") else {},  # the config group options composed
         "seed": int(cfg.seed),
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
@@ -408,7 +414,8 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
     try:
         from goldstone_cli.report import plot_losses
 
-        plot_losses(run_dir / "metrics.csv", run_dir / "loss.png", title=f"{cfg.model.name} / {cfg.optimizer.name}",
+        title = f"{names['model']} / {names['name']}" + (f" ({names['method']})" if names["method"] != names["name"] else "")
+        plot_losses(run_dir / "metrics.csv", run_dir / "loss.png", title=title,
                     heldout=[(m, label) for m, label in model.headline_metrics if m != "suboptimality"])
     except Exception as exc:  # a plot must never lose a finished run
         tqdm.write(f"warning: could not draw loss.png: {exc}")

@@ -24,7 +24,10 @@ def test_every_group_option_composes(group):
             # an option may require a matching choice in another group (e.g. a model and its data)
             assert "needs" in str(exc) or "data" in str(exc), exc
             continue
-        assert cfg[group] is not None
+        if group == "experiment":  # an experiment is a whole set-up, named after itself
+            assert cfg.name == option and cfg.choices.experiment == option
+        else:
+            assert cfg[group] is not None and cfg.choices[group] == option
         OmegaConf.to_object(cfg)  # every dataclass instantiates
 
 

@@ -24,6 +24,7 @@ from goldstone_cli.sweep import (SweepConfig, expand, load_sweep, make_plan, pla
                                  run_state, split_args, validate_plan)
 from goldstone_cli.sweep_report import build_report, reach
 from goldstone_cli.train import train
+from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -51,8 +52,8 @@ def test_expand_hydra_grammar():
     assert axes["x.y"].overrides == ["+x.y=1", "+x.y=2"]  # the +/~ prefix is kept, the key is bare
     assert axes["optimizer.lr"].values == ["0.1"]
     assert axes["data.path"].overrides == ["data.path='a,b'"]  # a quoted comma is one value
-    glob = expand(["optimizer=glob(gd*)"])[0]
-    assert glob.values == [o for o in group_options("optimizer") if o.startswith("gd")] and len(glob.values) >= 2
+    glob = expand(["optimizer=glob(g*)"])[0]
+    assert glob.values == [o for o in group_options("optimizer") if o.startswith("g")] and len(glob.values) >= 2
     assert expand(["optimizer=glob(*,exclude=[gd*,goldstone*])"])[0].values == [
         o for o in group_options("optimizer") if not o.startswith(("gd", "goldstone"))]
 
@@ -83,7 +84,7 @@ def test_plan_is_the_cartesian_product_with_safe_unique_names():
 
 
 def test_methods_are_a_grid_axis_and_the_command_line_replaces_them():
-    cfg = SweepConfig(name="m", methods={"gd": ["optimizer=gd_paper"], "gs": ["optimizer=goldstone", "optimizer.k1=5"]},
+    cfg = SweepConfig(name="m", methods={"gd": ["experiment=fig2_gd_paper"], "gs": ["optimizer=goldstone", "optimizer.k1=5"]},
                       overrides=["seed=0,1,2"])
     plan = make_plan(cfg)
     assert [r.name for r in plan.runs][:4] == ["gd__seed-0", "gd__seed-1", "gd__seed-2", "gs__seed-0"]
@@ -106,20 +107,27 @@ def test_split_args_routes_sweep_launcher_and_grid():
             split_args([bad])
 
 
-def test_named_sweeps_load_and_their_runs_validate():
+def test_named_sweeps_load_and_their_runs_validate(in_tmp):
     names = group_options("sweep")
-    assert {"default", "fig2", "fig3", "dwe"} <= set(names)
+    assert {"default", "fig2", "fig3", "dwe", "dwe_paper"} <= set(names)
+    sample = SHARED_DATA / "movielens" / "ml-latest-small"
     for name in names:
         cfg = load_sweep(name)
         plan = make_plan(cfg)
         assert cfg.name == name and plan.runs
-        model = next((o.split("=", 1)[1] for o in cfg.fixed if o.startswith("model=")), "dense_mf")
-        if model in group_options("model"):  # fig3/dwe need their model options (other issues)
-            plan.runs = [r for r in plan.runs if r.settings.get("seed", "0") == "0"]  # one run per method: fast
+        plan.runs = [r for r in plan.runs if r.settings.get("seed", "0") == "0"]  # one run per method: fast
+        try:
             validate_plan(plan, progress=False)
-            assert all(r.device in ("auto", "cpu", "cuda") for r in plan.runs)
+        except ConfigError as exc:  # run in an empty folder: only MovieLens data can be missing
+            assert "goldstone data download movielens" in str(exc), exc
+            if not sample.is_dir():
+                continue
+            plan = make_plan(cfg, [f"data.path={sample}"])
+            plan.runs = [r for r in plan.runs if r.settings.get("seed", "0") == "0"]
+            validate_plan(plan, progress=False)
+        assert all(r.device in ("auto", "cpu", "cuda") for r in plan.runs)
     default = make_plan(load_sweep("default"))
-    assert len(default.runs) == 6 and {r.settings["optimizer"] for r in default.runs} == {"gd_paper", "goldstone"}
+    assert len(default.runs) == 6 and {r.method for r in default.runs} == {"gd_paper", "goldstone"}
     assert load_sweep("default", ["sweep.jobs=3"]).jobs == 3
     with pytest.raises(ConfigError, match="sweep.bogus"):
         load_sweep("default", ["sweep.bogus=1"])
@@ -148,8 +156,40 @@ def test_train_rejects_sweep_settings(in_tmp):
     assert not (in_tmp / "outputs").exists()
 
 
+def test_missing_data_fails_the_dry_run_before_any_folder(in_tmp):
+    """sweep=fig3 needs MovieLens-20M under data/: --dry-run and a real start both stop with the
+    download command, and nothing is created."""
+    for extra in (["--dry-run"], []):
+        res = runner.invoke(app, ["sweep", "sweep=fig3", *extra])
+        assert res.exit_code == 2, res.output
+        assert "run 'adagrad__seed-0' needs data" in res.output and "goldstone data download movielens" in res.output
+        assert len(res.output.strip().splitlines()) == 1, res.output
+    assert not (in_tmp / "outputs").exists() and not (in_tmp / "data").exists()
+    corpus = runner.invoke(app, ["sweep", "--dry-run", "model=dwe", "optimizer=adam", "data=cooc", "data.path=nowhere",
+                                 "seed=0"])
+    assert corpus.exit_code == 2 and "no prepared corpus at data.path=nowhere" in corpus.output, corpus.output
+
+
+def test_continued_sweep_checks_its_data_again(in_tmp, shared_data):
+    """A sweep folder whose data was moved away stops before any run is (re)started."""
+    from goldstone_cli.io import atomic_write_json
+    from goldstone_cli.sweep import MANIFEST, run_sweep
+
+    copy = in_tmp / "ml"
+    copy.mkdir()
+    shutil.copy(shared_data / "movielens" / "ml-latest-small" / "ratings.csv", copy / "ratings.csv")
+    plan, sweep_dir, _, _ = prepare(["model=movielens", "optimizer=adagrad,gd", f"data.path={copy}", "seed=0"],
+                                    in_tmp / "sw")
+    sweep_dir.mkdir()
+    atomic_write_json(sweep_dir / MANIFEST, plan.manifest())
+    (copy / "ratings.csv").unlink()
+    with pytest.raises(ConfigError, match="needs data that is not there: No MovieLens ratings file"):
+        run_sweep([], sweep_dir=sweep_dir, progress=False, echo=lambda *a: None)
+    assert sorted(p.name for p in sweep_dir.iterdir()) == [MANIFEST]
+
+
 def test_dry_run_plans_without_running(in_tmp):
-    res = runner.invoke(app, ["sweep", "--dry-run", "optimizer=adam,gd_paper", "seed=0,1", *TINY])
+    res = runner.invoke(app, ["sweep", "--dry-run", "optimizer=adam,gd", "seed=0,1", *TINY])
     assert res.exit_code == 0, res.output
     assert "4 runs" in res.output and "optimizer-adam__seed-1" in res.output
     assert not (in_tmp / "outputs").exists()
@@ -239,13 +279,13 @@ def _check_report_agrees(sweep_dir: Path, n_runs: int, target: float):
 @pytest.mark.slow
 def test_two_methods_two_seeds_end_to_end_and_rerun_skips(in_tmp):
     # target chosen so that some but not all evaluations reach it: steps/time to target are real numbers
-    args = ["sweep", "optimizer=adam,gd_paper", "seed=0,1", *TINY, "sweep.target.value=7000", "--jobs", "2",
+    args = ["sweep", "optimizer=adam,gd", "seed=0,1", *TINY, "sweep.target.value=7000", "--jobs", "2",
             "--dir", "sw"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     d = in_tmp / "sw"
     assert "4 done" in res.output and "report: sw/report.md" in res.output
-    names = ["optimizer-adam__seed-0", "optimizer-adam__seed-1", "optimizer-gd_paper__seed-0", "optimizer-gd_paper__seed-1"]
+    names = ["optimizer-adam__seed-0", "optimizer-adam__seed-1", "optimizer-gd__seed-0", "optimizer-gd__seed-1"]
     for n in names:
         for f in ("config.yaml", "metrics.csv", "summary.json", "train.log", "checkpoints/last.pt"):
             assert (d / n / f).is_file(), (n, f)
@@ -254,10 +294,10 @@ def test_two_methods_two_seeds_end_to_end_and_rerun_skips(in_tmp):
         assert cfg["optimizer"]["name"] == ("adam" if "adam" in n else "gd") and cfg["seed"] == int(n[-1])
         assert cfg["trainer"]["steps"] == 60 and cfg["trainer"]["progress"] is False
     summary = _check_report_agrees(d, 4, 7000.0)
-    assert set(summary["method"]) == {"adam", "gd_paper"} and set(summary["seed"]) == {0, 1}
+    assert set(summary["method"]) == {"adam", "gd"} and set(summary["seed"]) == {0, 1}
     assert summary["steps_to_target"].notna().all() and (summary["steps_to_target"] > 0).all()
     md = (d / "report.md").read_text()
-    assert "| adam | 2 | 2 completed |" in md and "| gd_paper | 2 | 2 completed |" in md
+    assert "| adam | 2 | 2 completed |" in md and "| gd | 2 | 2 completed |" in md
     assert "suboptimality <= 7000" in md and "![dense_mf" in md
     png = d / "plots" / "dense_mf.png"
     assert png.is_file() and png.stat().st_size > 20_000

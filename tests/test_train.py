@@ -79,9 +79,9 @@ def test_same_seed_same_metrics_different_seed_differs(in_tmp):
     assert not a["total"].equals(c["total"])
 
 
-@pytest.mark.parametrize("optimizer", ["gd_paper", "adam", "adagrad"])
+@pytest.mark.parametrize("optimizer", ["experiment=fig2_gd_paper", "optimizer=adam", "optimizer=adagrad"])
 def test_resume_equals_uninterrupted(in_tmp, optimizer):
-    common = [f"optimizer={optimizer}", "trainer.checkpoint_every=10", *FAST]
+    common = [optimizer, "trainer.checkpoint_every=10", *FAST]
     full = train(compose(["trainer.steps=40", *common])).run_dir
     part = train(compose(["trainer.steps=25", *common])).run_dir
     res = runner.invoke(app, ["train", f"resume={part}", "trainer.steps=40"])

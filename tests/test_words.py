@@ -159,11 +159,11 @@ def test_train_dwe_then_age_words_and_fig4(in_tmp):
     common = ["model=dwe", "data=cooc", f"data.path={data}", "model.d=3", "model.batch_words=12",
               "model.batch_contexts=0", "trainer.steps=30", "trainer.eval_every=10", "trainer.checkpoint_every=10",
               "trainer.progress=false", "trainer.dtype=float64"]
-    r1 = runner.invoke(app, ["train"] + common + ["optimizer=adam_dwe", "run_dir=outputs/dwe/adam"])
+    r1 = runner.invoke(app, ["train"] + common + ["optimizer=adam", "run_dir=outputs/dwe/adam"])
     assert r1.exit_code == 0, r1.output
     r2 = runner.invoke(app, ["train"] + common + ["optimizer.solver=procrustes", "run_dir=outputs/dwe/gs"])
     assert r2.exit_code == 0, r2.output
-    r3 = runner.invoke(app, ["train"] + common + ["optimizer=adam_dwe", "model.coupled=false",
+    r3 = runner.invoke(app, ["train"] + common + ["optimizer=adam", "model.coupled=false",
                                                   "run_dir=outputs/dwe/uncoupled"])
     assert r3.exit_code == 0, r3.output
     metrics = (in_tmp / "outputs/dwe/gs/metrics.csv").read_text().splitlines()
