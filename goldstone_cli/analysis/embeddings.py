@@ -2,7 +2,7 @@
 
 A run folder (``goldstone train model=dwe``) gives the posterior means (or MAP point estimates) of
 the word embeddings ``U`` (T, V, d), the vocabulary and the step labels (the model's extra state in
-``checkpoints/last.pt``, read with ``torch.load(weights_only=True)``), and, for variational runs, the
+newest good checkpoint, read by checkpoint.load_latest with ``weights_only=True``), and, for variational runs, the
 posterior ``q``: per word and dimension a Gaussian chain along time with precision ``B B^T``
 (bidiagonal ``B``: ``raw_U`` -> diagonal, ``off_U`` -> sub-diagonal; models/dwe.py). Word presence
 (how much data a word has in a step) is the row sum of the step's co-occurrence matrix in the run's
@@ -19,6 +19,7 @@ posterior standard deviations, presence counts; no posterior correlations along 
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -209,33 +210,20 @@ class Embeddings:
 
 
 # ----------------------------------------------------------------------------- loading
-def _load_state(path: Path) -> dict:
-    if not path.is_file():
-        raise AnalysisError(f"{path.parent.parent} has no checkpoint yet ({path}); wait for the run to save one")
-    import enum
-
-    import goldstone_cli.config as config_mod
-
-    # checkpoints of earlier versions hold the config's str-valued enums (Schedule, Solver, ...):
-    # allow exactly those, still under weights_only=True (nothing else is unpickled)
-    enums = [v for v in vars(config_mod).values()
-             if isinstance(v, type) and issubclass(v, enum.Enum) and v.__module__ == config_mod.__name__]
-    try:
-        with torch.serialization.safe_globals(enums):
-            ck = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle
-    except Exception as exc:
-        raise AnalysisError(f"cannot read checkpoint {path} as plain tensors ({str(exc).splitlines()[0]})") from None
-    if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict):
-        raise AnalysisError(f"{path} is not a goldstone checkpoint (no model state)")
+def _load_state(run_dir: Path) -> dict:
+    """The model state of the run's newest good checkpoint (checkpoint.load_latest: weights_only=True,
+    checksum verified, prev.pt when last.pt is damaged)."""
     from goldstone_cli import checkpoint as ckpt
 
-    if ck.get("format") == ckpt.FORMAT:  # current checkpoints carry a checksum: verify it
-        try:
-            ok = ckpt.checksum(ck) == ck.get("checksum")
-        except TypeError:
-            ok = False
-        if not ok:
-            raise AnalysisError(f"{path} is corrupt: its contents do not match their SHA-256 checksum")
+    if not ckpt.has_checkpoint(run_dir):
+        raise AnalysisError(f"{run_dir} has no checkpoint yet ({run_dir / 'checkpoints' / ckpt.LAST}); "
+                            "wait for the run to save one")
+    try:
+        ck, path = ckpt.load_latest(run_dir / "checkpoints", warn=lambda m: print(m, file=sys.stderr))
+    except (ckpt.CheckpointError, FileNotFoundError) as exc:
+        raise AnalysisError(f"cannot read checkpoint: {exc}") from None
+    if not isinstance(ck.get("model"), dict):
+        raise AnalysisError(f"{path} is not a goldstone checkpoint (no model state)")
     return ck["model"]
 
 
@@ -290,7 +278,7 @@ def load_embeddings(path: str | Path, align: Optional[bool] = None) -> Embedding
         raise AnalysisError(f"{path} is a '{name}' run, not a word-embedding run (model=dwe)")
     import yaml
 
-    state = _load_state(path / "checkpoints" / "last.pt")
+    state = _load_state(path)
     extra = state.get("_extra_state")
     if not isinstance(extra, dict) or "vocab" not in extra:
         raise AnalysisError(f"{path}/checkpoints/last.pt has no vocabulary (trained with an older version?)")
