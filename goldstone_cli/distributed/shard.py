@@ -124,8 +124,43 @@ class RowShard:
         b = self.block(n)
         rows_first = _pad_rows(full.movedim(dim, 0), b * self.world, 0).contiguous()  # (world*b, ...)
         out = torch.empty((b,) + tuple(rows_first.shape[1:]), dtype=full.dtype, device=full.device)
-        dist.reduce_scatter_tensor(out, rows_first, op=dist.ReduceOp.SUM, group=self.group)
+        _reduce_scatter(out, rows_first, op=dist.ReduceOp.SUM, group=self.group)
         return out.narrow(0, 0, self.local_size(n)).movedim(0, dim)
+
+    def gather_rows(self, local: Tensor, n: int, dim: int = 1) -> Tensor:
+        """Differentiable :meth:`all_gather_rows`: the backward pass reduce-scatters the gradient of the
+        full tensor, so each rank's local rows get the sum over ranks of their gradients."""
+        if not self.distributed:
+            return local
+        return _GatherRows.apply(local, self, int(n), int(dim))
+
+    def all_gather_varlen(self, local: Tensor) -> Tensor:
+        """Concatenation (rank order, along dim 0) of tensors whose first dimension differs by rank."""
+        if not self.distributed:
+            return local
+        size = torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device)
+        sizes = [torch.empty_like(size) for _ in range(self.world)]
+        dist.all_gather(sizes, size, group=self.group)
+        sizes = [int(s) for s in sizes]
+        padded = _pad_rows(local.contiguous(), max(sizes), 0)
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([p[:k] for p, k in zip(parts, sizes)], dim=0)
+
+
+# torch >= 2.12 renames reduce_scatter_tensor (deprecated) to reduce_scatter_single
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local: Tensor, shard: RowShard, n: int, dim: int) -> Tensor:
+        ctx.shard, ctx.dim = shard, dim
+        return shard.all_gather_rows(local, n, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.shard.reduce_scatter_rows(grad.contiguous(), ctx.dim), None, None, None
 
 
 def _pad_rows(t: Tensor, rows: int, dim: int) -> Tensor:
