@@ -64,8 +64,46 @@ def _run_rank(name: str) -> dict:
     return train(model, shard, case["solver"])
 
 
-def _run_all_ranks() -> dict:
-    return {name: _run_rank(name) for name in CASES}
+def _write_corpus(out) -> None:
+    """The planted corpus as a prepared corpus folder (data=cooc)."""
+    import numpy as np
+
+    from goldstone_cli.data.cooc import CoocWriter
+
+    wc = _corpus()
+    with CoocWriter(out, wc.vocab, np.ones(wc.V, dtype=np.int64)) as w:
+        for t, m in enumerate(wc.counts):
+            w.add_step(wc.step_label(t), int(wc.years[t]), int(wc.year_end[t]), m.astype(np.int64), 100)
+        w.finish({"kind": "test"})
+
+
+def _cfg(path, inference: str = "variational"):
+    from omegaconf import OmegaConf
+
+    model = dict(name="dwe", inference=inference, d=3, D=0.01, sigma0=1.0, neg_ratio=1.0, neg_exponent=0.75,
+                 coupled=True, batch_words=17, batch_contexts=13, init_mean_std=0.1, init_std=0.1, test_steps=0.2,
+                 test_mass=0.1, split_seed=1, val_mass=0.1, eval_chunk=1 << 22)
+    return OmegaConf.create({"data": {"name": "cooc", "path": str(path), "source": None}, "model": model,
+                             "trainer": {"progress": False}, "seed": 2})
+
+
+def _built_by_registry(path) -> dict:
+    """trainer.distributed's builder: build_model(cfg, shard=...) on a prepared folder; one step."""
+    import torch.distributed as dist
+
+    from goldstone_cli.models import build_model
+
+    shard = RowShard(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+    model = build_model(_cfg(path), torch.device("cpu"), DT, shard=shard)
+    assert isinstance(model, ShardedDynamicWordEmbeddings)
+    loss = model.loss_terms(torch.Generator().manual_seed(5))["total"]
+    return {"loss": float(loss.detach()), "metrics": model.evaluate(), "rows": model.means()[0].shape[1]}
+
+
+def _run_all_ranks(path) -> dict:
+    out = {name: _run_rank(name) for name in CASES}
+    out["registry"] = _built_by_registry(path)
+    return out
 
 
 def _rel(a, b) -> float:
@@ -89,11 +127,54 @@ def test_one_process_sharded_model_is_dwe(name):
     assert got["gauge_steps"] == STEPS // 10
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_sharded_builder_reads_the_prepared_folder_like_dwe(tmp_path):
+    """build_sharded_dwe (one rank) on a prepared folder: the model, data split and metrics of
+    the one-process builder (load_word_counts + DynamicWordEmbeddings) on the same folder."""
+    from goldstone_cli.models import build_model
+    from goldstone_cli.models.dwe_sharded import build_sharded_dwe
+
+    _write_corpus(tmp_path / "c")
+    cfg = _cfg(tmp_path / "c")
+    ref = build_model(cfg, torch.device("cpu"), DT)
+    got = build_sharded_dwe(cfg, torch.device("cpu"), DT, RowShard.single())
+    assert isinstance(ref, DynamicWordEmbeddings) and isinstance(got, ShardedDynamicWordEmbeddings)
+    for (n, p), (m, q) in zip(ref.named_parameters(), got.named_parameters()):
+        assert n == m and torch.equal(p, q)
+    a = ref.loss_terms(torch.Generator().manual_seed(5))["total"]
+    b = got.loss_terms(torch.Generator().manual_seed(5))["total"]
+    assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-12)
+    mr, mg = ref.evaluate(), got.evaluate()
+    assert mr.keys() == mg.keys() and all(math.isclose(mr[k], mg[k], rel_tol=1e-10) for k in mr)
+
+
 @pytest.fixture(scope="module")
-def two_ranks():
+def prepared(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dwe_corpus") / "c"
+    _write_corpus(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_ranks(prepared):
     from goldstone_cli.distributed.local import run_local
 
-    return run_local(_run_all_ranks, 2, timeout_s=600)
+    return run_local(_run_all_ranks, 2, str(prepared), timeout_s=600)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_registry_builds_the_sharded_model_on_two_ranks(two_ranks, prepared):
+    from goldstone_cli.models import build_model
+
+    ref = build_model(_cfg(prepared), torch.device("cpu"), DT)
+    a = float(ref.loss_terms(torch.Generator().manual_seed(5))["total"].detach())
+    ranks = [r["registry"] for r in two_ranks]
+    assert [r["rows"] for r in ranks] == [21, 20]
+    assert ranks[0]["loss"] + ranks[1]["loss"] == pytest.approx(a, rel=1e-12)
+    metrics = ref.evaluate()
+    for r in ranks:
+        assert all(math.isclose(r["metrics"][k], v, rel_tol=1e-10) for k, v in metrics.items())
 
 
 @pytest.mark.slow

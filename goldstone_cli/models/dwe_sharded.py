@@ -491,3 +491,43 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
     def set_extra_state(self, state) -> None:
         if state["vocab"] != self.vocab or state["years"] != self.years.tolist():
             raise ValueError("this checkpoint was trained on another corpus (vocabulary or time steps differ)")
+
+
+# ============================================================================ model registry
+def build_sharded_dwe(cfg, device: torch.device, dtype: torch.dtype, shard: RowShard) -> ShardedDynamicWordEmbeddings:
+    """``model=dwe`` under ``trainer.distributed=true``: rank 0 prepares the corpus folder on first
+    use (as the one-process builder does), then every rank opens it and keeps its rows of each step."""
+    from goldstone_cli.data.cooc import existing_output_state, read_manifest
+    from goldstone_cli.data.corpus import normalize_keep_words
+    from goldstone_cli.models.dwe import load_word_counts
+
+    data_cfg = cfg.data
+    path = Path(str(data_cfg.path))
+    failed = torch.zeros(1, dtype=torch.int64, device=device)
+    error: Optional[BaseException] = None
+    if shard.is_main() and existing_output_state(path) in ("missing", "empty"):
+        try:
+            load_word_counts(data_cfg, progress=bool(cfg.trainer.progress))  # prepares it (one process only)
+        except BaseException as exc:  # re-raised below, after the other ranks have heard of it
+            error, failed[0] = exc, 1
+    shard.all_reduce_max_(failed)
+    if error is not None:
+        raise error
+    if int(failed[0]):
+        raise RuntimeError(f"rank 0 could not prepare the corpus at {path}; see its error (logs/rank0 or the console)")
+    if data_cfg.get("source"):  # the folder must hold the corpus the config asks for (as load_word_counts checks)
+        settings = {"keep_words": [], **read_manifest(path).get("settings", {})}
+        wanted = {"bin_years": data_cfg.bin_years, "vocab_size": data_cfg.vocab_size, "rank": data_cfg.rank,
+                  "keep_words": normalize_keep_words(data_cfg.get("keep_words"))}
+        for key, want in wanted.items():
+            if key in settings and settings[key] != want:
+                raise ValueError(f"{path} was prepared with {key}={settings[key]}, but data.{key}={want}; "
+                                 "set data.path to another folder (or remove this one)")
+    src = StepSource.from_prepared(path, verify=bool(data_cfg.get("verify", False)))
+    m = cfg.model
+    return ShardedDynamicWordEmbeddings(
+        src, shard=shard, d=m.d, inference=m.inference, D=m.D, sigma0=m.sigma0, neg_ratio=m.neg_ratio,
+        neg_exponent=m.neg_exponent, coupled=m.coupled, batch_words=m.batch_words, batch_contexts=m.batch_contexts,
+        init_mean_std=m.init_mean_std, init_std=m.init_std, test_steps=m.test_steps, test_mass=m.test_mass,
+        split_seed=m.split_seed, eval_chunk=m.eval_chunk, val_mass=m.get("val_mass", 0.0), seed=cfg.seed,
+        dtype=dtype, device=device)
