@@ -146,13 +146,13 @@ def bench_gauge(shard, args, device) -> list[dict]:
     from goldstone_cli.optim import Coupling, GoldstoneGD
 
     T, N, d = args.gauge_T, args.gauge_N, args.gauge_d
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(1000 + shard.rank)  # each rank draws only its rows
     out = []
     for solver in ("procrustes", "natural"):
         tensors = []
         for _ in range(2):  # e.g. users and items, N rows each
-            full = torch.randn(T, N, d, generator=g)
-            tensors.append(torch.nn.Parameter(shard.take(full).to(device).contiguous()))
+            local = torch.randn(T, shard.local_size(N), d, generator=g, device=device)
+            tensors.append(torch.nn.Parameter(local))
         opt = GoldstoneGD(torch.optim.Adam(tensors, lr=1e-3), groups=[tensors], coupling=Coupling.chain(T, 1.0),
                           k1=1, solver=solver, rotation="expm", process_group=shard.group if shard.distributed else None)
         r = timed(opt.gauge_step, args.reps, 1, device, shard.world)
