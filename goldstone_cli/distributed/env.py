@@ -15,11 +15,13 @@ The backend is NCCL on CUDA devices and gloo on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping, Optional
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -162,3 +164,16 @@ def shutdown() -> None:
     """Leave the process group (no-op when none was joined)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def rank_log(run_dir: str | os.PathLike, rank: int) -> Iterator[None]:
+    """Rank 0 prints as usual; any other rank's output (stdout, stderr, warnings, progress messages)
+    goes to ``<run_dir>/logs/rank<r>.log`` (appended, so a resumed run keeps the earlier log)."""
+    if rank == 0:
+        yield
+        return
+    path = Path(run_dir) / "logs" / f"rank{rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", buffering=1) as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield
