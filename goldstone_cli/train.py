@@ -349,9 +349,10 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
         with _Interrupt() as interrupt:
             step = start
             while True:
-                if shard.distributed:  # a signal to any rank stops every rank at this step
-                    _agree_on_interrupt(interrupt, shard)
-                if interrupt.requested:
+                # a signal to any rank stops every rank at this step (decided on the all-reduced flag only:
+                # a signal arriving during the all-reduce is seen by every rank at the next step)
+                stop = _agree_on_interrupt(interrupt, shard) if shard.distributed else interrupt.requested
+                if stop:
                     checkpoint(step)
                     status = "interrupted"
                     message = (f"interrupted ({interrupt.name}) at step {step}; continue with: "
@@ -554,13 +555,15 @@ def _broadcast_text(shard: RowShard, text: Optional[str]) -> str:
     return bytes(buf.cpu().tolist()).decode()
 
 
-def _agree_on_interrupt(interrupt: "_Interrupt", shard: RowShard) -> None:
-    """Every rank learns whether any rank got a stop signal (and which: the largest number)."""
-    flag = torch.tensor([float(interrupt.signum or 0) if interrupt.requested else 0.0],
-                        device=shard.device or torch.device("cpu"))
-    signum = int(shard.all_reduce_max_(flag).item())
-    if signum and not interrupt.requested:
-        interrupt.requested, interrupt.signum = True, signum
+def _agree_on_interrupt(interrupt: "_Interrupt", shard: RowShard) -> bool:
+    """Whether any rank got a stop signal before this all-reduce (the same answer on every rank);
+    if so every rank records it (the signal: the largest number)."""
+    requested, signum = interrupt.requested, interrupt.signum  # read once: the handler may run at any time
+    flag = torch.tensor([float(signum or 0) if requested else 0.0], device=shard.device or torch.device("cpu"))
+    agreed = int(shard.all_reduce_max_(flag).item())
+    if agreed:
+        interrupt.requested, interrupt.signum = True, agreed
+    return bool(agreed)
 
 
 def _summed_terms(terms: dict[str, torch.Tensor], shard: RowShard) -> tuple[float, float, float]:

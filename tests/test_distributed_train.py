@@ -175,3 +175,24 @@ def test_sigterm_to_one_rank_stops_all_with_a_resumable_folder(tmp_path):
     assert f"Resuming {run} from step {stopped}" in res.stdout
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
     assert_same_run(one, run)
+
+
+@pytest.mark.slow
+def test_movielens_two_ranks_match_one_process(tmp_path, shared_data):
+    """ml-latest-small, users and items sharded, minibatches drawn globally, AdaGrad + natural gauge
+    steps: 2 ranks == 1 process for 50 steps; a 2-rank run resumed on one process too."""
+    ml = [f"data.path={shared_data / 'movielens' / 'ml-latest-small'}", f"data.cache_dir={tmp_path / 'cache'}",
+          "model=movielens", "data.T=5", "model.d=4", "model.batch_size=20000", "optimizer=goldstone",
+          "optimizer.k1=10", "trainer.dtype=float64", "trainer.device=cpu", "trainer.log_every=1",
+          "trainer.eval_every=10", "trainer.checkpoint_every=20", "trainer.progress=false"]
+    one = tmp_path / "one"
+    one_process([*ml, "trainer.steps=50"], one)
+    assert len(pd.read_csv(one / "gauge.csv")) >= 4
+    two = tmp_path / "two"
+    _ok(torchrun(2, [*ml, "trainer.steps=50", f"run_dir={two}"], tmp_path))
+    assert (two / "checkpoints" / "best.dcp" / "meta.pt").is_file()
+    assert_same_run(one, two)
+    a = tmp_path / "two_then_one"
+    _ok(torchrun(2, [*ml, "trainer.steps=30", f"run_dir={a}"], tmp_path))
+    one_process(["trainer.steps=50", "trainer.distributed=false"], a, resume=True)
+    assert_same_run(one, a)
