@@ -317,7 +317,13 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                        f"digits (set OMP_NUM_THREADS={threads} for a bit-exact resume)")
         tqdm.write(f"Resuming {run_dir} from step {start}")
 
+    generator_before_final: list = []  # the generator as iteration `steps` found it (see below)
+
     def state_at(step: int) -> dict[str, Any]:
+        # the final row's loss terms draw a minibatch after the last update: a checkpoint at the last
+        # step keeps the generator as it was before that draw, so a run continued with more steps
+        # draws what an uninterrupted longer run draws
+        gen = generator_before_final[0] if generator_before_final and step >= steps else generator.get_state()
         return {
             "step": step,
             "wall_time": wall,
@@ -326,7 +332,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "generator": generator.get_state(),
+            "generator": gen,
             "config": _plain_config(cfg),
             "torch_threads": torch.get_num_threads(),
         }
@@ -368,6 +374,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                 final = step >= steps
                 t0 = time.perf_counter()
                 if final:
+                    generator_before_final[:] = [generator.get_state()]
                     with torch.no_grad():
                         terms = model.loss_terms(generator)
                 else:
