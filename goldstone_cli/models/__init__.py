@@ -57,12 +57,16 @@ def _build_movielens(cfg: DictConfig, device: torch.device, dtype: torch.dtype, 
                                     dtype=dtype, device=device, shard=shard)
 
 
-@register("dwe")
-def _build_dwe(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> DynamicModel:
+@register("dwe", shardable=True)
+def _build_dwe(cfg: DictConfig, device: torch.device, dtype: torch.dtype, shard=None) -> DynamicModel:
     from goldstone_cli.models.dwe import DynamicWordEmbeddings, load_word_counts
 
     if cfg.data.name not in ("sotu", "cooc"):
         raise ValueError(f"model=dwe needs a co-occurrence corpus (data=sotu or data=cooc), got data={cfg.data.name}")
+    if shard is not None and shard.distributed:  # word and context rows sharded (issue 17)
+        from goldstone_cli.models.dwe_sharded import build_sharded_dwe
+
+        return build_sharded_dwe(cfg, device, dtype, shard)
     wc = load_word_counts(cfg.data, progress=bool(cfg.trainer.progress))
     m = cfg.model
     return DynamicWordEmbeddings(
