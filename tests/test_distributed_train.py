@@ -83,6 +83,9 @@ def test_distributed_without_launcher_is_a_clear_error(in_tmp, no_launcher):
 
 
 def test_model_without_sharding_is_refused_before_joining(in_tmp, no_launcher):
+    import goldstone_cli.models as models
+
+    no_launcher.setattr(models, "_SHARDABLE", models._SHARDABLE - {"dwe"})  # every built-in model shards now
     no_launcher.setenv("RANK", "0")
     no_launcher.setenv("WORLD_SIZE", "2")
     no_launcher.setenv("MASTER_ADDR", "127.0.0.1")
