@@ -199,3 +199,62 @@ def test_movielens_two_ranks_match_one_process(tmp_path, shared_data):
     _ok(torchrun(2, [*ml, "trainer.steps=30", f"run_dir={a}"], tmp_path))
     one_process(["trainer.steps=50", "trainer.distributed=false"], a, resume=True)
     assert_same_run(one, a)
+
+
+def readme_torchrun_commands() -> list[str]:
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Training on several GPUs or nodes", 1)[1].split("\n## ", 1)[0]
+    return [ln.strip() for ln in section.splitlines() if ln.strip().startswith("torchrun ")]
+
+
+def test_readme_has_torchrun_commands():
+    cmds = readme_torchrun_commands()
+    assert len(cmds) == 3 and all("-m goldstone_cli train" in c for c in cmds)
+
+
+@pytest.mark.slow
+def test_readme_torchrun_commands_run(tmp_path, shared_data):
+    """The README's torchrun lines, on 2 CPU ranks and a few steps (MovieLens on the sample data)."""
+    import shlex
+
+    small = ["trainer.steps=4", "trainer.eval_every=2", "trainer.log_every=1", "trainer.progress=false",
+             "trainer.device=cpu"]
+    run = None
+    for cmd in readme_torchrun_commands():
+        cmd = cmd.replace("<MovieLens copy>", shlex.quote(str(shared_data / "movielens" / "ml-latest-small")))
+        cmd = cmd.replace("outputs/dense_mf/<run>", shlex.quote(str(run)))
+        args = shlex.split(cmd)
+        assert not any("<" in a for a in args), cmd
+        train_args = args[args.index("train") + 1:]
+        train_args = [a for a in train_args if a != "trainer.distributed=true" and not a.startswith("trainer.device")]
+        if any(a.startswith("resume=") for a in train_args):
+            train_args += ["trainer.steps=6"]
+        else:
+            train_args += small
+            if "model=movielens" in train_args:
+                train_args += ["data.T=4", "model.d=3", f"data.cache_dir={tmp_path / 'cache'}"]
+            else:
+                run = tmp_path / "readme_run"
+                train_args.append(f"run_dir={run}")
+        res = torchrun(2, train_args, tmp_path)
+        _ok(res)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+
+@pytest.mark.slow
+def test_sweep_runs_each_run_on_two_submitit_local_tasks(in_tmp):
+    """hydra/launcher=submitit_local with tasks_per_node=2: each run is one 2-rank distributed run."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    res = subprocess.run([sys.executable, "-m", "goldstone_cli", "sweep", "model=dense_mf", "optimizer=gd", "seed=0",
+                          "trainer.distributed=true", "trainer.device=cpu", "trainer.steps=10",
+                          "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    runs = [p for p in (in_tmp / "outputs" / "sweeps").glob("*/*") if (p / "summary.json").is_file()]
+    assert len(runs) == 1
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["ranks"] == 2
+    assert (runs[0] / "train.rank1.log").is_file() and (runs[0] / "logs" / "rank1.log").is_file()
+    assert (runs[0] / "checkpoints" / "last.dcp" / "meta.pt").is_file()

@@ -180,6 +180,8 @@ def _safe_reader(folder: Path):
         def read_metadata(self, *args, **kwargs):
             rank = kwargs.get("rank")
             name = ".metadata" if rank is None else f"__{rank}.metadata"
+            if not (Path(self.path) / name).is_file():  # DCP then tries the other kind of metadata file
+                raise FileNotFoundError(f"no {name} in {self.path}")
             metadata = read_metadata(Path(self.path) / name)
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
@@ -196,7 +198,7 @@ _mesh_cache: dict[tuple, Any] = {}
 def _mesh(shard: RowShard, device: torch.device):
     from torch.distributed.device_mesh import init_device_mesh
 
-    key = (shard.world, device.type)
+    key = (shard.world, device.type, id(shard.group))  # a new process group gets a new mesh
     if key not in _mesh_cache:
         _mesh_cache[key] = init_device_mesh(device.type, (shard.world,))
     return _mesh_cache[key]
@@ -307,6 +309,7 @@ def load(folder: Path, shard: RowShard, device: torch.device, verify: bool = Tru
     import torch.distributed.checkpoint as dcp
 
     meta = read_meta(folder, verify=verify and not shard.distributed)  # distributed: load_latest verified
+    read_metadata(folder / ".metadata")  # a one-line error for a crafted or damaged file, before DCP reads it
     state = meta["state"]
     targets: dict[str, Tensor] = {}
     places: list[tuple[Path_, str]] = []
