@@ -10,16 +10,21 @@ Two launchers are understood:
   port is derived from the job id, unless ``MASTER_ADDR`` / ``MASTER_PORT`` are set.
 
 torchrun's variables win when both are present (torchrun started inside a Slurm allocation).
+submitit's local executor (``hydra/launcher=submitit_local`` with ``tasks_per_node``) is understood
+too (``SUBMITIT_LOCAL_GLOBALID`` / ``SUBMITIT_LOCAL_NTASKS``; master 127.0.0.1), to test a Slurm set-up
+on one machine.
 The backend is NCCL on CUDA devices and gloo on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping, Optional
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -103,6 +108,15 @@ def launch_env(env: Optional[Mapping[str, str]] = None) -> Optional[LaunchEnv]:
         else:
             job = env.get("SLURM_JOB_ID", "0")
             port = 20000 + (int(job) % 20000 if job.isdigit() else 0)  # same on every task of the job
+    elif "SUBMITIT_LOCAL_GLOBALID" in env and "SUBMITIT_LOCAL_NTASKS" in env:
+        # submitit's local executor (hydra/launcher=submitit_local, tasks_per_node > 1): one machine
+        rank, world = _int(env, "SUBMITIT_LOCAL_GLOBALID"), _int(env, "SUBMITIT_LOCAL_NTASKS")
+        local = _int(env, "SUBMITIT_LOCAL_LOCALID") if "SUBMITIT_LOCAL_LOCALID" in env else rank
+        source = "submitit_local"
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+        job = env.get("SUBMITIT_LOCAL_JOB_ID", "0")
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else \
+            20000 + (int(job) % 20000 if job.isdigit() else 0)
     else:
         return None
     if world < 1 or not 0 <= rank < world or local < 0:
@@ -162,3 +176,16 @@ def shutdown() -> None:
     """Leave the process group (no-op when none was joined)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def rank_log(run_dir: str | os.PathLike, rank: int) -> Iterator[None]:
+    """Rank 0 prints as usual; any other rank's output (stdout, stderr, warnings, progress messages)
+    goes to ``<run_dir>/logs/rank<r>.log`` (appended, so a resumed run keeps the earlier log)."""
+    if rank == 0:
+        yield
+        return
+    path = Path(run_dir) / "logs" / f"rank{rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", buffering=1) as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield

@@ -24,6 +24,8 @@ class RowShard:
     rank: int
     world: int
     group: Optional[dist.ProcessGroup] = None
+    #: where small tensors for collectives live (CUDA for NCCL); None: the CPU (gloo)
+    device: Optional[torch.device] = None
 
     def __post_init__(self):
         if self.world < 1 or not 0 <= self.rank < self.world:
@@ -36,7 +38,7 @@ class RowShard:
     @classmethod
     def from_dist(cls, d) -> "RowShard":
         """From a :class:`goldstone_cli.distributed.env.Dist` (``None``: one process)."""
-        return cls.single() if d is None else cls(rank=d.rank, world=d.world, group=d.group)
+        return cls.single() if d is None else cls(rank=d.rank, world=d.world, group=d.group, device=d.device)
 
     @property
     def distributed(self) -> bool:

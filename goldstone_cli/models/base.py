@@ -66,6 +66,10 @@ class DynamicModel(nn.Module):
         Checkpoints store these as DTensors with placement ``Shard(1)``."""
         return {}
 
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Group tensors that every rank holds in full (GoldstoneGD counts their rows once)."""
+        return []
+
     def reduce_gradients(self) -> None:
         """Called by the trainer after ``backward()``: all-reduce the gradients of replicated
         parameters (none by default; the sharded models here shard every parameter)."""

@@ -49,9 +49,10 @@ class DenseDynamicMF(DynamicModel):
         # a rank keeps its rows of the global draw, so the start does not depend on the rank count
         U = init_scale * torch.randn(T, n_rows, d, generator=g, dtype=torch.float64)
         V = init_scale * torch.randn(T, n_cols, d, generator=g, dtype=torch.float64)
-        self.U = nn.Parameter(self.shard.take(U).to(device, dtype))  # (T, rows of this rank, d)
-        self.V = nn.Parameter(self.shard.take(V).to(device, dtype))  # (T, columns of this rank, d)
-        self.X = self.shard.take(data.X).to(device, dtype)  # (T, rows of this rank, n_cols)
+        # contiguous: a copy of the block, so the full tensors are freed (one process: no copy)
+        self.U = nn.Parameter(self.shard.take(U).to(device, dtype).contiguous())  # (T, rows of this rank, d)
+        self.V = nn.Parameter(self.shard.take(V).to(device, dtype).contiguous())  # (T, columns of this rank, d)
+        self.X = self.shard.take(data.X).to(device, dtype).contiguous()  # (T, rows of this rank, n_cols)
         self.coupling = Coupling.chain(T, coupling)  # Eq. 7
         self.L_star: Optional[float] = None if data.time_dependent else optimal_loss(data.X, d)
 

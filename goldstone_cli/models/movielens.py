@@ -300,7 +300,7 @@ class SparseDynamicBernoulliMF(DynamicModel):
         # contiguous run of it: from the counts of every (bin, rank), where each run starts
         counts = torch.zeros(sh.world, T, dtype=torch.int64)
         counts[sh.rank] = torch.from_numpy(np.bincount(tbin[split == 0], minlength=T).astype(np.int64))
-        sh.all_reduce_sum_(counts)  # (world, T)
+        counts = sh.all_reduce_sum_(counts.to(sh.device or "cpu")).cpu()  # (world, T); NCCL needs CUDA tensors
         starts = (torch.cumsum(counts.T.reshape(-1), 0) - counts.T.reshape(-1)).view(T, sh.world)  # (T, world)
         self.n_train = int(counts.sum())
         self._local_train = int(counts[sh.rank].sum())
