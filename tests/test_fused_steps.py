@@ -14,6 +14,7 @@ from goldstone_cli.data.movielens import load_movielens
 from goldstone_cli.models.base import DynamicModel
 from goldstone_cli.models.movielens import GradBuffer, SparseDynamicBernoulliMF
 from goldstone_cli.optim import coupling as C
+from goldstone_cli.optim import gauge as G
 from goldstone_cli.optim.coupling import Coupling, quadratic_terms_
 from goldstone_cli.optim.factory import build_base
 from goldstone_cli.train import train
@@ -174,3 +175,39 @@ def test_training_run_gives_the_same_metrics_as_before(tmp_path, monkeypatch):
     cols = [c for c in new.columns if c not in ("wall_time", "gauge_time")]
     assert len(new) == len(old) == 13
     np.testing.assert_allclose(new[cols].to_numpy(float), old[cols].to_numpy(float), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("block", [1, 4, 1 << 22])
+def test_rotation_with_psi_equals_rotating_then_evaluating_psi(block):
+    g = torch.Generator().manual_seed(1)
+    T, N, d = 7, 6, 3
+    coupling = Coupling(T, [0, 1, 2, 3, 4, 5, 0, 2], [1, 2, 3, 4, 5, 6, 3, 6], [1.0, 2.0, 0.5, 1.5, 1.0, 3.0, 0.7, 0.2])
+    Z = torch.randn(T, N, d, generator=g, dtype=torch.float64)
+    R = torch.linalg.qr(torch.randn(T, d, d, generator=g, dtype=torch.float64))[0]
+    want = Z.clone()
+    G.rotate_rows_(want, R)
+    got = Z.clone()
+    psi = G.rotate_rows_psi_(got, R, coupling, block_elems=block)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(psi, coupling.psi_value(want), rtol=1e-14, atol=0)
+
+
+def test_gauge_step_evaluates_psi_once_per_tensor(monkeypatch):
+    """psi before comes from the fused value pass, psi after from the rotation pass: no psi_value."""
+    from goldstone_cli.optim.goldstone import GoldstoneGD
+
+    coupling = Coupling.chain(6, 2.0)
+    for solver in ("procrustes", "natural"):
+        g = torch.Generator().manual_seed(2)
+        U = torch.nn.Parameter(torch.randn(6, 8, 3, generator=g, dtype=torch.float64))
+        V = torch.nn.Parameter(torch.randn(6, 5, 3, generator=g, dtype=torch.float64))
+        opt = GoldstoneGD(torch.optim.SGD([U, V], lr=0.1), [[U, V]], coupling, k1=1, solver=solver, rotation="expm")
+        calls = []
+        monkeypatch.setattr(Coupling, "psi_value", lambda self, t: calls.append(1) or 0.0)
+        before = float(sum(coupling.psi(Z) for Z in (U, V)))
+        info = opt.gauge_step()
+        monkeypatch.undo()
+        assert calls == []
+        assert abs(info["psi_before"] - before) <= 1e-12 * before
+        after = float(sum(coupling.psi(Z) for Z in (U, V)))
+        assert abs(info["psi_after"] - after) <= 1e-12 * after and after < before

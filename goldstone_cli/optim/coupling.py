@@ -255,12 +255,13 @@ FUSED_BLOCK_ELEMS = 1 << 22
 
 
 def quadratic_terms_(Z: Tensor, coupling: Coupling, gamma: float = 0.0, out: Tensor | None = None,
-                     block_elems: int | None = None) -> tuple[Tensor, Tensor]:
+                     block_elems: int | None = None, sum_squares: bool = True) -> tuple[Tensor, Tensor]:
     """``(sum ||Z||^2, psi(Z))`` (Eq. 3 / Eq. 6), both float64 scalars, and, if ``out`` is given,
     ``out <- gamma Z + L @ Z`` (the gradient of ``gamma/2 ||Z||^2 + psi``) in place, in ONE pass
     over Z: blocks of time steps small enough to stay in cache, so Z is read from memory about once
     and ``out`` written once, and no (T, N, d) temporary is made (issue 16). Sums accumulate in
-    float64 per time step (``numerics.row_sum_squares``); no autograd."""
+    float64 per time step (``numerics.row_sum_squares``); no autograd. ``sum_squares=False``: the
+    first value is 0 (not computed)."""
     coupling._check(Z)
     Z = Z.detach()
     T = Z.shape[0]
@@ -277,7 +278,8 @@ def quadratic_terms_(Z: Tensor, coupling: Coupling, gamma: float = 0.0, out: Ten
     for s in range(0, T, step):  # blocks of time steps, not single rows or steps (unless N d is large)
         e = min(T, s + step)
         zb = flat[s:e]  # (b, L)
-        sq += row_sum_squares(zb).sum()
+        if sum_squares:
+            sq += row_sum_squares(zb).sum()
         for band in bands:
             o = band.offset
             hi = min(e, T - o)  # edges (t, t + o) with t in [s, hi)
@@ -307,12 +309,8 @@ class _Psi(torch.autograd.Function):
         coupling._check(Z)
         ctx.coupling = coupling
         ctx.save_for_backward(Z)
-        total = torch.zeros((), dtype=torch.float64, device=Z.device)
-        for band in coupling.bands(torch.float64, Z.device):
-            o = band.offset
-            diff = Z[o:] - Z[:-o]  # (T-o, N, d), freed at the end of the iteration
-            sq = row_sum_squares(diff.flatten(1))  # (T-o,) ||Z_t+o - Z_t||^2 in float64, no second temporary
-            total = total + 0.5 * torch.dot(band.weight, sq)  # Eq. 3
+        # ||Z_t+o - Z_t||^2 per time step in float64, over cache-sized blocks (no (T, N, d) temporary)
+        _, total = quadratic_terms_(Z, coupling, sum_squares=False)
         return total.to(Z.dtype)
 
     @staticmethod
