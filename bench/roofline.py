@@ -259,8 +259,16 @@ def movielens_case(name: str, path: Path, args, device: torch.device, T: int = 1
         terms["total"].backward()
         old_opt.step()
 
+    def step_compiled():  # trainer.compile=true
+        model.set_compile(True)
+        try:
+            step()
+        finally:
+            model.set_compile(False)
+
     variants = {"goldstone": step, "before_issue16": step_before}
     if not args.no_compile:
+        variants["goldstone_compiled"] = step_compiled
         U = torch.nn.Parameter(model.U.detach().clone())
         V = torch.nn.Parameter(model.V.detach().clone())
         ref_opt = torch.optim.Adagrad([U, V], lr=1.0, fused=True)

@@ -211,3 +211,41 @@ def test_gauge_step_evaluates_psi_once_per_tensor(monkeypatch):
         assert abs(info["psi_before"] - before) <= 1e-12 * before
         after = float(sum(coupling.psi(Z) for Z in (U, V)))
         assert abs(info["psi_after"] - after) <= 1e-12 * after and after < before
+
+
+def test_trainer_compile_is_a_validated_switch():
+    assert compose(["model=movielens"]).trainer.compile is False
+    assert compose(["model=movielens", "trainer.compile=true"]).trainer.compile is True
+    with pytest.raises(Exception, match="compile"):
+        compose(["model=movielens", "trainer.compile=maybe"])
+
+
+def test_a_failing_compiled_kernel_falls_back_to_the_eager_pass(monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler\nmore detail")
+
+    monkeypatch.setitem(C._COMPILED, "chain", broken)
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(5, 4, 3, generator=g)
+    coupling = Coupling.chain(5, 2.0)
+    want_out = torch.empty_like(Z)
+    want = quadratic_terms_(Z, coupling, 0.5, want_out)
+    out = torch.empty_like(Z)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        got = quadratic_terms_(Z, coupling, 0.5, out, compiled=True)
+    assert C._COMPILED["chain"] is None  # not tried again
+    assert [float(v) for v in got] == [float(v) for v in want] and torch.equal(out, want_out)
+
+
+@pytest.mark.slow
+def test_compiled_quadratic_kernel_matches_the_eager_pass():
+    g = torch.Generator().manual_seed(0)
+    coupling = Coupling.chain(11, 3.0)
+    for shape in ((11, 40, 5), (11, 7, 5)):
+        Z = torch.randn(*shape, generator=g)
+        a_out, b_out = torch.empty_like(Z), torch.empty_like(Z)
+        a = quadratic_terms_(Z, coupling, 0.5, a_out)
+        b = quadratic_terms_(Z, coupling, 0.5, b_out, compiled=True)
+        for x, y in zip(a, b):
+            assert abs(float(x) / float(y) - 1) < 1e-7  # eager: float32 partial sums of 1024 squares
+        torch.testing.assert_close(a_out, b_out, rtol=1e-6, atol=1e-6)
