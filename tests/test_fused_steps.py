@@ -156,6 +156,7 @@ def test_fused_optimizers_follow_the_for_loop_versions(name):
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @needs_sample
 def test_training_run_gives_the_same_metrics_as_before(tmp_path, monkeypatch):
     """Same seed, same config: metrics.csv of the fused step vs the pre-issue-16 step (base class
