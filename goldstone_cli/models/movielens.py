@@ -19,6 +19,13 @@ likelihood gradient into one buffer per parameter. With psi's lean backward (``C
 a step needs parameters + gradients + the gradient of psi while it is added, and AdaGrad its
 accumulator plus one temporary: measured peak RSS 9.9 GB for a full-batch AdaGrad step and a
 gauge step on ML-20M-shaped data (bench/movielens_step.py, docs/benchmarks.md).
+
+Speed (issue 16): ``loss_terms`` (what the trainer calls) runs :class:`_FusedLoss` instead of
+``local_loss() + psi()``: the rows of each rating are gathered once and its gradient scatter-added
+in the same pass, the gamma term, psi and ``gamma Z + L Z`` come from one cache-blocked pass per
+parameter, and the gradient's storage is reused between steps (no page faults of a fresh
+multi-MB tensor). Same numbers up to float rounding (tests/test_fused_steps.py); timings in
+docs/benchmarks.md, "Roofline (issue 16)".
 """
 
 from __future__ import annotations
