@@ -250,3 +250,20 @@ def test_compiled_quadratic_kernel_matches_the_eager_pass():
         for x, y in zip(a, b):
             assert abs(float(x) / float(y) - 1) < 1e-7  # eager: float32 partial sums of 1024 squares
         torch.testing.assert_close(a_out, b_out, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_sample
+def test_fused_step_on_cuda_matches_the_cpu(small):
+    res = []
+    for device in ("cpu", "cuda"):
+        model = SparseDynamicBernoulliMF(small, d=4, seed=0, dtype=torch.float64, device=device)
+        terms, grads = new_terms_and_grads(model)
+        res.append(([float(terms[k]) for k in ("local", "psi")], [g.cpu() for g in grads]))
+        Z = model.U.detach().clone()
+        R = torch.linalg.qr(torch.randn(model.T, 4, 4, dtype=torch.float64))[0].to(device)
+        psi = G.rotate_rows_psi_(Z, R, model.coupling)
+        assert abs(float(psi) / float(model.coupling.psi_value(Z)) - 1) < 1e-12
+    np.testing.assert_allclose(res[0][0], res[1][0], rtol=1e-12)
+    for a, b in zip(res[0][1], res[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -256,6 +256,15 @@ class Coupling:
 FUSED_BLOCK_ELEMS = 1 << 22
 
 
+def _time_block(T: int, L: int, block_elems: int | None, Z: Tensor) -> int:
+    """Time steps per block of the fused passes: about ``block_elems`` numbers (default
+    ``FUSED_BLOCK_ELEMS``) on the CPU; on a GPU (no cache to fit, every block costs kernel launches)
+    all T at once unless ``block_elems`` is given."""
+    if block_elems is None and Z.device.type != "cpu":
+        return T
+    return max(1, min(T, (block_elems or FUSED_BLOCK_ELEMS) // max(L, 1)))
+
+
 def _chain_quadratic_kernel(Z: Tensor, out: Tensor, w: Tensor, diag: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`quadratic_terms_` of a chain (edges (t, t+1), weights ``w`` (T-1,), ``diag = gamma +
     Deg``) written as whole-tensor expressions for ``torch.compile``, which turns them into one loop
@@ -314,7 +323,7 @@ def quadratic_terms_(Z: Tensor, coupling: Coupling, gamma: float = 0.0, out: Ten
     bands = coupling.bands(torch.float64, Z.device)
     bands32 = coupling.bands(Z.dtype, Z.device)
     diag = coupling._degree_tensor(Z.dtype, Z.device) + gamma  # (T,) gamma + Deg_t
-    step = max(1, min(T, (block_elems or FUSED_BLOCK_ELEMS) // max(L, 1)))
+    step = _time_block(T, L, block_elems, Z)
     diff = torch.empty(min(step, T) * L, dtype=Z.dtype, device=Z.device)  # reused block temporary
     sq = torch.zeros((), dtype=torch.float64, device=Z.device)
     psi = torch.zeros((), dtype=torch.float64, device=Z.device)

@@ -235,7 +235,7 @@ def rotate_rows_psi_(Z: Tensor, R: Tensor, coupling: Coupling, block_elems: int 
     a second pass over Z (issue 16). Blocks go forward in t, so both ends of every edge (t, t+o) are
     rotated when its difference is taken; the sums are those of ``Coupling.psi``."""
     from goldstone_cli.numerics import row_sum_squares
-    from .coupling import FUSED_BLOCK_ELEMS
+    from .coupling import _time_block
 
     coupling._check(Z)
     T = Z.shape[0]
@@ -246,7 +246,7 @@ def rotate_rows_psi_(Z: Tensor, R: Tensor, coupling: Coupling, block_elems: int 
     L = flat.shape[1]
     Rt = R.to(dtype=Z.dtype, device=Z.device).transpose(1, 2)  # (T, d, d)
     bands = coupling.bands(torch.float64, Z.device)
-    step = max(1, min(T, (block_elems or FUSED_BLOCK_ELEMS) // max(L, 1)))
+    step = _time_block(T, L, block_elems, Z)
     diff = torch.empty(step * L, dtype=Z.dtype, device=Z.device)  # reused block temporary
     for s in range(0, T, step):  # blocks of time steps
         e = min(T, s + step)
