@@ -52,7 +52,7 @@ if want ml20m || want roofline; then
 fi
 
 # 1. CUDA tests (each compares the GPU against the CPU in float64)
-want tests && step timeout 300 $PY -m pytest -q -p no:cacheprovider --durations=8 tests/test_cuda.py tests/test_gauge.py tests/test_goldstone_optim.py
+want tests && ML_SMALL=${ML_SMALL:-../shared/data/movielens/ml-latest-small} step timeout 300 $PY -m pytest -q -p no:cacheprovider --durations=8 tests/test_cuda.py tests/test_gauge.py tests/test_goldstone_optim.py tests/test_fused_steps.py
 
 # 2. MovieLens ml-latest-small, paper settings (d=30, T=100): full-batch AdaGrad step and natural gauge
 #    step on the device. ML_SMALL names a copy of the sample (the device machine has no ../shared).

@@ -2,6 +2,7 @@
 fused optimizers give the same numbers as the formulation before (autograd through ``local_loss() +
 psi()``, for-loop AdaGrad / Adam) up to float rounding, on real ml-latest-small data."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ from goldstone_cli.optim.coupling import Coupling, quadratic_terms_
 from goldstone_cli.optim.factory import build_base
 from goldstone_cli.train import train
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "movielens" / "ml-latest-small"
+# ML_SMALL: a copy of the sample elsewhere (bench/gpu_check.sh on a device machine without ../shared)
+SAMPLE = Path(os.environ.get("ML_SMALL") or
+              Path(__file__).resolve().parents[1].parent / "shared" / "data" / "movielens" / "ml-latest-small")
 needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason="ml-latest-small sample not available")
 
 
