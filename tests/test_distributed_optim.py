@@ -118,7 +118,7 @@ def run_scenario(name: str, rank: int, world: int, group) -> dict:
     opt = make()
     rotations: list[torch.Tensor] = []
     ids = {id(p) for p in plist}
-    orig = G.rotate_rows_
+    orig = G.rotate_rows_psi_
 
     def record(Z, R, *a, **k):
         if id(Z) in ids:
@@ -126,7 +126,7 @@ def run_scenario(name: str, rank: int, world: int, group) -> dict:
         return orig(Z, R, *a, **k)
 
     diagnostics = []
-    G.rotate_rows_ = record
+    G.rotate_rows_psi_ = record
     try:
         for step in range(1, STEPS + 1):
             opt.zero_grad()
@@ -141,7 +141,7 @@ def run_scenario(name: str, rank: int, world: int, group) -> dict:
                 opt = make()
                 opt.load_state_dict(state)
     finally:
-        G.rotate_rows_ = orig
+        G.rotate_rows_psi_ = orig
     return {
         "params": {n: p.detach().clone() for n, p in params.items()},
         "rotations": rotations,

@@ -10,10 +10,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from goldstone_cli.numerics import row_sum_squares, sum_squares_value
+from goldstone_cli.numerics import sum_squares_value
 
 from . import gauge as G
-from .coupling import Coupling
+from .coupling import Coupling, quadratic_terms_
 
 # Per-parameter optimizer state that transforms like the parameter itself under Z_t <- Z_t R_t^T
 # (SGD / RMSprop momentum, Adam-family first moments, centered RMSprop's mean gradient).
@@ -298,7 +298,10 @@ class GoldstoneGD(torch.optim.Optimizer):
             device = tensors[0].device
             M_self = None
             if self.process_group is None:
-                p_before = float(self.coupling.psi_value(tensors))
+                # psi and (natural: sum ||z||^2 of Eq. 17) in one cache-blocked pass per tensor, in float64
+                vals = [quadratic_terms_(Z, self.coupling, sum_squares=self.solver == "natural") for Z in tensors]
+                p_before = float(sum(v[1] for v in vals))
+                sq = float(sum(v[0] for v in vals)) if self.solver == "natural" else None
             else:  # psi, M, M_self and sum ||z||^2 summed over the ranks' rows in one all-reduce
                 p_before, M, M_self, sq = self._reduced_sums(tensors, self.solver == "procrustes",
                                                              self.solver == "natural")
@@ -315,8 +318,6 @@ class GoldstoneGD(torch.optim.Optimizer):
                 M_self = self.coupling.self_moments(tensors, torch.float64)  # (T, d, d)
             with G.serial_cpu(M):  # only (T, d, d) / (E, d, d) work in here: one CPU thread is fastest
                 if self.solver == "natural":
-                    if self.process_group is None:
-                        sq = sum(float(sum_squares_value(Z)) for Z in tensors)  # sum ||z||^2 of Eq. 17, in float64
                     R, info, gamma = self._natural(k, M, sq, tensors)
                 else:
                     R, info = G.procrustes_solve(
@@ -327,14 +328,16 @@ class GoldstoneGD(torch.optim.Optimizer):
                 angle = float(G.rotation_angles(R, gamma).max()) if R.numel() else 0.0
                 if info.get("flips"):  # a reflection counts as an angle of pi
                     angle = math.pi
+            p_after = 0.0  # this rank's part of psi of the rotated rows, taken in the same pass
+            counted = {id(Z) for Z in self._counted(tensors)}
             for Z in tensors:
-                G.rotate_rows_(Z, R)
+                p_z = float(G.rotate_rows_psi_(Z, R, self.coupling))
+                if id(Z) in counted:
+                    p_after += p_z
                 transform_state_(self.base.state.get(Z), Z, R, self.state_transform, self._param_group(Z))
-            if self.process_group is None:
-                p_after = float(self.coupling.psi_value(tensors))
-            else:  # all-reduced once for all groups below
+            if self.process_group is not None:  # all-reduced once for all groups below
+                p_after_local.append(torch.tensor(p_after, dtype=torch.float64, device=device))
                 p_after = 0.0
-                p_after_local.append(self._local_psi(tensors))
             psi_before, psi_after, max_angle = psi_before + p_before, psi_after + p_after, max(max_angle, angle)
             per_group.append({"psi_before": p_before, "psi_after": p_after, "max_angle": angle, **info})
         if self.process_group is not None:
@@ -411,13 +414,6 @@ class GoldstoneGD(torch.optim.Optimizer):
             return tensors
         return [Z for Z in tensors if id(Z) not in self._replicated]
 
-    def _local_psi(self, tensors: list[Tensor]) -> Tensor:
-        """This rank's part of psi (Eq. 3) in float64 (a 0-d tensor on the tensors' device)."""
-        total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
-        for Z in self._counted(tensors):
-            total = total + _psi_float64(self.coupling, Z)
-        return total
-
     def _local_moments(self, tensors: list[Tensor], self_moments: bool) -> Tensor:
         """This rank's part of the pair moments (E, d, d) (Eq. 15) or of the self moments (T, d, d), float64."""
         counted = self._counted(tensors)
@@ -434,13 +430,11 @@ class GoldstoneGD(torch.optim.Optimizer):
         of one group, each summed over the rows of every rank: one float64 all-reduce of
         2 + E d^2 (+ T d^2) numbers."""
         device = tensors[0].device
-        parts = [self._local_psi(tensors).reshape(1)]
         counted = self._counted(tensors)
-        sq = torch.zeros(1, dtype=torch.float64, device=device)
-        if sq_norm:
-            for Z in counted:
-                sq = sq + sum_squares_value(Z)
-        parts.append(sq.reshape(1))
+        # psi and sum ||z||^2 of this rank's rows: the same float64 pass as without a process group
+        vals = [quadratic_terms_(Z, self.coupling, sum_squares=sq_norm) for Z in counted]
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        parts = [sum((v[1] for v in vals), zero).reshape(1), sum((v[0] for v in vals), zero).reshape(1)]
         M = self._local_moments(tensors, False)
         parts.append(M.reshape(-1))
         M_self = self._local_moments(tensors, True) if self_moments else None
@@ -549,18 +543,6 @@ def _all_reduce_sum(buf: Tensor, group) -> Tensor:
     what makes the solvers' rotations identical across ranks."""
     torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM, group=group)
     return buf
-
-
-def _psi_float64(coupling: Coupling, Z: Tensor) -> Tensor:
-    """psi (Eq. 3) of one tensor's rows as a float64 0-d tensor (``Coupling.psi`` rounds to Z's
-    dtype; partial sums that are still to be all-reduced keep float64)."""
-    total = torch.zeros((), dtype=torch.float64, device=Z.device)
-    with torch.no_grad():
-        for band in coupling.bands(torch.float64, Z.device):
-            o = band.offset
-            sq = row_sum_squares((Z[o:] - Z[:-o]).flatten(1))  # (T-o,) float64
-            total = total + 0.5 * torch.dot(band.weight, sq)
-    return total
 
 
 def _check_replicated(replicated, groups: list[list[Tensor]]) -> set[int]:
