@@ -146,13 +146,13 @@ def bench_gauge(shard, args, device) -> list[dict]:
     from goldstone_cli.optim import Coupling, GoldstoneGD
 
     T, N, d = args.gauge_T, args.gauge_N, args.gauge_d
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(1000 + shard.rank)  # each rank draws only its rows
     out = []
     for solver in ("procrustes", "natural"):
         tensors = []
         for _ in range(2):  # e.g. users and items, N rows each
-            full = torch.randn(T, N, d, generator=g)
-            tensors.append(torch.nn.Parameter(shard.take(full).to(device).contiguous()))
+            local = torch.randn(T, shard.local_size(N), d, generator=g, device=device)
+            tensors.append(torch.nn.Parameter(local))
         opt = GoldstoneGD(torch.optim.Adam(tensors, lr=1e-3), groups=[tensors], coupling=Coupling.chain(T, 1.0),
                           k1=1, solver=solver, rotation="expm", process_group=shard.group if shard.distributed else None)
         r = timed(opt.gauge_step, args.reps, 1, device, shard.world)
@@ -267,7 +267,33 @@ def bench_dwe_context(shard, args, device) -> list[dict]:
     return out
 
 
-CASES = {"gauge": bench_gauge, "dense_mf": bench_dense_mf, "dwe": bench_dwe, "dwe_context": bench_dwe_context}
+def bench_movielens(shard, args, device) -> list[dict]:
+    """A full-batch base step of the sharded MovieLens model (paper settings T=100, d=30) on the
+    ratings file ``--ml-data`` (skipped if it is missing)."""
+    from goldstone_cli.data.movielens import load_movielens
+    from goldstone_cli.models.movielens import SparseDynamicBernoulliMF
+
+    path = Path(args.ml_data)
+    if not path.exists():
+        print(f"movielens case skipped: {path} not found (--ml-data)")
+        return []
+    data = load_movielens(path, T=args.ml_T, use_cache=False, progress=False)
+    model = SparseDynamicBernoulliMF(data, d=args.ml_d, dtype=torch.float32, device=device, shard=shard)
+    opt = torch.optim.Adagrad(model.parameters(), lr=1.0)
+
+    def step():
+        opt.zero_grad()
+        model.loss_terms()["total"].backward()
+        model.reduce_gradients()
+        opt.step()
+
+    r = timed(step, args.reps, 1, device, shard.world)
+    return [{"case": "movielens", "T": args.ml_T, "users": int(data.n_users), "items": int(data.n_items),
+             "d": args.ml_d, "formula_payload_bytes": 4 * 2 * args.ml_T * int(data.n_items) * args.ml_d, **r}]
+
+
+CASES = {"gauge": bench_gauge, "dense_mf": bench_dense_mf, "dwe": bench_dwe, "dwe_context": bench_dwe_context,
+         "movielens": bench_movielens}
 
 
 def worker(args_dict: dict) -> list[dict]:
@@ -321,6 +347,10 @@ def main(argv=None) -> None:
     p.add_argument("--dwe-T", type=int, default=10)
     p.add_argument("--dwe-d", type=int, default=16)
     p.add_argument("--dwe-batch", type=int, default=200, help="words = contexts per DWE minibatch")
+    p.add_argument("--ml-data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "movielens"
+                                             / "ml-latest-small"), help="MovieLens ratings (file or folder)")
+    p.add_argument("--ml-T", type=int, default=100)
+    p.add_argument("--ml-d", type=int, default=30)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)

@@ -42,8 +42,9 @@ if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then
     DIST=(--reps 2 --gauge-N 2000 --mf-n 200 --dwe-V 300 --dwe-T 6 --dwe-batch 50)
 else
     ROWS=20000263; DWE=(); GAUGE=3
-    # the gauge step of DWE's paper size (T=209, d=100) on 2 x 1M rows; DWE steps at V=20,000, T=50
-    DIST=(--reps 5 --gauge-T 209 --gauge-N 1000000 --gauge-d 100 --mf-T 20 --mf-n 4000 --mf-d 30
+    # the gauge step at DWE's paper shape (T=209, d=100) on 2 x 100,000 rows (8.4 GB each, split over
+    # the GPUs); dense MF 2,000 x 2,000; DWE steps at V=20,000, T=50, d=100, 1,000 x 1,000 minibatches
+    DIST=(--reps 5 --gauge-T 209 --gauge-N 100000 --gauge-d 100 --mf-T 20 --mf-n 2000 --mf-d 30
           --dwe-V 20000 --dwe-T 50 --dwe-d 100 --dwe-batch 1000)
 fi
 
@@ -86,10 +87,10 @@ if want dist; then
     NGPU=$($PY -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
     if [ "$DEVICE" = cuda ] && [ "$NGPU" -ge 1 ]; then
         step timeout 420 $PY -m torch.distributed.run --standalone --nproc-per-node="$NGPU" -m bench.distributed \
-            --device cuda --out "$OUT/distributed_nccl.json" "${DIST[@]}"
+            --device cuda --ml-data "$ML_SMALL" --out "$OUT/distributed_nccl.json" "${DIST[@]}"
     fi
     step timeout 300 $PY -m bench.distributed --ranks 1 2 --reps 2 --gauge-N 2000 --mf-n 200 --dwe-V 300 --dwe-T 6 \
-        --dwe-batch 50 --out "$OUT/distributed_gloo.json"
+        --dwe-batch 50 --cases gauge dense_mf dwe dwe_context --out "$OUT/distributed_gloo.json"
 fi
 
 # 6. trainer.distributed end to end (issue 17b): NCCL ranks (one per GPU, at most 4) through torchrun,

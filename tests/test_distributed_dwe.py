@@ -199,3 +199,44 @@ def test_two_ranks_equal_one_process(two_ranks, name):
         assert r["gauge_steps"] == STEPS // 10
         assert r["psi"][1] <= r["psi"][0]
     assert ranks[0]["psi"] == ranks[1]["psi"]
+
+
+# ----------------------------------------------------------------------------- through the trainer
+@pytest.mark.slow
+def test_trainer_dwe_two_ranks_match_one_process_and_resume_on_one(tmp_path):
+    """`torchrun --nproc-per-node=2 -m goldstone_cli train trainer.distributed=true model=dwe ...` on
+    a prepared folder: metrics.csv and gauge.csv equal the one-process run's to 1e-10 over 40 steps
+    (variational, Goldstone-GD with gauge steps); a run stopped at step 20 on 2 ranks and resumed on
+    one process (sharded checkpoint -> one process) finishes with the same numbers."""
+    from test_distributed_train import _ok, one_process, torchrun
+
+    def assert_same_run(a, b):
+        """metrics.csv and gauge.csv agree to 1e-10, except the largest rotation angle near pi (a
+        reflection): 2 asin(||R - I|| / 2) turns the rotations' 1e-16 rounding into 1e-8 there."""
+        import numpy as np
+        import pandas as pd
+
+        for name, angle in (("metrics.csv", "gauge_max_angle"), ("gauge.csv", "max_angle")):
+            A = pd.read_csv(a / name).drop(columns=["wall_time", "gauge_time", "seconds"], errors="ignore")
+            B = pd.read_csv(b / name).drop(columns=["wall_time", "gauge_time", "seconds"], errors="ignore")
+            assert list(A.columns) == list(B.columns) and A.shape == B.shape and len(A) > 1, name
+            np.testing.assert_allclose(A.drop(columns=[angle]).to_numpy(float), B.drop(columns=[angle]).to_numpy(float),
+                                       rtol=1e-10, atol=1e-13, err_msg=name)
+            np.testing.assert_allclose(A[angle].to_numpy(float), B[angle].to_numpy(float), rtol=1e-6, err_msg=name)
+
+    corpus = tmp_path / "corpus"
+    _write_corpus(corpus)
+    args = ["model=dwe", "data=cooc", f"data.path={corpus}", "model.d=3", "model.D=0.01", "model.batch_words=17",
+            "model.batch_contexts=13", "model.test_steps=0.2", "model.test_mass=0.1", "model.val_mass=0.1",
+            "model.split_seed=1", "optimizer=goldstone", "optimizer.k1=10", "trainer.dtype=float64",
+            "trainer.device=cpu", "trainer.log_every=1", "trainer.eval_every=10", "trainer.checkpoint_every=10",
+            "trainer.progress=false"]
+    one = tmp_path / "one"
+    one_process([*args, "trainer.steps=40"], one)
+    two = tmp_path / "two"
+    _ok(torchrun(2, [*args, "trainer.steps=40", f"run_dir={two}"], tmp_path))
+    assert_same_run(one, two)
+    a = tmp_path / "two_then_one"
+    _ok(torchrun(2, [*args, "trainer.steps=20", f"run_dir={a}"], tmp_path))
+    one_process(["trainer.steps=40", "trainer.distributed=false"], a, resume=True)
+    assert_same_run(one, a)

@@ -152,6 +152,26 @@ def run_scenario(name: str, rank: int, world: int, group) -> dict:
     }
 
 
+def _nonfinite_on_one_rank(rank: int, group) -> dict:
+    """A NaN in rank 1's rows only: every rank must stop the same gauge step (all-reduced psi is
+    NaN everywhere), none may rotate or hang in a collective the others skipped."""
+    from goldstone_cli.optim import NonFiniteGaugeInput
+
+    Z = torch.nn.Parameter(torch.randn(4, 3, 2, dtype=DT, generator=torch.Generator().manual_seed(rank)))
+    with torch.no_grad():
+        if rank == 1:
+            Z[2, 1, 0] = float("nan")
+    before = Z.detach().clone()
+    opt = GoldstoneGD(torch.optim.SGD([Z], lr=0.1), groups=[[Z]], coupling=Coupling.chain(4, 1.0),
+                      solver="procrustes", process_group=group)
+    try:
+        opt.gauge_step()
+        raised = ""
+    except NonFiniteGaugeInput as exc:
+        raised = str(exc)
+    return {"raised": raised, "unchanged": bool(torch.equal(torch.nan_to_num(Z.detach()), torch.nan_to_num(before)))}
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -159,6 +179,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {name: run_scenario(name, rank, world, dist.group.WORLD) for name in SCENARIOS}
+        results["nonfinite"] = _nonfinite_on_one_rank(rank, dist.group.WORLD)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -253,6 +274,13 @@ def test_two_ranks_equal_one_process(two_rank_results, name):
         assert ref["flips"] > 0, "the scenario was meant to exercise reflection flips"
     if spec["opt"].get("lr_scale", 1.0) > 1:
         assert ref["backtracks"] > 0, "the scenario was meant to exercise backtracking"
+
+
+@pytest.mark.slow
+def test_nonfinite_rows_on_one_rank_stop_every_rank(two_rank_results):
+    for r in two_rank_results:
+        assert "psi became nan" in r["nonfinite"]["raised"]
+        assert r["nonfinite"]["unchanged"]
 
 
 def test_replicated_must_be_a_group_tensor():

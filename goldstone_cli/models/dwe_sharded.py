@@ -17,13 +17,17 @@ rank, so the draw does not depend on the rank count; the variational noise likew
 - each rank computes the likelihood of its P_r x Q block; in the backward pass the gradient of
   the gathered block is reduce-scattered back to the owners of the contexts.
 
-So a step moves 2 T Q d numbers per rank (gather + reduce-scatter), independent of V when the
-minibatch is fixed, and nothing per step is O(V) but the (T, V) counts every rank keeps. Why not
+So a step moves 2 T Q d numbers (gather + reduce-scatter), independent of V for a fixed minibatch
+size; the word rows never move. Why not
 DTensor / FSDP2: the minibatch touches a random subset of rows of each sharded table, which
 ``Shard(1)`` redistribution cannot express without gathering whole tables (T V d per step); FSDP2
 all-gathers whole parameters. ``local_loss``, ``psi`` and the gradients are this rank's share
 (summed over ranks they are the one-process values); ``evaluate`` returns global metrics on every
 rank.
+
+Data: every rank reads each step's count file once and keeps its rows (the held-out thinning of
+``dwe.split_counts`` draws over the upper triangle of the whole symmetric matrix, so reproducing
+the one-process split needs the whole step): one full step in memory at a time, not T.
 
 Initialization: drawn for the GLOBAL problem from ``seed`` exactly as ``DynamicWordEmbeddings``
 draws it (each rank keeps its rows), so a sharded run starts where a one-process run starts. A
