@@ -266,3 +266,21 @@ def test_sample_and_moments_pass_the_method():
     torch.testing.assert_close(sample_chain(mu, raw, off, eps, "sequential"), sample_chain(mu, raw, off, eps, "logdepth"))
     for x, y in zip(chain_moments(raw, off, "sequential"), chain_moments(raw, off, "logdepth")):
         torch.testing.assert_close(x, y)
+
+
+def test_chain_terms_equal_the_three_functions():
+    from goldstone_cli.models.dwe import chain_terms, expected_neg_log_prior_var, neg_entropy
+
+    g = torch.Generator().manual_seed(4)
+    mu, raw, eps = (torch.randn(7, 3, 2, generator=g, dtype=F64, requires_grad=True) for _ in range(3))
+    off = (0.3 * torch.randn(6, 3, 2, generator=g, dtype=F64)).requires_grad_()
+    w = torch.rand(6, generator=g, dtype=F64)
+    x, terms = chain_terms(mu, raw, off, eps, w, 0.7)
+    x0 = sample_chain(mu, raw, off, eps)
+    terms0 = expected_neg_log_prior_var(raw, off, w, 0.7) + neg_entropy(raw)
+    torch.testing.assert_close(x, x0, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(terms, terms0, rtol=1e-14, atol=1e-14)
+    gr = torch.autograd.grad(x.sum() + terms, (mu, raw, off, eps))
+    gr0 = torch.autograd.grad(x0.sum() + terms0, (mu, raw, off, eps))
+    for a, b in zip(gr, gr0):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
