@@ -148,10 +148,10 @@ def movielens_step_work(T: int, n_rows: int, d: int, n_ratings: int, n_bands: in
     optimizer, as every ``torch.optim`` step does): the loss pass reads Z once (4P) and writes the
     gradient once (4P); per rating the two indices (8 bytes each) and x (4), the two gathered rows
     (2 * 4d) and the read-modify-write of the two gradient rows it scatters into (2 * 2 * 4d); AdaGrad
-    (20P). Total ``28P + n (20 + 24d)``."""
+    (20P). Total ``28P + n (20 + 24d)`` bytes."""
     P = T * n_rows * d
     flops = n_ratings * (6 * d + 10) + P * (4 + 6 * n_bands) + adagrad_work(P).flops
-    by = 8 * F32 * P + n_ratings * (20 + 24 * d) + adagrad_work(P).bytes
+    by = 2 * F32 * P + n_ratings * (20 + 24 * d) + adagrad_work(P).bytes
     return Work(float(flops), float(by), f"P={P:,} parameters, {n_ratings:,} ratings")
 
 
@@ -162,11 +162,11 @@ def dense_mf_step_work(T: int, n_rows: int, n_cols: int, d: int) -> Work:
     two gradient products ``R V`` and ``R^T U`` (4 T n m d), psi's value and gradient (6 P) and the
     GD update (2 P), ``P = T (n + m) d``. Bytes: X read (4 T n m), the residual written and read
     twice (12 T n m; it does not fit in cache at useful sizes), Z read, gradient written (8P), GD's
-    read of parameter and gradient and write of the parameter (12P): ``4 (16 T n m + 20 P)``."""
+    read of parameter and gradient and write of the parameter (12P): ``16 T n m + 20 P`` bytes."""
     P = T * (n_rows + n_cols) * d
     nm = T * n_rows * n_cols
     flops = 6 * nm * d + 3 * nm + 8 * P
-    by = F32 * (16 * nm + 20 * P)
+    by = 4 * (4 * nm + 5 * P)
     return Work(float(flops), float(by), f"P={P:,} parameters, X {T}x{n_rows}x{n_cols}")
 
 
@@ -176,14 +176,15 @@ def gauge_step_work(T: int, n_rows: int, d: int, n_edges: int, solver: str, k2: 
     flops: the pair moments ``Z_t^T Z_t'`` of every edge (2 E n d^2), for ``procrustes`` the self
     moments (2 T n d^2), the rotation ``Z_t R_t^T`` (2 T n d^2), psi once (3P) and the d x d work
     (~30 E d^3 for SVDs / matrix exponentials, times k2 natural steps of ~10 d^3 per edge).
-    Bytes: the moments and psi read Z (4P, one pass when fused), the rotation reads and writes it (8P)."""
+    Bytes: the moments and psi read Z (4P bytes, one pass when fused), the rotation reads and writes
+    it (8P): ``12 P`` bytes."""
     P = T * n_rows * d
     flops = 2 * n_edges * n_rows * d * d + 2 * T * n_rows * d * d + 3 * P
     if solver == "procrustes":
         flops += 2 * T * n_rows * d * d + 30 * n_edges * d ** 3
     else:
         flops += k2 * 10 * n_edges * d ** 3 + 30 * T * d ** 3
-    return Work(float(flops), float(12 * F32 * P), f"{solver}, P={P:,}")
+    return Work(float(flops), float(3 * F32 * P), f"{solver}, P={P:,}")
 
 
 # ============================================================================ cases

@@ -250,6 +250,55 @@ class Coupling:
         return f"Coupling({kind}, T={self.T}, edges={self.num_edges})"
 
 
+#: elements of one time block of the fused passes below: a few such blocks stay in the CPU caches
+FUSED_BLOCK_ELEMS = 1 << 22
+
+
+def quadratic_terms_(Z: Tensor, coupling: Coupling, gamma: float = 0.0, out: Tensor | None = None,
+                     block_elems: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(sum ||Z||^2, psi(Z))`` (Eq. 3 / Eq. 6), both float64 scalars, and, if ``out`` is given,
+    ``out <- gamma Z + L @ Z`` (the gradient of ``gamma/2 ||Z||^2 + psi``) in place, in ONE pass
+    over Z: blocks of time steps small enough to stay in cache, so Z is read from memory about once
+    and ``out`` written once, and no (T, N, d) temporary is made (issue 16). Sums accumulate in
+    float64 per time step (``numerics.row_sum_squares``); no autograd."""
+    coupling._check(Z)
+    Z = Z.detach()
+    T = Z.shape[0]
+    flat = Z.reshape(T, -1)  # (T, N d), a view of a contiguous parameter
+    L = flat.shape[1]
+    go = out.view(T, -1) if out is not None else None
+    bands = coupling.bands(torch.float64, Z.device)
+    bands32 = coupling.bands(Z.dtype, Z.device)
+    diag = coupling._degree_tensor(Z.dtype, Z.device) + gamma  # (T,) gamma + Deg_t
+    step = max(1, min(T, (block_elems or FUSED_BLOCK_ELEMS) // max(L, 1)))
+    diff = torch.empty(min(step, T) * L, dtype=Z.dtype, device=Z.device)  # reused block temporary
+    sq = torch.zeros((), dtype=torch.float64, device=Z.device)
+    psi = torch.zeros((), dtype=torch.float64, device=Z.device)
+    for s in range(0, T, step):  # blocks of time steps, not single rows or steps (unless N d is large)
+        e = min(T, s + step)
+        zb = flat[s:e]  # (b, L)
+        sq += row_sum_squares(zb).sum()
+        for band in bands:
+            o = band.offset
+            hi = min(e, T - o)  # edges (t, t + o) with t in [s, hi)
+            if hi > s:
+                db = diff[: (hi - s) * L].view(hi - s, L)
+                torch.sub(flat[s + o:hi + o], flat[s:hi], out=db)
+                psi += 0.5 * torch.dot(band.weight[s:hi], row_sum_squares(db))  # Eq. 3
+        if go is not None:
+            ob = go[s:e]
+            torch.mul(zb, diag[s:e, None], out=ob)  # (gamma + Deg_t) Z_t
+            for b32 in bands32:
+                o, w = b32.offset, b32.weight
+                hi = min(e, T - o)
+                if hi > s:  # - w_t Z_{t+o} on row t
+                    go[s:hi].addcmul_(w[s:hi, None], flat[s + o:hi + o], value=-1.0)
+                lo = max(s, o)
+                if e > lo:  # - w_{t-o} Z_{t-o} on row t
+                    go[lo:e].addcmul_(w[lo - o:e - o, None], flat[lo - o:e - o], value=-1.0)
+    return sq, psi
+
+
 class _Psi(torch.autograd.Function):
     """psi for one tensor with a memory-lean backward: grad = L @ Z."""
 
