@@ -72,6 +72,18 @@ if want dwe; then
     step timeout 240 $PY -m bench.dwe_scale --inference variational --device "$DEVICE" --steps 5 --optimizer goldstone --k1 10 "${DWE[@]}"
     step timeout 240 $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 5 --optimizer goldstone --k1 10 --profile "${DWE[@]}"
     step timeout 240 $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 5 --optimizer goldstone --solver natural --k1 10 "${DWE[@]}"
+    # issue 16 (DWE part): the recurrence on the GPU, sequential vs log-depth (SCAN_METHOD["cuda"] in
+    # models/dwe.py is "logdepth" until this says otherwise), the new step against the pre-issue-16 one
+    # interleaved, and the checks: the paper-size variational step at least 3x faster than 77 ms
+    # (25.7 ms) and its peak at or below the memory model's 23 GB (parameters, gradients and Adam
+    # moments alone are 20.1 GB: half of 24.3 GB is not reachable with dense Adam state); MAP <= 9.5 GB.
+    # GPU_CHECK_SMALL runs the same commands without the limits (toy sizes say nothing about them).
+    if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then LIM_V=(); LIM_M=(); else
+        LIM_V=(--max-step-seconds 0.0257 --max-peak-gb 23); LIM_M=(--max-peak-gb 9.5); fi
+    step timeout 120 $PY -m bench.dwe_scale --sampler-only --device "$DEVICE"
+    step timeout 240 $PY -m bench.dwe_scale --inference variational --device "$DEVICE" --steps 9 --compare "${DWE[@]}"
+    step timeout 240 $PY -m bench.dwe_scale --inference variational --device "$DEVICE" --steps 9 "${LIM_V[@]}" "${DWE[@]}"
+    step timeout 240 $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 9 "${LIM_M[@]}" "${DWE[@]}"
 fi
 want dxd && step timeout 120 $PY -m bench.dxd_speed --device "$DEVICE"
 

@@ -284,3 +284,27 @@ def test_chain_terms_equal_the_three_functions():
     gr0 = torch.autograd.grad(x0.sum() + terms0, (mu, raw, off, eps))
     for a, b in zip(gr, gr0):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_bench_memory_model_and_checks(tmp_path, monkeypatch, capsys):
+    """bench/dwe_scale.py: the memory model grows with V and its largest V fits the budget; the
+    --compare mode and the --max-step-seconds check run at a toy size (the check fails loudly)."""
+    import bench.dwe_scale as ds
+
+    a = ds.memory_model(1000, 50, 20, 100, 1e6, True)
+    b = ds.memory_model(2000, 50, 20, 100, 2e6, True)
+    assert b["total"] > a["total"] and b["state"] == 2 * a["state"]
+    assert ds.memory_model(1000, 50, 20, 100, 1e6, True, "before_issue16")["total"] > a["total"]
+    v = ds.largest_vocabulary(1e9, 50, 20, 100, 20.0, False, "issue16", "cpu")
+    fits = ds.memory_model(v, 50, 20, 100, 20.0 * v * 50, False, "issue16", "cpu")["total"]
+    over = ds.memory_model(v + 1, 50, 20, 100, 20.0 * (v + 1) * 50, False, "issue16", "cpu")["total"]
+    assert fits <= 1e9 < over
+    monkeypatch.setattr(ds, "RESULTS", tmp_path)
+    small = ["--V", "60", "--T", "5", "--d", "4", "--batch", "20", "--steps", "2", "--device", "cpu"]
+    monkeypatch.setattr("sys.argv", ["dwe_scale", *small, "--inference", "variational", "--compare"])
+    ds.main()
+    out = capsys.readouterr().out
+    assert "speedup_cpu" in out and list(tmp_path.glob("dwe_compare-*.json"))
+    monkeypatch.setattr("sys.argv", ["dwe_scale", *small, "--inference", "map", "--max-step-seconds", "1e-9"])
+    with pytest.raises(SystemExit, match="CHECK FAILED: median step"):
+        ds.main()
