@@ -123,7 +123,7 @@ def set_paths(model: DynamicWordEmbeddings, paths: str) -> None:
 #: measured constants of :func:`memory_model`: saved (T, B, d) minibatch tensors per side (words,
 #: contexts), fitted to the peak RSS of this benchmark on the CPU (docs/benchmarks.md), and the CPU
 #: process's own footprint (torch's libraries, the interpreter)
-SAVED_PER_SIDE = {"variational": 17, "map": 2}
+SAVED_PER_SIDE = {"variational": 17, "map": 5}
 RUNTIME_CPU = 0.4e9
 
 
@@ -295,9 +295,22 @@ def main() -> None:
         return loss.item()
 
     if args.compare:
+        from bench.roofline import dwe_step_work, measure_rates
+
+        work = dwe_step_work(args.T, args.V, args.d, model.batch_words, model.batch_contexts, model.variational)
+        before = measure_rates(device)
+        cmp = compare_steps(model, opt, g, args.steps, device)
+        after = measure_rates(device)
+        rate = max(before.gemm_flops, after.gemm_flops)  # the better of the two measurements
+        bw = max(before.bandwidth, after.bandwidth)
+        bound = max(work.flops / rate, work.bytes / bw)
         res = {**info, "V": args.V, "d": args.d, "T": args.T, "inference": args.inference, "batch": args.batch,
-               "dtype": args.dtype, "threads": torch.get_num_threads(),
-               **compare_steps(model, opt, g, args.steps, device), "peak_rss_gb": peak_rss_gb()}
+               "dtype": args.dtype, "threads": torch.get_num_threads(), **cmp, "peak_rss_gb": peak_rss_gb(),
+               "flops": work.flops, "bytes": work.bytes, "gemm_flops_per_s": [before.gemm_flops, after.gemm_flops],
+               "bandwidth": [before.bandwidth, after.bandwidth], "bound_s": bound,
+               "above_bound_wall": {p: t / bound for p, t in cmp["median_wall_s"].items()},
+               "above_bound_cpu_per_thread": {p: t / torch.get_num_threads() / bound
+                                              for p, t in cmp["median_cpu_s"].items()}}
         print(res, flush=True)
         atomic_write_json(RESULTS / f"dwe_compare-{args.inference}-{device.type}-V{args.V}-T{args.T}.json", res)
         return
