@@ -238,6 +238,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--sampler-only", action="store_true", help="only the sampler micro-benchmark")
+    ap.add_argument("--sampler-T", type=int, nargs="+", default=[24, 209], help="time steps of the sampler benchmark")
+    ap.add_argument("--sampler-N", type=int, default=1000, help="chains (x d) of the sampler benchmark")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top operations of one more gauge step")
     ap.add_argument("--paths", choices=list(PATHS), default="issue16",
                     help="compute paths of the step: issue16 (fused chunked likelihood, O(T) recurrences on the CPU) "
@@ -261,7 +263,8 @@ def main() -> None:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     if args.sampler_only:
-        res = {"sampler": bench_sampler(device=device), **info}
+        res = {"sampler": bench_sampler(tuple(args.sampler_T), args.sampler_N, args.d,
+                                        device=device), **info}
         atomic_write_json(RESULTS / "dwe_sampler.json", res)
         return
 

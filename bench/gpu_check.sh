@@ -52,7 +52,7 @@ if want ml20m; then
 fi
 
 # 1. CUDA tests (each compares the GPU against the CPU in float64)
-want tests && step timeout 300 $PY -m pytest -q -p no:cacheprovider --durations=8 tests/test_cuda.py tests/test_gauge.py tests/test_goldstone_optim.py
+want tests && step timeout 300 $PY -m pytest -q -p no:cacheprovider --durations=8 tests/test_cuda.py tests/test_gauge.py tests/test_goldstone_optim.py tests/test_dwe_fast.py
 
 # 2. MovieLens ml-latest-small, paper settings (d=30, T=100): full-batch AdaGrad step and natural gauge
 #    step on the device. ML_SMALL names a copy of the sample (the device machine has no ../shared).
@@ -78,9 +78,9 @@ if want dwe; then
     # (25.7 ms) and its peak at or below the memory model's 23 GB (parameters, gradients and Adam
     # moments alone are 20.1 GB: half of 24.3 GB is not reachable with dense Adam state); MAP <= 9.5 GB.
     # GPU_CHECK_SMALL runs the same commands without the limits (toy sizes say nothing about them).
-    if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then LIM_V=(); LIM_M=(); else
-        LIM_V=(--max-step-seconds 0.0257 --max-peak-gb 23); LIM_M=(--max-peak-gb 9.5); fi
-    step timeout 120 $PY -m bench.dwe_scale --sampler-only --device "$DEVICE"
+    if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then LIM_V=(); LIM_M=(); SAMP=(--sampler-T 12 --sampler-N 50 --d 16); else
+        LIM_V=(--max-step-seconds 0.0257 --max-peak-gb 23); LIM_M=(--max-peak-gb 9.5); SAMP=(); fi
+    step timeout 120 $PY -m bench.dwe_scale --sampler-only --device "$DEVICE" "${SAMP[@]}"
     step timeout 240 $PY -m bench.dwe_scale --inference variational --device "$DEVICE" --steps 9 --compare "${DWE[@]}"
     step timeout 240 $PY -m bench.dwe_scale --inference variational --device "$DEVICE" --steps 9 "${LIM_V[@]}" "${DWE[@]}"
     step timeout 240 $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 9 "${LIM_M[@]}" "${DWE[@]}"

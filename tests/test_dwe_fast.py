@@ -308,3 +308,23 @@ def test_bench_memory_model_and_checks(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["dwe_scale", *small, "--inference", "map", "--max-step-seconds", "1e-9"])
     with pytest.raises(SystemExit, match="CHECK FAILED: median step"):
         ds.main()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["sequential", "logdepth"])
+def test_fused_block_and_recurrence_on_cuda_match_the_cpu(method):
+    u, v, c_rows, cneg, pt, pp, pq, pn = _block_data(T=5, P=40, Q=30, d=6, seed=3)
+    ref = _reference(u, v, c_rows, cneg, 1.1, pt, pp, pq, pn)
+    gu0, gv0 = torch.autograd.grad(ref, (u, v))
+    dev = torch.device("cuda")
+    ug, vg = u.detach().to(dev).requires_grad_(), v.detach().to(dev).requires_grad_()
+    got = skipgram_block_fused(ug, vg, c_rows.to(dev), cneg.to(dev), 1.1, pt.to(dev), pp.to(dev), pq.to(dev),
+                               pn.to(dev), chunk=500)
+    gu, gv = torch.autograd.grad(got, (ug, vg))
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gu.cpu(), gu0, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gv.cpu(), gv0, rtol=1e-10, atol=1e-10)
+    a = torch.rand(9, 4, 3, dtype=F64)
+    c = torch.randn(10, 4, 3, dtype=F64)
+    torch.testing.assert_close(linear_scan(a.to(dev), c.to(dev), reverse=True, method=method).cpu(),
+                               linear_recurrence_loop(a, c, reverse=True))
