@@ -17,7 +17,7 @@
 #
 # GPU_CHECK_SMALL=1 DEVICE=cpu bash bench/gpu_check.sh   runs every step at toy sizes on the CPU
 # (a smoke test of this script, not a measurement). GPU_CHECK_STEPS="tests dxd dwe" runs a subset of
-# the steps tests, ml_small, dwe, dxd, ml20m (default: all).
+# the steps tests, ml_small, dwe, dxd, ml20m, roofline (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
@@ -29,7 +29,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-STEPS=" ${GPU_CHECK_STEPS:-tests ml_small dwe dxd ml20m} "
+STEPS=" ${GPU_CHECK_STEPS:-tests ml_small dwe dxd ml20m roofline} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 LOG=$OUT/gpu_check.log
 : > "$LOG"
@@ -45,14 +45,14 @@ fi
 
 # 0. In the background (CPU only): a generated file in the exact ml-20m layout (20,000,263 rows),
 #    parsed and cached, for step 4. It overlaps the tests; its load times are not reported from here.
-if want ml20m; then
+if want ml20m || want roofline; then
     (timeout 420 $PY -m bench.movielens_load --rows "$ROWS" --repeats 1 > "$OUT/ml20m_generate.log" 2>&1;
      echo "rc=$?" >> "$OUT/ml20m_generate.log") &
     GEN=$!
 fi
 
 # 1. CUDA tests (each compares the GPU against the CPU in float64)
-want tests && step timeout 300 $PY -m pytest -q -p no:cacheprovider --durations=8 tests/test_cuda.py tests/test_gauge.py tests/test_goldstone_optim.py tests/test_dwe_fast.py
+want tests && ML_SMALL=${ML_SMALL:-../shared/data/movielens/ml-latest-small} step timeout 300 $PY -m pytest -q -p no:cacheprovider --durations=8 tests/test_cuda.py tests/test_gauge.py tests/test_goldstone_optim.py tests/test_fused_steps.py tests/test_dwe_fast.py
 
 # 2. MovieLens ml-latest-small, paper settings (d=30, T=100): full-batch AdaGrad step and natural gauge
 #    step on the device. ML_SMALL names a copy of the sample (the device machine has no ../shared).
@@ -92,6 +92,25 @@ if want ml20m; then
     wait $GEN; cat "$OUT/ml20m_generate.log" >> "$LOG"
     ML=$(ls -d bench/results/movielens/ml-20m-synthetic-"$ROWS"-s0)
     step timeout 240 $PY -m bench.movielens_step steptime --device "$DEVICE" --data "$ML" --steps 6 --gauge-steps "$GAUGE" --tag "gpu_check"
+fi
+
+# 5. Roofline (issue 16): the machine's GEMM rate and bandwidth, then each model step against its
+#    bound, the compiled naive reference and the pre-issue-16 step, on the device, with the full
+#    ML-20M-shaped file of step 0; then the check that the ML-20M step is within 2x of its bound.
+if want roofline; then
+    want ml20m || { wait $GEN 2>/dev/null; }
+    ML=$(ls -d bench/results/movielens/ml-20m-synthetic-"$ROWS"-s0 2>/dev/null)
+    step timeout 420 $PY -m bench.roofline --device "$DEVICE" --ml-small "$ML_SMALL" --ml20m "${ML:-missing}" --repeats 5 --tag gpu_check
+    step $PY - "$DEVICE" <<'PYEOF'
+import json, sys
+res = json.load(open(f"bench/results/roofline-{sys.argv[1]}_gpu_check.json"))
+for c in res["cases"]:
+    print(f"{c['case']}: {100 * c['fraction_of_bound']:.1f}% of the bound, ratios {c['ratio_to']}")
+ml = [c for c in res["cases"] if c["case"] == "ml20m"]
+ok = bool(ml) and ml[0]["fraction_of_bound"] >= 0.5
+print("CHECK ML-20M step within 2x of its bandwidth bound:", "PASS" if ok else "FAIL")
+sys.exit(0 if ok else 1)
+PYEOF
 fi
 
 # everything in one archive plus the log (the device tool returns at most 8 files)

@@ -231,8 +231,9 @@ def naive_movielens_loss(U, V, ru, rv, x, gamma: float, lam: float):
 
 def movielens_case(name: str, path: Path, args, device: torch.device, T: int = 100, d: int = 30) -> Case:
     """Full-batch step of ``model=movielens optimizer=adagrad`` at the paper's T, d on ``path``,
-    against the compiled naive reference (its own parameters and fused AdaGrad) and the pre-issue-16
-    formulation (the base class's ``local_loss() + psi()`` with a for-loop AdaGrad)."""
+    against the compiled naive reference (autograd through :func:`naive_movielens_loss`, fused
+    AdaGrad), the pre-issue-16 formulation (the base class's ``local_loss() + psi()`` with a for-loop
+    AdaGrad) and ``trainer.compile=true``. All update the same parameters and AdaGrad state."""
     from goldstone_cli.data.movielens import load_movielens
     from goldstone_cli.models.base import DynamicModel
     from goldstone_cli.models.movielens import SparseDynamicBernoulliMF
@@ -250,7 +251,9 @@ def movielens_case(name: str, path: Path, args, device: torch.device, T: int = 1
         terms["total"].backward()
         opt.step()
 
+    # every variant updates the same parameters with the same AdaGrad state (memory: one copy each)
     old_opt = torch.optim.Adagrad(model.parameters(), lr=1.0, foreach=False, fused=False)
+    old_opt.state = opt.state
 
     def step_before():
         old_opt.zero_grad(set_to_none=True)
@@ -259,11 +262,19 @@ def movielens_case(name: str, path: Path, args, device: torch.device, T: int = 1
         terms["total"].backward()
         old_opt.step()
 
+    def step_compiled():  # trainer.compile=true
+        model.set_compile(True)
+        try:
+            step()
+        finally:
+            model.set_compile(False)
+
     variants = {"goldstone": step, "before_issue16": step_before}
     if not args.no_compile:
-        U = torch.nn.Parameter(model.U.detach().clone())
-        V = torch.nn.Parameter(model.V.detach().clone())
+        variants["goldstone_compiled"] = step_compiled
+        U, V = model.U, model.V
         ref_opt = torch.optim.Adagrad([U, V], lr=1.0, fused=True)
+        ref_opt.state = opt.state
         loss_fn = torch.compile(naive_movielens_loss)
 
         def step_reference():
@@ -431,10 +442,19 @@ def profile_top(fn: Callable[[], object], device: torch.device, k: int = 6) -> l
 
 
 def run_case(c: Case, rates: Rates, repeats: int, device: torch.device, profile: bool = True) -> dict:
-    """Warm up every variant, then time them interleaved (one call of each per round)."""
-    for fn in c.variants.values():
-        for _ in range(c.warmup):
-            fn()
+    """Warm up every variant, then time them interleaved (one call of each per round). A comparison
+    variant that fails (e.g. torch.compile without a working compiler) is dropped and reported."""
+    failed = {}
+    for k, fn in list(c.variants.items()):
+        try:
+            for _ in range(c.warmup):
+                fn()
+        except Exception as exc:
+            if k == next(iter(c.variants)):
+                raise
+            failed[k] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            print(f"   variant {k} failed and is left out: {failed[k]}")
+            del c.variants[k]
     times: dict[str, list[float]] = {k: [] for k in c.variants}
     for _ in range(repeats):
         for k, fn in c.variants.items():
@@ -447,7 +467,7 @@ def run_case(c: Case, rates: Rates, repeats: int, device: torch.device, profile:
         "bound_s": bound, "median_s": med, "times_s": times,
         "fraction_of_bound": bound / med[main],
         "ratio_to": {k: med[main] / v for k, v in med.items() if k != main},
-        "note": c.work.note,
+        "note": c.work.note, "failed_variants": failed,
     }
     if profile:
         res["top_ops"] = profile_top(c.variants[main], device)
@@ -498,6 +518,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"{rates.copy_bandwidth / 1e9:.1f} GB/s, fused AdaGrad {rates.adagrad_bandwidth / 1e9:.1f} GB/s")
     results = []
     for n in names:
+        if n in ("ml_small", "gauge_procrustes", "gauge_natural") and not Path(args.ml_small).exists():
+            print(f"\n== {n}: skipped, {args.ml_small} not found (--ml-small)")
+            continue
+        if n == "ml20m" and not Path(args.ml20m).exists():
+            print(f"\n== {n}: skipped, {args.ml20m} not found (make it with python -m bench.movielens_load --rows N)")
+            continue
         c = BUILDERS[n](args, device)
         r = run_case(c, rates, args.repeats, device, profile=not args.no_profile)
         print_case(r)

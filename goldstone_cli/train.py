@@ -191,6 +191,15 @@ class _Interrupt:
         return False
 
 
+def _set_compile(model, on: bool) -> None:
+    """``trainer.compile``: switch the model's compiled step on (models without one run eagerly)."""
+    set_compile = getattr(model, "set_compile", None)
+    if set_compile is not None:
+        set_compile(on)
+    elif on:
+        tqdm.write(f"note: trainer.compile=true, but {type(model).__name__} has no compiled step; running it eagerly")
+
+
 # ----------------------------------------------------------------------------- main entry
 def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
     """Run (or, with ``run_dir`` holding a checkpoint, continue) the training that ``cfg`` describes."""
@@ -202,6 +211,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
     # data, model and optimizer first: a missing data set or a bad setting leaves no run folder behind
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device, dtype)
+    _set_compile(model, bool(tc.get("compile", False)))
     optimizer, scheduler = build_optimizer(cfg.optimizer, model)
 
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)

@@ -328,3 +328,15 @@ def test_fused_block_and_recurrence_on_cuda_match_the_cpu(method):
     c = torch.randn(10, 4, 3, dtype=F64)
     torch.testing.assert_close(linear_scan(a.to(dev), c.to(dev), reverse=True, method=method).cpu(),
                                linear_recurrence_loop(a, c, reverse=True))
+
+
+def test_roofline_dwe_work_counts():
+    import bench.roofline as rl
+
+    T, V, d, P, Q = 10, 50, 4, 20, 30
+    n = 2 * T * V * d + 2 * T * V * d + 2 * (T - 1) * V * d
+    assert rl.dwe_parameter_count(T, V, d, True) == n and rl.dwe_parameter_count(T, V, d, False) == 2 * T * V * d
+    w = rl.dwe_step_work(T, V, d, P, Q, True)
+    assert w.flops == 6 * T * P * Q * d + 12 * T * P * Q
+    assert w.bytes == 4 * (2 * T * V * d + 8 * n + 24 * T * (P + Q) * d)
+    assert {"dwe_variational", "dwe_map"} <= set(rl.BUILDERS)

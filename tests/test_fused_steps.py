@@ -2,6 +2,7 @@
 fused optimizers give the same numbers as the formulation before (autograd through ``local_loss() +
 psi()``, for-loop AdaGrad / Adam) up to float rounding, on real ml-latest-small data."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,14 @@ from goldstone_cli.data.movielens import load_movielens
 from goldstone_cli.models.base import DynamicModel
 from goldstone_cli.models.movielens import GradBuffer, SparseDynamicBernoulliMF
 from goldstone_cli.optim import coupling as C
+from goldstone_cli.optim import gauge as G
 from goldstone_cli.optim.coupling import Coupling, quadratic_terms_
 from goldstone_cli.optim.factory import build_base
 from goldstone_cli.train import train
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "movielens" / "ml-latest-small"
+# ML_SMALL: a copy of the sample elsewhere (bench/gpu_check.sh on a device machine without ../shared)
+SAMPLE = Path(os.environ.get("ML_SMALL") or
+              Path(__file__).resolve().parents[1].parent / "shared" / "data" / "movielens" / "ml-latest-small")
 needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason="ml-latest-small sample not available")
 
 
@@ -155,6 +159,7 @@ def test_fused_optimizers_follow_the_for_loop_versions(name):
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @needs_sample
 def test_training_run_gives_the_same_metrics_as_before(tmp_path, monkeypatch):
     """Same seed, same config: metrics.csv of the fused step vs the pre-issue-16 step (base class
@@ -174,3 +179,94 @@ def test_training_run_gives_the_same_metrics_as_before(tmp_path, monkeypatch):
     cols = [c for c in new.columns if c not in ("wall_time", "gauge_time")]
     assert len(new) == len(old) == 13
     np.testing.assert_allclose(new[cols].to_numpy(float), old[cols].to_numpy(float), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("block", [1, 4, 1 << 22])
+def test_rotation_with_psi_equals_rotating_then_evaluating_psi(block):
+    g = torch.Generator().manual_seed(1)
+    T, N, d = 7, 6, 3
+    coupling = Coupling(T, [0, 1, 2, 3, 4, 5, 0, 2], [1, 2, 3, 4, 5, 6, 3, 6], [1.0, 2.0, 0.5, 1.5, 1.0, 3.0, 0.7, 0.2])
+    Z = torch.randn(T, N, d, generator=g, dtype=torch.float64)
+    R = torch.linalg.qr(torch.randn(T, d, d, generator=g, dtype=torch.float64))[0]
+    want = Z.clone()
+    G.rotate_rows_(want, R)
+    got = Z.clone()
+    psi = G.rotate_rows_psi_(got, R, coupling, block_elems=block)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(psi, coupling.psi_value(want), rtol=1e-14, atol=0)
+
+
+def test_gauge_step_evaluates_psi_once_per_tensor(monkeypatch):
+    """psi before comes from the fused value pass, psi after from the rotation pass: no psi_value."""
+    from goldstone_cli.optim.goldstone import GoldstoneGD
+
+    coupling = Coupling.chain(6, 2.0)
+    for solver in ("procrustes", "natural"):
+        g = torch.Generator().manual_seed(2)
+        U = torch.nn.Parameter(torch.randn(6, 8, 3, generator=g, dtype=torch.float64))
+        V = torch.nn.Parameter(torch.randn(6, 5, 3, generator=g, dtype=torch.float64))
+        opt = GoldstoneGD(torch.optim.SGD([U, V], lr=0.1), [[U, V]], coupling, k1=1, solver=solver, rotation="expm")
+        calls = []
+        monkeypatch.setattr(Coupling, "psi_value", lambda self, t: calls.append(1) or 0.0)
+        before = float(sum(coupling.psi(Z) for Z in (U, V)))
+        info = opt.gauge_step()
+        monkeypatch.undo()
+        assert calls == []
+        assert abs(info["psi_before"] - before) <= 1e-12 * before
+        after = float(sum(coupling.psi(Z) for Z in (U, V)))
+        assert abs(info["psi_after"] - after) <= 1e-12 * after and after < before
+
+
+def test_trainer_compile_is_a_validated_switch():
+    assert compose(["model=movielens"]).trainer.compile is False
+    assert compose(["model=movielens", "trainer.compile=true"]).trainer.compile is True
+    with pytest.raises(Exception, match="compile"):
+        compose(["model=movielens", "trainer.compile=maybe"])
+
+
+def test_a_failing_compiled_kernel_falls_back_to_the_eager_pass(monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler\nmore detail")
+
+    monkeypatch.setitem(C._COMPILED, "chain", broken)
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(5, 4, 3, generator=g)
+    coupling = Coupling.chain(5, 2.0)
+    want_out = torch.empty_like(Z)
+    want = quadratic_terms_(Z, coupling, 0.5, want_out)
+    out = torch.empty_like(Z)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        got = quadratic_terms_(Z, coupling, 0.5, out, compiled=True)
+    assert C._COMPILED["chain"] is None  # not tried again
+    assert [float(v) for v in got] == [float(v) for v in want] and torch.equal(out, want_out)
+
+
+@pytest.mark.slow
+def test_compiled_quadratic_kernel_matches_the_eager_pass():
+    g = torch.Generator().manual_seed(0)
+    coupling = Coupling.chain(11, 3.0)
+    for shape in ((11, 40, 5), (11, 7, 5)):
+        Z = torch.randn(*shape, generator=g)
+        a_out, b_out = torch.empty_like(Z), torch.empty_like(Z)
+        a = quadratic_terms_(Z, coupling, 0.5, a_out)
+        b = quadratic_terms_(Z, coupling, 0.5, b_out, compiled=True)
+        for x, y in zip(a, b):
+            assert abs(float(x) / float(y) - 1) < 1e-7  # eager: float32 partial sums of 1024 squares
+        torch.testing.assert_close(a_out, b_out, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_sample
+def test_fused_step_on_cuda_matches_the_cpu(small):
+    res = []
+    for device in ("cpu", "cuda"):
+        model = SparseDynamicBernoulliMF(small, d=4, seed=0, dtype=torch.float64, device=device)
+        terms, grads = new_terms_and_grads(model)
+        res.append(([float(terms[k]) for k in ("local", "psi")], [g.cpu() for g in grads]))
+        Z = model.U.detach().clone()
+        R = torch.linalg.qr(torch.randn(model.T, 4, 4, dtype=torch.float64))[0].to(device)
+        psi = G.rotate_rows_psi_(Z, R, model.coupling)
+        assert abs(float(psi) / float(model.coupling.psi_value(Z)) - 1) < 1e-12
+    np.testing.assert_allclose(res[0][0], res[1][0], rtol=1e-12)
+    for a, b in zip(res[0][1], res[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -19,6 +19,13 @@ likelihood gradient into one buffer per parameter. With psi's lean backward (``C
 a step needs parameters + gradients + the gradient of psi while it is added, and AdaGrad its
 accumulator plus one temporary: measured peak RSS 9.9 GB for a full-batch AdaGrad step and a
 gauge step on ML-20M-shaped data (bench/movielens_step.py, docs/benchmarks.md).
+
+Speed (issue 16): ``loss_terms`` (what the trainer calls) runs :class:`_FusedLoss` instead of
+``local_loss() + psi()``: the rows of each rating are gathered once and its gradient scatter-added
+in the same pass, the gamma term, psi and ``gamma Z + L Z`` come from one cache-blocked pass per
+parameter, and the gradient's storage is reused between steps (no page faults of a fresh
+multi-MB tensor). Same numbers up to float rounding (tests/test_fused_steps.py); timings in
+docs/benchmarks.md, "Roofline (issue 16)".
 """
 
 from __future__ import annotations
@@ -148,12 +155,12 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, x: Tensor, scale: float, gamma: float,
-                chunk: int, coupling: Coupling, buffers: tuple, need_grad: bool):
+                chunk: int, coupling: Coupling, buffers: tuple, need_grad: bool, compiled: bool = False):
         d = U.shape[-1]
         gU = buffers[0].get(U) if need_grad else None
         gV = buffers[1].get(V) if need_grad else None
-        sq_u, psi_u = quadratic_terms_(U, coupling, gamma, gU)  # gU <- gamma U + L U
-        sq_v, psi_v = quadratic_terms_(V, coupling, gamma, gV)
+        sq_u, psi_u = quadratic_terms_(U, coupling, gamma, gU, compiled=compiled)  # gU <- gamma U + L U
+        sq_v, psi_v = quadratic_terms_(V, coupling, gamma, gV, compiled=compiled)
         Uf, Vf = U.view(-1, d), V.view(-1, d)
         nll = torch.zeros((), dtype=torch.float64, device=U.device)
         for s in range(0, ru.numel(), chunk):  # chunks of ratings, not rows or time steps
@@ -190,7 +197,7 @@ class _FusedLoss(torch.autograd.Function):
                     G.add_(ctx.coupling.laplacian_apply(Z.detach()), alpha=gp - gl)
         gU, gV = grads
         del grads
-        return gU, gV, None, None, None, None, None, None, None, None, None
+        return gU, gV, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -270,6 +277,7 @@ class SparseDynamicBernoulliMF(DynamicModel):
             (init_scale * torch.randn(T, n_items, d, generator=g)).to(device=device, dtype=dtype))  # (T, n_items, d)
         self.coupling = Coupling.chain(T, coupling)  # Eq. 6 / Eq. 7
         self._grad_buffers = (GradBuffer(), GradBuffer())  # reused storage of U.grad, V.grad
+        self.compile_steps = False  # trainer.compile: the gamma / psi pass through torch.compile
 
         self._splits: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         user = np.asarray(data.user, dtype=np.int64)
@@ -289,6 +297,11 @@ class SparseDynamicBernoulliMF(DynamicModel):
         self.n_train = int(self._splits["train"][0].numel())
         if self.n_train == 0:
             raise ValueError("the data have no training ratings (split == 0); check the split fractions")
+
+    def set_compile(self, on: bool) -> None:
+        """``trainer.compile``: run the gamma term / psi pass of each step through ``torch.compile``
+        (falls back to the eager pass, with a warning, where compiling fails)."""
+        self.compile_steps = bool(on)
 
     # ------------------------------------------------------------------ DynamicModel interface
     def symmetric_groups(self) -> list[list[nn.Parameter]]:
@@ -316,7 +329,7 @@ class SparseDynamicBernoulliMF(DynamicModel):
         ru, rv, x, scale = self._batch(generator)
         need_grad = torch.is_grad_enabled() and (self.U.requires_grad or self.V.requires_grad)
         local, psi = _FusedLoss.apply(self.U, self.V, ru, rv, x, float(scale), self.gamma, self.chunk_size,
-                                      self.coupling, self._grad_buffers, need_grad)
+                                      self.coupling, self._grad_buffers, need_grad, self.compile_steps)
         return {"total": local + psi, "local": local, "psi": psi}
 
     @torch.no_grad()

@@ -10,10 +10,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from goldstone_cli.numerics import sum_squares_value
-
 from . import gauge as G
-from .coupling import Coupling
+from .coupling import Coupling, quadratic_terms_
 
 # Per-parameter optimizer state that transforms like the parameter itself under Z_t <- Z_t R_t^T
 # (SGD / RMSprop momentum, Adam-family first moments, centered RMSprop's mean gradient).
@@ -266,7 +264,9 @@ class GoldstoneGD(torch.optim.Optimizer):
         per_group = []
         for k, tensors in enumerate(self.groups):
             device = tensors[0].device
-            p_before = float(self.coupling.psi_value(tensors))
+            # psi and (natural: sum ||z||^2 of Eq. 17) in one cache-blocked pass per tensor, in float64
+            vals = [quadratic_terms_(Z, self.coupling, sum_squares=self.solver == "natural") for Z in tensors]
+            p_before = float(sum(v[1] for v in vals))
             if not math.isfinite(p_before):  # NaN / inf parameters: no SVD or solve can use them
                 raise NonFiniteGaugeInput(f"psi became {p_before} before gauge step {self.num_gauge_steps + 1} "
                                           f"(symmetric group {k}): the parameters are not finite")
@@ -280,7 +280,7 @@ class GoldstoneGD(torch.optim.Optimizer):
                 M_self = self.coupling.self_moments(tensors, torch.float64)  # (T, d, d)
             with G.serial_cpu(M):  # only (T, d, d) / (E, d, d) work in here: one CPU thread is fastest
                 if self.solver == "natural":
-                    sq = sum(float(sum_squares_value(Z)) for Z in tensors)  # sum ||z||^2 of Eq. 17, in float64
+                    sq = float(sum(v[0] for v in vals))  # sum ||z||^2 of Eq. 17, in float64
                     R, info, gamma = self._natural(k, M, sq, tensors)
                 else:
                     R, info = G.procrustes_solve(
@@ -291,10 +291,10 @@ class GoldstoneGD(torch.optim.Optimizer):
                 angle = float(G.rotation_angles(R, gamma).max()) if R.numel() else 0.0
                 if info.get("flips"):  # a reflection counts as an angle of pi
                     angle = math.pi
+            p_after = 0.0
             for Z in tensors:
-                G.rotate_rows_(Z, R)
+                p_after += float(G.rotate_rows_psi_(Z, R, self.coupling))  # psi of the rotated Z, same pass
                 transform_state_(self.base.state.get(Z), Z, R, self.state_transform, self._param_group(Z))
-            p_after = float(self.coupling.psi_value(tensors))
             psi_before, psi_after, max_angle = psi_before + p_before, psi_after + p_after, max(max_angle, angle)
             per_group.append({"psi_before": p_before, "psi_after": p_after, "max_angle": angle, **info})
         if any(t.is_cuda for group in self.groups for t in group):
