@@ -38,9 +38,9 @@ step() { echo "=== $* ($(date -u +%H:%M:%S))" | tee -a "$LOG"; "$@" 2>&1 | tee -
 (nvidia-smi 2>&1 || true; $PY -c "import torch; print(torch.__version__, torch.cuda.is_available())") | tee -a "$LOG"
 
 if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then
-    ROWS=200000; DWE=(--V 300 --T 12 --d 16 --batch 100); GAUGE=1
+    ROWS=200000; DWE=(--V 300 --T 12 --d 16 --batch 100); GAUGE=1; RDWE=(--dwe-size 300,12,16,100)
 else
-    ROWS=20000263; DWE=(); GAUGE=3
+    ROWS=20000263; DWE=(); GAUGE=3; RDWE=()
 fi
 
 # 0. In the background (CPU only): a generated file in the exact ml-20m layout (20,000,263 rows),
@@ -100,7 +100,7 @@ fi
 if want roofline; then
     want ml20m || { wait $GEN 2>/dev/null; }
     ML=$(ls -d bench/results/movielens/ml-20m-synthetic-"$ROWS"-s0 2>/dev/null)
-    step timeout 420 $PY -m bench.roofline --device "$DEVICE" --ml-small "$ML_SMALL" --ml20m "${ML:-missing}" --repeats 5 --tag gpu_check
+    step timeout 420 $PY -m bench.roofline --device "$DEVICE" --ml-small "$ML_SMALL" --ml20m "${ML:-missing}" --repeats 5 --tag gpu_check "${RDWE[@]}"
     step $PY - "$DEVICE" <<'PYEOF'
 import json, sys
 res = json.load(open(f"bench/results/roofline-{sys.argv[1]}_gpu_check.json"))

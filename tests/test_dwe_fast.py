@@ -294,7 +294,9 @@ def test_bench_memory_model_and_checks(tmp_path, monkeypatch, capsys):
     a = ds.memory_model(1000, 50, 20, 100, 1e6, True)
     b = ds.memory_model(2000, 50, 20, 100, 2e6, True)
     assert b["total"] > a["total"] and b["state"] == 2 * a["state"]
-    assert ds.memory_model(1000, 50, 20, 100, 1e6, True, "before_issue16")["total"] > a["total"]
+    # logits-sized activations dominate at a 1,000 x 1,000 minibatch: the old paths need more
+    assert (ds.memory_model(1000, 50, 20, 1000, 1e6, True, "before_issue16")["total"]
+            > ds.memory_model(1000, 50, 20, 1000, 1e6, True)["total"] + 0.9e9)
     v = ds.largest_vocabulary(1e9, 50, 20, 100, 20.0, False, "issue16", "cpu")
     fits = ds.memory_model(v, 50, 20, 100, 20.0 * v * 50, False, "issue16", "cpu")["total"]
     over = ds.memory_model(v + 1, 50, 20, 100, 20.0 * (v + 1) * 50, False, "issue16", "cpu")["total"]
