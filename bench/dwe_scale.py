@@ -177,7 +177,7 @@ def largest_vocabulary(budget_bytes: float, T: int, d: int, batch: int, nnz_per_
 
 def print_memory_model(args) -> dict:
     """Predicted peaks at the paper's size and the largest V for 24 GB of CPU RAM and an 80 GB GPU."""
-    nnz_pws = 73e6 / (10_000 * 188)  # stored training nonzeros per word and training step at the paper's size (measured)
+    nnz_pws = 73e6 / (10_000 * 209)  # stored training nonzeros per word and time step at the paper's size (measured: 73M)
     out = {}
     for inf in ("map", "variational"):
         for paths in ("before_issue16", "issue16"):
