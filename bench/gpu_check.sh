@@ -17,7 +17,7 @@
 #
 # GPU_CHECK_SMALL=1 DEVICE=cpu bash bench/gpu_check.sh   runs every step at toy sizes on the CPU
 # (a smoke test of this script, not a measurement). GPU_CHECK_STEPS="tests dxd dwe" runs a subset of
-# the steps tests, ml_small, dwe, dxd, ml20m, roofline (default: all).
+# the steps tests, ml_small, dwe, dxd, ml20m, roofline, dist (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
@@ -29,7 +29,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-STEPS=" ${GPU_CHECK_STEPS:-tests ml_small dwe dxd ml20m roofline} "
+STEPS=" ${GPU_CHECK_STEPS:-tests ml_small dwe dxd ml20m roofline dist} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 LOG=$OUT/gpu_check.log
 : > "$LOG"
@@ -39,8 +39,13 @@ step() { echo "=== $* ($(date -u +%H:%M:%S))" | tee -a "$LOG"; "$@" 2>&1 | tee -
 
 if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then
     ROWS=200000; DWE=(--V 300 --T 12 --d 16 --batch 100); GAUGE=1; RDWE=(--dwe-size 300,12,16,100)
+    DIST=(--reps 2 --gauge-N 2000 --mf-n 200 --dwe-V 300 --dwe-T 6 --dwe-batch 50)
 else
     ROWS=20000263; DWE=(); GAUGE=3; RDWE=()
+    # the gauge step at DWE's paper shape (T=209, d=100) on 2 x 100,000 rows (8.4 GB each, split over
+    # the GPUs); dense MF 2,000 x 2,000; DWE steps at V=20,000, T=50, d=100, 1,000 x 1,000 minibatches
+    DIST=(--reps 5 --gauge-T 209 --gauge-N 100000 --gauge-d 100 --mf-T 20 --mf-n 2000 --mf-d 30
+          --dwe-V 20000 --dwe-T 50 --dwe-d 100 --dwe-batch 1000)
 fi
 
 # 0. In the background (CPU only): a generated file in the exact ml-20m layout (20,000,263 rows),
@@ -86,6 +91,19 @@ if want dwe; then
     step timeout 240 $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 9 "${LIM_M[@]}" "${DWE[@]}"
 fi
 want dxd && step timeout 120 $PY -m bench.dxd_speed --device "$DEVICE"
+
+# 5. Distributed steps (issue 17, bench/distributed.py): one NCCL rank per GPU of this machine under
+#    torchrun (bytes and time per gauge step and per sharded dense-MF / DWE step; a one-GPU machine
+#    gives the 1-rank times), then 1 and 2 gloo ranks on the CPU at toy sizes (bytes only)
+if want dist; then
+    NGPU=$($PY -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+    if [ "$DEVICE" = cuda ] && [ "$NGPU" -ge 1 ]; then
+        step timeout 420 $PY -m torch.distributed.run --standalone --nproc-per-node="$NGPU" -m bench.distributed \
+            --device cuda --ml-data "$ML_SMALL" --out "$OUT/distributed_nccl.json" "${DIST[@]}"
+    fi
+    step timeout 300 $PY -m bench.distributed --ranks 1 2 --reps 2 --gauge-N 2000 --mf-n 200 --dwe-V 300 --dwe-T 6 \
+        --dwe-batch 50 --cases gauge dense_mf dwe dwe_context --out "$OUT/distributed_gloo.json"
+fi
 
 # 4. MovieLens on the ML-20M-shaped file of step 0 (waits for it)
 if want ml20m; then

@@ -50,6 +50,7 @@ def build_optimizer(cfg: DictConfig, model) -> tuple[torch.optim.Optimizer, Lamb
         from goldstone_cli.optim.goldstone import GoldstoneGD
 
         base = build_base(choice(cfg.base), model.parameters(), cfg)
+        shard = getattr(model, "shard", None)  # row-sharded model (trainer.distributed): sums over all ranks' rows
         opt = GoldstoneGD(
             base,
             groups=model.symmetric_groups(),
@@ -64,6 +65,8 @@ def build_optimizer(cfg: DictConfig, model) -> tuple[torch.optim.Optimizer, Lamb
             max_sweeps=cfg.max_sweeps,
             tol=cfg.tol,
             state_transform=choice(cfg.get("state_transform", "none")),
+            process_group=shard.group if shard is not None and shard.distributed else None,
+            replicated=getattr(model, "replicated_parameters", list)(),
         )
     else:
         opt = build_base(name, model.parameters(), cfg)
