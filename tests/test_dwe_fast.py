@@ -302,6 +302,10 @@ def test_bench_memory_model_and_checks(tmp_path, monkeypatch, capsys):
     over = ds.memory_model(v + 1, 50, 20, 100, 20.0 * (v + 1) * 50, False, "issue16", "cpu")["total"]
     assert fits <= 1e9 < over
     monkeypatch.setattr(ds, "RESULTS", tmp_path)
+    import bench.roofline as rl
+
+    real = rl.measure_rates  # the machine-rate measurement at a toy size (the full one takes seconds)
+    monkeypatch.setattr(rl, "measure_rates", lambda device: real(device, repeats=1, gemm_n=64, stream_numel=1 << 12))
     small = ["--V", "60", "--T", "5", "--d", "4", "--batch", "20", "--steps", "2", "--device", "cpu"]
     monkeypatch.setattr("sys.argv", ["dwe_scale", *small, "--inference", "variational", "--compare"])
     ds.main()
