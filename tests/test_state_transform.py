@@ -356,3 +356,23 @@ def test_bad_balance_arguments_are_rejected():
         GoldstoneGD(base, [prob.params], prob.coupling, solver="natural", balance=[[1, -1, -1]])
     opt = GoldstoneGD(base, [prob.params], prob.coupling, solver="natural", balance=[None])
     assert opt.state_dict()["goldstone"]["config"]["balance"] is None
+
+
+def test_config_balance_reaches_the_optimizer_and_is_refused_where_it_is_not_exact():
+    from goldstone_cli.config import ConfigError, compose
+    from goldstone_cli.data.synthetic import make_synthetic
+    from goldstone_cli.models.dense_mf import DenseDynamicMF
+    from goldstone_cli.optim.factory import build_optimizer
+
+    model = DenseDynamicMF(make_synthetic(T=5, seed=0), d=3)
+    cfg = compose(["optimizer=goldstone", "optimizer.base=adam", "optimizer.balance=true"])
+    assert build_optimizer(cfg.optimizer, model)[0].balance == [(1, -1)]
+    assert build_optimizer(compose(["optimizer=goldstone"]).optimizer, model)[0].balance == [None]
+
+    class WithPrior(DenseDynamicMF):  # a model that does not declare the GL(d) invariance
+        balance_sides = None
+
+    with pytest.raises(ValueError, match="not invariant under GL"):
+        build_optimizer(cfg.optimizer, WithPrior(make_synthetic(T=5, seed=0), d=3))
+    with pytest.raises(ConfigError, match="optimizer.balance=true needs optimizer.solver=procrustes"):
+        compose(["optimizer=goldstone", "optimizer.solver=natural", "optimizer.balance=true"])

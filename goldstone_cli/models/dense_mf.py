@@ -47,6 +47,11 @@ class DenseDynamicMF(DynamicModel):
     def symmetric_groups(self) -> list[list[nn.Parameter]]:
         return [[self.U, self.V]]
 
+    def balance_sides(self) -> list[list[int]]:
+        """GoldstoneGD(balance=...): the local loss sees U, V only through U_t V_t^T (Eq. 5), so it is
+        invariant under U_t -> U_t A_t, V_t -> V_t A_t^{-T} for any invertible A_t."""
+        return [[1, -1]]
+
     def local_loss(self, generator: Optional[torch.Generator] = None) -> Tensor:
         residual = self.X - torch.bmm(self.U, self.V.transpose(1, 2))  # (T, n_rows, n_cols)
         return (0.5 * sum_squares(residual)).to(residual.dtype)  # accumulated in float64
