@@ -82,7 +82,7 @@ class GoldstoneGD(torch.optim.Optimizer):
             rotation can align them. Adaptive bases break the balance that GD keeps (their
             per-coordinate steps do not conserve U^T U - V^T V), and then psi between unbalanced
             time steps can only relax through psi's own small-curvature gradient (docs/benchmarks.md,
-            "Why adaptive bases are slower on the Sec. 5.1 problem"). The balanced candidate is used
+            "Why Adam and AdaGrad + procrustes were slow on the Sec. 5.1 problem"). The balanced candidate is used
             only if it ends with a lower psi than the rotation alone (predicted from the pair
             moments), so the gauge step still never raises psi. First moments are mapped like
             gradients (m -> m A^{-1} on the +1 side, m A on the -1 side), second moments by
