@@ -439,7 +439,8 @@ class GoldstoneGD(torch.optim.Optimizer):
             "keep_gauge_fields": self.keep_gauge_fields, "rotation": self.rotation,
             "allow_reflections": self.allow_reflections, "max_sweeps": self.max_sweeps, "tol": self.tol,
             "state_transform": self.state_transform,
-            "balance": None if all(b is None for b in self.balance) else [None if b is None else list(b) for b in self.balance],
+            "balance": (None if all(b is None for b in self.balance)
+                        else [None if b is None else list(b) for b in self.balance]),
         }
 
     def _param_group(self, Z: Tensor) -> dict[str, Any]:
