@@ -17,7 +17,7 @@
 #
 # GPU_CHECK_SMALL=1 DEVICE=cpu bash bench/gpu_check.sh   runs every step at toy sizes on the CPU
 # (a smoke test of this script, not a measurement). GPU_CHECK_STEPS="tests dxd dwe" runs a subset of
-# the steps tests, ml_small, dwe, dxd, ml20m (default: all).
+# the steps tests, ml_small, dwe, dxd, ml20m, roofline, dist (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
@@ -29,7 +29,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-STEPS=" ${GPU_CHECK_STEPS:-tests ml_small dwe dxd ml20m} "
+STEPS=" ${GPU_CHECK_STEPS:-tests ml_small dwe dxd ml20m roofline dist} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 LOG=$OUT/gpu_check.log
 : > "$LOG"
@@ -39,20 +39,25 @@ step() { echo "=== $* ($(date -u +%H:%M:%S))" | tee -a "$LOG"; "$@" 2>&1 | tee -
 
 if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then
     ROWS=200000; DWE=(--V 300 --T 12 --d 16 --batch 100); GAUGE=1
+    DIST=(--reps 2 --gauge-N 2000 --mf-n 200 --dwe-V 300 --dwe-T 6 --dwe-batch 50)
 else
     ROWS=20000263; DWE=(); GAUGE=3
+    # the gauge step at DWE's paper shape (T=209, d=100) on 2 x 100,000 rows (8.4 GB each, split over
+    # the GPUs); dense MF 2,000 x 2,000; DWE steps at V=20,000, T=50, d=100, 1,000 x 1,000 minibatches
+    DIST=(--reps 5 --gauge-T 209 --gauge-N 100000 --gauge-d 100 --mf-T 20 --mf-n 2000 --mf-d 30
+          --dwe-V 20000 --dwe-T 50 --dwe-d 100 --dwe-batch 1000)
 fi
 
 # 0. In the background (CPU only): a generated file in the exact ml-20m layout (20,000,263 rows),
 #    parsed and cached, for step 4. It overlaps the tests; its load times are not reported from here.
-if want ml20m; then
+if want ml20m || want roofline; then
     (timeout 420 $PY -m bench.movielens_load --rows "$ROWS" --repeats 1 > "$OUT/ml20m_generate.log" 2>&1;
      echo "rc=$?" >> "$OUT/ml20m_generate.log") &
     GEN=$!
 fi
 
 # 1. CUDA tests (each compares the GPU against the CPU in float64)
-want tests && step timeout 300 $PY -m pytest -q -p no:cacheprovider --durations=8 tests/test_cuda.py tests/test_gauge.py tests/test_goldstone_optim.py
+want tests && ML_SMALL=${ML_SMALL:-../shared/data/movielens/ml-latest-small} step timeout 300 $PY -m pytest -q -p no:cacheprovider --durations=8 tests/test_cuda.py tests/test_gauge.py tests/test_goldstone_optim.py tests/test_fused_steps.py
 
 # 2. MovieLens ml-latest-small, paper settings (d=30, T=100): full-batch AdaGrad step and natural gauge
 #    step on the device. ML_SMALL names a copy of the sample (the device machine has no ../shared).
@@ -75,11 +80,43 @@ if want dwe; then
 fi
 want dxd && step timeout 120 $PY -m bench.dxd_speed --device "$DEVICE"
 
+# 5. Distributed steps (issue 17, bench/distributed.py): one NCCL rank per GPU of this machine under
+#    torchrun (bytes and time per gauge step and per sharded dense-MF / DWE step; a one-GPU machine
+#    gives the 1-rank times), then 1 and 2 gloo ranks on the CPU at toy sizes (bytes only)
+if want dist; then
+    NGPU=$($PY -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+    if [ "$DEVICE" = cuda ] && [ "$NGPU" -ge 1 ]; then
+        step timeout 420 $PY -m torch.distributed.run --standalone --nproc-per-node="$NGPU" -m bench.distributed \
+            --device cuda --ml-data "$ML_SMALL" --out "$OUT/distributed_nccl.json" "${DIST[@]}"
+    fi
+    step timeout 300 $PY -m bench.distributed --ranks 1 2 --reps 2 --gauge-N 2000 --mf-n 200 --dwe-V 300 --dwe-T 6 \
+        --dwe-batch 50 --cases gauge dense_mf dwe dwe_context --out "$OUT/distributed_gloo.json"
+fi
+
 # 4. MovieLens on the ML-20M-shaped file of step 0 (waits for it)
 if want ml20m; then
     wait $GEN; cat "$OUT/ml20m_generate.log" >> "$LOG"
     ML=$(ls -d bench/results/movielens/ml-20m-synthetic-"$ROWS"-s0)
     step timeout 240 $PY -m bench.movielens_step steptime --device "$DEVICE" --data "$ML" --steps 6 --gauge-steps "$GAUGE" --tag "gpu_check"
+fi
+
+# 5. Roofline (issue 16): the machine's GEMM rate and bandwidth, then each model step against its
+#    bound, the compiled naive reference and the pre-issue-16 step, on the device, with the full
+#    ML-20M-shaped file of step 0; then the check that the ML-20M step is within 2x of its bound.
+if want roofline; then
+    want ml20m || { wait $GEN 2>/dev/null; }
+    ML=$(ls -d bench/results/movielens/ml-20m-synthetic-"$ROWS"-s0 2>/dev/null)
+    step timeout 420 $PY -m bench.roofline --device "$DEVICE" --ml-small "$ML_SMALL" --ml20m "${ML:-missing}" --repeats 5 --tag gpu_check
+    step $PY - "$DEVICE" <<'PYEOF'
+import json, sys
+res = json.load(open(f"bench/results/roofline-{sys.argv[1]}_gpu_check.json"))
+for c in res["cases"]:
+    print(f"{c['case']}: {100 * c['fraction_of_bound']:.1f}% of the bound, ratios {c['ratio_to']}")
+ml = [c for c in res["cases"] if c["case"] == "ml20m"]
+ok = bool(ml) and ml[0]["fraction_of_bound"] >= 0.5
+print("CHECK ML-20M step within 2x of its bandwidth bound:", "PASS" if ok else "FAIL")
+sys.exit(0 if ok else 1)
+PYEOF
 fi
 
 # everything in one archive plus the log (the device tool returns at most 8 files)

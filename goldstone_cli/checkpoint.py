@@ -175,9 +175,11 @@ def load(path: str | Path, map_location="cpu", kind: Optional[str] = None) -> di
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:
-    """Whether ``run_dir/checkpoints`` holds a checkpoint to resume from (last.pt or prev.pt)."""
+    """Whether ``run_dir/checkpoints`` holds a checkpoint to resume from (last.pt or prev.pt, or the
+    sharded last.dcp / prev.dcp of a distributed run: goldstone_cli.distributed.checkpoint)."""
     d = Path(run_dir) / "checkpoints"
-    return (d / LAST).is_file() or (d / PREV).is_file()
+    return (d / LAST).is_file() or (d / PREV).is_file() or any((d / f / "meta.pt").is_file()
+                                                                for f in ("last.dcp", "prev.dcp"))
 
 
 def load_latest(ckpt_dir: str | Path, map_location="cpu", warn=print,

@@ -109,9 +109,11 @@ def train(
     from goldstone_cli.train import format_result
 
     s = result.summary
-    typer.echo(format_result(result))
+    if result.rank == 0:  # trainer.distributed: the other ranks' output is in the run's logs/
+        typer.echo(format_result(result))
     if result.status == "interrupted":
-        typer.echo(s["message"])
+        if result.rank == 0:
+            typer.echo(s["message"])
         raise typer.Exit(int(s.get("exit_code", 130)))  # 128 + the signal: 130 Ctrl-C, 143 SIGTERM
 
 

@@ -312,6 +312,13 @@ class TrainerConfig:
     dtype: DType = DType.float64
     progress: bool = True  # tqdm progress bar
     target: Optional[float] = None  # stop early once the model's target metric reaches this value
+    # row-sharded training on torch.distributed: launch with torchrun (or srun); each rank holds its
+    # rows of every (T, N, d) tensor; NCCL on GPUs, gloo on CPUs (README "Training on several GPUs or nodes")
+    distributed: bool = False
+    # run the model's step through torch.compile where the model has a compiled path (MovieLens:
+    # the gamma / psi pass), falling back to the eager step with a warning; off by default: on the
+    # 2-core CPU it did not pay (docs/benchmarks.md, "Roofline (issue 16)")
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0:

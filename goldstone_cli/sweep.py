@@ -842,7 +842,10 @@ def _hydra_job(cfg) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     threads = int(os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("GOLDSTONE_SWEEP_THREADS") or 1)
     cmd = [sys.executable, "-m", "goldstone_cli", "train", *args]
-    with open(run_dir / "train.log", mode) as log:
+    # a job of several tasks (hydra.launcher.tasks_per_node / nodes, with trainer.distributed=true): every
+    # task runs one rank of the same run; rank 0 logs to train.log, the others to train.rank<r>.log
+    task = int(os.environ.get("SLURM_PROCID") or os.environ.get("SUBMITIT_LOCAL_GLOBALID") or 0)
+    with open(run_dir / ("train.log" if task == 0 else f"train.rank{task}.log"), mode) as log:
         log.write(f"# {_dt.datetime.now().isoformat(timespec='seconds')}: {' '.join(cmd)}\n")
         log.flush()
         return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

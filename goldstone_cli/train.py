@@ -17,6 +17,12 @@ Conventions (so that a resumed run reproduces an uninterrupted one row for row):
 - Ctrl-C, SIGTERM (Slurm time limits, ``timeout``, ``kill``), SIGHUP and SIGUSR1 all finish the step,
   write a checkpoint, print the resume command and exit with 128 + the signal number.
 - One process per run folder: ``run.lock`` is locked (``flock``) for the run's life.
+- ``trainer.distributed=true`` (under torchrun or srun): every rank holds its rows of the model
+  (goldstone_cli.distributed); rank 0 creates the run folder, holds the lock and writes metrics,
+  gauge.csv, plots and summary.json; the other ranks log to ``logs/rank<r>.log``. The logged loss
+  terms are summed over ranks, and every rank takes the same decisions (stop, diverged, interrupted:
+  a signal to any rank stops all at the same step). Checkpoints are sharded (``last.dcp``); a run
+  saved on N ranks resumes on M ranks or one process, and a one-process run on N ranks.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from tqdm.auto import tqdm
 from goldstone_cli import checkpoint as ckpt
 from goldstone_cli.checkpoint import CheckpointError
 from goldstone_cli.config import ConfigError, choice, run_names, to_yaml
+from goldstone_cli.distributed.shard import RowShard
 from goldstone_cli.io import atomic_path, atomic_write_json, atomic_write_text, non_finite_paths
 from goldstone_cli.models import build_model
 from goldstone_cli.optim.factory import build_optimizer
@@ -55,6 +62,7 @@ class RunResult:
     run_dir: Path
     status: str  # completed | target_reached | interrupted | diverged
     summary: dict[str, Any]
+    rank: int = 0  # trainer.distributed: this process's rank (rank 0 wrote the run's files)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -191,44 +199,104 @@ class _Interrupt:
         return False
 
 
+def _set_compile(model, on: bool) -> None:
+    """``trainer.compile``: switch the model's compiled step on (models without one run eagerly)."""
+    set_compile = getattr(model, "set_compile", None)
+    if set_compile is not None:
+        set_compile(on)
+    elif on:
+        tqdm.write(f"note: trainer.compile=true, but {type(model).__name__} has no compiled step; running it eagerly")
+
+
 # ----------------------------------------------------------------------------- main entry
 def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
     """Run (or, with ``run_dir`` holding a checkpoint, continue) the training that ``cfg`` describes."""
     tc = cfg.trainer
-    device = resolve_device(choice(tc.device))
+    dist_ctx, created = _join_process_group(cfg)  # None: one process
+    try:
+        return _train(cfg, run_dir, dist_ctx)
+    finally:
+        if created:
+            from goldstone_cli.distributed.env import shutdown
+
+            shutdown()
+
+
+def _train(cfg: DictConfig, run_dir: Optional[Path], dist_ctx) -> RunResult:
+    tc = cfg.trainer
+    shard = RowShard.from_dist(dist_ctx)
+    device = dist_ctx.device if dist_ctx is not None else resolve_device(choice(tc.device))
     dtype = resolve_dtype(choice(tc.dtype))
     resuming = run_dir is not None and ckpt.has_checkpoint(run_dir)
 
     # data, model and optimizer first: a missing data set or a bad setting leaves no run folder behind
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, device, dtype)
+    model = build_model(cfg, device, dtype, shard=shard if shard.distributed else None)
+    _set_compile(model, bool(tc.get("compile", False)))
     optimizer, scheduler = build_optimizer(cfg.optimizer, model)
 
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir).acquire()  # RunLocked (a ValueError) at once if another process runs here
+    if not shard.distributed:
+        run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir).acquire()  # RunLocked (a ValueError) at once if another process runs here
+        try:
+            return _train_locked(cfg, run_dir, resuming, device, dtype, model, optimizer, scheduler)
+        finally:
+            lock.release()
+
+    # several ranks: rank 0 makes the folder and holds the lock; the others learn the folder (or the error)
+    from goldstone_cli.distributed.env import rank_log
+
+    lock = None
+    if shard.is_main():
+        try:
+            run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir).acquire()
+            if not resuming:
+                _check_not_a_run(run_dir, locked_by_us=True)
+        except BaseException as exc:
+            if lock is not None:
+                lock.release()
+            _broadcast_text(shard, "\0" + _first_line(exc))
+            raise
+        _broadcast_text(shard, str(run_dir))
+    else:
+        text = _broadcast_text(shard, None)
+        if text.startswith("\0"):
+            raise ConfigError(f"rank 0 could not start the run: {text[1:]}")
+        run_dir = Path(text)
     try:
-        return _train_locked(cfg, run_dir, resuming, device, dtype, model, optimizer, scheduler)
+        with rank_log(run_dir, shard.rank):
+            return _train_locked(cfg, run_dir, resuming, device, dtype, model, optimizer, scheduler, shard)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype, model, optimizer,
-                  scheduler) -> RunResult:
+                  scheduler, shard: Optional[RowShard] = None) -> RunResult:
     tc = cfg.trainer
+    shard = shard if shard is not None else RowShard.single()
+    main = shard.is_main()
     ckpt_dir = run_dir / "checkpoints"
-    if not resuming:
+    if not resuming and not shard.distributed:
         _check_not_a_run(run_dir, locked_by_us=True)  # again, now that no other process can be writing here
-    ckpt_dir.mkdir(exist_ok=True)
-    for folder in (run_dir, ckpt_dir):  # left by a process killed while writing (we hold the lock)
-        ckpt.remove_stale_temporaries(folder)
+    if main:
+        from goldstone_cli.distributed import checkpoint as dck
+
+        ckpt_dir.mkdir(exist_ok=True)
+        for folder in (run_dir, ckpt_dir):  # left by a process killed while writing (we hold the lock)
+            ckpt.remove_stale_temporaries(folder)
+        dck.remove_stale(ckpt_dir)
+    shard.barrier()
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     has_gauge = hasattr(optimizer, "gauge_step")
     columns = BASE_COLUMNS + model.metric_names() + (GAUGE_COLUMNS if has_gauge else [])
 
     start, wall, best, target_step = 0, 0.0, None, None
     if resuming:
-        state, path = ckpt.load_latest(ckpt_dir, warn=tqdm.write, quarantine=True)
+        state, path = _load_resume_state(ckpt_dir, shard, model, optimizer, device)
         _check_fits(state, path, cfg, model)
         try:
             model.load_state_dict(state["model"])
@@ -240,14 +308,17 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                                   f"{_first_line(exc)}") from None
         start, wall, best = state["step"], state["wall_time"], state.get("best")
         target_step = state.get("target_step")
-    snapshots: dict[int, Any] = _load_snapshots(run_dir, start) if resuming else {}
-    metrics = MetricsWriter(run_dir / "metrics.csv", columns, resume_from_step=start if resuming else None)
-    try:
-        gauge_log = _GaugeLog(run_dir / "gauge.csv", start if resuming else None) if has_gauge else None
-    except BaseException:
-        metrics.close()
-        raise
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # after the checks: a refused resume changes nothing
+    snapshots: dict[int, Any] = _load_snapshots(run_dir, start) if resuming and main else {}
+    if main:  # rank 0 writes the run's files
+        metrics = MetricsWriter(run_dir / "metrics.csv", columns, resume_from_step=start if resuming else None)
+        try:
+            gauge_log = _GaugeLog(run_dir / "gauge.csv", start if resuming else None) if has_gauge else None
+        except BaseException:
+            metrics.close()
+            raise
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # after the checks: a refused resume changes nothing
+    else:
+        metrics, gauge_log = _NoWriter(), (_NoWriter() if has_gauge else None)
     if resuming:
         threads = state.get("torch_threads")
         if threads is not None and threads != torch.get_num_threads():
@@ -256,7 +327,13 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                        f"digits (set OMP_NUM_THREADS={threads} for a bit-exact resume)")
         tqdm.write(f"Resuming {run_dir} from step {start}")
 
+    generator_before_final: list = []  # the generator as iteration `steps` found it (see below)
+
     def state_at(step: int) -> dict[str, Any]:
+        # the final row's loss terms draw a minibatch after the last update: a checkpoint at the last
+        # step keeps the generator as it was before that draw, so a run continued with more steps
+        # draws what an uninterrupted longer run draws
+        gen = generator_before_final[0] if generator_before_final and step >= steps else generator.get_state()
         return {
             "step": step,
             "wall_time": wall,
@@ -265,15 +342,15 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "generator": generator.get_state(),
+            "generator": gen,
             "config": _plain_config(cfg),
             "torch_threads": torch.get_num_threads(),
         }
 
     def checkpoint(step: int) -> None:
-        if snapshots:  # first: a kill between the two leaves snapshots that the older checkpoint trims
+        if snapshots and main:  # first: a kill between the two leaves snapshots that the older checkpoint trims
             _save_snapshots(run_dir, snapshots)
-        ckpt.save_last(ckpt_dir, state_at(step))
+        _save_checkpoint(ckpt_dir, state_at(step), model, optimizer, shard, device)
 
     status, message, last_row = "completed", "", {}
     steps = int(tc.steps)
@@ -282,17 +359,23 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
     names = run_names(cfg)
     desc = f"{names['model']}/{names['name']}"
     pbar = tqdm(total=steps, initial=start, desc=desc, unit="step",
-                disable=not tc.progress, dynamic_ncols=True)
+                disable=not tc.progress or not main, dynamic_ncols=True)
     eta = _Eta(start, steps, device, eval_every=int(tc.eval_every))
     try:
         with _Interrupt() as interrupt:
             step = start
             while True:
-                if interrupt.requested:
+                # a signal to any rank stops every rank at this step (decided on the all-reduced flag only:
+                # a signal arriving during the all-reduce is seen by every rank at the next step)
+                stop = _agree_on_interrupt(interrupt, shard) if shard.distributed else interrupt.requested
+                if stop:
                     checkpoint(step)
                     status = "interrupted"
                     message = (f"interrupted ({interrupt.name}) at step {step}; continue with: "
-                               f"goldstone train resume={run_dir}")
+                               + (f"torchrun --nproc-per-node={shard.world} -m goldstone_cli train resume={run_dir} "
+                                  f"(any number of ranks, or one process: goldstone train resume={run_dir} "
+                                  f"trainer.distributed=false)" if shard.distributed else
+                                  f"goldstone train resume={run_dir}"))
                     break
                 if step % tc.checkpoint_every == 0 and (step != start or not resuming) and step < steps:
                     # also at step 0 of a fresh run: a run killed at once is resumable (the last step's
@@ -301,12 +384,16 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                 final = step >= steps
                 t0 = time.perf_counter()
                 if final:
+                    generator_before_final[:] = [generator.get_state()]
                     with torch.no_grad():
                         terms = model.loss_terms(generator)
                 else:
                     optimizer.zero_grad(set_to_none=True)
                     terms = model.loss_terms(generator)
-                total = terms["total"].item()
+                if shard.distributed:  # each rank computed its share: the logged values are the sums
+                    total, local_v, psi_v = _summed_terms(terms, shard)
+                else:
+                    total, local_v, psi_v = terms["total"].item(), None, None
                 wall += time.perf_counter() - t0
                 if not math.isfinite(total):
                     status = "diverged"
@@ -318,11 +405,12 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                 # log and evaluate theta_s (before this iteration's update)
                 if step in snapshot_steps or final:
                     snap = model.snapshot()
-                    if snap is not None:
+                    if snap is not None and main:
                         snapshots[step] = snap
                 if step % tc.log_every == 0 or step % tc.eval_every == 0 or final:
                     row = {"step": step, "wall_time": round(wall, 6), "total": total,
-                           "local": terms["local"].item(), "psi": terms["psi"].item(), "lr": lr}
+                           "local": terms["local"].item() if local_v is None else local_v,
+                           "psi": terms["psi"].item() if psi_v is None else psi_v, "lr": lr}
                     if step % tc.eval_every == 0 or final:
                         t_eval = time.perf_counter()
                         model.eval()
@@ -330,7 +418,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                         model.train()
                         eta.add_eval(time.perf_counter() - t_eval)
                         row.update(evals)
-                        best = _update_best(model, evals, best, step, run_dir)
+                        best = _update_best(model, evals, best, step, run_dir, shard, device)
                         if target is not None and target_step is None and _reached(model, evals, target):
                             target_step = step
                     if has_gauge:
@@ -347,6 +435,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                 # update theta_s -> theta_{s+1}
                 t0 = time.perf_counter()
                 terms["total"].backward()
+                model.reduce_gradients()  # replicated parameters of a sharded model (none here: a no-op)
                 if cfg.optimizer.clip is not None:
                     torch.nn.utils.clip_grad_value_(model.parameters(), cfg.optimizer.clip)
                 n_gauge = getattr(optimizer, "num_gauge_steps", 0)
@@ -366,7 +455,8 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                 del terms
                 step += 1
                 pbar.update(1)
-                _announce_eta(eta, step, pbar, desc)
+                if main:
+                    _announce_eta(eta, step, pbar, desc)
             if status in ("completed", "target_reached"):
                 checkpoint(step)
     finally:
@@ -374,7 +464,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
         metrics.close()
         if gauge_log is not None:
             gauge_log.close()
-        if snapshots:
+        if snapshots and main:
             _save_snapshots(run_dir, snapshots)
 
     summary = {
@@ -397,6 +487,8 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
         "steps_to_target": target_step,
         "best": best,
     }
+    if shard.distributed:
+        summary["ranks"] = shard.world
     if status == "interrupted":
         summary["signal"] = interrupt.name
         summary["exit_code"] = 128 + (interrupt.signum or signal.SIGINT)
@@ -410,6 +502,11 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
     bad = non_finite_paths(summary)
     if bad:  # JSON has no NaN: atomic_write_json writes null; say which values and why
         summary["non_finite"] = {"values": bad, "note": "these values were NaN or infinite; written as null"}
+    if not main:  # rank 0 writes the summary and the plot; no rank leaves before it is done
+        shard.barrier()
+        if status == "diverged":
+            raise TrainingDiverged(message)
+        return RunResult(run_dir, status, summary, rank=shard.rank)
     atomic_write_json(run_dir / "summary.json", summary)
     try:
         from goldstone_cli.report import plot_losses
@@ -419,9 +516,132 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                     heldout=[(m, label) for m, label in model.headline_metrics if m != "suboptimality"])
     except Exception as exc:  # a plot must never lose a finished run
         tqdm.write(f"warning: could not draw loss.png: {exc}")
+    shard.barrier()
     if status == "diverged":
         raise TrainingDiverged(message)
     return RunResult(run_dir, status, summary)
+
+
+# ----------------------------------------------------------------------------- distributed pieces
+def _join_process_group(cfg: DictConfig):
+    """``(Dist or None, whether this call created the process group)`` for ``trainer.distributed``."""
+    from goldstone_cli.distributed.env import init_distributed, launch_env
+    from goldstone_cli.models import supports_sharding
+
+    import torch.distributed as dist
+
+    tc = cfg.trainer
+    try:
+        launch = launch_env()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not tc.get("distributed", False):
+        if launch is not None and launch.source == "torchrun" and launch.world > 1:
+            raise ConfigError(f"this process is rank {launch.rank} of {launch.world} started by torchrun, but "
+                              f"trainer.distributed is false, so every rank would train the whole model on its "
+                              f"own; add trainer.distributed=true")
+        return None, False
+    if launch is None:
+        raise ConfigError("trainer.distributed=true needs a launcher that starts the ranks and tells each its "
+                          "rank: run `torchrun --nproc-per-node=N -m goldstone_cli train trainer.distributed=true "
+                          "...`, or `srun goldstone train trainer.distributed=true ...` under Slurm (README: "
+                          "Training on several GPUs or nodes); to continue a distributed run on one process, "
+                          "add trainer.distributed=false")
+    if launch.world > 1 and not supports_sharding(str(cfg.model.name)):
+        from goldstone_cli.models import _SHARDABLE
+
+        raise ConfigError(f"model={cfg.model.name} cannot be trained with trainer.distributed=true: it does not "
+                          f"shard its rows (models that do: {', '.join(sorted(_SHARDABLE))}); drop "
+                          f"trainer.distributed or start one process")
+    created = not dist.is_initialized()
+    try:
+        return init_distributed(choice(tc.device)), created
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _broadcast_text(shard: RowShard, text: Optional[str]) -> str:
+    """Rank 0's ``text`` on every rank (a byte tensor: nothing is pickled)."""
+    dev = shard.device or torch.device("cpu")
+    data = (text or "").encode() if shard.is_main() else b""
+    n = shard.broadcast_(torch.tensor([len(data)], dtype=torch.int64, device=dev))
+    buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=dev)
+    if shard.is_main() and data:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    shard.broadcast_(buf)
+    return bytes(buf.cpu().tolist()).decode()
+
+
+def _agree_on_interrupt(interrupt: "_Interrupt", shard: RowShard) -> bool:
+    """Whether any rank got a stop signal before this all-reduce (the same answer on every rank);
+    if so every rank records it (the signal: the largest number)."""
+    requested, signum = interrupt.requested, interrupt.signum  # read once: the handler may run at any time
+    flag = torch.tensor([float(signum or 0) if requested else 0.0], device=shard.device or torch.device("cpu"))
+    agreed = int(shard.all_reduce_max_(flag).item())
+    if agreed:
+        interrupt.requested, interrupt.signum = True, agreed
+    return bool(agreed)
+
+
+def _summed_terms(terms: dict[str, torch.Tensor], shard: RowShard) -> tuple[float, float, float]:
+    """``total``, ``local``, ``psi`` summed over ranks (float64): the one-process values."""
+    v = torch.stack([terms[k].detach().to(torch.float64).reshape(()) for k in ("total", "local", "psi")])
+    a, b, c = shard.all_reduce_sum_(v).tolist()
+    return a, b, c
+
+
+class _NoWriter:
+    """Ranks other than 0 write no metrics."""
+
+    def write(self, row) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _pt_step(ckpt_dir: Path) -> int:
+    try:
+        return int(ckpt.load_latest(ckpt_dir, warn=lambda m: None)[0]["step"])
+    except (CheckpointError, FileNotFoundError, KeyError, TypeError, ValueError):
+        return -1
+
+
+def _load_resume_state(ckpt_dir: Path, shard: RowShard, model, optimizer, device) -> tuple[dict[str, Any], Path]:
+    """The newest checkpoint for this rank: a sharded ``last.dcp`` (any rank count) or a one-process
+    ``last.pt`` (split into this rank's rows); the newer of the two if both are there."""
+    from goldstone_cli.distributed import checkpoint as dck
+
+    use_dcp = torch.tensor([0], dtype=torch.int64, device=shard.device or torch.device("cpu"))
+    if shard.is_main():
+        has_pt = (ckpt_dir / ckpt.LAST).is_file() or (ckpt_dir / ckpt.PREV).is_file()
+        if dck.has_checkpoint(ckpt_dir):
+            dcp_step = max(dck.step_of(ckpt_dir / dck.LAST) or -1, dck.step_of(ckpt_dir / dck.PREV) or -1)
+            use_dcp[0] = int(not has_pt or dcp_step >= _pt_step(ckpt_dir))
+    shard.broadcast_(use_dcp)
+    if int(use_dcp.item()):
+        return dck.load_latest(ckpt_dir, shard, device, warn=tqdm.write)
+    state, path = ckpt.load_latest(ckpt_dir, warn=tqdm.write, quarantine=shard.is_main())
+    if shard.distributed:
+        state = dck.take_rows(state, dck.sharded_paths(state, model, optimizer, full=True), shard)
+    return state, path
+
+
+def _save_checkpoint(ckpt_dir: Path, state: dict[str, Any], model, optimizer, shard: RowShard, device) -> None:
+    """``last.dcp`` (sharded, every rank) or ``last.pt`` (one process). A checkpoint of the other
+    kind, left by an earlier leg of the run on another rank count, is removed once this kind has a
+    previous checkpoint to fall back to."""
+    from goldstone_cli.distributed import checkpoint as dck
+
+    if shard.distributed:
+        dck.save(ckpt_dir, state, dck.sharded_paths(state, model, optimizer), shard, device)
+        if shard.is_main() and (ckpt_dir / dck.PREV / dck.META).is_file():
+            for name in (ckpt.LAST, ckpt.PREV):
+                (ckpt_dir / name).unlink(missing_ok=True)
+    else:
+        ckpt.save_last(ckpt_dir, state)
+        if (ckpt_dir / ckpt.PREV).is_file():
+            dck.remove(ckpt_dir)
 
 
 # ----------------------------------------------------------------------------- small pieces
@@ -532,7 +752,8 @@ def _reached(model, evals: dict[str, float], target: float) -> bool:
     return v <= target if model.target_lower_is_better else v >= target
 
 
-def _update_best(model, evals: dict[str, float], best, step: int, run_dir: Path):
+def _update_best(model, evals: dict[str, float], best, step: int, run_dir: Path,
+                 shard: Optional[RowShard] = None, device=None):
     name = model.best_metric
     if name is None or name not in evals or not math.isfinite(evals[name]):
         return best
@@ -540,7 +761,14 @@ def _update_best(model, evals: dict[str, float], best, step: int, run_dir: Path)
     better = best is None or (v < best["value"] if model.best_lower_is_better else v > best["value"])
     if better:
         best = {"metric": name, "value": float(v), "step": int(step)}
-        ckpt.save(run_dir / "checkpoints" / ckpt.BEST, {**best, "model": model.state_dict()}, kind="best")
+        if shard is not None and shard.distributed:  # every rank writes its rows (the same decision everywhere)
+            from goldstone_cli.distributed import checkpoint as dck
+
+            state = {**best, "model": model.state_dict()}
+            dck.save(run_dir / "checkpoints", state, dck.sharded_paths(state, model, None), shard, device,
+                     name=dck.BEST)
+        else:
+            ckpt.save(run_dir / "checkpoints" / ckpt.BEST, {**best, "model": model.state_dict()}, kind="best")
     return best
 
 

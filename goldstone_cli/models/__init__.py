@@ -10,20 +10,24 @@ from omegaconf import DictConfig
 from goldstone_cli.models.base import DynamicModel
 
 _BUILDERS: dict[str, Callable[..., DynamicModel]] = {}
+_SHARDABLE: set[str] = set()  # builders that take ``shard=`` (row-sharded training, trainer.distributed)
 
 
-def register(name: str):
-    """Decorator: register ``builder(cfg, device, dtype) -> DynamicModel`` under ``model.name``."""
+def register(name: str, shardable: bool = False):
+    """Decorator: register ``builder(cfg, device, dtype) -> DynamicModel`` under ``model.name``;
+    ``shardable``: it also takes ``shard: RowShard`` and then builds only this rank's rows."""
 
     def deco(fn):
         _BUILDERS[name] = fn
+        if shardable:
+            _SHARDABLE.add(name)
         return fn
 
     return deco
 
 
-@register("dense_mf")
-def _build_dense_mf(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> DynamicModel:
+@register("dense_mf", shardable=True)
+def _build_dense_mf(cfg: DictConfig, device: torch.device, dtype: torch.dtype, shard=None) -> DynamicModel:
     from goldstone_cli.data.synthetic import make_synthetic
     from goldstone_cli.models.dense_mf import DenseDynamicMF
 
@@ -33,11 +37,11 @@ def _build_dense_mf(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -
     data = make_synthetic(d.n_rows, d.n_cols, d.rank, d.noise_var, d.T, d.time_dependent, d.drift, d.seed)
     m = cfg.model
     return DenseDynamicMF(data, d=m.d, coupling=m.coupling, init_scale=m.init_scale, seed=cfg.seed,
-                          dtype=dtype, device=device)
+                          dtype=dtype, device=device, shard=shard)
 
 
-@register("movielens")
-def _build_movielens(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> DynamicModel:
+@register("movielens", shardable=True)
+def _build_movielens(cfg: DictConfig, device: torch.device, dtype: torch.dtype, shard=None) -> DynamicModel:
     from goldstone_cli.data.movielens import load_movielens
     from goldstone_cli.models.movielens import SparseDynamicBernoulliMF
 
@@ -50,15 +54,19 @@ def _build_movielens(cfg: DictConfig, device: torch.device, dtype: torch.dtype) 
     m = cfg.model
     return SparseDynamicBernoulliMF(data, d=m.d, coupling=m.coupling, gamma=m.gamma, init_scale=m.init_scale,
                                     batch_size=m.batch_size, chunk_size=m.chunk_size, seed=cfg.seed,
-                                    dtype=dtype, device=device)
+                                    dtype=dtype, device=device, shard=shard)
 
 
-@register("dwe")
-def _build_dwe(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> DynamicModel:
+@register("dwe", shardable=True)
+def _build_dwe(cfg: DictConfig, device: torch.device, dtype: torch.dtype, shard=None) -> DynamicModel:
     from goldstone_cli.models.dwe import DynamicWordEmbeddings, load_word_counts
 
     if cfg.data.name not in ("sotu", "cooc"):
         raise ValueError(f"model=dwe needs a co-occurrence corpus (data=sotu or data=cooc), got data={cfg.data.name}")
+    if shard is not None and shard.distributed:  # word and context rows sharded (issue 17)
+        from goldstone_cli.models.dwe_sharded import build_sharded_dwe
+
+        return build_sharded_dwe(cfg, device, dtype, shard)
     wc = load_word_counts(cfg.data, progress=bool(cfg.trainer.progress))
     m = cfg.model
     return DynamicWordEmbeddings(
@@ -68,10 +76,21 @@ def _build_dwe(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Dyn
         eval_chunk=m.eval_chunk, val_mass=m.get("val_mass", 0.0), seed=cfg.seed, dtype=dtype, device=device)
 
 
-def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> DynamicModel:
+def supports_sharding(name: str) -> bool:
+    return name in _SHARDABLE
+
+
+def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype, shard=None) -> DynamicModel:
+    """The model of ``cfg``; with ``shard`` (a ``RowShard`` of several ranks) only this rank's rows."""
     name = cfg.model.name
     if name not in _BUILDERS:
         raise ValueError(f"unknown model '{name}'; registered: {', '.join(sorted(_BUILDERS))}")
+    if shard is not None and shard.distributed:
+        if name not in _SHARDABLE:
+            raise ValueError(f"model={name} cannot be trained with trainer.distributed=true (it does not shard "
+                             f"its rows; models that do: {', '.join(sorted(_SHARDABLE))}); drop "
+                             f"trainer.distributed or use one of those")
+        return _BUILDERS[name](cfg, device, dtype, shard=shard)
     return _BUILDERS[name](cfg, device, dtype)
 
 

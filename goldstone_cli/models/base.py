@@ -59,6 +59,21 @@ class DynamicModel(nn.Module):
         """Column names of :meth:`evaluate`, fixed for the whole run (the metrics.csv header)."""
         return []
 
+    # ---- row sharding (trainer.distributed, goldstone_cli.distributed) --------------------------
+    def sharded_params(self) -> dict[str, int]:
+        """``{parameter name: global row count}`` of the (T, N, d) parameters of which this process
+        holds only its block of rows along dim 1 (``RowShard.rows``); empty: nothing is sharded.
+        Checkpoints store these as DTensors with placement ``Shard(1)``."""
+        return {}
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Group tensors that every rank holds in full (GoldstoneGD counts their rows once)."""
+        return []
+
+    def reduce_gradients(self) -> None:
+        """Called by the trainer after ``backward()``: all-reduce the gradients of replicated
+        parameters (none by default; the sharded models here shard every parameter)."""
+
     def snapshot(self) -> Optional[dict[str, Tensor]]:
         """Small copies of the embeddings for trajectory plots (Fig. 2); ``None`` for large models."""
         return None

@@ -19,6 +19,22 @@ likelihood gradient into one buffer per parameter. With psi's lean backward (``C
 a step needs parameters + gradients + the gradient of psi while it is added, and AdaGrad its
 accumulator plus one temporary: measured peak RSS 9.9 GB for a full-batch AdaGrad step and a
 gauge step on ML-20M-shaped data (bench/movielens_step.py, docs/benchmarks.md).
+
+Row sharding (``shard``, trainer.distributed): users AND items are sharded (RowShard blocks); a rank
+keeps the ratings of its users (``ratings_of_users``) and, every step, gathers all of V for them
+(``RowShard.gather_rows``; its backward reduce-scatters V's gradient). That moves the same bytes per
+step as replicating V and all-reducing its gradient (an all-reduce is a reduce-scatter plus an
+all-gather), but every rank stores and updates only 1/world of V and of its optimizer state, and the
+gauge step needs no special case for a replicated tensor. Minibatches are drawn over the global
+training ratings from the same generator state on every rank; each rank keeps the draws that fall
+on its users, so results do not depend on the number of ranks.
+
+Speed (issue 16): ``loss_terms`` (what the trainer calls) runs :class:`_FusedLoss` instead of
+``local_loss() + psi()``: the rows of each rating are gathered once and its gradient scatter-added
+in the same pass, the gamma term, psi and ``gamma Z + L Z`` come from one cache-blocked pass per
+parameter, and the gradient's storage is reused between steps (no page faults of a fresh
+multi-MB tensor). Same numbers up to float rounding (tests/test_fused_steps.py); timings in
+docs/benchmarks.md, "Roofline (issue 16)".
 """
 
 from __future__ import annotations
@@ -30,9 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from goldstone_cli.distributed.shard import RowShard
 from goldstone_cli.models.base import DynamicModel
-from goldstone_cli.numerics import sum_squares_value
-from goldstone_cli.optim.coupling import Coupling
+from goldstone_cli.numerics import sum_squares, sum_squares_value
+from goldstone_cli.optim.coupling import Coupling, quadratic_terms_
+from goldstone_cli.optim.gauge import serial_cpu
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 METRICS = ("ll", "acc", "auc")
@@ -106,6 +124,92 @@ def bernoulli_local_loss(U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, x: Tensor
     return _LocalLoss.apply(U, V, ru, rv, x, float(scale), float(gamma), int(chunk))
 
 
+class GradBuffer:
+    """The storage of one parameter's gradient, handed out again at the next step once nothing else
+    holds it (issue 16: a fresh multi-MB gradient every step cost page faults, 2x the step time).
+
+    Only the untyped storage is kept, so the tensor returned by :meth:`get` is the only tensor on it
+    and autograd adopts it as ``.grad`` without a copy. ``zero_grad(set_to_none=True)`` drops that
+    tensor; if any other tensor still uses the storage (someone kept ``p.grad`` or a view of it),
+    a new buffer is allocated instead, so a kept gradient is never overwritten."""
+
+    def __init__(self) -> None:
+        self._storage = None
+        self._key = None
+
+    def get(self, like: Tensor) -> Tensor:
+        key = (like.shape, like.dtype, like.device)
+        st = self._storage
+        if st is not None and self._key == key and _storage_unused(st):
+            return torch.empty(0, dtype=like.dtype, device=like.device).set_(st, 0, like.shape)
+        t = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        self._storage, self._key = t.untyped_storage(), key
+        return t
+
+
+def _storage_unused(st) -> bool:
+    """True if only our reference to the storage is left."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return count is not None and count(st._cdata) == 1
+
+
+class _FusedLoss(torch.autograd.Function):
+    """``(local, psi)`` of Eqs. 6, 8, 9 for (U, V), with the gradient computed in the forward pass.
+
+    One pass over the ratings gathers each rating's two rows once, adds its term of Eq. 8 and
+    scatter-adds its gradient; one cache-blocked pass per parameter (``coupling.quadratic_terms_``)
+    gives ``gamma/2 ||Z||^2``, psi and the gradient ``gamma Z + L @ Z`` into a reused buffer
+    (:class:`GradBuffer`). The backward pass only hands the buffers to autograd (scaled in place if
+    the two outputs are weighted differently). Same values and gradient as ``local_loss() + psi()``
+    (the chunked ``_LocalLoss`` and ``Coupling.psi``) up to float rounding; tests compare them."""
+
+    @staticmethod
+    def forward(ctx, U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, x: Tensor, scale: float, gamma: float,
+                chunk: int, coupling: Coupling, buffers: tuple, need_grad: bool, compiled: bool = False):
+        d = U.shape[-1]
+        gU = buffers[0].get(U) if need_grad else None
+        gV = buffers[1].get(V) if need_grad else None
+        sq_u, psi_u = quadratic_terms_(U, coupling, gamma, gU, compiled=compiled)  # gU <- gamma U + L U
+        sq_v, psi_v = quadratic_terms_(V, coupling, gamma, gV, compiled=compiled)
+        Uf, Vf = U.view(-1, d), V.view(-1, d)
+        nll = torch.zeros((), dtype=torch.float64, device=U.device)
+        for s in range(0, ru.numel(), chunk):  # chunks of ratings, not rows or time steps
+            e = s + chunk
+            iu, iv, xs = ru[s:e], rv[s:e], x[s:e]
+            u, v = Uf.index_select(0, iu), Vf.index_select(0, iv)  # (c, d) each, gathered once
+            mx = -xs * torch.einsum("nd,nd->n", u, v)  # (c,) -x u.v
+            nll += F.softplus(mx).sum(dtype=torch.float64)  # Eq. 8: -log sigma(y) = softplus(-y)
+            if need_grad:
+                w = torch.sigmoid_(mx).mul_(-xs).mul_(scale)  # d/dlogit softplus(-x logit) = -x sigmoid(-x logit)
+                with serial_cpu(w):  # CPU index_add_ ran 10x faster on one thread than on two (issue 16)
+                    gU.view(-1, d).index_add_(0, iu, v.mul_(w[:, None]))
+                    gV.view(-1, d).index_add_(0, iv, u.mul_(w[:, None]))
+        if need_grad:
+            ctx.grads = (gU, gV)
+            ctx.coupling, ctx.gamma = coupling, gamma
+            ctx.save_for_backward(U, V)
+        local = scale * nll + 0.5 * gamma * (sq_u + sq_v)  # Eq. 9, summed over t
+        return local.to(U.dtype), (psi_u + psi_v).to(U.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_local: Tensor, g_psi: Tensor):
+        if not hasattr(ctx, "grads"):
+            raise RuntimeError("the MovieLens loss was computed without gradients (under no_grad)")
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("backward through the MovieLens loss twice: compute loss_terms() again")
+        gl, gp = float(g_local), float(g_psi)
+        if gl != 1.0 or gp != 1.0:  # buffers hold gamma Z + lik + L Z: weight as gl (gamma Z + lik) + gp L Z
+            for G, Z in zip(grads, ctx.saved_tensors):
+                G.mul_(gl)
+                if gp != gl:
+                    G.add_(ctx.coupling.laplacian_apply(Z.detach()), alpha=gp - gl)
+        gU, gV = grads
+        del grads
+        return gU, gV, None, None, None, None, None, None, None, None, None, None
+
+
 # ----------------------------------------------------------------------------- metrics
 def auc_score(scores: Tensor, positive: Tensor) -> float:
     """Area under the ROC curve by the rank-sum (Mann-Whitney U) formula, ties given average ranks.
@@ -160,7 +264,8 @@ class SparseDynamicBernoulliMF(DynamicModel):
 
     def __init__(self, data: RatingsLike, d: int = 30, coupling: float = 10.0, gamma: float = 1.0,
                  init_scale: float = 0.1, batch_size: Optional[int] = None, chunk_size: int = 1 << 20,
-                 seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 shard: Optional[RowShard] = None):
         super().__init__()
         if d < 1:
             raise ValueError(f"d must be >= 1, got {d}")
@@ -176,12 +281,19 @@ class SparseDynamicBernoulliMF(DynamicModel):
         self.chunk_size = int(chunk_size)
         device = torch.device(device)
 
+        self.shard = shard if shard is not None else RowShard.single()
+        self.compile_steps = False  # trainer.compile: the gamma / psi pass through torch.compile
+        if self.shard.distributed:
+            self._init_sharded(data, init_scale, seed, dtype, device)
+            self.coupling = Coupling.chain(T, coupling)  # Eq. 6 / Eq. 7
+            return
         g = torch.Generator().manual_seed(int(seed))
         self.U = nn.Parameter(
             (init_scale * torch.randn(T, n_users, d, generator=g)).to(device=device, dtype=dtype))  # (T, n_users, d)
         self.V = nn.Parameter(
             (init_scale * torch.randn(T, n_items, d, generator=g)).to(device=device, dtype=dtype))  # (T, n_items, d)
         self.coupling = Coupling.chain(T, coupling)  # Eq. 6 / Eq. 7
+        self._grad_buffers = (GradBuffer(), GradBuffer())  # reused storage of U.grad, V.grad
 
         self._splits: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         user = np.asarray(data.user, dtype=np.int64)
@@ -202,11 +314,21 @@ class SparseDynamicBernoulliMF(DynamicModel):
         if self.n_train == 0:
             raise ValueError("the data have no training ratings (split == 0); check the split fractions")
 
+    def set_compile(self, on: bool) -> None:
+        """``trainer.compile``: run the gamma term / psi pass of each step through ``torch.compile``
+        (falls back to the eager pass, with a warning, where compiling fails)."""
+        self.compile_steps = bool(on)
+
     # ------------------------------------------------------------------ DynamicModel interface
     def symmetric_groups(self) -> list[list[nn.Parameter]]:
         return [[self.U, self.V]]
 
-    def local_loss(self, generator: Optional[torch.Generator] = None) -> Tensor:
+    def sharded_params(self) -> dict[str, int]:
+        return {"U": self.n_users, "V": self.n_items} if self.shard.distributed else {}
+
+    def _batch(self, generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor, Tensor, float]:
+        """The training ratings of this step (all, or a minibatch drawn from ``generator``) and the
+        likelihood's scale."""
         ru, rv, x = self._splits["train"]
         scale = 1.0
         if self.batch_size is not None and self.batch_size < self.n_train:
@@ -214,13 +336,33 @@ class SparseDynamicBernoulliMF(DynamicModel):
             idx = torch.sort(idx).values  # keep the memory order of the sorted training ratings
             ru, rv, x = ru[idx], rv[idx], x[idx]
             scale = self.n_train / self.batch_size  # unbiased estimate of the full likelihood sum
+        return ru, rv, x, scale
+
+    def local_loss(self, generator: Optional[torch.Generator] = None) -> Tensor:
+        if self.shard.distributed:
+            return self._local_loss_sharded(generator)
+        ru, rv, x, scale = self._batch(generator)
         return bernoulli_local_loss(self.U, self.V, ru, rv, x, self.gamma, scale, self.chunk_size)
+
+    def loss_terms(self, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        """``local + psi`` in one fused pass (:class:`_FusedLoss`); equal to the base class's
+        ``local_loss() + psi()`` up to float rounding, about 3x faster (bench/roofline.py).
+        Sharded: this rank's ``local_loss() + psi()`` (the fused pass works on one process's rows)."""
+        if self.shard.distributed:
+            return super().loss_terms(generator)
+        ru, rv, x, scale = self._batch(generator)
+        need_grad = torch.is_grad_enabled() and (self.U.requires_grad or self.V.requires_grad)
+        local, psi = _FusedLoss.apply(self.U, self.V, ru, rv, x, float(scale), self.gamma, self.chunk_size,
+                                      self.coupling, self._grad_buffers, need_grad, self.compile_steps)
+        return {"total": local + psi, "local": local, "psi": psi}
 
     @torch.no_grad()
     def logits(self, split: str) -> Tensor:
-        """``u_t,i . v_t,j`` for every rating of ``split`` ('train', 'val', 'test'): shape (n_split,)."""
+        """``u_t,i . v_t,j`` for every rating of ``split`` ('train', 'val', 'test'): shape (n_split,).
+        Sharded: the ratings of this rank's users."""
         ru, rv, _ = self._splits[split]
-        Uf, Vf = self.U.view(-1, self.d), self.V.view(-1, self.d)
+        V = self.shard.all_gather_rows(self.V, self.n_items)  # all items (self.V on one process)
+        Uf, Vf = self.U.view(-1, self.d), V.reshape(-1, self.d)
         out = torch.empty(ru.numel(), dtype=self.U.dtype, device=self.U.device)  # (n_split,)
         for s in range(0, ru.numel(), self.chunk_size):
             e = s + self.chunk_size
@@ -235,12 +377,84 @@ class SparseDynamicBernoulliMF(DynamicModel):
         """Held-out mean log-likelihood per rating, accuracy and AUC on validation and test."""
         out: dict[str, float] = {}
         for split in ("val", "test"):
-            res = binary_metrics(self.logits(split), self._splits[split][2])
+            logit, x = self.logits(split), self._splits[split][2]
+            if self.shard.distributed:  # every rank's ratings: the metrics (AUC ranks) are global
+                logit, x = self.shard.all_gather_varlen(logit), self.shard.all_gather_varlen(x)
+            res = binary_metrics(logit, x)
             out.update({f"{split}_{k}": v for k, v in res.items()})
         return out
 
     def split_sizes(self) -> dict[str, int]:
         return {k: int(v[0].numel()) for k, v in self._splits.items()}
+
+    # ------------------------------------------------------------------ row sharding
+    def _init_sharded(self, data: RatingsLike, init_scale: float, seed: int, dtype: torch.dtype,
+                      device: torch.device) -> None:
+        """This rank's blocks of U (users) and V (items) of the one-process initialization, the
+        ratings of its users, and where its training ratings sit in the global training order."""
+        T, n_users, n_items, sh = self.T, self.n_users, self.n_items, self.shard
+        g = torch.Generator().manual_seed(int(seed))
+        U = init_scale * torch.randn(T, n_users, d := self.d, generator=g)  # the one-process draws, in order
+        V = init_scale * torch.randn(T, n_items, d, generator=g)
+        self.U = nn.Parameter(sh.take(U).to(device=device, dtype=dtype).contiguous())  # (T, my users, d)
+        self.V = nn.Parameter(sh.take(V).to(device=device, dtype=dtype).contiguous())  # (T, my items, d)
+        del U, V
+        u0, u1 = sh.rows(n_users)
+        n_local = u1 - u0
+        mine = ratings_of_users(data, u0, u1)
+        user, item = data.user[mine] - u0, data.item[mine]
+        tbin, split, xs = data.t[mine], np.asarray(data.split)[mine], np.asarray(data.x)[mine]
+        self._splits = {}
+        for name, code in SPLIT_CODES.items():
+            m = split == code
+            ru = tbin[m] * n_local + user[m]  # (n_split,) flat row of this rank's U
+            rv = tbin[m] * n_items + item[m]  # (n_split,) flat row of the gathered V
+            x = xs[m]
+            if name == "train":  # (bin, user) order: this rank's part of the one-process order
+                order = np.argsort(ru, kind="stable")
+                ru, rv, x = ru[order], rv[order], x[order]
+            self._splits[name] = (torch.from_numpy(ru).to(device), torch.from_numpy(rv).to(device),
+                                  torch.from_numpy(x.astype(np.float32)).to(device=device, dtype=dtype))
+        # the one-process training order is bin-major, then user, so rank r's ratings of bin t form one
+        # contiguous run of it: from the counts of every (bin, rank), where each run starts
+        counts = torch.zeros(sh.world, T, dtype=torch.int64)
+        counts[sh.rank] = torch.from_numpy(np.bincount(tbin[split == 0], minlength=T).astype(np.int64))
+        counts = sh.all_reduce_sum_(counts.to(sh.device or "cpu")).cpu()  # (world, T); NCCL needs CUDA tensors
+        starts = (torch.cumsum(counts.T.reshape(-1), 0) - counts.T.reshape(-1)).view(T, sh.world)  # (T, world)
+        self.n_train = int(counts.sum())
+        self._local_train = int(counts[sh.rank].sum())
+        self._bin_start = starts[:, 0].contiguous().to(device)  # (T,) global start of bin t
+        self._my_start = starts[:, sh.rank].to(device)  # (T,) global start of my run in bin t
+        self._my_count = counts[sh.rank].to(device)  # (T,)
+        self._my_local_start = (torch.cumsum(counts[sh.rank], 0) - counts[sh.rank]).to(device)  # (T,)
+        if self.n_train == 0:
+            raise ValueError("the data have no training ratings (split == 0); check the split fractions")
+
+    def _local_loss_sharded(self, generator: Optional[torch.Generator]) -> Tensor:
+        """This rank's share of Eq. 9: the likelihood of its users' ratings (against all of V, gathered)
+        and gamma/2 of its own rows of U and V."""
+        ru, rv, x = self._splits["train"]
+        scale = 1.0
+        if self.batch_size is not None and self.batch_size < self.n_train:
+            # the one-process draw (same generator state on every rank), then the draws on my users
+            idx = torch.randint(self.n_train, (self.batch_size,), generator=generator, device=ru.device)
+            idx = torch.sort(idx).values
+            t = torch.searchsorted(self._bin_start, idx, right=True) - 1  # bin of each draw
+            off = idx - self._my_start[t]
+            keep = (off >= 0) & (off < self._my_count[t])
+            local = self._my_local_start[t[keep]] + off[keep]  # positions in this rank's sorted ratings
+            ru, rv, x = ru[local], rv[local], x[local]
+            scale = self.n_train / self.batch_size
+        V = self.shard.gather_rows(self.V, self.n_items)  # (T, n_items, d)
+        nll = bernoulli_local_loss(self.U, V, ru, rv, x, 0.0, scale, self.chunk_size)
+        reg = sum_squares(self.U) + sum_squares(self.V)  # float64; each rank its own rows, once
+        return (nll.to(torch.float64) + 0.5 * self.gamma * reg).to(self.U.dtype)
+
+
+def ratings_of_users(data: RatingsLike, start: int, stop: int) -> np.ndarray:
+    """Indices (file order) of the ratings of users ``start <= user < stop``: one rank's rows."""
+    user = np.asarray(data.user)
+    return np.flatnonzero((user >= start) & (user < stop))
 
 
 def _check_ratings(data: RatingsLike) -> None:

@@ -13,11 +13,13 @@ over time steps or rows. A general graph costs one such pass per distinct offset
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from goldstone_cli.numerics import batched_gram, row_sum_squares
@@ -250,6 +252,107 @@ class Coupling:
         return f"Coupling({kind}, T={self.T}, edges={self.num_edges})"
 
 
+#: elements of one time block of the fused passes below: a few such blocks stay in the CPU caches
+FUSED_BLOCK_ELEMS = 1 << 22
+
+
+def _time_block(T: int, L: int, block_elems: int | None, Z: Tensor) -> int:
+    """Time steps per block of the fused passes: about ``block_elems`` numbers (default
+    ``FUSED_BLOCK_ELEMS``) on the CPU; on a GPU (no cache to fit, every block costs kernel launches)
+    all T at once unless ``block_elems`` is given."""
+    if block_elems is None and Z.device.type != "cpu":
+        return T
+    return max(1, min(T, (block_elems or FUSED_BLOCK_ELEMS) // max(L, 1)))
+
+
+def _chain_quadratic_kernel(Z: Tensor, out: Tensor, w: Tensor, diag: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`quadratic_terms_` of a chain (edges (t, t+1), weights ``w`` (T-1,), ``diag = gamma +
+    Deg``) written as whole-tensor expressions for ``torch.compile``, which turns them into one loop
+    nest (Z (T, L), out (T, L) written in place); the sums are taken in float64."""
+    nxt = F.pad(Z[1:], (0, 0, 0, 1))  # Z_{t+1}, 0 after the last step
+    prv = F.pad(Z[:-1], (0, 0, 1, 0))  # Z_{t-1}
+    wr = F.pad(w, (0, 1))[:, None]  # w_t (edge t, t+1), 0 for t = T-1
+    wl = F.pad(w, (1, 0))[:, None]  # w_{t-1}
+    out.copy_(diag[:, None] * Z - wr * nxt - wl * prv)
+    diff = (nxt - Z).to(torch.float64)
+    z = Z.to(torch.float64)
+    return (z * z).sum(), 0.5 * (wr.to(torch.float64) * diff * diff).sum()  # Eq. 3
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_chain_kernel():
+    """The compiled kernel, or None where torch.compile is unavailable or failed before (then the
+    eager blocked pass runs: the same values up to rounding)."""
+    if "chain" not in _COMPILED:
+        try:
+            _COMPILED["chain"] = torch.compile(_chain_quadratic_kernel, dynamic=True)
+        except Exception as exc:  # pragma: no cover - no compiler / unsupported platform
+            warnings.warn(f"torch.compile unavailable ({str(exc).splitlines()[0]}); using the eager step")
+            _COMPILED["chain"] = None
+    return _COMPILED["chain"]
+
+
+def quadratic_terms_(Z: Tensor, coupling: Coupling, gamma: float = 0.0, out: Tensor | None = None,
+                     block_elems: int | None = None, sum_squares: bool = True,
+                     compiled: bool = False) -> tuple[Tensor, Tensor]:
+    """``(sum ||Z||^2, psi(Z))`` (Eq. 3 / Eq. 6), both float64 scalars, and, if ``out`` is given,
+    ``out <- gamma Z + L @ Z`` (the gradient of ``gamma/2 ||Z||^2 + psi``) in place, in ONE pass
+    over Z: blocks of time steps small enough to stay in cache, so Z is read from memory about once
+    and ``out`` written once, and no (T, N, d) temporary is made (issue 16). Sums accumulate in
+    float64 per time step (``numerics.row_sum_squares``); no autograd. ``sum_squares=False``: the
+    first value is 0 (not computed)."""
+    coupling._check(Z)
+    Z = Z.detach()
+    T = Z.shape[0]
+    if compiled and out is not None and T > 1 and coupling.is_chain() and Z.is_contiguous() and out.is_contiguous():
+        kernel = _compiled_chain_kernel()
+        if kernel is not None:
+            try:
+                w = coupling.bands(Z.dtype, Z.device)[0].weight
+                diag = coupling._degree_tensor(Z.dtype, Z.device) + gamma
+                return kernel(Z.view(T, -1), out.view(T, -1), w, diag)
+            except Exception as exc:  # a compiler error: warn once, then the eager pass from now on
+                warnings.warn(f"torch.compile of the quadratic terms failed ({str(exc).splitlines()[0]}); "
+                              "using the eager step (trainer.compile=false silences this)")
+                _COMPILED["chain"] = None
+    flat = Z.reshape(T, -1)  # (T, N d), a view of a contiguous parameter
+    L = flat.shape[1]
+    go = out.view(T, -1) if out is not None else None
+    bands = coupling.bands(torch.float64, Z.device)
+    bands32 = coupling.bands(Z.dtype, Z.device)
+    diag = coupling._degree_tensor(Z.dtype, Z.device) + gamma  # (T,) gamma + Deg_t
+    step = _time_block(T, L, block_elems, Z)
+    diff = torch.empty(min(step, T) * L, dtype=Z.dtype, device=Z.device)  # reused block temporary
+    sq = torch.zeros((), dtype=torch.float64, device=Z.device)
+    psi = torch.zeros((), dtype=torch.float64, device=Z.device)
+    for s in range(0, T, step):  # blocks of time steps, not single rows or steps (unless N d is large)
+        e = min(T, s + step)
+        zb = flat[s:e]  # (b, L)
+        if sum_squares:
+            sq += row_sum_squares(zb).sum()
+        for band in bands:
+            o = band.offset
+            hi = min(e, T - o)  # edges (t, t + o) with t in [s, hi)
+            if hi > s:
+                db = diff[: (hi - s) * L].view(hi - s, L)
+                torch.sub(flat[s + o:hi + o], flat[s:hi], out=db)
+                psi += 0.5 * torch.dot(band.weight[s:hi], row_sum_squares(db))  # Eq. 3
+        if go is not None:
+            ob = go[s:e]
+            torch.mul(zb, diag[s:e, None], out=ob)  # (gamma + Deg_t) Z_t
+            for b32 in bands32:
+                o, w = b32.offset, b32.weight
+                hi = min(e, T - o)
+                if hi > s:  # - w_t Z_{t+o} on row t
+                    go[s:hi].addcmul_(w[s:hi, None], flat[s + o:hi + o], value=-1.0)
+                lo = max(s, o)
+                if e > lo:  # - w_{t-o} Z_{t-o} on row t
+                    go[lo:e].addcmul_(w[lo - o:e - o, None], flat[lo - o:e - o], value=-1.0)
+    return sq, psi
+
+
 class _Psi(torch.autograd.Function):
     """psi for one tensor with a memory-lean backward: grad = L @ Z."""
 
@@ -258,12 +361,8 @@ class _Psi(torch.autograd.Function):
         coupling._check(Z)
         ctx.coupling = coupling
         ctx.save_for_backward(Z)
-        total = torch.zeros((), dtype=torch.float64, device=Z.device)
-        for band in coupling.bands(torch.float64, Z.device):
-            o = band.offset
-            diff = Z[o:] - Z[:-o]  # (T-o, N, d), freed at the end of the iteration
-            sq = row_sum_squares(diff.flatten(1))  # (T-o,) ||Z_t+o - Z_t||^2 in float64, no second temporary
-            total = total + 0.5 * torch.dot(band.weight, sq)  # Eq. 3
+        # ||Z_t+o - Z_t||^2 per time step in float64, over cache-sized blocks (no (T, N, d) temporary)
+        _, total = quadratic_terms_(Z, coupling, sum_squares=False)
         return total.to(Z.dtype)
 
     @staticmethod

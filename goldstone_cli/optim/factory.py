@@ -34,10 +34,23 @@ def build_base(name: str, params: Iterable[torch.Tensor], cfg: DictConfig) -> to
     if name == "gd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return _fused_if_possible(torch.optim.Adagrad, params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return _fused_if_possible(torch.optim.Adam, params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown base optimizer '{name}'; valid: gd, adagrad, adam")
+
+
+def _fused_if_possible(cls, params: list, **kw) -> torch.optim.Optimizer:
+    """``cls(params, fused=True, **kw)`` (one kernel per parameter: same update, up to float rounding,
+    4x faster than the for-loop version on the CPU, bench/roofline.py) where torch supports it for
+    these parameters' devices and dtypes; else the default implementation."""
+    if params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+        try:
+            return cls(params, fused=True, **kw)
+        except (RuntimeError, ValueError):  # a device / dtype without the fused kernel
+            pass
+    return cls(params, **kw)
 
 
 def build_optimizer(cfg: DictConfig, model) -> tuple[torch.optim.Optimizer, LambdaLR]:
@@ -50,6 +63,7 @@ def build_optimizer(cfg: DictConfig, model) -> tuple[torch.optim.Optimizer, Lamb
         from goldstone_cli.optim.goldstone import GoldstoneGD
 
         base = build_base(choice(cfg.base), model.parameters(), cfg)
+        shard = getattr(model, "shard", None)  # row-sharded model (trainer.distributed): sums over all ranks' rows
         opt = GoldstoneGD(
             base,
             groups=model.symmetric_groups(),
@@ -64,6 +78,8 @@ def build_optimizer(cfg: DictConfig, model) -> tuple[torch.optim.Optimizer, Lamb
             max_sweeps=cfg.max_sweeps,
             tol=cfg.tol,
             state_transform=choice(cfg.get("state_transform", "none")),
+            process_group=shard.group if shard is not None and shard.distributed else None,
+            replicated=getattr(model, "replicated_parameters", list)(),
             balance=_balance_sides(cfg, model),
         )
     else:

@@ -229,6 +229,38 @@ def rotate_rows_(Z: Tensor, R: Tensor, max_chunk_elems: int = 1 << 24) -> None:
         Z[start:stop] = torch.bmm(Z[start:stop], Rt[start:stop])
 
 
+def rotate_rows_psi_(Z: Tensor, R: Tensor, coupling: Coupling, block_elems: int | None = None) -> Tensor:
+    """:func:`rotate_rows_` that also returns psi of the rotated Z (float64 scalar), computed from
+    each block of rotated time steps while it is still in cache: the gauge step's "psi after" without
+    a second pass over Z (issue 16). Blocks go forward in t, so both ends of every edge (t, t+o) are
+    rotated when its difference is taken; the sums are those of ``Coupling.psi``."""
+    from goldstone_cli.numerics import row_sum_squares
+    from .coupling import _time_block
+
+    coupling._check(Z)
+    T = Z.shape[0]
+    psi = torch.zeros((), dtype=torch.float64, device=Z.device)
+    if Z.numel() == 0:
+        return psi
+    flat = Z.view(T, -1)
+    L = flat.shape[1]
+    Rt = R.to(dtype=Z.dtype, device=Z.device).transpose(1, 2)  # (T, d, d)
+    bands = coupling.bands(torch.float64, Z.device)
+    step = _time_block(T, L, block_elems, Z)
+    diff = torch.empty(step * L, dtype=Z.dtype, device=Z.device)  # reused block temporary
+    for s in range(0, T, step):  # blocks of time steps
+        e = min(T, s + step)
+        Z[s:e] = torch.bmm(Z[s:e], Rt[s:e])
+        for band in bands:  # edges (t, t + o) whose later end t + o lies in this block
+            o = band.offset
+            lo, hi = max(0, s - o), e - o
+            if hi > lo:
+                db = diff[: (hi - lo) * L].view(hi - lo, L)  # hi - lo <= e - s <= step
+                torch.sub(flat[lo + o:hi + o], flat[lo:hi], out=db)
+                psi += 0.5 * torch.dot(band.weight[lo:hi], row_sum_squares(db))  # Eq. 3
+    return psi
+
+
 def coupling_gain(R: Tensor, M: Tensor, src: Tensor, dst: Tensor, weight: Tensor) -> Tensor:
     """f(R) = sum_e w_e Tr[R_src^T R_dst M[e]^T]; psi(RZ) = psi(Z) - (f(R) - f(I)) by (*)."""
     rel = torch.bmm(R[src].transpose(1, 2), R[dst])  # (E, d, d)

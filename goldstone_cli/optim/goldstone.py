@@ -13,7 +13,7 @@ from torch import Tensor
 from goldstone_cli.numerics import sum_squares_value
 
 from . import gauge as G
-from .coupling import Coupling
+from .coupling import Coupling, quadratic_terms_
 
 # Per-parameter optimizer state that transforms like the parameter itself under Z_t <- Z_t R_t^T
 # (SGD / RMSprop momentum, Adam-family first moments, centered RMSprop's mean gradient).
@@ -70,6 +70,21 @@ class GoldstoneGD(torch.optim.Optimizer):
             (v <- its mean over the d coordinates on every rotated time step) or ``"reset"`` (the
             parameter's whole base state starts afresh). docs/benchmarks.md ("Goldstone-GD on
             adaptive base optimizers") compares them.
+        process_group: a ``torch.distributed`` process group over which the ROWS of every group
+            tensor are sharded (each rank passes its own rows, any split, empty shards allowed;
+            T and d are the same everywhere). The gauge step then all-reduces psi and every sum
+            over rows (the pair and self moments M_tt' of Eq. 15, sum ||z||^2 of Eq. 17) in float64,
+            so every rank runs the same solver on the same numbers and applies the same rotations
+            to its own rows and its own base optimizer state. Communication per gauge step and group:
+            one all-reduce of 2 + (E + T) d^2 float64 numbers (E coupling edges; T d^2 only for
+            ``procrustes`` or when ``natural`` flips reflection walls) and one of the psi values
+            after it: independent of the number of rows. Every rank must call ``step`` /
+            ``gauge_step`` in the same order (they are collective). ``None`` (default): one
+            process, nothing is communicated.
+        replicated: tensors of the groups that every rank of ``process_group`` holds in full (the
+            same values everywhere, e.g. an item table whose gradients the model all-reduces).
+            Their rows enter psi and the moments once (rank 0 of the group counts them); every rank
+            rotates its copy by the same R_t, so the copies stay equal. Ignored without a process group.
         balance: ``None`` (default) or one entry per symmetric group: ``None`` or one sign per
             tensor of the group, +1 for Z -> Z A and -1 for Z -> Z A^{-T} (e.g. ``[[1, -1]]`` for
             ``[[U, V]]``). Only for models whose local losses see the group only through products
@@ -86,7 +101,7 @@ class GoldstoneGD(torch.optim.Optimizer):
             only if it ends with a lower psi than the rotation alone (predicted from the pair
             moments), so the gauge step still never raises psi. First moments are mapped like
             gradients (m -> m A^{-1} on the +1 side, m A on the -1 side), second moments by
-            ``state_transform`` with that map. ``procrustes`` only.
+            ``state_transform`` with that map. ``procrustes`` only, without ``process_group``.
 
     Optimizer state: the base state that transforms like the parameters is rotated with them by the
     same matrices in every mode: SGD's and RMSprop's ``momentum_buffer``, the first moment
@@ -129,6 +144,8 @@ class GoldstoneGD(torch.optim.Optimizer):
         max_sweeps: int = 100,
         tol: float = 1e-10,
         state_transform: str = "none",
+        process_group=None,
+        replicated: Sequence[Tensor] = (),
         balance: Sequence[Sequence[int] | None] | None = None,
     ):
         if not isinstance(base, torch.optim.Optimizer):
@@ -159,7 +176,22 @@ class GoldstoneGD(torch.optim.Optimizer):
         self.lr_scale, self.keep_gauge_fields, self.rotation = float(lr_scale), bool(keep_gauge_fields), rotation
         self.allow_reflections, self.max_sweeps, self.tol = bool(allow_reflections), int(max_sweeps), float(tol)
         self.state_transform = state_transform
+        self.process_group = process_group
+        self._replicated = _check_replicated(replicated, self.groups)
+        self._rank = 0
+        if process_group is not None:
+            dist = torch.distributed
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError("process_group was given but torch.distributed is not initialized; call "
+                                 "torch.distributed.init_process_group first (or pass process_group=None)")
+            self._rank = dist.get_rank(process_group)
+            if self._rank < 0:
+                raise ValueError("this process is not a member of process_group; every rank that holds rows of "
+                                 "the groups must pass the same group")
         self.balance = _check_balance(balance, self.groups, solver)
+        if process_group is not None and any(b is not None for b in self.balance):
+            raise ValueError("balance is not supported with a process_group yet (its sums over rows are not "
+                             "all-reduced); drop balance or run on one process")
 
         # what torch.optim.Optimizer.__init__ sets up, minus the parameter groups (shared with base)
         torch._C._log_api_usage_once("python.optimizer")
@@ -283,23 +315,31 @@ class GoldstoneGD(torch.optim.Optimizer):
         t0 = time.perf_counter()
         psi_before = psi_after = max_angle = 0.0
         per_group = []
+        p_after_local = []
         for k, tensors in enumerate(self.groups):
             device = tensors[0].device
-            p_before = float(self.coupling.psi_value(tensors))
+            M_self = None
+            if self.process_group is None:
+                # psi and (natural: sum ||z||^2 of Eq. 17) in one cache-blocked pass per tensor, in float64
+                vals = [quadratic_terms_(Z, self.coupling, sum_squares=self.solver == "natural") for Z in tensors]
+                p_before = float(sum(v[1] for v in vals))
+                sq = float(sum(v[0] for v in vals)) if self.solver == "natural" else None
+            else:  # psi, M, M_self and sum ||z||^2 summed over the ranks' rows in one all-reduce
+                p_before, M, M_self, sq = self._reduced_sums(tensors, self.solver == "procrustes",
+                                                             self.solver == "natural")
             if not math.isfinite(p_before):  # NaN / inf parameters: no SVD or solve can use them
                 raise NonFiniteGaugeInput(f"psi became {p_before} before gauge step {self.num_gauge_steps + 1} "
                                           f"(symmetric group {k}): the parameters are not finite")
-            M = self.coupling.pair_moments(tensors, torch.float64)  # (E, d, d), Eq. 15
+            if self.process_group is None:
+                M = self.coupling.pair_moments(tensors, torch.float64)  # (E, d, d), Eq. 15
             # finite parameters whose products overflow; the solvers also need ||M_tt'|| (polar tie-break)
             if M.numel() and not bool(torch.isfinite(torch.linalg.matrix_norm(M)).all()):
                 raise NonFiniteGaugeInput(f"the pair moments M_tt' (Eq. 15) of symmetric group {k} overflow "
                                           f"(parameters too large) before gauge step {self.num_gauge_steps + 1}")
-            M_self = None
-            if self.solver == "procrustes":
+            if self.solver == "procrustes" and self.process_group is None:
                 M_self = self.coupling.self_moments(tensors, torch.float64)  # (T, d, d)
             with G.serial_cpu(M):  # only (T, d, d) / (E, d, d) work in here: one CPU thread is fastest
                 if self.solver == "natural":
-                    sq = sum(float(sum_squares_value(Z)) for Z in tensors)  # sum ||z||^2 of Eq. 17, in float64
                     R, info, gamma = self._natural(k, M, sq, tensors)
                 else:
                     R, info = G.procrustes_solve(
@@ -312,12 +352,23 @@ class GoldstoneGD(torch.optim.Optimizer):
                 angle = float(G.rotation_angles(R, gamma).max()) if R.numel() else 0.0
                 if info.get("flips"):  # a reflection counts as an angle of pi
                     angle = math.pi
+            p_after = 0.0  # this rank's part of psi of the rotated rows, taken in the same pass
+            counted = {id(Z) for Z in self._counted(tensors)}
             for Z in tensors:
-                G.rotate_rows_(Z, R)
+                p_z = float(G.rotate_rows_psi_(Z, R, self.coupling))
+                if id(Z) in counted:
+                    p_after += p_z
                 transform_state_(self.base.state.get(Z), Z, R, self.state_transform, self._param_group(Z))
-            p_after = float(self.coupling.psi_value(tensors))
+            if self.process_group is not None:  # all-reduced once for all groups below
+                p_after_local.append(torch.tensor(p_after, dtype=torch.float64, device=device))
+                p_after = 0.0
             psi_before, psi_after, max_angle = psi_before + p_before, psi_after + p_after, max(max_angle, angle)
             per_group.append({"psi_before": p_before, "psi_after": p_after, "max_angle": angle, **info})
+        if self.process_group is not None:
+            p_after_all = _all_reduce_sum(torch.stack(p_after_local), self.process_group).tolist()
+            for g, p in zip(per_group, p_after_all):
+                g["psi_after"] = p
+            psi_after = sum(p_after_all)
         if any(t.is_cuda for group in self.groups for t in group):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -351,7 +402,7 @@ class GoldstoneGD(torch.optim.Optimizer):
         flips = G.reflection_flips(M, self._plan(device)) if self.allow_reflections else None
         A = None
         if flips is not None:
-            M_self = self.coupling.self_moments(tensors, torch.float64)
+            M_self = self._self_moments(tensors)
             A = G.global_fix(flips[0], M_self, self._plan(device))  # the flipped frame that moves Z least
             M = torch.bmm(torch.bmm(A[src], M), A[dst].transpose(1, 2))  # moments of z -> A_t z
             gauge = torch.bmm(torch.bmm(A, gauge), A.transpose(1, 2))  # kept fields, in the new frame
@@ -418,6 +469,55 @@ class GoldstoneGD(torch.optim.Optimizer):
             G.rotate_rows_(Z, B)  # Z_t B_t^T = Z_t B_t (B symmetric)
             transform_state_(self.base.state.get(Z), Z, B_grad, self.state_transform, self._param_group(Z))
         return Rb, {**info_b, "balanced": int(ok.sum())}
+
+    # ----------------------------------------------------------- sums over rows across ranks
+    def _counted(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The tensors whose rows this rank contributes to the sums over rows: all of them, except
+        replicated ones on ranks other than 0 (their rows are counted once)."""
+        if self._rank == 0:
+            return tensors
+        return [Z for Z in tensors if id(Z) not in self._replicated]
+
+    def _local_moments(self, tensors: list[Tensor], self_moments: bool) -> Tensor:
+        """This rank's part of the pair moments (E, d, d) (Eq. 15) or of the self moments (T, d, d), float64."""
+        counted = self._counted(tensors)
+        if counted:
+            if self_moments:
+                return self.coupling.self_moments(counted, torch.float64)
+            return self.coupling.pair_moments(counted, torch.float64)
+        d = tensors[0].shape[-1]
+        n = self.coupling.T if self_moments else self.coupling.num_edges
+        return torch.zeros(n, d, d, dtype=torch.float64, device=tensors[0].device)
+
+    def _reduced_sums(self, tensors: list[Tensor], self_moments: bool, sq_norm: bool):
+        """psi, M (E, d, d), M_self (T, d, d) or None and sum ||z||^2 (Eq. 17; None unless asked)
+        of one group, each summed over the rows of every rank: one float64 all-reduce of
+        2 + E d^2 (+ T d^2) numbers."""
+        device = tensors[0].device
+        counted = self._counted(tensors)
+        # psi and sum ||z||^2 of this rank's rows: the same float64 pass as without a process group
+        vals = [quadratic_terms_(Z, self.coupling, sum_squares=sq_norm) for Z in counted]
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        parts = [sum((v[1] for v in vals), zero).reshape(1), sum((v[0] for v in vals), zero).reshape(1)]
+        M = self._local_moments(tensors, False)
+        parts.append(M.reshape(-1))
+        M_self = self._local_moments(tensors, True) if self_moments else None
+        if M_self is not None:
+            parts.append(M_self.reshape(-1))
+        buf = _all_reduce_sum(torch.cat(parts), self.process_group)
+        E, T, d = M.shape[0], self.coupling.T, tensors[0].shape[-1]
+        psi = float(buf[0])
+        sq_out = float(buf[1]) if sq_norm else None
+        M = buf[2:2 + E * d * d].reshape(E, d, d)
+        if M_self is not None:
+            M_self = buf[2 + E * d * d:].reshape(T, d, d)
+        return psi, M, M_self, sq_out
+
+    def _self_moments(self, tensors: list[Tensor]) -> Tensor:
+        """M_tt = sum over all rows (of every rank) of z_t z_t^T: (T, d, d), float64."""
+        if self.process_group is None:
+            return self.coupling.self_moments(tensors, torch.float64)
+        return _all_reduce_sum(self._local_moments(tensors, True), self.process_group)
 
     def _pinv(self, device) -> G.LaplacianPinv:
         key = ("pinv", str(device))
@@ -557,6 +657,28 @@ def _check_balance(balance, groups: list[list[Tensor]], solver: str) -> list[tup
         if solver != "procrustes":
             raise ValueError(f"balance needs solver='procrustes' (got {solver!r})")
         out.append(tuple(int(s) for s in sides))
+    return out
+
+
+def _all_reduce_sum(buf: Tensor, group) -> Tensor:
+    """Sum ``buf`` (float64) over the ranks of ``group``, in place; returns it. Every rank gets the
+    same numbers (gloo and NCCL reduce each chunk once and then copy it to every rank), which is
+    what makes the solvers' rotations identical across ranks."""
+    torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM, group=group)
+    return buf
+
+
+def _check_replicated(replicated, groups: list[list[Tensor]]) -> set[int]:
+    """ids of the replicated tensors; each must be a tensor of one of the groups."""
+    if isinstance(replicated, Tensor) or not isinstance(replicated, (list, tuple, set)):
+        raise ValueError("replicated must be a list of tensors of the groups (e.g. [V]), or empty")
+    in_groups = {id(Z) for g in groups for Z in g}
+    out = set()
+    for j, Z in enumerate(replicated):
+        if not isinstance(Z, Tensor) or id(Z) not in in_groups:
+            raise ValueError(f"replicated[{j}] is not one of the tensors in groups; list only tensors that "
+                             "rotate in a symmetric group and that every rank holds in full")
+        out.add(id(Z))
     return out
 
 

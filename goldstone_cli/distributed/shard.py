@@ -1,0 +1,175 @@
+"""Which rows of a ``(T, N, d)`` tensor this rank holds, and the collectives that move rows.
+
+Rows are split into contiguous blocks with ``torch.chunk`` semantics: block size ``ceil(N / world)``,
+rank ``r`` holds rows ``[r * b, min((r + 1) * b, N))``, so the last blocks may be shorter or empty.
+This is exactly how a DTensor with placement ``Shard(1)`` splits a ``(T, N, d)`` tensor, which is what
+lets torch.distributed.checkpoint save on N ranks and load on M (goldstone_cli.distributed.checkpoint).
+
+``RowShard.single()`` is one process (rank 0 of 1, no group): every method is then the identity, so a
+model has one code path for both cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class RowShard:
+    rank: int
+    world: int
+    group: Optional[dist.ProcessGroup] = None
+    #: where small tensors for collectives live (CUDA for NCCL); None: the CPU (gloo)
+    device: Optional[torch.device] = None
+
+    def __post_init__(self):
+        if self.world < 1 or not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} of world size {self.world}: need 0 <= rank < world size")
+
+    @classmethod
+    def single(cls) -> "RowShard":
+        return cls(rank=0, world=1, group=None)
+
+    @classmethod
+    def from_dist(cls, d) -> "RowShard":
+        """From a :class:`goldstone_cli.distributed.env.Dist` (``None``: one process)."""
+        return cls.single() if d is None else cls(rank=d.rank, world=d.world, group=d.group, device=d.device)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ---- row bookkeeping -------------------------------------------------------------------
+    def block(self, n: int) -> int:
+        """Rows per block: ``ceil(n / world)`` (torch.chunk / DTensor ``Shard`` semantics)."""
+        return -(-n // self.world)
+
+    def rows(self, n: int, rank: Optional[int] = None) -> tuple[int, int]:
+        """``(start, stop)`` of ``rank``'s (default: this rank's) block of ``n`` rows."""
+        r = self.rank if rank is None else rank
+        b = self.block(n)
+        start = min(r * b, n)
+        return start, min(start + b, n)
+
+    def local_size(self, n: int, rank: Optional[int] = None) -> int:
+        start, stop = self.rows(n, rank)
+        return stop - start
+
+    def owner(self, index: Tensor, n: int) -> Tensor:
+        """Rank holding each global row in ``index`` (a long tensor of rows in ``[0, n)``)."""
+        return torch.div(index, max(self.block(n), 1), rounding_mode="floor")
+
+    def take(self, full: Tensor, dim: int = 1) -> Tensor:
+        """This rank's rows of a tensor that holds all ``full.shape[dim]`` rows (a view)."""
+        start, stop = self.rows(full.shape[dim])
+        return full.narrow(dim, start, stop - start)
+
+    # ---- collectives (identity on one process) --------------------------------------------
+    def all_reduce_sum_(self, t: Tensor, *, float64: bool = True) -> Tensor:
+        """Sum ``t`` over ranks, in place; returns ``t``. With ``float64`` (default) lower-precision
+        floating tensors are summed in float64 (scalars, moments); pass ``float64=False`` for large
+        gradients where the extra traffic matters."""
+        if not self.distributed:
+            return t
+        if float64 and t.is_floating_point() and t.dtype != torch.float64:
+            buf = t.to(torch.float64)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+            t.copy_(buf)
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def all_reduce_max_(self, t: Tensor) -> Tensor:
+        """Elementwise maximum over ranks, in place (flags: stop / diverged / interrupted)."""
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t
+
+    def broadcast_(self, t: Tensor, src: int = 0) -> Tensor:
+        """Overwrite ``t`` with rank ``src``'s copy, in place."""
+        if self.distributed:
+            dist.broadcast(t, src=dist.get_global_rank(self.group, src) if self.group is not None else src,
+                           group=self.group)
+        return t
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.group)
+
+    def all_gather_rows(self, local: Tensor, n: int, dim: int = 1) -> Tensor:
+        """The full tensor (``n`` rows along ``dim``) from every rank's block ``local``."""
+        if local.shape[dim] != self.local_size(n):
+            raise ValueError(f"rank {self.rank} holds {local.shape[dim]} rows along dim {dim}, but its block "
+                             f"of {n} rows has {self.local_size(n)}")
+        if not self.distributed:
+            return local
+        b = self.block(n)
+        padded = _pad_rows(local.contiguous(), b, dim)
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat(parts, dim=dim).narrow(dim, 0, n)
+
+    def reduce_scatter_rows(self, full: Tensor, dim: int = 1) -> Tensor:
+        """Every rank passes a full-size tensor (e.g. a gradient of all rows); returns this rank's
+        block of their sum (half the traffic of all_reduce + take)."""
+        if not self.distributed:
+            return full
+        n = full.shape[dim]
+        b = self.block(n)
+        rows_first = _pad_rows(full.movedim(dim, 0), b * self.world, 0).contiguous()  # (world*b, ...)
+        out = torch.empty((b,) + tuple(rows_first.shape[1:]), dtype=full.dtype, device=full.device)
+        _reduce_scatter(out, rows_first, op=dist.ReduceOp.SUM, group=self.group)
+        return out.narrow(0, 0, self.local_size(n)).movedim(0, dim)
+
+    def gather_rows(self, local: Tensor, n: int, dim: int = 1) -> Tensor:
+        """Differentiable :meth:`all_gather_rows`: the backward pass reduce-scatters the gradient of the
+        full tensor, so each rank's local rows get the sum over ranks of their gradients."""
+        if not self.distributed:
+            return local
+        return _GatherRows.apply(local, self, int(n), int(dim))
+
+    def all_gather_varlen(self, local: Tensor) -> Tensor:
+        """Concatenation (rank order, along dim 0) of tensors whose first dimension differs by rank."""
+        if not self.distributed:
+            return local
+        size = torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device)
+        sizes = [torch.empty_like(size) for _ in range(self.world)]
+        dist.all_gather(sizes, size, group=self.group)
+        sizes = [int(s) for s in sizes]
+        padded = _pad_rows(local.contiguous(), max(sizes), 0)
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([p[:k] for p, k in zip(parts, sizes)], dim=0)
+
+
+# torch >= 2.12 renames reduce_scatter_tensor (deprecated) to reduce_scatter_single
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local: Tensor, shard: RowShard, n: int, dim: int) -> Tensor:
+        ctx.shard, ctx.dim = shard, dim
+        return shard.all_gather_rows(local, n, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.shard.reduce_scatter_rows(grad.contiguous(), ctx.dim), None, None, None
+
+
+def _pad_rows(t: Tensor, rows: int, dim: int) -> Tensor:
+    """``t`` with zero rows appended along ``dim`` up to ``rows``."""
+    missing = rows - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)

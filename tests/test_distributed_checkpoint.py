@@ -1,0 +1,141 @@
+"""goldstone_cli.distributed.checkpoint: sharded checkpoints (torch.distributed.checkpoint) that are
+never trusted half-written, never unpickle anything but DCP's metadata classes, and reshard."""
+
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from goldstone_cli import checkpoint as ckpt
+from goldstone_cli.checkpoint import CheckpointError
+from goldstone_cli.distributed import checkpoint as dck
+from goldstone_cli.distributed.local import run_local
+from goldstone_cli.distributed.shard import RowShard
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    """A gloo process group of one rank in this process (DTensors need a device mesh)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield RowShard(0, 1, dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def _state(step=3):
+    g = torch.Generator().manual_seed(step)
+    return {"step": step, "model": {"U": torch.randn(2, 5, 3, generator=g, dtype=torch.float64)},
+            "optimizer": {"lr": 0.1}, "generator": torch.Generator().manual_seed(1).get_state()}
+
+
+PATHS = {("model", "U"): 5}
+
+
+def test_save_load_and_prev_rotation(tmp_path, world_of_one):
+    a, b = _state(3), _state(4)
+    dck.save(tmp_path, a, PATHS, world_of_one, CPU)
+    dck.save(tmp_path, b, PATHS, world_of_one, CPU)
+    assert sorted(p.name for p in tmp_path.iterdir() if "dcp" in p.name) == ["last.dcp", "prev.dcp"]
+    assert dck.has_checkpoint(tmp_path) and ckpt.has_checkpoint(tmp_path.parent / "x") is False
+    state, path = dck.load_latest(tmp_path, RowShard.single(), CPU)
+    assert path.name == "last.dcp" and state["step"] == 4 and state["optimizer"] == {"lr": 0.1}
+    assert torch.equal(state["model"]["U"], b["model"]["U"])
+    assert torch.equal(state["generator"], b["generator"])
+    files = {p.name for p in path.iterdir()}
+    assert {".metadata", "meta.pt"} <= files and any(f.endswith(".distcp") for f in files)
+
+
+def test_corrupt_last_falls_back_to_prev(tmp_path, world_of_one):
+    dck.save(tmp_path, _state(3), PATHS, world_of_one, CPU)
+    dck.save(tmp_path, _state(4), PATHS, world_of_one, CPU)
+    data = next(p for p in (tmp_path / "last.dcp").iterdir() if p.suffix == ".distcp")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    warnings = []
+    state, path = dck.load_latest(tmp_path, RowShard.single(), CPU, warn=warnings.append)
+    assert path.name == "prev.dcp" and state["step"] == 3
+    assert "do not match the SHA-256" in warnings[0]
+
+
+def test_half_written_folder_is_never_loaded(tmp_path, world_of_one):
+    dck.save(tmp_path, _state(3), PATHS, world_of_one, CPU)
+    shutil.copytree(tmp_path / "last.dcp", tmp_path / ".last.dcp.tmp")  # a save killed before its rename
+    (tmp_path / "last.dcp" / "meta.pt").unlink()  # ... or a folder without its meta.pt
+    assert not dck.has_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no readable sharded checkpoint|not completely written"):
+        dck.load_latest(tmp_path, RowShard.single(), CPU)
+    dck.remove_stale(tmp_path)
+    assert not (tmp_path / ".last.dcp.tmp").exists()
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_crafted_metadata_is_refused_without_running_it(tmp_path, world_of_one, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dck.save(tmp_path, _state(3), PATHS, world_of_one, CPU)
+    folder = tmp_path / "last.dcp"
+    (folder / ".metadata").write_bytes(pickle.dumps(_Boom()))
+    # a forger who also rewrites meta.pt's file hashes (meta.pt is checksummed, not signed)
+    meta = ckpt.load(folder / "meta.pt", kind="dcp")
+    meta["files"][".metadata"] = __import__("goldstone_cli.io", fromlist=["x"]).file_sha256(folder / ".metadata")
+    ckpt.save(folder / "meta.pt", meta, kind="dcp")
+    with pytest.raises(CheckpointError, match="Unsupported global: (posix|os).system"):
+        dck.load(folder, RowShard.single(), CPU)
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_non_tensor_entries_in_dcp_files_are_refused(tmp_path, world_of_one):
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "x"
+    dcp.save({"t": torch.zeros(2), "note": "a string DCP would torch.load(weights_only=False)"},
+             storage_writer=dcp.FileSystemWriter(str(folder)))
+    with pytest.raises(CheckpointError, match="non-tensor entries"):
+        dck.read_metadata(folder / ".metadata")
+
+
+def test_meta_names_outside_the_folder_are_refused(tmp_path, world_of_one):
+    dck.save(tmp_path, _state(3), PATHS, world_of_one, CPU)
+    folder = tmp_path / "last.dcp"
+    meta = ckpt.load(folder / "meta.pt", kind="dcp")
+    meta["files"]["../../etc/passwd"] = "0" * 64
+    ckpt.save(folder / "meta.pt", meta, kind="dcp")
+    with pytest.raises(CheckpointError, match="outside its folder"):
+        dck.read_meta(folder)
+
+
+# ---- resharding: saved on 2 ranks, loaded on 3 ranks and on one process --------------------------
+def _save_on_ranks(folder):
+    sh = RowShard(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+    g = torch.Generator().manual_seed(0)
+    full = {"A": torch.randn(3, 7, 2, generator=g, dtype=torch.float64),
+            "B": torch.randn(3, 5, 4, generator=g, dtype=torch.float32)}
+    state = {"step": 9, "model": {k: sh.take(v).clone() for k, v in full.items()}}
+    dck.save(folder, state, {("model", "A"): 7, ("model", "B"): 5}, sh, CPU)
+    return full
+
+
+def _load_on_ranks(folder):
+    sh = RowShard(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+    state, _ = dck.load_latest(folder, sh, CPU)
+    return {"rows": [list(sh.rows(7)), list(sh.rows(5))], "A": state["model"]["A"], "B": state["model"]["B"]}
+
+
+@pytest.mark.slow
+def test_saved_on_two_ranks_loads_on_three_and_on_one(tmp_path):
+    full = run_local(_save_on_ranks, 2, str(tmp_path))[0]
+    for res in run_local(_load_on_ranks, 3, str(tmp_path)):  # blocks 3 + 3 + 1 and 2 + 2 + 1 rows
+        (a0, a1), (b0, b1) = res["rows"]
+        assert torch.equal(res["A"], full["A"][:, a0:a1]) and torch.equal(res["B"], full["B"][:, b0:b1])
+    state, _ = dck.load_latest(tmp_path, RowShard.single(), CPU)
+    assert torch.equal(state["model"]["A"], full["A"]) and state["model"]["B"].dtype == torch.float32

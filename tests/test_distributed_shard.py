@@ -1,0 +1,138 @@
+"""goldstone_cli.distributed: launcher environment parsing and row-shard collectives (gloo, 2 ranks)."""
+
+import pytest
+import torch
+
+from goldstone_cli.distributed.env import first_host, launch_env, pick_device
+from goldstone_cli.distributed.local import run_local
+from goldstone_cli.distributed.shard import RowShard
+
+
+# ---- environment parsing (no processes) ---------------------------------------------------------
+def test_torchrun_env():
+    e = launch_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "29500"})
+    assert (e.rank, e.world, e.local_rank, e.master_addr, e.master_port, e.source) == (3, 4, 1, "h0", 29500, "torchrun")
+
+
+def test_no_launcher_is_none():
+    assert launch_env({"PATH": "/bin"}) is None
+
+
+def test_slurm_env_master_from_nodelist():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "gpu[007-010,012],big1", "SLURM_JOB_ID": "123456"}
+    e = launch_env(env)
+    assert (e.rank, e.world, e.local_rank, e.master_addr, e.source) == (5, 8, 1, "gpu007", "slurm")
+    assert e.master_port == 20000 + 123456 % 20000
+    assert launch_env({**env, "MASTER_ADDR": "x", "MASTER_PORT": "1234"}).master_port == 1234
+
+
+def test_torchrun_wins_over_slurm():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "n1",
+           "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}
+    assert launch_env(env).source == "torchrun"
+
+
+@pytest.mark.parametrize("nodelist,host", [("n1", "n1"), ("n1,n2", "n1"), ("gpu[003-005]", "gpu003"),
+                                           ("a-b[10,2]", "a-b10"), ("node-1", "node-1")])
+def test_first_host(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+@pytest.mark.parametrize("env,match", [
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR"),
+    ({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "RANK='x'"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "0 <= rank"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": ""}, "MASTER_ADDR"),
+])
+def test_bad_env_messages(env, match):
+    with pytest.raises(ValueError, match=match):
+        launch_env(env)
+
+
+def test_pick_device_cpu_and_missing_cuda():
+    assert pick_device("cpu", 3) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert pick_device("auto", 0) == torch.device("cpu")
+        with pytest.raises(ValueError, match="no GPU"):
+            pick_device("cuda", 0)
+
+
+# ---- row blocks -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [0, 1, 5, 7, 8, 13])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_rows_match_torch_chunk_and_dtensor(n, world):
+    """Blocks are torch.chunk's (what DTensor Shard(1) uses), padded with empty blocks at the end."""
+    x = torch.arange(n)
+    chunks = list(torch.chunk(x, world)) if n else []
+    chunks += [x[:0]] * (world - len(chunks))
+    for r in range(world):
+        s = RowShard(r, world)
+        start, stop = s.rows(n)
+        assert torch.equal(x[start:stop], chunks[r])
+        assert s.local_size(n) == len(chunks[r])
+        if stop > start:
+            assert torch.equal(s.owner(x[start:stop], n), torch.full((stop - start,), r))
+
+
+def test_single_is_identity():
+    s = RowShard.single()
+    t = torch.randn(3, 5, 2)
+    assert s.take(t) is not None and torch.equal(s.take(t), t)
+    assert s.all_gather_rows(t, 5) is t and s.reduce_scatter_rows(t) is t and s.all_reduce_sum_(t) is t
+
+
+def test_bad_rank():
+    with pytest.raises(ValueError, match="0 <= rank"):
+        RowShard(2, 2)
+
+
+# ---- collectives on 2 gloo ranks ------------------------------------------------------------------
+def _collectives(ns):
+    return [_collectives_one(n) for n in ns]
+
+
+def _collectives_one(n):
+    import torch.distributed as dist
+
+    s = RowShard(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(3, n, 2, generator=g, dtype=torch.float64)  # the same on every rank
+    gathered = s.all_gather_rows(s.take(full).clone(), n)
+    per_rank = full * (s.rank + 1)  # rank r contributes (r + 1) * full
+    scattered = s.reduce_scatter_rows(per_rank)
+    x32 = torch.tensor([1e8, 1.0], dtype=torch.float32) * (1 if s.rank == 0 else -1)
+    x32[1] = 0.5
+    s.all_reduce_sum_(x32)  # float64 accumulation: 1e8 - 1e8 and 0.5 + 0.5 exactly
+    flag = torch.tensor([float(s.rank == 1)])
+    s.all_reduce_max_(flag)
+    b = torch.tensor([float(s.rank)])
+    s.broadcast_(b, src=1)
+    s.barrier()
+    return {"full": full, "gathered": gathered, "scattered": scattered, "x32": x32, "flag": flag, "b": b,
+            "rows": list(s.rows(n))}
+
+
+def test_collectives_two_ranks(one_thread):
+    ns = [5, 1]  # 1 row: rank 1's block is empty
+    results = run_local(_collectives, 2, ns)  # one spawn for all cases: starting a rank costs seconds
+    for res in (res for per_rank in results for res in per_rank):
+        assert torch.equal(res["gathered"], res["full"])
+        start, stop = res["rows"]
+        assert torch.allclose(res["scattered"], 3 * res["full"][:, start:stop], rtol=1e-15, atol=0)
+        assert res["x32"].tolist() == [0.0, 1.0]
+        assert res["flag"].item() == 1.0 and res["b"].item() == 1.0
+
+
+def _fails():
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise ValueError("rank one is unhappy")
+    return 0
+
+
+@pytest.mark.slow
+def test_run_local_reports_a_failing_rank():
+    with pytest.raises(RuntimeError, match="rank one is unhappy"):
+        run_local(_fails, 2)

@@ -1,0 +1,260 @@
+"""trainer.distributed: row-sharded runs on 2 gloo ranks (torchrun, CPU) reproduce one process;
+sharded checkpoints (torch.distributed.checkpoint) resume on another number of ranks; a SIGTERM to
+one rank stops every rank with a resumable folder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from goldstone_cli.config import ConfigError, compose, load_run_config
+from goldstone_cli.distributed.local import free_port
+from goldstone_cli.train import train
+
+MF = ["model=dense_mf", "optimizer=goldstone", "optimizer.k1=5", "trainer.log_every=1", "trainer.eval_every=5",
+      "trainer.checkpoint_every=10", "trainer.dtype=float64", "trainer.device=cpu", "trainer.progress=false",
+      "data.n_rows=7", "data.n_cols=5", "data.T=6"]  # 7 and 5 rows: uneven blocks (4 + 3, 3 + 2)
+
+
+def torchrun(n: int, args: list[str], cwd: Path, timeout: float = 400, wait: bool = True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "goldstone_cli", "train", "trainer.distributed=true", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return res
+
+
+def one_process(args: list[str], run_dir: Path, resume: bool = False):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's ranks (OMP_NUM_THREADS=1)
+    try:
+        if resume:
+            return train(load_run_config(run_dir, args), run_dir=run_dir)
+        return train(compose([*args, f"run_dir={run_dir}"]))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _table(path: Path, drop=("wall_time", "gauge_time", "seconds")) -> pd.DataFrame:
+    return pd.read_csv(path).drop(columns=list(drop), errors="ignore")
+
+
+def assert_same_run(a: Path, b: Path, rtol: float = 1e-10) -> None:
+    """metrics.csv and gauge.csv of two runs agree to float64 rounding (times aside)."""
+    for name in ("metrics.csv", "gauge.csv"):
+        if not (a / name).exists():
+            assert not (b / name).exists()
+            continue
+        A, B = _table(a / name), _table(b / name)
+        assert list(A.columns) == list(B.columns) and A.shape == B.shape, (name, A.shape, B.shape)
+        assert len(A) > 1
+        np.testing.assert_allclose(A.to_numpy(float), B.to_numpy(float), rtol=rtol, atol=1e-13, err_msg=name)
+
+
+def _ok(res) -> None:
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+# ---- fast: validation ---------------------------------------------------------------------------
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    for k in _LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+    return monkeypatch
+
+
+def test_distributed_without_launcher_is_a_clear_error(in_tmp, no_launcher):
+    with pytest.raises(ConfigError, match="torchrun --nproc-per-node=N -m goldstone_cli train"):
+        train(compose([*MF, "trainer.distributed=true", "trainer.steps=2"]))
+    assert not (in_tmp / "outputs").exists()
+
+
+def test_model_without_sharding_is_refused_before_joining(in_tmp, no_launcher):
+    import goldstone_cli.models as models
+
+    no_launcher.setattr(models, "_SHARDABLE", models._SHARDABLE - {"dwe"})  # every built-in model shards now
+    no_launcher.setenv("RANK", "0")
+    no_launcher.setenv("WORLD_SIZE", "2")
+    no_launcher.setenv("MASTER_ADDR", "127.0.0.1")
+    no_launcher.setenv("MASTER_PORT", "1")
+    with pytest.raises(ConfigError, match="model=dwe cannot be trained with trainer.distributed=true"):
+        train(compose(["model=dwe", "data=sotu", "trainer.distributed=true"]))
+
+
+def test_torchrun_without_distributed_is_refused(in_tmp, no_launcher):
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        no_launcher.setenv(k, v)
+    with pytest.raises(ConfigError, match="add trainer.distributed=true"):
+        train(compose([*MF, "trainer.steps=2"]))
+
+
+def test_python_m_goldstone_cli_runs():
+    res = subprocess.run([sys.executable, "-m", "goldstone_cli", "train", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "Train one model" in res.stdout
+
+
+# ---- slow: 2 ranks == 1 process, resume across rank counts ---------------------------------------
+@pytest.mark.slow
+def test_dense_mf_two_ranks_match_one_process_and_resume_across_rank_counts(tmp_path):
+    one = tmp_path / "one"
+    one_process([*MF, "trainer.steps=50"], one)
+    gauge = pd.read_csv(one / "gauge.csv")
+    assert len(gauge) >= 5  # gauge steps inside the 50 compared steps
+
+    two = tmp_path / "two"
+    res = torchrun(2, [*MF, "trainer.steps=50", f"run_dir={two}"], tmp_path)
+    _ok(res)
+    assert "completed: 50 steps" in res.stdout and res.stdout.count("completed:") == 1  # rank 0 reports
+    assert (two / "logs" / "rank1.log").is_file()
+    assert (two / "checkpoints" / "last.dcp" / "meta.pt").is_file()
+    assert not (two / "checkpoints" / "last.pt").exists()
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["status"] == "completed"
+    assert_same_run(one, two)
+
+    # 2 ranks -> 1 process: 30 steps on 2 ranks, the rest on one process
+    a = tmp_path / "two_then_one"
+    _ok(torchrun(2, [*MF, "trainer.steps=30", f"run_dir={a}"], tmp_path))
+    one_process(["trainer.steps=50", "trainer.distributed=false"], a, resume=True)
+    assert (a / "checkpoints" / "last.pt").is_file()
+    assert_same_run(one, a)
+
+    # 1 process -> 2 ranks
+    b = tmp_path / "one_then_two"
+    one_process([*MF, "trainer.steps=30"], b)
+    res = torchrun(2, [f"resume={b}", "trainer.steps=50"], tmp_path)
+    _ok(res)
+    assert "Resuming" in res.stdout
+    assert_same_run(one, b)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_all_with_a_resumable_folder(tmp_path):
+    args = [*MF, "trainer.steps=1500", "trainer.log_every=10", "trainer.eval_every=50",
+            "trainer.checkpoint_every=100000"]
+    one = tmp_path / "one"
+    one_process(args, one)
+    run = tmp_path / "run"
+    proc = torchrun(2, [*args, f"run_dir={run}"], tmp_path, wait=False)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # wait until the run is well under way
+            if (run / "metrics.csv").is_file() and len((run / "metrics.csv").read_text().splitlines()) > 20:
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 2
+        ranks = {int(dict(line.split("=", 1) for line in Path(f"/proc/{c}/environ").read_text().split("\0")
+                          if "=" in line)["RANK"]): int(c) for c in children}
+        os.kill(ranks[1], signal.SIGTERM)  # rank 1 only
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM", out[-2000:]
+    stopped = summary["steps"]
+    assert 0 < stopped < 1500
+    assert (run / "checkpoints" / "last.dcp" / "meta.pt").is_file()
+    log1 = (run / "logs" / "rank1.log").read_text()
+    assert "SIGTERM received" in log1
+    res = torchrun(2, [f"resume={run}"], tmp_path)
+    _ok(res)
+    assert f"Resuming {run} from step {stopped}" in res.stdout
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert_same_run(one, run)
+
+
+@pytest.mark.slow
+def test_movielens_two_ranks_match_one_process(tmp_path, shared_data):
+    """ml-latest-small, users and items sharded, minibatches drawn globally, AdaGrad + natural gauge
+    steps: 2 ranks == 1 process for 50 steps; a 2-rank run resumed on one process too."""
+    ml = [f"data.path={shared_data / 'movielens' / 'ml-latest-small'}", f"data.cache_dir={tmp_path / 'cache'}",
+          "model=movielens", "data.T=5", "model.d=4", "model.batch_size=20000", "optimizer=goldstone",
+          "optimizer.k1=10", "trainer.dtype=float64", "trainer.device=cpu", "trainer.log_every=1",
+          "trainer.eval_every=10", "trainer.checkpoint_every=20", "trainer.progress=false"]
+    one = tmp_path / "one"
+    one_process([*ml, "trainer.steps=50"], one)
+    assert len(pd.read_csv(one / "gauge.csv")) >= 4
+    two = tmp_path / "two"
+    _ok(torchrun(2, [*ml, "trainer.steps=50", f"run_dir={two}"], tmp_path))
+    assert (two / "checkpoints" / "best.dcp" / "meta.pt").is_file()
+    assert_same_run(one, two)
+    a = tmp_path / "two_then_one"
+    _ok(torchrun(2, [*ml, "trainer.steps=30", f"run_dir={a}"], tmp_path))
+    one_process(["trainer.steps=50", "trainer.distributed=false"], a, resume=True)
+    assert_same_run(one, a)
+
+
+def readme_torchrun_commands() -> list[str]:
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Training on several GPUs or nodes", 1)[1].split("\n## ", 1)[0]
+    return [ln.strip() for ln in section.splitlines() if ln.strip().startswith("torchrun ")]
+
+
+def test_readme_has_torchrun_commands():
+    cmds = readme_torchrun_commands()
+    assert len(cmds) == 3 and all("-m goldstone_cli train" in c for c in cmds)
+
+
+@pytest.mark.slow
+def test_readme_torchrun_commands_run(tmp_path, shared_data):
+    """The README's torchrun lines, on 2 CPU ranks and a few steps (MovieLens on the sample data)."""
+    import shlex
+
+    small = ["trainer.steps=4", "trainer.eval_every=2", "trainer.log_every=1", "trainer.progress=false",
+             "trainer.device=cpu"]
+    run = None
+    for cmd in readme_torchrun_commands():
+        cmd = cmd.replace("<MovieLens copy>", shlex.quote(str(shared_data / "movielens" / "ml-latest-small")))
+        cmd = cmd.replace("outputs/dense_mf/<run>", shlex.quote(str(run)))
+        args = shlex.split(cmd)
+        assert not any("<" in a for a in args), cmd
+        train_args = args[args.index("train") + 1:]
+        train_args = [a for a in train_args if a != "trainer.distributed=true" and not a.startswith("trainer.device")]
+        if any(a.startswith("resume=") for a in train_args):
+            train_args += ["trainer.steps=6"]
+        else:
+            train_args += small
+            if "model=movielens" in train_args:
+                train_args += ["data.T=4", "model.d=3", f"data.cache_dir={tmp_path / 'cache'}"]
+            else:
+                run = tmp_path / "readme_run"
+                train_args.append(f"run_dir={run}")
+        res = torchrun(2, train_args, tmp_path)
+        _ok(res)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+
+@pytest.mark.slow
+def test_sweep_runs_each_run_on_two_submitit_local_tasks(in_tmp):
+    """hydra/launcher=submitit_local with tasks_per_node=2: each run is one 2-rank distributed run."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    res = subprocess.run([sys.executable, "-m", "goldstone_cli", "sweep", "model=dense_mf", "optimizer=gd", "seed=0",
+                          "trainer.distributed=true", "trainer.device=cpu", "trainer.steps=10",
+                          "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    runs = [p for p in (in_tmp / "outputs" / "sweeps").glob("*/*") if (p / "summary.json").is_file()]
+    assert len(runs) == 1
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["ranks"] == 2
+    assert (runs[0] / "train.rank1.log").is_file() and (runs[0] / "logs" / "rank1.log").is_file()
+    assert (runs[0] / "checkpoints" / "last.dcp" / "meta.pt").is_file()
