@@ -17,7 +17,7 @@
 #
 # GPU_CHECK_SMALL=1 DEVICE=cpu bash bench/gpu_check.sh   runs every step at toy sizes on the CPU
 # (a smoke test of this script, not a measurement). GPU_CHECK_STEPS="tests dxd dwe" runs a subset of
-# the steps tests, ml_small, dwe, dxd, ml20m, roofline, dist (default: all).
+# the steps tests, ml_small, dwe, dxd, ml20m, roofline, dist, dist_train (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
@@ -29,7 +29,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-STEPS=" ${GPU_CHECK_STEPS:-tests ml_small dwe dxd ml20m roofline dist} "
+STEPS=" ${GPU_CHECK_STEPS:-tests ml_small dwe dxd ml20m roofline dist dist_train} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 LOG=$OUT/gpu_check.log
 : > "$LOG"
@@ -92,6 +92,11 @@ if want dist; then
     step timeout 300 $PY -m bench.distributed --ranks 1 2 --reps 2 --gauge-N 2000 --mf-n 200 --dwe-V 300 --dwe-T 6 \
         --dwe-batch 50 --cases gauge dense_mf dwe dwe_context --out "$OUT/distributed_gloo.json"
 fi
+
+# 6. trainer.distributed end to end (issue 17b): NCCL ranks (one per GPU, at most 4) through torchrun,
+#    metrics == one CPU process in float64, sharded checkpoints resumed on the CPU; with one GPU only the
+#    NCCL world-of-one smoke test runs (the 2-rank comparisons need 2 GPUs)
+want dist_train && step timeout 600 $PY -m pytest -q -p no:cacheprovider -rs tests/test_distributed_train.py -k "nccl"
 
 # 4. MovieLens on the ML-20M-shaped file of step 0 (waits for it)
 if want ml20m; then

@@ -190,6 +190,8 @@ def load_latest(ckpt_dir: str | Path, map_location="cpu", warn=print,
     Raises CheckpointError when neither works."""
     ckpt_dir = Path(ckpt_dir)
     last, prev = ckpt_dir / LAST, ckpt_dir / PREV
+    if not last.is_file() and not prev.is_file() and _has_sharded(ckpt_dir):
+        return _load_sharded(ckpt_dir, map_location, warn)  # a run saved on several ranks
     problems = []
     for path in (last, prev):
         if not path.is_file():
@@ -205,6 +207,8 @@ def load_latest(ckpt_dir: str | Path, map_location="cpu", warn=print,
                 os.replace(last, last.with_name(LAST + ".corrupt"))
                 reason += f" (kept as {LAST}.corrupt)"
             warn(f"warning: {reason}; resuming from the previous checkpoint {prev} (step {state.get('step')})")
+        if _has_sharded(ckpt_dir) and _sharded_step(ckpt_dir) > int(state.get("step", -1)):
+            return _load_sharded(ckpt_dir, map_location, warn)  # continued on several ranks since
         return state, path
     if not problems:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (expected {LAST} or {PREV})")
@@ -217,3 +221,25 @@ def fits(state: dict[str, Any], required: list[str], path: Path) -> None:
     if missing:
         raise CheckpointError(f"{path} lacks the key(s) {', '.join(missing)}; it is not a complete "
                               "checkpoint of this version")
+
+
+# ----------------------------------------------------------------------------- sharded runs
+def _has_sharded(ckpt_dir: Path) -> bool:
+    return any((ckpt_dir / f / "meta.pt").is_file() for f in ("last.dcp", "prev.dcp"))
+
+
+def _sharded_step(ckpt_dir: Path) -> int:
+    from goldstone_cli.distributed import checkpoint as dck
+
+    steps = [dck.step_of(ckpt_dir / f) for f in (dck.LAST, dck.PREV)]
+    return max([s for s in steps if s is not None], default=-1)
+
+
+def _load_sharded(ckpt_dir: Path, map_location, warn) -> tuple[dict[str, Any], Path]:
+    """The newest sharded checkpoint of a distributed run, as one process's state (full tensors):
+    goldstone_cli.distributed.checkpoint (verified, weights-only, prev.dcp fallback)."""
+    from goldstone_cli.distributed import checkpoint as dck
+    from goldstone_cli.distributed.shard import RowShard
+
+    device = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else torch.device("cpu")
+    return dck.load_latest(ckpt_dir, RowShard.single(), device, warn=warn)

