@@ -413,3 +413,22 @@ def test_natural_with_a_too_large_step_backtracks_instead_of_raising_psi(rotatio
         for a, b in zip(before, mf.invariants()):
             assert float((a - b).norm() / b.norm()) < 1e-10
     assert backtracked > 0  # the step really was too large
+
+
+def test_default_gauge_step_never_raises_psi_on_a_random_chain_with_walls():
+    """A user's first guess, GoldstoneGD(base, groups, coupling) (natural solver, reflection flips):
+    its default rotation is exact (expm with the psi check), so no gauge step raises psi. With the
+    paper's linear update the same random chain with reflection walls went from psi 314 to 1235."""
+    g = _rng(3)
+    T, N, d = 12, 9, 4
+    Z = torch.randn(T, N, d, generator=g, dtype=DT)
+    Z[T // 2:, :, 0] *= -1  # a reflection domain wall
+    U = torch.nn.Parameter(Z.clone())
+    coupling = Coupling.chain(T, 2.0)
+    opt = GoldstoneGD(torch.optim.SGD([U], lr=1e-3), groups=[[U]], coupling=coupling)
+    for _ in range(4):
+        before = float(coupling.psi(U))
+        info = opt.gauge_step()
+        assert info["psi_after"] <= before * (1 + 1e-12), (before, info["psi_after"])
+        assert float(coupling.psi(U)) == pytest.approx(info["psi_after"], rel=1e-10)
+    assert float(coupling.psi(U)) < 0.9 * float(coupling.psi(Z))  # rotations of independent random steps: psi falls

@@ -54,9 +54,10 @@ class GoldstoneGD(torch.optim.Optimizer):
             undo is applied once more, which acts like momentum in the symmetry subspace. False:
             G~ starts from zero at every gauge step (only the new rotation is applied).
         rotation: how ``natural`` applies Gamma = G~ - G~^T: ``"linear"`` Z_t (I + Gamma_t)^T
-            (paper, Algorithm 1 line 9; first order, changes the local loss slightly), ``"expm"``
-            (exact rotation, Eq. 12) or ``"cayley"`` (exact rotation, cheaper). ``procrustes``
-            always applies exact orthogonal matrices.
+            (paper, Algorithm 1 line 9; first order, changes the local loss slightly and can raise
+            psi at large angles, more so after reflection flips), ``"expm"`` (default: exact
+            rotation, Eq. 12, with a psi check) or ``"cayley"`` (exact rotation, cheaper).
+            ``procrustes`` always applies exact orthogonal matrices.
         allow_reflections: optimize over O(d) (default; the local losses are invariant under
             reflections too, and only O(d) removes reflection domain walls) or over SO(d).
             ``procrustes`` then solves each edge over O(d); ``natural`` (whose gradient lives in
@@ -139,7 +140,7 @@ class GoldstoneGD(torch.optim.Optimizer):
         k2: int = 10,
         lr_scale: float = 1.0,
         keep_gauge_fields: bool = True,
-        rotation: str = "linear",
+        rotation: str = "expm",
         allow_reflections: bool = True,
         max_sweeps: int = 100,
         tol: float = 1e-10,
