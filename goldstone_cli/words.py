@@ -102,9 +102,9 @@ def find_latest_run(root: str | Path = "outputs") -> Path:
     if root.is_dir():
         for cfg in root.rglob("config.yaml"):
             run = cfg.parent
-            ck = run / "checkpoints" / "last.pt"
-            if not ck.is_file():
-                ck = run / "checkpoints" / "prev.pt"
+            # one process's last.pt / prev.pt, or a distributed run's sharded last.dcp / prev.dcp
+            candidates = [run / "checkpoints" / f for f in ("last.pt", "prev.pt", "last.dcp/meta.pt", "prev.dcp/meta.pt")]
+            ck = next((c for c in candidates if c.is_file()), candidates[0])
             if ck.is_file() and _run_model_name(run) in MODEL_NAMES and ck.stat().st_mtime > best_t:
                 best, best_t = run, ck.stat().st_mtime
     if best is None:

@@ -137,6 +137,22 @@ def test_find_latest_run_without_runs(tmp_path):
         find_latest_run(tmp_path / "outputs")
 
 
+def test_find_latest_run_finds_one_process_and_distributed_runs(tmp_path):
+    import os
+
+    root = tmp_path / "outputs"
+    for name, ck, mtime in (("single", "last.pt", 100), ("sharded", "last.dcp/meta.pt", 200),
+                            ("mf", "last.pt", 300)):
+        run = root / name
+        (run / "checkpoints" / ck).parent.mkdir(parents=True)
+        (run / "checkpoints" / ck).write_bytes(b"x")
+        os.utime(run / "checkpoints" / ck, (mtime, mtime))
+        (run / "config.yaml").write_text(f"model:\n  name: {'dense_mf' if name == 'mf' else 'dwe'}\n")
+    assert find_latest_run(root) == root / "sharded"  # a distributed run's last.dcp counts; dense_mf is no word run
+    (root / "sharded" / "checkpoints" / "last.dcp" / "meta.pt").unlink()
+    assert find_latest_run(root) == root / "single"
+
+
 # ----------------------------------------------------------------------------- end to end through the CLI
 def _write_cooc(wc, out: Path) -> Path:
     from goldstone_cli.data.cooc import CoocWriter
