@@ -61,7 +61,7 @@ from goldstone_cli.models.dwe import (
     neg_entropy,
     prior_precision,
     sample_chain,
-    skipgram_block,
+    skipgram_block_fused,
 )
 from goldstone_cli.numerics import sum_squares
 from goldstone_cli.optim.coupling import Coupling
@@ -404,9 +404,9 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
             u, v_mine = mu_u[:, lr], mu_v[:, lc]
             var_terms = 0.0
         v = gather_segments(v_mine, self.shard, self._sizes(cols))  # (T, Q, d): every minibatch context
-        X = torch.bmm(u, v.transpose(1, 2))  # (T, P_r, Q)
         pt, pp, pq, pn = self._block_positives(my_rows, cols)
-        ll = skipgram_block(X, self.c[:, my_rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn)
+        # the (T, P_r, Q) logits formed in chunks, gradients in the same pass (as dwe.py's default)
+        ll = skipgram_block_fused(u, v, self.c[:, my_rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn)
         zero_mean = (0.5 * self.inv_var0 * (sum_squares(mu_u) + sum_squares(mu_v))).to(mu_u.dtype)
         return -scale_r * scale_c * ll + zero_mean + var_terms + self._const
 
