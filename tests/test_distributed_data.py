@@ -196,3 +196,55 @@ def test_mmap_rows_keep_file_order_of_a_shuffled_file(tmp_path, shared_data):
         assert not np.all(np.diff(got.user) >= 0)  # not sorted by user: file order
         for k in FIELDS:
             np.testing.assert_array_equal(getattr(got, k), want[k], err_msg=k)
+
+
+def _rank_rows(ratings: str, cache: str) -> dict:
+    """On a gloo rank: this rank's ratings through the real broadcast, and whether it loaded."""
+    from goldstone_cli.distributed.env import init_distributed
+
+    shard = RowShard.from_dist(init_distributed("cpu"))
+    loaded = []
+
+    def load():
+        loaded.append(True)
+        return load_movielens(ratings, T=5, cache_dir=cache, progress=False)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the full load on any rank
+        got = load_user_rows_distributed(shard, load)
+    return {"loaded": bool(loaded), "rows": list(got.user_rows),
+            **{k: torch.from_numpy(np.ascontiguousarray(getattr(got, k))) for k in FIELDS}}
+
+
+def test_two_gloo_ranks_read_only_their_rows(small, tmp_path, shared_data):
+    from goldstone_cli.distributed.local import run_local
+
+    res = run_local(_rank_rows, 2, str(shared_data / "movielens" / "ml-latest-small"), str(tmp_path / "cache"))
+    assert [r["loaded"] for r in res] == [True, False]
+    for rank, r in enumerate(res):
+        want = old_path(small, *r["rows"])
+        assert tuple(r["rows"]) == RowShard(rank=rank, world=2).rows(small.n_users)
+        for k in FIELDS:
+            np.testing.assert_array_equal(r[k].numpy(), want[k], err_msg=k)
+
+
+@pytest.mark.slow  # four fresh Python processes (about 14 s alone)
+def test_bench_distributed_data_counts(tmp_path, shared_data, capsys, monkeypatch):
+    """bench/distributed_data.py on ml-latest-small, 2 ranks: the mapped rank reads its 11 bytes per
+    rating and less than a full load; the old path reads the same on both ranks."""
+    import sys
+
+    from bench import distributed_data
+
+    monkeypatch.setattr(sys, "argv", ["distributed_data", "--ratings", str(shared_data / "movielens" / "ml-latest-small"),
+                                      "--ranks", "2", "--T", "5", "--work", str(tmp_path)])
+    distributed_data.main()
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    head, rows = rows[0], {(r["path"], r["rank"]): r for r in rows[1:]}
+    assert set(rows) == {("old", 0), ("old", 1), ("byuser", 0), ("byuser", 1)}
+    assert rows["old", 0]["bytes"] == rows["old", 1]["bytes"]
+    mapped = rows["byuser", 1]
+    assert mapped["ratings"] == rows["old", 1]["ratings"]
+    assert rows["byuser", 0]["ratings"] + mapped["ratings"] == head["ratings"]
+    header = (next((tmp_path / "cache").glob("*.byuser")) / "header.json").stat().st_size
+    assert mapped["bytes"] == 11 * mapped["ratings"] + 16 + header < rows["old", 1]["bytes"]
