@@ -859,7 +859,7 @@ def load_user_rows_distributed(shard: Any, load: Any) -> UserRatings | MovieLens
                     msg = {"ok": True, "folder": str(folder.resolve()), "key": key}
                 except OSError as e:
                     msg = {"ok": False, "why": f"rank 0 could not write the by-user ratings ({e})"}
-        except Exception as e:
+        except BaseException as e:  # re-raised below, after the other ranks have heard of it
             msg = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
             _broadcast_json(shard, msg)
             raise
