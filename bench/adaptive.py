@@ -48,7 +48,9 @@ BASES = {
     "adagrad": [0.2, 0.4, 0.8],
 }
 ADAPTIVE = ("adam", "adamw", "adagrad")
-SOLVERS = ("plain", "procrustes", "natural")
+# balanced: procrustes with GoldstoneGD(balance=...) (each time step balanced over GL(d) first; the
+# local losses here see U, V, W only through U V^T and U W^T)
+SOLVERS = ("plain", "procrustes", "natural", "balanced")
 TRANSFORMS = ("none", "rotate_diag", "isotropic", "reset")
 
 
@@ -62,6 +64,8 @@ class Problem:
         import torch
 
         self.blocks = blocks  # [(a, c, X (n_a, n_c))]
+        # GoldstoneGD(balance=...) signs: +1 for the left factors (a), -1 for the right ones (c)
+        self.sides = [1 if any(b[0] == k for b in blocks) else -1 for k in range(len(inits[0]))]
         self.coupling = coupling
         self.L_star = L_star
         self.lap = coupling.laplacian(torch.float64)  # (T, T)
@@ -171,7 +175,7 @@ def methods(bases, solvers, transforms, natural_transforms=None) -> list[tuple[s
             if s == "plain":
                 out.append((b, s, "-"))
             else:
-                trs = natural_transforms if (s == "natural" and natural_transforms is not None) else transforms
+                trs = natural_transforms if (s in ("natural", "balanced") and natural_transforms is not None) else transforms
                 for tr in (trs if b in ADAPTIVE else ("none",)):
                     out.append((b, s, tr))
     return out
@@ -190,8 +194,9 @@ def run_one(problem: str, base: str, solver: str, transform: str, lr: float, see
     prob = make_problem(problem, range(seeds))
     opt, sched = make_base(base, prob.flat_params(), lr)
     if solver != "plain":
-        opt = GoldstoneGD(opt, prob.groups(), prob.coupling, k1=50, solver=solver, k2=10, rotation="expm",
-                          allow_reflections=True, state_transform=transform)
+        balance = [prob.sides] * seeds if solver == "balanced" else None
+        opt = GoldstoneGD(opt, prob.groups(), prob.coupling, k1=50, solver="procrustes" if balance else solver,
+                          k2=10, rotation="expm", allow_reflections=True, state_transform=transform, balance=balance)
     first = [None] * seeds  # step at which each seed first reached the target
     gaps = [float("inf")] * seeds
     psi_rises, complete, step = 0, True, 0
@@ -300,7 +305,7 @@ def main() -> None:
     ap.add_argument("--transforms", nargs="+", default=list(TRANSFORMS), choices=TRANSFORMS,
                     help="GoldstoneGD state_transform values to run on the adaptive bases (procrustes)")
     ap.add_argument("--natural-transforms", nargs="+", default=["none", "rotate_diag"], choices=TRANSFORMS,
-                    help="state_transform values to run with the natural solver")
+                    help="state_transform values to run with the natural and the balanced solver")
     ap.add_argument("--seeds", type=int, default=3, help="initialization seeds 0..S-1, run side by side")
     ap.add_argument("--cap", type=int, default=4000, help="step cap (a run that does not converge counts as the cap)")
     ap.add_argument("--tol", type=float, default=1e-4, help="target suboptimality L - L*")

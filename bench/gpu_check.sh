@@ -38,10 +38,10 @@ step() { echo "=== $* ($(date -u +%H:%M:%S))" | tee -a "$LOG"; "$@" 2>&1 | tee -
 (nvidia-smi 2>&1 || true; $PY -c "import torch; print(torch.__version__, torch.cuda.is_available())") | tee -a "$LOG"
 
 if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then
-    ROWS=200000; DWE=(--V 300 --T 12 --d 16 --batch 100); GAUGE=1
+    ROWS=200000; DWE=(--V 300 --T 12 --d 16 --batch 100); GAUGE=1; RDWE=(--dwe-size 300,12,16,100)
     DIST=(--reps 2 --gauge-N 2000 --mf-n 200 --dwe-V 300 --dwe-T 6 --dwe-batch 50)
 else
-    ROWS=20000263; DWE=(); GAUGE=3
+    ROWS=20000263; DWE=(); GAUGE=3; RDWE=()
     # the gauge step at DWE's paper shape (T=209, d=100) on 2 x 100,000 rows (8.4 GB each, split over
     # the GPUs); dense MF 2,000 x 2,000; DWE steps at V=20,000, T=50, d=100, 1,000 x 1,000 minibatches
     DIST=(--reps 5 --gauge-T 209 --gauge-N 100000 --gauge-d 100 --mf-T 20 --mf-n 2000 --mf-d 30
@@ -57,7 +57,7 @@ if want ml20m || want roofline; then
 fi
 
 # 1. CUDA tests (each compares the GPU against the CPU in float64)
-want tests && ML_SMALL=${ML_SMALL:-../shared/data/movielens/ml-latest-small} step timeout 300 $PY -m pytest -q -p no:cacheprovider --durations=8 tests/test_cuda.py tests/test_gauge.py tests/test_goldstone_optim.py tests/test_fused_steps.py
+want tests && ML_SMALL=${ML_SMALL:-../shared/data/movielens/ml-latest-small} step timeout 300 $PY -m pytest -q -p no:cacheprovider --durations=8 tests/test_cuda.py tests/test_gauge.py tests/test_goldstone_optim.py tests/test_fused_steps.py tests/test_dwe_fast.py
 
 # 2. MovieLens ml-latest-small, paper settings (d=30, T=100): full-batch AdaGrad step and natural gauge
 #    step on the device. ML_SMALL names a copy of the sample (the device machine has no ../shared).
@@ -77,6 +77,18 @@ if want dwe; then
     step timeout 240 $PY -m bench.dwe_scale --inference variational --device "$DEVICE" --steps 5 --optimizer goldstone --k1 10 "${DWE[@]}"
     step timeout 240 $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 5 --optimizer goldstone --k1 10 --profile "${DWE[@]}"
     step timeout 240 $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 5 --optimizer goldstone --solver natural --k1 10 "${DWE[@]}"
+    # issue 16 (DWE part): the recurrence on the GPU, sequential vs log-depth (SCAN_METHOD["cuda"] in
+    # models/dwe.py is "logdepth" until this says otherwise), the new step against the pre-issue-16 one
+    # interleaved, and the checks: the paper-size variational step at least 3x faster than 77 ms
+    # (25.7 ms) and its peak at or below the memory model's 23 GB (parameters, gradients and Adam
+    # moments alone are 20.1 GB: half of 24.3 GB is not reachable with dense Adam state); MAP <= 9.5 GB.
+    # GPU_CHECK_SMALL runs the same commands without the limits (toy sizes say nothing about them).
+    if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then LIM_V=(); LIM_M=(); SAMP=(--sampler-T 12 --sampler-N 50 --d 16); else
+        LIM_V=(--max-step-seconds 0.0257 --max-peak-gb 23); LIM_M=(--max-peak-gb 9.5); SAMP=(); fi
+    step timeout 120 $PY -m bench.dwe_scale --sampler-only --device "$DEVICE" "${SAMP[@]}"
+    step timeout 240 $PY -m bench.dwe_scale --inference variational --device "$DEVICE" --steps 9 --compare "${DWE[@]}"
+    step timeout 240 $PY -m bench.dwe_scale --inference variational --device "$DEVICE" --steps 9 "${LIM_V[@]}" "${DWE[@]}"
+    step timeout 240 $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 9 "${LIM_M[@]}" "${DWE[@]}"
 fi
 want dxd && step timeout 120 $PY -m bench.dxd_speed --device "$DEVICE"
 
@@ -111,7 +123,7 @@ fi
 if want roofline; then
     want ml20m || { wait $GEN 2>/dev/null; }
     ML=$(ls -d bench/results/movielens/ml-20m-synthetic-"$ROWS"-s0 2>/dev/null)
-    step timeout 420 $PY -m bench.roofline --device "$DEVICE" --ml-small "$ML_SMALL" --ml20m "${ML:-missing}" --repeats 5 --tag gpu_check
+    step timeout 420 $PY -m bench.roofline --device "$DEVICE" --ml-small "$ML_SMALL" --ml20m "${ML:-missing}" --repeats 5 --tag gpu_check "${RDWE[@]}"
     step $PY - "$DEVICE" <<'PYEOF'
 import json, sys
 res = json.load(open(f"bench/results/roofline-{sys.argv[1]}_gpu_check.json"))

@@ -354,6 +354,76 @@ def _dense_mf(args, device):
     return Case("dense_mf", dense_mf_step_work(T, n, m, d), {"goldstone": step}, {"T": T, "rows": n, "cols": m, "d": d})
 
 
+# ============================================================================ DWE (issue 16b)
+def dwe_parameter_count(T: int, V: int, d: int, variational: bool) -> int:
+    """Numbers in the DWE parameters: MAP U, V (2 T V d); variational also the softplus diagonals
+    (2 T V d) and the off-diagonals (2 (T-1) V d) of both posteriors."""
+    return 2 * T * V * d + ((2 * T * V * d + 2 * (T - 1) * V * d) if variational else 0)
+
+
+def dwe_step_work(T: int, V: int, d: int, P: int, Q: int, variational: bool) -> Work:
+    """One minibatch step of DWE (``models/dwe.py``: rows x contexts = P x Q at all T steps) + Adam.
+
+    flops: the logits ``u v^T`` and the two gradient products ``G v``, ``G^T u`` (6 T P Q d), and
+    ~12 per logit for softplus, sigmoid, the two scalings and the negative-count contraction.
+    Bytes (compulsory: the logits of a chunk stay in cache): the means read once for psi and the
+    zero-mean term (4 bytes each), the dense gradient of every parameter written (4), Adam (reads
+    parameter, gradient, two moments; writes parameter, two moments: 28); the minibatch's (T, P+Q, d)
+    tensors: gathers, samples, the recurrences and their adjoints, about 24 passes variational and 6
+    MAP (4 bytes each)."""
+    n = dwe_parameter_count(T, V, d, variational)
+    n_means = 2 * T * V * d
+    flops = 6.0 * T * P * Q * d + 12.0 * T * P * Q
+    mb = T * (P + Q) * d * (24 if variational else 6)
+    by = F32 * (n_means + 8 * n + mb)
+    kind = "variational" if variational else "MAP"
+    return Work(float(flops), float(by), f"DWE {kind}, V={V:,}, T={T}, d={d}, {P} x {Q} minibatch, {n:,} parameters")
+
+
+def dwe_case(name: str, variational: bool, args, device: torch.device) -> Case:
+    """One Adam step of ``model=dwe`` (``--dwe-size V,T,d,B``; default the issue's V=2,000, T=100,
+    d=100, 1,000 x 1,000 minibatch) on generated counts (``bench/dwe_scale.py``), against the
+    formulation before issue 16 (log-depth Hillis-Steele scans, the (T, P, Q) logits materialized
+    for autograd) on the same model, optimizer and minibatch stream."""
+    from bench.dwe_scale import generated_counts
+    from goldstone_cli.config import compose
+    from goldstone_cli.models.dwe import DynamicWordEmbeddings
+    from goldstone_cli.optim.factory import build_base
+
+    V, T, d, B = (int(x) for x in args.dwe_size.split(","))
+    wc = generated_counts(V, T, 20)
+    model = DynamicWordEmbeddings(wc, d=d, inference="variational" if variational else "map", batch_words=B,
+                                  batch_contexts=B, test_steps=0.1, test_mass=0.0, dtype=torch.float32, device=device)
+    del wc
+    opt = build_base("adam", model.parameters(), compose(["model=dwe", "optimizer=adam"]).optimizer)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def make(fused: bool, scan):
+        def step():
+            model.fused_loglik, model.scan_method = fused, scan
+            opt.zero_grad(set_to_none=True)
+            loss = model.loss_terms(g)["total"]
+            loss.item()
+            loss.backward()
+            opt.step()
+        return step
+
+    variants = {"goldstone": make(True, None), "before_issue16": make(False, "logdepth")}
+    work = dwe_step_work(T, V, d, model.batch_words, model.batch_contexts, variational)
+    return Case(name, work, variants, {"V": V, "T": T, "d": d, "batch": B, "train_nnz": int(model.val.numel()),
+                                       "parameters": dwe_parameter_count(T, V, d, variational)}, warmup=1)
+
+
+@case("dwe_variational")
+def _dwe_variational(args, device):
+    return dwe_case("dwe_variational", True, args, device)
+
+
+@case("dwe_map")
+def _dwe_map(args, device):
+    return dwe_case("dwe_map", False, args, device)
+
+
 # ============================================================================ running
 def profile_top(fn: Callable[[], object], device: torch.device, k: int = 6) -> list[dict]:
     """The ``k`` operators with the most self time in one call of ``fn`` (torch.profiler)."""
@@ -432,6 +502,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--ml20m", default=str(ML20M_SLICE),
                    help="ML-20M-shaped folder from bench.movielens_load (default: its 2,000,000-row slice)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd naive reference")
+    p.add_argument("--dwe-size", default="2000,100,100,1000",
+                   help="V,T,d,B of the DWE cases (B words x B contexts per minibatch; paper: 10000,209,100,1000)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler top operators")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args(argv)

@@ -130,11 +130,16 @@ class GoldstoneConfig(OptimizerConfig):
     max_sweeps: int = 100  # procrustes on graphs with cycles
     tol: float = 1e-10  # procrustes sweeps: stop when psi decreases by less (relative)
     state_transform: StateTransform = StateTransform.none  # base second moments under a rotation (GoldstoneGD)
+    # GoldstoneGD(balance=model.balance_sides()): each time step balanced over GL(d) before the
+    # procrustes rotation; only for models whose local loss sees U, V only through U V^T (dense_mf)
+    balance: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.k1 < 1:
             raise ConfigError(f"optimizer.k1 must be >= 1, got {self.k1}")
+        if self.balance and self.solver != Solver.procrustes:
+            raise ConfigError(f"optimizer.balance=true needs optimizer.solver=procrustes, got {self.solver.value}")
         if self.k2 < 0:
             raise ConfigError(f"optimizer.k2 must be >= 0, got {self.k2}")
         _positive("optimizer.lr_scale", self.lr_scale)

@@ -48,3 +48,13 @@ def test_quick_run_writes_a_table(tmp_path, monkeypatch):
     adaptive.main()
     table = (tmp_path / "a.md").read_text()
     assert "| adagrad | procrustes | rotate_diag |" in table and (tmp_path / "a.json").is_file()
+
+
+def test_balanced_solver_is_faster_for_adam_on_the_sec51_problem():
+    """Sec. 5.1, T=30, seed 0, Adam lr 0.32: procrustes alone needs 316 steps (the residual is psi
+    between time steps on different points of their GL(3) orbits), balanced + procrustes 191."""
+    assert adaptive.make_problem("chain", [0]).sides == [1, -1, -1]
+    assert adaptive.make_problem("mf30", [0]).sides == [1, -1]
+    plain = adaptive.run_one("mf30", "adam", "procrustes", "none", 0.32, 1, 400, 1e-4)
+    balanced = adaptive.run_one("mf30", "adam", "balanced", "none", 0.32, 1, 400, 1e-4)
+    assert plain["steps"] == [316] and balanced["steps"][0] < 250 and balanced["psi_rises"] == 0

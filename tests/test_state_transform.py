@@ -227,3 +227,152 @@ def test_config_key_reaches_the_optimizer():
         cfg = compose(["optimizer=goldstone", "optimizer.base=adam", f"optimizer.state_transform={value}"])
         opt, _ = build_optimizer(cfg.optimizer, model)
         assert opt.state_transform == value
+
+
+# ------------------------------------------------------------------------- balance (GL(d) per time step)
+from goldstone_cli.optim.goldstone import balancing  # noqa: E402
+
+
+def _spd(T: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(T, d, d, generator=g, dtype=DT)
+    return B @ B.transpose(1, 2) + 0.1 * torch.eye(d, dtype=DT)
+
+
+def test_balancing_solves_APA_equals_AinvQAinv_and_skips_singular_steps():
+    P, Q = _spd(5, 4, 1), _spd(5, 4, 2)
+    P[3] = torch.diag(torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=DT))  # singular: left alone
+    Q[4, 0, 0] = float("nan")  # not finite: left alone
+    A, A_inv, ok = balancing(P, Q)
+    assert ok.tolist() == [True, True, True, False, False]
+    eye = torch.eye(4, dtype=DT).expand(5, 4, 4)
+    torch.testing.assert_close(A @ A_inv, eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close(A, A.transpose(1, 2), rtol=0, atol=1e-13)
+    assert bool((torch.linalg.eigvalsh(A) > 0).all())
+    lhs, rhs = A @ P @ A, A_inv @ Q @ A_inv
+    torch.testing.assert_close(lhs[:3], rhs[:3], rtol=1e-10, atol=1e-10)
+    assert torch.equal(A[3:], eye[3:]) and torch.equal(A_inv[3:], eye[3:])
+
+
+class _GLProblem:
+    """T=2 (one edge): time step 1 is time step 0 moved along its GL(d) orbit, U -> U G, V -> V G^{-T}
+    (the same products U V^T, U W^T): one balanced gauge step aligns them exactly, a rotation cannot."""
+
+    def __init__(self, seed=0, d=3):
+        g = torch.Generator().manual_seed(seed)
+        U0, V0, W0 = (torch.randn(n, d, generator=g, dtype=DT) for n in (7, 5, 4))
+        Gm = torch.eye(d, dtype=DT) + 0.4 * torch.randn(d, d, generator=g, dtype=DT)
+        Gi = torch.linalg.inv(Gm).T
+        self.params = [torch.nn.Parameter(torch.stack([U0, U0 @ Gm])),
+                       torch.nn.Parameter(torch.stack([V0, V0 @ Gi])),
+                       torch.nn.Parameter(torch.stack([W0, W0 @ Gi]))]
+        self.X, self.Y = U0 @ V0.T + 0.1, U0 @ W0.T - 0.1  # products not at their optimum: gradients != 0
+        self.coupling = Coupling.chain(2, 1.0)
+
+    def local(self) -> torch.Tensor:
+        U, V, W = self.params
+        return 0.5 * (((self.X - U @ V.transpose(1, 2)) ** 2).sum() + ((self.Y - U @ W.transpose(1, 2)) ** 2).sum())
+
+
+def test_balanced_gauge_step_aligns_time_steps_on_one_GL_orbit():
+    out = {}
+    for balance in (None, [[1, -1, -1]]):
+        prob = _GLProblem(seed=3)
+        opt = GoldstoneGD(torch.optim.SGD(prob.params, lr=0.0), [prob.params], prob.coupling, k1=1,
+                          solver="procrustes", balance=balance)
+        local0 = float(prob.local().detach())
+        info = opt.gauge_step()
+        torch.testing.assert_close(float(prob.local().detach()), local0, rtol=1e-12, atol=0)
+        out[balance is None] = (info["psi_before"], info["psi_after"], info["groups"][0].get("balanced"))
+    psi0, psi_rot, flag = out[True]
+    assert flag is None and psi_rot > 1e-2 * psi0  # a rotation alone cannot undo a shear (the test can fail)
+    psi0_b, psi_bal, n_bal = out[False]
+    assert psi0_b == psi0 and n_bal == 2 and psi_bal < 1e-20 + 1e-12 * psi0  # aligned to rounding
+
+
+@pytest.mark.parametrize("transform", STATE_TRANSFORMS)
+def test_balanced_step_maps_first_moments_like_gradients(transform):
+    """A first moment equal to the local loss's gradient before the balanced gauge step equals the
+    gradient at the balanced and rotated point after it (gradients map by B^{-1} when Z maps by B)."""
+    prob = _GLProblem(seed=5)
+    opt = GoldstoneGD(torch.optim.Adam(prob.params, lr=1e-3), [prob.params], prob.coupling, k1=1,
+                      solver="procrustes", balance=[[1, -1, -1]], state_transform=transform)
+    prob.local().backward()
+    opt.base.step()  # creates the state
+    for Z in prob.params:
+        Z.grad = None
+    prob.local().backward()
+    for Z in prob.params:
+        opt.base.state[Z]["exp_avg"].copy_(Z.grad)
+    info = opt.gauge_step()
+    assert info["groups"][0]["balanced"] == 2
+    for Z in prob.params:
+        Z.grad = None
+    prob.local().backward()
+    for Z in prob.params:
+        st = opt.base.state[Z]
+        if transform == "reset":
+            assert bool((st["exp_avg"] == 0).all())
+        else:
+            torch.testing.assert_close(st["exp_avg"], Z.grad, rtol=1e-9, atol=1e-10)
+        for key in ("exp_avg_sq",):
+            assert bool((st[key] >= 0).all()) and bool(torch.isfinite(st[key]).all())
+
+
+@pytest.mark.parametrize("transform", ["none", "rotate_diag"])
+@pytest.mark.parametrize("base", list(BASES))
+def test_balanced_gauge_step_keeps_local_losses_and_never_raises_psi(transform, base):
+    prob = _Problem(seed=11)
+    opt = GoldstoneGD(BASES[base](prob.params), [prob.params], prob.coupling, k1=5, solver="procrustes",
+                      state_transform=transform, balance=[[1, -1, -1]])
+    used = 0
+    for _ in range(6):
+        _steps(opt.base, prob, 5)
+        before, psi0 = prob.local_per_t(), float(prob.coupling.psi_value(prob.params))
+        info = opt.gauge_step()
+        used += info["groups"][0]["balanced"]
+        torch.testing.assert_close(prob.local_per_t(), before, rtol=1e-11, atol=1e-10)
+        assert info["psi_after"] <= psi0 * (1 + 1e-12)
+        for Z in prob.params:
+            st = opt.base.state[Z]
+            for key in ("exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg"):
+                if key in st:
+                    assert bool((st[key] >= 0).all())
+            if "grad_avg" in st:
+                assert bool((st["square_avg"] - st["grad_avg"] ** 2 >= 0).all())
+    assert used > 0  # the balanced candidate won at least once (the path is exercised)
+    _steps(opt, prob, 10)
+    assert all(torch.isfinite(Z).all() for Z in prob.params)
+
+
+def test_bad_balance_arguments_are_rejected():
+    prob = _Problem()
+    base = torch.optim.Adam(prob.params)
+    for bad, msg in [([1, -1, -1], "one entry per symmetric group"), ([[1, -1]], r"balance\[0\] must give"),
+                     ([[1, 1, 1]], "both signs"), ([[1, -2, -1]], r"balance\[0\]"), ([[True, -1, -1]], r"balance\[0\]")]:
+        with pytest.raises(ValueError, match=msg):
+            GoldstoneGD(base, [prob.params], prob.coupling, solver="procrustes", balance=bad)
+    with pytest.raises(ValueError, match="balance needs solver='procrustes'"):
+        GoldstoneGD(base, [prob.params], prob.coupling, solver="natural", balance=[[1, -1, -1]])
+    opt = GoldstoneGD(base, [prob.params], prob.coupling, solver="natural", balance=[None])
+    assert opt.state_dict()["goldstone"]["config"]["balance"] is None
+
+
+def test_config_balance_reaches_the_optimizer_and_is_refused_where_it_is_not_exact():
+    from goldstone_cli.config import ConfigError, compose
+    from goldstone_cli.data.synthetic import make_synthetic
+    from goldstone_cli.models.dense_mf import DenseDynamicMF
+    from goldstone_cli.optim.factory import build_optimizer
+
+    model = DenseDynamicMF(make_synthetic(T=5, seed=0), d=3)
+    cfg = compose(["optimizer=goldstone", "optimizer.base=adam", "optimizer.balance=true"])
+    assert build_optimizer(cfg.optimizer, model)[0].balance == [(1, -1)]
+    assert build_optimizer(compose(["optimizer=goldstone"]).optimizer, model)[0].balance == [None]
+
+    class WithPrior(DenseDynamicMF):  # a model that does not declare the GL(d) invariance
+        balance_sides = None
+
+    with pytest.raises(ValueError, match="not invariant under GL"):
+        build_optimizer(cfg.optimizer, WithPrior(make_synthetic(T=5, seed=0), d=3))
+    with pytest.raises(ConfigError, match="optimizer.balance=true needs optimizer.solver=procrustes"):
+        compose(["optimizer=goldstone", "optimizer.solver=natural", "optimizer.balance=true"])

@@ -59,6 +59,11 @@ class DenseDynamicMF(DynamicModel):
     def symmetric_groups(self) -> list[list[nn.Parameter]]:
         return [[self.U, self.V]]
 
+    def balance_sides(self) -> list[list[int]]:
+        """GoldstoneGD(balance=...): the local loss sees U, V only through U_t V_t^T (Eq. 5), so it is
+        invariant under U_t -> U_t A_t, V_t -> V_t A_t^{-T} for any invertible A_t."""
+        return [[1, -1]]
+
     def sharded_params(self) -> dict[str, int]:
         return {"U": self.n_rows, "V": self.n_cols} if self.shard.distributed else {}
 

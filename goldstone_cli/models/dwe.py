@@ -19,8 +19,8 @@ negative log joint (MAP).
 Variational smoothing: ``q`` is Gaussian, independent over words and dimensions; along time its
 precision is ``P = B B^T`` with B lower bidiagonal (diagonal ``b_t = softplus(raw_t) > 0``,
 sub-diagonal ``l_t``). Samples ``x = mu + B^{-T} eps`` solve ``b_t y_t + l_t y_t+1 = eps_t``
-backwards in t: a first-order linear recurrence, evaluated as a log-depth associative scan
-(:func:`linear_scan`). The marginal variances obey the same kind of recurrence, so
+backwards in t: a first-order linear recurrence (:func:`linear_scan`: one fused O(T) pass on the
+CPU, a log-depth associative scan on a GPU). The marginal variances obey the same kind of recurrence, so
 ``E_q[log p]`` and the entropy ``H[q] = -sum_t log b_t + const`` are exact and O(T) per chain.
 
 Goldstone-GD acts on the means ``[mu_U, mu_V]`` (each (T, V, d)), as in the paper. A rotation of
@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from goldstone_cli.models.base import DynamicModel
 from goldstone_cli.numerics import sum_squares
 from goldstone_cli.optim.coupling import Coupling
+from goldstone_cli.optim.gauge import serial_cpu
 
 
 # ============================================================================ data
@@ -262,37 +263,88 @@ def _scan_forward(a: Tensor, c: Tensor) -> Tensor:
     return y
 
 
+def _recurrence_into(y: Tensor, a: Tensor, c: Tensor, reverse: bool) -> Tensor:
+    """Write the solution of the recurrence into ``y`` (T, ...), one fused multiply-add over the
+    whole (...) slice per step: ``y_0 = c_0``, ``y_t = a_t-1 y_t-1 + c_t`` (or the reverse: ``y_T-1 =
+    c_T-1``, ``y_t = a_t y_t+1 + c_t``). O(T) work and no temporaries; T Python-level calls, each
+    over a contiguous (...) slice (the (T, N, d) layout of DESIGN.md)."""
+    T = c.shape[0]
+    if reverse:
+        y[T - 1].copy_(c[T - 1])
+        for t in range(T - 2, -1, -1):
+            torch.addcmul(c[t], a[t], y[t + 1], out=y[t])
+    else:
+        y[0].copy_(c[0])
+        for t in range(1, T):
+            torch.addcmul(c[t], a[t - 1], y[t - 1], out=y[t])
+    return y
+
+
+#: how :func:`linear_scan` evaluates the recurrence when ``method`` is not given, per device type.
+#: Measured on the 2-core CPU (``python -m bench.dwe_scale --sampler-only``, docs/benchmarks.md,
+#: "DWE step: roofline"): the sequential pass needs 5% of the log-depth scan's CPU time at
+#: (T, N, d) = (100, 1000, 100). On a GPU the T small kernels of the sequential pass are launch-bound,
+#: so the log-depth scan (log2 T whole-tensor levels) stays the default there until
+#: ``bench/gpu_check.sh`` has measured both.
+SCAN_METHOD = {"cpu": "sequential", "cuda": "logdepth"}
+
+
+def _scan(a: Tensor, c: Tensor, reverse: bool, method: str) -> Tensor:
+    if method == "sequential":
+        y = torch.empty(c.shape, dtype=c.dtype, device=c.device)
+        # one CPU thread: T small calls with a thread barrier each stalled on the busy 2-core machine
+        # (T=100, (1000, 100) slices, fwd+bwd: 5.1 s on two threads, 0.77 s on one, load average 11)
+        with serial_cpu(c):
+            return _recurrence_into(y, a, c, reverse)
+    if reverse:
+        return _scan_forward(a.flip(0), c.flip(0)).flip(0)
+    return _scan_forward(a, c)
+
+
 class _LinearScan(torch.autograd.Function):
-    """Linear recurrence with an O(T)-memory backward: the adjoint is the same recurrence reversed,
-    ``lam_t = g_t + a_t+1 lam_t+1``, ``dL/dc_t = lam_t``, ``dL/da_t = lam_t y_t-1``."""
+    """Linear recurrence with an O(T)-memory backward: the adjoint is the same recurrence run the
+    other way, ``lam_t = g_t + a_t lam_t+1`` (forward recurrence; the reverse one mirrored),
+    ``dL/dc_t = lam_t``, ``dL/da_t-1 = lam_t y_t-1`` (reverse: ``dL/da_t = lam_t y_t+1``)."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, c: Tensor) -> Tensor:
-        y = _scan_forward(a, c)
+    def forward(ctx, a: Tensor, c: Tensor, reverse: bool, method: str) -> Tensor:
+        y = _scan(a, c, reverse, method)
         ctx.save_for_backward(a, y)
+        ctx.reverse, ctx.method = reverse, method
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):
         a, y = ctx.saved_tensors
-        lam = _scan_forward(a.flip(0), g.flip(0)).flip(0)  # (T, ...)
-        grad_a = lam[1:] * y[:-1] if ctx.needs_input_grad[0] else None
-        return grad_a, lam
+        lam = _scan(a, g.contiguous(), not ctx.reverse, ctx.method)  # (T, ...)
+        grad_a = None
+        if ctx.needs_input_grad[0]:
+            grad_a = (lam[:-1] * y[1:] if ctx.reverse else lam[1:] * y[:-1]).sum_to_size(a.shape)
+        return grad_a, lam, None, None
 
 
-def linear_scan(a: Tensor, c: Tensor, reverse: bool = False) -> Tensor:
-    """Solve the first-order linear recurrence along dim 0 in log-depth, differentiably.
+def linear_scan(a: Tensor, c: Tensor, reverse: bool = False, method: Optional[str] = None) -> Tensor:
+    """Solve the first-order linear recurrence along dim 0 in O(T) work, differentiably.
 
     Forward (``reverse=False``): ``y_0 = c_0``, ``y_t = a_t-1' y_t-1 + c_t`` where ``a`` (T-1, ...)
     holds the coefficient of the link between steps t-1 and t. Reverse: ``y_T-1 = c_T-1``,
-    ``y_t = a_t y_t+1 + c_t`` with ``a[t]`` the link between t and t+1."""
+    ``y_t = a_t y_t+1 + c_t`` with ``a[t]`` the link between t and t+1.
+
+    ``method``: ``"sequential"`` (one fused multiply-add per step, O(T) work) or ``"logdepth"``
+    (Hillis-Steele, O(T log T) work in log2 T whole-tensor levels); default :data:`SCAN_METHOD` of
+    the device. Both give the same result up to float rounding."""
     if a.shape[0] != c.shape[0] - 1:
         raise ValueError(f"a needs T-1={c.shape[0] - 1} entries along dim 0, got {a.shape[0]}")
+    if method is None:
+        method = SCAN_METHOD.get(c.device.type, "sequential")
+    if method not in ("sequential", "logdepth"):
+        raise ValueError(f"linear_scan method must be 'sequential' or 'logdepth', got {method!r}")
     if c.shape[0] == 1:
         return c.clone()
-    if reverse:
-        return _LinearScan.apply(a.flip(0), c.flip(0)).flip(0)
-    return _LinearScan.apply(a, c)
+    shape = torch.broadcast_shapes(a.shape[1:], c.shape[1:])
+    c = c.expand(c.shape[:1] + shape)
+    return _LinearScan.apply(a, c, bool(reverse), method)
 
 
 def linear_recurrence_loop(a: Tensor, c: Tensor, reverse: bool = False) -> Tensor:
@@ -316,26 +368,27 @@ def bidiagonal(raw_diag: Tensor, offdiag: Tensor) -> tuple[Tensor, Tensor]:
     return b, offdiag / b[:-1]
 
 
-def sample_chain(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor) -> Tensor:
+def sample_chain(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor, method: Optional[str] = None) -> Tensor:
     """Reparameterized sample ``mu + B^{-T} eps`` with precision ``P = B B^T``: back-substitution
-    ``y_t = eps_t / b_t - a_t y_t+1`` (O(T) per chain, log-depth scan). All shapes (T, ...)."""
+    ``y_t = eps_t / b_t - a_t y_t+1`` (O(T) per chain, :func:`linear_scan` with ``method``). All shapes (T, ...)."""
     b, a = bidiagonal(raw_diag, offdiag)
-    return mu + linear_scan(-a, eps / b, reverse=True)
+    return mu + linear_scan(-a, eps / b, reverse=True, method=method)
 
 
-def chain_moments(raw_diag: Tensor, offdiag: Tensor) -> tuple[Tensor, Tensor]:
+def chain_moments(raw_diag: Tensor, offdiag: Tensor, method: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Marginal variances ``Sigma_tt`` (T, ...) and lag-one covariances ``Sigma_t,t+1`` (T-1, ...)
     of ``q``: from ``B^T Sigma = B^{-1}`` (upper part), ``Sigma_tt = 1/b_t^2 + a_t^2 Sigma_t+1,t+1``
     and ``Sigma_t,t+1 = -a_t Sigma_t+1,t+1``."""
     b, a = bidiagonal(raw_diag, offdiag)
-    var = linear_scan(a * a, 1.0 / (b * b), reverse=True)
+    var = linear_scan(a * a, 1.0 / (b * b), reverse=True, method=method)
     return var, -a * var[1:]
 
 
-def expected_neg_log_prior_var(raw_diag: Tensor, offdiag: Tensor, w: Tensor, inv_var0: float) -> Tensor:
+def expected_neg_log_prior_var(raw_diag: Tensor, offdiag: Tensor, w: Tensor, inv_var0: float,
+                               method: Optional[str] = None) -> Tensor:
     """The covariance part of ``-E_q[log p]``: ``1/2 sum_t w_t (S_tt + S_t+1,t+1 - 2 S_t,t+1)
     + 1/(2 sigma_0^2) sum_t S_tt`` summed over all chains. ``w``: (T-1,) edge weights."""
-    var, cross = chain_moments(raw_diag, offdiag)
+    var, cross = chain_moments(raw_diag, offdiag, method)
     shape = (-1,) + (1,) * (var.dim() - 1)
     diff = var[1:] + var[:-1] - 2.0 * cross  # E (x_t+1 - x_t)^2 minus the squared mean difference
     return 0.5 * (w.view(shape) * diff).sum() + 0.5 * inv_var0 * var.sum()
@@ -344,6 +397,21 @@ def expected_neg_log_prior_var(raw_diag: Tensor, offdiag: Tensor, w: Tensor, inv
 def neg_entropy(raw_diag: Tensor) -> Tensor:
     """``-H[q]`` up to the constant ``T/2 (1 + log 2 pi)`` per chain: ``sum_t log b_t`` (det P = prod b_t^2)."""
     return torch.log(F.softplus(raw_diag)).sum()
+
+
+def chain_terms(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor, w: Tensor, inv_var0: float,
+                method: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """``(sample_chain(...), expected_neg_log_prior_var(...) + neg_entropy(raw_diag))`` with one
+    softplus of ``raw_diag`` (and one ratio ``a``) shared by the three, instead of three: the same
+    operations and results as calling them one by one, a third of their elementwise work."""
+    b, a = bidiagonal(raw_diag, offdiag)
+    x = mu + linear_scan(-a, eps / b, reverse=True, method=method)
+    var = linear_scan(a * a, 1.0 / (b * b), reverse=True, method=method)
+    cross = -a * var[1:]
+    shape = (-1,) + (1,) * (var.dim() - 1)
+    diff = var[1:] + var[:-1] - 2.0 * cross
+    prior = 0.5 * (w.view(shape) * diff).sum() + 0.5 * inv_var0 * var.sum()
+    return x, prior + torch.log(b).sum()
 
 
 def prior_precision(w: np.ndarray, inv_var0: float) -> np.ndarray:
@@ -368,6 +436,109 @@ def skipgram_block(X: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg_ratio: floa
     neg = (c_rows * per_row).sum() * neg_ratio
     pos = (pos_n * F.logsigmoid(X[pos_t, pos_p, pos_q])).sum()
     return pos + neg
+
+
+#: elements of the (t, p, q) logits block formed at once by :func:`skipgram_block_fused`, per device
+#: type: one 16 MB float32 buffer on the CPU (a few time steps of a 1,000 x 1,000 block stay in the
+#: 8 MB L3 / main memory with no multi-GB temporaries), 256 MB on a GPU (few, large kernels).
+LOGIT_CHUNK = {"cpu": 1 << 22, "cuda": 1 << 26}
+
+
+def _blocks(T: int, P: int, Q: int, chunk: int):
+    """``(t0, t1, p0, p1)`` blocks of the (T, P, Q) logits with at most ``max(chunk, Q)`` elements:
+    runs of whole time steps, or row ranges of one step when a step alone is larger than ``chunk``."""
+    per_step = P * Q
+    if per_step <= chunk:
+        tc = max(1, chunk // max(per_step, 1))
+        for t0 in range(0, T, tc):
+            yield t0, min(T, t0 + tc), 0, P
+    else:
+        pc = max(1, chunk // max(Q, 1))
+        for t in range(T):
+            for p0 in range(0, P, pc):
+                yield t, t + 1, p0, min(P, p0 + pc)
+
+
+def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg_ratio: float, pos_t: Tensor,
+                    pos_p: Tensor, pos_q: Tensor, pos_n: Tensor, chunk: int, need_grad: bool):
+    """Value (float64 scalar) and, if ``need_grad``, the gradients (gu, gv) of the block
+    log-likelihood of :func:`skipgram_block` with ``X = u v^T``, block by block (:func:`_blocks`).
+
+    Per block: ``X = u v^T``; the negatives add ``-r sum_pq c_p cneg_q softplus(X_pq)`` (``log
+    sigma(-x) = -softplus(x)``), the positives ``n log sigma(x)``; the gradient with respect to X is
+    ``G = -r c_p cneg_q sigma(X) + n sigma(-X)`` (at the positives), written over X's buffer, and
+    ``gu = G v``, ``gv = G^T u``. Two block-sized buffers at a time; flops 6 T P Q d as autograd's."""
+    T, P, d = u.shape
+    Q = v.shape[1]
+    r = float(neg_ratio)
+    # the positives of each block are one contiguous range of the list sorted by (t, p)
+    key = pos_t * P + pos_p
+    if key.numel() > 1 and bool((key[1:] < key[:-1]).any()):
+        order = torch.argsort(key)
+        key, pos_t, pos_p, pos_q, pos_n = key[order], pos_t[order], pos_p[order], pos_q[order], pos_n[order]
+    total = torch.zeros((), dtype=torch.float64, device=u.device)
+    gu = torch.zeros_like(u) if need_grad else None
+    gv = torch.zeros_like(v) if need_grad else None
+    blocks = list(_blocks(T, P, Q, chunk))
+    bounds = torch.tensor([[t0 * P + p0, (t1 - 1) * P + p1] for t0, t1, p0, p1 in blocks], dtype=key.dtype,
+                          device=key.device)
+    se = torch.searchsorted(key, bounds.reshape(-1)).reshape(-1, 2).tolist()  # one device sync for all blocks
+    for (t0, t1, p0, p1), (s, e) in zip(blocks, se):
+        ub, vb = u[t0:t1, p0:p1], v[t0:t1]  # (tb, pb, d), (tb, Q, d)
+        cb, nb = c_rows[t0:t1, p0:p1], cneg_cols[t0:t1]  # (tb, pb), (tb, Q)
+        X = torch.bmm(ub, vb.transpose(1, 2))  # (tb, pb, Q) logits
+        it, ip, iq = pos_t[s:e] - t0, pos_p[s:e] - p0, pos_q[s:e]
+        xp, npos = X[it, ip, iq], pos_n[s:e]  # (k,) the block's positive logits and counts
+        total += (npos * F.logsigmoid(xp)).sum(dtype=torch.float64)
+        sp_ = F.softplus(X)  # (tb, pb, Q) = -log sigma(-X)
+        per_row = torch.bmm(sp_, nb.unsqueeze(-1)).squeeze(-1)  # (tb, pb): sum_q cneg_q softplus(X_pq)
+        total -= r * (cb * per_row).sum(dtype=torch.float64)
+        del sp_, per_row
+        if not need_grad:
+            continue
+        G = X.sigmoid_()  # X's buffer from here on holds dL/dX
+        G.mul_((-r) * cb.unsqueeze(-1)).mul_(nb.unsqueeze(1))
+        G.index_put_((it, ip, iq), npos * torch.sigmoid(-xp), accumulate=True)
+        gu[t0:t1, p0:p1] = torch.bmm(G, vb)  # (tb, pb, d)
+        gv[t0:t1] += torch.bmm(G.transpose(1, 2), ub)  # (tb, Q, d)
+    return total, gu, gv
+
+
+class _SkipgramBlockFused(torch.autograd.Function):
+    """:func:`skipgram_block` of ``X = u v^T`` with the gradients formed in the forward pass (the
+    logits are never stored): backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, u, v, c_rows, cneg_cols, neg_ratio, pos_t, pos_p, pos_q, pos_n, chunk):
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total, gu, gv = _skipgram_fused(u, v, c_rows, cneg_cols, neg_ratio, pos_t, pos_p, pos_q, pos_n, chunk, need)
+        if need:
+            ctx.save_for_backward(gu, gv)
+        return total.to(u.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        gu, gv = ctx.saved_tensors
+        g = g.to(gu.dtype)
+        return (gu * g if ctx.needs_input_grad[0] else None, gv * g if ctx.needs_input_grad[1] else None,
+                None, None, None, None, None, None, None, None)
+
+
+def skipgram_block_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg_ratio: float,
+                         pos_t: Tensor, pos_p: Tensor, pos_q: Tensor, pos_n: Tensor,
+                         chunk: Optional[int] = None) -> Tensor:
+    """``skipgram_block(bmm(u, v^T), ...)`` without the (T, P, Q) logits in memory: formed
+    ``chunk`` elements at a time (default :data:`LOGIT_CHUNK` of the device), the likelihood summed
+    in float64 and its gradients with respect to u (T, P, d) and v (T, Q, d) formed in the same pass.
+    Differentiable once in u and v (not in the counts); the result has u's dtype."""
+    if u.dim() != 3 or v.dim() != 3 or u.shape[0] != v.shape[0] or u.shape[2] != v.shape[2]:
+        raise ValueError(f"u (T, P, d) and v (T, Q, d) need the same T and d, got {tuple(u.shape)} and {tuple(v.shape)}")
+    if chunk is None:
+        chunk = LOGIT_CHUNK.get(u.device.type, 1 << 22)
+    if int(chunk) < 1:
+        raise ValueError(f"chunk must be a positive number of elements, got {chunk}")
+    return _SkipgramBlockFused.apply(u, v, c_rows, cneg_cols, float(neg_ratio), pos_t, pos_p, pos_q, pos_n, int(chunk))
 
 
 # ============================================================================ model
@@ -401,6 +572,13 @@ class DynamicWordEmbeddings(DynamicModel):
         self.batch_words = V if batch_words <= 0 else min(batch_words, V)
         self.batch_contexts = V if batch_contexts <= 0 else min(batch_contexts, V)
         self.eval_chunk = int(eval_chunk)
+        # compute paths of the step (results equal to float rounding; bench/dwe_scale.py compares them):
+        # the recurrence method of linear_scan (None: SCAN_METHOD of the device), and the block
+        # likelihood fused and chunked (logit_chunk elements at a time; None: LOGIT_CHUNK of the device)
+        # or, with fused_loglik=False, the (T, P, Q) logits materialized for autograd
+        self.scan_method: Optional[str] = None
+        self.fused_loglik = True
+        self.logit_chunk: Optional[int] = None
         self.vocab, self.years, self.year_end = list(wc.vocab), wc.years.copy(), wc.year_end.copy()
         self.labels = [wc.step_label(t) for t in range(T)]
         device = torch.device(device)
@@ -509,10 +687,10 @@ class DynamicWordEmbeddings(DynamicModel):
             eps_v = torch.randn(self.T, Q, self.d, generator=generator, device=dev, dtype=mu_u.dtype)  # (T, Q, d)
             ru, ou = self.raw_U[:, rows], self.off_U[:, rows]
             rv, ov = self.raw_V[:, cols], self.off_V[:, cols]
-            u = sample_chain(mu_u[:, rows], ru, ou, eps_u)  # (T, P, d)
-            v = sample_chain(mu_v[:, cols], rv, ov, eps_v)  # (T, Q, d)
-            var_terms = (scale_r * (expected_neg_log_prior_var(ru, ou, self.w, self.inv_var0) + neg_entropy(ru))
-                         + scale_c * (expected_neg_log_prior_var(rv, ov, self.w, self.inv_var0) + neg_entropy(rv)))
+            # sample_chain, expected_neg_log_prior_var and neg_entropy of each posterior in one pass
+            u, terms_u = chain_terms(mu_u[:, rows], ru, ou, eps_u, self.w, self.inv_var0, self.scan_method)  # (T, P, d)
+            v, terms_v = chain_terms(mu_v[:, cols], rv, ov, eps_v, self.w, self.inv_var0, self.scan_method)  # (T, Q, d)
+            var_terms = scale_r * terms_u + scale_c * terms_v
         else:
             u, v = mu_u[:, rows], mu_v[:, cols]
             var_terms = 0.0
@@ -524,8 +702,11 @@ class DynamicWordEmbeddings(DynamicModel):
     def block_loglik(self, u: Tensor, v: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         """Training log-likelihood of the word-context block rows x cols at every step, for word
         embeddings ``u`` (T, P, d) of ``rows`` and context embeddings ``v`` (T, Q, d) of ``cols``."""
-        X = torch.bmm(u, v.transpose(1, 2))  # (T, P, Q)
         pt, pp, pq, pn = self._block_positives(rows, cols)
+        if self.fused_loglik:  # chunked, the gradients formed in the same pass (skipgram_block_fused)
+            return skipgram_block_fused(u, v, self.c[:, rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn,
+                                        self.logit_chunk)
+        X = torch.bmm(u, v.transpose(1, 2))  # (T, P, Q)
         return skipgram_block(X, self.c[:, rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn)
 
     def metric_names(self) -> list[str]:

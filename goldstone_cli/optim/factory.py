@@ -16,6 +16,19 @@ def decay_factor(step: int, decay_steps: float, power: float) -> float:
     return (decay_steps / (step + decay_steps)) ** power
 
 
+def _balance_sides(cfg: DictConfig, model):
+    """``optimizer.balance=true``: the model's GoldstoneGD(balance=...) signs (``model.balance_sides()``),
+    which only models whose local loss sees each group only through products Z+ Z-^T define."""
+    if not cfg.get("balance", False):
+        return None
+    sides = getattr(model, "balance_sides", None)
+    if sides is None:
+        raise ValueError(f"optimizer.balance=true: model {type(model).__name__} has priors or penalties on its "
+                         "embeddings, so its local loss is not invariant under GL(d) (only dense_mf is); "
+                         "drop optimizer.balance")
+    return sides()
+
+
 def build_base(name: str, params: Iterable[torch.Tensor], cfg: DictConfig) -> torch.optim.Optimizer:
     params = list(params)
     if name == "gd":
@@ -67,6 +80,7 @@ def build_optimizer(cfg: DictConfig, model) -> tuple[torch.optim.Optimizer, Lamb
             state_transform=choice(cfg.get("state_transform", "none")),
             process_group=shard.group if shard is not None and shard.distributed else None,
             replicated=getattr(model, "replicated_parameters", list)(),
+            balance=_balance_sides(cfg, model),
         )
     else:
         opt = build_base(name, model.parameters(), cfg)

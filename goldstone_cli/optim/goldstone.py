@@ -85,6 +85,23 @@ class GoldstoneGD(torch.optim.Optimizer):
             same values everywhere, e.g. an item table whose gradients the model all-reduces).
             Their rows enter psi and the moments once (rank 0 of the group counts them); every rank
             rotates its copy by the same R_t, so the copies stay equal. Ignored without a process group.
+        balance: ``None`` (default) or one entry per symmetric group: ``None`` or one sign per
+            tensor of the group, +1 for Z -> Z A and -1 for Z -> Z A^{-T} (e.g. ``[[1, -1]]`` for
+            ``[[U, V]]``). Only for models whose local losses see the group only through products
+            ``Z_+[t] Z_-[t]^T`` (no prior or penalty on the tensors themselves, e.g. the dense MF of
+            Sec. 5.1; not MovieLens's gamma term or DWE's priors): their local losses are invariant
+            under every invertible A_t per time step, not only orthogonal ones. Before the rotation
+            each time step is then *balanced* (:func:`balancing`: A_t symmetric positive definite
+            with sum_+ (Z A)^T (Z A) = sum_- (Z A^{-T})^T (Z A^{-T})), which leaves the local losses
+            unchanged and makes all time steps with the same products equal up to O(d), so that the
+            rotation can align them. Adaptive bases break the balance that GD keeps (their
+            per-coordinate steps do not conserve U^T U - V^T V), and then psi between unbalanced
+            time steps can only relax through psi's own small-curvature gradient (docs/benchmarks.md,
+            "Why Adam and AdaGrad + procrustes were slow on the Sec. 5.1 problem"). The balanced candidate is used
+            only if it ends with a lower psi than the rotation alone (predicted from the pair
+            moments), so the gauge step still never raises psi. First moments are mapped like
+            gradients (m -> m A^{-1} on the +1 side, m A on the -1 side), second moments by
+            ``state_transform`` with that map. ``procrustes`` only, without ``process_group``.
 
     Optimizer state: the base state that transforms like the parameters is rotated with them by the
     same matrices in every mode: SGD's and RMSprop's ``momentum_buffer``, the first moment
@@ -129,6 +146,7 @@ class GoldstoneGD(torch.optim.Optimizer):
         state_transform: str = "none",
         process_group=None,
         replicated: Sequence[Tensor] = (),
+        balance: Sequence[Sequence[int] | None] | None = None,
     ):
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
@@ -170,6 +188,10 @@ class GoldstoneGD(torch.optim.Optimizer):
             if self._rank < 0:
                 raise ValueError("this process is not a member of process_group; every rank that holds rows of "
                                  "the groups must pass the same group")
+        self.balance = _check_balance(balance, self.groups, solver)
+        if process_group is not None and any(b is not None for b in self.balance):
+            raise ValueError("balance is not supported with a process_group yet (its sums over rows are not "
+                             "all-reduced); drop balance or run on one process")
 
         # what torch.optim.Optimizer.__init__ sets up, minus the parameter groups (shared with base)
         torch._C._log_api_usage_once("python.optimizer")
@@ -325,6 +347,8 @@ class GoldstoneGD(torch.optim.Optimizer):
                         psi0=p_before,
                     )
                     gamma = None
+                    if self.balance[k] is not None:
+                        R, info = self._balanced_procrustes(k, tensors, M, R, info, p_before)
                 angle = float(G.rotation_angles(R, gamma).max()) if R.numel() else 0.0
                 if info.get("flips"):  # a reflection counts as an angle of pi
                     angle = math.pi
@@ -406,6 +430,46 @@ class GoldstoneGD(torch.optim.Optimizer):
         info = {"lr": lr, "flips": 0 if flips is None else int(flips[1].sum()), "backtracks": backtracks}
         return R, info, (G.skew(gauge) if self.rotation == "linear" and A is None else None)
 
+    def _balanced_procrustes(self, k: int, tensors: list[Tensor], M: Tensor, R: Tensor, info: dict,
+                             p_before: float) -> tuple[Tensor, dict]:
+        """``balance``: the balanced candidate for group k. Pair moments split by side, M = M+ + M-;
+        after Z+ -> Z+ A, Z- -> Z- A^{-1} (A symmetric) they are A_s M+ A_t + A_s^{-1} M- A_t^{-1}.
+        psi of either candidate after its rotation follows from the moments by (*); the balanced one
+        is applied (parameters and base state) only if it is lower. Returns the rotation to apply."""
+        device = M.device
+        sides = self.balance[k]
+        plus = [Z for Z, s in zip(tensors, sides) if s > 0]
+        minus = [Z for Z, s in zip(tensors, sides) if s < 0]
+        P = self.coupling.self_moments(plus, torch.float64)  # (T, d, d)
+        Q = self.coupling.self_moments(minus, torch.float64)
+        A, A_inv, ok = balancing(P, Q)
+        info = {**info, "balanced": 0}
+        if not bool(ok.any()):
+            return R, info
+        plan = self._plan(device)
+        src, dst = self.coupling.edge_index(device)
+        w = self.coupling.edge_weights(torch.float64, device)
+        M_plus = self.coupling.pair_moments(plus, torch.float64)
+        Mb = torch.bmm(torch.bmm(A[src], M_plus), A[dst]) + torch.bmm(torch.bmm(A_inv[src], M - M_plus), A_inv[dst])
+        Mb_self = torch.bmm(torch.bmm(A, P), A) + torch.bmm(torch.bmm(A_inv, Q), A_inv)
+        tr_self = torch.diagonal(Mb_self, dim1=-2, dim2=-1).sum(-1)  # (T,)
+        # psi = 1/2 sum_e w_e ||Z_s - Z_t||^2 from the moments (Eq. 3)
+        psi_b = float((w * (0.5 * (tr_self[src] + tr_self[dst]) - torch.diagonal(Mb, dim1=-2, dim2=-1).sum(-1))).sum())
+        Rb, info_b = G.procrustes_solve(Mb, Mb_self, plan, self.allow_reflections, self.max_sweeps, self.tol,
+                                        psi0=psi_b)
+        eye = torch.eye(A.shape[-1], dtype=torch.float64, device=device).expand_as(A)
+        psi_plain = p_before - float(G.coupling_gain(R, M, src, dst, w) - G.coupling_gain(eye, M, src, dst, w))
+        psi_bal = psi_b - float(G.coupling_gain(Rb, Mb, src, dst, w) - G.coupling_gain(eye, Mb, src, dst, w))
+        # only a clear win: the moment formulas round at 64 eps of the coupling's terms
+        margin = 64 * torch.finfo(torch.float64).eps * float((w * tr_self[src]).sum() + (w * tr_self[dst]).sum())
+        if not psi_bal < psi_plain - margin:
+            return R, info
+        for Z, s in zip(tensors, sides):
+            B, B_grad = (A, A_inv) if s > 0 else (A_inv, A)  # Z -> Z B; gradients (first moments) -> g B^{-1}
+            G.rotate_rows_(Z, B)  # Z_t B_t^T = Z_t B_t (B symmetric)
+            transform_state_(self.base.state.get(Z), Z, B_grad, self.state_transform, self._param_group(Z))
+        return Rb, {**info_b, "balanced": int(ok.sum())}
+
     # ----------------------------------------------------------- sums over rows across ranks
     def _counted(self, tensors: list[Tensor]) -> list[Tensor]:
         """The tensors whose rows this rank contributes to the sums over rows: all of them, except
@@ -475,6 +539,8 @@ class GoldstoneGD(torch.optim.Optimizer):
             "keep_gauge_fields": self.keep_gauge_fields, "rotation": self.rotation,
             "allow_reflections": self.allow_reflections, "max_sweeps": self.max_sweeps, "tol": self.tol,
             "state_transform": self.state_transform,
+            "balance": (None if all(b is None for b in self.balance)
+                        else [None if b is None else list(b) for b in self.balance]),
         }
 
     def _param_group(self, Z: Tensor) -> dict[str, Any]:
@@ -535,6 +601,63 @@ def transform_state_(st: dict | None, Z: Tensor, R: Tensor, mode: str, group: di
     avg, sq = st.get("grad_avg"), st.get("square_avg")
     if isinstance(avg, Tensor) and isinstance(sq, Tensor) and avg.shape == sq.shape:
         torch.maximum(sq, avg * avg, out=sq)  # centered RMSprop: square_avg - grad_avg^2 >= 0
+
+
+@torch.no_grad()
+def balancing(P: Tensor, Q: Tensor, rcond: float = 1e-10) -> tuple[Tensor, Tensor, Tensor]:
+    """Per time step the symmetric positive definite A with A P A = A^{-1} Q A^{-1} (``balance``).
+
+    P = sum_+ Z^T Z and Q = sum_- Z^T Z (T, d, d): after Z+ -> Z+ A, Z- -> Z- A^{-1} both Gram
+    matrices equal A P A. With S = A^2 the condition is S P S = Q, whose positive definite solution
+    is S = P^{-1/2} (P^{1/2} Q P^{1/2})^{1/2} P^{-1/2} (the geometric mean of P^{-1} and Q); A = S^{1/2}.
+    Returns A, A^{-1} (float64) and ok (T,) bool; A = I where P or Q is singular to ``rcond``
+    (relative to its largest eigenvalue) or not finite."""
+    P, Q = P.to(torch.float64), Q.to(torch.float64)
+    T, d = P.shape[0], P.shape[-1]
+    eye = torch.eye(d, dtype=torch.float64, device=P.device).expand(T, d, d)
+    ok = torch.isfinite(P).all(dim=(1, 2)) & torch.isfinite(Q).all(dim=(1, 2))
+    P, Q = torch.where(ok[:, None, None], P, eye), torch.where(ok[:, None, None], Q, eye)
+    P, Q = 0.5 * (P + P.transpose(1, 2)), 0.5 * (Q + Q.transpose(1, 2))
+
+    def sym_pow(X: Tensor, p: float) -> tuple[Tensor, Tensor]:
+        e, W = torch.linalg.eigh(X)
+        good = e.amin(-1) > rcond * e.amax(-1).clamp(min=torch.finfo(X.dtype).tiny)
+        return (W * e.clamp(min=torch.finfo(X.dtype).tiny).pow(p)[:, None, :]) @ W.transpose(1, 2), good
+
+    with G.serial_cpu(P):
+        P_h, good_p = sym_pow(P, 0.5)
+        P_ih, _ = sym_pow(P, -0.5)
+        _, good_q = sym_pow(Q, 0.5)
+        C_h, _ = sym_pow(P_h @ Q @ P_h, 0.5)
+        S = P_ih @ C_h @ P_ih
+        S = 0.5 * (S + S.transpose(1, 2))
+        A, good_s = sym_pow(S, 0.5)
+        A_inv, _ = sym_pow(S, -0.5)
+    ok = ok & good_p & good_q & good_s & torch.isfinite(A).all(dim=(1, 2)) & torch.isfinite(A_inv).all(dim=(1, 2))
+    return torch.where(ok[:, None, None], A, eye), torch.where(ok[:, None, None], A_inv, eye), ok
+
+
+def _check_balance(balance, groups: list[list[Tensor]], solver: str) -> list[tuple[int, ...] | None]:
+    """``balance``: None, or per group None or one sign (+1 / -1) per tensor, both signs present."""
+    if balance is None:
+        return [None] * len(groups)
+    if isinstance(balance, (str, Tensor)) or not isinstance(balance, (list, tuple)) or len(balance) != len(groups):
+        raise ValueError(f"balance must be None or a list with one entry per symmetric group ({len(groups)}), "
+                         f"e.g. [[1, -1]] for [[U, V]]; got {balance!r}")
+    out: list[tuple[int, ...] | None] = []
+    for k, (sides, group) in enumerate(zip(balance, groups)):
+        if sides is None:
+            out.append(None)
+            continue
+        sides = tuple(sides) if isinstance(sides, (list, tuple)) else None
+        if (sides is None or len(sides) != len(group)
+                or any(isinstance(s, bool) or s not in (1, -1) for s in sides) or set(sides) != {1, -1}):
+            raise ValueError(f"balance[{k}] must give +1 or -1 for each of the {len(group)} tensors of group {k} "
+                             f"(both signs at least once, e.g. [1, -1] for [U, V]); got {balance[k]!r}")
+        if solver != "procrustes":
+            raise ValueError(f"balance needs solver='procrustes' (got {solver!r})")
+        out.append(tuple(int(s) for s in sides))
+    return out
 
 
 def _all_reduce_sum(buf: Tensor, group) -> Tensor:

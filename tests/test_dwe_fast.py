@@ -1,0 +1,348 @@
+"""The fast DWE step (issue 16): the sequential O(T) recurrence and the fused, chunked skip-gram
+likelihood give the results of the earlier formulation (log-depth scan, materialized logits under
+autograd) and of brute force, in float64 to 1e-10 and in float32 at a realistic size; the fused
+step keeps no (T, P, Q) activation and the recurrence writes O(T) elements, not O(T log T)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from goldstone_cli.models.dwe import (
+    DynamicWordEmbeddings,
+    WordCounts,
+    _blocks,
+    chain_moments,
+    linear_recurrence_loop,
+    linear_scan,
+    sample_chain,
+    skipgram_block,
+    skipgram_block_fused,
+)
+
+F64 = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _sym_counts(V: int, T: int, density: float = 0.3, seed: int = 0) -> list[sp.csr_matrix]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in range(T):
+        A = sp.random(V, V, density=density, random_state=seed * 100 + t,
+                      data_rvs=lambda n: rng.integers(1, 6, n).astype(float)).tocsr()
+        out.append((A + A.T).tocsr())
+    return out
+
+
+# ----------------------------------------------------------------------------- recurrence
+@pytest.mark.parametrize("method", ["sequential", "logdepth"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("T", [2, 3, 8, 17])
+def test_scan_methods_match_loop_values_and_gradients(method, reverse, T):
+    g = torch.Generator().manual_seed(T)
+    a = (0.9 * torch.randn(T - 1, 5, 3, generator=g, dtype=F64)).requires_grad_()
+    c = torch.randn(T, 5, 3, generator=g, dtype=F64, requires_grad=True)
+    w = torch.randn(T, 5, 3, generator=g, dtype=F64)
+    y = linear_scan(a, c, reverse=reverse, method=method)
+    ga, gc = torch.autograd.grad((w * y).sum(), (a, c))
+    y0 = linear_recurrence_loop(a, c, reverse=reverse)  # brute force under autograd
+    ga0, gc0 = torch.autograd.grad((w * y0).sum(), (a, c))
+    for got, want in ((y, y0), (ga, ga0), (gc, gc0)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["sequential", "logdepth"])
+def test_scan_gradcheck_and_broadcast_coefficients(method):
+    g = torch.Generator().manual_seed(3)
+    a = (0.5 * torch.randn(6, 1, 3, generator=g, dtype=F64)).requires_grad_()  # one coefficient per column
+    c = torch.randn(7, 4, 3, generator=g, dtype=F64, requires_grad=True)
+    for reverse in (False, True):
+        assert torch.autograd.gradcheck(lambda a, c: linear_scan(a, c, reverse=reverse, method=method), (a, c))
+        torch.testing.assert_close(linear_scan(a, c, reverse=reverse, method=method),
+                                   linear_recurrence_loop(a.expand(6, 4, 3), c, reverse=reverse))
+
+
+def test_scan_rejects_unknown_method():
+    with pytest.raises(ValueError, match="sequential"):
+        linear_scan(torch.zeros(2, 3), torch.zeros(3, 3), method="fast")
+
+
+_NO_WRITE = {"view", "_unsafe_view", "alias", "select", "slice", "expand", "detach", "t", "transpose", "as_strided",
+             "empty", "empty_like", "unsqueeze", "squeeze"}  # views and allocations
+
+
+class _ElementsWritten(TorchDispatchMode):
+    """Counts the elements of every tensor an ATen operation returns or writes (a work count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(x, torch.Tensor) and func.overloadpacket.__name__ not in _NO_WRITE:
+                self.n += x.numel()
+        return out
+
+
+def _written(method: str, T: int, N: int = 200) -> int:
+    a = torch.rand(T - 1, N, requires_grad=True)
+    c = torch.randn(T, N, requires_grad=True)
+    y = linear_scan(a, c, reverse=True, method=method)
+    g = torch.ones_like(y)
+    with _ElementsWritten() as mode:
+        y = linear_scan(a, c, reverse=True, method=method)
+        y.backward(g)
+    return mode.n
+
+
+def test_sequential_recurrence_is_linear_work():
+    """Forward + backward of the sequential recurrence write a few T N elements, independent of
+    log T; the log-depth scan writes about 3 T N per level (this test failed with it)."""
+    T, N = 128, 200
+    seq = _written("sequential", T, N)
+    assert seq <= 6 * T * N, seq / (T * N)
+    assert _written("logdepth", T, N) > 3 * seq  # the count tells them apart
+
+
+# ----------------------------------------------------------------------------- skip-gram block
+def _block_data(T=4, P=7, Q=9, d=5, dtype=F64, seed=0, density=0.3):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(T, P, d, generator=g, dtype=dtype, requires_grad=True)
+    v = torch.randn(T, Q, d, generator=g, dtype=dtype, requires_grad=True)
+    c_rows = torch.rand(T, P, generator=g, dtype=dtype) * 10
+    cneg = torch.rand(T, Q, generator=g, dtype=dtype)
+    cneg = cneg / cneg.sum(1, keepdim=True)
+    mask = torch.rand(T, P, Q, generator=g) < density
+    pt, pp, pq = mask.nonzero(as_tuple=True)
+    pn = torch.randint(1, 6, (len(pt),), generator=g).to(dtype)
+    return u, v, c_rows, cneg, pt, pp, pq, pn
+
+
+def _reference(u, v, c_rows, cneg, r, pt, pp, pq, pn):
+    return skipgram_block(torch.bmm(u, v.transpose(1, 2)), c_rows, cneg, r, pt, pp, pq, pn)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 9, 40, 63, 10_000])
+def test_fused_block_matches_materialized_logits_float64(chunk):
+    """Value and both gradients against the earlier formulation (bmm + skipgram_block under
+    autograd), for chunks of whole steps, of row ranges within a step and of one element."""
+    u, v, c_rows, cneg, pt, pp, pq, pn = _block_data()
+    w = torch.randn(())
+    ref = _reference(u, v, c_rows, cneg, 1.3, pt, pp, pq, pn)
+    gu0, gv0 = torch.autograd.grad(w * ref, (u, v))
+    got = skipgram_block_fused(u, v, c_rows, cneg, 1.3, pt, pp, pq, pn, chunk=chunk)
+    gu, gv = torch.autograd.grad(w * got, (u, v))
+    assert got.dtype == F64
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gu, gu0, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gv, gv0, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_block_unsorted_positives_gradcheck_and_empty():
+    u, v, c_rows, cneg, pt, pp, pq, pn = _block_data(T=3, P=4, Q=5, d=3, seed=1)
+    perm = torch.randperm(len(pt), generator=torch.Generator().manual_seed(0))
+    args = (c_rows, cneg, 0.7, pt[perm], pp[perm], pq[perm], pn[perm])
+    torch.testing.assert_close(skipgram_block_fused(u, v, *args, chunk=7), _reference(u, v, *args), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda u, v: skipgram_block_fused(u, v, *args, chunk=7), (u, v))
+    e = torch.zeros(0, dtype=torch.int64)
+    none = (c_rows, cneg, 0.7, e, e, e, torch.zeros(0, dtype=F64))
+    torch.testing.assert_close(skipgram_block_fused(u, v, *none, chunk=6), _reference(u, v, *none), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # no gradient wanted: the value alone
+        torch.testing.assert_close(skipgram_block_fused(u, v, *args), _reference(u, v, *args), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="chunk"):
+        skipgram_block_fused(u, v, *args, chunk=0)
+
+
+def test_fused_block_float32_realistic_size_against_float64():
+    """T=12 steps of a 300 x 400 block, d=50, logits of a trained model's scale: float32 fused (sums
+    in float64) against the float64 reference: value to 1e-6 relative, gradients to 1e-4."""
+    u, v, c_rows, cneg, pt, pp, pq, pn = _block_data(T=12, P=300, Q=400, d=50, seed=2, density=0.05)
+    with torch.no_grad():
+        u.mul_(0.4), v.mul_(0.4)
+        c_rows.mul_(1000)
+    ref = _reference(u, v, c_rows, cneg, 1.0, pt, pp, pq, pn)
+    gu0, gv0 = torch.autograd.grad(ref, (u, v))
+    u32, v32 = u.detach().float().requires_grad_(), v.detach().float().requires_grad_()
+    got = skipgram_block_fused(u32, v32, c_rows.float(), cneg.float(), 1.0, pt, pp, pq, pn.float())
+    gu, gv = torch.autograd.grad(got, (u32, v32))
+    assert abs(got.double().item() - ref.item()) <= 1e-6 * abs(ref.item())
+    for g32, g64 in ((gu, gu0), (gv, gv0)):
+        assert float((g32.double() - g64).norm() / g64.norm()) < 1e-4
+
+
+def test_blocks_cover_the_logits_once_within_the_chunk():
+    for T, P, Q, chunk in ((5, 3, 4, 25), (3, 10, 7, 20), (2, 4, 4, 1), (4, 2, 2, 1000)):
+        seen = np.zeros((T, P), dtype=int)
+        for t0, t1, p0, p1 in _blocks(T, P, Q, chunk):
+            assert (t1 - t0) * (p1 - p0) * Q <= max(chunk, Q)
+            assert t1 - t0 == 1 or (p0, p1) == (0, P)
+            seen[t0:t1, p0:p1] += 1
+        assert (seen == 1).all()
+
+
+# ----------------------------------------------------------------------------- the model's step
+def _model(inference, dtype=F64, V=30, T=6, d=4, batch=0, seed=0):
+    wc = WordCounts(vocab=[f"w{i}" for i in range(V)], years=np.arange(1800, 1800 + 10 * T, 10),
+                    counts=_sym_counts(V, T, seed=seed))
+    return DynamicWordEmbeddings(wc, d=d, inference=inference, batch_words=batch, batch_contexts=batch,
+                                 test_steps=0.2, test_mass=0.1, dtype=dtype, seed=seed)
+
+
+def _loss_and_grads(model, seed=5):
+    model.zero_grad(set_to_none=True)
+    loss = model.loss_terms(torch.Generator().manual_seed(seed))["total"]
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def _old_paths(model):
+    model.scan_method, model.fused_loglik = "logdepth", False
+
+
+@pytest.mark.parametrize("inference", ["variational", "map"])
+@pytest.mark.parametrize("batch", [0, 11])
+def test_model_step_equals_the_earlier_formulation_float64(inference, batch):
+    model = _model(inference, batch=batch)
+    model.logit_chunk = 50  # several blocks, some splitting a step's rows
+    new = _loss_and_grads(model)
+    _old_paths(model)
+    old = _loss_and_grads(model)
+    torch.testing.assert_close(new[0], old[0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(new[1], old[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_step_keeps_no_logits_sized_activation():
+    """Nothing of T x P x Q elements is saved for the backward pass (the earlier formulation saved
+    the logits and log sigma(-X) under autograd: this test failed with it)."""
+    model = _model("variational", dtype=torch.float32, V=40, T=5, d=3, batch=20)
+    limit = model.T * model.batch_words * model.batch_contexts
+    sizes = []
+
+    def pack(x):
+        sizes.append(x.numel())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        model.loss_terms(torch.Generator().manual_seed(0))["total"].backward()
+    assert sizes and max(sizes) < limit
+    _old_paths(model)
+    sizes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        model.loss_terms(torch.Generator().manual_seed(0))["total"].backward()
+    assert max(sizes) >= limit  # the check sees the materialized logits
+
+
+@pytest.mark.parametrize("inference", ["variational", "map"])
+def test_training_same_seed_same_metrics_as_earlier_formulation(inference):
+    """20 Adam steps in float32 on minibatches from one seed: the metrics of the new and the earlier
+    compute paths agree to float rounding."""
+    out = []
+    for old in (False, True):
+        torch.manual_seed(0)
+        model = _model(inference, dtype=torch.float32, V=40, T=6, d=5, batch=25)
+        if old:
+            _old_paths(model)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(20):
+            opt.zero_grad(set_to_none=True)
+            model.loss_terms(g)["total"].backward()
+            opt.step()
+        out.append(model.evaluate())
+    for k, v in out[0].items():
+        assert v == pytest.approx(out[1][k], rel=1e-4, abs=1e-5), k
+
+
+def test_sample_and_moments_pass_the_method():
+    g = torch.Generator().manual_seed(0)
+    mu, raw, eps = (torch.randn(9, 4, generator=g, dtype=F64) for _ in range(3))
+    off = 0.3 * torch.randn(8, 4, generator=g, dtype=F64)
+    torch.testing.assert_close(sample_chain(mu, raw, off, eps, "sequential"), sample_chain(mu, raw, off, eps, "logdepth"))
+    for x, y in zip(chain_moments(raw, off, "sequential"), chain_moments(raw, off, "logdepth")):
+        torch.testing.assert_close(x, y)
+
+
+def test_chain_terms_equal_the_three_functions():
+    from goldstone_cli.models.dwe import chain_terms, expected_neg_log_prior_var, neg_entropy
+
+    g = torch.Generator().manual_seed(4)
+    mu, raw, eps = (torch.randn(7, 3, 2, generator=g, dtype=F64, requires_grad=True) for _ in range(3))
+    off = (0.3 * torch.randn(6, 3, 2, generator=g, dtype=F64)).requires_grad_()
+    w = torch.rand(6, generator=g, dtype=F64)
+    x, terms = chain_terms(mu, raw, off, eps, w, 0.7)
+    x0 = sample_chain(mu, raw, off, eps)
+    terms0 = expected_neg_log_prior_var(raw, off, w, 0.7) + neg_entropy(raw)
+    torch.testing.assert_close(x, x0, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(terms, terms0, rtol=1e-14, atol=1e-14)
+    gr = torch.autograd.grad(x.sum() + terms, (mu, raw, off, eps))
+    gr0 = torch.autograd.grad(x0.sum() + terms0, (mu, raw, off, eps))
+    for a, b in zip(gr, gr0):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_bench_memory_model_and_checks(tmp_path, monkeypatch, capsys):
+    """bench/dwe_scale.py: the memory model grows with V and its largest V fits the budget; the
+    --compare mode and the --max-step-seconds check run at a toy size (the check fails loudly)."""
+    import bench.dwe_scale as ds
+
+    a = ds.memory_model(1000, 50, 20, 100, 1e6, True)
+    b = ds.memory_model(2000, 50, 20, 100, 2e6, True)
+    assert b["total"] > a["total"] and b["state"] == 2 * a["state"]
+    # logits-sized activations dominate at a 1,000 x 1,000 minibatch: the old paths need more
+    assert (ds.memory_model(1000, 50, 20, 1000, 1e6, True, "before_issue16")["total"]
+            > ds.memory_model(1000, 50, 20, 1000, 1e6, True)["total"] + 0.9e9)
+    v = ds.largest_vocabulary(1e9, 50, 20, 100, 20.0, False, "issue16", "cpu")
+    fits = ds.memory_model(v, 50, 20, 100, 20.0 * v * 50, False, "issue16", "cpu")["total"]
+    over = ds.memory_model(v + 1, 50, 20, 100, 20.0 * (v + 1) * 50, False, "issue16", "cpu")["total"]
+    assert fits <= 1e9 < over
+    monkeypatch.setattr(ds, "RESULTS", tmp_path)
+    import bench.roofline as rl
+
+    real = rl.measure_rates  # the machine-rate measurement at a toy size (the full one takes seconds)
+    monkeypatch.setattr(rl, "measure_rates", lambda device: real(device, repeats=1, gemm_n=64, stream_numel=1 << 12))
+    small = ["--V", "60", "--T", "5", "--d", "4", "--batch", "20", "--steps", "2", "--device", "cpu"]
+    monkeypatch.setattr("sys.argv", ["dwe_scale", *small, "--inference", "variational", "--compare"])
+    ds.main()
+    out = capsys.readouterr().out
+    assert "speedup_cpu" in out and list(tmp_path.glob("dwe_compare-*.json"))
+    monkeypatch.setattr("sys.argv", ["dwe_scale", *small, "--inference", "map", "--max-step-seconds", "1e-9"])
+    with pytest.raises(SystemExit, match="CHECK FAILED: median step"):
+        ds.main()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["sequential", "logdepth"])
+def test_fused_block_and_recurrence_on_cuda_match_the_cpu(method):
+    u, v, c_rows, cneg, pt, pp, pq, pn = _block_data(T=5, P=40, Q=30, d=6, seed=3)
+    ref = _reference(u, v, c_rows, cneg, 1.1, pt, pp, pq, pn)
+    gu0, gv0 = torch.autograd.grad(ref, (u, v))
+    dev = torch.device("cuda")
+    ug, vg = u.detach().to(dev).requires_grad_(), v.detach().to(dev).requires_grad_()
+    got = skipgram_block_fused(ug, vg, c_rows.to(dev), cneg.to(dev), 1.1, pt.to(dev), pp.to(dev), pq.to(dev),
+                               pn.to(dev), chunk=500)
+    gu, gv = torch.autograd.grad(got, (ug, vg))
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gu.cpu(), gu0, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gv.cpu(), gv0, rtol=1e-10, atol=1e-10)
+    a = torch.rand(9, 4, 3, dtype=F64)
+    c = torch.randn(10, 4, 3, dtype=F64)
+    torch.testing.assert_close(linear_scan(a.to(dev), c.to(dev), reverse=True, method=method).cpu(),
+                               linear_recurrence_loop(a, c, reverse=True))
+
+
+def test_roofline_dwe_work_counts():
+    import bench.roofline as rl
+
+    T, V, d, P, Q = 10, 50, 4, 20, 30
+    n = 2 * T * V * d + 2 * T * V * d + 2 * (T - 1) * V * d
+    assert rl.dwe_parameter_count(T, V, d, True) == n and rl.dwe_parameter_count(T, V, d, False) == 2 * T * V * d
+    w = rl.dwe_step_work(T, V, d, P, Q, True)
+    assert w.flops == 6 * T * P * Q * d + 12 * T * P * Q
+    assert w.bytes == 4 * (2 * T * V * d + 8 * n + 24 * T * (P + Q) * d)
+    assert {"dwe_variational", "dwe_map"} <= set(rl.BUILDERS)
