@@ -684,6 +684,211 @@ def load_movielens(
 
 
 # ----------------------------------------------------------------------------------------------
+# By-user layout: each rank of a distributed run reads only the ratings of its users (issue 17)
+#
+# Next to the ``.npz`` cache, ``<cache stem>.byuser/`` holds the ratings sorted by user (stable, so
+# within a user in file order) as uncompressed ``.npy`` files that ``np.load(mmap_mode="r")`` maps,
+# ``pos`` (each row's index in file order), ``offsets`` ((n_users + 1,): user u's rows are
+# ``[offsets[u], offsets[u + 1])``) and ``header.json``, written last, with the key of the cache it
+# was made from and the size and SHA-256 of every array file. Without a header whose key matches,
+# the folder is never read (a rebuild deletes the header first, so a crash mid-write leaves none).
+
+BY_USER_VERSION = 1
+_BY_USER_ROWS = ("user", "item", "t", "x", "split", "pos")  # (n,) each, sorted by user
+_BY_USER_FILES = _BY_USER_ROWS + ("offsets",)
+_MSG_BYTES = 8192  # the rank-0 -> all broadcast of the folder and key (JSON, zero padded)
+
+
+@dataclass(frozen=True, eq=False)
+class UserRatings:
+    """The ratings of users ``start <= user < stop`` (file order, global ids) and the data's shape:
+    what a rank of a distributed MovieLens run holds (a ``RatingsLike``)."""
+
+    user: np.ndarray  # (n_local,) int64 in [start, stop)
+    item: np.ndarray  # (n_local,) int64 in [0, n_items)
+    t: np.ndarray  # (n_local,) int64 in [0, T)
+    x: np.ndarray  # (n_local,) int8 +1 / -1
+    split: np.ndarray  # (n_local,) int8 0 / 1 / 2
+    n_users: int
+    n_items: int
+    T: int
+    user_rows: tuple[int, int]  # (start, stop)
+    bytes_read: int  # bytes copied out of the mapped files (offsets included)
+
+    def __len__(self) -> int:
+        return int(self.x.size)
+
+
+def by_user_folder(cache_path: str | os.PathLike) -> Path:
+    """The by-user folder that belongs to the ``.npz`` cache file ``cache_path``."""
+    p = Path(cache_path)
+    return p.with_name(p.stem + ".byuser")
+
+
+def by_user_key(data: MovieLensData) -> str:
+    """Key of the by-user layout of ``data``: its cache file (whose name carries the preprocessing
+    key), the raw file's SHA-256 and the array sizes."""
+    if data.source.cache_path is None:
+        raise ValueError("the data were loaded without a cache file (use_cache=False or not writable); "
+                         "the by-user layout lives next to it")
+    settings = {"by_user_version": BY_USER_VERSION, "preprocess_version": PREPROCESS_VERSION,
+                "cache": Path(data.source.cache_path).name, "content_sha256": data.source.content_sha256,
+                "n": len(data), "n_users": data.n_users, "n_items": data.n_items, "T": data.T}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def write_by_user(data: MovieLensData, folder: str | os.PathLike, key: str) -> Path:
+    """Write the by-user layout of ``data`` to ``folder`` (each file atomically, the header last)."""
+    from goldstone_cli.io import atomic_write_json, file_sha256
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "header.json").unlink(missing_ok=True)  # from here on the folder is untrusted
+    user = np.asarray(data.user)
+    order = np.argsort(user, kind="stable")  # by user, file order within a user
+    n = order.size
+    rows = {"user": _compact(user[order]), "item": _compact(np.asarray(data.item)[order]),
+            "t": _compact(np.asarray(data.t)[order]), "x": np.asarray(data.x, dtype=np.int8)[order],
+            "split": np.asarray(data.split, dtype=np.int8)[order],
+            "pos": order.astype(np.int32 if n < 2**31 else np.int64)}
+    offsets = np.zeros(data.n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(user, minlength=data.n_users), out=offsets[1:])
+    files = {}
+    for name, a in dict(rows, offsets=offsets).items():
+        with atomic_path(folder / f"{name}.npy", suffix=".npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, a, allow_pickle=False)
+        files[name] = {"bytes": (folder / f"{name}.npy").stat().st_size,
+                       "sha256": file_sha256(folder / f"{name}.npy")}
+        del a
+    header = {"key": key, "version": BY_USER_VERSION, "n": int(n), "n_users": int(data.n_users),
+              "n_items": int(data.n_items), "T": int(data.T), "files": files}
+    atomic_write_json(folder / "header.json", header)
+    return folder
+
+
+def _read_by_user_header(folder: Path, key: str, verify: bool) -> dict[str, Any]:
+    """The header of a by-user folder for ``key``; raises ``ValueError`` saying why it is unusable.
+    ``verify``: also recompute every file's SHA-256 (rank 0 does, once, before the others map it)."""
+    try:
+        header = json.loads((folder / "header.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"no readable header.json ({e})") from None
+    if header.get("key") != key or header.get("version") != BY_USER_VERSION:
+        raise ValueError("its key does not match the cache it should come from (stale)")
+    for name in _BY_USER_FILES:
+        p, want = folder / f"{name}.npy", header["files"].get(name, {})
+        size = p.stat().st_size if p.is_file() else None
+        if size != want.get("bytes"):
+            raise ValueError(f"{name}.npy has {size} bytes, the header says {want.get('bytes')}")
+        if verify and _file_sha256(p, progress=False) != want.get("sha256"):
+            raise ValueError(f"{name}.npy does not match its checksum (damaged)")
+    return header
+
+
+def prepare_by_user(data: MovieLensData) -> tuple[Path, str]:
+    """Rank 0: the by-user folder of ``data`` and its key, checked in full (sizes, SHA-256) and
+    rebuilt (with a warning) when missing, stale or damaged."""
+    key = by_user_key(data)
+    folder = by_user_folder(data.source.cache_path)
+    if folder.exists():
+        try:
+            _read_by_user_header(folder, key, verify=True)
+            return folder, key
+        except ValueError as e:
+            warnings.warn(f"Ignoring the by-user ratings {folder} ({e}); rebuilding it.", stacklevel=2)
+    write_by_user(data, folder, key)
+    return folder, key
+
+
+def read_user_rows(folder: str | os.PathLike, key: str, start: int | None = None,
+                   stop: int | None = None, world: int = 1, rank: int = 0) -> UserRatings:
+    """The ratings of users ``[start, stop)`` from a by-user folder, in file order: exactly
+    ``data.<field>[ratings_of_users(data, start, stop)]`` of the full data, as int64 / int8.
+
+    The files are memory-mapped and only rows ``[offsets[start], offsets[stop])`` are copied. Without
+    ``start``/``stop``, the block of ``rank`` of ``world`` (``RowShard`` blocks of ``n_users``).
+    Raises ``ValueError`` when the header does not match ``key`` or a file's size is off.
+    """
+    folder = Path(folder)
+    header = _read_by_user_header(folder, key, verify=False)
+    n_users = int(header["n_users"])
+    if start is None or stop is None:
+        b = -(-n_users // world)
+        start = min(rank * b, n_users)
+        stop = min(start + b, n_users)
+    if not 0 <= start <= stop <= n_users:
+        raise ValueError(f"user rows [{start}, {stop}) outside [0, {n_users})")
+    offsets = np.load(folder / "offsets.npy", mmap_mode="r", allow_pickle=False)
+    if offsets.shape != (n_users + 1,):
+        raise ValueError(f"{folder / 'offsets.npy'} has shape {offsets.shape}, expected ({n_users + 1},)")
+    a0, a1 = int(offsets[start]), int(offsets[stop])
+    got: dict[str, np.ndarray] = {}
+    nbytes = 2 * offsets.itemsize
+    for name in _BY_USER_ROWS:
+        mm = np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        if mm.shape != (header["n"],):
+            raise ValueError(f"{folder / (name + '.npy')} has shape {mm.shape}, expected ({header['n']},)")
+        got[name] = np.array(mm[a0:a1])  # copies only this block's pages
+        nbytes += got[name].nbytes
+        del mm
+    back = np.argsort(got.pop("pos"), kind="stable")  # back to file order
+    out = {k: (v[back].astype(np.int64) if k in ("user", "item", "t") else v[back].astype(np.int8))
+           for k, v in got.items()}
+    return UserRatings(**out, n_users=n_users, n_items=int(header["n_items"]), T=int(header["T"]),
+                       user_rows=(int(start), int(stop)), bytes_read=int(nbytes))
+
+
+def load_user_rows_distributed(shard: Any, load: Any) -> UserRatings | MovieLensData:
+    """This rank's ratings in a distributed run: rank 0 runs ``load()`` (``load_movielens``: hash,
+    cache) and :func:`prepare_by_user`, then broadcasts the folder and key; every rank maps the
+    folder and copies its users' rows (``shard``: a ``RowShard``). Where rank 0 has no cache file or
+    a rank cannot read the folder (e.g. a node-local cache), that rank falls back to ``load()`` and
+    keeps all ratings (the model keeps its users'), with a warning. An error on rank 0 is re-raised
+    there and reported on the others."""
+    msg: dict[str, Any] = {}
+    data = None
+    if shard.rank == 0:
+        try:
+            data = load()
+            if data.source.cache_path is None:
+                msg = {"ok": False, "why": "rank 0 has no cache file (data.use_cache=false or not writable)"}
+            else:
+                try:
+                    folder, key = prepare_by_user(data)
+                    msg = {"ok": True, "folder": str(folder.resolve()), "key": key}
+                except OSError as e:
+                    msg = {"ok": False, "why": f"rank 0 could not write the by-user ratings ({e})"}
+        except BaseException as e:  # re-raised below, after the other ranks have heard of it
+            msg = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+            _broadcast_json(shard, msg)
+            raise
+    msg = _broadcast_json(shard, msg)
+    if "error" in msg:
+        raise RuntimeError(f"rank 0 could not load the MovieLens data: {msg['error']}")
+    if msg["ok"]:
+        try:
+            return read_user_rows(msg["folder"], msg["key"], world=shard.world, rank=shard.rank)
+        except (OSError, ValueError) as e:
+            msg = {"ok": False, "why": f"rank {shard.rank} cannot read {msg['folder']} ({e})"}
+    warnings.warn(f"{msg['why']}: this rank reads all MovieLens ratings and keeps its users'.", stacklevel=2)
+    return data if data is not None else load()
+
+
+def _broadcast_json(shard: Any, msg: dict[str, Any]) -> dict[str, Any]:
+    """``msg`` of rank 0 on every rank (JSON bytes in a uint8 tensor: nothing is unpickled)."""
+    buf = torch.zeros(_MSG_BYTES, dtype=torch.uint8)
+    if shard.rank == 0:
+        raw = json.dumps(msg).encode()
+        if len(raw) > _MSG_BYTES:
+            raw = json.dumps({"ok": False, "why": "the cache path is too long to broadcast"}).encode()
+        buf[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    buf = shard.broadcast_(buf.to(shard.device or "cpu")).cpu()
+    raw = bytes(buf.numpy()).rstrip(b"\0")
+    return json.loads(raw.decode())
+
+
+# ----------------------------------------------------------------------------------------------
 # Download
 
 

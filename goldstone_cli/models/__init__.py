@@ -48,9 +48,18 @@ def _build_movielens(cfg: DictConfig, device: torch.device, dtype: torch.dtype, 
     if cfg.data.name != "movielens":
         raise ValueError(f"model=movielens needs data=movielens, got data={cfg.data.name}")
     d = cfg.data
-    data = load_movielens(d.path, T=d.T, seed=d.seed, split_fractions=tuple(d.split), cache_dir=d.cache_dir,
-                          use_cache=d.use_cache, progress=bool(cfg.trainer.progress),
-                          time_range=None if d.get("time_range") is None else list(d.time_range))
+
+    def load():
+        return load_movielens(d.path, T=d.T, seed=d.seed, split_fractions=tuple(d.split), cache_dir=d.cache_dir,
+                              use_cache=d.use_cache, progress=bool(cfg.trainer.progress),
+                              time_range=None if d.get("time_range") is None else list(d.time_range))
+
+    if shard is not None and shard.distributed:  # rank 0 loads; each rank maps only its users' ratings
+        from goldstone_cli.data.movielens import load_user_rows_distributed
+
+        data = load_user_rows_distributed(shard, load)
+    else:
+        data = load()
     m = cfg.model
     return SparseDynamicBernoulliMF(data, d=m.d, coupling=m.coupling, gamma=m.gamma, init_scale=m.init_scale,
                                     batch_size=m.batch_size, chunk_size=m.chunk_size, seed=cfg.seed,

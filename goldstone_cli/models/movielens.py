@@ -401,6 +401,9 @@ class SparseDynamicBernoulliMF(DynamicModel):
         del U, V
         u0, u1 = sh.rows(n_users)
         n_local = u1 - u0
+        held = getattr(data, "user_rows", None)  # UserRatings: only the users [held[0], held[1])
+        if held is not None and tuple(held) != (u0, u1):
+            raise ValueError(f"rank {sh.rank} holds the ratings of users {tuple(held)}, but its block is {(u0, u1)}")
         mine = ratings_of_users(data, u0, u1)
         user, item = data.user[mine] - u0, data.item[mine]
         tbin, split, xs = data.t[mine], np.asarray(data.split)[mine], np.asarray(data.x)[mine]
