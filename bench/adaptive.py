@@ -185,10 +185,22 @@ def run_one(problem: str, base: str, solver: str, transform: str, lr: float, see
             tol: float, budget: float = float("inf")) -> dict:
     """All seeds side by side. Steps until ``L - L* <= tol`` per seed (the cap if not reached). The
     run stops once every seed has reached the target or diverged, or once the mean steps would
-    exceed ``budget`` (the best mean of the tuning so far: this value cannot win; ``complete`` False)."""
+    exceed ``budget`` (the best mean of the tuning so far: this value cannot win; ``complete`` False).
+    Runs on one thread (d=3 problems), restoring the caller's thread count afterwards."""
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _run_one(problem, base, solver, transform, lr, seeds, cap, tol, budget)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_one(problem: str, base: str, solver: str, transform: str, lr: float, seeds: int, cap: int,
+             tol: float, budget: float) -> dict:
+    import torch
+
     from goldstone_cli.optim import GoldstoneGD
 
     prob = make_problem(problem, range(seeds))

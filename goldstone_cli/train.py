@@ -169,7 +169,8 @@ class _Interrupt:
     Second: stop at once."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = False  # a stop is due (a signal here, or on another rank: _agree_on_interrupt)
+        self.received = False  # a signal reached THIS process (a second one aborts)
         self.signum: Optional[int] = None
         self._old: dict[int, Any] = {}
 
@@ -182,9 +183,9 @@ class _Interrupt:
         return self
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if self.received:  # the second signal here; a stop agreed with other ranks is no reason to abort
             raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
+        self.received, self.requested, self.signum = True, True, signum
         tqdm.write(f"{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
                    "(send it again to abort)...")
 

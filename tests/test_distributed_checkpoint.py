@@ -114,6 +114,23 @@ def test_meta_names_outside_the_folder_are_refused(tmp_path, world_of_one):
         dck.read_meta(folder)
 
 
+def test_shard_paths_in_dcp_metadata_must_stay_in_the_folder(tmp_path, world_of_one):
+    """DCP opens folder / relative_path for every shard: a .metadata whose paths leave the folder
+    (or name files that are not shard files) is refused before DCP reads anything."""
+    import dataclasses
+
+    dck.save(tmp_path, _state(3), PATHS, world_of_one, CPU)
+    folder = tmp_path / "last.dcp"
+    md = dck.read_metadata(folder / ".metadata")  # the genuine one reads
+    (tmp_path / "outside.distcp").write_bytes(b"x")
+    for bad in ("../outside.distcp", str(tmp_path / "outside.distcp"), "meta.pt"):
+        md.storage_data = {k: dataclasses.replace(v, relative_path=bad) for k, v in md.storage_data.items()}
+        with open(folder / ".metadata", "wb") as f:
+            pickle.dump(md, f)
+        with pytest.raises(CheckpointError, match="not a shard file of its own folder"):
+            dck.read_metadata(folder / ".metadata")
+
+
 # ---- resharding: saved on 2 ranks, loaded on 3 ranks and on one process --------------------------
 def _save_on_ranks(folder):
     sh = RowShard(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)

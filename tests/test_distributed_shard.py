@@ -109,7 +109,7 @@ def _collectives_one(n):
     b = torch.tensor([float(s.rank)])
     s.broadcast_(b, src=1)
     s.barrier()
-    return {"full": full, "gathered": gathered, "scattered": scattered, "x32": x32, "flag": flag, "b": b,
+    return {"full": full, "gathered": gathered, "gathered_contiguous": gathered.is_contiguous(), "scattered": scattered, "x32": x32, "flag": flag, "b": b,
             "rows": list(s.rows(n))}
 
 
@@ -118,6 +118,7 @@ def test_collectives_two_ranks(one_thread):
     results = run_local(_collectives, 2, ns)  # one spawn for all cases: starting a rank costs seconds
     for res in (res for per_rank in results for res in per_rank):
         assert torch.equal(res["gathered"], res["full"])
+        assert res["gathered_contiguous"]  # callers view() it; an uneven n pads the last block
         start, stop = res["rows"]
         assert torch.allclose(res["scattered"], 3 * res["full"][:, start:stop], rtol=1e-15, atol=0)
         assert res["x32"].tolist() == [0.0, 1.0]

@@ -325,3 +325,20 @@ def test_nccl_ranks_match_one_cpu_process_and_resume_there(tmp_path):
     _ok(torchrun(n, [*gpu, "trainer.steps=30", f"run_dir={a}"], tmp_path))
     one_process(["trainer.steps=50", "trainer.distributed=false", "trainer.device=cpu"], a, resume=True)
     assert_same_run(one, a, rtol=1e-9)
+
+
+def test_a_stop_agreed_with_other_ranks_does_not_turn_this_ranks_first_signal_into_an_abort():
+    """Rank A's signal reaches rank B through the all-reduce (requested=True on B); B's own first
+    SIGTERM right after must not raise KeyboardInterrupt inside the collective checkpoint: only a
+    second signal to the same process aborts."""
+    import os
+    import signal
+
+    from goldstone_cli.train import _Interrupt
+
+    with _Interrupt() as interrupt:
+        interrupt.requested, interrupt.signum = True, int(signal.SIGTERM)  # what _agree_on_interrupt sets
+        os.kill(os.getpid(), signal.SIGTERM)  # this rank's own first signal: recorded, no abort
+        assert interrupt.received and interrupt.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)  # a second one to this process aborts

@@ -356,6 +356,9 @@ def test_bad_balance_arguments_are_rejected():
         GoldstoneGD(base, [prob.params], prob.coupling, solver="natural", balance=[[1, -1, -1]])
     opt = GoldstoneGD(base, [prob.params], prob.coupling, solver="natural", balance=[None])
     assert opt.state_dict()["goldstone"]["config"]["balance"] is None
+    with pytest.raises(ValueError, match="isotropic"):  # the balancing map is not orthogonal
+        GoldstoneGD(base, [prob.params], prob.coupling, solver="procrustes", balance=[[1, -1, -1]],
+                    state_transform="isotropic")
 
 
 def test_config_balance_reaches_the_optimizer_and_is_refused_where_it_is_not_exact():

@@ -163,6 +163,11 @@ def read_metadata(path: Path):
         raise CheckpointError(f"cannot read {path} ({type(exc).__name__}: {exc}); the checkpoint is damaged") from None
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f"{path} holds a {type(metadata).__name__}, not DCP metadata")
+    for info in (getattr(metadata, "storage_data", None) or {}).values():  # where DCP will read each shard
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or Path(rel).name != rel or rel in ("", ".", "..") \
+                or not rel.endswith(".distcp") or not (path.parent / rel).is_file():
+            raise CheckpointError(f"{path} points DCP at {rel!r}, not a shard file of its own folder; refused")
     bytes_items = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
     if bytes_items:  # DCP would read them with torch.load(weights_only=False)
         raise CheckpointError(f"{path} lists non-tensor entries ({', '.join(bytes_items[:3])}); goldstone "
@@ -282,8 +287,8 @@ def read_meta(folder: Path, verify: bool = True) -> dict[str, Any]:
         raise CheckpointError(f"{folder} has no {META}: it was not completely written")
     meta = ckpt.load(meta_path, kind=KIND)
     files = meta.get("files")
-    if not isinstance(files, dict) or not isinstance(meta.get("state"), dict):
-        raise CheckpointError(f"{meta_path} lacks its file list or state; it is not a complete checkpoint")
+    if not isinstance(files, dict) or not isinstance(meta.get("state"), dict) or ".metadata" not in files:
+        raise CheckpointError(f"{meta_path} lacks its file list (with .metadata) or state; it is not a complete checkpoint")
     for name, digest in files.items():
         p = folder / name
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):

@@ -115,7 +115,7 @@ class RowShard:
         padded = _pad_rows(local.contiguous(), b, dim)
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded, group=self.group)
-        return torch.cat(parts, dim=dim).narrow(dim, 0, n)
+        return torch.cat(parts, dim=dim).narrow(dim, 0, n).contiguous()  # callers view() it (padding: not contiguous)
 
     def reduce_scatter_rows(self, full: Tensor, dim: int = 1) -> Tensor:
         """Every rank passes a full-size tensor (e.g. a gradient of all rows); returns this rank's

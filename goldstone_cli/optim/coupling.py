@@ -254,14 +254,17 @@ class Coupling:
 
 #: elements of one time block of the fused passes below: a few such blocks stay in the CPU caches
 FUSED_BLOCK_ELEMS = 1 << 22
+#: the same on a GPU: large (few kernel launches) but bounded, so a gauge step's temporaries stay small
+GPU_BLOCK_ELEMS = 1 << 26
 
 
 def _time_block(T: int, L: int, block_elems: int | None, Z: Tensor) -> int:
     """Time steps per block of the fused passes: about ``block_elems`` numbers (default
     ``FUSED_BLOCK_ELEMS``) on the CPU; on a GPU (no cache to fit, every block costs kernel launches)
-    all T at once unless ``block_elems`` is given."""
+    about ``GPU_BLOCK_ELEMS`` numbers unless ``block_elems`` is given."""
     if block_elems is None and Z.device.type != "cpu":
-        return T
+        # few launches, but temporaries bounded (2^26 numbers: 256 MB in float32) at DWE paper size
+        return max(1, min(T, GPU_BLOCK_ELEMS // max(L, 1)))
     return max(1, min(T, (block_elems or FUSED_BLOCK_ELEMS) // max(L, 1)))
 
 

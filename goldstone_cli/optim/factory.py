@@ -48,7 +48,7 @@ def _fused_if_possible(cls, params: list, **kw) -> torch.optim.Optimizer:
     if params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
         try:
             return cls(params, fused=True, **kw)
-        except (RuntimeError, ValueError):  # a device / dtype without the fused kernel
+        except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device / dtype / torch version
             pass
     return cls(params, **kw)
 

@@ -190,6 +190,9 @@ class GoldstoneGD(torch.optim.Optimizer):
                 raise ValueError("this process is not a member of process_group; every rank that holds rows of "
                                  "the groups must pass the same group")
         self.balance = _check_balance(balance, self.groups, solver)
+        if state_transform == "isotropic" and any(b is not None for b in self.balance):
+            raise ValueError("state_transform='isotropic' cannot follow a balancing map (it is not orthogonal, so "
+                             "the mean of v is not kept); use state_transform='rotate_diag' or 'none' with balance")
         if process_group is not None and any(b is not None for b in self.balance):
             raise ValueError("balance is not supported with a process_group yet (its sums over rows are not "
                              "all-reduced); drop balance or run on one process")
