@@ -535,6 +535,8 @@ def _join_process_group(cfg: DictConfig):
     try:
         launch = launch_env()
     except ValueError as exc:
+        if not tc.get("distributed", False):  # a one-process run ignores stray or broken launcher variables
+            return None, False
         raise ConfigError(str(exc)) from None
     if not tc.get("distributed", False):
         if launch is not None and launch.source == "torchrun" and launch.world > 1:

@@ -342,3 +342,18 @@ def test_a_stop_agreed_with_other_ranks_does_not_turn_this_ranks_first_signal_in
         assert interrupt.received and interrupt.requested
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)  # a second one to this process aborts
+
+
+def test_one_process_run_ignores_broken_launcher_variables(monkeypatch):
+    """Stray RANK / WORLD_SIZE without MASTER_ADDR: a plain (trainer.distributed=false) run trains on
+    one process; trainer.distributed=true reports the broken launcher environment."""
+    from goldstone_cli.config import ConfigError, compose
+    from goldstone_cli.train import _join_process_group
+
+    for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert _join_process_group(compose(["model=dense_mf"])) == (None, False)
+    with pytest.raises(ConfigError, match="MASTER"):
+        _join_process_group(compose(["model=dense_mf", "trainer.distributed=true"]))
