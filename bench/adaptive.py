@@ -177,6 +177,8 @@ def methods(bases, solvers, transforms, natural_transforms=None) -> list[tuple[s
             else:
                 trs = natural_transforms if (s in ("natural", "balanced") and natural_transforms is not None) else transforms
                 for tr in (trs if b in ADAPTIVE else ("none",)):
+                    if s == "balanced" and tr == "isotropic":  # refused by GoldstoneGD: balancing is not orthogonal
+                        continue
                     out.append((b, s, tr))
     return out
 

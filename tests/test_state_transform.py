@@ -290,7 +290,7 @@ def test_balanced_gauge_step_aligns_time_steps_on_one_GL_orbit():
     assert psi0_b == psi0 and n_bal == 2 and psi_bal < 1e-20 + 1e-12 * psi0  # aligned to rounding
 
 
-@pytest.mark.parametrize("transform", STATE_TRANSFORMS)
+@pytest.mark.parametrize("transform", [t for t in STATE_TRANSFORMS if t != "isotropic"])  # isotropic: refused
 def test_balanced_step_maps_first_moments_like_gradients(transform):
     """A first moment equal to the local loss's gradient before the balanced gauge step equals the
     gradient at the balanced and rotated point after it (gradients map by B^{-1} when Z maps by B)."""
