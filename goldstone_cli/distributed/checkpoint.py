@@ -245,7 +245,7 @@ def save(ckpt_dir: str | Path, state: dict[str, Any], paths: dict[Path_, int], s
     if shard.is_main():
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         ckpt.save(tmp / META, {"state": meta_state, "files": files, "world": shard.world}, kind=KIND)
-        _fsync(tmp)
+        ckpt._fsync_dir(tmp)
         old = ckpt_dir / f".{PREV}.old.tmp" if name == LAST else prev
         if name == LAST:
             shutil.rmtree(old, ignore_errors=True)
@@ -254,23 +254,10 @@ def save(ckpt_dir: str | Path, state: dict[str, Any], paths: dict[Path_, int], s
         if last.exists():  # a kill between the renames leaves prev.dcp and no last.dcp: load_latest copes
             os.replace(last, prev)
         os.replace(tmp, last)
-        _fsync(ckpt_dir)
+        ckpt._fsync_dir(ckpt_dir)
         shutil.rmtree(old, ignore_errors=True)
     shard.barrier()
     return last
-
-
-def _fsync(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def remove_stale(ckpt_dir: str | Path) -> None:
