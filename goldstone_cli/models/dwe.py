@@ -749,9 +749,7 @@ class DynamicWordEmbeddings(DynamicModel):
                 a, b = heldout_loglik(mu_u[t], mu_v[t], m, self.neg_ratio, self.neg_exponent, self.eval_chunk)
                 ll, n = ll + a, n + b
         out["ll_train"] = ll / n if n > 0 else float("nan")
-        cos = first_last_cosines(mu_u)
-        q = torch.quantile(cos.to(torch.float64), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64, device=cos.device))
-        out["cos_first_last_q10"], out["cos_first_last_median"], out["cos_first_last_q90"] = (float(x) for x in q)
+        out.update(cosine_quantiles(first_last_cosines(mu_u)))
         return out
 
     # ------------------------------------------------------------------ persistence of metadata
@@ -806,6 +804,12 @@ def heldout_loglik_many(U: Tensor, V: Tensor, counts: Sequence[sp.csr_matrix], n
             per_row = L @ cnegs[k]  # (rstep,): sums over V contexts
             neg[k] += float(torch.dot(cts[k][s:s + rstep].to(torch.float64), per_row.to(torch.float64)))
     return [(pos + neg_ratio * ng, n) for (pos, n), ng in zip(out, neg)]
+
+
+def cosine_quantiles(cos: Tensor) -> dict[str, float]:
+    """The 10% / 50% / 90% quantiles of first/last cosines (one per word), as evaluate() reports them."""
+    q = torch.quantile(cos.to(torch.float64), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64, device=cos.device))
+    return dict(zip(("cos_first_last_q10", "cos_first_last_median", "cos_first_last_q90"), (float(x) for x in q)))
 
 
 def first_last_cosines(U: Tensor) -> Tensor:

@@ -57,6 +57,7 @@ from goldstone_cli.models.dwe import (
     WordCounts,
     _thin,
     choose_test_steps,
+    cosine_quantiles,
     expected_neg_log_prior_var,
     neg_entropy,
     prior_precision,
@@ -481,20 +482,13 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
             out["ll_val"] = sums["val"][0] / sums["val"][1] if sums["val"][1] > 0 else float("nan")
         out["ll_train"] = sums["train"][0] / sums["train"][1] if sums["train"][1] > 0 else float("nan")
         cos = F.cosine_similarity(mu_u[0], mu_u[-1], dim=-1, eps=1e-12)  # (V_local,)
-        cos = self.shard.all_gather_rows(cos.contiguous(), self.V, dim=0)
-        q = torch.quantile(cos.to(torch.float64), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64, device=cos.device))
-        out["cos_first_last_q10"], out["cos_first_last_median"], out["cos_first_last_q90"] = (float(x) for x in q)
+        out.update(cosine_quantiles(self.shard.all_gather_rows(cos.contiguous(), self.V, dim=0)))
         return out
 
     # ------------------------------------------------------------------ persistence of metadata
-    def get_extra_state(self):
-        return {"vocab": self.vocab, "years": self.years.tolist(), "year_end": self.year_end.tolist(),
-                "labels": self.labels, "train_mask": self.train_mask.tolist(),
-                "inference": "variational" if self.variational else "map", "coupled": self.coupled}
-
-    def set_extra_state(self, state) -> None:
-        if state["vocab"] != self.vocab or state["years"] != self.years.tolist():
-            raise ValueError("this checkpoint was trained on another corpus (vocabulary or time steps differ)")
+    # the same corpus metadata as the one-process model (vocab, years, labels, ...)
+    get_extra_state = DynamicWordEmbeddings.get_extra_state
+    set_extra_state = DynamicWordEmbeddings.set_extra_state
 
 
 # ============================================================================ model registry
