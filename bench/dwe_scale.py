@@ -111,13 +111,22 @@ def bench_sampler(T_values=(24, 209), N: int = 1000, d: int = 100, repeats: int 
     return out
 
 
-PATHS = {"issue16": (True, None), "before_issue16": (False, "logdepth")}  # (fused_loglik, scan_method)
+#: the model's switches of each compute path (results equal to float rounding)
+PATHS = {
+    # issue 16: fused chunked likelihood (one pointwise pass per logit), fused chain terms, the device's recurrence
+    "issue16": {"fused_loglik": True, "scan_method": None, "fused_chain": True, "fast_logits": True},
+    # the first issue-16 session: fused likelihood with eager softplus / sigmoid passes, sequential
+    # recurrences under autograd
+    "issue16_first": {"fused_loglik": True, "scan_method": None, "fused_chain": False, "fast_logits": False},
+    # before issue 16: the (T, P, Q) logits under autograd, log-depth scans
+    "before_issue16": {"fused_loglik": False, "scan_method": "logdepth", "fused_chain": False, "fast_logits": False},
+}
 
 
 def set_paths(model: DynamicWordEmbeddings, paths: str) -> None:
-    """The step's compute paths: ``issue16`` (fused, chunked likelihood; the device's recurrence) or
-    ``before_issue16`` (the (T, P, Q) logits under autograd and the log-depth scans)."""
-    model.fused_loglik, model.scan_method = PATHS[paths]
+    """The step's compute paths (:data:`PATHS`): ``issue16``, ``issue16_first`` or ``before_issue16``."""
+    for k, v in PATHS[paths].items():
+        setattr(model, k, v)
 
 
 #: measured constants of :func:`memory_model`: saved (T, B, d) minibatch tensors per side (words,
@@ -218,8 +227,11 @@ def compare_steps(model: DynamicWordEmbeddings, opt, g, repeats: int, device: to
             cpu[p].append(time.process_time() - c0)
     res = {"wall_s": wall, "cpu_s": cpu, "median_wall_s": {p: float(np.median(v)) for p, v in wall.items()},
            "median_cpu_s": {p: float(np.median(v)) for p, v in cpu.items()}}
-    res["speedup_wall"] = res["median_wall_s"]["before_issue16"] / res["median_wall_s"]["issue16"]
-    res["speedup_cpu"] = res["median_cpu_s"]["before_issue16"] / res["median_cpu_s"]["issue16"]
+    for p in PATHS:  # speedups of issue16 over each earlier path
+        if p != "issue16":
+            sfx = "" if p == "before_issue16" else f"_vs_{p}"
+            res["speedup_wall" + sfx] = res["median_wall_s"][p] / res["median_wall_s"]["issue16"]
+            res["speedup_cpu" + sfx] = res["median_cpu_s"][p] / res["median_cpu_s"]["issue16"]
     return res
 
 

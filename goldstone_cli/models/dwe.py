@@ -31,6 +31,7 @@ axis-aligned); the paper makes the same choice.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -384,34 +385,169 @@ def chain_moments(raw_diag: Tensor, offdiag: Tensor, method: Optional[str] = Non
     return var, -a * var[1:]
 
 
+def _sum64(x: Tensor) -> Tensor:
+    """``x.sum()`` accumulated in float64 (differentiable): float32 sums over each time step's
+    slice (dim 0; cascade summation, ~1e5-1e6 numbers each), their T partials added in float64; no
+    float64 copy of ``x``. The result has ``x``'s dtype."""
+    part = x.reshape(x.shape[0], -1).sum(dim=1) if x.dim() > 1 else x
+    return part.to(torch.float64).sum().to(x.dtype)
+
+
 def expected_neg_log_prior_var(raw_diag: Tensor, offdiag: Tensor, w: Tensor, inv_var0: float,
                                method: Optional[str] = None) -> Tensor:
     """The covariance part of ``-E_q[log p]``: ``1/2 sum_t w_t (S_tt + S_t+1,t+1 - 2 S_t,t+1)
-    + 1/(2 sigma_0^2) sum_t S_tt`` summed over all chains. ``w``: (T-1,) edge weights."""
+    + 1/(2 sigma_0^2) sum_t S_tt`` summed over all chains (accumulated in float64). ``w``: (T-1,) edge weights."""
     var, cross = chain_moments(raw_diag, offdiag, method)
     shape = (-1,) + (1,) * (var.dim() - 1)
     diff = var[1:] + var[:-1] - 2.0 * cross  # E (x_t+1 - x_t)^2 minus the squared mean difference
-    return 0.5 * (w.view(shape) * diff).sum() + 0.5 * inv_var0 * var.sum()
+    return 0.5 * _sum64(w.view(shape) * diff) + 0.5 * inv_var0 * _sum64(var)
 
 
 def neg_entropy(raw_diag: Tensor) -> Tensor:
     """``-H[q]`` up to the constant ``T/2 (1 + log 2 pi)`` per chain: ``sum_t log b_t`` (det P = prod b_t^2)."""
-    return torch.log(F.softplus(raw_diag)).sum()
+    return _sum64(torch.log(F.softplus(raw_diag)))
 
 
-def chain_terms(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor, w: Tensor, inv_var0: float,
-                method: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    """``(sample_chain(...), expected_neg_log_prior_var(...) + neg_entropy(raw_diag))`` with one
-    softplus of ``raw_diag`` (and one ratio ``a``) shared by the three, instead of three: the same
-    operations and results as calling them one by one, a third of their elementwise work."""
+def _chain_terms_autograd(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor, w: Tensor, inv_var0: float,
+                          method: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """:func:`chain_terms` as whole-tensor operations under autograd (one softplus shared by the
+    three terms): the formulation before the fused pass, kept as its reference and for the GPU."""
     b, a = bidiagonal(raw_diag, offdiag)
     x = mu + linear_scan(-a, eps / b, reverse=True, method=method)
     var = linear_scan(a * a, 1.0 / (b * b), reverse=True, method=method)
     cross = -a * var[1:]
     shape = (-1,) + (1,) * (var.dim() - 1)
     diff = var[1:] + var[:-1] - 2.0 * cross
-    prior = 0.5 * (w.view(shape) * diff).sum() + 0.5 * inv_var0 * var.sum()
-    return x, prior + torch.log(b).sum()
+    prior = 0.5 * _sum64(w.view(shape) * diff) + 0.5 * inv_var0 * _sum64(var)
+    return x, prior + _sum64(torch.log(b))
+
+
+class _ChainTerms(torch.autograd.Function):
+    """:func:`chain_terms` in one pass over time per direction, with its analytic backward.
+
+    Forward, t = T-1 .. 0, on (...)-sized slices that stay in cache: ``b_t = softplus(raw_t)``,
+    ``a_t = l_t / b_t``, the sample's back-substitution ``y_t = eps_t / b_t - a_t y_t+1``
+    (``x = mu + y``, ``x = mu + B^-T eps``), the marginal variances ``s_t = 1/b_t^2 + a_t^2 s_t+1``
+    and the per-step sums of ``s_t``, ``a_t s_t+1`` (= -Sigma_t,t+1) and ``log b_t``, which give
+
+        terms = 1/2 sum_t w_t (S_t + S_t+1 + 2 C_t) + 1/(2 sigma_0^2) sum_t S_t + sum_t log b_t
+
+    (``S_t = sum s_t``, ``C_t = sum a_t s_t+1``; the T partials added in float64).
+
+    Backward, t = 0 .. T-1, with the incoming gradients ``gx`` of the sample and ``g`` of the terms:
+    the adjoints of both recurrences run forward in t, ``lam_t = gx_t - a_t-1 lam_t-1`` (sample) and
+    ``nu_t = h_t + a_t-1^2 nu_t-1`` (variances, ``h_t = dterms/ds_t = g (1/(2 sigma_0^2) + w_t/2 +
+    w_t-1 (1/2 + a_t-1))``); then ``da_t = (2 a_t nu_t + g w_t) s_t+1 - lam_t y_t+1``,
+    ``db_t = (g - lam_t eps_t / b_t - 2 nu_t / b_t^2 - a_t da_t) / b_t``, ``dl_t = da_t / b_t``,
+    ``draw_t = db_t sigmoid(raw_t)``, ``dmu = gx``,
+    ``deps_t = lam_t / b_t``. Saved for backward: raw, b, a, y, s, eps (no autograd temporaries)."""
+
+    @staticmethod
+    def forward(ctx, mu, raw, off, eps, w, inv_var0):
+        T = raw.shape[0]
+        dt = raw.dtype
+        b = torch.empty_like(raw)
+        a = torch.empty_like(off)
+        y = torch.empty_like(raw)
+        s = torch.empty_like(raw)
+        x = torch.empty(raw.shape, dtype=torch.result_type(mu, raw), device=raw.device)
+        ib = torch.empty_like(raw[0])  # 1 / b_t
+        tmp = torch.empty_like(raw[0])
+        S, C, Lb = [], [], []  # per step (0-d tensors): S_t, C_t (t < T-1), sum log b_t
+        with serial_cpu(raw):  # T small calls: on a busy CPU each thread barrier would stall
+            for t in range(T - 1, -1, -1):
+                bt, yt, st = b[t], y[t], s[t]
+                torch._C._nn.softplus(raw[t], 1, 20, out=bt)
+                torch.reciprocal(bt, out=ib)
+                torch.mul(eps[t], ib, out=yt)
+                torch.mul(ib, ib, out=st)
+                if t < T - 1:
+                    at = a[t]
+                    torch.mul(off[t], ib, out=at)
+                    yt.addcmul_(at, y[t + 1], value=-1.0)  # y_t = eps_t / b_t - a_t y_t+1
+                    torch.mul(at, s[t + 1], out=tmp)  # a_t s_t+1 = -Sigma_t,t+1
+                    C.append(tmp.sum())
+                    st.addcmul_(at, tmp)  # s_t = 1/b_t^2 + a_t^2 s_t+1
+                S.append(st.sum())
+                torch.log(bt, out=tmp)
+                Lb.append(tmp.sum())
+                torch.add(mu[t], yt, out=x[t])
+        S, Lb = torch.stack(S[::-1]).to(torch.float64), torch.stack(Lb).to(torch.float64)
+        C = torch.stack(C[::-1]).to(torch.float64)
+        w64 = w.to(torch.float64)
+        terms = (0.5 * (w64 * (S[1:] + S[:-1] + 2.0 * C)).sum() + 0.5 * float(inv_var0) * S.sum()
+                 + Lb.sum())
+        ctx.save_for_backward(raw, b, a, y, s, eps, w)
+        ctx.inv_var0 = float(inv_var0)
+        return x, terms.to(dt)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gx, gterms):
+        raw, b, a, y, s, eps, w = ctx.saved_tensors
+        T = b.shape[0]
+        g = float(gterms)  # a scalar; one device sync per call
+        gx = torch.zeros_like(y) if gx is None else gx.to(y.dtype)
+        wl = w.to(torch.float64).tolist()
+        draw = torch.empty_like(b)
+        doff = torch.empty_like(a)
+        need_eps = ctx.needs_input_grad[3]
+        deps = torch.empty_like(b) if need_eps else None
+        lam, nu = torch.empty_like(b[0]), torch.empty_like(b[0])
+        ib, q, r = torch.empty_like(b[0]), torch.empty_like(b[0]), torch.empty_like(b[0])
+        half_iv = 0.5 * ctx.inv_var0
+        with serial_cpu(b):
+            for t in range(T):
+                h = g * (half_iv + (0.5 * wl[t] if t < T - 1 else 0.0) + (0.5 * wl[t - 1] if t > 0 else 0.0))
+                if t == 0:
+                    lam.copy_(gx[0])
+                    nu.fill_(h)
+                else:
+                    ap = a[t - 1]
+                    torch.addcmul(gx[t], ap, lam, value=-1.0, out=lam)  # lam_t = gx_t - a_t-1 lam_t-1
+                    nu.mul_(ap).add_(g * wl[t - 1]).mul_(ap).add_(h)  # nu_t = h_t + a_t-1 (g w_t-1 + a_t-1 nu_t-1)
+                torch.reciprocal(b[t], out=ib)
+                torch.mul(lam, eps[t], out=q)
+                q.mul_(ib)  # lam_t eps_t / b_t
+                torch.mul(nu, ib, out=r)
+                r.mul_(ib).mul_(-2.0).sub_(q).add_(g)  # g - lam eps / b - 2 nu / b^2
+                if need_eps:
+                    torch.mul(lam, ib, out=deps[t])
+                if t < T - 1:
+                    at, da = a[t], doff[t]
+                    torch.mul(at, nu, out=da)
+                    da.mul_(2.0).add_(g * wl[t]).mul_(s[t + 1]).addcmul_(lam, y[t + 1], value=-1.0)
+                    r.addcmul_(at, da, value=-1.0)
+                    da.mul_(ib)  # dl_t = da_t / b_t
+                r.mul_(ib)  # db_t
+                torch.sigmoid(raw[t], out=q)
+                torch.mul(r, q, out=draw[t])
+        return gx, draw, doff, deps, None, None
+
+
+def chain_terms(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor, w: Tensor, inv_var0: float,
+                method: Optional[str] = None, fused: bool = True) -> tuple[Tensor, Tensor]:
+    """``(sample_chain(...), expected_neg_log_prior_var(...) + neg_entropy(raw_diag))``: the sample
+    (T, ...) and the posterior's covariance part of the prior plus its negative entropy (a scalar,
+    accumulated in float64, in ``raw_diag``'s dtype), differentiable once.
+
+    With the sequential recurrence (``method`` or the device's :data:`SCAN_METHOD`) and ``fused``:
+    :class:`_ChainTerms`, one pass over time forward and one backward with the analytic adjoints;
+    otherwise (log-depth scans, the GPU default, or ``fused=False``) the whole-tensor operations under
+    autograd (:func:`_chain_terms_autograd`). Same results up to float rounding."""
+    if method is None:
+        method = SCAN_METHOD.get(raw_diag.device.type, "sequential")
+    if method not in ("sequential", "logdepth"):
+        raise ValueError(f"linear_scan method must be 'sequential' or 'logdepth', got {method!r}")
+    if not fused or method != "sequential" or raw_diag.shape[0] < 2:
+        return _chain_terms_autograd(mu, raw_diag, offdiag, eps, w, inv_var0, method)
+    shape = torch.broadcast_shapes(mu.shape, raw_diag.shape, eps.shape)
+    if raw_diag.shape != shape or offdiag.shape != (shape[0] - 1,) + shape[1:] or w.shape != (shape[0] - 1,):
+        raise ValueError(f"chain_terms needs mu, raw_diag, eps of one shape (T, ...), offdiag (T-1, ...) and w (T-1,), "
+                         f"got {tuple(mu.shape)}, {tuple(raw_diag.shape)}, {tuple(eps.shape)}, {tuple(offdiag.shape)}, "
+                         f"{tuple(w.shape)}")
+    mu, eps = mu.expand(shape), eps.expand(shape)
+    return _ChainTerms.apply(mu, raw_diag.contiguous(), offdiag.contiguous(), eps.contiguous(), w, inv_var0)
 
 
 def prior_precision(w: np.ndarray, inv_var0: float) -> np.ndarray:
@@ -459,23 +595,87 @@ def _blocks(T: int, P: int, Q: int, chunk: int):
                 yield t, t + 1, p0, min(P, p0 + pc)
 
 
+def _softplus_rows_sigmoid_eager(X: Tensor, nb: Tensor, buf: Tensor) -> Tensor:
+    """``sum_q nb_q softplus(X_pq)`` (tb, pb), then ``X <- sigmoid(X)`` in place; ``buf`` a scratch
+    block of X's size. ``softplus(x) = max(x, 0) + log(1 + exp(-|x|))``: fewer cycles than
+    ``F.softplus`` (exp and log instead of exp and log1p; the absolute error of log(1 + e) against
+    log1p(e) is below one float32 rounding of 1, i.e. of the summands' own rounding)."""
+    nbc = nb.unsqueeze(-1)  # (tb, Q, 1)
+    torch.clamp_min(X, 0.0, out=buf)
+    per_row = torch.bmm(buf, nbc)  # (tb, pb, 1)
+    torch.abs(X, out=buf)
+    buf.neg_().exp_().add_(1.0).log_()
+    per_row.baddbmm_(buf, nbc)
+    X.sigmoid_()
+    return per_row.squeeze(-1)
+
+
+def _softplus_rows_sigmoid_kernel(X: Tensor, nb: Tensor) -> Tensor:
+    """:func:`_softplus_rows_sigmoid_eager` as one pointwise-and-reduction pass for ``torch.compile``
+    (one exp shared by softplus and sigmoid)."""
+    e = torch.exp(-X.abs())
+    per_row = ((X.clamp_min(0.0) + torch.log(1.0 + e)) * nb.unsqueeze(1)).sum(-1)
+    s = 1.0 / (1.0 + e)
+    X.copy_(torch.where(X >= 0, s, e * s))
+    return per_row
+
+
+def _compiled_logits_kernel():
+    """The compiled :func:`_softplus_rows_sigmoid_kernel`, or None where torch.compile is unavailable
+    or failed before (then the eager pass runs: the same values up to float rounding)."""
+    if "logits" not in _COMPILED:
+        try:
+            _COMPILED["logits"] = torch.compile(_softplus_rows_sigmoid_kernel, dynamic=True)
+        except Exception as exc:  # pragma: no cover - no compiler / unsupported platform
+            warnings.warn(f"torch.compile unavailable ({str(exc).splitlines()[0]}); using the eager logits pass")
+            _COMPILED["logits"] = None
+    return _COMPILED["logits"]
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _softplus_rows_sigmoid(X: Tensor, nb: Tensor, buf: Tensor, compiled: bool) -> Tensor:
+    kernel = _compiled_logits_kernel() if compiled and X.is_contiguous() else None
+    if kernel is not None:
+        try:
+            return kernel(X, nb)
+        except Exception as exc:  # a compiler error: warn once, then the eager pass from now on
+            warnings.warn(f"torch.compile of the logits pass failed ({str(exc).splitlines()[0]}); "
+                          "using the eager pass (trainer.compile=false silences this)")
+            _COMPILED["logits"] = None
+    return _softplus_rows_sigmoid_eager(X, nb, buf)
+
+
 def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg_ratio: float, pos_t: Tensor,
-                    pos_p: Tensor, pos_q: Tensor, pos_n: Tensor, chunk: int, need_grad: bool):
-    """Value (float64 scalar) and, if ``need_grad``, the gradients (gu, gv) of the block
-    log-likelihood of :func:`skipgram_block` with ``X = u v^T``, block by block (:func:`_blocks`).
+                    pos_p: Tensor, pos_q: Tensor, pos_n: Tensor, chunk: int, need_grad: bool, fast: bool = True,
+                    compiled: bool = False, weight: float = 1.0):
+    """Value (float64 scalar) and, if ``need_grad``, the gradients (gu, gv) of ``weight`` times the
+    block log-likelihood of :func:`skipgram_block` with ``X = u v^T``, block by block (:func:`_blocks`).
 
     Per block: ``X = u v^T``; the negatives add ``-r sum_pq c_p cneg_q softplus(X_pq)`` (``log
     sigma(-x) = -softplus(x)``), the positives ``n log sigma(x)``; the gradient with respect to X is
-    ``G = -r c_p cneg_q sigma(X) + n sigma(-X)`` (at the positives), written over X's buffer, and
-    ``gu = G v``, ``gv = G^T u``. Two block-sized buffers at a time; flops 6 T P Q d as autograd's."""
+    ``G = -r c_p cneg_q sigma(X) + n sigma(-X)`` (at the positives), and ``gu = G v``, ``gv = G^T u``.
+    Flops 6 T P Q d as autograd's.
+
+    ``fast`` (the default): one softplus-and-sigmoid pass per logit (:func:`_softplus_rows_sigmoid`,
+    compiled with ``compiled``), and the rank-one scaling of G moved onto the small operands:
+    ``G = D_c S D_cneg`` with ``S = sigma(X) + n sigma(-X) / (-r c_p cneg_q)`` at the positives, so
+    ``gu = -r c_p (S (cneg v))`` and ``gv = -r cneg_q (S^T (c u))``: no scaling pass over the block.
+    Where that division is undefined (``r = 0``, or a positive count with ``c_p cneg_q = 0``) and with
+    ``fast=False``: the eager passes of the first issue-16 version (softplus, sigmoid and the two
+    scalings of X's buffer)."""
     T, P, d = u.shape
     Q = v.shape[1]
-    r = float(neg_ratio)
+    r, wt = float(neg_ratio), float(weight)
     # the positives of each block are one contiguous range of the list sorted by (t, p)
     key = pos_t * P + pos_p
     if key.numel() > 1 and bool((key[1:] < key[:-1]).any()):
         order = torch.argsort(key)
         key, pos_t, pos_p, pos_q, pos_n = key[order], pos_t[order], pos_p[order], pos_q[order], pos_n[order]
+    if fast and need_grad:
+        scale = (-r) * c_rows[pos_t, pos_p] * cneg_cols[pos_t, pos_q]  # (nnz,) the rank-one factor at the positives
+        fast = r != 0.0 and not bool((scale == 0).any())
     total = torch.zeros((), dtype=torch.float64, device=u.device)
     gu = torch.zeros_like(u) if need_grad else None
     gv = torch.zeros_like(v) if need_grad else None
@@ -483,6 +683,7 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
     bounds = torch.tensor([[t0 * P + p0, (t1 - 1) * P + p1] for t0, t1, p0, p1 in blocks], dtype=key.dtype,
                           device=key.device)
     se = torch.searchsorted(key, bounds.reshape(-1)).reshape(-1, 2).tolist()  # one device sync for all blocks
+    buf = None
     for (t0, t1, p0, p1), (s, e) in zip(blocks, se):
         ub, vb = u[t0:t1, p0:p1], v[t0:t1]  # (tb, pb, d), (tb, Q, d)
         cb, nb = c_rows[t0:t1, p0:p1], cneg_cols[t0:t1]  # (tb, pb), (tb, Q)
@@ -490,6 +691,18 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
         it, ip, iq = pos_t[s:e] - t0, pos_p[s:e] - p0, pos_q[s:e]
         xp, npos = X[it, ip, iq], pos_n[s:e]  # (k,) the block's positive logits and counts
         total += (npos * F.logsigmoid(xp)).sum(dtype=torch.float64)
+        if fast:
+            if buf is None or buf.shape != X.shape:
+                buf = torch.empty_like(X)
+            per_row = _softplus_rows_sigmoid(X, nb, buf, compiled)  # X's buffer holds sigmoid(X) from here on
+            total -= r * (cb * per_row).sum(dtype=torch.float64)
+            if not need_grad:
+                continue
+            S = X
+            S.index_put_((it, ip, iq), npos * torch.sigmoid(-xp) / scale[s:e], accumulate=True)
+            gu[t0:t1, p0:p1] = torch.bmm(S, nb.unsqueeze(-1) * vb).mul_((-r * wt) * cb.unsqueeze(-1))  # (tb, pb, d)
+            gv[t0:t1] += torch.bmm(S.transpose(1, 2), cb.unsqueeze(-1) * ub).mul_((-r * wt) * nb.unsqueeze(-1))  # (tb, Q, d)
+            continue
         sp_ = F.softplus(X)  # (tb, pb, Q) = -log sigma(-X)
         per_row = torch.bmm(sp_, nb.unsqueeze(-1)).squeeze(-1)  # (tb, pb): sum_q cneg_q softplus(X_pq)
         total -= r * (cb * per_row).sum(dtype=torch.float64)
@@ -497,11 +710,11 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
         if not need_grad:
             continue
         G = X.sigmoid_()  # X's buffer from here on holds dL/dX
-        G.mul_((-r) * cb.unsqueeze(-1)).mul_(nb.unsqueeze(1))
-        G.index_put_((it, ip, iq), npos * torch.sigmoid(-xp), accumulate=True)
+        G.mul_((-r * wt) * cb.unsqueeze(-1)).mul_(nb.unsqueeze(1))
+        G.index_put_((it, ip, iq), (wt * npos) * torch.sigmoid(-xp), accumulate=True)
         gu[t0:t1, p0:p1] = torch.bmm(G, vb)  # (tb, pb, d)
         gv[t0:t1] += torch.bmm(G.transpose(1, 2), ub)  # (tb, Q, d)
-    return total, gu, gv
+    return total * wt, gu, gv
 
 
 class _SkipgramBlockFused(torch.autograd.Function):
@@ -509,9 +722,10 @@ class _SkipgramBlockFused(torch.autograd.Function):
     logits are never stored): backward only scales them by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, u, v, c_rows, cneg_cols, neg_ratio, pos_t, pos_p, pos_q, pos_n, chunk):
+    def forward(ctx, u, v, c_rows, cneg_cols, neg_ratio, pos_t, pos_p, pos_q, pos_n, chunk, fast, compiled, weight):
         need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        total, gu, gv = _skipgram_fused(u, v, c_rows, cneg_cols, neg_ratio, pos_t, pos_p, pos_q, pos_n, chunk, need)
+        total, gu, gv = _skipgram_fused(u, v, c_rows, cneg_cols, neg_ratio, pos_t, pos_p, pos_q, pos_n, chunk, need,
+                                        fast, compiled, weight)
         if need:
             ctx.save_for_backward(gu, gv)
         return total.to(u.dtype)
@@ -520,25 +734,33 @@ class _SkipgramBlockFused(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         gu, gv = ctx.saved_tensors
-        g = g.to(gu.dtype)
-        return (gu * g if ctx.needs_input_grad[0] else None, gv * g if ctx.needs_input_grad[1] else None,
-                None, None, None, None, None, None, None, None)
+        if not (g.device.type == "cpu" and float(g) == 1.0):  # the model passes its weight in: no scaling pass
+            g = g.to(gu.dtype)
+            gu, gv = gu * g, gv * g
+        return (gu if ctx.needs_input_grad[0] else None, gv if ctx.needs_input_grad[1] else None,
+                None, None, None, None, None, None, None, None, None, None, None)
 
 
 def skipgram_block_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg_ratio: float,
                          pos_t: Tensor, pos_p: Tensor, pos_q: Tensor, pos_n: Tensor,
-                         chunk: Optional[int] = None) -> Tensor:
+                         chunk: Optional[int] = None, fast: bool = True, compiled: bool = False,
+                         weight: float = 1.0) -> Tensor:
     """``skipgram_block(bmm(u, v^T), ...)`` without the (T, P, Q) logits in memory: formed
     ``chunk`` elements at a time (default :data:`LOGIT_CHUNK` of the device), the likelihood summed
     in float64 and its gradients with respect to u (T, P, d) and v (T, Q, d) formed in the same pass.
-    Differentiable once in u and v (not in the counts); the result has u's dtype."""
+    Differentiable once in u and v (not in the counts); the result has u's dtype. ``fast``: one
+    pointwise pass per logit and the scalings on the small operands (:func:`_skipgram_fused`;
+    False: the first issue-16 passes); ``compiled``: that pass through ``torch.compile``; ``weight``:
+    returns ``weight`` times the likelihood (a caller's scale factor applied to the gradients as they
+    are formed, instead of a pass over them in backward)."""
     if u.dim() != 3 or v.dim() != 3 or u.shape[0] != v.shape[0] or u.shape[2] != v.shape[2]:
         raise ValueError(f"u (T, P, d) and v (T, Q, d) need the same T and d, got {tuple(u.shape)} and {tuple(v.shape)}")
     if chunk is None:
         chunk = LOGIT_CHUNK.get(u.device.type, 1 << 22)
     if int(chunk) < 1:
         raise ValueError(f"chunk must be a positive number of elements, got {chunk}")
-    return _SkipgramBlockFused.apply(u, v, c_rows, cneg_cols, float(neg_ratio), pos_t, pos_p, pos_q, pos_n, int(chunk))
+    return _SkipgramBlockFused.apply(u, v, c_rows, cneg_cols, float(neg_ratio), pos_t, pos_p, pos_q, pos_n, int(chunk),
+                                     bool(fast), bool(compiled), float(weight))
 
 
 # ============================================================================ model
@@ -578,6 +800,13 @@ class DynamicWordEmbeddings(DynamicModel):
         # or, with fused_loglik=False, the (T, P, Q) logits materialized for autograd
         self.scan_method: Optional[str] = None
         self.fused_loglik = True
+        # the variational chain terms in one pass over time with their analytic backward (_ChainTerms)
+        # where the recurrence is sequential; False: the whole-tensor operations under autograd
+        self.fused_chain = True
+        # the likelihood's logits in one softplus-and-sigmoid pass with the scalings on the small operands
+        # (False: the first issue-16 passes); compile_logits (trainer.compile): that pass through torch.compile
+        self.fast_logits = True
+        self.compile_logits = False
         self.logit_chunk: Optional[int] = None
         self.vocab, self.years, self.year_end = list(wc.vocab), wc.years.copy(), wc.year_end.copy()
         self.labels = [wc.step_label(t) for t in range(T)]
@@ -688,26 +917,35 @@ class DynamicWordEmbeddings(DynamicModel):
             ru, ou = self.raw_U[:, rows], self.off_U[:, rows]
             rv, ov = self.raw_V[:, cols], self.off_V[:, cols]
             # sample_chain, expected_neg_log_prior_var and neg_entropy of each posterior in one pass
-            u, terms_u = chain_terms(mu_u[:, rows], ru, ou, eps_u, self.w, self.inv_var0, self.scan_method)  # (T, P, d)
-            v, terms_v = chain_terms(mu_v[:, cols], rv, ov, eps_v, self.w, self.inv_var0, self.scan_method)  # (T, Q, d)
+            u, terms_u = chain_terms(mu_u[:, rows], ru, ou, eps_u, self.w, self.inv_var0, self.scan_method,
+                                     self.fused_chain)  # (T, P, d)
+            v, terms_v = chain_terms(mu_v[:, cols], rv, ov, eps_v, self.w, self.inv_var0, self.scan_method,
+                                     self.fused_chain)  # (T, Q, d)
             var_terms = scale_r * terms_u + scale_c * terms_v
         else:
             u, v = mu_u[:, rows], mu_v[:, cols]
             var_terms = 0.0
-        ll = self.block_loglik(u, v, rows, cols)
+        neg_ll = self.block_loglik(u, v, rows, cols, weight=-scale_r * scale_c)  # the likelihood scaled to all words
         # (T, V, d) sums of squares in float64, no mu ** 2 temporary
         zero_mean = (0.5 * self.inv_var0 * (sum_squares(mu_u) + sum_squares(mu_v))).to(mu_u.dtype)
-        return -scale_r * scale_c * ll + zero_mean + var_terms + self._const
+        return neg_ll + zero_mean + var_terms + self._const
 
-    def block_loglik(self, u: Tensor, v: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    def block_loglik(self, u: Tensor, v: Tensor, rows: Tensor, cols: Tensor, weight: float = 1.0) -> Tensor:
         """Training log-likelihood of the word-context block rows x cols at every step, for word
-        embeddings ``u`` (T, P, d) of ``rows`` and context embeddings ``v`` (T, Q, d) of ``cols``."""
+        embeddings ``u`` (T, P, d) of ``rows`` and context embeddings ``v`` (T, Q, d) of ``cols``,
+        times ``weight`` (the fused path applies it while forming the gradients)."""
         pt, pp, pq, pn = self._block_positives(rows, cols)
         if self.fused_loglik:  # chunked, the gradients formed in the same pass (skipgram_block_fused)
             return skipgram_block_fused(u, v, self.c[:, rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn,
-                                        self.logit_chunk)
+                                        self.logit_chunk, self.fast_logits, self.compile_logits, weight)
         X = torch.bmm(u, v.transpose(1, 2))  # (T, P, Q)
-        return skipgram_block(X, self.c[:, rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn)
+        ll = skipgram_block(X, self.c[:, rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn)
+        return ll if weight == 1.0 else weight * ll
+
+    def set_compile(self, on: bool) -> None:
+        """``trainer.compile``: the likelihood's pointwise pass over the logits through ``torch.compile``
+        (falls back to the eager pass with a warning where it cannot compile)."""
+        self.compile_logits = bool(on)
 
     def metric_names(self) -> list[str]:
         return ["ll_test", "ll_test_steps", "ll_test_mass", "ll_train", "cos_first_last_q10",
