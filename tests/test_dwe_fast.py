@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from goldstone_cli.models.dwe import (
@@ -201,7 +202,14 @@ def _loss_and_grads(model, seed=5):
 
 
 def _old_paths(model):
-    model.scan_method, model.fused_loglik = "logdepth", False
+    """Before issue 16: log-depth scans, the logits materialized for autograd, the prior under autograd."""
+    model.scan_method, model.fused_loglik, model.fused_prior, model.fast_logits = "logdepth", False, False, False
+
+
+def _first_paths(model):
+    """The first issue-16 version: sequential recurrences and the prior under autograd, fused
+    likelihood with eager softplus / sigmoid passes."""
+    model.scan_method, model.fused_loglik, model.fused_prior, model.fast_logits = None, True, False, False
 
 
 @pytest.mark.parametrize("inference", ["variational", "map"])
@@ -210,11 +218,12 @@ def test_model_step_equals_the_earlier_formulation_float64(inference, batch):
     model = _model(inference, batch=batch)
     model.logit_chunk = 50  # several blocks, some splitting a step's rows
     new = _loss_and_grads(model)
-    _old_paths(model)
-    old = _loss_and_grads(model)
-    torch.testing.assert_close(new[0], old[0], rtol=1e-10, atol=1e-10)
-    for a, b in zip(new[1], old[1]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for earlier in (_first_paths, _old_paths):
+        earlier(model)
+        old = _loss_and_grads(model)
+        torch.testing.assert_close(new[0], old[0], rtol=1e-10, atol=1e-10)
+        for a, b in zip(new[1], old[1]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_fused_step_keeps_no_logits_sized_activation():
@@ -346,3 +355,191 @@ def test_roofline_dwe_work_counts():
     assert w.flops == 6 * T * P * Q * d + 12 * T * P * Q
     assert w.bytes == 4 * (2 * T * V * d + 8 * n + 24 * T * (P + Q) * d)
     assert {"dwe_variational", "dwe_map"} <= set(rl.BUILDERS)
+
+
+# ----------------------------------------------------------------------------- fused chain terms (issue 16c)
+def _chain_data(T, N=4, d=3, dtype=F64, seed=0, V=None):
+    g = torch.Generator().manual_seed(seed)
+    n = N if V is None else V
+    mu = torch.randn(T, N, d, generator=g, dtype=dtype, requires_grad=True)
+    raw = (torch.randn(T, n, d, generator=g, dtype=dtype) + 1.0).requires_grad_()
+    off = (0.4 * torch.randn(T - 1, n, d, generator=g, dtype=dtype)).requires_grad_()
+    eps = torch.randn(T, N, d, generator=g, dtype=dtype, requires_grad=True)
+    w = 0.5 + torch.rand(T - 1, generator=g, dtype=dtype) * 3
+    gx = torch.randn(T, N, d, generator=g, dtype=dtype)
+    return mu, raw, off, eps, w, gx
+
+
+@pytest.mark.parametrize("T", [2, 3, 8, 31])
+def test_fused_chain_terms_equal_autograd_float64(T):
+    """_ChainTerms (one pass per direction, analytic adjoints) against the whole-tensor formulation
+    under autograd and against the three public functions: sample, terms and all four gradients."""
+    from goldstone_cli.models.dwe import _chain_terms_autograd, chain_terms, expected_neg_log_prior_var, neg_entropy
+
+    mu, raw, off, eps, w, gx = _chain_data(T, seed=T)
+    x, terms = chain_terms(mu, raw, off, eps, w, 0.7)
+    assert x.grad_fn is not None and "ChainTerms" in type(x.grad_fn).__name__  # the fused Function ran
+    x0, terms0 = _chain_terms_autograd(mu, raw, off, eps, w, 0.7, "sequential")
+    terms1 = expected_neg_log_prior_var(raw, off, w, 0.7) + neg_entropy(raw)
+    torch.testing.assert_close(x, x0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x, sample_chain(mu, raw, off, eps, "logdepth"), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(terms, terms0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(terms, terms1, rtol=1e-12, atol=1e-12)
+    gr = torch.autograd.grad((gx * x).sum() - 1.7 * terms, (mu, raw, off, eps))
+    gr0 = torch.autograd.grad((gx * x0).sum() - 1.7 * terms0, (mu, raw, off, eps))
+    for a, b in zip(gr, gr0):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # only the terms, or only the sample, used
+    ref = lambda: _chain_terms_autograd(mu, raw, off, eps, w, 0.7, "sequential")  # noqa: E731
+    torch.testing.assert_close(torch.autograd.grad(chain_terms(mu, raw, off, eps, w, 0.7)[1], raw)[0],
+                               torch.autograd.grad(ref()[1], raw)[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.autograd.grad(chain_terms(mu, raw, off, eps, w, 0.7)[0].sum(), off)[0],
+                               torch.autograd.grad(ref()[0].sum(), off)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_fused_chain_terms_gradcheck_rows_and_fallbacks():
+    from goldstone_cli.models.dwe import _chain_terms_autograd, _ChainTerms, chain_terms
+
+    mu, raw, off, eps, w, _ = _chain_data(5, N=2, d=2, seed=1)
+    assert torch.autograd.gradcheck(lambda *z: chain_terms(*z, w, 0.9), (mu, raw, off, eps))
+    # rows: raw and off are whole (T, V, d) parameters, gathered inside; dense gradients
+    mu, raw, off, eps, w, gx = _chain_data(6, N=3, d=2, seed=2, V=8)
+    rows = torch.tensor([6, 1, 3])
+    x, terms = _ChainTerms.apply(mu, raw, off, eps, w, 0.7, rows)
+    x0, terms0 = _chain_terms_autograd(mu, raw[:, rows], off[:, rows], eps, w, 0.7, "sequential")
+    torch.testing.assert_close(x, x0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(terms, terms0, rtol=1e-12, atol=1e-12)
+    gr = torch.autograd.grad((gx * x).sum() + terms, (mu, raw, off))
+    gr0 = torch.autograd.grad((gx * x0).sum() + terms0, (mu, raw, off))
+    for a, b in zip(gr, gr0):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert gr[1].shape == raw.shape and float(gr[1][:, [0, 2, 4, 5, 7]].abs().max()) == 0.0
+    # the log-depth method and fused=False take the autograd formulation; bad shapes are refused
+    assert "ChainTerms" not in type(chain_terms(mu, raw[:, rows], off[:, rows], eps, w, 0.7, "logdepth")[0].grad_fn).__name__
+    assert "ChainTerms" not in type(chain_terms(mu, raw[:, rows], off[:, rows], eps, w, 0.7, fused=False)[0].grad_fn).__name__
+    with pytest.raises(ValueError, match="offdiag"):
+        chain_terms(mu, raw[:, rows], off[:, rows][:-1], eps, w, 0.7)
+
+
+def test_fused_chain_terms_float32_realistic_size_against_float64():
+    """T=60 steps, 400 chains x d=25, a trained posterior's scale (std ~0.05-0.3, correlated
+    neighbours), strong coupling (w = 1/(D tau) = 1000): float32 fused pass against the float64 reference."""
+    from goldstone_cli.models.dwe import _chain_terms_autograd, chain_terms
+
+    T, N, d = 60, 400, 25
+    g = torch.Generator().manual_seed(7)
+    mu = 0.3 * torch.randn(T, N, d, generator=g, dtype=F64)
+    raw = torch.log(torch.expm1(3.0 + 17.0 * torch.rand(T, N, d, generator=g, dtype=F64)))  # b in (3, 20)
+    off = -(0.6 + 0.35 * torch.rand(T - 1, N, d, generator=g, dtype=F64)) * F.softplus(raw[:-1])
+    eps = torch.randn(T, N, d, generator=g, dtype=F64)
+    w = torch.full((T - 1,), 1000.0, dtype=F64)
+    gx = torch.randn(T, N, d, generator=g, dtype=F64) * 1e3
+    leaves = [t.clone().requires_grad_() for t in (mu, raw, off)]
+    x0, terms0 = _chain_terms_autograd(*leaves, eps, w, 1.0, "sequential")
+    gr0 = torch.autograd.grad((gx * x0).sum() + terms0, leaves)
+    l32 = [t.float().requires_grad_() for t in (mu, raw, off)]
+    x, terms = chain_terms(*l32, eps.float(), w.float(), 1.0)
+    gr = torch.autograd.grad((gx.float() * x).sum() + terms, l32)
+    assert float((x.detach().double() - x0.detach()).norm() / x0.detach().norm()) < 1e-6
+    assert abs(terms.double().item() - terms0.item()) <= 1e-5 * abs(terms0.item())
+    for a, b in zip(gr, gr0):
+        assert float((a.double() - b).norm() / b.norm()) < 1e-4
+
+
+def test_fused_chain_terms_keep_no_autograd_temporaries():
+    """The fused pass saves raw, b, a, y, s, eps (and w): at most 6 (T, N, d) tensors, against the
+    whole-tensor formulation's many autograd temporaries (this test fails with it)."""
+    from goldstone_cli.models.dwe import chain_terms
+
+    mu, raw, off, eps, w, _ = _chain_data(9, N=20, d=5, dtype=torch.float32)
+    big = mu.numel() // 2
+
+    def saved(fused):
+        n = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: (n.append(x.numel() >= big), x)[1], lambda x: x):
+            x, terms = chain_terms(mu, raw, off, eps, w, 1.0, fused=fused)
+        return sum(n), x, terms
+
+    n_fused, x, terms = saved(True)
+    assert n_fused <= 6
+    assert saved(False)[0] > 2 * n_fused
+
+
+def test_rows_and_squares_value_and_gradient():
+    from goldstone_cli.models.dwe import rows_and_squares
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 9, 3, generator=g, dtype=F64, requires_grad=True)
+    rows = torch.tensor([8, 0, 5, 2])
+    xr, sq = rows_and_squares(x, rows)
+    assert sq.dtype == F64
+    torch.testing.assert_close(xr, x[:, rows])
+    torch.testing.assert_close(sq, (x * x).sum(), rtol=1e-14, atol=1e-14)
+    gr = torch.randn(xr.shape, generator=g, dtype=F64)
+    got = torch.autograd.grad((gr * xr).sum() + 0.3 * sq, x)[0]
+    want = torch.autograd.grad((gr * x[:, rows]).sum() + 0.3 * (x * x).sum(), x)[0]
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda x: rows_and_squares(x, rows), (x,))
+    x32 = torch.randn(3, 2_000_000, 2, generator=g)  # 1.2e7 float32 squares, summed in float64
+    assert abs(rows_and_squares(x32, rows)[1].item() / x32.double().square().sum().item() - 1) < 1e-8
+
+
+# ----------------------------------------------------------------------------- fast logits pass (issue 16c)
+def test_fast_logits_pass_equals_the_first_pass_and_falls_back():
+    """The fast path (one softplus/sigmoid pass, scalings on the small operands) and the first
+    issue-16 passes give the same value and gradients in float64; r = 0 and a positive with a zero
+    row count take the first passes (the fast path's division would be undefined)."""
+    u, v, c_rows, cneg, pt, pp, pq, pn = _block_data(T=3, P=6, Q=8, d=4, seed=5)
+    ref = _reference(u, v, c_rows, cneg, 1.3, pt, pp, pq, pn)
+    g0 = torch.autograd.grad(-2.5 * ref, (u, v))
+    for fast in (True, False):
+        got = skipgram_block_fused(u, v, c_rows, cneg, 1.3, pt, pp, pq, pn, chunk=20, fast=fast, weight=-2.5)
+        torch.testing.assert_close(got, -2.5 * ref, rtol=1e-10, atol=1e-10)
+        for a, b in zip(torch.autograd.grad(got, (u, v)), g0):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    zero = c_rows.clone()
+    zero[pt[0], pp[0]] = 0.0  # a positive whose row count is 0: the rank-one factor vanishes there
+    for r, cr in ((0.0, c_rows), (1.3, zero)):
+        ref = _reference(u, v, cr, cneg, r, pt, pp, pq, pn)
+        got = skipgram_block_fused(u, v, cr, cneg, r, pt, pp, pq, pn, chunk=20)
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+        for a, b in zip(torch.autograd.grad(got, (u, v)), torch.autograd.grad(ref, (u, v))):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_fast_softplus_rows_float32_extreme_logits():
+    """max(x, 0) + log1p(exp(-|x|)) for softplus: float32 against float64 softplus, logits from -60 to 60
+    (per-row weighted sums to 1e-5 relative, the float32 sum's rounding over 1,001 terms, and no worse
+    than 2x F.softplus's own float32 result, even for rows of tiny values; sigmoid to 1e-7 absolute)."""
+    from goldstone_cli.models.dwe import _softplus_rows_sigmoid_eager
+
+    X64 = torch.linspace(-60, 60, 2 * 7 * 1001, dtype=F64).reshape(2, 7, 1001)
+    nb = torch.rand(2, 1001, generator=torch.Generator().manual_seed(0), dtype=F64)
+    want = (F.softplus(X64) * nb[:, None, :]).sum(-1)
+    X = X64.float()
+    got = _softplus_rows_sigmoid_eager(X, nb.float(), torch.empty_like(X))
+    err = ((got.double() - want) / want).abs()
+    plain = torch.bmm(F.softplus(X64.float()), nb.float().unsqueeze(-1)).squeeze(-1)
+    assert float(err.max()) < 1e-5
+    assert bool((err <= 2 * ((plain.double() - want) / want).abs() + 1e-6).all())
+    assert float((X.double() - torch.sigmoid(X64)).abs().max()) < 1e-7
+
+
+@pytest.mark.slow
+def test_compiled_logits_pass_equals_eager():
+    """trainer.compile: the torch.compile'd softplus/sigmoid pass gives the eager pass's value and
+    gradients (float32, to float rounding); slow: the first compile takes ~20 s."""
+    from goldstone_cli.models import dwe
+
+    if dwe._compiled_logits_kernel() is None:
+        pytest.skip("torch.compile unavailable")
+    u, v, c_rows, cneg, pt, pp, pq, pn = _block_data(T=5, P=40, Q=300, d=6, seed=3, dtype=torch.float32)
+    with torch.no_grad():
+        u.mul_(2.0)
+    outs = []
+    for compiled in (False, True):
+        got = skipgram_block_fused(u, v, c_rows, cneg, 1.0, pt, pp, pq, pn, chunk=5000, compiled=compiled)
+        outs.append((got, *torch.autograd.grad(got, (u, v))))
+    assert dwe._COMPILED.get("logits") is not None  # it compiled and ran, no fallback
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from goldstone_cli.models.base import DynamicModel
-from goldstone_cli.numerics import sum_squares
+from goldstone_cli.numerics import sum_squares, sum_squares_value
 from goldstone_cli.optim.coupling import Coupling
 from goldstone_cli.optim.gauge import serial_cpu
 
@@ -443,27 +443,30 @@ class _ChainTerms(torch.autograd.Function):
     ``deps_t = lam_t / b_t``. Saved for backward: raw, b, a, y, s, eps (no autograd temporaries)."""
 
     @staticmethod
-    def forward(ctx, mu, raw, off, eps, w, inv_var0):
+    def forward(ctx, mu, raw, off, eps, w, inv_var0, rows=None):
         T = raw.shape[0]
         dt = raw.dtype
-        b = torch.empty_like(raw)
-        a = torch.empty_like(off)
-        y = torch.empty_like(raw)
-        s = torch.empty_like(raw)
-        x = torch.empty(raw.shape, dtype=torch.result_type(mu, raw), device=raw.device)
-        ib = torch.empty_like(raw[0])  # 1 / b_t
-        tmp = torch.empty_like(raw[0])
+        b = torch.empty_like(eps, dtype=dt)
+        a = torch.empty_like(eps[1:], dtype=dt)
+        y = torch.empty_like(b)
+        s = torch.empty_like(b)
+        x = torch.empty(b.shape, dtype=torch.result_type(mu, raw), device=raw.device)
+        ib = torch.empty_like(b[0])  # 1 / b_t
+        tmp = torch.empty_like(b[0])
+        if rows is not None:  # raw, off: whole (T, V, ...) parameters; their minibatch rows gathered per step
+            rbuf, obuf = torch.empty_like(b[0]), torch.empty_like(b[0])
         S, C, Lb = [], [], []  # per step (0-d tensors): S_t, C_t (t < T-1), sum log b_t
         with serial_cpu(raw):  # T small calls: on a busy CPU each thread barrier would stall
             for t in range(T - 1, -1, -1):
                 bt, yt, st = b[t], y[t], s[t]
-                torch._C._nn.softplus(raw[t], 1, 20, out=bt)
+                rt = raw[t] if rows is None else torch.index_select(raw[t], 0, rows, out=rbuf)
+                torch._C._nn.softplus(rt, 1, 20, out=bt)
                 torch.reciprocal(bt, out=ib)
                 torch.mul(eps[t], ib, out=yt)
                 torch.mul(ib, ib, out=st)
                 if t < T - 1:
                     at = a[t]
-                    torch.mul(off[t], ib, out=at)
+                    torch.mul(off[t] if rows is None else torch.index_select(off[t], 0, rows, out=obuf), ib, out=at)
                     yt.addcmul_(at, y[t + 1], value=-1.0)  # y_t = eps_t / b_t - a_t y_t+1
                     torch.mul(at, s[t + 1], out=tmp)  # a_t s_t+1 = -Sigma_t,t+1
                     C.append(tmp.sum())
@@ -477,20 +480,23 @@ class _ChainTerms(torch.autograd.Function):
         w64 = w.to(torch.float64)
         terms = (0.5 * (w64 * (S[1:] + S[:-1] + 2.0 * C)).sum() + 0.5 * float(inv_var0) * S.sum()
                  + Lb.sum())
-        ctx.save_for_backward(raw, b, a, y, s, eps, w)
+        ctx.save_for_backward(raw, b, a, y, s, eps, w, rows)
         ctx.inv_var0 = float(inv_var0)
         return x, terms.to(dt)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gx, gterms):
-        raw, b, a, y, s, eps, w = ctx.saved_tensors
+        raw, b, a, y, s, eps, w, rows = ctx.saved_tensors
         T = b.shape[0]
         g = float(gterms)  # a scalar; one device sync per call
         gx = torch.zeros_like(y) if gx is None else gx.to(y.dtype)
         wl = w.to(torch.float64).tolist()
-        draw = torch.empty_like(b)
-        doff = torch.empty_like(a)
+        if rows is None:
+            draw, doff = torch.empty_like(b), torch.empty_like(a)
+        else:  # dense gradients of the whole parameters, nonzero in the minibatch rows
+            draw, doff = torch.zeros_like(raw), torch.zeros_like(raw[1:])
+            dr, do = torch.empty_like(b[0]), torch.empty_like(b[0])
         need_eps = ctx.needs_input_grad[3]
         deps = torch.empty_like(b) if need_eps else None
         lam, nu = torch.empty_like(b[0]), torch.empty_like(b[0])
@@ -514,15 +520,49 @@ class _ChainTerms(torch.autograd.Function):
                 if need_eps:
                     torch.mul(lam, ib, out=deps[t])
                 if t < T - 1:
-                    at, da = a[t], doff[t]
+                    at, da = a[t], (doff[t] if rows is None else do)
                     torch.mul(at, nu, out=da)
                     da.mul_(2.0).add_(g * wl[t]).mul_(s[t + 1]).addcmul_(lam, y[t + 1], value=-1.0)
                     r.addcmul_(at, da, value=-1.0)
                     da.mul_(ib)  # dl_t = da_t / b_t
+                    if rows is not None:
+                        doff[t].index_add_(0, rows, da)
                 r.mul_(ib)  # db_t
-                torch.sigmoid(raw[t], out=q)
-                torch.mul(r, q, out=draw[t])
-        return gx, draw, doff, deps, None, None
+                if rows is None:
+                    torch.sigmoid(raw[t], out=q)
+                    torch.mul(r, q, out=draw[t])
+                else:
+                    torch.index_select(raw[t], 0, rows, out=q).sigmoid_()
+                    torch.mul(r, q, out=dr)
+                    draw[t].index_add_(0, rows, dr)
+        return gx, draw, doff, deps, None, None, None
+
+
+class _RowsAndSquares(torch.autograd.Function):
+    """``(x[:, rows], sum x^2)`` of a (T, N, ...) tensor (the square sum accumulated in float64,
+    :func:`numerics.sum_squares_value`) with one dense gradient: ``2 g_sq x``, the rows' gradient
+    added into it in place (no zero-filled (T, N, ...) tensor and no extra sum over the whole tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, rows):
+        ctx.save_for_backward(x, rows)
+        return x.index_select(1, rows), sum_squares_value(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_rows, g_sq):
+        x, rows = ctx.saved_tensors
+        grad = x * (2.0 * g_sq).to(x.dtype) if g_sq is not None else torch.zeros_like(x)
+        if g_rows is not None:
+            grad.index_add_(1, rows, g_rows.to(x.dtype))
+        return grad, None
+
+
+def rows_and_squares(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x[:, rows], sum x^2)`` for a (T, N, ...) tensor and int64 ``rows``: the minibatch gather and
+    the zero-mean prior's square sum (float64) of the same parameter, differentiable once, with one
+    dense gradient pass (:class:`_RowsAndSquares`)."""
+    return _RowsAndSquares.apply(x, rows)
 
 
 def chain_terms(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor, w: Tensor, inv_var0: float,
@@ -597,15 +637,14 @@ def _blocks(T: int, P: int, Q: int, chunk: int):
 
 def _softplus_rows_sigmoid_eager(X: Tensor, nb: Tensor, buf: Tensor) -> Tensor:
     """``sum_q nb_q softplus(X_pq)`` (tb, pb), then ``X <- sigmoid(X)`` in place; ``buf`` a scratch
-    block of X's size. ``softplus(x) = max(x, 0) + log(1 + exp(-|x|))``: fewer cycles than
-    ``F.softplus`` (exp and log instead of exp and log1p; the absolute error of log(1 + e) against
-    log1p(e) is below one float32 rounding of 1, i.e. of the summands' own rounding)."""
+    block of X's size. ``softplus(x) = max(x, 0) + log1p(exp(-|x|))`` in in-place passes over ``buf``:
+    half the CPU time of ``F.softplus``'s own kernel (measured: 28.9 vs 15.5 + 6.6 ms per 4M logits)."""
     nbc = nb.unsqueeze(-1)  # (tb, Q, 1)
     torch.clamp_min(X, 0.0, out=buf)
     per_row = torch.bmm(buf, nbc)  # (tb, pb, 1)
     torch.abs(X, out=buf)
-    buf.neg_().exp_().add_(1.0).log_()
-    per_row.baddbmm_(buf, nbc)
+    buf.neg_().exp_().log1p_()
+    per_row += torch.bmm(buf, nbc)  # (baddbmm_ here lost digits: 3.4e-6 relative against 3.7e-7 for this sum)
     X.sigmoid_()
     return per_row.squeeze(-1)
 
@@ -614,7 +653,7 @@ def _softplus_rows_sigmoid_kernel(X: Tensor, nb: Tensor) -> Tensor:
     """:func:`_softplus_rows_sigmoid_eager` as one pointwise-and-reduction pass for ``torch.compile``
     (one exp shared by softplus and sigmoid)."""
     e = torch.exp(-X.abs())
-    per_row = ((X.clamp_min(0.0) + torch.log(1.0 + e)) * nb.unsqueeze(1)).sum(-1)
+    per_row = ((X.clamp_min(0.0) + torch.log1p(e)) * nb.unsqueeze(1)).sum(-1)
     s = 1.0 / (1.0 + e)
     X.copy_(torch.where(X >= 0, s, e * s))
     return per_row
@@ -800,9 +839,10 @@ class DynamicWordEmbeddings(DynamicModel):
         # or, with fused_loglik=False, the (T, P, Q) logits materialized for autograd
         self.scan_method: Optional[str] = None
         self.fused_loglik = True
-        # the variational chain terms in one pass over time with their analytic backward (_ChainTerms)
-        # where the recurrence is sequential; False: the whole-tensor operations under autograd
-        self.fused_chain = True
+        # the prior's terms as custom autograd Functions: the variational chain terms in one pass over
+        # time with their analytic backward (_ChainTerms, where the recurrence is sequential), the
+        # minibatch gathers with the zero-mean term (rows_and_squares); False: autograd of whole-tensor ops
+        self.fused_prior = True
         # the likelihood's logits in one softplus-and-sigmoid pass with the scalings on the small operands
         # (False: the first issue-16 passes); compile_logits (trainer.compile): that pass through torch.compile
         self.fast_logits = True
@@ -911,24 +951,33 @@ class DynamicWordEmbeddings(DynamicModel):
         cols = torch.randperm(self.V, generator=generator, device=dev)[:Q].sort().values if Q < self.V \
             else torch.arange(self.V, device=dev)
         scale_r, scale_c = self.V / P, self.V / Q
+        if self.fused_prior:  # gathers and square sums with one dense gradient pass per mean
+            mu_rows, sq_u = rows_and_squares(mu_u, rows)  # (T, P, d), float64 sum of mu_u^2
+            mu_cols, sq_v = rows_and_squares(mu_v, cols)  # (T, Q, d)
+        else:  # (T, V, d) sums of squares in float64, no mu ** 2 temporary
+            mu_rows, mu_cols, sq_u, sq_v = mu_u[:, rows], mu_v[:, cols], sum_squares(mu_u), sum_squares(mu_v)
         if self.variational:
             eps_u = torch.randn(self.T, P, self.d, generator=generator, device=dev, dtype=mu_u.dtype)  # (T, P, d)
             eps_v = torch.randn(self.T, Q, self.d, generator=generator, device=dev, dtype=mu_u.dtype)  # (T, Q, d)
-            ru, ou = self.raw_U[:, rows], self.off_U[:, rows]
-            rv, ov = self.raw_V[:, cols], self.off_V[:, cols]
             # sample_chain, expected_neg_log_prior_var and neg_entropy of each posterior in one pass
-            u, terms_u = chain_terms(mu_u[:, rows], ru, ou, eps_u, self.w, self.inv_var0, self.scan_method,
-                                     self.fused_chain)  # (T, P, d)
-            v, terms_v = chain_terms(mu_v[:, cols], rv, ov, eps_v, self.w, self.inv_var0, self.scan_method,
-                                     self.fused_chain)  # (T, Q, d)
+            u, terms_u = self._chain_terms(mu_rows, self.raw_U, self.off_U, rows, eps_u)  # (T, P, d)
+            v, terms_v = self._chain_terms(mu_cols, self.raw_V, self.off_V, cols, eps_v)  # (T, Q, d)
             var_terms = scale_r * terms_u + scale_c * terms_v
         else:
-            u, v = mu_u[:, rows], mu_v[:, cols]
+            u, v = mu_rows, mu_cols
             var_terms = 0.0
         neg_ll = self.block_loglik(u, v, rows, cols, weight=-scale_r * scale_c)  # the likelihood scaled to all words
-        # (T, V, d) sums of squares in float64, no mu ** 2 temporary
-        zero_mean = (0.5 * self.inv_var0 * (sum_squares(mu_u) + sum_squares(mu_v))).to(mu_u.dtype)
+        zero_mean = (0.5 * self.inv_var0 * (sq_u + sq_v)).to(mu_u.dtype)
         return neg_ll + zero_mean + var_terms + self._const
+
+    def _chain_terms(self, mu_rows: Tensor, raw: Tensor, off: Tensor, rows: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`chain_terms` of the minibatch rows of one posterior; with ``fused_prior`` and the
+        sequential recurrence, ``raw`` and ``off`` are gathered step by step inside the fused pass
+        and their dense gradients written once (no gathered (T, B, d) copies or their gradients)."""
+        method = self.scan_method or SCAN_METHOD.get(raw.device.type, "sequential")
+        if self.fused_prior and method == "sequential" and self.T > 1:
+            return _ChainTerms.apply(mu_rows, raw, off, eps, self.w, self.inv_var0, rows)
+        return chain_terms(mu_rows, raw[:, rows], off[:, rows], eps, self.w, self.inv_var0, method, self.fused_prior)
 
     def block_loglik(self, u: Tensor, v: Tensor, rows: Tensor, cols: Tensor, weight: float = 1.0) -> Tensor:
         """Training log-likelihood of the word-context block rows x cols at every step, for word
