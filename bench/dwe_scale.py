@@ -114,12 +114,18 @@ def bench_sampler(T_values=(24, 209), N: int = 1000, d: int = 100, repeats: int 
 #: the model's switches of each compute path (results equal to float rounding)
 PATHS = {
     # issue 16: fused chunked likelihood (one pointwise pass per logit), fused chain terms, the device's recurrence
-    "issue16": {"fused_loglik": True, "scan_method": None, "fused_prior": True, "fast_logits": True},
+    "issue16": {"fused_loglik": True, "scan_method": None, "fused_prior": True, "fast_logits": True,
+                "compile_logits": False},
+    # the same with the logits pass through torch.compile (trainer.compile=true)
+    "issue16_compiled": {"fused_loglik": True, "scan_method": None, "fused_prior": True, "fast_logits": True,
+                         "compile_logits": True},
     # the first issue-16 session: fused likelihood with eager softplus / sigmoid passes, sequential
     # recurrences under autograd
-    "issue16_first": {"fused_loglik": True, "scan_method": None, "fused_prior": False, "fast_logits": False},
+    "issue16_first": {"fused_loglik": True, "scan_method": None, "fused_prior": False, "fast_logits": False,
+                      "compile_logits": False},
     # before issue 16: the (T, P, Q) logits under autograd, log-depth scans
-    "before_issue16": {"fused_loglik": False, "scan_method": "logdepth", "fused_prior": False, "fast_logits": False},
+    "before_issue16": {"fused_loglik": False, "scan_method": "logdepth", "fused_prior": False, "fast_logits": False,
+                       "compile_logits": False},
 }
 
 

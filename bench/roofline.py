@@ -384,8 +384,9 @@ def dwe_case(name: str, variational: bool, args, device: torch.device) -> Case:
     """One Adam step of ``model=dwe`` (``--dwe-size V,T,d,B``; default the issue's V=2,000, T=100,
     d=100, 1,000 x 1,000 minibatch) on generated counts (``bench/dwe_scale.py``), against the
     formulation before issue 16 (log-depth Hillis-Steele scans, the (T, P, Q) logits materialized
-    for autograd) on the same model, optimizer and minibatch stream."""
-    from bench.dwe_scale import generated_counts
+    for autograd) and issue 16's first version (prior under autograd, eager logits passes) on the same
+    model, optimizer and minibatch stream."""
+    from bench.dwe_scale import generated_counts, set_paths
     from goldstone_cli.config import compose
     from goldstone_cli.models.dwe import DynamicWordEmbeddings
     from goldstone_cli.optim.factory import build_base
@@ -398,9 +399,9 @@ def dwe_case(name: str, variational: bool, args, device: torch.device) -> Case:
     opt = build_base("adam", model.parameters(), compose(["model=dwe", "optimizer=adam"]).optimizer)
     g = torch.Generator(device=device).manual_seed(0)
 
-    def make(fused: bool, scan):
+    def make(paths: str):
         def step():
-            model.fused_loglik, model.scan_method = fused, scan
+            set_paths(model, paths)
             opt.zero_grad(set_to_none=True)
             loss = model.loss_terms(g)["total"]
             loss.item()
@@ -408,7 +409,9 @@ def dwe_case(name: str, variational: bool, args, device: torch.device) -> Case:
             opt.step()
         return step
 
-    variants = {"goldstone": make(True, None), "before_issue16": make(False, "logdepth")}
+    # issue 16's paths (bench/dwe_scale.py: PATHS): now, its first version, and before it
+    variants = {"goldstone": make("issue16"), "issue16_first": make("issue16_first"),
+                "before_issue16": make("before_issue16")}
     work = dwe_step_work(T, V, d, model.batch_words, model.batch_contexts, variational)
     return Case(name, work, variants, {"V": V, "T": T, "d": d, "batch": B, "train_nnz": int(model.val.numel()),
                                        "parameters": dwe_parameter_count(T, V, d, variational)}, warmup=1)

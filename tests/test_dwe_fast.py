@@ -543,3 +543,28 @@ def test_compiled_logits_pass_equals_eager():
     assert dwe._COMPILED.get("logits") is not None  # it compiled and ran, no fallback
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_chain_workspace_reuses_only_free_buffers():
+    """The fused pass takes its (T, N, d) buffers from a pool: one is reused once its graph and
+    sample are gone, never while a retained graph (or a kept sample, or a view of it) still holds it."""
+    from goldstone_cli.models.dwe import _WORKSPACE, chain_terms
+
+    mu, raw, off, eps, w, gx = _chain_data(7, N=30, d=4, dtype=torch.float32, seed=3)
+    x, terms = chain_terms(mu, raw, off, eps, w, 1.0)
+    first = torch.autograd.grad((gx * x).sum() + terms, (mu, raw, off), retain_graph=True)
+    x_value = x.detach().clone()
+    # a second pass while the first graph and its sample are alive: other buffers
+    x2, terms2 = chain_terms(mu, 2.0 * raw, off, eps, w, 1.0)
+    assert x2.data_ptr() != x.data_ptr()
+    again = torch.autograd.grad((gx * x).sum() + terms, (mu, raw, off))  # the retained graph, untouched
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(x, x_value, rtol=0, atol=0)
+    view, ptr = x[1:], x.data_ptr()
+    del x, terms, first, again
+    x3, terms3 = chain_terms(mu, raw, off, eps, w, 1.0)
+    assert x3.data_ptr() != ptr  # the view still holds the first sample's buffer
+    del view, x3, terms3, x2, terms2
+    x4, _ = chain_terms(mu, raw, off, eps, w, 1.0)  # everything free again: x4 is made in a pooled buffer
+    assert any(st.data_ptr() == x4.data_ptr() for sts in _WORKSPACE.storages.values() for st in sts)
