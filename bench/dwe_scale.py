@@ -139,6 +139,9 @@ def set_paths(model: DynamicWordEmbeddings, paths: str) -> None:
 #: contexts), fitted to the peak RSS of this benchmark on the CPU (docs/benchmarks.md), and the CPU
 #: process's own footprint (torch's libraries, the interpreter)
 SAVED_PER_SIDE = {"variational": 17, "map": 5}
+#: the same for the fused prior (``issue16``: the chain pass keeps b, a, y, s and reuses pooled
+#: buffers; fitted to V=2,000 variational: 3.13 GB peak RSS)
+SAVED_PER_SIDE_FUSED = {"variational": 14, "map": 5}
 RUNTIME_CPU = 0.4e9
 
 
@@ -153,8 +156,8 @@ def memory_model(V: int, T: int, d: int, batch: int, nnz: float, variational: bo
     - ``counts``: the training counts on the device, 12 bytes per stored nonzero (int64 column,
       float32 value) + 8 per row; on the CPU also the split's scipy matrices (12 more per nonzero).
     - ``activations``: the minibatch's (T, B, d) tensors saved for backward (gathers, samples, the
-      recurrences; :data:`SAVED_PER_SIDE` per side) and the logits: with ``issue16`` two blocks of
-      ``chunk`` elements; with ``before_issue16`` five (T, B, B) tensors (logits, log sigma(-X) and
+      recurrences; :data:`SAVED_PER_SIDE_FUSED` per side with ``issue16``'s fused prior, else
+      :data:`SAVED_PER_SIDE`) and the logits: with the fused likelihood two blocks of ``chunk`` elements; with ``before_issue16`` five (T, B, B) tensors (logits, log sigma(-X) and
       its buffer, their gradients).
     - The peak: the activations live while the gradients are formed, which come last, so
       ``state + counts + max(activations, grads + transient)``; with Adam's ``foreach`` update (the
@@ -165,8 +168,10 @@ def memory_model(V: int, T: int, d: int, batch: int, nnz: float, variational: bo
     state, grads = 12 * n, 4 * n
     transient = 4 * T * V * d
     counts = (24 if device == "cpu" else 12) * nnz + 8 * T * V
-    act = 4 * 2 * SAVED_PER_SIDE["variational" if variational else "map"] * T * batch * d
-    act += 4 * (2 * min(chunk, T * batch * batch) if paths == "issue16" else 5 * T * batch * batch)
+    # (the fused chain pass runs with the sequential recurrence: the CPU default; on a GPU the autograd one)
+    saved = SAVED_PER_SIDE_FUSED if paths in ("issue16", "issue16_compiled") and device == "cpu" else SAVED_PER_SIDE
+    act = 4 * 2 * saved["variational" if variational else "map"] * T * batch * d
+    act += 4 * (5 * T * batch * batch if paths == "before_issue16" else 2 * min(chunk, T * batch * batch))
     total = state + counts + max(act, grads + transient)
     if adam == "foreach":
         total = max(total, state + grads + 4 * n + counts)
@@ -260,10 +265,12 @@ def main() -> None:
     ap.add_argument("--sampler-N", type=int, default=1000, help="chains (x d) of the sampler benchmark")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top operations of one more gauge step")
     ap.add_argument("--paths", choices=list(PATHS), default="issue16",
-                    help="compute paths of the step: issue16 (fused chunked likelihood, O(T) recurrences on the CPU) "
-                         "or before_issue16 (materialized logits, log-depth scans): for peak-memory runs")
+                    help="compute paths of the step (PATHS): issue16 (fused chunked likelihood with one pointwise pass, "
+                         "fused prior, O(T) recurrences on the CPU), issue16_compiled (the same, logits pass compiled), "
+                         "issue16_first (the first issue-16 version) or before_issue16 (materialized logits, log-depth "
+                         "scans): for peak-memory runs")
     ap.add_argument("--compare", action="store_true",
-                    help="time the two --paths interleaved on one model (medians of --steps; wall and CPU seconds)")
+                    help="time all --paths interleaved on one model (medians of --steps; wall and CPU seconds)")
     ap.add_argument("--memory-model", action="store_true",
                     help="print the predicted peak memory at the paper's size and the largest V for 24 GB CPU / 80 GB GPU")
     ap.add_argument("--max-step-seconds", type=float, default=0.0,
