@@ -278,18 +278,27 @@ def bench_movielens(shard, args, device) -> list[dict]:
         print(f"movielens case skipped: {path} not found (--ml-data)")
         return []
     data = load_movielens(path, T=args.ml_T, use_cache=False, progress=False)
-    model = SparseDynamicBernoulliMF(data, d=args.ml_d, dtype=torch.float32, device=device, shard=shard)
-    opt = torch.optim.Adagrad(model.parameters(), lr=1.0)
+    out = []
+    # items sharded (gathered every step, gradient reduce-scattered) or replicated (gradient
+    # all-reduced): the same payload 2 T n_items d b; one rank has no choice to make
+    for items in (["sharded", "replicated"] if shard.distributed else ["sharded"]):
+        model = SparseDynamicBernoulliMF(data, d=args.ml_d, dtype=torch.float32, device=device, shard=shard,
+                                         items=items)
+        opt = torch.optim.Adagrad(model.parameters(), lr=1.0)
 
-    def step():
-        opt.zero_grad()
-        model.loss_terms()["total"].backward()
-        model.reduce_gradients()
-        opt.step()
+        def step():
+            opt.zero_grad()
+            model.loss_terms()["total"].backward()
+            model.reduce_gradients()
+            opt.step()
 
-    r = timed(step, args.reps, 1, device, shard.world)
-    return [{"case": "movielens", "T": args.ml_T, "users": int(data.n_users), "items": int(data.n_items),
-             "d": args.ml_d, "formula_payload_bytes": 4 * 2 * args.ml_T * int(data.n_items) * args.ml_d, **r}]
+        r = timed(step, args.reps, 1, device, shard.world)
+        held = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters; AdaGrad: as many again
+        out.append({"case": "movielens", "variant": f"items {items}", "T": args.ml_T, "users": int(data.n_users),
+                    "items": int(data.n_items), "d": args.ml_d, "param_bytes_per_rank": held,
+                    "formula_payload_bytes": 4 * 2 * args.ml_T * int(data.n_items) * args.ml_d, **r})
+        del model, opt
+    return out
 
 
 CASES = {"gauge": bench_gauge, "dense_mf": bench_dense_mf, "dwe": bench_dwe, "dwe_context": bench_dwe_context,
@@ -322,7 +331,7 @@ def _table(rows: list[dict]) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         variant = r.get("solver") or r.get("inference") or r.get("variant") or ""
-        if r["case"] == "dwe_context":
+        if r["case"] in ("dwe_context", "movielens"):
             variant = r["variant"]
         lines.append(f"| {r['case']} | {variant} | {r['world']} | {1e3 * r['seconds']:.2f} | "
                      f"{r['payload_bytes'] / 1024:.1f} | {r['wire_bytes'] / 1024:.1f} | "

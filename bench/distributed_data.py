@@ -13,8 +13,16 @@ parses the file once, on rank 0 in the by-user path and on every rank in the old
 - ``rss_mib``: the process's peak resident set (``VmHWM``, reset after the imports) minus its
   resident set then, i.e. what loading the ratings added (the kept arrays and every transient).
 
+DWE (``--corpus``, a prepared corpus folder): the old path (every rank splits from the count files:
+reads every step's ``.npz`` in full, keeps its words' rows) against the by-word path (rank 0 checks
+or writes ``by_word-<key>/`` and copies its rows; ranks r > 0 copy only their rows:
+``RowSplit.bytes_read`` plus ``header.json``). Split settings: the ``model=dwe`` defaults
+(test_steps 0.1, test_mass 0.1, split_seed 0, val_mass 0).
+
 Run:  python -m bench.distributed_data --ratings ../shared/data/movielens/ml-latest-small --ranks 1 2
       python -m bench.distributed_data --generate 5000000 --ranks 1 2   (synthetic file, shuffled order)
+      goldstone data prepare corpus --bin-years 1 --vocab-size 10000 --out /tmp/sotu-y10k
+      python -m bench.distributed_data --corpus /tmp/sotu-y10k --ranks 1 2 4
 """
 
 from __future__ import annotations
@@ -83,6 +91,60 @@ def child(args) -> None:
                       "bytes": int(nbytes), "rss_mib": round((peak - base) / 1024, 1)}))
 
 
+DWE_SPLIT = (0.1, 0.1, 0, 0.0)  # test_steps, test_mass, split_seed, val_mass (model=dwe's defaults)
+
+
+def child_dwe(args) -> None:
+    from goldstone_cli.data.cooc import step_file
+    from goldstone_cli.distributed.shard import RowShard
+    from goldstone_cli.models import dwe_split as S
+
+    import numpy as np  # noqa: F401  (imported before the peak is reset)
+    import scipy.sparse  # noqa: F401
+
+    import time
+
+    _reset_peak()
+    base = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    src = S.StepSource.from_prepared(args.corpus)
+    a, b = RowShard(args.rank, args.world).rows(src.V)
+    if args.path == "old":
+        got = S.split_rows(src, a, b, *DWE_SPLIT)
+        nbytes = sum((Path(args.corpus) / step_file(t)).stat().st_size for t in range(src.T))
+    else:
+        nbytes = 0
+        if args.rank == 0:
+            folder, key = S.prepare_by_word(src, *DWE_SPLIT)
+            nbytes += sum((folder / f).stat().st_size for f in os.listdir(folder))  # the SHA-256 check
+        else:
+            key = S.by_word_key(src, *DWE_SPLIT)
+            folder = S.by_word_folder(src, key)
+        got = S.read_word_rows(folder, key, a, b)
+        nbytes += got.bytes_read + (folder / "header.json").stat().st_size
+    seconds = time.perf_counter() - t0
+    nnz = sum(m.nnz for m in got.train)
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"path": args.path, "world": args.world, "rank": args.rank, "words": b - a,
+                      "train_nnz": int(nnz), "bytes": int(nbytes), "rss_mib": round((peak - base) / 1024, 1),
+                      "seconds": round(seconds, 2)}))
+
+
+def main_dwe(args) -> None:
+    from goldstone_cli.models import dwe_split as S
+
+    src = S.StepSource.from_prepared(args.corpus)
+    S.prepare_by_word(src, *DWE_SPLIT)  # warm: the by-word folder exists
+    print(json.dumps({"corpus": str(args.corpus), "V": src.V, "T": src.T}))
+    for world in args.ranks:
+        for path in (["old"] if world == 1 else ["old", "byword"]):
+            for rank in range(world):
+                cmd = [sys.executable, "-m", "bench.distributed_data", "--child", "--corpus", str(args.corpus),
+                       "--path", path, "--world", str(world), "--rank", str(rank)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                print(out.strip().splitlines()[-1], flush=True)
+
+
 def generate(n: int, folder: Path, seed: int = 0) -> Path:
     """A synthetic ratings.csv of ``n`` ratings (n/100 users, n/500 items, half-star ratings over 20
     years), rows in random order (not grouped by user, unlike the published files)."""
@@ -111,18 +173,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ratings", help="a MovieLens folder or ratings file")
     p.add_argument("--generate", type=int, help="instead: a synthetic file of this many ratings")
+    p.add_argument("--corpus", help="instead: a prepared corpus folder (DWE's by-word split)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--T", type=int, default=100)
     p.add_argument("--work", default=None, help="folder for the cache (and a generated file); default: a temp dir")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--path", choices=["old", "byuser"], help=argparse.SUPPRESS)
+    p.add_argument("--path", choices=["old", "byuser", "byword"], help=argparse.SUPPRESS)
     p.add_argument("--world", type=int, help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     p.add_argument("--key-file", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return child(args)
+        return child_dwe(args) if args.corpus else child(args)
+    if args.corpus:
+        return main_dwe(args)
     work = Path(args.work or tempfile.mkdtemp(prefix="goldstone-bench-data-"))
     ratings = str(generate(args.generate, work / f"synthetic-{args.generate}")) if args.generate else args.ratings
     if ratings is None:

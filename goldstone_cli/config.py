@@ -226,10 +226,14 @@ class MovieLensModelConfig:
     init_scale: float = 0.1  # std of the random initialization
     batch_size: Optional[int] = None  # null: full batch (paper); else training ratings per step
     chunk_size: int = 1048576  # ratings gathered at once (memory ~ 4 * chunk_size * d numbers)
+    # trainer.distributed: item rows "sharded" (gathered each step) or "replicated" (gradient all-reduced)
+    items: str = "sharded"
 
     def __post_init__(self) -> None:
         if self.d < 1:
             raise ConfigError(f"model.d must be >= 1, got {self.d}")
+        if self.items not in ("sharded", "replicated"):
+            raise ConfigError(f"model.items must be 'sharded' or 'replicated', got {self.items!r}")
         _positive("model.coupling", self.coupling, allow_zero=True)
         _positive("model.gamma", self.gamma, allow_zero=True)
         _positive("model.init_scale", self.init_scale)

@@ -843,6 +843,8 @@ def _plain_config(cfg: DictConfig) -> dict[str, Any]:
 # settings that a resumed run may change: where the data are and how much is computed at once
 _RESUME_MAY_CHANGE = {"data.path", "data.cache_dir", "data.use_cache", "data.verify", "data.source",
                       "model.chunk_size", "model.eval_chunk"}
+# settings added after runs were saved: a saved config without one had this value
+_ADDED_LATER = {"model.items": "sharded"}
 
 
 def _flat(d: Any, prefix: str) -> dict[str, Any]:
@@ -864,6 +866,8 @@ def _check_fits(state: dict[str, Any], path: Path, cfg: DictConfig, model) -> No
         a, b = _flat(saved.get(section), section), _flat(now.get(section), section)
         if section == "trainer":  # of the trainer settings only the number type changes the numbers
             a, b = {k: v for k, v in a.items() if k == "trainer.dtype"}, {k: v for k, v in b.items() if k == "trainer.dtype"}
+        if section == "model" and a:
+            a = {**{k: v for k, v in _ADDED_LATER.items() if k.startswith("model.") and k in b}, **a}
         for k in sorted(set(a) | set(b)):
             if k not in _RESUME_MAY_CHANGE and a.get(k, "(unset)") != b.get(k, "(unset)"):
                 diffs.append(f"{k} is {a.get(k, '(unset)')!r} there, {b.get(k, '(unset)')!r} now")

@@ -35,10 +35,20 @@ def _two_rank_rows(args: dict) -> list:
 
 
 @pytest.mark.slow
-def test_two_ranks_move_the_formula_bytes():
+def test_two_ranks_move_the_formula_bytes(shared_data):
     from goldstone_cli.distributed.local import run_local
 
-    rows = run_local(_two_rank_rows, 2, dict(TINY, cases=["gauge", "dense_mf", "dwe"]))[0]
+    ml = str(shared_data / "movielens" / "ml-latest-small")
+    rows = run_local(_two_rank_rows, 2, dict(TINY, cases=["gauge", "dense_mf", "dwe", "movielens"], ml_data=ml))[0]
+    ml_rows = {r["variant"]: r for r in rows if r["case"] == "movielens"}
+    rows = [r for r in rows if r["case"] != "movielens"]
+    # items sharded: gather V + reduce-scatter its gradient; replicated: one all-reduce of the gradient,
+    # half the payload but the same ring traffic, and every rank holds all of V
+    sh, rep = ml_rows["items sharded"], ml_rows["items replicated"]
+    assert sh["calls"] == 2 and sh["payload_bytes"] == sh["formula_payload_bytes"]
+    assert rep["calls"] == 1 and 2 * rep["payload_bytes"] == sh["payload_bytes"]
+    assert rep["wire_bytes"] == sh["wire_bytes"]
+    assert rep["param_bytes_per_rank"] > sh["param_bytes_per_rank"]
     for r in rows:
         assert r["world"] == 2 and r["calls"] == 2
         if r["case"] in ("gauge", "dense_mf", "dwe_gauge"):

@@ -131,7 +131,9 @@ class ReplayShard:
     def __init__(self, rank):
         self.rank, self.world, self.device = rank, 2, None
 
-    def broadcast_(self, t):
+    broadcast_json = RowShard.broadcast_json
+
+    def broadcast_(self, t, src=0):
         if self.rank == 0:
             ReplayShard.sent = t.clone()
         else:

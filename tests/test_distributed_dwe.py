@@ -97,7 +97,8 @@ def _built_by_registry(path) -> dict:
     model = build_model(_cfg(path), torch.device("cpu"), DT, shard=shard)
     assert isinstance(model, ShardedDynamicWordEmbeddings)
     loss = model.loss_terms(torch.Generator().manual_seed(5))["total"]
-    return {"loss": float(loss.detach()), "metrics": model.evaluate(), "rows": model.means()[0].shape[1]}
+    return {"loss": float(loss.detach()), "metrics": model.evaluate(), "rows": model.means()[0].shape[1],
+            "bytes_read": model.data_bytes_read}
 
 
 def _run_all_ranks(path) -> dict:
@@ -171,6 +172,7 @@ def test_registry_builds_the_sharded_model_on_two_ranks(two_ranks, prepared):
     a = float(ref.loss_terms(torch.Generator().manual_seed(5))["total"].detach())
     ranks = [r["registry"] for r in two_ranks]
     assert [r["rows"] for r in ranks] == [21, 20]
+    assert all(r["bytes_read"] > 0 for r in ranks)  # each rank copied its rows out of the by-word folder
     assert ranks[0]["loss"] + ranks[1]["loss"] == pytest.approx(a, rel=1e-12)
     metrics = ref.evaluate()
     for r in ranks:

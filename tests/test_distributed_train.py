@@ -201,6 +201,34 @@ def test_movielens_two_ranks_match_one_process(tmp_path, shared_data):
     assert_same_run(one, a)
 
 
+@pytest.mark.slow
+def test_movielens_replicated_items_two_ranks_match_one_process_and_resume(tmp_path, shared_data):
+    """model.items=replicated (every rank holds all items, their gradient all-reduced): 2 ranks ==
+    1 process for 50 steps with gauge steps; a replicated run stopped at step 30 resumes on 3 ranks
+    and on one process with the same numbers; changing the layout on resume is refused."""
+    ml = [f"data.path={shared_data / 'movielens' / 'ml-latest-small'}", f"data.cache_dir={tmp_path / 'cache'}",
+          "model=movielens", "data.T=5", "model.d=4", "model.batch_size=20000", "optimizer=goldstone",
+          "optimizer.k1=10", "trainer.dtype=float64", "trainer.device=cpu", "trainer.log_every=1",
+          "trainer.eval_every=10", "trainer.checkpoint_every=10", "trainer.progress=false"]
+    one = tmp_path / "one"
+    one_process([*ml, "trainer.steps=50"], one)
+    two = tmp_path / "two"
+    _ok(torchrun(2, [*ml, "model.items=replicated", "trainer.steps=50", f"run_dir={two}"], tmp_path))
+    assert_same_run(one, two)
+    a = tmp_path / "two_then_three"
+    _ok(torchrun(2, [*ml, "model.items=replicated", "trainer.steps=30", f"run_dir={a}"], tmp_path))
+    b = tmp_path / "two_then_one"
+    import shutil
+
+    shutil.copytree(a, b)
+    res = torchrun(2, [f"resume={a}", "trainer.steps=50", "model.items=sharded"], tmp_path)
+    assert res.returncode != 0 and "model.items is 'replicated' there, 'sharded' now" in res.stdout + res.stderr
+    _ok(torchrun(3, [f"resume={a}", "trainer.steps=50"], tmp_path))
+    assert_same_run(one, a)
+    one_process(["trainer.steps=50", "trainer.distributed=false"], b, resume=True)
+    assert_same_run(one, b)
+
+
 def readme_torchrun_commands() -> list[str]:
     from conftest import REPO
 
@@ -357,3 +385,26 @@ def test_one_process_run_ignores_broken_launcher_variables(monkeypatch):
     assert _join_process_group(compose(["model=dense_mf"])) == (None, False)
     with pytest.raises(ConfigError, match="MASTER"):
         _join_process_group(compose(["model=dense_mf", "trainer.distributed=true"]))
+
+
+def test_run_saved_before_model_items_existed_resumes(tmp_path, shared_data):
+    """A MovieLens checkpoint whose config has no model.items (saved before it existed) fits a
+    config with the default items=sharded; any other value, or another changed setting, does not."""
+    from goldstone_cli.checkpoint import CheckpointError
+    from goldstone_cli.models import build_model
+    from goldstone_cli.train import _check_fits, _plain_config
+
+    cfg = compose(["model=movielens", f"data.path={shared_data / 'movielens' / 'ml-latest-small'}",
+                   f"data.cache_dir={tmp_path}", "data.T=3", "model.d=2"])
+    model = build_model(cfg, torch.device("cpu"), torch.float32)
+    saved = _plain_config(cfg)
+    del saved["model"]["items"]
+    state = {"step": 1, "wall_time": 0.0, "model": model.state_dict(), "optimizer": {}, "scheduler": None,
+             "generator": None, "config": saved}
+    _check_fits(state, tmp_path, cfg, model)
+    for override, match in (("model.items=replicated", "model.items is 'sharded' there, 'replicated' now"),
+                            ("model.gamma=2", "model.gamma is 1.0 there, 2.0 now")):
+        other = compose(["model=movielens", f"data.path={shared_data / 'movielens' / 'ml-latest-small'}",
+                         f"data.cache_dir={tmp_path}", "data.T=3", "model.d=2", override])
+        with pytest.raises(CheckpointError, match=match):
+            _check_fits(state, tmp_path, other, model)

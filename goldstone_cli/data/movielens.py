@@ -861,9 +861,9 @@ def load_user_rows_distributed(shard: Any, load: Any) -> UserRatings | MovieLens
                     msg = {"ok": False, "why": f"rank 0 could not write the by-user ratings ({e})"}
         except BaseException as e:  # re-raised below, after the other ranks have heard of it
             msg = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
-            _broadcast_json(shard, msg)
+            shard.broadcast_json(msg, _MSG_BYTES)
             raise
-    msg = _broadcast_json(shard, msg)
+    msg = shard.broadcast_json(msg, _MSG_BYTES)
     if "error" in msg:
         raise RuntimeError(f"rank 0 could not load the MovieLens data: {msg['error']}")
     if msg["ok"]:
@@ -873,19 +873,6 @@ def load_user_rows_distributed(shard: Any, load: Any) -> UserRatings | MovieLens
             msg = {"ok": False, "why": f"rank {shard.rank} cannot read {msg['folder']} ({e})"}
     warnings.warn(f"{msg['why']}: this rank reads all MovieLens ratings and keeps its users'.", stacklevel=2)
     return data if data is not None else load()
-
-
-def _broadcast_json(shard: Any, msg: dict[str, Any]) -> dict[str, Any]:
-    """``msg`` of rank 0 on every rank (JSON bytes in a uint8 tensor: nothing is unpickled)."""
-    buf = torch.zeros(_MSG_BYTES, dtype=torch.uint8)
-    if shard.rank == 0:
-        raw = json.dumps(msg).encode()
-        if len(raw) > _MSG_BYTES:
-            raw = json.dumps({"ok": False, "why": "the cache path is too long to broadcast"}).encode()
-        buf[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    buf = shard.broadcast_(buf.to(shard.device or "cpu")).cpu()
-    raw = bytes(buf.numpy()).rstrip(b"\0")
-    return json.loads(raw.decode())
 
 
 # ----------------------------------------------------------------------------------------------

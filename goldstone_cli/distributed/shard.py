@@ -11,8 +11,9 @@ model has one code path for both cases.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -99,6 +100,23 @@ class RowShard:
             dist.broadcast(t, src=dist.get_global_rank(self.group, src) if self.group is not None else src,
                            group=self.group)
         return t
+
+    def broadcast_json(self, msg: Any, nbytes: int = 8192, src: int = 0) -> Any:
+        """Rank ``src``'s JSON-able ``msg`` on every rank (UTF-8 JSON in a zero-padded uint8 tensor of
+        ``nbytes``: nothing is unpickled). A message too long for the buffer raises on ``src`` only
+        after the others have received an error message, so no rank waits forever."""
+        buf = torch.zeros(nbytes, dtype=torch.uint8)
+        too_long = None
+        if self.rank == src:
+            raw = json.dumps(msg).encode()
+            if len(raw) > nbytes:
+                too_long = len(raw)
+                raw = json.dumps({"ok": False, "error": f"message of {too_long} bytes > {nbytes}"}).encode()
+            buf[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        buf = self.broadcast_(buf.to(self.device or "cpu"), src=src).cpu()
+        if too_long is not None:
+            raise ValueError(f"broadcast_json: the message has {too_long} bytes, more than nbytes={nbytes}")
+        return json.loads(bytes(buf.numpy()).rstrip(b"\0").decode())
 
     def barrier(self) -> None:
         if self.distributed:

@@ -63,7 +63,7 @@ def _build_movielens(cfg: DictConfig, device: torch.device, dtype: torch.dtype, 
     m = cfg.model
     return SparseDynamicBernoulliMF(data, d=m.d, coupling=m.coupling, gamma=m.gamma, init_scale=m.init_scale,
                                     batch_size=m.batch_size, chunk_size=m.chunk_size, seed=cfg.seed,
-                                    dtype=dtype, device=device, shard=shard)
+                                    dtype=dtype, device=device, shard=shard, items=m.get("items", "sharded"))
 
 
 @register("dwe", shardable=True)

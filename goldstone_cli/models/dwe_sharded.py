@@ -25,9 +25,12 @@ all-gathers whole parameters. ``local_loss``, ``psi`` and the gradients are this
 (summed over ranks they are the one-process values); ``evaluate`` returns global metrics on every
 rank.
 
-Data: every rank reads each step's count file once and keeps its rows (the held-out thinning of
-``dwe.split_counts`` draws over the upper triangle of the whole symmetric matrix, so reproducing
-the one-process split needs the whole step): one full step in memory at a time, not T.
+Data (``goldstone_cli.models.dwe_split``): the held-out thinning of ``dwe.split_counts`` draws over
+the upper triangle of each whole symmetric matrix, so on several ranks rank 0 runs the split once
+and stores it by word rows next to the prepared corpus (``by_word-<key>/``, checksummed); every
+rank then copies only its words' rows out of the memory-mapped files (about 1/world of the counts).
+Without a prepared folder, or where that folder cannot be written, every rank reads each step's
+count file once and keeps its rows: one full step in memory at a time, not T.
 
 Initialization: drawn for the GLOBAL problem from ``seed`` exactly as ``DynamicWordEmbeddings``
 draws it (each rank keeps its rows), so a sharded run starts where a one-process run starts. A
@@ -39,9 +42,8 @@ still not with the rank count).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -52,11 +54,10 @@ from torch import Tensor, nn
 
 from goldstone_cli.distributed.shard import RowShard
 from goldstone_cli.models.base import DynamicModel
+from goldstone_cli.models.dwe_split import HeldOut, StepSource, load_rows_distributed, split_rows
 from goldstone_cli.models.dwe import (
     DynamicWordEmbeddings,
     WordCounts,
-    _thin,
-    choose_test_steps,
     cosine_quantiles,
     expected_neg_log_prior_var,
     neg_entropy,
@@ -74,119 +75,6 @@ FULL_INIT_MAX = 1 << 27
 # concatenated along dim 0
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-# ============================================================================ data
-@dataclass
-class StepSource:
-    """A corpus as metadata plus a loader of one step's (V, V) count matrix at a time, so that a
-    rank never holds more than one full step (it keeps its rows of each)."""
-
-    vocab: list[str]
-    years: np.ndarray  # (T,)
-    year_end: np.ndarray  # (T,)
-    times: np.ndarray  # (T,)
-    labels: list[str]  # (T,)
-    load: Callable[[int], sp.csr_matrix]
-
-    @property
-    def T(self) -> int:
-        return len(self.years)
-
-    @property
-    def V(self) -> int:
-        return len(self.vocab)
-
-    @classmethod
-    def from_word_counts(cls, wc: WordCounts) -> "StepSource":
-        return cls(list(wc.vocab), wc.years.copy(), wc.year_end.copy(), wc.times.copy(),
-                   [wc.step_label(t) for t in range(wc.T)], lambda t: wc.counts[t])
-
-    @classmethod
-    def from_prepared(cls, path: str | Path, verify: bool = False) -> "StepSource":
-        """A prepared corpus folder (``goldstone data prepare ...``): vocabulary and time steps now,
-        the count matrices when :meth:`load` asks for them (the files are checked like ``load_cooc``)."""
-        from goldstone_cli.data import cooc as C
-
-        path = Path(path)
-        manifest = C.read_manifest(path)
-        if verify:
-            for name, info in manifest["files"].items():
-                if C.file_sha256(path / name) != info.get("sha256"):
-                    raise C.CoocFormatError(f"{path}: {name} does not match its sha256 in the manifest")
-        vocab = [r[1] for r in C._read_tsv(path / C.VOCAB_FILE, C.VOCAB_HEADER)]
-        trows = C._read_tsv(path / C.TIMES_FILE, C.TIMES_HEADER)
-        if len(trows) != manifest.get("n_steps") or len(vocab) != manifest.get("vocab_size"):
-            raise C.CoocFormatError(f"{path}: {len(trows)} steps and {len(vocab)} words on disk, the manifest says "
-                                    f"{manifest.get('n_steps')} and {manifest.get('vocab_size')}")
-        col = list(zip(*trows))
-        V = len(vocab)
-
-        def load(t: int) -> sp.csr_matrix:
-            f = path / C.step_file(t)
-            try:
-                m = sp.load_npz(f).tocsr()
-            except Exception as exc:
-                raise C.CoocFormatError(f"{f} cannot be read ({type(exc).__name__}); the file is damaged, "
-                                        "prepare the corpus again") from None
-            if m.shape != (V, V):
-                raise C.CoocFormatError(f"{f}: shape {m.shape}, expected ({V}, {V})")
-            return m
-
-        start = np.array(col[2], dtype=np.int64)
-        return cls(vocab, start, np.array(col[3], dtype=np.int64), np.array(col[4], dtype=np.float64),
-                   list(col[1]), load)
-
-
-@dataclass
-class HeldOut:
-    """One held-out matrix of step t, as this rank sees it: its rows, and the row sums of all words."""
-
-    t: int
-    rows: sp.csr_matrix  # (V_local, V)
-    c: np.ndarray  # (V,) row sums of the whole matrix
-
-
-def split_rows(src: StepSource, start: int, stop: int, test_steps: float, test_mass: float, seed: int,
-               val_mass: float = 0.0):
-    """``dwe.split_counts`` step by step, keeping rows [start, stop): the same random thinning as the
-    one-process split (the same generators consumed in the same order), one full step in memory at
-    a time. Returns (train_rows: T CSR (V_local, V), c: (T, V) training row sums of all words,
-    test_steps, held-out steps, held-out mass, validation mass) with the held-out sets as
-    :class:`HeldOut` lists (only matrices with entries)."""
-    T, V = src.T, src.V
-    steps = choose_test_steps(T, test_steps)
-    rng, rng_val = np.random.default_rng(seed), np.random.default_rng([seed, 1])
-    train, c = [], np.zeros((T, V))
-    held, mass, val = [], [], []
-
-    def keep(t: int, m: sp.csr_matrix) -> HeldOut:
-        return HeldOut(t, m[start:stop].tocsr(), np.asarray(m.sum(axis=1)).reshape(-1))
-
-    for t in range(T):
-        m = sp.csr_matrix(src.load(t), dtype=np.float64)
-        if m.shape != (V, V):
-            raise ValueError(f"count matrix {t} ({src.labels[t]}) has shape {m.shape}, expected ({V}, {V})")
-        if m.nnz and (m.data.min() < 0 or not np.all(np.isfinite(m.data))):
-            raise ValueError(f"count matrix {t} ({src.labels[t]}) has negative or non-finite counts")
-        if t in steps:
-            train.append(sp.csr_matrix((stop - start, V)))
-            if m.nnz:
-                held.append(keep(t, m))
-            continue
-        if test_mass > 0:
-            m, test = _thin(m, test_mass, rng, src.labels[t], "test_mass")
-            if test.nnz:
-                mass.append(keep(t, test))
-        if val_mass > 0:
-            m, v = _thin(m, val_mass, rng_val, src.labels[t], "val_mass")
-            if v.nnz:
-                val.append(keep(t, v))
-        rows = m[start:stop].tocsr()
-        rows.sort_indices()
-        train.append(rows)
-        c[t] = np.asarray(m.sum(axis=1)).reshape(-1)
-    return train, c, steps, held, mass, val
 
 
 # ============================================================================ collectives
@@ -230,7 +118,12 @@ def gather_segments(local: Tensor, shard: RowShard, sizes: Sequence[int]) -> Ten
 # ============================================================================ model
 class ShardedDynamicWordEmbeddings(DynamicModel):
     """``DynamicWordEmbeddings`` with its word and context rows sharded by ``shard`` (see the module
-    docstring). With ``RowShard.single()`` it computes what the one-process model computes."""
+    docstring). With ``RowShard.single()`` it computes what the one-process model computes.
+
+    ``by_word``: on several ranks, read this rank's rows of the split from the by-word folder of a
+    prepared corpus (written by rank 0 on first use; ``False``: every rank splits from the count
+    files). ``progress``: a progress bar while rank 0 writes that folder. ``data_bytes_read``: the
+    bytes this rank copied out of the folder (0 when it split from the count files)."""
 
     target_metric = DynamicWordEmbeddings.target_metric
     target_lower_is_better = DynamicWordEmbeddings.target_lower_is_better
@@ -244,7 +137,7 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
                  batch_contexts: int = 1000, init_mean_std: float = 0.1, init_std: float = 0.1,
                  test_steps: float = 0.1, test_mass: float = 0.1, split_seed: int = 0, eval_chunk: int = 1 << 22,
                  seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 val_mass: float = 0.0):
+                 val_mass: float = 0.0, by_word: bool = True, progress: bool = False):
         super().__init__()
         if inference not in ("variational", "map"):
             raise ValueError(f"inference must be 'variational' or 'map', got {inference!r}")
@@ -284,8 +177,14 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
         self._const = const if self.shard.is_main() else 0.0
 
         # ---- data: this rank's rows of every step, the row sums of all words
-        train, c, self.test_steps, held, mass, val = split_rows(src, self.start, self.stop, test_steps, test_mass,
-                                                                split_seed, val_mass)
+        split_args = (self.start, self.stop, test_steps, test_mass, split_seed, val_mass)
+        if by_word and self.shard.distributed:
+            split = load_rows_distributed(src, self.shard, *split_args, progress=progress)
+        else:
+            split = split_rows(src, *split_args)
+        self.data_bytes_read = split.bytes_read
+        train, c, self.test_steps = split.train, split.c, split.test_steps
+        held, mass, val = split.held, split.mass, split.val
         self.train_mask = np.array([t not in self.test_steps for t in range(T)])
         self._train_rows = train
         self._c64 = c  # (T, V) float64 training row sums (the evaluation's training likelihood)
@@ -494,7 +393,8 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
 # ============================================================================ model registry
 def build_sharded_dwe(cfg, device: torch.device, dtype: torch.dtype, shard: RowShard) -> ShardedDynamicWordEmbeddings:
     """``model=dwe`` under ``trainer.distributed=true``: rank 0 prepares the corpus folder on first
-    use (as the one-process builder does), then every rank opens it and keeps its rows of each step."""
+    use (as the one-process builder does) and its by-word split, then every rank opens them and
+    copies its rows of each step."""
     from goldstone_cli.data.cooc import existing_output_state, read_manifest
     from goldstone_cli.data.corpus import normalize_keep_words
     from goldstone_cli.models.dwe import load_word_counts
@@ -528,4 +428,4 @@ def build_sharded_dwe(cfg, device: torch.device, dtype: torch.dtype, shard: RowS
         neg_exponent=m.neg_exponent, coupled=m.coupled, batch_words=m.batch_words, batch_contexts=m.batch_contexts,
         init_mean_std=m.init_mean_std, init_std=m.init_std, test_steps=m.test_steps, test_mass=m.test_mass,
         split_seed=m.split_seed, eval_chunk=m.eval_chunk, val_mass=m.get("val_mass", 0.0), seed=cfg.seed,
-        dtype=dtype, device=device)
+        dtype=dtype, device=device, progress=bool(cfg.trainer.progress) and shard.is_main())

@@ -25,7 +25,10 @@ keeps the ratings of its users (``ratings_of_users``) and, every step, gathers a
 (``RowShard.gather_rows``; its backward reduce-scatters V's gradient). That moves the same bytes per
 step as replicating V and all-reducing its gradient (an all-reduce is a reduce-scatter plus an
 all-gather), but every rank stores and updates only 1/world of V and of its optimizer state, and the
-gauge step needs no special case for a replicated tensor. Minibatches are drawn over the global
+gauge step needs no special case for a replicated tensor. ``items="replicated"`` (model.items) is
+the other layout: every rank holds all of V, its gradient is all-reduced (``reduce_gradients``),
+every rank updates all of it, and V's prior and psi are counted on rank 0 (bench/distributed.py
+measures both; docs/scaling.md). Minibatches are drawn over the global
 training ratings from the same generator state on every rank; each rank keeps the draws that fall
 on its users, so results do not depend on the number of ranks.
 
@@ -254,6 +257,9 @@ class SparseDynamicBernoulliMF(DynamicModel):
         chunk_size: ratings gathered at once (memory: about ``4 chunk_size d`` numbers).
         seed: initialization seed (initialized in float32 on the CPU, then cast and moved, so the
             same seed gives the same start on every device).
+        items: with a sharded ``shard``, ``"sharded"`` (each rank holds a block of the item rows and
+            gathers all of them every step) or ``"replicated"`` (each rank holds all of V and
+            all-reduces its gradient); ignored on one process.
     """
 
     target_metric = "val_ll"
@@ -265,8 +271,10 @@ class SparseDynamicBernoulliMF(DynamicModel):
     def __init__(self, data: RatingsLike, d: int = 30, coupling: float = 10.0, gamma: float = 1.0,
                  init_scale: float = 0.1, batch_size: Optional[int] = None, chunk_size: int = 1 << 20,
                  seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 shard: Optional[RowShard] = None):
+                 shard: Optional[RowShard] = None, items: str = "sharded"):
         super().__init__()
+        if items not in ("sharded", "replicated"):
+            raise ValueError(f"items must be 'sharded' or 'replicated', got {items!r}")
         if d < 1:
             raise ValueError(f"d must be >= 1, got {d}")
         if batch_size is not None and batch_size < 1:
@@ -282,6 +290,7 @@ class SparseDynamicBernoulliMF(DynamicModel):
         device = torch.device(device)
 
         self.shard = shard if shard is not None else RowShard.single()
+        self.items_replicated = self.shard.distributed and items == "replicated"
         self.compile_steps = False  # trainer.compile: the gamma / psi pass through torch.compile
         if self.shard.distributed:
             self._init_sharded(data, init_scale, seed, dtype, device)
@@ -324,7 +333,30 @@ class SparseDynamicBernoulliMF(DynamicModel):
         return [[self.U, self.V]]
 
     def sharded_params(self) -> dict[str, int]:
-        return {"U": self.n_users, "V": self.n_items} if self.shard.distributed else {}
+        if not self.shard.distributed:
+            return {}
+        return {"U": self.n_users} if self.items_replicated else {"U": self.n_users, "V": self.n_items}
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        return [self.V] if self.items_replicated else []
+
+    def reduce_gradients(self) -> None:
+        """``items="replicated"``: sum V's gradient over the ranks (each rank's holds its users'
+        likelihood; rank 0's also V's prior and psi), so that every rank takes the same step."""
+        if self.items_replicated and self.V.grad is not None:
+            self.shard.all_reduce_sum_(self.V.grad, float64=False)  # W numbers per entry
+
+    def _all_items(self, gather) -> Tensor:
+        """All of V on this rank: itself when replicated, else gathered (``gather``)."""
+        return self.V if self.items_replicated or not self.shard.distributed else gather(self.V, self.n_items)
+
+    def psi(self) -> Tensor:
+        """Eq. 6's coupling; with replicated items V's part is counted on rank 0 only (psi of a
+        group is the sum of its tensors' psi)."""
+        if not self.items_replicated:
+            return super().psi()
+        psi_u = self.coupling.psi([self.U])
+        return psi_u + self.coupling.psi([self.V]) if self.shard.is_main() else psi_u
 
     def _batch(self, generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor, Tensor, float]:
         """The training ratings of this step (all, or a minibatch drawn from ``generator``) and the
@@ -361,7 +393,7 @@ class SparseDynamicBernoulliMF(DynamicModel):
         """``u_t,i . v_t,j`` for every rating of ``split`` ('train', 'val', 'test'): shape (n_split,).
         Sharded: the ratings of this rank's users."""
         ru, rv, _ = self._splits[split]
-        V = self.shard.all_gather_rows(self.V, self.n_items)  # all items (self.V on one process)
+        V = self._all_items(self.shard.all_gather_rows)  # all items (self.V on one process)
         Uf, Vf = self.U.view(-1, self.d), V.reshape(-1, self.d)
         out = torch.empty(ru.numel(), dtype=self.U.dtype, device=self.U.device)  # (n_split,)
         for s in range(0, ru.numel(), self.chunk_size):
@@ -397,7 +429,8 @@ class SparseDynamicBernoulliMF(DynamicModel):
         U = init_scale * torch.randn(T, n_users, d := self.d, generator=g)  # the one-process draws, in order
         V = init_scale * torch.randn(T, n_items, d, generator=g)
         self.U = nn.Parameter(sh.take(U).to(device=device, dtype=dtype).contiguous())  # (T, my users, d)
-        self.V = nn.Parameter(sh.take(V).to(device=device, dtype=dtype).contiguous())  # (T, my items, d)
+        V = V if self.items_replicated else sh.take(V)  # (T, all items, d) or (T, my items, d)
+        self.V = nn.Parameter(V.to(device=device, dtype=dtype).contiguous())
         del U, V
         u0, u1 = sh.rows(n_users)
         n_local = u1 - u0
@@ -448,9 +481,11 @@ class SparseDynamicBernoulliMF(DynamicModel):
             local = self._my_local_start[t[keep]] + off[keep]  # positions in this rank's sorted ratings
             ru, rv, x = ru[local], rv[local], x[local]
             scale = self.n_train / self.batch_size
-        V = self.shard.gather_rows(self.V, self.n_items)  # (T, n_items, d)
+        V = self._all_items(self.shard.gather_rows)  # (T, n_items, d)
         nll = bernoulli_local_loss(self.U, V, ru, rv, x, 0.0, scale, self.chunk_size)
-        reg = sum_squares(self.U) + sum_squares(self.V)  # float64; each rank its own rows, once
+        reg = sum_squares(self.U)  # float64; each rank its own rows, once (replicated V: on rank 0)
+        if not self.items_replicated or self.shard.is_main():
+            reg = reg + sum_squares(self.V)
         return (nll.to(torch.float64) + 0.5 * self.gamma * reg).to(self.U.dtype)
 
 
