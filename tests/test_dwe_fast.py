@@ -568,3 +568,12 @@ def test_fused_chain_workspace_reuses_only_free_buffers():
     del view, x3, terms3, x2, terms2
     x4, _ = chain_terms(mu, raw, off, eps, w, 1.0)  # everything free again: x4 is made in a pooled buffer
     assert any(st.data_ptr() == x4.data_ptr() for sts in _WORKSPACE.storages.values() for st in sts)
+
+
+def test_workspace_is_bounded():
+    from goldstone_cli.models.dwe import _Workspace
+
+    ws = _Workspace(per_key=2, max_keys=2)
+    held = [ws.take((3, n), torch.float32, "cpu") for n in (1, 1, 1, 2, 3)]  # 3 of key 1: the third unpooled
+    assert list(ws.storages) == [((3, 2), torch.float32), ((3, 3), torch.float32)]  # key (3, 1) dropped
+    assert all(len(v) <= 2 for v in ws.storages.values()) and len(held) == 5

@@ -428,11 +428,13 @@ class _Workspace:
     the sample made in it dropped, views included), so reuse is safe with ``retain_graph`` or graphs
     kept alive. Why: a fresh multi-MB tensor costs a page fault per 4 kB page on its first write
     (glibc maps large blocks anew each time): 21 ms per 40 MB against 5.5 ms for rewriting a mapped
-    one (one CPU thread, measured on the 2-core machine)."""
+    one (one CPU thread, measured on the 2-core machine). Bounded: ``per_key`` buffers of each of at
+    most ``max_keys`` (shape, dtype) keys, the least recently used key dropped first (one model's step
+    uses 2-4 keys and 8 buffers of the largest)."""
 
-    def __init__(self, per_key: int = 6):
-        self.per_key = per_key
-        self.storages: dict[tuple, list] = {}
+    def __init__(self, per_key: int = 8, max_keys: int = 4):
+        self.per_key, self.max_keys = per_key, max_keys
+        self.storages: dict[tuple, list] = {}  # insertion order = use order (moved to the end on use)
 
     @staticmethod
     def _unused(st) -> bool:
@@ -446,7 +448,10 @@ class _Workspace:
         if device.type != "cpu":  # the CUDA caching allocator has no page-fault cost
             return torch.empty(shape, dtype=dtype, device=device)
         key = (tuple(shape), dtype)
-        lst = self.storages.setdefault(key, [])
+        lst = self.storages.pop(key, [])
+        self.storages[key] = lst  # most recently used last
+        while len(self.storages) > self.max_keys:
+            del self.storages[next(iter(self.storages))]
         for st in lst:
             if self._unused(st):
                 return torch.empty(0, dtype=dtype).set_(st, 0, tuple(shape))
