@@ -20,6 +20,7 @@ import platform
 import resource
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -214,9 +215,11 @@ def print_memory_model(args) -> dict:
     return out
 
 
-def compare_steps(model: DynamicWordEmbeddings, opt, g, repeats: int, device: torch.device) -> dict:
+def compare_steps(model: DynamicWordEmbeddings, opt, g, repeats: int, device: torch.device,
+                  paths: Optional[list[str]] = None) -> dict:
     """Interleaved steps of the two compute paths on one model, optimizer and minibatch stream: wall
-    and process CPU seconds, medians (CPU time counts this process's work on a loaded machine)."""
+    and process CPU seconds, medians (CPU time counts this process's work on a loaded machine).
+    ``paths``: the :data:`PATHS` to compare (default all)."""
     def step(paths: str) -> float:
         set_paths(model, paths)
         opt.zero_grad(set_to_none=True)
@@ -226,19 +229,20 @@ def compare_steps(model: DynamicWordEmbeddings, opt, g, repeats: int, device: to
         sync(device)
         return loss.item()
 
-    for p in PATHS:  # warm-up (Adam's state, first-use allocations)
+    paths = list(PATHS) if paths is None else paths
+    for p in paths:  # warm-up (Adam's state, first-use allocations)
         step(p)
-    wall: dict[str, list[float]] = {p: [] for p in PATHS}
-    cpu: dict[str, list[float]] = {p: [] for p in PATHS}
+    wall: dict[str, list[float]] = {p: [] for p in paths}
+    cpu: dict[str, list[float]] = {p: [] for p in paths}
     for _ in range(repeats):
-        for p in PATHS:
+        for p in paths:
             t0, c0 = time.perf_counter(), time.process_time()
             step(p)
             wall[p].append(time.perf_counter() - t0)
             cpu[p].append(time.process_time() - c0)
     res = {"wall_s": wall, "cpu_s": cpu, "median_wall_s": {p: float(np.median(v)) for p, v in wall.items()},
            "median_cpu_s": {p: float(np.median(v)) for p, v in cpu.items()}}
-    for p in PATHS:  # speedups of issue16 over each earlier path
+    for p in paths:  # speedups of issue16 over each earlier path
         if p != "issue16":
             sfx = "" if p == "before_issue16" else f"_vs_{p}"
             res["speedup_wall" + sfx] = res["median_wall_s"][p] / res["median_wall_s"]["issue16"]
@@ -271,6 +275,8 @@ def main() -> None:
                          "scans): for peak-memory runs")
     ap.add_argument("--compare", action="store_true",
                     help="time all --paths interleaved on one model (medians of --steps; wall and CPU seconds)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="--compare without the issue16_compiled path (no torch.compile of the logits pass)")
     ap.add_argument("--memory-model", action="store_true",
                     help="print the predicted peak memory at the paper's size and the largest V for 24 GB CPU / 80 GB GPU")
     ap.add_argument("--max-step-seconds", type=float, default=0.0,
@@ -327,7 +333,8 @@ def main() -> None:
 
         work = dwe_step_work(args.T, args.V, args.d, model.batch_words, model.batch_contexts, model.variational)
         before = measure_rates(device)
-        cmp = compare_steps(model, opt, g, args.steps, device)
+        cmp = compare_steps(model, opt, g, args.steps, device,
+                            [p for p in PATHS if not (args.no_compile and p == "issue16_compiled")])
         after = measure_rates(device)
         rate = max(before.gemm_flops, after.gemm_flops)  # the better of the two measurements
         bw = max(before.bandwidth, after.bandwidth)

@@ -316,7 +316,7 @@ def test_bench_memory_model_and_checks(tmp_path, monkeypatch, capsys):
     real = rl.measure_rates  # the machine-rate measurement at a toy size (the full one takes seconds)
     monkeypatch.setattr(rl, "measure_rates", lambda device: real(device, repeats=1, gemm_n=64, stream_numel=1 << 12))
     small = ["--V", "60", "--T", "5", "--d", "4", "--batch", "20", "--steps", "2", "--device", "cpu"]
-    monkeypatch.setattr("sys.argv", ["dwe_scale", *small, "--inference", "variational", "--compare"])
+    monkeypatch.setattr("sys.argv", ["dwe_scale", *small, "--inference", "variational", "--compare", "--no-compile"])
     ds.main()
     out = capsys.readouterr().out
     assert "speedup_cpu" in out and list(tmp_path.glob("dwe_compare-*.json"))
