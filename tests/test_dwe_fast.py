@@ -508,7 +508,7 @@ def test_fast_logits_pass_equals_the_first_pass_and_falls_back():
 
 
 def test_fast_softplus_rows_float32_extreme_logits():
-    """max(x, 0) + log1p(exp(-|x|)) for softplus: float32 against float64 softplus, logits from -60 to 60
+    """The eager pass's per-row softplus sums and sigmoid: float32 against float64, logits from -60 to 60
     (per-row weighted sums to 1e-5 relative, the float32 sum's rounding over 1,001 terms, and no worse
     than 2x F.softplus's own float32 result, even for rows of tiny values; sigmoid to 1e-7 absolute)."""
     from goldstone_cli.models.dwe import _softplus_rows_sigmoid_eager

@@ -681,16 +681,13 @@ def _blocks(T: int, P: int, Q: int, chunk: int):
 
 def _softplus_rows_sigmoid_eager(X: Tensor, nb: Tensor, buf: Tensor) -> Tensor:
     """``sum_q nb_q softplus(X_pq)`` (tb, pb), then ``X <- sigmoid(X)`` in place; ``buf`` a scratch
-    block of X's size. ``softplus(x) = max(x, 0) + log1p(exp(-|x|))`` in in-place passes over ``buf``:
-    half the CPU time of ``F.softplus``'s own kernel (measured: 28.9 vs 15.5 + 6.6 ms per 4M logits)."""
-    nbc = nb.unsqueeze(-1)  # (tb, Q, 1)
-    torch.clamp_min(X, 0.0, out=buf)
-    per_row = torch.bmm(buf, nbc)  # (tb, pb, 1)
-    torch.abs(X, out=buf)
-    buf.neg_().exp_().log1p_()
-    per_row += torch.bmm(buf, nbc)  # (baddbmm_ here lost digits: 3.4e-6 relative against 3.7e-7 for this sum)
+    block of X's size (softplus written into it: no fresh block per call). Measured per (4, 1000,
+    1000) block, one thread: 47.6 ms with the two scaling passes gone, against 52.8 ms for the first
+    version's passes; a softplus built from in-place ``abs``, ``exp``, ``log1p`` passes took 55 ms."""
+    torch._C._nn.softplus(X, 1, 20, out=buf)  # F.softplus's kernel, written into buf
+    per_row = torch.bmm(buf, nb.unsqueeze(-1)).squeeze(-1)  # (tb, pb)
     X.sigmoid_()
-    return per_row.squeeze(-1)
+    return per_row
 
 
 def _softplus_rows_sigmoid_kernel(X: Tensor, nb: Tensor) -> Tensor:
