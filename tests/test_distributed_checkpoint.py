@@ -4,6 +4,7 @@ never trusted half-written, never unpickle anything but DCP's metadata classes, 
 import os
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,6 +157,40 @@ def test_saved_on_two_ranks_loads_on_three_and_on_one(tmp_path):
         assert torch.equal(res["A"], full["A"][:, a0:a1]) and torch.equal(res["B"], full["B"][:, b0:b1])
     state, _ = dck.load_latest(tmp_path, RowShard.single(), CPU)
     assert torch.equal(state["model"]["A"], full["A"]) and state["model"]["B"].dtype == torch.float32
+
+
+def _save_twice_on_ranks(folder):
+    sh = RowShard(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+    for step in (3, 4):
+        dck.save(folder, {"step": step, "model": {"U": sh.take(_state(step)["model"]["U"]).clone()}}, PATHS, sh, CPU)
+    meta = ckpt.load(Path(folder) / "last.dcp" / dck.META, kind=dck.KIND)
+    return sorted(meta["files"])
+
+
+def _load_latest_on_ranks(folder):
+    sh = RowShard(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+    warnings = []
+    state, path = dck.load_latest(folder, sh, CPU, warn=warnings.append)
+    return {"step": state["step"], "path": path.name, "warnings": warnings, "U": state["model"]["U"]}
+
+
+@pytest.mark.slow
+def test_ranks_verify_their_share_and_agree_on_a_corrupt_file(tmp_path):
+    """Saved on 2 ranks (each hashes its share of the files into meta.pt); a file that only rank 1
+    checks on load is corrupted: both ranks fall back to prev.dcp together, rank 0 says why."""
+    names = run_local(_save_twice_on_ranks, 2, str(tmp_path))[0]
+    assert ".metadata" in names and sum(n.endswith(".distcp") for n in names) >= 2
+    state, _ = dck.load_latest(tmp_path, RowShard.single(), CPU)  # every digest in meta.pt is right
+    assert state["step"] == 4
+    victim = tmp_path / "last.dcp" / names[1::2][0]  # rank 1's share on a 2-rank load
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    res = run_local(_load_latest_on_ranks, 2, str(tmp_path))
+    assert [r["step"] for r in res] == [3, 3] and [r["path"] for r in res] == ["prev.dcp"] * 2
+    assert "is corrupt" in res[0]["warnings"][0] and victim.name in res[0]["warnings"][0] and not res[1]["warnings"]
+    full = _state(3)["model"]["U"]
+    assert torch.equal(torch.cat([r["U"] for r in res], dim=1), full)
 
 
 def test_checkpoint_load_latest_reads_a_sharded_run(tmp_path, world_of_one):

@@ -109,8 +109,9 @@ def _collectives_one(n):
     b = torch.tensor([float(s.rank)])
     s.broadcast_(b, src=1)
     msg = s.broadcast_json({"rank": s.rank, "path": "/d\u00e9j\u00e0 vu", "n": [1, 2.5, None]})
+    everyone = s.all_gather_json({"rank": s.rank, "x": "y" * (3 + s.rank)}, nbytes=128)
     s.barrier()
-    return {"msg": msg, "full": full, "gathered": gathered, "gathered_contiguous": gathered.is_contiguous(), "scattered": scattered, "x32": x32, "flag": flag, "b": b,
+    return {"msg": msg, "everyone": everyone, "full": full, "gathered": gathered, "gathered_contiguous": gathered.is_contiguous(), "scattered": scattered, "x32": x32, "flag": flag, "b": b,
             "rows": list(s.rows(n))}
 
 
@@ -124,14 +125,18 @@ def test_collectives_two_ranks(one_thread):
         assert torch.allclose(res["scattered"], 3 * res["full"][:, start:stop], rtol=1e-15, atol=0)
         assert res["x32"].tolist() == [0.0, 1.0]
         assert res["flag"].item() == 1.0 and res["b"].item() == 1.0
+        assert res["everyone"] == [{"rank": 0, "x": "yyy"}, {"rank": 1, "x": "yyyy"}]
         assert res["msg"] == {"rank": 0, "path": "/d\u00e9j\u00e0 vu", "n": [1, 2.5, None]}  # rank 0's, everywhere
 
 
-def test_broadcast_json_refuses_a_message_longer_than_its_buffer():
+def test_json_collectives_refuse_a_message_longer_than_their_buffer():
     s = RowShard.single()
     assert s.broadcast_json({"a": "x" * 50}, nbytes=64) == {"a": "x" * 50}
+    assert s.all_gather_json({"a": "x" * 50}, nbytes=64) == [{"a": "x" * 50}]
     with pytest.raises(ValueError, match="more than nbytes=64"):
         s.broadcast_json({"a": "x" * 100}, nbytes=64)
+    with pytest.raises(ValueError, match="more than nbytes=64"):
+        s.all_gather_json({"a": "x" * 100}, nbytes=64)
 
 
 def _fails():

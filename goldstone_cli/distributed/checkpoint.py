@@ -242,8 +242,13 @@ def save(ckpt_dir: str | Path, state: dict[str, Any], paths: dict[Path_, int], s
                                                  "dtype": str(local.dtype).replace("torch.", "")})
     dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), process_group=shard.group)
     shard.barrier()  # every rank's rows are on disk
+    # every rank hashes its share of the files (rank 0 alone would read the whole model)
+    names = sorted(p.name for p in tmp.iterdir() if p.is_file()) if shard.is_main() else None
+    names = shard.broadcast_json(names, 1 << 16)
+    files: dict[str, str] = {}
+    for part in shard.all_gather_json({n: file_sha256(tmp / n) for n in _share(names, shard)}):
+        files.update(part)
     if shard.is_main():
-        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         ckpt.save(tmp / META, {"state": meta_state, "files": files, "world": shard.world}, kind=KIND)
         ckpt._fsync_dir(tmp)
         old = ckpt_dir / f".{PREV}.old.tmp" if name == LAST else prev
@@ -335,31 +340,45 @@ def load(folder: Path, shard: RowShard, device: torch.device, verify: bool = Tru
     return state
 
 
+def _share(names: list[str], shard: RowShard) -> list[str]:
+    """This rank's share of a checkpoint's files for hashing: every ``world``-th, from its rank."""
+    return names[shard.rank::shard.world]
+
+
+def _verify_shared(folder: Path, shard: RowShard) -> Optional[str]:
+    """Verify ``folder`` with every rank checking the SHA-256 of its share of the files (collective);
+    the first problem found (the same on every rank), or None."""
+    problem = None
+    try:
+        files = read_meta(folder, verify=False)["files"]  # names checked; meta.pt's own checksum verified
+        for name in _share(sorted(files), shard):
+            if file_sha256(folder / name) != files[name]:
+                raise CheckpointError(f"{folder / name} is corrupt: its contents do not match the SHA-256 in {META}")
+    except (CheckpointError, FileNotFoundError, OSError) as exc:
+        problem = str(exc)
+    return next((p for p in shard.all_gather_json(problem) if p is not None), None)
+
+
 def load_latest(ckpt_dir: str | Path, shard: RowShard, device: torch.device, warn=print
                 ) -> tuple[dict[str, Any], Path]:
     """The newest verified DCP checkpoint, ``last.dcp`` else ``prev.dcp``; every rank gets the same
-    choice (rank 0 verifies and broadcasts it). Raises CheckpointError when neither works."""
+    choice (the ranks verify the files' checksums in shares and agree). Raises CheckpointError when
+    neither works."""
     ckpt_dir = Path(ckpt_dir)
     candidates = [ckpt_dir / LAST, ckpt_dir / PREV]
+    exists = shard.broadcast_json([f.is_dir() for f in candidates] if shard.is_main() else None)
     problems: list[str] = []
-    choice = torch.tensor([-1], dtype=torch.int64, device=shard.device or torch.device("cpu"))
-    if shard.is_main():
-        for i, folder in enumerate(candidates):
-            if not folder.is_dir():
-                continue
-            try:
-                read_meta(folder, verify=True)
-            except (CheckpointError, FileNotFoundError) as exc:
-                problems.append(str(exc))
-                continue
-            choice[0] = i
+    i = -1
+    for j, folder in enumerate(candidates):
+        if not exists[j]:
+            continue
+        problem = _verify_shared(folder, shard)
+        if problem is None:
+            i = j
             break
-    shard.broadcast_(choice)
-    i = int(choice[0])
+        problems.append(problem)
     if i < 0:
-        if shard.is_main() and problems:
-            raise CheckpointError("; ".join(problems))
-        raise CheckpointError(f"no readable sharded checkpoint in {ckpt_dir} (rank 0 found none; see its log)")
+        raise CheckpointError("; ".join(problems) if problems else f"no readable sharded checkpoint in {ckpt_dir}")
     if i == 1 and shard.is_main():
         reason = problems[0] if problems else f"{candidates[0]} is missing"
         warn(f"warning: {reason}; resuming from the previous checkpoint {candidates[1]}")

@@ -118,6 +118,29 @@ class RowShard:
             raise ValueError(f"broadcast_json: the message has {too_long} bytes, more than nbytes={nbytes}")
         return json.loads(bytes(buf.numpy()).rstrip(b"\0").decode())
 
+    def all_gather_json(self, msg: Any, nbytes: int = 1 << 16) -> list[Any]:
+        """Every rank's JSON-able ``msg``, in rank order, on every rank (UTF-8 JSON in zero-padded
+        uint8 tensors of ``nbytes``, all-gathered: nothing is unpickled). A message too long for the
+        buffer raises on its rank after the gather (the others see ``None`` for it)."""
+        raw = json.dumps(msg).encode()
+        too_long = len(raw) > nbytes
+        if too_long:
+            raw = b"null"
+        if not self.distributed:
+            out = [json.loads(raw)]
+        else:
+            buf = torch.zeros(nbytes, dtype=torch.uint8)
+            buf[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+            dev = self.device or torch.device("cpu")
+            gathered = torch.empty(self.world * nbytes, dtype=torch.uint8, device=dev)
+            dist.all_gather_into_tensor(gathered, buf.to(dev), group=self.group)
+            flat = gathered.cpu().numpy()
+            out = [json.loads(bytes(flat[r * nbytes:(r + 1) * nbytes]).rstrip(b"\0").decode())
+                   for r in range(self.world)]
+        if too_long:
+            raise ValueError(f"all_gather_json: the message has more than nbytes={nbytes} bytes")
+        return out
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self.group)
