@@ -183,6 +183,7 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
         else:
             split = split_rows(src, *split_args)
         self.data_bytes_read = split.bytes_read
+        self.compile_logits = False  # trainer.compile (set_compile)
         train, c, self.test_steps = split.train, split.c, split.test_steps
         held, mass, val = split.held, split.mass, split.val
         self.train_mask = np.array([t not in self.test_steps for t in range(T)])
@@ -306,7 +307,8 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
         v = gather_segments(v_mine, self.shard, self._sizes(cols))  # (T, Q, d): every minibatch context
         pt, pp, pq, pn = self._block_positives(my_rows, cols)
         # the (T, P_r, Q) logits formed in chunks, gradients in the same pass (as dwe.py's default)
-        ll = skipgram_block_fused(u, v, self.c[:, my_rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn)
+        ll = skipgram_block_fused(u, v, self.c[:, my_rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn,
+                                  compiled=self.compile_logits)
         zero_mean = (0.5 * self.inv_var0 * (sum_squares(mu_u) + sum_squares(mu_v))).to(mu_u.dtype)
         return -scale_r * scale_c * ll + zero_mean + var_terms + self._const
 
@@ -386,6 +388,7 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
 
     # ------------------------------------------------------------------ persistence of metadata
     # the same corpus metadata as the one-process model (vocab, years, labels, ...)
+    set_compile = DynamicWordEmbeddings.set_compile
     get_extra_state = DynamicWordEmbeddings.get_extra_state
     set_extra_state = DynamicWordEmbeddings.set_extra_state
 
