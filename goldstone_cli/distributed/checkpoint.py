@@ -245,9 +245,15 @@ def save(ckpt_dir: str | Path, state: dict[str, Any], paths: dict[Path_, int], s
     # every rank hashes its share of the files (rank 0 alone would read the whole model)
     names = sorted(p.name for p in tmp.iterdir() if p.is_file()) if shard.is_main() else None
     names = shard.broadcast_json(names, 1 << 16)
+    try:
+        mine: dict[str, Any] = {"digests": {n: file_sha256(tmp / n) for n in _share(names, shard)}}
+    except OSError as exc:  # told to the other ranks, so that none waits in the gather
+        mine = {"error": f"rank {shard.rank} cannot read the checkpoint it just wrote ({exc})"}
     files: dict[str, str] = {}
-    for part in shard.all_gather_json({n: file_sha256(tmp / n) for n in _share(names, shard)}):
-        files.update(part)
+    for part in shard.all_gather_json(mine):
+        if "error" in part:
+            raise CheckpointError(part["error"])
+        files.update(part["digests"])
     if shard.is_main():
         ckpt.save(tmp / META, {"state": meta_state, "files": files, "world": shard.world}, kind=KIND)
         ckpt._fsync_dir(tmp)
