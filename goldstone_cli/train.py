@@ -436,7 +436,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                 # update theta_s -> theta_{s+1}
                 t0 = time.perf_counter()
                 terms["total"].backward()
-                model.reduce_gradients()  # replicated parameters of a sharded model (none here: a no-op)
+                model.reduce_gradients()  # replicated parameters of a sharded model (e.g. model.items=replicated)
                 if cfg.optimizer.clip is not None:
                     torch.nn.utils.clip_grad_value_(model.parameters(), cfg.optimizer.clip)
                 n_gauge = getattr(optimizer, "num_gauge_steps", 0)

@@ -108,7 +108,8 @@ def test_by_word_folder_is_reused_and_settings_get_their_own(corpus):
         S.read_word_rows(f1, k3, 0, 10)
 
 
-@pytest.mark.parametrize("how", ["flipped_byte", "truncated", "missing_header", "foreign_name"])
+@pytest.mark.parametrize("how", ["flipped_byte", "truncated", "missing_header", "foreign_name", "no_files",
+                                 "held_incomplete", "wrong_V"])
 def test_damaged_by_word_folder_is_rebuilt_never_trusted(corpus, how):
     src = _src(corpus)
     folder, key = S.prepare_by_word(src, *_args())
@@ -124,12 +125,24 @@ def test_damaged_by_word_folder_is_rebuilt_never_trusted(corpus, how):
             S.read_word_rows(folder, key, 0, 10)  # a rank that does not verify still refuses it
     elif how == "missing_header":
         (folder / "header.json").unlink()
-    else:
+    elif how == "foreign_name":
         h = json.loads((folder / "header.json").read_text())
         h["files"]["../manifest.json"] = {"bytes": 1, "sha256": "0"}
         (folder / "header.json").write_text(json.dumps(h))
         with pytest.raises(ValueError, match="outside the folder"):
             S.read_word_rows(folder, key, 0, 10)
+    else:  # a header with the right key but missing or wrong fields
+        h = json.loads((folder / "header.json").read_text())
+        if how == "no_files":
+            del h["files"]
+        elif how == "held_incomplete":
+            h["held"] = {}
+        else:
+            h["V"] = src.V - 1
+        (folder / "header.json").write_text(json.dumps(h))
+        if how != "wrong_V":
+            with pytest.raises(ValueError, match="damaged"):
+                S.read_word_rows(folder, key, 0, 10)
     with pytest.warns(UserWarning, match="rebuilding"):
         f2, k2 = S.prepare_by_word(src, *_args())
     assert (f2, k2) == (folder, key)
@@ -159,13 +172,22 @@ def test_interrupted_write_leaves_nothing_a_later_run_trusts(corpus, tmp_path):
     _same_split(S.read_word_rows(folder, key, 3, 900), S.split_rows(src, 3, 900, *_args()))
 
 
-def test_stale_temp_folder_of_a_dead_writer_is_removed(corpus):
+def test_stale_temp_folders_of_dead_writers_on_this_host_are_removed(corpus):
+    import socket
+
     src = _src(corpus)
     key = S.by_word_key(src, *_args())
-    dead = corpus / f".{S.by_word_folder(src, key).name}.tmp-999999999"
-    dead.mkdir()
+    name = S.by_word_folder(src, key).name
+    host = socket.gethostname()
+    dead = [corpus / f".{name}.tmp-{host}-999999999", corpus / f".{name}.old-{host}-999999998"]
+    alive = [corpus / f".{name}.tmp-{host}-{os.getppid()}", corpus / f".{name}.tmp-other-node-999999999"]
+    for p in dead + alive:
+        p.mkdir()
     S.write_by_word(src, key, *_args())
-    assert not dead.exists()
+    assert not any(p.exists() for p in dead)
+    assert all(p.exists() for p in alive)  # a live writer's, and another node's (its pid means nothing here)
+    for p in alive:
+        p.rmdir()
 
 
 def test_unwritable_folder_falls_back_to_the_count_files(corpus, monkeypatch):

@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,17 +219,35 @@ def _save(folder: Path, name: str, a: np.ndarray, files: dict[str, Any]) -> None
     files[name] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
 
 
+def _writer_id() -> str:
+    """Host and pid of this writer: temporary names on a file system shared by several nodes."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_stale(final: Path) -> None:
+    """Remove the temporary (``.tmp-``) and replaced (``.old-``) folders that writers on this host
+    which no longer run left next to ``final`` (a writer killed mid-way)."""
+    from goldstone_cli.data.cooc import _pid_alive
+
+    host = socket.gethostname()
+    pat = re.compile(re.escape(f".{final.name}.") + r"(?:tmp|old)-(.+)-(\d+)$")
+    if not final.parent.is_dir():
+        return
+    for p in final.parent.iterdir():
+        m = pat.match(p.name)
+        if m and m.group(1) == host and p.is_dir() and not _pid_alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def write_by_word(src: StepSource, key: str, test_steps: float, test_mass: float, seed: int,
                   val_mass: float = 0.0, progress: bool = False) -> Path:
     """Run the split once and store it in :func:`by_word_folder` (a temporary folder renamed into
     place; the header last). If another writer finished the same folder first, its folder is kept."""
     from tqdm.auto import tqdm
 
-    from goldstone_cli.data.cooc import remove_stale_temp_dirs
-
     final = by_word_folder(src, key)
-    remove_stale_temp_dirs(final)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    _remove_stale(final)
+    tmp = final.parent / f".{final.name}.tmp-{_writer_id()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -238,6 +258,7 @@ def write_by_word(src: StepSource, key: str, test_steps: float, test_mass: float
         nnz = 0
         it = iter_split(src, test_steps, test_mass, seed, val_mass)
         for t, kind, m in tqdm(it, desc="DWE split by word", disable=not progress, unit="matrix"):
+            sums = _row_sums(m)  # before sorting: the same float sums as split_rows
             m.sort_indices()
             index_dtype = np.int32 if src.V < 2**31 else np.int64
             for name, a in zip(_csr_names(kind, t), (m.indptr.astype(np.int64), m.indices.astype(index_dtype),
@@ -245,10 +266,10 @@ def write_by_word(src: StepSource, key: str, test_steps: float, test_mass: float
                 _save(tmp, name, a, files)
             nnz += m.nnz
             if kind == "train":
-                c[t] = _row_sums(m)
+                c[t] = sums
             else:
                 held[kind].append(t)
-                held_c[kind].append(_row_sums(m))
+                held_c[kind].append(sums)
         _save(tmp, "c.npy", c, files)
         for kind in _KINDS:
             _save(tmp, f"{kind}.c.npy", np.stack(held_c[kind]) if held_c[kind] else np.zeros((0, src.V)), files)
@@ -261,9 +282,9 @@ def write_by_word(src: StepSource, key: str, test_steps: float, test_mass: float
             os.replace(tmp, final)
         except OSError:  # ``final`` exists: another writer finished first, or a damaged folder
             try:
-                read_by_word_header(final, key, verify=True)
+                _check_complete(final, key, src)
             except ValueError:
-                old = final.parent / f".{final.name}.old-{os.getpid()}"
+                old = final.parent / f".{final.name}.old-{_writer_id()}"
                 os.replace(final, old)
                 os.replace(tmp, final)
                 shutil.rmtree(old, ignore_errors=True)
@@ -281,8 +302,9 @@ def read_by_word_header(folder: Path, key: str, verify: bool) -> dict[str, Any]:
         header = json.loads((folder / "header.json").read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"no readable header.json ({e})") from None
-    if header.get("key") != key or header.get("version") != BY_WORD_VERSION:
+    if not isinstance(header, dict) or header.get("key") != key or header.get("version") != BY_WORD_VERSION:
         raise ValueError("its key does not match the corpus and split settings (stale)")
+    _check_header_fields(header)
     for name, want in header["files"].items():
         p = folder / name
         if Path(name).name != name or not name.endswith(".npy"):
@@ -295,6 +317,28 @@ def read_by_word_header(folder: Path, key: str, verify: bool) -> dict[str, Any]:
     return header
 
 
+def _check_header_fields(header: dict[str, Any]) -> None:
+    """``ValueError`` unless the header has the fields :func:`read_word_rows` reads, of the right types
+    (the key matching does not prove that a hand-edited or damaged header is complete)."""
+    def ints(x) -> bool:
+        return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+    files, held = header.get("files"), header.get("held")
+    ok = (isinstance(header.get("T"), int) and isinstance(header.get("V"), int) and ints(header.get("test_steps"))
+          and isinstance(files, dict) and all(isinstance(v, dict) for v in files.values())
+          and isinstance(held, dict) and set(held) == set(_KINDS) and all(ints(v) for v in held.values()))
+    if not ok:
+        raise ValueError("header.json lacks fields or has fields of the wrong type (damaged)")
+
+
+def _check_complete(folder: Path, key: str, src: StepSource) -> None:
+    """Rank 0's full check of a by-word folder for ``src``: header, sizes, every SHA-256, T and V."""
+    header = read_by_word_header(folder, key, verify=True)
+    if (header["T"], header["V"]) != (src.T, src.V):
+        raise ValueError(f"its header says T={header['T']}, V={header['V']}, the corpus has T={src.T}, "
+                         f"V={src.V} (damaged)")
+
+
 def prepare_by_word(src: StepSource, test_steps: float, test_mass: float, seed: int, val_mass: float = 0.0,
                     progress: bool = False) -> tuple[Path, str]:
     """Rank 0: the by-word folder of this split and its key, checked in full (sizes, SHA-256) and
@@ -303,7 +347,7 @@ def prepare_by_word(src: StepSource, test_steps: float, test_mass: float, seed: 
     folder = by_word_folder(src, key)
     if folder.exists():
         try:
-            read_by_word_header(folder, key, verify=True)
+            _check_complete(folder, key, src)
             return folder, key
         except ValueError as e:
             warnings.warn(f"Ignoring the by-word split {folder} ({e}); rebuilding it.", stacklevel=2)
