@@ -23,6 +23,8 @@ worst case and is ~1e-9 for data like these.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -104,3 +106,20 @@ def batched_gram(A: Tensor, B: Tensor, chunk: int = 1 << 12) -> Tensor:
     if m * chunk < N:
         out += torch.bmm(A[:, m * chunk:].transpose(1, 2), B[:, m * chunk:]).to(torch.float64)
     return out
+
+
+#: torch.compile'd kernels by name (one compile per process); None where compiling is unavailable or
+#: has failed (the callers then run their eager pass from then on)
+COMPILED: dict[str, object] = {}
+
+
+def compiled_kernel(name: str, fn, eager: str):
+    """``torch.compile(fn, dynamic=True)``, made once per process and kept under ``name``; None (with
+    one warning naming the ``eager`` fallback) where torch.compile is unavailable or failed before."""
+    if name not in COMPILED:
+        try:
+            COMPILED[name] = torch.compile(fn, dynamic=True)
+        except Exception as exc:  # pragma: no cover - no compiler / unsupported platform
+            warnings.warn(f"torch.compile unavailable ({str(exc).splitlines()[0]}); using the eager {eager}")
+            COMPILED[name] = None
+    return COMPILED[name]

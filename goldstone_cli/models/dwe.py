@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from goldstone_cli.models.base import DynamicModel
-from goldstone_cli.numerics import sum_squares, sum_squares_value
+from goldstone_cli.numerics import COMPILED, compiled_kernel, sum_squares, sum_squares_value
 from goldstone_cli.optim.coupling import Coupling
 from goldstone_cli.optim.gauge import serial_cpu
 
@@ -703,16 +703,10 @@ def _softplus_rows_sigmoid_kernel(X: Tensor, nb: Tensor) -> Tensor:
 def _compiled_logits_kernel():
     """The compiled :func:`_softplus_rows_sigmoid_kernel`, or None where torch.compile is unavailable
     or failed before (then the eager pass runs: the same values up to float rounding)."""
-    if "logits" not in _COMPILED:
-        try:
-            _COMPILED["logits"] = torch.compile(_softplus_rows_sigmoid_kernel, dynamic=True)
-        except Exception as exc:  # pragma: no cover - no compiler / unsupported platform
-            warnings.warn(f"torch.compile unavailable ({str(exc).splitlines()[0]}); using the eager logits pass")
-            _COMPILED["logits"] = None
-    return _COMPILED["logits"]
+    return compiled_kernel("logits", _softplus_rows_sigmoid_kernel, "logits pass")
 
 
-_COMPILED: dict[str, object] = {}
+_COMPILED = COMPILED  # "logits": the compiled kernel, or None once compiling failed
 
 
 def _softplus_rows_sigmoid(X: Tensor, nb: Tensor, buf: Tensor, compiled: bool) -> Tensor:

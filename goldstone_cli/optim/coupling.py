@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from goldstone_cli.numerics import batched_gram, row_sum_squares
+from goldstone_cli.numerics import COMPILED, batched_gram, compiled_kernel, row_sum_squares
 
 
 @dataclass(frozen=True)
@@ -282,19 +282,13 @@ def _chain_quadratic_kernel(Z: Tensor, out: Tensor, w: Tensor, diag: Tensor) -> 
     return (z * z).sum(), 0.5 * (wr.to(torch.float64) * diff * diff).sum()  # Eq. 3
 
 
-_COMPILED: dict[str, object] = {}
+_COMPILED = COMPILED  # "chain": the compiled kernel, or None once compiling failed
 
 
 def _compiled_chain_kernel():
     """The compiled kernel, or None where torch.compile is unavailable or failed before (then the
     eager blocked pass runs: the same values up to rounding)."""
-    if "chain" not in _COMPILED:
-        try:
-            _COMPILED["chain"] = torch.compile(_chain_quadratic_kernel, dynamic=True)
-        except Exception as exc:  # pragma: no cover - no compiler / unsupported platform
-            warnings.warn(f"torch.compile unavailable ({str(exc).splitlines()[0]}); using the eager step")
-            _COMPILED["chain"] = None
-    return _COMPILED["chain"]
+    return compiled_kernel("chain", _chain_quadratic_kernel, "step")
 
 
 def quadratic_terms_(Z: Tensor, coupling: Coupling, gamma: float = 0.0, out: Tensor | None = None,
