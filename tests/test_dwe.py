@@ -8,6 +8,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from conftest import sym_counts as _sym_counts
 from goldstone_cli.models.dwe import (
     DynamicWordEmbeddings,
     WordCounts,
@@ -28,16 +29,6 @@ F64 = torch.float64
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _sym_counts(V: int, T: int, density: float = 0.3, seed: int = 0) -> list[sp.csr_matrix]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for t in range(T):
-        A = sp.random(V, V, density=density, random_state=seed * 100 + t,
-                      data_rvs=lambda n: rng.integers(1, 6, n).astype(float)).tocsr()
-        out.append((A + A.T).tocsr())
-    return out
 
 
 def _wc(V=12, T=5, seed=0, years=None) -> WordCounts:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import sym_counts as _sym_counts
 from goldstone_cli.models.dwe import (
     DynamicWordEmbeddings,
     WordCounts,
@@ -26,16 +26,6 @@ from goldstone_cli.models.dwe import (
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _sym_counts(V: int, T: int, density: float = 0.3, seed: int = 0) -> list[sp.csr_matrix]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for t in range(T):
-        A = sp.random(V, V, density=density, random_state=seed * 100 + t,
-                      data_rvs=lambda n: rng.integers(1, 6, n).astype(float)).tocsr()
-        out.append((A + A.T).tocsr())
-    return out
 
 
 # ----------------------------------------------------------------------------- recurrence

@@ -141,6 +141,20 @@ def test_first_moment_rotates_and_an_isotropic_second_moment_is_kept_under_any_r
             torch.testing.assert_close(st["exp_avg_sq"], v, rtol=1e-13, atol=0)
 
 
+def _assert_second_moments_valid(opt, prob) -> None:
+    """The base state after a gauge step: second moments non-negative, AMSGrad's maximum above the
+    moment, centered RMSprop's variance non-negative."""
+    for Z in prob.params:
+        st = opt.base.state[Z]
+        for key in ("exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg"):
+            if key in st:
+                assert bool((st[key] >= 0).all())
+        if "max_exp_avg_sq" in st:
+            assert bool((st["max_exp_avg_sq"] >= st["exp_avg_sq"] * (1 - 1e-12)).all())
+        if "grad_avg" in st:  # centered RMSprop: the variance stays non-negative
+            assert bool((st["square_avg"] - st["grad_avg"] ** 2 >= 0).all())
+
+
 # ------------------------------------------------------------------------- inside GoldstoneGD
 @pytest.mark.parametrize("transform", STATE_TRANSFORMS)
 @pytest.mark.parametrize("base", list(BASES))
@@ -155,15 +169,7 @@ def test_gauge_step_with_every_transform_keeps_local_losses_and_never_raises_psi
         info = opt.gauge_step()
         torch.testing.assert_close(prob.local_per_t(), before, rtol=1e-12, atol=1e-10)
         assert info["psi_after"] <= psi0 * (1 + 1e-12)
-        for Z in prob.params:
-            st = opt.base.state[Z]
-            for key in ("exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg"):
-                if key in st:
-                    assert bool((st[key] >= 0).all())
-            if "max_exp_avg_sq" in st:
-                assert bool((st["max_exp_avg_sq"] >= st["exp_avg_sq"] * (1 - 1e-12)).all())
-            if "grad_avg" in st:  # centered RMSprop: the variance stays non-negative
-                assert bool((st["square_avg"] - st["grad_avg"] ** 2 >= 0).all())
+        _assert_second_moments_valid(opt, prob)
     _steps(opt, prob, 10)
     assert all(torch.isfinite(Z).all() for Z in prob.params)
 
@@ -333,13 +339,7 @@ def test_balanced_gauge_step_keeps_local_losses_and_never_raises_psi(transform, 
         used += info["groups"][0]["balanced"]
         torch.testing.assert_close(prob.local_per_t(), before, rtol=1e-11, atol=1e-10)
         assert info["psi_after"] <= psi0 * (1 + 1e-12)
-        for Z in prob.params:
-            st = opt.base.state[Z]
-            for key in ("exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg"):
-                if key in st:
-                    assert bool((st[key] >= 0).all())
-            if "grad_avg" in st:
-                assert bool((st["square_avg"] - st["grad_avg"] ** 2 >= 0).all())
+        _assert_second_moments_valid(opt, prob)
     assert used > 0  # the balanced candidate won at least once (the path is exercised)
     _steps(opt, prob, 10)
     assert all(torch.isfinite(Z).all() for Z in prob.params)

@@ -846,26 +846,20 @@ def load_user_rows_distributed(shard: Any, load: Any) -> UserRatings | MovieLens
     a rank cannot read the folder (e.g. a node-local cache), that rank falls back to ``load()`` and
     keeps all ratings (the model keeps its users'), with a warning. An error on rank 0 is re-raised
     there and reported on the others."""
-    msg: dict[str, Any] = {}
     data = None
-    if shard.rank == 0:
+
+    def on_rank0() -> dict[str, Any]:
+        nonlocal data
+        data = load()
+        if data.source.cache_path is None:
+            return {"ok": False, "why": "rank 0 has no cache file (data.use_cache=false or not writable)"}
         try:
-            data = load()
-            if data.source.cache_path is None:
-                msg = {"ok": False, "why": "rank 0 has no cache file (data.use_cache=false or not writable)"}
-            else:
-                try:
-                    folder, key = prepare_by_user(data)
-                    msg = {"ok": True, "folder": str(folder.resolve()), "key": key}
-                except OSError as e:
-                    msg = {"ok": False, "why": f"rank 0 could not write the by-user ratings ({e})"}
-        except BaseException as e:  # re-raised below, after the other ranks have heard of it
-            msg = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
-            shard.broadcast_json(msg, _MSG_BYTES)
-            raise
-    msg = shard.broadcast_json(msg, _MSG_BYTES)
-    if "error" in msg:
-        raise RuntimeError(f"rank 0 could not load the MovieLens data: {msg['error']}")
+            folder, key = prepare_by_user(data)
+            return {"ok": True, "folder": str(folder.resolve()), "key": key}
+        except OSError as e:
+            return {"ok": False, "why": f"rank 0 could not write the by-user ratings ({e})"}
+
+    msg = shard.from_main(on_rank0, "load the MovieLens data", _MSG_BYTES)
     if msg["ok"]:
         try:
             return read_user_rows(msg["folder"], msg["key"], world=shard.world, rank=shard.rank)

@@ -118,6 +118,22 @@ class RowShard:
             raise ValueError(f"broadcast_json: the message has {too_long} bytes, more than nbytes={nbytes}")
         return json.loads(bytes(buf.numpy()).rstrip(b"\0").decode())
 
+    def from_main(self, fn: Any, what: str, nbytes: int = 8192) -> Any:
+        """``fn()`` run on rank 0 only, its JSON-able result on every rank (:meth:`broadcast_json`).
+        An exception in ``fn`` is told to the other ranks (they raise ``RuntimeError("rank 0 could not
+        <what>: ...")``) and re-raised on rank 0, so that no rank waits for a broadcast that never comes."""
+        msg = None
+        if self.rank == 0:
+            try:
+                msg = fn()
+            except BaseException as e:  # re-raised after the other ranks have heard of it
+                self.broadcast_json({"error": f"{type(e).__name__}: {e}"[:2000]}, nbytes)
+                raise
+        msg = self.broadcast_json({"result": msg}, nbytes)
+        if "error" in msg:
+            raise RuntimeError(f"rank 0 could not {what}: {msg['error']}")
+        return msg["result"]
+
     def all_gather_json(self, msg: Any, nbytes: int = 1 << 16) -> list[Any]:
         """Every rank's JSON-able ``msg``, in rank order, on every rank (UTF-8 JSON in zero-padded
         uint8 tensors of ``nbytes``, all-gathered: nothing is unpickled). A message too long for the

@@ -845,6 +845,32 @@ def skipgram_block_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor
 
 
 # ============================================================================ model
+def draw_minibatch(V: int, P: int, Q: int, generator: Optional[torch.Generator], device) -> tuple[Tensor, Tensor]:
+    """The sorted word rows (P of V) and context columns (Q of V) of one minibatch, drawn without
+    replacement from ``generator`` in this order (all of V where P or Q is V)."""
+    rows = torch.randperm(V, generator=generator, device=device)[:P].sort().values if P < V \
+        else torch.arange(V, device=device)
+    cols = torch.randperm(V, generator=generator, device=device)[:Q].sort().values if Q < V \
+        else torch.arange(V, device=device)
+    return rows, cols
+
+
+def register_counts(model: nn.Module, stacked: sp.csr_matrix, c: np.ndarray, dtype, device) -> None:
+    """The training counts as non-persistent buffers of ``model``: the stacked CSR ``stacked`` (rows
+    ``t * n_rows + i``) as ``crow`` / ``col`` / ``val``, the row sums ``c`` (T, V) of all words and
+    the negatives' normalized ``c^neg_exponent`` as ``cneg`` (T, V); sets ``n_train_points``."""
+    stacked.sort_indices()
+    model.register_buffer("crow", torch.as_tensor(stacked.indptr.astype(np.int64), device=device), persistent=False)
+    model.register_buffer("col", torch.as_tensor(stacked.indices.astype(np.int64), device=device), persistent=False)
+    model.register_buffer("val", torch.as_tensor(stacked.data, dtype=dtype, device=device), persistent=False)
+    cp = c ** model.neg_exponent
+    z = cp.sum(axis=1, keepdims=True)
+    cneg = np.divide(cp, z, out=np.zeros_like(cp), where=z > 0)
+    model.register_buffer("c", torch.as_tensor(c, dtype=dtype, device=device), persistent=False)
+    model.register_buffer("cneg", torch.as_tensor(cneg, dtype=dtype, device=device), persistent=False)
+    model.n_train_points = float(c.sum() * (1.0 + model.neg_ratio))
+
+
 class DynamicWordEmbeddings(DynamicModel):
     """DWE with variational smoothing (``inference="variational"``) or MAP point estimates."""
 
@@ -942,19 +968,9 @@ class DynamicWordEmbeddings(DynamicModel):
     def _set_train_counts(self, train: Sequence[sp.csr_matrix], dtype, device) -> None:
         """One CSR over rows ``t*V + i`` for all steps (held-out steps have empty rows), and the
         row sums ``c`` (T, V) with the normalized ``c^0.75`` (T, V) that define the negatives."""
-        V = self.V
         stacked = sp.vstack([sp.csr_matrix(m) for m in train], format="csr")  # (T*V, V)
-        stacked.sort_indices()
-        self.register_buffer("crow", torch.as_tensor(stacked.indptr.astype(np.int64), device=device), persistent=False)
-        self.register_buffer("col", torch.as_tensor(stacked.indices.astype(np.int64), device=device), persistent=False)
-        self.register_buffer("val", torch.as_tensor(stacked.data, dtype=dtype, device=device), persistent=False)
-        c = np.asarray(stacked.sum(axis=1)).reshape(self.T, V)  # (T, V)
-        cp = c ** self.neg_exponent
-        z = cp.sum(axis=1, keepdims=True)
-        cneg = np.divide(cp, z, out=np.zeros_like(cp), where=z > 0)
-        self.register_buffer("c", torch.as_tensor(c, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("cneg", torch.as_tensor(cneg, dtype=dtype, device=device), persistent=False)
-        self.n_train_points = float(c.sum() * (1.0 + self.neg_ratio))
+        c = np.asarray(stacked.sum(axis=1)).reshape(self.T, self.V)  # (T, V)
+        register_counts(self, stacked, c, dtype, device)
 
     def _block_positives(self, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Positive counts of the block rows x cols at every step, as (t, p, q, n) with p, q the
@@ -988,10 +1004,7 @@ class DynamicWordEmbeddings(DynamicModel):
         mu_u, mu_v = self.means()
         dev = mu_u.device
         P, Q = self.batch_words, self.batch_contexts
-        rows = torch.randperm(self.V, generator=generator, device=dev)[:P].sort().values if P < self.V \
-            else torch.arange(self.V, device=dev)
-        cols = torch.randperm(self.V, generator=generator, device=dev)[:Q].sort().values if Q < self.V \
-            else torch.arange(self.V, device=dev)
+        rows, cols = draw_minibatch(self.V, P, Q, generator, dev)
         scale_r, scale_c = self.V / P, self.V / Q
         if self.fused_prior:  # gathers and square sums with one dense gradient pass per mean
             mu_rows, sq_u = rows_and_squares(mu_u, rows)  # (T, P, d), float64 sum of mu_u^2

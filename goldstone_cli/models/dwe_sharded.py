@@ -58,11 +58,11 @@ from goldstone_cli.models.dwe_split import HeldOut, StepSource, load_rows_distri
 from goldstone_cli.models.dwe import (
     DynamicWordEmbeddings,
     WordCounts,
+    chain_terms,
     cosine_quantiles,
-    expected_neg_log_prior_var,
-    neg_entropy,
+    draw_minibatch,
     prior_precision,
-    sample_chain,
+    register_counts,
     skipgram_block_fused,
 )
 from goldstone_cli.numerics import sum_squares
@@ -224,16 +224,7 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
         """One CSR over local rows ``t * V_local + (i - start)`` for all steps, the row sums c (T, V)
         of all words and the negatives' normalized c^0.75 (T, V)."""
         stacked = sp.vstack(train, format="csr") if train else sp.csr_matrix((0, self.V))
-        stacked.sort_indices()
-        self.register_buffer("crow", torch.as_tensor(stacked.indptr.astype(np.int64), device=device), persistent=False)
-        self.register_buffer("col", torch.as_tensor(stacked.indices.astype(np.int64), device=device), persistent=False)
-        self.register_buffer("val", torch.as_tensor(stacked.data, dtype=dtype, device=device), persistent=False)
-        cp = c ** self.neg_exponent
-        z = cp.sum(axis=1, keepdims=True)
-        cneg = np.divide(cp, z, out=np.zeros_like(cp), where=z > 0)
-        self.register_buffer("c", torch.as_tensor(c, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("cneg", torch.as_tensor(cneg, dtype=dtype, device=device), persistent=False)
-        self.n_train_points = float(c.sum() * (1.0 + self.neg_ratio))
+        register_counts(self, stacked, c, dtype, device)
 
     def _block_positives(self, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Positive counts of the local words ``rows`` (global indices) x the contexts ``cols`` at
@@ -284,10 +275,7 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
         mu_u, mu_v = self.means()
         dev = mu_u.device
         P, Q = self.batch_words, self.batch_contexts
-        rows = torch.randperm(self.V, generator=generator, device=dev)[:P].sort().values if P < self.V \
-            else torch.arange(self.V, device=dev)
-        cols = torch.randperm(self.V, generator=generator, device=dev)[:Q].sort().values if Q < self.V \
-            else torch.arange(self.V, device=dev)
+        rows, cols = draw_minibatch(self.V, P, Q, generator, dev)
         scale_r, scale_c = self.V / P, self.V / Q
         mr, mc = self._mine(rows), self._mine(cols)
         my_rows, my_cols = rows[mr], cols[mc]
@@ -297,10 +285,10 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
             eps_v = torch.randn(self.T, Q, self.d, generator=generator, device=dev, dtype=mu_u.dtype)
             ru, ou = self.raw_U[:, lr], self.off_U[:, lr]
             rv, ov = self.raw_V[:, lc], self.off_V[:, lc]
-            u = sample_chain(mu_u[:, lr], ru, ou, eps_u[:, mr])  # (T, P_r, d)
-            v_mine = sample_chain(mu_v[:, lc], rv, ov, eps_v[:, mc])  # (T, Q_r, d)
-            var_terms = (scale_r * (expected_neg_log_prior_var(ru, ou, self.w, self.inv_var0) + neg_entropy(ru))
-                         + scale_c * (expected_neg_log_prior_var(rv, ov, self.w, self.inv_var0) + neg_entropy(rv)))
+            # the sample, the covariance part of the prior and the entropy in one pass (dwe.chain_terms)
+            u, terms_u = chain_terms(mu_u[:, lr], ru, ou, eps_u[:, mr], self.w, self.inv_var0)  # (T, P_r, d)
+            v_mine, terms_v = chain_terms(mu_v[:, lc], rv, ov, eps_v[:, mc], self.w, self.inv_var0)  # (T, Q_r, d)
+            var_terms = scale_r * terms_u + scale_c * terms_v
         else:
             u, v_mine = mu_u[:, lr], mu_v[:, lc]
             var_terms = 0.0

@@ -424,22 +424,17 @@ def load_rows_distributed(src: StepSource, shard: Any, start: int, stop: int, te
     reads every step in full), with a warning. An error on rank 0 is re-raised there and reported
     on the others."""
     args = (test_steps, test_mass, seed, val_mass)
-    msg: dict[str, Any] = {}
-    if shard.rank == 0:
+
+    def on_rank0() -> dict[str, Any]:
         if src.path is None:
-            msg = {"ok": False, "quiet": True}
-        else:
-            try:
-                folder, key = prepare_by_word(src, *args, progress=progress)
-                msg = {"ok": True, "folder": str(folder.resolve()), "key": key}
-            except OSError as e:
-                msg = {"ok": False, "why": f"rank 0 could not write the by-word split ({e})"}
-            except BaseException as e:  # re-raised below, after the other ranks have heard of it
-                shard.broadcast_json({"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}, _MSG_BYTES)
-                raise
-    msg = shard.broadcast_json(msg, _MSG_BYTES)
-    if "error" in msg:
-        raise RuntimeError(f"rank 0 could not split the corpus by word: {msg['error']}")
+            return {"ok": False, "quiet": True}
+        try:
+            folder, key = prepare_by_word(src, *args, progress=progress)
+            return {"ok": True, "folder": str(folder.resolve()), "key": key}
+        except OSError as e:
+            return {"ok": False, "why": f"rank 0 could not write the by-word split ({e})"}
+
+    msg = shard.from_main(on_rank0, "split the corpus by word", _MSG_BYTES)
     if msg["ok"]:
         try:
             return read_word_rows(msg["folder"], msg["key"], start, stop)
