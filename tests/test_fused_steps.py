@@ -181,6 +181,28 @@ def test_training_run_gives_the_same_metrics_as_before(tmp_path, monkeypatch):
     np.testing.assert_allclose(new[cols].to_numpy(float), old[cols].to_numpy(float), rtol=1e-9, atol=1e-9)
 
 
+@needs_sample
+def test_native_loops_give_the_metrics_of_the_pytorch_step(tmp_path, monkeypatch):
+    """float32 training through the real trainer with the native C loops (goldstone_cli/kernels)
+    and with GOLDSTONE_NATIVE=0 (the PyTorch passes): the same metrics to float32 rounding."""
+    from goldstone_cli.kernels import native
+
+    if native.library() is None:
+        pytest.skip("no C compiler: the native loops are not built here")
+    over = ["model=movielens", "optimizer=goldstone", f"data.path={SAMPLE}", "data.T=10", "model.d=8",
+            "trainer.steps=15", "trainer.log_every=1", "trainer.eval_every=5", "trainer.checkpoint_every=15",
+            "trainer.progress=false", "optimizer.k1=5", "optimizer.lr=0.1", f"data.cache_dir={tmp_path / 'cache'}"]
+    train(compose(over + [f"run_dir={tmp_path / 'native'}"]))
+    monkeypatch.setenv("GOLDSTONE_NATIVE", "0")
+    assert native.library() is None
+    train(compose(over + [f"run_dir={tmp_path / 'torch'}"]))
+    a = pd.read_csv(tmp_path / "native" / "metrics.csv")
+    b = pd.read_csv(tmp_path / "torch" / "metrics.csv")
+    cols = [c for c in a.columns if c not in ("wall_time", "gauge_time")]
+    assert len(a) == len(b) == 16
+    np.testing.assert_allclose(a[cols].to_numpy(float), b[cols].to_numpy(float), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("block", [1, 4, 1 << 22])
 def test_rotation_with_psi_equals_rotating_then_evaluating_psi(block):
     g = torch.Generator().manual_seed(1)
@@ -233,10 +255,10 @@ def test_a_failing_compiled_kernel_falls_back_to_the_eager_pass(monkeypatch):
     Z = torch.randn(5, 4, 3, generator=g)
     coupling = Coupling.chain(5, 2.0)
     want_out = torch.empty_like(Z)
-    want = quadratic_terms_(Z, coupling, 0.5, want_out)
+    want = quadratic_terms_(Z, coupling, 0.5, want_out, native=False)
     out = torch.empty_like(Z)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
-        got = quadratic_terms_(Z, coupling, 0.5, out, compiled=True)
+        got = quadratic_terms_(Z, coupling, 0.5, out, compiled=True, native=False)
     assert C._COMPILED["chain"] is None  # not tried again
     assert [float(v) for v in got] == [float(v) for v in want] and torch.equal(out, want_out)
 
@@ -248,8 +270,8 @@ def test_compiled_quadratic_kernel_matches_the_eager_pass():
     for shape in ((11, 40, 5), (11, 7, 5)):
         Z = torch.randn(*shape, generator=g)
         a_out, b_out = torch.empty_like(Z), torch.empty_like(Z)
-        a = quadratic_terms_(Z, coupling, 0.5, a_out)
-        b = quadratic_terms_(Z, coupling, 0.5, b_out, compiled=True)
+        a = quadratic_terms_(Z, coupling, 0.5, a_out, native=False)
+        b = quadratic_terms_(Z, coupling, 0.5, b_out, compiled=True, native=False)
         for x, y in zip(a, b):
             assert abs(float(x) / float(y) - 1) < 1e-7  # eager: float32 partial sums of 1024 squares
         torch.testing.assert_close(a_out, b_out, rtol=1e-6, atol=1e-6)

@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from goldstone_cli.io import file_sha256
+from goldstone_cli.io import file_sha256, pid_alive
 from goldstone_cli.paths import UnsafeNameError, child
 
 FORMAT_NAME = "goldstone-cooc"
@@ -150,16 +150,6 @@ def check_output_dir(out: str | os.PathLike, force: bool) -> Path:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temp_dirs(out: Path) -> None:
     """Remove temporary folders of earlier writers of ``out`` whose process no longer runs."""
     if not out.parent.is_dir():
@@ -167,7 +157,7 @@ def remove_stale_temp_dirs(out: Path) -> None:
     pat = re.compile(re.escape(f".{out.name}.tmp-") + r"(\d+)(?:-\d+)?$")
     for p in out.parent.iterdir():
         m = pat.match(p.name)
-        if m and p.is_dir() and not _pid_alive(int(m.group(1))):
+        if m and p.is_dir() and not pid_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
 
 

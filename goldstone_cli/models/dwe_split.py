@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import scipy.sparse as sp
 
+from goldstone_cli.io import pid_alive
 from goldstone_cli.models.dwe import WordCounts, _thin, choose_test_steps
 
 BY_WORD_VERSION = 1
@@ -227,15 +228,13 @@ def _writer_id() -> str:
 def _remove_stale(final: Path) -> None:
     """Remove the temporary (``.tmp-``) and replaced (``.old-``) folders that writers on this host
     which no longer run left next to ``final`` (a writer killed mid-way)."""
-    from goldstone_cli.data.cooc import _pid_alive
-
     host = socket.gethostname()
     pat = re.compile(re.escape(f".{final.name}.") + r"(?:tmp|old)-(.+)-(\d+)$")
     if not final.parent.is_dir():
         return
     for p in final.parent.iterdir():
         m = pat.match(p.name)
-        if m and m.group(1) == host and p.is_dir() and not _pid_alive(int(m.group(2))):
+        if m and m.group(1) == host and p.is_dir() and not pid_alive(int(m.group(2))):
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from goldstone_cli.distributed.shard import RowShard
+from goldstone_cli.kernels import native as native_loops
 from goldstone_cli.models.base import DynamicModel
 from goldstone_cli.numerics import sum_squares, sum_squares_value
 from goldstone_cli.optim.coupling import Coupling, quadratic_terms_
@@ -156,6 +157,46 @@ def _storage_unused(st) -> bool:
     return count is not None and count(st._cdata) == 1
 
 
+def ratings_pass(U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, x: Tensor, scale: float, gU: Tensor | None,
+                 gV: Tensor | None, chunk: int = 1 << 20, native: bool = True) -> Tensor:
+    """``sum_r softplus(-x_r u_ru . v_rv)`` (Eq. 8; float64 scalar) and, if ``gU`` is given, the
+    gradient of ``scale`` times it added into ``gU``, ``gV`` (rows of the flattened (T*N, d) views):
+    each rating's two rows gathered once, its gradient scatter-added in rating order. Float32 CPU
+    tensors run the native loop ``gs_bernoulli_ratings_f32`` (goldstone_cli/kernels), anything else
+    (or ``native=False``) the chunked PyTorch loop below; the same numbers up to float rounding."""
+    d = U.shape[-1]
+    if not (ru.shape == rv.shape == x.shape and ru.dim() == 1):
+        raise ValueError(f"ru, rv and x must be vectors of one length, got {tuple(ru.shape)}, {tuple(rv.shape)}, "
+                         f"{tuple(x.shape)}")
+    if (gU is None) != (gV is None) or (gU is not None and (gU.shape != U.shape or gV.shape != V.shape)):
+        raise ValueError("gU and gV must both be given, shaped like U and V, or both be None")
+    if native and native_loops.usable(U, V, x, gU, gV) and native_loops.usable(ru, rv, dtype=torch.int64):
+        lib = native_loops.library()
+        if lib is not None:
+            p, i64 = native_loops.ptr, native_loops.i64p
+            nll = lib.gs_bernoulli_ratings_f32(p(U), p(V), p(ru, i64), p(rv, i64), p(x), ru.numel(), d,
+                                               U.numel() // d, V.numel() // d, scale, p(gU), p(gV))
+            if nll < 0:  # a sum of softplus values is >= 0: the loop stopped at a bad row index
+                r = int(-1.0 - nll)
+                raise IndexError(f"rating {r} points at row {int(ru[r])} of U ({U.numel() // d} rows) and "
+                                 f"{int(rv[r])} of V ({V.numel() // d} rows): out of range")
+            return torch.tensor(nll, dtype=torch.float64)
+    Uf, Vf = U.view(-1, d), V.view(-1, d)
+    nll = torch.zeros((), dtype=torch.float64, device=U.device)
+    for s in range(0, ru.numel(), chunk):  # chunks of ratings, not rows or time steps
+        e = s + chunk
+        iu, iv, xs = ru[s:e], rv[s:e], x[s:e]
+        u, v = Uf.index_select(0, iu), Vf.index_select(0, iv)  # (c, d) each, gathered once
+        mx = -xs * torch.einsum("nd,nd->n", u, v)  # (c,) -x u.v
+        nll += F.softplus(mx).sum(dtype=torch.float64)  # Eq. 8: -log sigma(y) = softplus(-y)
+        if gU is not None:
+            w = torch.sigmoid_(mx).mul_(-xs).mul_(scale)  # d/dlogit softplus(-x logit) = -x sigmoid(-x logit)
+            with serial_cpu(w):  # CPU index_add_ ran 10x faster on one thread than on two (issue 16)
+                gU.view(-1, d).index_add_(0, iu, v.mul_(w[:, None]))
+                gV.view(-1, d).index_add_(0, iv, u.mul_(w[:, None]))
+    return nll
+
+
 class _FusedLoss(torch.autograd.Function):
     """``(local, psi)`` of Eqs. 6, 8, 9 for (U, V), with the gradient computed in the forward pass.
 
@@ -168,25 +209,13 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, x: Tensor, scale: float, gamma: float,
-                chunk: int, coupling: Coupling, buffers: tuple, need_grad: bool, compiled: bool = False):
-        d = U.shape[-1]
+                chunk: int, coupling: Coupling, buffers: tuple, need_grad: bool, compiled: bool = False,
+                native: bool = True):
         gU = buffers[0].get(U) if need_grad else None
         gV = buffers[1].get(V) if need_grad else None
-        sq_u, psi_u = quadratic_terms_(U, coupling, gamma, gU, compiled=compiled)  # gU <- gamma U + L U
-        sq_v, psi_v = quadratic_terms_(V, coupling, gamma, gV, compiled=compiled)
-        Uf, Vf = U.view(-1, d), V.view(-1, d)
-        nll = torch.zeros((), dtype=torch.float64, device=U.device)
-        for s in range(0, ru.numel(), chunk):  # chunks of ratings, not rows or time steps
-            e = s + chunk
-            iu, iv, xs = ru[s:e], rv[s:e], x[s:e]
-            u, v = Uf.index_select(0, iu), Vf.index_select(0, iv)  # (c, d) each, gathered once
-            mx = -xs * torch.einsum("nd,nd->n", u, v)  # (c,) -x u.v
-            nll += F.softplus(mx).sum(dtype=torch.float64)  # Eq. 8: -log sigma(y) = softplus(-y)
-            if need_grad:
-                w = torch.sigmoid_(mx).mul_(-xs).mul_(scale)  # d/dlogit softplus(-x logit) = -x sigmoid(-x logit)
-                with serial_cpu(w):  # CPU index_add_ ran 10x faster on one thread than on two (issue 16)
-                    gU.view(-1, d).index_add_(0, iu, v.mul_(w[:, None]))
-                    gV.view(-1, d).index_add_(0, iv, u.mul_(w[:, None]))
+        sq_u, psi_u = quadratic_terms_(U, coupling, gamma, gU, compiled=compiled, native=native)  # gU <- gamma U + L U
+        sq_v, psi_v = quadratic_terms_(V, coupling, gamma, gV, compiled=compiled, native=native)
+        nll = ratings_pass(U, V, ru, rv, x, scale, gU, gV, chunk, native)  # Eq. 8 and its gradient
         if need_grad:
             ctx.grads = (gU, gV)
             ctx.coupling, ctx.gamma = coupling, gamma
@@ -210,7 +239,7 @@ class _FusedLoss(torch.autograd.Function):
                     G.add_(ctx.coupling.laplacian_apply(Z.detach()), alpha=gp - gl)
         gU, gV = grads
         del grads
-        return gU, gV, None, None, None, None, None, None, None, None, None, None
+        return gU, gV, None, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -292,6 +321,7 @@ class SparseDynamicBernoulliMF(DynamicModel):
         self.shard = shard if shard is not None else RowShard.single()
         self.items_replicated = self.shard.distributed and items == "replicated"
         self.compile_steps = False  # trainer.compile: the gamma / psi pass through torch.compile
+        self.native_steps = True  # the C loops of goldstone_cli/kernels where available (GOLDSTONE_NATIVE)
         if self.shard.distributed:
             self._init_sharded(data, init_scale, seed, dtype, device)
             self.coupling = Coupling.chain(T, coupling)  # Eq. 6 / Eq. 7
@@ -385,7 +415,8 @@ class SparseDynamicBernoulliMF(DynamicModel):
         ru, rv, x, scale = self._batch(generator)
         need_grad = torch.is_grad_enabled() and (self.U.requires_grad or self.V.requires_grad)
         local, psi = _FusedLoss.apply(self.U, self.V, ru, rv, x, float(scale), self.gamma, self.chunk_size,
-                                      self.coupling, self._grad_buffers, need_grad, self.compile_steps)
+                                      self.coupling, self._grad_buffers, need_grad, self.compile_steps,
+                                      self.native_steps)
         return {"total": local + psi, "local": local, "psi": psi}
 
     @torch.no_grad()

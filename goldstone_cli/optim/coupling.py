@@ -13,6 +13,7 @@ over time steps or rows. A general graph costs one such pass per distinct offset
 
 from __future__ import annotations
 
+import ctypes
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from goldstone_cli.kernels import native as native_loops
 from goldstone_cli.numerics import COMPILED, batched_gram, compiled_kernel, row_sum_squares
 
 
@@ -293,16 +295,25 @@ def _compiled_chain_kernel():
 
 def quadratic_terms_(Z: Tensor, coupling: Coupling, gamma: float = 0.0, out: Tensor | None = None,
                      block_elems: int | None = None, sum_squares: bool = True,
-                     compiled: bool = False) -> tuple[Tensor, Tensor]:
+                     compiled: bool = False, native: bool = True) -> tuple[Tensor, Tensor]:
     """``(sum ||Z||^2, psi(Z))`` (Eq. 3 / Eq. 6), both float64 scalars, and, if ``out`` is given,
     ``out <- gamma Z + L @ Z`` (the gradient of ``gamma/2 ||Z||^2 + psi``) in place, in ONE pass
     over Z: blocks of time steps small enough to stay in cache, so Z is read from memory about once
     and ``out`` written once, and no (T, N, d) temporary is made (issue 16). Sums accumulate in
     float64 per time step (``numerics.row_sum_squares``); no autograd. ``sum_squares=False``: the
-    first value is 0 (not computed)."""
+    first value is 0 (not computed).
+
+    A chain over float32 CPU tensors runs the native loop ``gs_chain_quadratic_f32``
+    (``goldstone_cli/kernels``: one read of Z, one write of ``out``, float64 sums; 4-5x faster than
+    the blocked PyTorch pass below) unless ``native=False`` or it is unavailable; ``compiled`` (the
+    ``torch.compile``d kernel) applies where the native loop does not."""
     coupling._check(Z)
     Z = Z.detach()
     T = Z.shape[0]
+    if native and coupling.is_chain() and native_loops.usable(Z, out):
+        lib = native_loops.library()
+        if lib is not None:
+            return _native_chain(lib, Z, coupling, gamma, out, sum_squares)
     if compiled and out is not None and T > 1 and coupling.is_chain() and Z.is_contiguous() and out.is_contiguous():
         kernel = _compiled_chain_kernel()
         if kernel is not None:
@@ -348,6 +359,27 @@ def quadratic_terms_(Z: Tensor, coupling: Coupling, gamma: float = 0.0, out: Ten
                 if e > lo:  # - w_{t-o} Z_{t-o} on row t
                     go[lo:e].addcmul_(w[lo - o:e - o, None], flat[lo - o:e - o], value=-1.0)
     return sq, psi
+
+
+def _native_chain(lib, Z: Tensor, coupling: Coupling, gamma: float, out: Tensor | None,
+                  sum_squares: bool) -> tuple[Tensor, Tensor]:
+    """:func:`quadratic_terms_` of a chain by the native loop, its columns split over the threads."""
+    T = Z.shape[0]
+    L = Z[0].numel() if T else 0
+    bands = coupling.bands(torch.float32, Z.device)
+    w = bands[0].weight.contiguous() if bands else torch.zeros(1)  # (T-1,) edge weights
+    diag = (coupling._degree_tensor(torch.float32, Z.device) + gamma).contiguous()  # (T,) gamma + Deg_t
+    zp, op, wp, dp = (native_loops.ptr(t) for t in (Z, out, w, diag))
+
+    def part(c0: int, c1: int) -> tuple[float, float]:
+        sums = (ctypes.c_double * 2)()
+        lib.gs_chain_quadratic_f32(zp, op, wp, dp, T, L, c0, c1, sums)
+        return sums[0], sums[1]
+
+    parts = native_loops.parallel_columns(part, L)
+    sq = sum(p[0] for p in parts) if sum_squares else 0.0
+    psi = sum(p[1] for p in parts)
+    return (torch.tensor(sq, dtype=torch.float64), torch.tensor(psi, dtype=torch.float64))
 
 
 class _Psi(torch.autograd.Function):

@@ -1,0 +1,263 @@
+"""Issue 16: the native C loops (goldstone_cli/kernels) against their PyTorch twins and float64
+references, at the paper's MovieLens size and on the edge cases; the build's fallbacks and its
+crash safety (a build killed by SIGKILL leaves nothing a later run would load)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from goldstone_cli.kernels import native
+from goldstone_cli.models.movielens import ratings_pass
+from goldstone_cli.optim.coupling import Coupling, quadratic_terms_
+
+has_cc = shutil.which(os.environ.get("CC", "cc")) is not None
+needs_cc = pytest.mark.skipif(not has_cc, reason="no C compiler on this machine (the PyTorch twins run)")
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty kernel cache and no library loaded yet in this process."""
+    monkeypatch.setenv("GOLDSTONE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_state", {})
+    return tmp_path / "cache" / "kernels"
+
+
+@needs_cc
+def test_the_library_builds_where_a_compiler_exists(fresh):
+    lib = native.library()
+    assert lib is not None
+    built = list(fresh.iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"  # no temporary left
+    assert native.library() is lib  # built and loaded once per process
+
+
+def _chain_reference(Z: torch.Tensor, w: np.ndarray, gamma: float):
+    """gamma Z + L Z, sum ||Z||^2 and psi of a chain by brute force in float64."""
+    Z = Z.double()
+    out = gamma * Z
+    psi = 0.0
+    for t in range(Z.shape[0] - 1):  # reference only: a loop over the edges
+        diff = Z[t + 1] - Z[t]
+        psi += 0.5 * w[t] * float((diff * diff).sum())
+        out[t] -= w[t] * diff
+        out[t + 1] += w[t] * diff
+    return out, float((Z * Z).sum()), psi
+
+
+@needs_cc
+@pytest.mark.parametrize("shape", [(1, 5, 3), (2, 4, 3), (7, 3, 2), (13, 700, 30)])
+def test_native_chain_pass_matches_brute_force_and_the_pytorch_pass(shape):
+    g = torch.Generator().manual_seed(1)
+    Z = torch.randn(*shape, generator=g)
+    w = np.linspace(0.5, 3.0, max(shape[0] - 1, 0))
+    coupling = Coupling.chain(shape[0], w)
+    out = torch.full_like(Z, float("nan"))
+    sq, psi = quadratic_terms_(Z, coupling, 0.7, out)
+    want_out, want_sq, want_psi = _chain_reference(Z, w, 0.7)
+    assert abs(float(sq) - want_sq) <= 1e-12 * want_sq
+    assert abs(float(psi) - want_psi) <= 1e-6 * max(want_psi, 1e-30)
+    torch.testing.assert_close(out.double(), want_out, rtol=0, atol=1e-6 * float(want_out.abs().max()))
+    eager_out = torch.empty_like(Z)
+    e_sq, e_psi = quadratic_terms_(Z, coupling, 0.7, eager_out, native=False)
+    torch.testing.assert_close(out, eager_out, rtol=0, atol=1e-6 * float(eager_out.abs().max()))
+    v_sq, v_psi = quadratic_terms_(Z, coupling, 0.7)  # values only
+    assert float(v_sq) == float(sq) and float(v_psi) == float(psi)
+    assert float(quadratic_terms_(Z, coupling, 0.7, sum_squares=False)[0]) == 0.0
+
+
+@needs_cc
+def test_native_chain_pass_at_the_papers_size_against_float64():
+    """ml-latest-small's V at T=100, d=30 (29M numbers): float32 native vs the float64 pass."""
+    g = torch.Generator().manual_seed(0)
+    Z = 0.1 * torch.randn(100, 9742, 30, generator=g)
+    coupling = Coupling.chain(100, 10.0)
+    out = torch.empty_like(Z)
+    sq, psi = quadratic_terms_(Z, coupling, 1.0, out)
+    Zd = Z.double()
+    want = torch.empty_like(Zd)
+    w_sq, w_psi = quadratic_terms_(Zd, coupling, 1.0, want)  # float64: the PyTorch pass
+    del Zd
+    assert abs(float(sq) / float(w_sq) - 1) < 1e-12
+    assert abs(float(psi) / float(w_psi) - 1) < 1e-7
+    assert float((out.double() - want).abs().max()) < 1e-6 * float(want.abs().max())
+
+
+@needs_cc
+def test_columns_split_over_threads_give_the_one_thread_result():
+    g = torch.Generator().manual_seed(2)
+    Z = torch.randn(9, 5000, 30, generator=g)  # 150,000 columns: split over 2 threads
+    coupling = Coupling.chain(9, 2.0)
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = torch.empty_like(Z)
+            results[n] = (quadratic_terms_(Z, coupling, 0.5, out), out)
+    finally:
+        torch.set_num_threads(before)
+    (sq1, psi1), out1 = results[1]
+    (sq2, psi2), out2 = results[2]
+    assert torch.equal(out1, out2)  # each column is computed alike
+    assert abs(float(sq1) / float(sq2) - 1) < 1e-14 and abs(float(psi1) / float(psi2) - 1) < 1e-14
+    calls = []
+    parts = native.parallel_columns(lambda a, b: calls.append((a, b)) or (a, b), 10, min_cols=1)
+    assert sorted(calls) == parts and parts[0][0] == 0 and parts[-1][1] == 10
+    assert all(parts[i][1] == parts[i + 1][0] for i in range(len(parts) - 1))
+
+
+def _ratings_problem(n_rows_u=50, n_rows_v=40, d=30, n=20000, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(n_rows_u, d, generator=g, dtype=dtype)
+    V = torch.randn(n_rows_v, d, generator=g, dtype=dtype)
+    ru = torch.sort(torch.randint(n_rows_u, (n,), generator=g)).values  # many ratings per row
+    rv = torch.randint(n_rows_v, (n,), generator=g)
+    x = (torch.randint(2, (n,), generator=g) * 2 - 1).to(dtype)
+    return U, V, ru, rv, x
+
+
+@needs_cc
+def test_native_ratings_pass_matches_autograd_in_float64_and_the_pytorch_loop():
+    U, V, ru, rv, x = _ratings_problem()
+    scale = 1.7
+    gU, gV = torch.zeros_like(U), torch.zeros_like(V)
+    nll = ratings_pass(U, V, ru, rv, x, scale, gU, gV)
+    # reference: autograd in float64 of scale * sum softplus(-x u.v)
+    Ud, Vd = U.double().requires_grad_(), V.double().requires_grad_()
+    ref = torch.nn.functional.softplus(-x.double() * (Ud[ru] * Vd[rv]).sum(1)).sum()
+    (scale * ref).backward()
+    assert abs(float(nll) / float(ref.detach()) - 1) < 1e-6
+    torch.testing.assert_close(gU.double(), Ud.grad, rtol=0, atol=1e-4 * float(Ud.grad.abs().max()))
+    torch.testing.assert_close(gV.double(), Vd.grad, rtol=0, atol=1e-4 * float(Vd.grad.abs().max()))
+    eU, eV = torch.zeros_like(U), torch.zeros_like(V)
+    e_nll = ratings_pass(U, V, ru, rv, x, scale, eU, eV, chunk=777, native=False)
+    assert abs(float(nll) / float(e_nll) - 1) < 1e-6
+    torch.testing.assert_close(gU, eU, rtol=1e-4, atol=1e-4 * float(eU.abs().max()))
+    torch.testing.assert_close(gV, eV, rtol=1e-4, atol=1e-4 * float(eV.abs().max()))
+    assert float(ratings_pass(U, V, ru, rv, x, scale, None, None)) == float(nll)  # values only
+    # large logits: softplus(y) = y above 20, as torch computes it
+    big = ratings_pass(U * 10, V * 10, ru, rv, x, 1.0, None, None)
+    assert abs(float(big) / float(ratings_pass(U * 10, V * 10, ru, rv, x, 1.0, None, None, native=False)) - 1) < 1e-6
+    assert float(ratings_pass(U, V, ru[:0], rv[:0], x[:0], 1.0, None, None)) == 0.0
+
+
+@needs_cc
+def test_native_ratings_pass_refuses_bad_rows_and_shapes():
+    U, V, ru, rv, x = _ratings_problem(n=100)
+    bad = rv.clone()
+    bad[37] = V.shape[0]
+    with pytest.raises(IndexError, match="rating 37 .* out of range"):
+        ratings_pass(U, V, ru, bad, x, 1.0, None, None)
+    bad = ru.clone()
+    bad[5] = -1
+    with pytest.raises(IndexError, match="rating 5"):
+        ratings_pass(U, V, bad, rv, x, 1.0, torch.zeros_like(U), torch.zeros_like(V))
+    with pytest.raises(ValueError, match="one length"):
+        ratings_pass(U, V, ru, rv[:-1], x, 1.0, None, None)
+    with pytest.raises(ValueError, match="both"):
+        ratings_pass(U, V, ru, rv, x, 1.0, torch.zeros_like(U), None)
+
+
+def test_switched_off_or_without_a_compiler_the_pytorch_versions_run(fresh, monkeypatch):
+    Z = torch.randn(6, 4, 3)
+    coupling = Coupling.chain(6, 1.5)
+    want = quadratic_terms_(Z, coupling, 0.2, None, native=False)
+    monkeypatch.setenv("GOLDSTONE_NATIVE", "0")
+    assert native.library() is None  # no warning: the user asked for it
+    monkeypatch.setenv("GOLDSTONE_NATIVE", "1")
+    monkeypatch.setenv("CC", "no-such-compiler-goldstone")
+    with pytest.warns(UserWarning, match="no C compiler .*no-such-compiler-goldstone.*GOLDSTONE_NATIVE=0"):
+        got = quadratic_terms_(Z, coupling, 0.2, None)
+    assert [float(v) for v in got] == [float(v) for v in want]
+    assert native.library() is None  # decided once per process
+    assert not fresh.exists() or not list(fresh.iterdir())
+
+
+def test_a_failing_build_warns_and_leaves_nothing(fresh, monkeypatch, tmp_path):
+    cc = tmp_path / "badcc"
+    cc.write_text("#!/bin/sh\necho 'badcc 1.0'\n[ \"$1\" = --version ] && exit 0\necho 'error: broken' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    with pytest.warns(UserWarning, match="building them failed: .*exited with 1: error: broken"):
+        assert native.library() is None
+    assert not list(fresh.iterdir())  # no half-written library, no temporary
+
+
+@needs_cc
+def test_a_build_killed_by_sigkill_leaves_nothing_a_later_run_loads(fresh, tmp_path):
+    """A real SIGKILL while the compiler writes its output: the partial file keeps its temporary
+    name (never the library's), and the next run removes it and builds a working library."""
+    real = shutil.which(os.environ.get("CC", "cc"))
+    slow = tmp_path / "slowcc"
+    slow.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        [ "$1" = --version ] && exec {real} --version
+        out=""; prev=""
+        for a in "$@"; do [ "$prev" = -o ] && out="$a"; prev="$a"; done
+        [ -z "$SLOW_CC" ] && exec {real} "$@"
+        printf 'partial' > "$out"
+        sleep 60
+        """))
+    slow.chmod(0o755)
+    env = dict(os.environ, CC=str(slow), GOLDSTONE_CACHE=str(fresh.parent), SLOW_CC="1")
+    proc = subprocess.Popen([sys.executable, "-c", "from goldstone_cli.kernels import native; native.library()"],
+                            env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (fresh.is_dir() and any(p.name.endswith(".tmp") for p in fresh.iterdir())):
+            time.sleep(0.05)
+        assert fresh.is_dir() and [p for p in fresh.iterdir() if p.name.endswith(".tmp")], "the build never started"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    left = list(fresh.iterdir())
+    assert left and all(p.name.endswith(".tmp") for p in left)  # nothing under the library's name
+    # the next run (same compiler, now fast): removes the dead writer's temporary file, builds and loads
+    env.pop("SLOW_CC")
+    code = ("from goldstone_cli.kernels import native; import torch; "
+            "from goldstone_cli.optim.coupling import Coupling, quadratic_terms_; "
+            "assert native.library() is not None; "
+            "Z = torch.randn(4, 3, 2); c = Coupling.chain(4, 1.0); "
+            "a = quadratic_terms_(Z, c, 0.5); b = quadratic_terms_(Z, c, 0.5, native=False); "
+            "assert abs(float(a[1]) - float(b[1])) < 1e-5")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    assert [p.suffix for p in fresh.iterdir()] == [".so"]
+
+
+@needs_cc
+def test_a_dead_writers_temporary_file_is_removed(fresh):
+    lib = native._build(os.environ.get("CC", "cc"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    stale = lib.parent / f"{lib.name}.{socket.gethostname()}.{dead.pid}.tmp"
+    stale.write_bytes(b"partial")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = lib.parent / f"{lib.name}.{socket.gethostname()}.{other.pid}.tmp"
+        alive.write_bytes(b"another process's build in progress")
+        native._build(os.environ.get("CC", "cc"), rebuild=True)
+        assert not stale.exists() and alive.exists() and lib.is_file()
+    finally:
+        other.kill()
+        other.wait()
+
+
+@needs_cc
+def test_a_cached_library_that_does_not_load_is_rebuilt(fresh):
+    lib = native._build(os.environ.get("CC", "cc"))
+    lib.write_bytes(b"not a shared object")
+    assert native.library() is not None  # rebuilt once, loaded
+    assert lib.read_bytes()[:4] == b"\x7fELF"
