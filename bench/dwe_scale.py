@@ -115,18 +115,22 @@ def bench_sampler(T_values=(24, 209), N: int = 1000, d: int = 100, repeats: int 
 #: the model's switches of each compute path (results equal to float rounding)
 PATHS = {
     # issue 16: fused chunked likelihood (one pointwise pass per logit), fused chain terms, the device's recurrence
+    # the logits pass as the native C loop (goldstone_cli/kernels/dwe.c) where it builds
     "issue16": {"fused_loglik": True, "scan_method": None, "fused_prior": True, "fast_logits": True,
-                "compile_logits": False},
-    # the same with the logits pass through torch.compile (trainer.compile=true)
+                "compile_logits": False, "native_logits": True},
+    # the same with PyTorch's eager logits pass (GOLDSTONE_NATIVE=0, or no C compiler)
+    "issue16_torch": {"fused_loglik": True, "scan_method": None, "fused_prior": True, "fast_logits": True,
+                      "compile_logits": False, "native_logits": False},
+    # the same with the logits pass through torch.compile (trainer.compile=true without the native loop)
     "issue16_compiled": {"fused_loglik": True, "scan_method": None, "fused_prior": True, "fast_logits": True,
-                         "compile_logits": True},
+                         "compile_logits": True, "native_logits": False},
     # the first issue-16 session: fused likelihood with eager softplus / sigmoid passes, sequential
     # recurrences under autograd
     "issue16_first": {"fused_loglik": True, "scan_method": None, "fused_prior": False, "fast_logits": False,
-                      "compile_logits": False},
+                      "compile_logits": False, "native_logits": False},
     # before issue 16: the (T, P, Q) logits under autograd, log-depth scans
     "before_issue16": {"fused_loglik": False, "scan_method": "logdepth", "fused_prior": False, "fast_logits": False,
-                       "compile_logits": False},
+                       "compile_logits": False, "native_logits": False},
 }
 
 
@@ -170,7 +174,8 @@ def memory_model(V: int, T: int, d: int, batch: int, nnz: float, variational: bo
     transient = 4 * T * V * d
     counts = (24 if device == "cpu" else 12) * nnz + 8 * T * V
     # (the fused chain pass runs with the sequential recurrence: the CPU default; on a GPU the autograd one)
-    saved = SAVED_PER_SIDE_FUSED if paths in ("issue16", "issue16_compiled") and device == "cpu" else SAVED_PER_SIDE
+    saved = SAVED_PER_SIDE_FUSED if paths in ("issue16", "issue16_torch", "issue16_compiled") and device == "cpu" \
+        else SAVED_PER_SIDE
     act = 4 * 2 * saved["variational" if variational else "map"] * T * batch * d
     act += 4 * (5 * T * batch * batch if paths == "before_issue16" else 2 * min(chunk, T * batch * batch))
     total = state + counts + max(act, grads + transient)
@@ -270,7 +275,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top operations of one more gauge step")
     ap.add_argument("--paths", choices=list(PATHS), default="issue16",
                     help="compute paths of the step (PATHS): issue16 (fused chunked likelihood with one pointwise pass, "
-                         "fused prior, O(T) recurrences on the CPU), issue16_compiled (the same, logits pass compiled), "
+                         "the native C loop on the CPU, fused prior, O(T) recurrences on the CPU), issue16_torch (the "
+                         "same with PyTorch's eager pointwise pass), issue16_compiled (that pass compiled), "
                          "issue16_first (the first issue-16 version) or before_issue16 (materialized logits, log-depth "
                          "scans): for peak-memory runs")
     ap.add_argument("--compare", action="store_true",

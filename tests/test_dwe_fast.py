@@ -528,7 +528,8 @@ def test_compiled_logits_pass_equals_eager():
         u.mul_(2.0)
     outs = []
     for compiled in (False, True):
-        got = skipgram_block_fused(u, v, c_rows, cneg, 1.0, pt, pp, pq, pn, chunk=5000, compiled=compiled)
+        got = skipgram_block_fused(u, v, c_rows, cneg, 1.0, pt, pp, pq, pn, chunk=5000, compiled=compiled,
+                                   native=False)
         outs.append((got, *torch.autograd.grad(got, (u, v))))
     assert dwe._COMPILED.get("logits") is not None  # it compiled and ran, no fallback
     for a, b in zip(*outs):

@@ -261,3 +261,61 @@ def test_a_cached_library_that_does_not_load_is_rebuilt(fresh):
     lib.write_bytes(b"not a shared object")
     assert native.library() is not None  # rebuilt once, loaded
     assert lib.read_bytes()[:4] == b"\x7fELF"
+
+
+# ----------------------------------------------------------------------------- the DWE logits pass
+@needs_cc
+def test_native_logits_pass_float32_against_float64_with_extreme_logits():
+    """Per-row weighted softplus sums and sigmoid of the native loop (its own exp and log1p) against
+    float64, logits from -100 to 100 plus signed zeros, tiny, huge and non-finite values: as accurate
+    as PyTorch's float32 pass (rows to 1e-5 relative, sigmoid to 2e-7 absolute), NaN propagated."""
+    from goldstone_cli.models.dwe import _softplus_rows_sigmoid_eager, _softplus_rows_sigmoid_native
+
+    X64 = torch.linspace(-100, 100, 3 * 5 * 1003, dtype=torch.float64).reshape(3, 5, 1003)
+    X64[0, 0, :12] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-8, -1e-8, 20.0, -20.0, 88.0, -88.0, 1e30, -1e30])
+    nb = torch.rand(3, 1003, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = (torch.nn.functional.softplus(X64) * nb[:, None, :]).sum(-1)
+    X = X64.float()
+    got = _softplus_rows_sigmoid_native(native.library(), X, nb.float())
+    assert float(((got.double() - want) / want).abs().max()) < 1e-5
+    assert float((X.double() - torch.sigmoid(X64)).abs().max()) < 2e-7
+    # the same within a few ulps of PyTorch's float32 pass, element by element
+    Xe = X64.float()
+    eager = _softplus_rows_sigmoid_eager(Xe, nb.float(), torch.empty_like(Xe))
+    torch.testing.assert_close(got, eager, rtol=2e-6, atol=0)
+    torch.testing.assert_close(X, Xe, rtol=1e-6, atol=2e-7)
+    bad = torch.tensor([[[float("nan"), 1.0], [float("inf"), -float("inf")]]])
+    rows = _softplus_rows_sigmoid_native(native.library(), bad, torch.ones(1, 2))
+    assert torch.isnan(rows[0, 0]) and torch.isnan(bad[0, 0, 0]) and rows[0, 1] == float("inf")
+    assert bad[0, 1, 0] == 1.0 and 0.0 <= float(bad[0, 1, 1]) < 1e-37
+
+
+@needs_cc
+def test_native_logits_pass_gives_the_pytorch_likelihood_and_gradients():
+    """skipgram_block_fused with the native loop vs PyTorch's eager pass (native=False), float32, at
+    the size of one CPU chunk (4 x 1000 x 1000 logits), both against float64."""
+    from goldstone_cli.models.dwe import skipgram_block_fused
+
+    g = torch.Generator().manual_seed(4)
+    T, P, Q, d = 4, 1000, 1000, 20
+    u = (0.5 * torch.randn(T, P, d, generator=g)).requires_grad_()
+    v = (0.5 * torch.randn(T, Q, d, generator=g)).requires_grad_()
+    c_rows, cneg = 100 * torch.rand(T, P, generator=g), torch.rand(T, Q, generator=g)
+    nnz = 20000
+    pt, pp, pq = (torch.randint(T, (nnz,), generator=g), torch.randint(P, (nnz,), generator=g),
+                  torch.randint(Q, (nnz,), generator=g))
+    pn = torch.rand(nnz, generator=g) * 5
+    args = (c_rows, cneg, 1.0, pt, pp, pq, pn)
+    outs = {}
+    for nat in (True, False):
+        val = skipgram_block_fused(u, v, *args, native=nat)
+        outs[nat] = (val, *torch.autograd.grad(val, (u, v)))
+    ud, vd = u.detach().double().requires_grad_(), v.detach().double().requires_grad_()
+    ref = skipgram_block_fused(ud, vd, c_rows.double(), cneg.double(), 1.0, pt, pp, pq, pn.double())
+    gref = torch.autograd.grad(ref, (ud, vd))
+    for nat in (True, False):
+        val, gu, gv = outs[nat]
+        assert abs(float(val.detach()) / float(ref.detach()) - 1) < 1e-6
+        for a, b in zip((gu, gv), gref):
+            assert float((a.double() - b).norm() / b.norm()) < 1e-5
+    torch.testing.assert_close(outs[True][1], outs[False][1], rtol=1e-4, atol=1e-4 * float(outs[False][1].abs().max()))

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from goldstone_cli.kernels import native as native_loops
 from goldstone_cli.models.base import DynamicModel
 from goldstone_cli.numerics import COMPILED, compiled_kernel, sum_squares, sum_squares_value
 from goldstone_cli.optim.coupling import Coupling
@@ -709,7 +710,26 @@ def _compiled_logits_kernel():
 _COMPILED = COMPILED  # "logits": the compiled kernel, or None once compiling failed
 
 
-def _softplus_rows_sigmoid(X: Tensor, nb: Tensor, buf: Tensor, compiled: bool) -> Tensor:
+def _softplus_rows_sigmoid_native(lib, X: Tensor, nb: Tensor) -> Tensor:
+    """:func:`_softplus_rows_sigmoid_eager` by the native loop ``gs_softplus_rows_sigmoid_f32``
+    (goldstone_cli/kernels/dwe.c: one vectorized pass, one exponential per logit), rows split over
+    the threads."""
+    tb, pb, Q = X.shape
+    per_row = torch.empty(tb, pb, dtype=X.dtype)
+    xp, wp, rp = native_loops.ptr(X), native_loops.ptr(nb), native_loops.ptr(per_row)
+    native_loops.parallel_columns(lambda r0, r1: lib.gs_softplus_rows_sigmoid_f32(xp, wp, pb, Q, r0, r1, rp),
+                                  tb * pb, min_cols=max(1, (1 << 16) // max(Q, 1)))
+    return per_row
+
+
+def _softplus_rows_sigmoid(X: Tensor, nb: Tensor, buf: Tensor, compiled: bool, native: bool = True) -> Tensor:
+    """``sum_q nb_q softplus(X_pq)`` and ``X <- sigmoid(X)``: the native loop for float32 CPU blocks
+    (``native``, unless GOLDSTONE_NATIVE=0 or no compiler), else the compiled kernel (``compiled``),
+    else the eager passes."""
+    if native and native_loops.usable(X, nb):
+        lib = native_loops.library()
+        if lib is not None:
+            return _softplus_rows_sigmoid_native(lib, X, nb)
     kernel = _compiled_logits_kernel() if compiled and X.is_contiguous() else None
     if kernel is not None:
         try:
@@ -723,7 +743,7 @@ def _softplus_rows_sigmoid(X: Tensor, nb: Tensor, buf: Tensor, compiled: bool) -
 
 def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg_ratio: float, pos_t: Tensor,
                     pos_p: Tensor, pos_q: Tensor, pos_n: Tensor, chunk: int, need_grad: bool, fast: bool = True,
-                    compiled: bool = False, weight: float = 1.0):
+                    compiled: bool = False, weight: float = 1.0, native: bool = True):
     """Value (float64 scalar) and, if ``need_grad``, the gradients (gu, gv) of ``weight`` times the
     block log-likelihood of :func:`skipgram_block` with ``X = u v^T``, block by block (:func:`_blocks`).
 
@@ -772,7 +792,7 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
         if fast:
             if buf is None or buf.shape != X.shape:
                 buf = torch.empty_like(X)
-            per_row = _softplus_rows_sigmoid(X, nb, buf, compiled)  # X's buffer holds sigmoid(X) from here on
+            per_row = _softplus_rows_sigmoid(X, nb, buf, compiled, native)  # X's buffer holds sigmoid(X) from here on
             total -= r * (cb * per_row).sum(dtype=torch.float64)
             if not need_grad:
                 continue
@@ -803,10 +823,11 @@ class _SkipgramBlockFused(torch.autograd.Function):
     logits are never stored): backward only scales them by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, u, v, c_rows, cneg_cols, neg_ratio, pos_t, pos_p, pos_q, pos_n, chunk, fast, compiled, weight):
+    def forward(ctx, u, v, c_rows, cneg_cols, neg_ratio, pos_t, pos_p, pos_q, pos_n, chunk, fast, compiled, weight,
+                native):
         need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total, gu, gv = _skipgram_fused(u, v, c_rows, cneg_cols, neg_ratio, pos_t, pos_p, pos_q, pos_n, chunk, need,
-                                        fast, compiled, weight)
+                                        fast, compiled, weight, native)
         if need:
             ctx.save_for_backward(gu, gv)
         return total.to(u.dtype)
@@ -819,19 +840,20 @@ class _SkipgramBlockFused(torch.autograd.Function):
             g = g.to(gu.dtype)
             gu, gv = gu * g, gv * g
         return (gu if ctx.needs_input_grad[0] else None, gv if ctx.needs_input_grad[1] else None,
-                None, None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def skipgram_block_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg_ratio: float,
                          pos_t: Tensor, pos_p: Tensor, pos_q: Tensor, pos_n: Tensor,
                          chunk: Optional[int] = None, fast: bool = True, compiled: bool = False,
-                         weight: float = 1.0) -> Tensor:
+                         weight: float = 1.0, native: bool = True) -> Tensor:
     """``skipgram_block(bmm(u, v^T), ...)`` without the (T, P, Q) logits in memory: formed
     ``chunk`` elements at a time (default :data:`LOGIT_CHUNK` of the device), the likelihood summed
     in float64 and its gradients with respect to u (T, P, d) and v (T, Q, d) formed in the same pass.
     Differentiable once in u and v (not in the counts); the result has u's dtype. ``fast``: one
     pointwise pass per logit and the scalings on the small operands (:func:`_skipgram_fused`;
-    False: the first issue-16 passes); ``compiled``: that pass through ``torch.compile``; ``weight``:
+    False: the first issue-16 passes), by the native C loop on float32 CPU blocks (``native``, see
+    goldstone_cli/kernels) or else through ``torch.compile`` with ``compiled``; ``weight``:
     returns ``weight`` times the likelihood (a caller's scale factor applied to the gradients as they
     are formed, instead of a pass over them in backward)."""
     if u.dim() != 3 or v.dim() != 3 or u.shape[0] != v.shape[0] or u.shape[2] != v.shape[2]:
@@ -841,7 +863,7 @@ def skipgram_block_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor
     if int(chunk) < 1:
         raise ValueError(f"chunk must be a positive number of elements, got {chunk}")
     return _SkipgramBlockFused.apply(u, v, c_rows, cneg_cols, float(neg_ratio), pos_t, pos_p, pos_q, pos_n, int(chunk),
-                                     bool(fast), bool(compiled), float(weight))
+                                     bool(fast), bool(compiled), float(weight), bool(native))
 
 
 # ============================================================================ model
@@ -914,6 +936,8 @@ class DynamicWordEmbeddings(DynamicModel):
         # the likelihood's logits in one softplus-and-sigmoid pass with the scalings on the small operands
         # (False: the first issue-16 passes); compile_logits (trainer.compile): that pass through torch.compile
         self.fast_logits = True
+        # that pass as the native C loop of goldstone_cli/kernels on float32 CPU blocks (where it builds)
+        self.native_logits = True
         self.compile_logits = False
         self.logit_chunk: Optional[int] = None
         self.vocab, self.years, self.year_end = list(wc.vocab), wc.years.copy(), wc.year_end.copy()
@@ -1041,7 +1065,8 @@ class DynamicWordEmbeddings(DynamicModel):
         pt, pp, pq, pn = self._block_positives(rows, cols)
         if self.fused_loglik:  # chunked, the gradients formed in the same pass (skipgram_block_fused)
             return skipgram_block_fused(u, v, self.c[:, rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn,
-                                        self.logit_chunk, self.fast_logits, self.compile_logits, weight)
+                                        self.logit_chunk, self.fast_logits, self.compile_logits, weight,
+                                        self.native_logits)
         X = torch.bmm(u, v.transpose(1, 2))  # (T, P, Q)
         ll = skipgram_block(X, self.c[:, rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn)
         return ll if weight == 1.0 else weight * ll

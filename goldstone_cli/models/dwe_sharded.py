@@ -184,6 +184,7 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
             split = split_rows(src, *split_args)
         self.data_bytes_read = split.bytes_read
         self.compile_logits = False  # trainer.compile (set_compile)
+        self.native_logits = True  # the native C loop of the logits pass (dwe.skipgram_block_fused)
         train, c, self.test_steps = split.train, split.c, split.test_steps
         held, mass, val = split.held, split.mass, split.val
         self.train_mask = np.array([t not in self.test_steps for t in range(T)])
@@ -296,7 +297,7 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
         pt, pp, pq, pn = self._block_positives(my_rows, cols)
         # the (T, P_r, Q) logits formed in chunks, gradients in the same pass (as dwe.py's default)
         ll = skipgram_block_fused(u, v, self.c[:, my_rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn,
-                                  compiled=self.compile_logits)
+                                  compiled=self.compile_logits, native=self.native_logits)
         zero_mean = (0.5 * self.inv_var0 * (sum_squares(mu_u) + sum_squares(mu_v))).to(mu_u.dtype)
         return -scale_r * scale_c * ll + zero_mean + var_terms + self._const
 
