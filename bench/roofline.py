@@ -229,6 +229,22 @@ def naive_movielens_loss(U, V, ru, rv, x, gamma: float, lam: float):
     return nll + reg + psi
 
 
+def without_native(fn):
+    """``fn`` run with ``GOLDSTONE_NATIVE=0``: the PyTorch versions of the native C loops
+    (goldstone_cli/kernels), as on a machine without a C compiler."""
+    def run():
+        before = os.environ.get("GOLDSTONE_NATIVE")
+        os.environ["GOLDSTONE_NATIVE"] = "0"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ["GOLDSTONE_NATIVE"]
+            else:
+                os.environ["GOLDSTONE_NATIVE"] = before
+    return run
+
+
 def movielens_case(name: str, path: Path, args, device: torch.device, T: int = 100, d: int = 30) -> Case:
     """Full-batch step of ``model=movielens optimizer=adagrad`` at the paper's T, d on ``path``,
     against the compiled naive reference (autograd through :func:`naive_movielens_loss`, fused
@@ -262,14 +278,14 @@ def movielens_case(name: str, path: Path, args, device: torch.device, T: int = 1
         terms["total"].backward()
         old_opt.step()
 
-    def step_compiled():  # trainer.compile=true
+    def step_compiled():  # trainer.compile=true where the native loops are not built
         model.set_compile(True)
         try:
-            step()
+            without_native(step)()
         finally:
             model.set_compile(False)
 
-    variants = {"goldstone": step, "before_issue16": step_before}
+    variants = {"goldstone": step, "goldstone_torch": without_native(step), "before_issue16": step_before}
     if not args.no_compile:
         variants["goldstone_compiled"] = step_compiled
         U, V = model.U, model.V
@@ -319,7 +335,8 @@ def gauge_case(name: str, solver: str, args, device: torch.device) -> Case:
     opt.base.step()
     n = model.n_users + model.n_items
     work = gauge_step_work(100, n, 30, model.coupling.num_edges, solver, int(cfg.k2))
-    return Case(name, work, {"goldstone": opt.gauge_step}, {"solver": solver, "rows": n, "T": 100, "d": 30})
+    return Case(name, work, {"goldstone": opt.gauge_step, "goldstone_torch": without_native(opt.gauge_step)},
+                {"solver": solver, "rows": n, "T": 100, "d": 30})
 
 
 @case("gauge_procrustes")

@@ -319,3 +319,36 @@ def test_native_logits_pass_gives_the_pytorch_likelihood_and_gradients():
         for a, b in zip((gu, gv), gref):
             assert float((a.double() - b).norm() / b.norm()) < 1e-5
     torch.testing.assert_close(outs[True][1], outs[False][1], rtol=1e-4, atol=1e-4 * float(outs[False][1].abs().max()))
+
+
+@needs_cc
+@pytest.mark.parametrize("n_rows, n_cols, P, Q", [(300, 300, 120, 90), (50, 300, 50, 300), (40, 70, 0, 10), (40, 70, 5, 0)])
+def test_native_block_positives_equal_the_pytorch_selection(n_rows, n_cols, P, Q):
+    """The minibatch's positives by the C loop and by whole-tensor operations: the same entries in the
+    same (t, p) order, on a random stacked CSR (a shard's local rows: n_rows < n_cols)."""
+    import scipy.sparse as sp
+
+    from goldstone_cli.models.dwe import block_positives
+
+    T = 7
+    rng = np.random.default_rng(P + Q)
+    stacked = sp.random(T * n_rows, n_cols, density=0.05, format="csr", random_state=rng, dtype=np.float32)
+    stacked.sort_indices()
+    crow, col = torch.from_numpy(stacked.indptr.astype(np.int64)), torch.from_numpy(stacked.indices.astype(np.int64))
+    val = torch.from_numpy(stacked.data)
+    rows = torch.from_numpy(np.sort(rng.choice(n_rows, P, replace=False)))
+    cols = torch.from_numpy(np.sort(rng.choice(n_cols, Q, replace=False)))
+    got = block_positives(crow, col, val, rows, cols, T, n_rows, n_cols)
+    want = block_positives(crow, col, val, rows, cols, T, n_rows, n_cols, native=False)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    dense = stacked.toarray().reshape(T, n_rows, n_cols)[:, rows.numpy()][:, :, cols.numpy()]  # brute force
+    t, p, q, n = got
+    assert len(n) == np.count_nonzero(dense) and np.array_equal(dense[t.numpy(), p.numpy(), q.numpy()], n.numpy())
+    if P:
+        with pytest.raises(IndexError, match="minibatch rows must lie in"):
+            block_positives(crow, col, val, rows + n_rows, cols, T, n_rows, n_cols)
+        damaged = crow.clone()
+        damaged[1:] += col.numel()  # offsets past the stored counts: refused, nothing read out of range
+        with pytest.raises(IndexError, match="point outside"):
+            block_positives(damaged, col, val, rows, cols, T, n_rows, n_cols)

@@ -63,3 +63,35 @@ void gs_softplus_rows_sigmoid_f32(float *restrict X, const float *restrict nb, i
         per_row[i] = acc;
     }
 }
+
+/* The stored positive counts of a minibatch block (Eq. 11's n^+ at the words rows x contexts cols):
+ * for every step t and word position p (row t n_rows + rows[p] of the stacked CSR crow / col), each
+ * entry whose column c (< n_cols) has a position q = col_pos[c] >= 0 in the block, in (t, p) order.
+ * Writes t, p, q and the entry's index into the CSR (for its count) and returns how many; the
+ * outputs hold at least the total length of the selected rows. A row or CSR offset out of range
+ * stops the loop and returns -1 - (t P + p). */
+int64_t gs_block_positives(const int64_t *crow, const int64_t *col, const int64_t *rows, const int64_t *col_pos,
+                           int64_t T, int64_t n_rows, int64_t n_cols, int64_t P, int64_t nnz, int64_t *out_t,
+                           int64_t *out_p, int64_t *out_q, int64_t *out_idx) {
+    int64_t k = 0;
+    for (int64_t t = 0; t < T; ++t) {
+        for (int64_t p = 0; p < P; ++p) {
+            const int64_t w = rows[p];
+            if (w < 0 || w >= n_rows) return -1 - (t * P + p);
+            const int64_t a = crow[t * n_rows + w], b = crow[t * n_rows + w + 1];
+            if (a < 0 || b < a || b > nnz) return -1 - (t * P + p);
+            for (int64_t i = a; i < b; ++i) {
+                const int64_t c = col[i];
+                const int64_t q = (c >= 0 && c < n_cols) ? col_pos[c] : -1;
+                if (q >= 0) {
+                    out_t[k] = t;
+                    out_p[k] = p;
+                    out_q[k] = q;
+                    out_idx[k] = i;
+                    ++k;
+                }
+            }
+        }
+    }
+    return k;
+}

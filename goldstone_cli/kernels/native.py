@@ -124,6 +124,9 @@ def _load(path: Path):
     lib.gs_softplus_rows_sigmoid_f32.argtypes = [f32p, f32p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                                  ctypes.c_int64, f32p]
     lib.gs_softplus_rows_sigmoid_f32.restype = None
+    lib.gs_block_positives.argtypes = [i64p, i64p, i64p, i64p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.c_int64, ctypes.c_int64, i64p, i64p, i64p, i64p]
+    lib.gs_block_positives.restype = ctypes.c_int64
     return lib
 
 

@@ -867,6 +867,43 @@ def skipgram_block_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor
 
 
 # ============================================================================ model
+def block_positives(crow: Tensor, col: Tensor, val: Tensor, rows: Tensor, cols: Tensor, T: int, n_rows: int,
+                    n_cols: int, native: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The stored positive counts of the block ``rows`` x ``cols`` at every step, as (t, p, q, n) in
+    (t, p) order, p and q the positions in ``rows`` / ``cols``: the entries of the stacked CSR (crow,
+    col, val; row ``t * n_rows + rows[p]``, columns < n_cols) whose column is in ``cols``. Cost O(nnz
+    of the selected rows): one C loop (kernels/dwe.c) with ``native`` where it is built, else the
+    same entries by whole-tensor operations."""
+    dev = crow.device
+    P = rows.numel()
+    if P and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
+        raise IndexError(f"minibatch rows must lie in [0, {n_rows}), got [{int(rows.min())}, {int(rows.max())}]")
+    col_pos = torch.full((n_cols,), -1, dtype=torch.int64, device=dev)
+    col_pos[cols] = torch.arange(len(cols), device=dev)
+    r = (torch.arange(T, device=dev)[:, None] * n_rows + rows[None, :]).reshape(-1)  # (T*P,) stacked rows
+    start, lens = crow[r], crow[r + 1] - crow[r]
+    lib = native_loops.library() if native and native_loops.usable(crow, col, rows, dtype=torch.int64) else None
+    if lib is not None:
+        out = torch.empty(4, int(lens.sum()), dtype=torch.int64)  # the selected rows' length: a bound
+        p, i64 = native_loops.ptr, native_loops.i64p
+        rows = rows.contiguous()
+        k = lib.gs_block_positives(p(crow, i64), p(col, i64), p(rows, i64), p(col_pos, i64), T, n_rows, n_cols, P,
+                                   col.numel(), *(p(out[i], i64) for i in range(4)))
+        if k < 0:  # the rows were checked above: the CSR's offsets are damaged
+            raise IndexError(f"the stored counts of minibatch row {rows[(-1 - k) % P].item()} point outside "
+                             f"the {col.numel()} stored counts")
+        out = out[:, :k].clone()  # (4, k), not the bound's storage
+        return out[0], out[1], out[2], val[out[3]]
+    owner = torch.repeat_interleave(torch.arange(len(r), device=dev), lens)  # (nnz_sel,)
+    offs = torch.arange(len(owner), device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+    idx = start[owner] + offs
+    q = col_pos[col[idx]]
+    keep = q >= 0
+    owner, idx, q = owner[keep], idx[keep], q[keep]
+    P = max(P, 1)
+    return owner // P, owner % P, q, val[idx]
+
+
 def draw_minibatch(V: int, P: int, Q: int, generator: Optional[torch.Generator], device) -> tuple[Tensor, Tensor]:
     """The sorted word rows (P of V) and context columns (Q of V) of one minibatch, drawn without
     replacement from ``generator`` in this order (all of V where P or Q is V)."""
@@ -998,20 +1035,8 @@ class DynamicWordEmbeddings(DynamicModel):
 
     def _block_positives(self, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Positive counts of the block rows x cols at every step, as (t, p, q, n) with p, q the
-        positions in ``rows`` / ``cols``. Cost O(nnz of the selected rows)."""
-        T, V = self.T, self.V
-        dev = self.crow.device
-        col_pos = torch.full((V,), -1, dtype=torch.int64, device=dev)
-        col_pos[cols] = torch.arange(len(cols), device=dev)
-        r = (torch.arange(T, device=dev)[:, None] * V + rows[None, :]).reshape(-1)  # (T*P,) global rows
-        start, lens = self.crow[r], self.crow[r + 1] - self.crow[r]
-        owner = torch.repeat_interleave(torch.arange(len(r), device=dev), lens)  # (nnz_sel,)
-        offs = torch.arange(len(owner), device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-        idx = start[owner] + offs
-        q = col_pos[self.col[idx]]
-        keep = q >= 0
-        owner, idx, q = owner[keep], idx[keep], q[keep]
-        return owner // len(rows), owner % len(rows), q, self.val[idx]
+        positions in ``rows`` / ``cols`` (:func:`block_positives`)."""
+        return block_positives(self.crow, self.col, self.val, rows, cols, self.T, self.V, self.V, self.native_logits)
 
     # ------------------------------------------------------------------ DynamicModel interface
     def symmetric_groups(self) -> list[list[nn.Parameter]]:

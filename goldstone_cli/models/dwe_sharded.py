@@ -58,6 +58,7 @@ from goldstone_cli.models.dwe_split import HeldOut, StepSource, load_rows_distri
 from goldstone_cli.models.dwe import (
     DynamicWordEmbeddings,
     WordCounts,
+    block_positives,
     chain_terms,
     cosine_quantiles,
     draw_minibatch,
@@ -229,21 +230,9 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
 
     def _block_positives(self, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Positive counts of the local words ``rows`` (global indices) x the contexts ``cols`` at
-        every step, as (t, p, q, n) with p, q positions in ``rows`` / ``cols``."""
-        T, V, n = self.T, self.V, self.n_local
-        dev = self.crow.device
-        col_pos = torch.full((V,), -1, dtype=torch.int64, device=dev)
-        col_pos[cols] = torch.arange(len(cols), device=dev)
-        r = (torch.arange(T, device=dev)[:, None] * n + (rows - self.start)[None, :]).reshape(-1)  # (T*P,)
-        start, lens = self.crow[r], self.crow[r + 1] - self.crow[r]
-        owner = torch.repeat_interleave(torch.arange(len(r), device=dev), lens)
-        offs = torch.arange(len(owner), device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-        idx = start[owner] + offs
-        q = col_pos[self.col[idx]]
-        keep = q >= 0
-        owner, idx, q = owner[keep], idx[keep], q[keep]
-        P = max(len(rows), 1)
-        return owner // P, owner % P, q, self.val[idx]
+        every step, as (t, p, q, n) with p, q positions in ``rows`` / ``cols`` (CSR rows are local)."""
+        return block_positives(self.crow, self.col, self.val, rows - self.start, cols, self.T, self.n_local, self.V,
+                               self.native_logits)
 
     def _mine(self, index: Tensor) -> Tensor:
         return (index >= self.start) & (index < self.stop)
