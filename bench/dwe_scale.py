@@ -117,20 +117,20 @@ PATHS = {
     # issue 16: fused chunked likelihood (one pointwise pass per logit), fused chain terms, the device's recurrence
     # the logits pass as the native C loop (goldstone_cli/kernels/dwe.c) where it builds
     "issue16": {"fused_loglik": True, "scan_method": None, "fused_prior": True, "fast_logits": True,
-                "compile_logits": False, "native_logits": True},
+                "compile_logits": False, "native": True},
     # the same with PyTorch's eager logits pass (GOLDSTONE_NATIVE=0, or no C compiler)
     "issue16_torch": {"fused_loglik": True, "scan_method": None, "fused_prior": True, "fast_logits": True,
-                      "compile_logits": False, "native_logits": False},
+                      "compile_logits": False, "native": False},
     # the same with the logits pass through torch.compile (trainer.compile=true without the native loop)
     "issue16_compiled": {"fused_loglik": True, "scan_method": None, "fused_prior": True, "fast_logits": True,
-                         "compile_logits": True, "native_logits": False},
+                         "compile_logits": True, "native": False},
     # the first issue-16 session: fused likelihood with eager softplus / sigmoid passes, sequential
     # recurrences under autograd
     "issue16_first": {"fused_loglik": True, "scan_method": None, "fused_prior": False, "fast_logits": False,
-                      "compile_logits": False, "native_logits": False},
+                      "compile_logits": False, "native": False},
     # before issue 16: the (T, P, Q) logits under autograd, log-depth scans
     "before_issue16": {"fused_loglik": False, "scan_method": "logdepth", "fused_prior": False, "fast_logits": False,
-                       "compile_logits": False, "native_logits": False},
+                       "compile_logits": False, "native": False},
 }
 
 

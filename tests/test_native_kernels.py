@@ -352,3 +352,98 @@ def test_native_block_positives_equal_the_pytorch_selection(n_rows, n_cols, P, Q
         damaged[1:] += col.numel()  # offsets past the stored counts: refused, nothing read out of range
         with pytest.raises(IndexError, match="point outside"):
             block_positives(damaged, col, val, rows, cols, T, n_rows, n_cols)
+
+
+# ----------------------------------------------------------------------------- the DWE chain terms
+def _chain_problem(T=12, V=60, P=25, d=7, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    raw = (0.5 * torch.randn(T, V, d, generator=g) + 1.0).to(dtype).requires_grad_()
+    off = (0.3 * torch.randn(T - 1, V, d, generator=g)).to(dtype).requires_grad_()
+    mu = torch.randn(T, P, d, generator=g).to(dtype).requires_grad_()
+    eps = torch.randn(T, P, d, generator=g).to(dtype).requires_grad_()
+    rows = torch.randperm(V, generator=g)[:P].sort().values
+    w = (3 * torch.rand(T - 1, generator=g)).to(dtype)
+    gx = torch.randn(T, P, d, generator=g).to(dtype)
+    return raw, off, mu, eps, rows, w, gx
+
+
+def _chain_run(prob, native_on: bool, rows=True, gx_none=False):
+    from goldstone_cli.models.dwe import _ChainTerms
+
+    raw, off, mu, eps, r, w, gx = prob
+    if rows:
+        x, terms = _ChainTerms.apply(mu, raw, off, eps, w, 0.5, r, native_on)
+    else:
+        x, terms = _ChainTerms.apply(mu, raw[:, r].contiguous(), off[:, r].contiguous(), eps, w, 0.5, None, native_on)
+    loss = 1.7 * terms + (0.0 if gx_none else (x * gx).sum())
+    grads = torch.autograd.grad(loss, (mu, raw, off, eps), allow_unused=True)
+    return x.detach(), terms.detach(), [None if v is None else v.detach() for v in grads]
+
+
+@needs_cc
+@pytest.mark.parametrize("rows", [True, False])
+@pytest.mark.parametrize("gx_none", [False, True])
+def test_native_chain_terms_match_float64_and_the_pytorch_pass(rows, gx_none):
+    """The C forward and backward of the variational chain terms (sample, covariance part of the
+    prior, entropy; gradients of mu, raw, off, eps) against float64 autograd-free reference runs of
+    the PyTorch pass and against its float32 run."""
+    prob = _chain_problem()
+    got = _chain_run(prob, True, rows, gx_none)
+    f32 = _chain_run(prob, False, rows, gx_none)
+    ref = _chain_run(tuple(t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t
+                           for t in prob), False, rows, gx_none)
+    assert abs(float(got[1]) / float(ref[1]) - 1) < 1e-6
+    assert float((got[0].double() - ref[0]).abs().max()) < 1e-5 * float(ref[0].abs().max())
+    for a, b, c in zip(got[2], f32[2], ref[2]):
+        if c is None:
+            continue
+        if float(c.norm()) == 0.0:  # mu without a sample gradient: exactly zero in all three
+            assert float(a.abs().max()) == 0.0 and float(b.abs().max()) == 0.0
+            continue
+        assert float((a.double() - c).norm() / c.norm()) < 1e-6
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(c.abs().max()))
+
+
+@needs_cc
+def test_native_chain_terms_threads_and_repeated_rows():
+    """Positions split over two threads give the one-thread numbers; repeated rows (which two
+    threads would both write) run on one thread and add their gradients like index_add_."""
+    prob = _chain_problem(T=9, V=400, P=300, d=8, seed=1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _chain_run(prob, True)
+        torch.set_num_threads(2)
+        two = _chain_run(prob, True)
+        raw, off, mu, eps, rows, w, gx = prob
+        rep = torch.cat([rows[:150], rows[:150]])  # every row twice
+        rep_prob = (raw, off, mu, eps, rep, w, gx)
+        got = _chain_run(rep_prob, True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and float(one[1]) == pytest.approx(float(two[1]), rel=1e-12)
+    for a, b in zip(one[2], two[2]):
+        assert torch.equal(a, b)
+    want = _chain_run(rep_prob, False)
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+def test_pooled_gradients_accumulate_when_kept():
+    """psi's and the chain pass's gradients come from a buffer pool: with the gradients kept between
+    two backward passes (accumulation), the second pass must not overwrite the first's buffers."""
+    from goldstone_cli.models.dwe import _ChainTerms
+
+    Z = torch.randn(6, 50, 4, requires_grad=True)
+    coupling = Coupling.chain(6, 2.0)
+    coupling.psi(Z).backward()
+    once = Z.grad.clone()
+    (3.0 * coupling.psi(Z)).backward()  # a different gradient: a reused buffer would give 6x, not 4x
+    torch.testing.assert_close(Z.grad, 4 * once, rtol=1e-6, atol=1e-6)
+    raw, off, mu, eps, rows, w, gx = _chain_problem()
+    for k in (1.0, 3.0):  # the minibatch rows of the whole parameters: dense, pooled gradients
+        (k * _ChainTerms.apply(mu.detach(), raw, off, eps.detach(), w, 0.5, rows)[1]).backward()
+    g2 = raw.grad.clone()
+    raw.grad = None
+    _ChainTerms.apply(mu.detach(), raw, off, eps.detach(), w, 0.5, rows)[1].backward()
+    torch.testing.assert_close(g2, 4 * raw.grad, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@
  * below are written out (range reduction + polynomial, no branches, no library calls) so that the
  * compiler vectorizes the loop: one pass over the logits instead of PyTorch's separate softplus,
  * sigmoid and row-sum passes. Accuracy: a few float32 ulps (tests compare with float64). */
+#include <stddef.h>
 #include <stdint.h>
 
 /* e^y for y <= 0, y >= -87 (clamped there: e^-87 = 1.6e-38, the float range's end). Cody-Waite
@@ -38,6 +39,156 @@ static inline float log1p_unit(float e, float inv2) {
     p = p * s2 + 1.0f / 3.0f;
     p = p * s2 + 1.0f;
     return 2.0f * s * p;
+}
+
+/* log(x) for normal x > 0: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh((m-1)/(m+1)),
+ * |(m-1)/(m+1)| <= 0.172, the series to s^9 (relative error below 1e-9 of the series). */
+static inline float log_pos(float x) {
+    union { float f; int32_t i; } v = {.f = x};
+    int32_t e = ((v.i >> 23) & 0xff) - 127;
+    v.i = (v.i & 0x007fffff) | 0x3f800000; /* m in [1, 2) */
+    const int big = v.f > 1.41421356f;
+    const float m = big ? 0.5f * v.f : v.f;
+    e += big;
+    const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+    float p = 1.0f / 9.0f;
+    p = p * s2 + 1.0f / 7.0f;
+    p = p * s2 + 1.0f / 5.0f;
+    p = p * s2 + 1.0f / 3.0f;
+    p = p * s2 + 1.0f;
+    return (float)e * 0.693147180559945f + 2.0f * s * p;
+}
+
+/* softplus(r) as torch computes it (beta 1, threshold 20): max(r, 0) + log(1 + e^-|r|) */
+static inline float softplus_any(float r) {
+    const float ar = r < 0.0f ? -r : r, e = exp_nonpos(-ar);
+    return (r > 0.0f ? r : 0.0f) + log1p_unit(e, 1.0f / (2.0f + e));
+}
+
+/* sigmoid(r) from one e^-|r| */
+static inline float sigmoid_any(float r) {
+    const float ar = r < 0.0f ? -r : r, e = exp_nonpos(-ar), s = 1.0f / (1.0f + e);
+    return r >= 0.0f ? s : e * s;
+}
+
+/* One position's d numbers of gs_chain_terms_fwd_f32 (off, yn, sn, a NULL at the last step). */
+static inline void chain_fwd_row(const float *restrict rr, const float *restrict oo, const float *restrict ep,
+                                 const float *restrict mp, const float *restrict yn, const float *restrict sn,
+                                 float *restrict bp, float *restrict ap, float *restrict yp, float *restrict sp,
+                                 float *restrict xp, int64_t d, float *s_out, float *c_out, float *l_out) {
+    float s1 = 0.0f, c1 = 0.0f, l1 = 0.0f;
+    if (oo) {
+#pragma omp simd reduction(+ : s1, c1, l1)
+        for (int64_t k = 0; k < d; ++k) {
+            const float bt = softplus_any(rr[k]), ib = 1.0f / bt;
+            const float at = oo[k] * ib, tmp = at * sn[k];
+            const float yt = ep[k] * ib - at * yn[k];
+            const float st = ib * ib + at * tmp;
+            bp[k] = bt, ap[k] = at, yp[k] = yt, sp[k] = st, xp[k] = mp[k] + yt;
+            s1 += st, c1 += tmp, l1 += log_pos(bt);
+        }
+    } else {
+#pragma omp simd reduction(+ : s1, l1)
+        for (int64_t k = 0; k < d; ++k) {
+            const float bt = softplus_any(rr[k]), ib = 1.0f / bt;
+            const float yt = ep[k] * ib, st = ib * ib;
+            bp[k] = bt, yp[k] = yt, sp[k] = st, xp[k] = mp[k] + yt;
+            s1 += st, l1 += log_pos(bt);
+        }
+    }
+    *s_out = s1, *c_out = c1, *l_out = l1;
+}
+
+/* The variational chain terms of one posterior (goldstone_cli/models/dwe.py, _ChainTerms: the
+ * sample x = mu + B^-T eps, the marginal variances and the per-step sums of the prior's covariance
+ * part and the entropy), forward in one pass over t = T-1 .. 0 for the slice of positions
+ * [p0, p1) of P (each d numbers). raw (T, R, d) and off (T-1, R, d) are whole parameters whose row
+ * rows[p] belongs to position p (rows NULL: R = P, row p). mu, eps, b, y, s, x: (T, P, d); a:
+ * (T-1, P, d). Adds the slice's sum_t-partials S_t = sum s_t, C_t = sum a_t s_t+1, Lb_t = sum log b_t
+ * into S (T), C (T-1), Lb (T), in float64. */
+void gs_chain_terms_fwd_f32(const float *restrict mu, const float *restrict raw, const float *restrict off,
+                            const int64_t *rows, int64_t R, const float *restrict eps, int64_t T, int64_t P,
+                            int64_t d, int64_t p0, int64_t p1, float *restrict b, float *restrict a,
+                            float *restrict y, float *restrict s, float *restrict x, double *S, double *C,
+                            double *Lb) {
+    const int64_t n = P * d;
+    for (int64_t t = T - 1; t >= 0; --t) {
+        double s_sum = 0.0, c_sum = 0.0, l_sum = 0.0;
+        for (int64_t p = p0; p < p1; ++p) {
+            const int64_t row = rows ? rows[p] : p;
+            const float *rr = raw + (t * R + row) * d;
+            const int64_t o = t * n + p * d;
+            float s1 = 0.0f, c1 = 0.0f, l1 = 0.0f; /* one position's d numbers: float, then added in float64 */
+            if (t < T - 1)
+                chain_fwd_row(rr, off + (t * R + row) * d, eps + o, mu + o, y + o + n, s + o + n, b + o, a + o,
+                              y + o, s + o, x + o, d, &s1, &c1, &l1);
+            else
+                chain_fwd_row(rr, NULL, eps + o, mu + o, NULL, NULL, b + o, NULL, y + o, s + o, x + o, d, &s1, &c1,
+                              &l1);
+            s_sum += s1, c_sum += c1, l_sum += l1;
+        }
+        S[t] += s_sum;
+        Lb[t] += l_sum;
+        if (t < T - 1) C[t] += c_sum;
+    }
+}
+
+/* The backward pass of gs_chain_terms_fwd_f32 for positions [p0, p1), t = 0 .. T-1 (the adjoints of
+ * both recurrences run forward in t; the formulas of _ChainTerms.backward): gx (T, P, d) the
+ * sample's incoming gradient (NULL: zero), g the terms' incoming gradient, w (T-1) the chain
+ * weights, half_iv = 1/(2 sigma_0^2); lam, nu: (P, d) scratch. Writes deps (T, P, d; may be NULL)
+ * and, with rows, ADDS the raw / off gradients into the rows of draw (T, R, d) / doff (T-1, R, d)
+ * (rows must not repeat within a slice handled by another thread), else writes them. */
+void gs_chain_terms_bwd_f32(const float *restrict raw, const int64_t *rows, int64_t R, const float *restrict b,
+                            const float *restrict a, const float *restrict y, const float *restrict s,
+                            const float *restrict eps, const float *restrict gx, double g, const double *w,
+                            double half_iv, int64_t T, int64_t P, int64_t d, int64_t p0, int64_t p1,
+                            float *restrict lam, float *restrict nu, float *restrict draw, float *restrict doff,
+                            float *restrict deps) {
+    const int64_t n = P * d;
+    const float gf = (float)g;
+    for (int64_t t = 0; t < T; ++t) {
+        const float h = (float)(g * (half_iv + (t < T - 1 ? 0.5 * w[t] : 0.0) + (t > 0 ? 0.5 * w[t - 1] : 0.0)));
+        const float gwp = t > 0 ? (float)(g * w[t - 1]) : 0.0f, gwt = t < T - 1 ? (float)(g * w[t]) : 0.0f;
+        for (int64_t p = p0; p < p1; ++p) {
+            const int64_t row = rows ? rows[p] : p;
+            const int64_t o = t * n + p * d;
+            const float *rr = raw + (t * R + row) * d;
+            const float *bp = b + o, *ep = eps + o, *gp = gx ? gx + o : NULL;
+            float *lp = lam + p * d, *np = nu + p * d;
+            float *dr = rows ? draw + (t * R + row) * d : draw + o;
+            float *dp = deps ? deps + o : NULL;
+            const float *ap_prev = t > 0 ? a + o - n : NULL;
+            const float *at_ = t < T - 1 ? a + o : NULL, *sn = t < T - 1 ? s + o + n : NULL;
+            const float *yn = t < T - 1 ? y + o + n : NULL;
+            float *dof = t < T - 1 ? (rows ? doff + (t * R + row) * d : doff + o) : NULL;
+#pragma omp simd
+            for (int64_t k = 0; k < d; ++k) {
+                const float gxk = gp ? gp[k] : 0.0f;
+                float lk, nk;
+                if (t == 0) {
+                    lk = gxk;
+                    nk = h;
+                } else {
+                    const float apk = ap_prev[k];
+                    lk = gxk - apk * lp[k];                 /* lam_t = gx_t - a_t-1 lam_t-1 */
+                    nk = (np[k] * apk + gwp) * apk + h;     /* nu_t = h_t + a_t-1 (g w_t-1 + a_t-1 nu_t-1) */
+                }
+                lp[k] = lk, np[k] = nk;
+                const float ib = 1.0f / bp[k];
+                float r = -2.0f * (nk * ib) * ib - lk * ep[k] * ib + gf; /* g - lam eps / b - 2 nu / b^2 */
+                if (dp) dp[k] = lk * ib;
+                if (dof) {
+                    const float atk = at_[k];
+                    const float da = (2.0f * (atk * nk) + gwt) * sn[k] - lk * yn[k];
+                    r -= atk * da;
+                    if (rows) dof[k] += da * ib; else dof[k] = da * ib; /* dl_t = da_t / b_t */
+                }
+                const float db = r * ib, gr = db * sigmoid_any(rr[k]);
+                if (rows) dr[k] += gr; else dr[k] = gr;
+            }
+        }
+    }
 }
 
 /* X: rows [r0, r1) of a (tb * pb, Q) block of logits, row i at time step i / pb; nb: (tb, Q).

@@ -30,6 +30,7 @@ axis-aligned); the paper makes the same choice.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 
 from goldstone_cli.kernels import native as native_loops
 from goldstone_cli.models.base import DynamicModel
-from goldstone_cli.numerics import COMPILED, compiled_kernel, sum_squares, sum_squares_value
+from goldstone_cli.numerics import COMPILED, WORKSPACE, BufferPool, compiled_kernel, sum_squares, sum_squares_value
 from goldstone_cli.optim.coupling import Coupling
 from goldstone_cli.optim.gauge import serial_cpu
 
@@ -423,49 +424,87 @@ def _chain_terms_autograd(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Te
     return x, prior + _sum64(torch.log(b))
 
 
-class _Workspace:
-    """Reusable buffers for the fused chain pass (CPU). The pool keeps only the storages; a storage is
-    handed out again once no tensor uses it any more (the autograd graph that saved it was freed,
-    the sample made in it dropped, views included), so reuse is safe with ``retain_graph`` or graphs
-    kept alive. Why: a fresh multi-MB tensor costs a page fault per 4 kB page on its first write
-    (glibc maps large blocks anew each time): 21 ms per 40 MB against 5.5 ms for rewriting a mapped
-    one (one CPU thread, measured on the 2-core machine). Bounded: ``per_key`` buffers of each of at
-    most ``max_keys`` (shape, dtype) keys, the least recently used key dropped first (one model's step
-    uses 2-4 keys and 8 buffers of the largest)."""
-
-    def __init__(self, per_key: int = 8, max_keys: int = 4):
-        self.per_key, self.max_keys = per_key, max_keys
-        self.storages: dict[tuple, list] = {}  # insertion order = use order (moved to the end on use)
-
-    @staticmethod
-    def _unused(st) -> bool:
-        try:  # only the pool's storage object holds it
-            return torch._C._storage_Use_Count(st._cdata) <= 1
-        except Exception:  # pragma: no cover - private API missing: never reuse
-            return False
-
-    def take(self, shape, dtype, device) -> Tensor:
-        device = torch.device(device)
-        if device.type != "cpu":  # the CUDA caching allocator has no page-fault cost
-            return torch.empty(shape, dtype=dtype, device=device)
-        key = (tuple(shape), dtype)
-        lst = self.storages.pop(key, [])
-        self.storages[key] = lst  # most recently used last
-        while len(self.storages) > self.max_keys:
-            del self.storages[next(iter(self.storages))]
-        for st in lst:
-            if self._unused(st):
-                return torch.empty(0, dtype=dtype).set_(st, 0, tuple(shape))
-        t = torch.empty(shape, dtype=dtype)
-        if len(lst) < self.per_key:
-            lst.append(t.untyped_storage())
-        return t
-
-    def clear(self) -> None:
-        self.storages.clear()
+_Workspace = BufferPool  # the pool's class (numerics); one pool shared by the fused passes
+_WORKSPACE = WORKSPACE
 
 
-_WORKSPACE = _Workspace()
+def _pooled_zeros(shape, like: Tensor) -> Tensor:
+    """A zero-filled buffer of ``shape`` from the shared pool (a fresh multi-MB tensor costs page faults)."""
+    return WORKSPACE.take(shape, like.dtype, like.device).zero_()
+
+
+def _chain_terms_total(S: Tensor, C: Tensor, Lb: Tensor, w: Tensor, inv_var0: float) -> Tensor:
+    """``1/2 sum_t w_t (S_t + S_t+1 + 2 C_t) + 1/(2 sigma_0^2) sum_t S_t + sum_t log b_t`` from the
+    per-step float64 sums of :class:`_ChainTerms`."""
+    w64 = w.to(torch.float64)
+    return 0.5 * (w64 * (S[1:] + S[:-1] + 2.0 * C)).sum() + 0.5 * float(inv_var0) * S.sum() + Lb.sum()
+
+
+def _chain_layout(eps: Tensor) -> tuple[int, int]:
+    """(P, d): positions per time step and numbers per position of a (T, P, ...) chain slice."""
+    per_step = eps[0].numel() if eps.shape[0] else 0
+    d = eps.shape[-1] if eps.dim() >= 3 else 1
+    return per_step // max(d, 1), d
+
+
+def _native_chain_lib(mu, raw, off, eps, rows, x):
+    """The native library if the C chain pass can run on these tensors (float32, contiguous, CPU;
+    with ``rows``, whole (T, R, ...) parameters gathered by row), else None."""
+    if not (native_loops.usable(mu, raw, off, eps, x) and mu.shape == eps.shape and eps.dim() >= 2):
+        return None
+    if rows is not None and not (native_loops.usable(rows, dtype=torch.int64) and raw.dim() == eps.dim()
+                                 and raw.shape[2:] == eps.shape[2:] and rows.numel() == eps.shape[1]):
+        return None
+    if rows is None and raw.shape != eps.shape:
+        return None
+    return native_loops.library()
+
+
+def _chain_parallel(rows: Optional[Tensor], P: int, fn) -> list:
+    """``fn(p0, p1)`` over position ranges, one per thread where different positions never share a
+    parameter row (rows None or strictly increasing, as draw_minibatch's); else one call."""
+    unique = rows is None or rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all())
+    if not unique:
+        return [fn(0, P)]
+    return native_loops.parallel_columns(fn, P, min_cols=64)
+
+
+def _native_chain_forward(lib, mu, raw, off, eps, rows, b, a, y, s, x):
+    T = eps.shape[0]
+    P, d = _chain_layout(eps)
+    R = raw[0].numel() // max(d, 1)
+    p, i64 = native_loops.ptr, native_loops.i64p
+    ptrs = [p(t) for t in (mu, raw, off)]
+    rows_p = None if rows is None else p(rows, i64)
+    outs = [p(t) for t in (b, a, y, s, x)]
+
+    def part(p0: int, p1: int):
+        sums = torch.zeros(3, T, dtype=torch.float64)  # S, C (first T-1), Lb of positions [p0, p1)
+        sp = [ctypes.cast(sums[i].data_ptr(), native_loops.f64p) for i in range(3)]
+        lib.gs_chain_terms_fwd_f32(*ptrs, rows_p, R, p(eps), T, P, d, p0, p1, *outs, *sp)
+        return sums
+
+    sums = sum(_chain_parallel(rows, P, part))
+    return sums[0], sums[1, : T - 1], sums[2]
+
+
+def _native_chain_backward(lib, raw, rows, b, a, y, s, eps, gx, g, w, half_iv, need_eps):
+    T = b.shape[0]
+    P, d = _chain_layout(b)
+    R = raw[0].numel() // max(d, 1)
+    if rows is None:
+        draw, doff = torch.empty_like(b), torch.empty_like(a)
+    else:  # dense gradients of the whole parameters, nonzero in the minibatch rows (pooled: no page faults)
+        draw, doff = _pooled_zeros(raw.shape, raw), _pooled_zeros(raw[1:].shape, raw)
+    deps = torch.empty_like(b) if need_eps else None
+    lam, nu = torch.empty_like(b[0]), torch.empty_like(b[0])
+    w64 = w.to(torch.float64).contiguous()
+    p, i64 = native_loops.ptr, native_loops.i64p
+    args = [p(raw), None if rows is None else p(rows, i64), R] + [p(t) for t in (b, a, y, s, eps)] + \
+        [p(gx), float(g), ctypes.cast(w64.data_ptr(), native_loops.f64p), float(half_iv), T, P, d]
+    tail = [p(lam), p(nu), p(draw), p(doff), p(deps)]
+    _chain_parallel(rows, P, lambda p0, p1: lib.gs_chain_terms_bwd_f32(*args, p0, p1, *tail))
+    return draw, doff, deps
 
 
 class _ChainTerms(torch.autograd.Function):
@@ -489,13 +528,21 @@ class _ChainTerms(torch.autograd.Function):
     ``deps_t = lam_t / b_t``. Saved for backward: raw, b, a, y, s, eps (no autograd temporaries)."""
 
     @staticmethod
-    def forward(ctx, mu, raw, off, eps, w, inv_var0, rows=None):
+    def forward(ctx, mu, raw, off, eps, w, inv_var0, rows=None, native=True):
         T = raw.shape[0]
         dt = raw.dtype
         ws, shape, dev = _WORKSPACE, eps.shape, raw.device
         b, y, s = ws.take(shape, dt, dev), ws.take(shape, dt, dev), ws.take(shape, dt, dev)
         a = ws.take((shape[0] - 1,) + tuple(shape[1:]), dt, dev)
         x = ws.take(shape, torch.result_type(mu, raw), dev)
+        lib = _native_chain_lib(mu, raw, off, eps, rows, x) if native else None
+        ctx.native = lib is not None
+        if lib is not None:  # the loop below as one C pass (kernels/dwe.c), positions split over threads
+            S, C, Lb = _native_chain_forward(lib, mu, raw, off, eps, rows, b, a, y, s, x)
+            terms = _chain_terms_total(S, C, Lb, w, inv_var0)
+            ctx.save_for_backward(raw, b, a, y, s, eps, w, rows)
+            ctx.inv_var0 = float(inv_var0)
+            return x, terms.to(dt)
         ib = torch.empty_like(b[0])  # 1 / b_t
         tmp = torch.empty_like(b[0])
         if rows is not None:  # raw, off: whole (T, V, ...) parameters; their minibatch rows gathered per step
@@ -522,9 +569,7 @@ class _ChainTerms(torch.autograd.Function):
                 torch.add(mu[t], yt, out=x[t])
         S, Lb = torch.stack(S[::-1]).to(torch.float64), torch.stack(Lb).to(torch.float64)
         C = torch.stack(C[::-1]).to(torch.float64)
-        w64 = w.to(torch.float64)
-        terms = (0.5 * (w64 * (S[1:] + S[:-1] + 2.0 * C)).sum() + 0.5 * float(inv_var0) * S.sum()
-                 + Lb.sum())
+        terms = _chain_terms_total(S, C, Lb, w, inv_var0)
         ctx.save_for_backward(raw, b, a, y, s, eps, w, rows)
         ctx.inv_var0 = float(inv_var0)
         return x, terms.to(dt)
@@ -535,12 +580,17 @@ class _ChainTerms(torch.autograd.Function):
         raw, b, a, y, s, eps, w, rows = ctx.saved_tensors
         T = b.shape[0]
         g = float(gterms)  # a scalar; one device sync per call
+        if ctx.native:
+            gx = None if gx is None else gx.to(y.dtype).contiguous()
+            draw, doff, deps = _native_chain_backward(native_loops.library(), raw, rows, b, a, y, s, eps, gx, g, w,
+                                                      0.5 * ctx.inv_var0, ctx.needs_input_grad[3])
+            return (torch.zeros_like(y) if gx is None else gx), draw, doff, deps, None, None, None, None
         gx = torch.zeros_like(y) if gx is None else gx.to(y.dtype)
         wl = w.to(torch.float64).tolist()
         if rows is None:
             draw, doff = torch.empty_like(b), torch.empty_like(a)
-        else:  # dense gradients of the whole parameters, nonzero in the minibatch rows
-            draw, doff = torch.zeros_like(raw), torch.zeros_like(raw[1:])
+        else:  # dense gradients of the whole parameters, nonzero in the minibatch rows (pooled: no page faults)
+            draw, doff = _pooled_zeros(raw.shape, raw), _pooled_zeros(raw[1:].shape, raw)
             dr, do = torch.empty_like(b[0]), torch.empty_like(b[0])
         need_eps = ctx.needs_input_grad[3]
         deps = torch.empty_like(b) if need_eps else None
@@ -580,7 +630,7 @@ class _ChainTerms(torch.autograd.Function):
                     torch.index_select(raw[t], 0, rows, out=q).sigmoid_()
                     torch.mul(r, q, out=dr)
                     draw[t].index_add_(0, rows, dr)
-        return gx, draw, doff, deps, None, None, None
+        return gx, draw, doff, deps, None, None, None, None
 
 
 class _RowsAndSquares(torch.autograd.Function):
@@ -597,7 +647,11 @@ class _RowsAndSquares(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_rows, g_sq):
         x, rows = ctx.saved_tensors
-        grad = x * (2.0 * g_sq).to(x.dtype) if g_sq is not None else torch.zeros_like(x)
+        grad = WORKSPACE.take(x.shape, x.dtype, x.device)  # pooled: no page faults of a fresh (T, N, d) tensor
+        if g_sq is not None:
+            torch.mul(x, (2.0 * g_sq).to(x.dtype), out=grad)
+        else:
+            grad.zero_()
         if g_rows is not None:
             grad.index_add_(1, rows, g_rows.to(x.dtype))
         return grad, None
@@ -611,7 +665,7 @@ def rows_and_squares(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def chain_terms(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor, w: Tensor, inv_var0: float,
-                method: Optional[str] = None, fused: bool = True) -> tuple[Tensor, Tensor]:
+                method: Optional[str] = None, fused: bool = True, native: bool = True) -> tuple[Tensor, Tensor]:
     """``(sample_chain(...), expected_neg_log_prior_var(...) + neg_entropy(raw_diag))``: the sample
     (T, ...) and the posterior's covariance part of the prior plus its negative entropy (a scalar,
     accumulated in float64, in ``raw_diag``'s dtype), differentiable once.
@@ -619,7 +673,9 @@ def chain_terms(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor, w: T
     With the sequential recurrence (``method`` or the device's :data:`SCAN_METHOD`) and ``fused``:
     :class:`_ChainTerms`, one pass over time forward and one backward with the analytic adjoints;
     otherwise (log-depth scans, the GPU default, or ``fused=False``) the whole-tensor operations under
-    autograd (:func:`_chain_terms_autograd`). Same results up to float rounding."""
+    autograd (:func:`_chain_terms_autograd`). The fused pass runs as the native C loop
+    (goldstone_cli/kernels/dwe.c) on float32 CPU tensors with ``native``. Same results up to float
+    rounding."""
     if method is None:
         method = SCAN_METHOD.get(raw_diag.device.type, "sequential")
     if method not in ("sequential", "logdepth"):
@@ -632,7 +688,8 @@ def chain_terms(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor, w: T
                          f"got {tuple(mu.shape)}, {tuple(raw_diag.shape)}, {tuple(eps.shape)}, {tuple(offdiag.shape)}, "
                          f"{tuple(w.shape)}")
     mu, eps = mu.expand(shape), eps.expand(shape)
-    return _ChainTerms.apply(mu, raw_diag.contiguous(), offdiag.contiguous(), eps.contiguous(), w, inv_var0)
+    return _ChainTerms.apply(mu, raw_diag.contiguous(), offdiag.contiguous(), eps.contiguous(), w, inv_var0, None,
+                             native)
 
 
 def prior_precision(w: np.ndarray, inv_var0: float) -> np.ndarray:
@@ -973,8 +1030,9 @@ class DynamicWordEmbeddings(DynamicModel):
         # the likelihood's logits in one softplus-and-sigmoid pass with the scalings on the small operands
         # (False: the first issue-16 passes); compile_logits (trainer.compile): that pass through torch.compile
         self.fast_logits = True
-        # that pass as the native C loop of goldstone_cli/kernels on float32 CPU blocks (where it builds)
-        self.native_logits = True
+        # the native C loops of goldstone_cli/kernels on float32 CPU tensors (where they build): the
+        # logits pass, the minibatch's positives and the fused chain terms
+        self.native = True
         self.compile_logits = False
         self.logit_chunk: Optional[int] = None
         self.vocab, self.years, self.year_end = list(wc.vocab), wc.years.copy(), wc.year_end.copy()
@@ -1036,7 +1094,7 @@ class DynamicWordEmbeddings(DynamicModel):
     def _block_positives(self, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Positive counts of the block rows x cols at every step, as (t, p, q, n) with p, q the
         positions in ``rows`` / ``cols`` (:func:`block_positives`)."""
-        return block_positives(self.crow, self.col, self.val, rows, cols, self.T, self.V, self.V, self.native_logits)
+        return block_positives(self.crow, self.col, self.val, rows, cols, self.T, self.V, self.V, self.native)
 
     # ------------------------------------------------------------------ DynamicModel interface
     def symmetric_groups(self) -> list[list[nn.Parameter]]:
@@ -1080,8 +1138,9 @@ class DynamicWordEmbeddings(DynamicModel):
         and their dense gradients written once (no gathered (T, B, d) copies or their gradients)."""
         method = self.scan_method or SCAN_METHOD.get(raw.device.type, "sequential")
         if self.fused_prior and method == "sequential" and self.T > 1:
-            return _ChainTerms.apply(mu_rows, raw, off, eps, self.w, self.inv_var0, rows)
-        return chain_terms(mu_rows, raw[:, rows], off[:, rows], eps, self.w, self.inv_var0, method, self.fused_prior)
+            return _ChainTerms.apply(mu_rows, raw, off, eps, self.w, self.inv_var0, rows, self.native)
+        return chain_terms(mu_rows, raw[:, rows], off[:, rows], eps, self.w, self.inv_var0, method, self.fused_prior,
+                           self.native)
 
     def block_loglik(self, u: Tensor, v: Tensor, rows: Tensor, cols: Tensor, weight: float = 1.0) -> Tensor:
         """Training log-likelihood of the word-context block rows x cols at every step, for word
@@ -1091,7 +1150,7 @@ class DynamicWordEmbeddings(DynamicModel):
         if self.fused_loglik:  # chunked, the gradients formed in the same pass (skipgram_block_fused)
             return skipgram_block_fused(u, v, self.c[:, rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn,
                                         self.logit_chunk, self.fast_logits, self.compile_logits, weight,
-                                        self.native_logits)
+                                        self.native)
         X = torch.bmm(u, v.transpose(1, 2))  # (T, P, Q)
         ll = skipgram_block(X, self.c[:, rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn)
         return ll if weight == 1.0 else weight * ll

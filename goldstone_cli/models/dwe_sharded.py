@@ -185,7 +185,7 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
             split = split_rows(src, *split_args)
         self.data_bytes_read = split.bytes_read
         self.compile_logits = False  # trainer.compile (set_compile)
-        self.native_logits = True  # the native C loop of the logits pass (dwe.skipgram_block_fused)
+        self.native = True  # the native C loops of dwe.py (logits pass, minibatch positives, chain terms)
         train, c, self.test_steps = split.train, split.c, split.test_steps
         held, mass, val = split.held, split.mass, split.val
         self.train_mask = np.array([t not in self.test_steps for t in range(T)])
@@ -232,7 +232,7 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
         """Positive counts of the local words ``rows`` (global indices) x the contexts ``cols`` at
         every step, as (t, p, q, n) with p, q positions in ``rows`` / ``cols`` (CSR rows are local)."""
         return block_positives(self.crow, self.col, self.val, rows - self.start, cols, self.T, self.n_local, self.V,
-                               self.native_logits)
+                               self.native)
 
     def _mine(self, index: Tensor) -> Tensor:
         return (index >= self.start) & (index < self.stop)
@@ -276,8 +276,10 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
             ru, ou = self.raw_U[:, lr], self.off_U[:, lr]
             rv, ov = self.raw_V[:, lc], self.off_V[:, lc]
             # the sample, the covariance part of the prior and the entropy in one pass (dwe.chain_terms)
-            u, terms_u = chain_terms(mu_u[:, lr], ru, ou, eps_u[:, mr], self.w, self.inv_var0)  # (T, P_r, d)
-            v_mine, terms_v = chain_terms(mu_v[:, lc], rv, ov, eps_v[:, mc], self.w, self.inv_var0)  # (T, Q_r, d)
+            u, terms_u = chain_terms(mu_u[:, lr], ru, ou, eps_u[:, mr], self.w, self.inv_var0,
+                                     native=self.native)  # (T, P_r, d)
+            v_mine, terms_v = chain_terms(mu_v[:, lc], rv, ov, eps_v[:, mc], self.w, self.inv_var0,
+                                          native=self.native)  # (T, Q_r, d)
             var_terms = scale_r * terms_u + scale_c * terms_v
         else:
             u, v_mine = mu_u[:, lr], mu_v[:, lc]
@@ -286,7 +288,7 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
         pt, pp, pq, pn = self._block_positives(my_rows, cols)
         # the (T, P_r, Q) logits formed in chunks, gradients in the same pass (as dwe.py's default)
         ll = skipgram_block_fused(u, v, self.c[:, my_rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn,
-                                  compiled=self.compile_logits, native=self.native_logits)
+                                  compiled=self.compile_logits, native=self.native)
         zero_mean = (0.5 * self.inv_var0 * (sum_squares(mu_u) + sum_squares(mu_v))).to(mu_u.dtype)
         return -scale_r * scale_c * ll + zero_mean + var_terms + self._const
 

@@ -321,7 +321,7 @@ class SparseDynamicBernoulliMF(DynamicModel):
         self.shard = shard if shard is not None else RowShard.single()
         self.items_replicated = self.shard.distributed and items == "replicated"
         self.compile_steps = False  # trainer.compile: the gamma / psi pass through torch.compile
-        self.native_steps = True  # the C loops of goldstone_cli/kernels where available (GOLDSTONE_NATIVE)
+        self.native = True  # the C loops of goldstone_cli/kernels where available (GOLDSTONE_NATIVE)
         if self.shard.distributed:
             self._init_sharded(data, init_scale, seed, dtype, device)
             self.coupling = Coupling.chain(T, coupling)  # Eq. 6 / Eq. 7
@@ -416,7 +416,7 @@ class SparseDynamicBernoulliMF(DynamicModel):
         need_grad = torch.is_grad_enabled() and (self.U.requires_grad or self.V.requires_grad)
         local, psi = _FusedLoss.apply(self.U, self.V, ru, rv, x, float(scale), self.gamma, self.chunk_size,
                                       self.coupling, self._grad_buffers, need_grad, self.compile_steps,
-                                      self.native_steps)
+                                      self.native)
         return {"total": local + psi, "local": local, "psi": psi}
 
     @torch.no_grad()

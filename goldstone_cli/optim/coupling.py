@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from goldstone_cli.kernels import native as native_loops
-from goldstone_cli.numerics import COMPILED, batched_gram, compiled_kernel, row_sum_squares
+from goldstone_cli.numerics import COMPILED, WORKSPACE, batched_gram, compiled_kernel, row_sum_squares
 
 
 @dataclass(frozen=True)
@@ -395,6 +395,12 @@ class _Psi(torch.autograd.Function):
         return total.to(Z.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         (Z,) = ctx.saved_tensors
+        if Z.device.type == "cpu":  # L @ Z in one pass into a pooled buffer (a fresh one costs page faults)
+            out = WORKSPACE.take(Z.shape, Z.dtype, Z.device)
+            quadratic_terms_(Z, ctx.coupling, 0.0, out, sum_squares=False)
+            g = float(grad_out)
+            return (out if g == 1.0 else out.mul_(g)), None
         return grad_out * ctx.coupling.laplacian_apply(Z), None
