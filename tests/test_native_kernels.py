@@ -447,3 +447,39 @@ def test_pooled_gradients_accumulate_when_kept():
     raw.grad = None
     _ChainTerms.apply(mu.detach(), raw, off, eps.detach(), w, 0.5, rows)[1].backward()
     torch.testing.assert_close(g2, 4 * raw.grad, rtol=1e-5, atol=1e-6)
+
+
+@needs_cc
+def test_ratings_split_over_threads_at_bin_boundaries():
+    """Two threads take whole time bins each (no row written by both): the gradients equal the one-
+    thread ones bit for bit; unsorted ratings or ratings whose bins differ stay on one thread."""
+    from goldstone_cli.models.movielens import _bin_cuts
+
+    g = torch.Generator().manual_seed(3)
+    T, nu, ni, d, n = 20, 300, 200, 8, 300_000
+    U, V = torch.randn(T, nu, d, generator=g), torch.randn(T, ni, d, generator=g)
+    t = torch.randint(T, (n,), generator=g)
+    ru = t * nu + torch.randint(nu, (n,), generator=g)
+    rv = t * ni + torch.randint(ni, (n,), generator=g)
+    order = torch.argsort(ru)
+    ru, rv = ru[order].contiguous(), rv[order].contiguous()
+    x = (torch.randint(2, (n,), generator=g) * 2 - 1).float()
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for k in (1, 2):
+            torch.set_num_threads(k)
+            gU, gV = torch.zeros_like(U), torch.zeros_like(V)
+            out[k] = (ratings_pass(U, V, ru, rv, x, 1.3, gU, gV), gU, gV)
+        cuts = _bin_cuts(U, V, ru, rv, True)
+        shuffled = torch.randperm(n, generator=g)
+        one_range = _bin_cuts(U, V, ru[shuffled], rv[shuffled], True)
+        mixed = _bin_cuts(U, V, ru, (rv + ni) % (T * ni), True)
+    finally:
+        torch.set_num_threads(before)
+    assert len(cuts) == 3 and cuts[0] == 0 and cuts[-1] == n
+    tb = ru // nu
+    assert tb[cuts[1] - 1] < tb[cuts[1]]  # the cut falls between two bins
+    assert one_range == [0, n] and mixed == [0, n]
+    assert torch.equal(out[1][1], out[2][1]) and torch.equal(out[1][2], out[2][2])
+    assert float(out[1][0]) == pytest.approx(float(out[2][0]), rel=1e-12)

@@ -178,9 +178,15 @@ def parallel_columns(fn, n_cols: int, min_cols: int = 1 << 15) -> list:
     least ``min_cols`` columns each), run concurrently (ctypes calls release the GIL); results in
     range order."""
     n = max(1, min(torch.get_num_threads(), n_cols // max(min_cols, 1)))
-    if n == 1:
-        return [fn(0, n_cols)]
-    cuts = [n_cols * i // n for i in range(n + 1)]
+    return parallel_ranges(fn, [n_cols * i // n for i in range(n + 1)])
+
+
+def parallel_ranges(fn, cuts: list[int]) -> list:
+    """``fn(cuts[i], cuts[i + 1])`` for every i, concurrently on a thread pool (one range: in this
+    thread); results in range order."""
+    n = len(cuts) - 1
+    if n <= 1:
+        return [fn(cuts[0], cuts[-1])] if n == 1 else []
     with _lock:
         pool = _state.get("pool")
         if pool is None or pool._max_workers < n:

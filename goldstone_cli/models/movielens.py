@@ -157,6 +157,26 @@ def _storage_unused(st) -> bool:
     return count is not None and count(st._cdata) == 1
 
 
+def _bin_cuts(U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, grads: bool, min_ratings: int = 1 << 16) -> list[int]:
+    """Where to split the ratings between the threads: at time-bin boundaries, so that no two
+    threads add into the same row of gU or gV (a rating of bin t touches only bin t's rows of both).
+    One range unless there are several threads, enough ratings, (T, N, d) parameters and ratings
+    sorted by bin with the same bin on both sides (as the model's are)."""
+    n, k = ru.numel(), torch.get_num_threads()
+    if k < 2 or n < 2 * min_ratings:
+        return [0, n]
+    if grads and not (U.dim() == V.dim() == 3 and U.shape[0] == V.shape[0]):
+        return [0, n]
+    if not grads:  # values only: any split is safe
+        return [n * i // k for i in range(k + 1)]
+    tb = torch.div(ru, U.shape[1], rounding_mode="floor")
+    if not (bool((tb[1:] >= tb[:-1]).all()) and torch.equal(tb, torch.div(rv, V.shape[1], rounding_mode="floor"))):
+        return [0, n]
+    targets = torch.tensor([n * i // k for i in range(1, k)])
+    starts = torch.searchsorted(tb, tb[targets])  # the first rating of the bin each target falls in
+    return sorted({0, n, *(int(c) for c in starts)})
+
+
 def ratings_pass(U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, x: Tensor, scale: float, gU: Tensor | None,
                  gV: Tensor | None, chunk: int = 1 << 20, native: bool = True) -> Tensor:
     """``sum_r softplus(-x_r u_ru . v_rv)`` (Eq. 8; float64 scalar) and, if ``gU`` is given, the
@@ -174,13 +194,19 @@ def ratings_pass(U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, x: Tensor, scale:
         lib = native_loops.library()
         if lib is not None:
             p, i64 = native_loops.ptr, native_loops.i64p
-            nll = lib.gs_bernoulli_ratings_f32(p(U), p(V), p(ru, i64), p(rv, i64), p(x), ru.numel(), d,
-                                               U.numel() // d, V.numel() // d, scale, p(gU), p(gV))
-            if nll < 0:  # a sum of softplus values is >= 0: the loop stopped at a bad row index
-                r = int(-1.0 - nll)
-                raise IndexError(f"rating {r} points at row {int(ru[r])} of U ({U.numel() // d} rows) and "
-                                 f"{int(rv[r])} of V ({V.numel() // d} rows): out of range")
-            return torch.tensor(nll, dtype=torch.float64)
+            ptrs = (p(U), p(V), p(ru, i64), p(rv, i64), p(x))
+
+            def part(s: int, e: int) -> float:  # ratings [s, e); a bad row index stops it at once
+                nll = lib.gs_bernoulli_ratings_f32(*ptrs[:2], p(ru[s:], i64), p(rv[s:], i64), p(x[s:]), e - s, d,
+                                                   U.numel() // d, V.numel() // d, scale, p(gU), p(gV))
+                if nll < 0:  # a sum of softplus values is >= 0: the loop stopped at a bad row index
+                    r = s + int(-1.0 - nll)
+                    raise IndexError(f"rating {r} points at row {int(ru[r])} of U ({U.numel() // d} rows) and "
+                                     f"{int(rv[r])} of V ({V.numel() // d} rows): out of range")
+                return nll
+
+            parts = native_loops.parallel_ranges(part, _bin_cuts(U, V, ru, rv, gU is not None))
+            return torch.tensor(sum(parts), dtype=torch.float64)
     Uf, Vf = U.view(-1, d), V.view(-1, d)
     nll = torch.zeros((), dtype=torch.float64, device=U.device)
     for s in range(0, ru.numel(), chunk):  # chunks of ratings, not rows or time steps
