@@ -483,3 +483,19 @@ def test_ratings_split_over_threads_at_bin_boundaries():
     assert one_range == [0, n] and mixed == [0, n]
     assert torch.equal(out[1][1], out[2][1]) and torch.equal(out[1][2], out[2][2])
     assert float(out[1][0]) == pytest.approx(float(out[2][0]), rel=1e-12)
+
+
+def test_thread_pool_works_in_a_forked_child():
+    """A child forked after the parent used the pool and its lock (a fork-based launcher) still runs
+    parallel ranges (the child starts with a fresh lock and pool: native._after_fork_in_child)."""
+    import multiprocessing as mp
+
+    assert native.parallel_ranges(lambda a, b: b - a, [0, 3, 10]) == [3, 7]  # the parent's pool exists
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_ranges_in_child).get(timeout=60)
+    assert got == [3, 7]
+
+
+def _ranges_in_child():
+    return native.parallel_ranges(lambda a, b: b - a, [0, 3, 10])

@@ -1,22 +1,25 @@
 """Hand-written fused CPU loops, compiled on first use and loaded with ctypes (issue 16).
 
 PyTorch's eager CPU operators each make one pass over memory; a loop that needs six of them (the
-MovieLens gamma term, psi and their gradient) or a gather, a dot product, two transcendental
-functions and two scatter-adds per rating runs several times slower than one fused loop, and
+MovieLens gamma term, psi and their gradient), or a gather, a dot product, two transcendental
+functions and two scatter-adds per rating, runs several times slower than one fused loop, and
 ``torch.compile`` did not close the gap on our CPU (docs/benchmarks.md, "Roofline (issue 16)").
-The loops live in plain C files next to this module (``movielens.c``), with no Python or PyTorch
-headers, so they build in about a second with the system C compiler.
+The loops live in plain C files next to this module (``movielens.c``, ``dwe.c``), with no Python
+or PyTorch headers, so they build in under a second with the system C compiler.
 
-- Build: ``$CC`` (default ``cc``) ``-O3 -march=native -fopenmp-simd -shared -fPIC`` into
-  ``$GOLDSTONE_CACHE/kernels/`` (default ``~/.cache/goldstone/kernels``), the file name keyed by the
-  source, the compiler, the flags and this CPU, so machines sharing a home folder never load each
-  other's builds. The library is written to a temporary name and renamed into place: a build that
-  is interrupted or fails leaves nothing a later run would load.
+- Build: ``$CC`` (default ``cc``) with :data:`FLAGS` into ``$GOLDSTONE_CACHE/kernels/`` (default
+  ``~/.cache/goldstone/kernels``), the file name keyed by the sources, the compiler, the flags and
+  this CPU (``-march=native``), so machines sharing a home folder never load each other's builds.
+  The library is written to a temporary name (host and pid) and renamed into place: a build that
+  is interrupted or fails leaves nothing a later run would load; dead writers' temporaries on this
+  host are removed; a cached library that does not load is built again once.
 - Fallback: no compiler, a failed build or ``GOLDSTONE_NATIVE=0`` -> :func:`library` returns None
   and the callers run their PyTorch twins (same values up to float rounding; tests compare them).
   One warning says why, once per process, except for ``GOLDSTONE_NATIVE=0``.
-- Threads: ctypes releases the GIL during a call, so :func:`parallel_columns` runs one call per
-  thread on disjoint column ranges (as many threads as ``torch.get_num_threads()``).
+- Threads: ctypes releases the GIL during a call, so :func:`parallel_ranges` runs one call per
+  thread on disjoint ranges (as many threads as ``torch.get_num_threads()``).
+- Floating point: no ``-ffast-math`` (NaN and infinity behave as in PyTorch); ``-fno-trapping-math``
+  lets GCC vectorize the loops' branches, ``-ffp-contract=fast`` use FMA.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ from torch import Tensor
 from goldstone_cli.io import pid_alive
 
 SOURCES = ("movielens.c", "dwe.c")
-FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11")
-# x86: whole AVX2 registers even where -march=native tunes for 128-bit ones (Zen 1): the DWE loop
-# ran 1.6x faster with them on our EPYC
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp-simd", "-shared", "-fPIC",
+         "-std=c11")
+# x86: whole AVX2 registers even where -march=native tunes for 128-bit ones (Zen 1): the DWE logits
+# loop ran 8% faster with them on our EPYC
 X86_FLAGS = ("-mprefer-vector-width=256",)
 ENV_SWITCH = "GOLDSTONE_NATIVE"
 
@@ -51,6 +55,17 @@ _state: dict[str, object] = {}  # "lib": the loaded library or None; "pool": the
 f32p = ctypes.POINTER(ctypes.c_float)
 i64p = ctypes.POINTER(ctypes.c_int64)
 f64p = ctypes.POINTER(ctypes.c_double)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's pool threads and may inherit the lock held by another
+    thread of the parent: start both afresh; the loaded library stays."""
+    global _lock
+    _lock = threading.Lock()
+    _state.pop("pool", None)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def enabled() -> bool:

@@ -1157,7 +1157,8 @@ class DynamicWordEmbeddings(DynamicModel):
 
     def set_compile(self, on: bool) -> None:
         """``trainer.compile``: the likelihood's pointwise pass over the logits through ``torch.compile``
-        (falls back to the eager pass with a warning where it cannot compile)."""
+        where the native C loop does not run (no compiler, ``GOLDSTONE_NATIVE=0``, float64, GPU);
+        falls back to the eager pass with a warning where it cannot compile)."""
         self.compile_logits = bool(on)
 
     def metric_names(self) -> list[str]:

@@ -381,7 +381,8 @@ class SparseDynamicBernoulliMF(DynamicModel):
 
     def set_compile(self, on: bool) -> None:
         """``trainer.compile``: run the gamma term / psi pass of each step through ``torch.compile``
-        (falls back to the eager pass, with a warning, where compiling fails)."""
+        where the native C loop does not run (no compiler, ``GOLDSTONE_NATIVE=0``, float64); falls
+        back to the eager pass, with a warning, where compiling fails."""
         self.compile_steps = bool(on)
 
     # ------------------------------------------------------------------ DynamicModel interface
