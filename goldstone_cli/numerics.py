@@ -169,4 +169,4 @@ class BufferPool:
 
 
 #: the pool shared by the fused passes (one model's step uses a handful of keys)
-WORKSPACE = BufferPool(per_key=8, max_keys=8)
+WORKSPACE = BufferPool(per_key=12, max_keys=8)

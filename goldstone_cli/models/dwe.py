@@ -830,25 +830,27 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
     total = torch.zeros((), dtype=torch.float64, device=u.device)
     blocks = list(_blocks(T, P, Q, chunk))
     if fast:  # every block writes its rows of gu; gv: the first block of each step writes, later ones add
-        gu = torch.empty_like(u, memory_format=torch.contiguous_format) if need_grad else None
-        gv = torch.empty_like(v, memory_format=torch.contiguous_format) if need_grad else None
+        gu = WORKSPACE.take(u.shape, u.dtype, u.device) if need_grad else None  # pooled, contiguous
+        gv = WORKSPACE.take(v.shape, v.dtype, v.device) if need_grad else None
     else:
         gu = torch.zeros_like(u) if need_grad else None
         gv = torch.zeros_like(v) if need_grad else None
     bounds = torch.tensor([[t0 * P + p0, (t1 - 1) * P + p1] for t0, t1, p0, p1 in blocks], dtype=key.dtype,
                           device=key.device)
     se = torch.searchsorted(key, bounds.reshape(-1)).reshape(-1, 2).tolist()  # one device sync for all blocks
-    buf = None
+    buf = xbuf = None
     for (t0, t1, p0, p1), (s, e) in zip(blocks, se):
         ub, vb = u[t0:t1, p0:p1], v[t0:t1]  # (tb, pb, d), (tb, Q, d)
         cb, nb = c_rows[t0:t1, p0:p1], cneg_cols[t0:t1]  # (tb, pb), (tb, Q)
-        X = torch.bmm(ub, vb.transpose(1, 2))  # (tb, pb, Q) logits
+        if xbuf is None or xbuf.shape != (t1 - t0, p1 - p0, Q):  # one pooled block: no page faults per block
+            xbuf = WORKSPACE.take((t1 - t0, p1 - p0, Q), torch.result_type(u, v), u.device)
+        X = torch.bmm(ub, vb.transpose(1, 2), out=xbuf)  # (tb, pb, Q) logits
         it, ip, iq = pos_t[s:e] - t0, pos_p[s:e] - p0, pos_q[s:e]
         xp, npos = X[it, ip, iq], pos_n[s:e]  # (k,) the block's positive logits and counts
         total += (npos * F.logsigmoid(xp)).sum(dtype=torch.float64)
         if fast:
             if buf is None or buf.shape != X.shape:
-                buf = torch.empty_like(X)
+                buf = WORKSPACE.take(X.shape, X.dtype, X.device)
             per_row = _softplus_rows_sigmoid(X, nb, buf, compiled, native)  # X's buffer holds sigmoid(X) from here on
             total -= r * (cb * per_row).sum(dtype=torch.float64)
             if not need_grad:
