@@ -568,3 +568,24 @@ def test_workspace_is_bounded():
     held = [ws.take((3, n), torch.float32, "cpu") for n in (1, 1, 1, 2, 3)]  # 3 of key 1: the third unpooled
     assert list(ws.storages) == [((3, 2), torch.float32), ((3, 3), torch.float32)]  # key (3, 1) dropped
     assert all(len(v) <= 2 for v in ws.storages.values()) and len(held) == 5
+
+
+@pytest.mark.parametrize("inference", ["variational", "map"])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (2.0, 3.0), (1.0, 0.0), (0.0, 1.0)])
+def test_loss_terms_with_mean_terms_equal_local_loss_plus_psi(inference, weights):
+    """loss_terms (each mean's gather, zero-mean square sum and psi in one autograd function with one
+    dense gradient pass) against the base class's local_loss() + psi(), float64, with the two outputs
+    weighted differently (psi's weight 0: the zero-mean term alone; local's 0: psi alone)."""
+    from goldstone_cli.models.base import DynamicModel
+
+    model = _model(inference, V=40, T=6, d=5, batch=13)
+    res = []
+    for fn in (model.loss_terms, lambda g: DynamicModel.loss_terms(model, g)):
+        model.zero_grad(set_to_none=True)
+        t = fn(torch.Generator().manual_seed(3))
+        (weights[0] * t["local"] + weights[1] * t["psi"]).backward()
+        res.append(({k: v.detach() for k, v in t.items()}, [p.grad.clone() for p in model.parameters()]))
+    for k in ("total", "local", "psi"):
+        torch.testing.assert_close(res[0][0][k], res[1][0][k], rtol=1e-13, atol=1e-12)
+    for a, b in zip(res[0][1], res[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))

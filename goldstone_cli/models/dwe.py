@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from goldstone_cli.kernels import native as native_loops
 from goldstone_cli.models.base import DynamicModel
 from goldstone_cli.numerics import COMPILED, WORKSPACE, BufferPool, compiled_kernel, sum_squares, sum_squares_value
-from goldstone_cli.optim.coupling import Coupling
+from goldstone_cli.optim.coupling import Coupling, quadratic_terms_
 from goldstone_cli.optim.gauge import serial_cpu
 
 
@@ -450,12 +450,17 @@ def _chain_layout(eps: Tensor) -> tuple[int, int]:
 def _native_chain_lib(mu, raw, off, eps, rows, x):
     """The native library if the C chain pass can run on these tensors (float32, contiguous, CPU;
     with ``rows``, whole (T, R, ...) parameters gathered by row), else None."""
-    if not (native_loops.usable(mu, raw, off, eps, x) and mu.shape == eps.shape and eps.dim() >= 2):
+    if not (native_loops.usable(mu, raw, off, eps, x) and mu.shape == eps.shape == x.shape and eps.dim() >= 2
+            and raw.shape[0] == eps.shape[0] and off.shape == (raw.shape[0] - 1,) + tuple(raw.shape[1:])):
         return None
-    if rows is not None and not (native_loops.usable(rows, dtype=torch.int64) and raw.dim() == eps.dim()
-                                 and raw.shape[2:] == eps.shape[2:] and rows.numel() == eps.shape[1]):
-        return None
-    if rows is None and raw.shape != eps.shape:
+    if rows is not None:  # the C loop trusts its row indices: checked here (P numbers)
+        if not (native_loops.usable(rows, dtype=torch.int64) and rows.dim() == 1 and raw.dim() == eps.dim()
+                and raw.shape[2:] == eps.shape[2:] and rows.numel() == eps.shape[1]):
+            return None
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= raw.shape[1]):
+            raise IndexError(f"minibatch rows must lie in [0, {raw.shape[1]}), got [{int(rows.min())}, "
+                             f"{int(rows.max())}]")
+    elif raw.shape != eps.shape:
         return None
     return native_loops.library()
 
@@ -657,6 +662,47 @@ class _RowsAndSquares(torch.autograd.Function):
         return grad, None
 
 
+class _MeanTerms(torch.autograd.Function):
+    """``(x[:, rows], sum x^2, psi(x))`` of one (T, N, d) mean with ONE dense gradient pass:
+    ``g_psi L x + 2 g_sq x`` written by :func:`coupling.quadratic_terms_` (the native chain pass where
+    it runs) into a pooled buffer, the rows' gradient added into it in place; the forward's sums
+    (float64) come from the same kind of pass. Replaces :class:`_RowsAndSquares` + ``Coupling.psi``
+    (two dense gradients and autograd's sum of them) in :meth:`DynamicWordEmbeddings.loss_terms`."""
+
+    @staticmethod
+    def forward(ctx, x, rows, coupling):
+        sq, psi = quadratic_terms_(x, coupling, 0.0, None)  # Eq. 3 and the zero-mean term's square sum
+        ctx.save_for_backward(x, rows)
+        ctx.coupling = coupling
+        return x.index_select(1, rows), sq, psi.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_rows, g_sq, g_psi):
+        x, rows = ctx.saved_tensors
+        grad = WORKSPACE.take(x.shape, x.dtype, x.device)  # pooled: no page faults of a fresh (T, N, d) tensor
+        gs = 0.0 if g_sq is None else float(g_sq)
+        gp = 0.0 if g_psi is None else float(g_psi)
+        if gp != 0.0:  # g_psi (L x + (2 g_sq / g_psi) x) in one pass
+            quadratic_terms_(x.detach(), ctx.coupling, 2.0 * gs / gp, grad, sum_squares=False)
+            if gp != 1.0:
+                grad.mul_(gp)
+        elif gs != 0.0:
+            torch.mul(x, 2.0 * gs, out=grad)
+        else:
+            grad.zero_()
+        if g_rows is not None:
+            grad.index_add_(1, rows, g_rows.to(x.dtype))
+        return grad, None, None
+
+
+def mean_terms(x: Tensor, rows: Tensor, coupling: Coupling) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x[:, rows], sum x^2 (float64), psi(x))`` of a (T, N, d) mean: the minibatch gather, the
+    zero-mean prior's square sum and the chain prior of Eq. 3, differentiable once, with one dense
+    gradient pass (:class:`_MeanTerms`)."""
+    return _MeanTerms.apply(x, rows, coupling)
+
+
 def rows_and_squares(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
     """``(x[:, rows], sum x^2)`` for a (T, N, ...) tensor and int64 ``rows``: the minibatch gather and
     the zero-mean prior's square sum (float64) of the same parameter, differentiable once, with one
@@ -846,7 +892,8 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
             xbuf = WORKSPACE.take((t1 - t0, p1 - p0, Q), torch.result_type(u, v), u.device)
         X = torch.bmm(ub, vb.transpose(1, 2), out=xbuf)  # (tb, pb, Q) logits
         it, ip, iq = pos_t[s:e] - t0, pos_p[s:e] - p0, pos_q[s:e]
-        xp, npos = X[it, ip, iq], pos_n[s:e]  # (k,) the block's positive logits and counts
+        flat = (it * (p1 - p0) + ip) * Q + iq  # (k,) the positives' offsets in the contiguous block
+        xp, npos = X.view(-1).index_select(0, flat), pos_n[s:e]  # (k,) the block's positive logits and counts
         total += (npos * F.logsigmoid(xp)).sum(dtype=torch.float64)
         if fast:
             if buf is None or buf.shape != X.shape:
@@ -856,7 +903,8 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
             if not need_grad:
                 continue
             S = X
-            S.index_put_((it, ip, iq), npos * torch.sigmoid(-xp) / scale[s:e], accumulate=True)
+            with serial_cpu(S):  # index_add_ of the block's positives: one thread is faster (as MovieLens')
+                S.view(-1).index_add_(0, flat, npos * torch.sigmoid(-xp) / scale[s:e])
             torch.bmm(S, nb.unsqueeze(-1) * vb, out=gu[t0:t1, p0:p1]).mul_((-r * wt) * cb.unsqueeze(-1))  # (tb, pb, d)
             if p0 == 0:  # contiguous views: the products are written in place
                 torch.bmm(S.transpose(1, 2), cb.unsqueeze(-1) * ub, out=gv[t0:t1]).mul_((-r * wt) * nb.unsqueeze(-1))
@@ -1110,12 +1158,29 @@ class DynamicWordEmbeddings(DynamicModel):
         """Everything in -ELBO (or -log joint) except psi(means): the minibatch likelihood scaled
         to the full vocabulary, the zero-mean prior term, and (variational) the covariance part of
         the prior and the entropy for the words in the minibatch, scaled likewise."""
+        return self._local_and_psi(generator, with_psi=False)[0]
+
+    def loss_terms(self, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        """``local_loss() + psi()`` with each mean's minibatch gather, zero-mean square sum and psi
+        in one autograd function (:func:`mean_terms`: one dense gradient pass per mean instead of
+        three); the same numbers up to float rounding (``fused_prior=False``: the two calls)."""
+        if not self.fused_prior:
+            return super().loss_terms(generator)
+        local, psi = self._local_and_psi(generator, with_psi=True)
+        return {"total": local + psi, "local": local, "psi": psi}
+
+    def _local_and_psi(self, generator: Optional[torch.Generator], with_psi: bool) -> tuple[Tensor, Optional[Tensor]]:
         mu_u, mu_v = self.means()
         dev = mu_u.device
         P, Q = self.batch_words, self.batch_contexts
         rows, cols = draw_minibatch(self.V, P, Q, generator, dev)
         scale_r, scale_c = self.V / P, self.V / Q
-        if self.fused_prior:  # gathers and square sums with one dense gradient pass per mean
+        psi = None
+        if with_psi:  # gathers, square sums and psi with one dense gradient pass per mean
+            mu_rows, sq_u, psi_u = mean_terms(mu_u, rows, self.coupling)  # (T, P, d), float64 sum of mu_u^2
+            mu_cols, sq_v, psi_v = mean_terms(mu_v, cols, self.coupling)  # (T, Q, d)
+            psi = psi_u + psi_v  # Eq. 3 over the group (mu_U, mu_V)
+        elif self.fused_prior:  # gathers and square sums with one dense gradient pass per mean
             mu_rows, sq_u = rows_and_squares(mu_u, rows)  # (T, P, d), float64 sum of mu_u^2
             mu_cols, sq_v = rows_and_squares(mu_v, cols)  # (T, Q, d)
         else:  # (T, V, d) sums of squares in float64, no mu ** 2 temporary
@@ -1132,7 +1197,7 @@ class DynamicWordEmbeddings(DynamicModel):
             var_terms = 0.0
         neg_ll = self.block_loglik(u, v, rows, cols, weight=-scale_r * scale_c)  # the likelihood scaled to all words
         zero_mean = (0.5 * self.inv_var0 * (sq_u + sq_v)).to(mu_u.dtype)
-        return neg_ll + zero_mean + var_terms + self._const
+        return neg_ll + zero_mean + var_terms + self._const, psi
 
     def _chain_terms(self, mu_rows: Tensor, raw: Tensor, off: Tensor, rows: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
         """:func:`chain_terms` of the minibatch rows of one posterior; with ``fused_prior`` and the

@@ -310,6 +310,8 @@ def quadratic_terms_(Z: Tensor, coupling: Coupling, gamma: float = 0.0, out: Ten
     coupling._check(Z)
     Z = Z.detach()
     T = Z.shape[0]
+    if out is not None and out.shape != Z.shape:
+        raise ValueError(f"out must have Z's shape {tuple(Z.shape)}, got {tuple(out.shape)}")
     if native and coupling.is_chain() and native_loops.usable(Z, out):
         lib = native_loops.library()
         if lib is not None:
