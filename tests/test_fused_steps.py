@@ -174,11 +174,16 @@ def test_training_run_gives_the_same_metrics_as_before(tmp_path, monkeypatch):
     monkeypatch.setattr(SparseDynamicBernoulliMF, "loss_terms", DynamicModel.loss_terms)
     monkeypatch.setattr(factory, "_fused_if_possible", lambda cls, params, **kw: cls(params, foreach=False, **kw))
     train(compose(over + [f"run_dir={tmp_path / 'old'}"]))
-    new = pd.read_csv(tmp_path / "new" / "metrics.csv")
-    old = pd.read_csv(tmp_path / "old" / "metrics.csv")
-    cols = [c for c in new.columns if c not in ("wall_time", "gauge_time")]
-    assert len(new) == len(old) == 13
-    np.testing.assert_allclose(new[cols].to_numpy(float), old[cols].to_numpy(float), rtol=1e-9, atol=1e-9)
+    assert_same_metrics(tmp_path / "new", tmp_path / "old", 13, rtol=1e-9, atol=1e-9)
+
+
+def assert_same_metrics(run_a: Path, run_b: Path, rows: int, rtol: float, atol: float) -> None:
+    """metrics.csv of two runs: ``rows`` rows each, every column but the timings equal to tolerance."""
+    a = pd.read_csv(run_a / "metrics.csv")
+    b = pd.read_csv(run_b / "metrics.csv")
+    cols = [c for c in a.columns if c not in ("wall_time", "gauge_time")]
+    assert len(a) == len(b) == rows
+    np.testing.assert_allclose(a[cols].to_numpy(float), b[cols].to_numpy(float), rtol=rtol, atol=atol)
 
 
 @needs_sample
@@ -196,11 +201,7 @@ def test_native_loops_give_the_metrics_of_the_pytorch_step(tmp_path, monkeypatch
     monkeypatch.setenv("GOLDSTONE_NATIVE", "0")
     assert native.library() is None
     train(compose(over + [f"run_dir={tmp_path / 'torch'}"]))
-    a = pd.read_csv(tmp_path / "native" / "metrics.csv")
-    b = pd.read_csv(tmp_path / "torch" / "metrics.csv")
-    cols = [c for c in a.columns if c not in ("wall_time", "gauge_time")]
-    assert len(a) == len(b) == 16
-    np.testing.assert_allclose(a[cols].to_numpy(float), b[cols].to_numpy(float), rtol=1e-5, atol=1e-6)
+    assert_same_metrics(tmp_path / "native", tmp_path / "torch", 16, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("block", [1, 4, 1 << 22])

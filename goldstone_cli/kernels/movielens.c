@@ -56,10 +56,10 @@ void gs_chain_quadratic_f32(const float *restrict Z, float *restrict out, const 
     sums[1] = psi;
 }
 
-/* softplus(y) = log(1 + e^y) as torch.nn.functional.softplus (beta 1, threshold 20) computes it. */
 /* Ratings ahead whose rows are prefetched (a row of d = 30 floats spans two cache lines). */
 #define PREFETCH 16
 
+/* softplus(y) = log(1 + e^y) as torch.nn.functional.softplus (beta 1, threshold 20) computes it. */
 static inline float softplus_f(float y) { return y > 20.0f ? y : log1pf(expf(y)); }
 
 /* The ratings' part of Eqs. 8-9 for n ratings at flat rows ru[r] of U (rows of d numbers) and
