@@ -32,6 +32,30 @@ def fresh(monkeypatch, tmp_path):
     return tmp_path / "cache" / "kernels"
 
 
+class _Recorder:
+    """The loaded library, recording which of its functions are called (a test that compares the C
+    loop with the PyTorch twin must not pass because both calls ran the twin)."""
+
+    def __init__(self, lib):
+        self._lib, self.used = lib, set()
+
+    def __getattr__(self, name):
+        if name.startswith("gs_"):
+            self.used.add(name)
+        return getattr(self._lib, name)
+
+
+@pytest.fixture
+def used(monkeypatch):
+    """The names of the native functions a test called (the library is built first)."""
+    lib = native.library()
+    if lib is None:
+        pytest.skip("the native loops are not built here")
+    rec = _Recorder(lib)
+    monkeypatch.setitem(native._state, "lib", rec)
+    return rec.used
+
+
 @needs_cc
 def test_the_library_builds_where_a_compiler_exists(fresh):
     lib = native.library()
@@ -56,7 +80,7 @@ def _chain_reference(Z: torch.Tensor, w: np.ndarray, gamma: float):
 
 @needs_cc
 @pytest.mark.parametrize("shape", [(1, 5, 3), (2, 4, 3), (7, 3, 2), (13, 700, 30)])
-def test_native_chain_pass_matches_brute_force_and_the_pytorch_pass(shape):
+def test_native_chain_pass_matches_brute_force_and_the_pytorch_pass(shape, used):
     g = torch.Generator().manual_seed(1)
     Z = torch.randn(*shape, generator=g)
     w = np.linspace(0.5, 3.0, max(shape[0] - 1, 0))
@@ -73,6 +97,7 @@ def test_native_chain_pass_matches_brute_force_and_the_pytorch_pass(shape):
     v_sq, v_psi = quadratic_terms_(Z, coupling, 0.7)  # values only
     assert float(v_sq) == float(sq) and float(v_psi) == float(psi)
     assert float(quadratic_terms_(Z, coupling, 0.7, sum_squares=False)[0]) == 0.0
+    assert used == {"gs_chain_quadratic_f32"}
 
 
 @needs_cc
@@ -127,7 +152,7 @@ def _ratings_problem(n_rows_u=50, n_rows_v=40, d=30, n=20000, seed=0, dtype=torc
 
 
 @needs_cc
-def test_native_ratings_pass_matches_autograd_in_float64_and_the_pytorch_loop():
+def test_native_ratings_pass_matches_autograd_in_float64_and_the_pytorch_loop(used):
     U, V, ru, rv, x = _ratings_problem()
     scale = 1.7
     gU, gV = torch.zeros_like(U), torch.zeros_like(V)
@@ -149,6 +174,7 @@ def test_native_ratings_pass_matches_autograd_in_float64_and_the_pytorch_loop():
     big = ratings_pass(U * 10, V * 10, ru, rv, x, 1.0, None, None)
     assert abs(float(big) / float(ratings_pass(U * 10, V * 10, ru, rv, x, 1.0, None, None, native=False)) - 1) < 1e-6
     assert float(ratings_pass(U, V, ru[:0], rv[:0], x[:0], 1.0, None, None)) == 0.0
+    assert used == {"gs_bernoulli_ratings_f32"}
 
 
 @needs_cc
@@ -291,7 +317,7 @@ def test_native_logits_pass_float32_against_float64_with_extreme_logits():
 
 
 @needs_cc
-def test_native_logits_pass_gives_the_pytorch_likelihood_and_gradients():
+def test_native_logits_pass_gives_the_pytorch_likelihood_and_gradients(used):
     """skipgram_block_fused with the native loop vs PyTorch's eager pass (native=False), float32, at
     the size of one CPU chunk (4 x 1000 x 1000 logits), both against float64."""
     from goldstone_cli.models.dwe import skipgram_block_fused
@@ -319,11 +345,12 @@ def test_native_logits_pass_gives_the_pytorch_likelihood_and_gradients():
         for a, b in zip((gu, gv), gref):
             assert float((a.double() - b).norm() / b.norm()) < 1e-5
     torch.testing.assert_close(outs[True][1], outs[False][1], rtol=1e-4, atol=1e-4 * float(outs[False][1].abs().max()))
+    assert used == {"gs_softplus_rows_sigmoid_f32"}
 
 
 @needs_cc
 @pytest.mark.parametrize("n_rows, n_cols, P, Q", [(300, 300, 120, 90), (50, 300, 50, 300), (40, 70, 0, 10), (40, 70, 5, 0)])
-def test_native_block_positives_equal_the_pytorch_selection(n_rows, n_cols, P, Q):
+def test_native_block_positives_equal_the_pytorch_selection(n_rows, n_cols, P, Q, used):
     """The minibatch's positives by the C loop and by whole-tensor operations: the same entries in the
     same (t, p) order, on a random stacked CSR (a shard's local rows: n_rows < n_cols)."""
     import scipy.sparse as sp
@@ -343,6 +370,7 @@ def test_native_block_positives_equal_the_pytorch_selection(n_rows, n_cols, P, Q
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     dense = stacked.toarray().reshape(T, n_rows, n_cols)[:, rows.numpy()][:, :, cols.numpy()]  # brute force
+    assert used == {"gs_block_positives"}
     t, p, q, n = got
     assert len(n) == np.count_nonzero(dense) and np.array_equal(dense[t.numpy(), p.numpy(), q.numpy()], n.numpy())
     if P:
@@ -383,7 +411,7 @@ def _chain_run(prob, native_on: bool, rows=True, gx_none=False):
 @needs_cc
 @pytest.mark.parametrize("rows", [True, False])
 @pytest.mark.parametrize("gx_none", [False, True])
-def test_native_chain_terms_match_float64_and_the_pytorch_pass(rows, gx_none):
+def test_native_chain_terms_match_float64_and_the_pytorch_pass(rows, gx_none, used):
     """The C forward and backward of the variational chain terms (sample, covariance part of the
     prior, entropy; gradients of mu, raw, off, eps) against float64 autograd-free reference runs of
     the PyTorch pass and against its float32 run."""
@@ -392,6 +420,7 @@ def test_native_chain_terms_match_float64_and_the_pytorch_pass(rows, gx_none):
     f32 = _chain_run(prob, False, rows, gx_none)
     ref = _chain_run(tuple(t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t
                            for t in prob), False, rows, gx_none)
+    assert used == {"gs_chain_terms_fwd_f32", "gs_chain_terms_bwd_f32"}
     assert abs(float(got[1]) / float(ref[1]) - 1) < 1e-6
     assert float((got[0].double() - ref[0]).abs().max()) < 1e-5 * float(ref[0].abs().max())
     for a, b, c in zip(got[2], f32[2], ref[2]):
