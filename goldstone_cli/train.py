@@ -46,6 +46,7 @@ from goldstone_cli.config import ConfigError, choice, run_names, to_yaml
 from goldstone_cli.distributed.shard import RowShard
 from goldstone_cli.io import atomic_path, atomic_write_json, atomic_write_text, non_finite_paths
 from goldstone_cli.models import build_model
+from goldstone_cli.numerics import WORKSPACE
 from goldstone_cli.optim.factory import build_optimizer
 from goldstone_cli.runlock import RunLock, holder, in_use
 
@@ -217,6 +218,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
     try:
         return _train(cfg, run_dir, dist_ctx)
     finally:
+        WORKSPACE.clear()  # the fused passes' pooled buffers belong to this run's model: free them
         if created:
             from goldstone_cli.distributed.env import shutdown
 

@@ -373,6 +373,9 @@ def test_dwe_keeps_best_checkpoint_on_validation_likelihood(tmp_path):
         result = train(cfg)
     finally:
         models._BUILDERS["dwe"] = orig
+    from goldstone_cli.numerics import WORKSPACE
+
+    assert not WORKSPACE.storages  # the run's pooled buffers (mean terms, dense gradients) were let go
     import pandas as pd
 
     df = pd.read_csv(tmp_path / "run" / "metrics.csv").dropna(subset=["ll_val"])
