@@ -133,8 +133,9 @@ class BufferPool:
     kept alive. Why: a fresh multi-MB tensor costs a page fault per 4 kB page on its first write
     (glibc maps large blocks anew each time): 21 ms per 40 MB against 5.5 ms for rewriting a mapped
     one (one CPU thread, measured on the 2-core machine). Bounded: ``per_key`` buffers of each of at
-    most ``max_keys`` (shape, dtype) keys, the least recently used key dropped first (one model's step
-    uses 2-4 keys and 8 buffers of the largest)."""
+    most ``max_keys`` (shape, dtype) keys, the least recently used key dropped first (a variational
+    DWE step uses about 6 keys and up to 10 buffers of one shape); ``train()`` clears the pool when a
+    run ends."""
 
     def __init__(self, per_key: int = 8, max_keys: int = 4):
         self.per_key, self.max_keys = per_key, max_keys

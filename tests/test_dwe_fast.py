@@ -539,7 +539,8 @@ def test_compiled_logits_pass_equals_eager():
 def test_fused_chain_workspace_reuses_only_free_buffers():
     """The fused pass takes its (T, N, d) buffers from a pool: one is reused once its graph and
     sample are gone, never while a retained graph (or a kept sample, or a view of it) still holds it."""
-    from goldstone_cli.models.dwe import _WORKSPACE, chain_terms
+    from goldstone_cli.models.dwe import chain_terms
+    from goldstone_cli.numerics import WORKSPACE as _WORKSPACE
 
     mu, raw, off, eps, w, gx = _chain_data(7, N=30, d=4, dtype=torch.float32, seed=3)
     x, terms = chain_terms(mu, raw, off, eps, w, 1.0)
@@ -562,7 +563,7 @@ def test_fused_chain_workspace_reuses_only_free_buffers():
 
 
 def test_workspace_is_bounded():
-    from goldstone_cli.models.dwe import _Workspace
+    from goldstone_cli.numerics import BufferPool as _Workspace
 
     ws = _Workspace(per_key=2, max_keys=2)
     held = [ws.take((3, n), torch.float32, "cpu") for n in (1, 1, 1, 2, 3)]  # 3 of key 1: the third unpooled

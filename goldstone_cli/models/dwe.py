@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from goldstone_cli.kernels import native as native_loops
 from goldstone_cli.models.base import DynamicModel
-from goldstone_cli.numerics import COMPILED, WORKSPACE, BufferPool, compiled_kernel, sum_squares, sum_squares_value
+from goldstone_cli.numerics import COMPILED, WORKSPACE, compiled_kernel, sum_squares, sum_squares_value
 from goldstone_cli.optim.coupling import Coupling, quadratic_terms_
 from goldstone_cli.optim.gauge import serial_cpu
 
@@ -424,10 +424,6 @@ def _chain_terms_autograd(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Te
     return x, prior + _sum64(torch.log(b))
 
 
-_Workspace = BufferPool  # the pool's class (numerics); one pool shared by the fused passes
-_WORKSPACE = WORKSPACE
-
-
 def _pooled_zeros(shape, like: Tensor) -> Tensor:
     """A zero-filled buffer of ``shape`` from the shared pool (a fresh multi-MB tensor costs page faults)."""
     return WORKSPACE.take(shape, like.dtype, like.device).zero_()
@@ -536,7 +532,7 @@ class _ChainTerms(torch.autograd.Function):
     def forward(ctx, mu, raw, off, eps, w, inv_var0, rows=None, native=True):
         T = raw.shape[0]
         dt = raw.dtype
-        ws, shape, dev = _WORKSPACE, eps.shape, raw.device
+        ws, shape, dev = WORKSPACE, eps.shape, raw.device
         b, y, s = ws.take(shape, dt, dev), ws.take(shape, dt, dev), ws.take(shape, dt, dev)
         a = ws.take((shape[0] - 1,) + tuple(shape[1:]), dt, dev)
         x = ws.take(shape, torch.result_type(mu, raw), dev)
