@@ -134,7 +134,7 @@ class BufferPool:
     (glibc maps large blocks anew each time): 21 ms per 40 MB against 5.5 ms for rewriting a mapped
     one (one CPU thread, measured on the 2-core machine). Bounded: ``per_key`` buffers of each of at
     most ``max_keys`` (shape, dtype) keys, the least recently used key dropped first (a variational
-    DWE step uses about 6 keys and up to 10 buffers of one shape); ``train()`` clears the pool when a
+    DWE step uses about 7 keys and up to 16 buffers of one shape); ``train()`` clears the pool when a
     run ends."""
 
     def __init__(self, per_key: int = 8, max_keys: int = 4):
@@ -169,5 +169,6 @@ class BufferPool:
         self.storages.clear()
 
 
-#: the pool shared by the fused passes (one model's step uses a handful of keys)
-WORKSPACE = BufferPool(per_key=12, max_keys=8)
+#: the pool shared by the fused passes (a variational DWE step with P = Q holds 16 buffers of its
+#: (T, P, d) key at once: gathered means, samples, noise, the chain pass's saved tensors, gu / gv)
+WORKSPACE = BufferPool(per_key=20, max_keys=12)

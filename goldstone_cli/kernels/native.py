@@ -141,9 +141,9 @@ def _load(path: Path):
     lib.gs_softplus_rows_sigmoid_f32.restype = None
     c64, c_d = ctypes.c_int64, ctypes.c_double
     lib.gs_chain_terms_fwd_f32.argtypes = [f32p, f32p, f32p, i64p, c64, f32p, c64, c64, c64, c64, c64,
-                                           f32p, f32p, f32p, f32p, f32p, f64p, f64p, f64p]
+                                           f32p, f32p, f32p, f32p, f32p, f32p, f64p, f64p, f64p]
     lib.gs_chain_terms_fwd_f32.restype = None
-    lib.gs_chain_terms_bwd_f32.argtypes = [f32p, i64p, c64, f32p, f32p, f32p, f32p, f32p, f32p, c_d, f64p, c_d,
+    lib.gs_chain_terms_bwd_f32.argtypes = [i64p, c64, f32p, f32p, f32p, f32p, f32p, f32p, f32p, c_d, f64p, c_d,
                                            c64, c64, c64, c64, c64, f32p, f32p, f32p, f32p, f32p]
     lib.gs_chain_terms_bwd_f32.restype = None
     lib.gs_block_positives.argtypes = [i64p, i64p, i64p, i64p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,

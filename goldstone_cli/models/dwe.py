@@ -429,6 +429,18 @@ def _pooled_zeros(shape, like: Tensor) -> Tensor:
     return WORKSPACE.take(shape, like.dtype, like.device).zero_()
 
 
+def _pooled_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """``x[:, rows]`` of a (T, N, ...) tensor written into a pooled buffer (a fresh 40 MB gather
+    spent 18 of its 29 ms in page faults)."""
+    out = WORKSPACE.take((x.shape[0], rows.numel()) + tuple(x.shape[2:]), x.dtype, x.device)
+    return torch.index_select(x, 1, rows, out=out)
+
+
+def _pooled_randn(shape, generator: Optional[torch.Generator], like: Tensor) -> Tensor:
+    """``torch.randn(shape, generator=generator)`` (the same numbers) in a pooled buffer."""
+    return torch.randn(shape, generator=generator, out=WORKSPACE.take(shape, like.dtype, like.device))
+
+
 def _chain_terms_total(S: Tensor, C: Tensor, Lb: Tensor, w: Tensor, inv_var0: float) -> Tensor:
     """``1/2 sum_t w_t (S_t + S_t+1 + 2 C_t) + 1/(2 sigma_0^2) sum_t S_t + sum_t log b_t`` from the
     per-step float64 sums of :class:`_ChainTerms`."""
@@ -470,14 +482,14 @@ def _chain_parallel(rows: Optional[Tensor], P: int, fn) -> list:
     return native_loops.parallel_columns(fn, P, min_cols=64)
 
 
-def _native_chain_forward(lib, mu, raw, off, eps, rows, b, a, y, s, x):
+def _native_chain_forward(lib, mu, raw, off, eps, rows, ib, sg, a, y, s, x):
     T = eps.shape[0]
     P, d = _chain_layout(eps)
     R = raw[0].numel() // max(d, 1)
     p, i64 = native_loops.ptr, native_loops.i64p
     ptrs = [p(t) for t in (mu, raw, off)]
     rows_p = None if rows is None else p(rows, i64)
-    outs = [p(t) for t in (b, a, y, s, x)]
+    outs = [p(t) for t in (ib, sg, a, y, s, x)]
 
     def part(p0: int, p1: int):
         sums = torch.zeros(3, T, dtype=torch.float64)  # S, C (first T-1), Lb of positions [p0, p1)
@@ -489,19 +501,19 @@ def _native_chain_forward(lib, mu, raw, off, eps, rows, b, a, y, s, x):
     return sums[0], sums[1, : T - 1], sums[2]
 
 
-def _native_chain_backward(lib, raw, rows, b, a, y, s, eps, gx, g, w, half_iv, need_eps):
-    T = b.shape[0]
-    P, d = _chain_layout(b)
-    R = raw[0].numel() // max(d, 1)
+def _native_chain_backward(lib, raw_shape, rows, ib, sg, a, y, s, eps, gx, g, w, half_iv, need_eps):
+    T = ib.shape[0]
+    P, d = _chain_layout(ib)
+    R = raw_shape[1] if len(raw_shape) > 1 else 1
     if rows is None:
-        draw, doff = torch.empty_like(b), torch.empty_like(a)
+        draw, doff = torch.empty_like(ib), torch.empty_like(a)
     else:  # dense gradients of the whole parameters, nonzero in the minibatch rows (pooled: no page faults)
-        draw, doff = _pooled_zeros(raw.shape, raw), _pooled_zeros(raw[1:].shape, raw)
-    deps = torch.empty_like(b) if need_eps else None
-    lam, nu = torch.empty_like(b[0]), torch.empty_like(b[0])
+        draw, doff = _pooled_zeros(raw_shape, ib), _pooled_zeros((raw_shape[0] - 1,) + tuple(raw_shape[1:]), ib)
+    deps = torch.empty_like(ib) if need_eps else None
+    lam, nu = torch.empty_like(ib[0]), torch.empty_like(ib[0])
     w64 = w.to(torch.float64).contiguous()
     p, i64 = native_loops.ptr, native_loops.i64p
-    args = [p(raw), None if rows is None else p(rows, i64), R] + [p(t) for t in (b, a, y, s, eps)] + \
+    args = [None if rows is None else p(rows, i64), R] + [p(t) for t in (ib, sg, a, y, s, eps)] + \
         [p(gx), float(g), ctypes.cast(w64.data_ptr(), native_loops.f64p), float(half_iv), T, P, d]
     tail = [p(lam), p(nu), p(draw), p(doff), p(deps)]
     _chain_parallel(rows, P, lambda p0, p1: lib.gs_chain_terms_bwd_f32(*args, p0, p1, *tail))
@@ -526,7 +538,9 @@ class _ChainTerms(torch.autograd.Function):
     w_t-1 (1/2 + a_t-1))``); then ``da_t = (2 a_t nu_t + g w_t) s_t+1 - lam_t y_t+1``,
     ``db_t = (g - lam_t eps_t / b_t - 2 nu_t / b_t^2 - a_t da_t) / b_t``, ``dl_t = da_t / b_t``,
     ``draw_t = db_t sigmoid(raw_t)``, ``dmu = gx``,
-    ``deps_t = lam_t / b_t``. Saved for backward: raw, b, a, y, s, eps (no autograd temporaries)."""
+    ``deps_t = lam_t / b_t``. Saved for backward: raw, b, a, y, s, eps (no autograd temporaries); the
+    native pass (kernels/dwe.c) saves 1/b and sigmoid(raw) instead of raw and b, so that its backward
+    evaluates no exponential and no division."""
 
     @staticmethod
     def forward(ctx, mu, raw, off, eps, w, inv_var0, rows=None, native=True):
@@ -539,9 +553,11 @@ class _ChainTerms(torch.autograd.Function):
         lib = _native_chain_lib(mu, raw, off, eps, rows, x) if native else None
         ctx.native = lib is not None
         if lib is not None:  # the loop below as one C pass (kernels/dwe.c), positions split over threads
-            S, C, Lb = _native_chain_forward(lib, mu, raw, off, eps, rows, b, a, y, s, x)
+            ib, sg = b, ws.take(shape, dt, dev)  # 1 / b and sigmoid(raw) for the backward pass
+            S, C, Lb = _native_chain_forward(lib, mu, raw, off, eps, rows, ib, sg, a, y, s, x)
             terms = _chain_terms_total(S, C, Lb, w, inv_var0)
-            ctx.save_for_backward(raw, b, a, y, s, eps, w, rows)
+            ctx.save_for_backward(ib, sg, a, y, s, eps, w, rows)
+            ctx.raw_shape = tuple(raw.shape)
             ctx.inv_var0 = float(inv_var0)
             return x, terms.to(dt)
         ib = torch.empty_like(b[0])  # 1 / b_t
@@ -578,14 +594,15 @@ class _ChainTerms(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gx, gterms):
-        raw, b, a, y, s, eps, w, rows = ctx.saved_tensors
-        T = b.shape[0]
         g = float(gterms)  # a scalar; one device sync per call
         if ctx.native:
-            gx = None if gx is None else gx.to(y.dtype).contiguous()
-            draw, doff, deps = _native_chain_backward(native_loops.library(), raw, rows, b, a, y, s, eps, gx, g, w,
-                                                      0.5 * ctx.inv_var0, ctx.needs_input_grad[3])
-            return (torch.zeros_like(y) if gx is None else gx), draw, doff, deps, None, None, None, None
+            ib, sg, a, y, s, eps, w, rows = ctx.saved_tensors
+            gx = torch.zeros_like(y) if gx is None else gx.to(y.dtype).contiguous()
+            draw, doff, deps = _native_chain_backward(native_loops.library(), ctx.raw_shape, rows, ib, sg, a, y, s,
+                                                      eps, gx, g, w, 0.5 * ctx.inv_var0, ctx.needs_input_grad[3])
+            return gx, draw, doff, deps, None, None, None, None
+        raw, b, a, y, s, eps, w, rows = ctx.saved_tensors
+        T = b.shape[0]
         gx = torch.zeros_like(y) if gx is None else gx.to(y.dtype)
         wl = w.to(torch.float64).tolist()
         if rows is None:
@@ -642,7 +659,7 @@ class _RowsAndSquares(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rows):
         ctx.save_for_backward(x, rows)
-        return x.index_select(1, rows), sum_squares_value(x)
+        return _pooled_rows(x, rows), sum_squares_value(x)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -670,7 +687,7 @@ class _MeanTerms(torch.autograd.Function):
         sq, psi = quadratic_terms_(x, coupling, 0.0, None)  # Eq. 3 and the zero-mean term's square sum
         ctx.save_for_backward(x, rows)
         ctx.coupling = coupling
-        return x.index_select(1, rows), sq, psi.to(x.dtype)
+        return _pooled_rows(x, rows), sq, psi.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -867,7 +884,8 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
         order = torch.argsort(key)
         key, pos_t, pos_p, pos_q, pos_n = key[order], pos_t[order], pos_p[order], pos_q[order], pos_n[order]
     if fast and need_grad:
-        scale = (-r) * c_rows[pos_t, pos_p] * cneg_cols[pos_t, pos_q]  # (nnz,) the rank-one factor at the positives
+        # (nnz,) the rank-one factor at the positives (flat gathers: half the time of c_rows[pos_t, pos_p])
+        scale = (-r) * c_rows.reshape(-1).index_select(0, key) * cneg_cols.reshape(-1).index_select(0, pos_t * Q + pos_q)
         fast = r != 0.0 and not bool((scale == 0).any())
     total = torch.zeros((), dtype=torch.float64, device=u.device)
     blocks = list(_blocks(T, P, Q, chunk))
@@ -986,8 +1004,9 @@ def block_positives(crow: Tensor, col: Tensor, val: Tensor, rows: Tensor, cols: 
     r = (torch.arange(T, device=dev)[:, None] * n_rows + rows[None, :]).reshape(-1)  # (T*P,) stacked rows
     start, lens = crow[r], crow[r + 1] - crow[r]
     lib = native_loops.library() if native and native_loops.usable(crow, col, rows, dtype=torch.int64) else None
-    if lib is not None:
-        out = torch.empty(4, int(lens.sum()), dtype=torch.int64)  # the selected rows' length: a bound
+    if lib is not None:  # bound: the selected rows' length, rounded up to a power of two so that the pooled
+        bound = 1 << max(16, (int(lens.sum()) - 1).bit_length())  # buffer's shape recurs (untouched pages cost nothing)
+        out = WORKSPACE.take((4, bound), torch.int64, dev)
         p, i64 = native_loops.ptr, native_loops.i64p
         rows = rows.contiguous()
         k = lib.gs_block_positives(p(crow, i64), p(col, i64), p(rows, i64), p(col_pos, i64), T, n_rows, n_cols, P,
@@ -995,8 +1014,7 @@ def block_positives(crow: Tensor, col: Tensor, val: Tensor, rows: Tensor, cols: 
         if k < 0:  # the rows were checked above: the CSR's offsets are damaged
             raise IndexError(f"the stored counts of minibatch row {rows[(-1 - k) % P].item()} point outside "
                              f"the {col.numel()} stored counts")
-        out = out[:, :k].clone()  # (4, k), not the bound's storage
-        return out[0], out[1], out[2], val[out[3]]
+        return out[0, :k], out[1, :k], out[2, :k], val[out[3, :k]]  # views: the pool reuses the buffer once freed
     owner = torch.repeat_interleave(torch.arange(len(r), device=dev), lens)  # (nnz_sel,)
     offs = torch.arange(len(owner), device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
     idx = start[owner] + offs
@@ -1182,8 +1200,8 @@ class DynamicWordEmbeddings(DynamicModel):
         else:  # (T, V, d) sums of squares in float64, no mu ** 2 temporary
             mu_rows, mu_cols, sq_u, sq_v = mu_u[:, rows], mu_v[:, cols], sum_squares(mu_u), sum_squares(mu_v)
         if self.variational:
-            eps_u = torch.randn(self.T, P, self.d, generator=generator, device=dev, dtype=mu_u.dtype)  # (T, P, d)
-            eps_v = torch.randn(self.T, Q, self.d, generator=generator, device=dev, dtype=mu_u.dtype)  # (T, Q, d)
+            eps_u = _pooled_randn((self.T, P, self.d), generator, mu_u)  # (T, P, d)
+            eps_v = _pooled_randn((self.T, Q, self.d), generator, mu_u)  # (T, Q, d)
             # sample_chain, expected_neg_log_prior_var and neg_entropy of each posterior in one pass
             u, terms_u = self._chain_terms(mu_rows, self.raw_U, self.off_U, rows, eps_u)  # (T, P, d)
             v, terms_v = self._chain_terms(mu_cols, self.raw_V, self.off_V, cols, eps_v)  # (T, Q, d)
