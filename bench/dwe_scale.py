@@ -144,8 +144,9 @@ def set_paths(model: DynamicWordEmbeddings, paths: str) -> None:
 #: contexts), fitted to the peak RSS of this benchmark on the CPU (docs/benchmarks.md), and the CPU
 #: process's own footprint (torch's libraries, the interpreter)
 SAVED_PER_SIDE = {"variational": 17, "map": 5}
-#: the same for the fused prior (``issue16``: the chain pass keeps b, a, y, s and reuses pooled
-#: buffers; fitted to V=2,000 variational: 3.13 GB peak RSS)
+#: the same for the fused prior (``issue16``: the chain pass keeps 1/b, sigmoid(raw), a, y, s and
+#: reuses pooled buffers; fitted to V=2,000 variational: 3.13 GB peak RSS, 3.10 GB measured after
+#: issue 16's fourth session)
 SAVED_PER_SIDE_FUSED = {"variational": 14, "map": 5}
 RUNTIME_CPU = 0.4e9
 
