@@ -429,6 +429,15 @@ def _pooled_zeros(shape, like: Tensor) -> Tensor:
     return WORKSPACE.take(shape, like.dtype, like.device).zero_()
 
 
+def _chain_grads(raw_shape, rows: Optional[Tensor], b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """Buffers for the raw / off gradients of the chain pass: like ``b`` / ``a`` without rows (every
+    number written), else dense gradients of the whole (T, V, ...) parameters, zero outside the
+    minibatch rows (pooled: no page faults)."""
+    if rows is None:
+        return torch.empty_like(b), torch.empty_like(a)
+    return _pooled_zeros(raw_shape, b), _pooled_zeros((raw_shape[0] - 1,) + tuple(raw_shape[1:]), b)
+
+
 def _pooled_rows(x: Tensor, rows: Tensor) -> Tensor:
     """``x[:, rows]`` of a (T, N, ...) tensor written into a pooled buffer (a fresh 40 MB gather
     spent 18 of its 29 ms in page faults)."""
@@ -505,10 +514,7 @@ def _native_chain_backward(lib, raw_shape, rows, ib, sg, a, y, s, eps, gx, g, w,
     T = ib.shape[0]
     P, d = _chain_layout(ib)
     R = raw_shape[1] if len(raw_shape) > 1 else 1
-    if rows is None:
-        draw, doff = torch.empty_like(ib), torch.empty_like(a)
-    else:  # dense gradients of the whole parameters, nonzero in the minibatch rows (pooled: no page faults)
-        draw, doff = _pooled_zeros(raw_shape, ib), _pooled_zeros((raw_shape[0] - 1,) + tuple(raw_shape[1:]), ib)
+    draw, doff = _chain_grads(raw_shape, rows, ib, a)
     deps = torch.empty_like(ib) if need_eps else None
     lam, nu = torch.empty_like(ib[0]), torch.empty_like(ib[0])
     w64 = w.to(torch.float64).contiguous()
@@ -605,10 +611,8 @@ class _ChainTerms(torch.autograd.Function):
         T = b.shape[0]
         gx = torch.zeros_like(y) if gx is None else gx.to(y.dtype)
         wl = w.to(torch.float64).tolist()
-        if rows is None:
-            draw, doff = torch.empty_like(b), torch.empty_like(a)
-        else:  # dense gradients of the whole parameters, nonzero in the minibatch rows (pooled: no page faults)
-            draw, doff = _pooled_zeros(raw.shape, raw), _pooled_zeros(raw[1:].shape, raw)
+        draw, doff = _chain_grads(raw.shape, rows, b, a)
+        if rows is not None:
             dr, do = torch.empty_like(b[0]), torch.empty_like(b[0])
         need_eps = ctx.needs_input_grad[3]
         deps = torch.empty_like(b) if need_eps else None
