@@ -125,6 +125,13 @@ def compiled_kernel(name: str, fn, eager: str):
     return COMPILED[name]
 
 
+def storage_unused(st) -> bool:
+    """True if only the caller's reference to the untyped storage ``st`` is left (no tensor or view
+    uses it); False where PyTorch's private use count is not available (then nothing is reused)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return count is not None and count(st._cdata) <= 1
+
+
 class BufferPool:
     """Reusable CPU buffers for the fused passes (the DWE chain terms, dense gradients, psi's
     gradient). The pool keeps only the storages; a storage is
@@ -141,13 +148,6 @@ class BufferPool:
         self.per_key, self.max_keys = per_key, max_keys
         self.storages: dict[tuple, list] = {}  # insertion order = use order (moved to the end on use)
 
-    @staticmethod
-    def _unused(st) -> bool:
-        try:  # only the pool's storage object holds it
-            return torch._C._storage_Use_Count(st._cdata) <= 1
-        except Exception:  # pragma: no cover - private API missing: never reuse
-            return False
-
     def take(self, shape, dtype, device) -> Tensor:
         device = torch.device(device)
         if device.type != "cpu":  # the CUDA caching allocator has no page-fault cost
@@ -158,7 +158,7 @@ class BufferPool:
         while len(self.storages) > self.max_keys:
             del self.storages[next(iter(self.storages))]
         for st in lst:
-            if self._unused(st):
+            if storage_unused(st):
                 return torch.empty(0, dtype=dtype).set_(st, 0, tuple(shape))
         t = torch.empty(shape, dtype=dtype)
         if len(lst) < self.per_key:

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from goldstone_cli.distributed.shard import RowShard
 from goldstone_cli.kernels import native as native_loops
 from goldstone_cli.models.base import DynamicModel
-from goldstone_cli.numerics import sum_squares, sum_squares_value
+from goldstone_cli.numerics import storage_unused, sum_squares, sum_squares_value
 from goldstone_cli.optim.coupling import Coupling, quadratic_terms_
 from goldstone_cli.optim.gauge import serial_cpu
 
@@ -144,17 +144,11 @@ class GradBuffer:
     def get(self, like: Tensor) -> Tensor:
         key = (like.shape, like.dtype, like.device)
         st = self._storage
-        if st is not None and self._key == key and _storage_unused(st):
+        if st is not None and self._key == key and storage_unused(st):
             return torch.empty(0, dtype=like.dtype, device=like.device).set_(st, 0, like.shape)
         t = torch.empty(like.shape, dtype=like.dtype, device=like.device)
         self._storage, self._key = t.untyped_storage(), key
         return t
-
-
-def _storage_unused(st) -> bool:
-    """True if only our reference to the storage is left."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    return count is not None and count(st._cdata) == 1
 
 
 def _bin_cuts(U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, grads: bool, min_ratings: int = 1 << 16) -> list[int]:
