@@ -8,6 +8,10 @@ from typing import List, Optional
 
 import typer
 
+from goldstone_cli.omp import prefer_passive_wait
+
+prefer_passive_wait()  # before anything imports torch (goldstone_cli/omp.py says why)
+
 app = typer.Typer(
     name="goldstone",
     help="Goldstone Gradient Descent: train, sweep and inspect dynamic embedding models.",
