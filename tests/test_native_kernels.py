@@ -433,6 +433,30 @@ def test_native_chain_terms_match_float64_and_the_pytorch_pass(rows, gx_none, us
 
 
 @needs_cc
+@pytest.mark.parametrize("shape", [(6, 9), (6, 9, 2, 3)])
+def test_chain_terms_without_a_position_axis_or_with_two_feature_axes(shape, used):
+    """(T, P) chains run the C pass with one number per position; (T, P, a, d) ones are left to the
+    PyTorch pass (the C pass reads (T, P, d) layouts only); both give the PyTorch pass's numbers."""
+    from goldstone_cli.models.dwe import _ChainTerms
+
+    g = torch.Generator().manual_seed(3)
+    T = shape[0]
+    raw = (0.5 * torch.randn(*shape, generator=g) + 1.0).requires_grad_()
+    off = (0.3 * torch.randn(T - 1, *shape[1:], generator=g)).requires_grad_()
+    mu, eps, gx = (torch.randn(*shape, generator=g) for _ in range(3))
+    w = 2.0 * torch.rand(T - 1, generator=g)
+
+    def run(native_on):
+        x, terms = _ChainTerms.apply(mu, raw, off, eps, w, 0.5, None, native_on)
+        return [x.detach(), terms.detach(), *torch.autograd.grad(1.3 * terms + (x * gx).sum(), (raw, off))]
+
+    got = run(True)
+    assert used == ({"gs_chain_terms_fwd_f32", "gs_chain_terms_bwd_f32"} if len(shape) == 2 else set())
+    for a, b in zip(got, run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_cc
 def test_native_chain_terms_threads_and_repeated_rows():
     """Positions split over two threads give the one-thread numbers; repeated rows (which two
     threads would both write) run on one thread and add their gradients like index_add_."""

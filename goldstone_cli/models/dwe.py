@@ -465,9 +465,9 @@ def _chain_layout(eps: Tensor) -> tuple[int, int]:
 
 
 def _native_chain_lib(mu, raw, off, eps, rows, x):
-    """The native library if the C chain pass can run on these tensors (float32, contiguous, CPU;
-    with ``rows``, whole (T, R, ...) parameters gathered by row), else None."""
-    if not (native_loops.usable(mu, raw, off, eps, x) and mu.shape == eps.shape == x.shape and eps.dim() >= 2
+    """The native library if the C chain pass can run on these tensors (float32, contiguous, CPU,
+    (T, P) or (T, P, d); with ``rows``, whole (T, R[, d]) parameters gathered by row), else None."""
+    if not (native_loops.usable(mu, raw, off, eps, x) and mu.shape == eps.shape == x.shape and eps.dim() in (2, 3)
             and raw.shape[0] == eps.shape[0] and off.shape == (raw.shape[0] - 1,) + tuple(raw.shape[1:])):
         return None
     if rows is not None:  # the C loop trusts its row indices: checked here (P numbers)
