@@ -344,7 +344,38 @@ def test_native_logits_pass_gives_the_pytorch_likelihood_and_gradients(used):
         for a, b in zip((gu, gv), gref):
             assert float((a.double() - b).norm() / b.norm()) < 1e-5
     torch.testing.assert_close(outs[True][1], outs[False][1], rtol=1e-4, atol=1e-4 * float(outs[False][1].abs().max()))
-    assert used == {"gs_softplus_rows_sigmoid_f32"}
+    assert used == {"gs_softplus_rows_sigmoid_f32", "gs_block_positive_terms_f32", "gs_add_at_f32"}
+
+
+@needs_cc
+def test_native_positive_terms_against_float64_and_a_positive_outside_its_block():
+    """The positives' log sigma(x) sum and n sigma(-x) / scale of the C loop against float64 over
+    logits from -100 to 100 (repeated offsets add up like index_add_); an entry outside its block is
+    an IndexError that names it, before anything is written."""
+    from goldstone_cli.models.dwe import _native_positive_terms
+
+    g = torch.Generator().manual_seed(5)
+    tb, pb, Q, k = 3, 40, 50, 3000
+    X64 = torch.linspace(-100, 100, tb * pb * Q, dtype=torch.float64)[torch.randperm(tb * pb * Q, generator=g)]
+    X64 = X64.reshape(tb, pb, Q)
+    t0, p0 = 7, 100
+    pt, pp, pq = (torch.randint(tb, (k,), generator=g) + t0, torch.randint(pb, (k,), generator=g) + p0,
+                  torch.randint(Q, (k,), generator=g))
+    n, scale = torch.rand(k, generator=g, dtype=torch.float64) * 5, -(torch.rand(k, generator=g, dtype=torch.float64) + 0.1)
+    X = X64.float()
+    loglik, flat, adj = _native_positive_terms(native.library(), X, pt, pp, pq, n.float(), scale.float(), t0, p0)
+    x = X64[pt - t0, pp - p0, pq]
+    assert torch.equal(flat, ((pt - t0) * pb + pp - p0) * Q + pq)
+    want = float((n * torch.nn.functional.logsigmoid(x)).sum())
+    assert abs(loglik / want - 1) < 1e-6
+    torch.testing.assert_close(adj.double(), n * torch.sigmoid(-x) / scale, rtol=2e-6, atol=1e-30)
+    S = torch.zeros(tb * pb * Q)
+    native.library().gs_add_at_f32(native.ptr(S), native.ptr(flat, native.i64p), native.ptr(adj), k)
+    torch.testing.assert_close(S, torch.zeros(tb * pb * Q).index_add_(0, flat, adj), rtol=0, atol=0)
+    bad = pq.clone()
+    bad[1234] = Q
+    with pytest.raises(IndexError, match="positive count 1234 .* outside its logits block"):
+        _native_positive_terms(native.library(), X, pt, pp, bad, n.float(), scale.float(), t0, p0)
 
 
 @needs_cc

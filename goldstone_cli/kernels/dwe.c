@@ -301,6 +301,58 @@ void gs_softplus_rows_sigmoid_f32(float *restrict X, const float *restrict nb, i
     }
 }
 
+/* The positive counts of one logits block X (tb, pb, Q) (Eq. 11's n log sigma(x) and the gradient's
+ * n sigma(-x) at the positives), k entries with steps pt, positions pp (rows of the block: p - p0)
+ * and columns pq, counts n and the gradient's rank-one factor scale: writes each entry's offset
+ * flat[i] = ((pt - t0) pb + pp - p0) Q + pq in X and adj[i] = n sigma(-x) / scale with x = X[flat[i]]
+ * (called before the logits pass overwrites X), and *loglik = sum_i n log sigma(x) (float64 over
+ * float chunks). Returns 0, or -1 - i for the first entry outside the block (nothing trusted then). */
+#define POS_CHUNK 256
+int64_t gs_block_positive_terms_f32(const float *restrict X, const int64_t *restrict pt, const int64_t *restrict pp,
+                                    const int64_t *restrict pq, const float *restrict n, const float *restrict scale,
+                                    int64_t k, int64_t t0, int64_t p0, int64_t tb, int64_t pb, int64_t Q,
+                                    int64_t *restrict flat, float *restrict adj, double *loglik) {
+    for (int64_t i = 0; i < k; ++i) { /* offsets, checked */
+        const int64_t t = pt[i] - t0, p = pp[i] - p0, q = pq[i];
+        if (t < 0 || t >= tb || p < 0 || p >= pb || q < 0 || q >= Q) return -1 - i;
+        flat[i] = (t * pb + p) * Q + q;
+    }
+    for (int64_t i = 0; i < k; ++i) { /* the logits gathered into adj, a few cache lines ahead */
+        if (i + 16 < k) __builtin_prefetch(X + flat[i + 16]);
+        adj[i] = X[flat[i]];
+    }
+    double total = 0.0;
+    float eb[POS_CHUNK];
+    for (int64_t i0 = 0; i0 < k; i0 += POS_CHUNK) {
+        const int64_t m = k - i0 < POS_CHUNK ? k - i0 : POS_CHUNK;
+        float *x = adj + i0;
+        const float *nn = n + i0, *sc = scale + i0;
+#pragma omp simd
+        for (int64_t i = 0; i < m; ++i) eb[i] = exp_nonpos(-__builtin_fabsf(x[i]));
+        float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+        for (int64_t i = 0; i < m; ++i) {
+            const float xi = x[i], e = eb[i];
+            const float inv = 1.0f / ((1.0f + e) * (2.0f + e));
+            const float ls = (xi < 0.0f ? xi : 0.0f) - log1p_atanh(e * ((1.0f + e) * inv)); /* log sigma(x) */
+            const float sneg = (xi >= 0.0f ? e : 1.0f) * ((2.0f + e) * inv);                /* sigma(-x) */
+            part += nn[i] * ls;
+            x[i] = nn[i] * sneg / sc[i];
+        }
+        total += part;
+    }
+    *loglik = total;
+    return 0;
+}
+
+/* S[flat[i]] += adj[i] for i = 0 .. k-1 in this order (index_add_'s result; repeated offsets add up) */
+void gs_add_at_f32(float *restrict S, const int64_t *restrict flat, const float *restrict adj, int64_t k) {
+    for (int64_t i = 0; i < k; ++i) {
+        if (i + 16 < k) __builtin_prefetch(S + flat[i + 16], 1);
+        S[flat[i]] += adj[i];
+    }
+}
+
 /* The stored positive counts of a minibatch block (Eq. 11's n^+ at the words rows x contexts cols):
  * for every step t and word position p (row t n_rows + rows[p] of the stacked CSR crow / col), each
  * entry whose column c (< n_cols) has a position q = col_pos[c] >= 0 in the block, in (t, p) order.

@@ -861,6 +861,25 @@ def _softplus_rows_sigmoid(X: Tensor, nb: Tensor, buf: Tensor, compiled: bool, n
     return _softplus_rows_sigmoid_eager(X, nb, buf)
 
 
+def _native_positive_terms(lib, X: Tensor, pt: Tensor, pp: Tensor, pq: Tensor, npos: Tensor, scale: Tensor, t0: int,
+                           p0: int) -> tuple[float, Tensor, Tensor]:
+    """For the positives (steps pt, rows pp, columns pq; counts npos) of the logits block X, which
+    starts at step t0 and row p0: ``sum n log sigma(x)`` (float64), their offsets in X and
+    ``n sigma(-x) / scale`` (the C loop ``gs_block_positive_terms_f32``; X not yet overwritten)."""
+    tb, pb, Q = X.shape
+    k = pt.numel()
+    flat, adj = torch.empty(k, dtype=torch.int64), torch.empty(k, dtype=X.dtype)
+    loglik = torch.zeros(1, dtype=torch.float64)
+    p, i64 = native_loops.ptr, native_loops.i64p
+    rc = lib.gs_block_positive_terms_f32(p(X), p(pt, i64), p(pp, i64), p(pq, i64), p(npos), p(scale), k, t0, p0, tb, pb,
+                                         Q, p(flat, i64), p(adj), ctypes.cast(loglik.data_ptr(), native_loops.f64p))
+    if rc < 0:
+        i = -1 - rc
+        raise IndexError(f"positive count {i} (step {int(pt[i])}, row {int(pp[i])}, column {int(pq[i])}) lies "
+                         f"outside its logits block (steps {t0}..{t0 + tb - 1}, rows {p0}..{p0 + pb - 1}, {Q} columns)")
+    return float(loglik), flat, adj
+
+
 def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg_ratio: float, pos_t: Tensor,
                     pos_p: Tensor, pos_q: Tensor, pos_n: Tensor, chunk: int, need_grad: bool, fast: bool = True,
                     compiled: bool = False, weight: float = 1.0, native: bool = True):
@@ -902,6 +921,9 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
     bounds = torch.tensor([[t0 * P + p0, (t1 - 1) * P + p1] for t0, t1, p0, p1 in blocks], dtype=key.dtype,
                           device=key.device)
     se = torch.searchsorted(key, bounds.reshape(-1)).reshape(-1, 2).tolist()  # one device sync for all blocks
+    # the positives' terms of each block by two C loops (gs_block_positive_terms_f32, gs_add_at_f32)
+    plib = native_loops.library() if (native and fast and need_grad and native_loops.usable(u, v, pos_n, scale)
+                                      and native_loops.usable(pos_t, pos_p, pos_q, dtype=torch.int64)) else None
     buf = xbuf = None
     for (t0, t1, p0, p1), (s, e) in zip(blocks, se):
         ub, vb = u[t0:t1, p0:p1], v[t0:t1]  # (tb, pb, d), (tb, Q, d)
@@ -909,10 +931,16 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
         if xbuf is None or xbuf.shape != (t1 - t0, p1 - p0, Q):  # one pooled block: no page faults per block
             xbuf = WORKSPACE.take((t1 - t0, p1 - p0, Q), torch.result_type(u, v), u.device)
         X = torch.bmm(ub, vb.transpose(1, 2), out=xbuf)  # (tb, pb, Q) logits
-        it, ip, iq = pos_t[s:e] - t0, pos_p[s:e] - p0, pos_q[s:e]
-        flat = (it * (p1 - p0) + ip) * Q + iq  # (k,) the positives' offsets in the contiguous block
-        xp, npos = X.view(-1).index_select(0, flat), pos_n[s:e]  # (k,) the block's positive logits and counts
-        total += (npos * F.logsigmoid(xp)).sum(dtype=torch.float64)
+        npos = pos_n[s:e]  # (k,) the block's positive counts
+        if plib is not None:  # offsets, log-likelihood and gradient terms, before X is overwritten
+            loglik, flat, adj = _native_positive_terms(plib, X, pos_t[s:e], pos_p[s:e], pos_q[s:e], npos, scale[s:e],
+                                                       t0, p0)
+            total += loglik
+        else:
+            it, ip, iq = pos_t[s:e] - t0, pos_p[s:e] - p0, pos_q[s:e]
+            flat = (it * (p1 - p0) + ip) * Q + iq  # (k,) the positives' offsets in the contiguous block
+            xp = X.view(-1).index_select(0, flat)  # (k,) the block's positive logits
+            total += (npos * F.logsigmoid(xp)).sum(dtype=torch.float64)
         if fast:
             if buf is None or buf.shape != X.shape:
                 buf = WORKSPACE.take(X.shape, X.dtype, X.device)
@@ -921,8 +949,12 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
             if not need_grad:
                 continue
             S = X
-            with serial_cpu(S):  # index_add_ of the block's positives: one thread is faster (as MovieLens')
-                S.view(-1).index_add_(0, flat, npos * torch.sigmoid(-xp) / scale[s:e])
+            if plib is not None:
+                plib.gs_add_at_f32(native_loops.ptr(S), native_loops.ptr(flat, native_loops.i64p),
+                                   native_loops.ptr(adj), flat.numel())
+            else:
+                with serial_cpu(S):  # index_add_ of the block's positives: one thread is faster (as MovieLens')
+                    S.view(-1).index_add_(0, flat, npos * torch.sigmoid(-xp) / scale[s:e])
             torch.bmm(S, nb.unsqueeze(-1) * vb, out=gu[t0:t1, p0:p1]).mul_((-r * wt) * cb.unsqueeze(-1))  # (tb, pb, d)
             if p0 == 0:  # contiguous views: the products are written in place
                 torch.bmm(S.transpose(1, 2), cb.unsqueeze(-1) * ub, out=gv[t0:t1]).mul_((-r * wt) * nb.unsqueeze(-1))
