@@ -897,7 +897,8 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
     ``gu = -r c_p (S (cneg v))`` and ``gv = -r cneg_q (S^T (c u))``: no scaling pass over the block.
     Where that division is undefined (``r = 0``, or a positive count with ``c_p cneg_q = 0``) and with
     ``fast=False``: the eager passes of the first issue-16 version (softplus, sigmoid and the two
-    scalings of X's buffer)."""
+    scalings of X's buffer). With ``native`` (float32 CPU, fast, with gradients) the positives of
+    each block go through two C loops (:func:`_native_positive_terms`, ``gs_add_at_f32``)."""
     T, P, d = u.shape
     Q = v.shape[1]
     r, wt = float(neg_ratio), float(weight)
