@@ -159,7 +159,7 @@ void gs_chain_terms_fwd_f32(const float *restrict mu, const float *restrict raw,
             const int64_t row = rows ? rows[p] : p;
             const float *rr = raw + (t * R + row) * d;
             const int64_t o = t * n + p * d;
-            float s1 = 0.0f, c1 = 0.0f, l1 = 0.0f; /* one position's d numbers: float, then added in float64 */
+            float s1, c1, l1; /* one position's d numbers (set by chain_fwd_row): float, then added in float64 */
             if (last)
                 chain_fwd_row(1, rr, NULL, eps + o, mu + o, NULL, NULL, ib + o, sg + o, NULL, y + o, s + o, x + o, d,
                               &s1, &c1, &l1);

@@ -513,7 +513,7 @@ def _native_chain_forward(lib, mu, raw, off, eps, rows, ib, sg, a, y, s, x):
 def _native_chain_backward(lib, raw_shape, rows, ib, sg, a, y, s, eps, gx, g, w, half_iv, need_eps):
     T = ib.shape[0]
     P, d = _chain_layout(ib)
-    R = raw_shape[1] if len(raw_shape) > 1 else 1
+    R = raw_shape[1]  # (T, R[, d]): _native_chain_lib admits no other layout
     draw, doff = _chain_grads(raw_shape, rows, ib, a)
     deps = torch.empty_like(ib) if need_eps else None
     lam, nu = torch.empty_like(ib[0]), torch.empty_like(ib[0])
@@ -655,40 +655,22 @@ class _ChainTerms(torch.autograd.Function):
         return gx, draw, doff, deps, None, None, None, None
 
 
-class _RowsAndSquares(torch.autograd.Function):
-    """``(x[:, rows], sum x^2)`` of a (T, N, ...) tensor (the square sum accumulated in float64,
-    :func:`numerics.sum_squares_value`) with one dense gradient: ``2 g_sq x``, the rows' gradient
-    added into it in place (no zero-filled (T, N, ...) tensor and no extra sum over the whole tensor)."""
-
-    @staticmethod
-    def forward(ctx, x, rows):
-        ctx.save_for_backward(x, rows)
-        return _pooled_rows(x, rows), sum_squares_value(x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_rows, g_sq):
-        x, rows = ctx.saved_tensors
-        grad = WORKSPACE.take(x.shape, x.dtype, x.device)  # pooled: no page faults of a fresh (T, N, d) tensor
-        if g_sq is not None:
-            torch.mul(x, (2.0 * g_sq).to(x.dtype), out=grad)
-        else:
-            grad.zero_()
-        if g_rows is not None:
-            grad.index_add_(1, rows, g_rows.to(x.dtype))
-        return grad, None
-
-
 class _MeanTerms(torch.autograd.Function):
     """``(x[:, rows], sum x^2, psi(x))`` of one (T, N, d) mean with ONE dense gradient pass:
     ``g_psi L x + 2 g_sq x`` written by :func:`coupling.quadratic_terms_` (the native chain pass where
     it runs) into a pooled buffer, the rows' gradient added into it in place; the forward's sums
-    (float64) come from the same kind of pass. Replaces :class:`_RowsAndSquares` + ``Coupling.psi``
-    (two dense gradients and autograd's sum of them) in :meth:`DynamicWordEmbeddings.loss_terms`."""
+    (float64) come from the same kind of pass. Replaces two dense gradients (the square sum's and
+    ``Coupling.psi``'s) and autograd's sum of them in :meth:`DynamicWordEmbeddings.loss_terms`.
+    ``coupling=None``: no psi (a constant 0), the square sum by :func:`numerics.sum_squares_value`
+    and the gradient ``2 g_sq x`` (:func:`rows_and_squares`, no device sync)."""
 
     @staticmethod
     def forward(ctx, x, rows, coupling):
-        sq, psi = quadratic_terms_(x, coupling, 0.0, None)  # Eq. 3 and the zero-mean term's square sum
+        if coupling is None:
+            sq, psi = sum_squares_value(x), x.new_zeros(())
+            ctx.mark_non_differentiable(psi)
+        else:
+            sq, psi = quadratic_terms_(x, coupling, 0.0, None)  # Eq. 3 and the zero-mean term's square sum
         ctx.save_for_backward(x, rows)
         ctx.coupling = coupling
         return _pooled_rows(x, rows), sq, psi.to(x.dtype)
@@ -698,14 +680,14 @@ class _MeanTerms(torch.autograd.Function):
     def backward(ctx, g_rows, g_sq, g_psi):
         x, rows = ctx.saved_tensors
         grad = WORKSPACE.take(x.shape, x.dtype, x.device)  # pooled: no page faults of a fresh (T, N, d) tensor
-        gs = 0.0 if g_sq is None else float(g_sq)
-        gp = 0.0 if g_psi is None else float(g_psi)
+        gp = 0.0 if g_psi is None or ctx.coupling is None else float(g_psi)
         if gp != 0.0:  # g_psi (L x + (2 g_sq / g_psi) x) in one pass
+            gs = 0.0 if g_sq is None else float(g_sq)
             quadratic_terms_(x.detach(), ctx.coupling, 2.0 * gs / gp, grad, sum_squares=False)
             if gp != 1.0:
                 grad.mul_(gp)
-        elif gs != 0.0:
-            torch.mul(x, 2.0 * gs, out=grad)
+        elif g_sq is not None:
+            torch.mul(x, (2.0 * g_sq).to(x.dtype), out=grad)
         else:
             grad.zero_()
         if g_rows is not None:
@@ -723,8 +705,9 @@ def mean_terms(x: Tensor, rows: Tensor, coupling: Coupling) -> tuple[Tensor, Ten
 def rows_and_squares(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
     """``(x[:, rows], sum x^2)`` for a (T, N, ...) tensor and int64 ``rows``: the minibatch gather and
     the zero-mean prior's square sum (float64) of the same parameter, differentiable once, with one
-    dense gradient pass (:class:`_RowsAndSquares`)."""
-    return _RowsAndSquares.apply(x, rows)
+    dense gradient pass (:class:`_MeanTerms` without a coupling)."""
+    rows_x, sq, _ = _MeanTerms.apply(x, rows, None)
+    return rows_x, sq
 
 
 def chain_terms(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor, w: Tensor, inv_var0: float,
@@ -923,7 +906,8 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
                           device=key.device)
     se = torch.searchsorted(key, bounds.reshape(-1)).reshape(-1, 2).tolist()  # one device sync for all blocks
     # the positives' terms of each block by two C loops (gs_block_positive_terms_f32, gs_add_at_f32)
-    plib = native_loops.library() if (native and fast and need_grad and native_loops.usable(u, v, pos_n, scale)
+    plib = native_loops.library() if (native and fast and need_grad and u.device.type == "cpu"
+                                      and torch.result_type(u, v) == torch.float32 and native_loops.usable(pos_n, scale)
                                       and native_loops.usable(pos_t, pos_p, pos_q, dtype=torch.int64)) else None
     buf = xbuf = None
     for (t0, t1, p0, p1), (s, e) in zip(blocks, se):
