@@ -4,9 +4,9 @@
  * PyTorch twins; tests/test_native_kernels.py compares them).
  *
  * Built and loaded like movielens.c (goldstone_cli/kernels/native.py). The exponential, log1p and
- * log below are written out (range reduction + polynomial, no library calls) so that the compiler
- * vectorizes the loops (the exponential's polynomial is the classic minimax one of Cephes' expf).
- * Accuracy: a few float32 ulps. Lessons (measured on a Zen 1 core): keep float64 reductions out of
+ * log are written out in fastmath.h (range reduction + polynomial, no library calls) so that the
+ * compiler vectorizes the loops (the exponential's polynomial is the classic minimax one of Cephes'
+ * expf). Accuracy: a few float32 ulps. Lessons (measured on a Zen 1 core): keep float64 reductions out of
  * a vectorized float32 loop (GCC then emits scalar code); sum each row in float and add the rows in
  * float64. Split long pointwise chains (exponential -> division -> log1p) into short loops over
  * L1-resident buffers: the out-of-order window holds less than two iterations of the fused loop, so
@@ -16,56 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* e^y for y <= 0, y >= -87 (clamped there: e^-87 = 1.6e-38, the float range's end). Cody-Waite
- * reduction y = n ln2 + r, |r| <= ln2/2, then a degree-6 polynomial for e^r and 2^n from its bits. */
-static inline float exp_nonpos(float y) {
-    y = y < -87.0f ? -87.0f : y; /* NaN stays NaN */
-    const float n = (y * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(y / ln2) */
-    float r = y - n * 0.693359375f;                                         /* ln2, high bits (exact) */
-    r = r - n * -2.12194440e-4f;                                            /* ln2, low bits */
-    const float r2 = r * r;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r2 + r + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23}; /* 2^n (C11: type punning) */
-    return p * scale.f;
-}
-
-/* log(1 + e) for 0 <= e <= 1 as 2 atanh(s), given s = e / (2 + e) <= 1/3: exact for small e as
- * well (no 1 + e rounding); the series to s^13 leaves a relative error below 2e-8. */
-static inline float log1p_atanh(float s) {
-    const float s2 = s * s;
-    float p = 1.0f / 13.0f;
-    p = p * s2 + 1.0f / 11.0f;
-    p = p * s2 + 1.0f / 9.0f;
-    p = p * s2 + 1.0f / 7.0f;
-    p = p * s2 + 1.0f / 5.0f;
-    p = p * s2 + 1.0f / 3.0f;
-    p = p * s2 + 1.0f;
-    return 2.0f * s * p;
-}
-
-/* log(x) for normal x > 0: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh((m-1)/(m+1)),
- * |(m-1)/(m+1)| <= 0.172, the series to s^9 (relative error below 1e-9 of the series). */
-static inline float log_pos(float x) {
-    union { float f; int32_t i; } v = {.f = x};
-    int32_t e = ((v.i >> 23) & 0xff) - 127;
-    v.i = (v.i & 0x007fffff) | 0x3f800000; /* m in [1, 2) */
-    const int big = v.f > 1.41421356f;
-    const float m = big ? 0.5f * v.f : v.f;
-    e += big;
-    const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
-    float p = 1.0f / 9.0f;
-    p = p * s2 + 1.0f / 7.0f;
-    p = p * s2 + 1.0f / 5.0f;
-    p = p * s2 + 1.0f / 3.0f;
-    p = p * s2 + 1.0f;
-    return (float)e * 0.693147180559945f + 2.0f * s * p;
-}
+#include "fastmath.h"
 
 /* Up to CHAIN_CHUNK numbers of one position of gs_chain_terms_fwd_f32 (last: the step T-1, a
  * constant at each call site; off, yn, sn, a unused there). One e^-|r| gives b = softplus(r) as

@@ -4,7 +4,7 @@ PyTorch's eager CPU operators each make one pass over memory; a loop that needs 
 MovieLens gamma term, psi and their gradient), or a gather, a dot product, two transcendental
 functions and two scatter-adds per rating, runs several times slower than one fused loop, and
 ``torch.compile`` did not close the gap on our CPU (docs/benchmarks.md, "Roofline (issue 16)").
-The loops live in plain C files next to this module (``movielens.c``, ``dwe.c``), with no Python
+The loops live in plain C files next to this module (``movielens.c``, ``dwe.c``, ``normal.c``), with no Python
 or PyTorch headers, so they build in under a second with the system C compiler.
 
 - Build: ``$CC`` (default ``cc``) with :data:`FLAGS` into ``$GOLDSTONE_CACHE/kernels/`` (default
@@ -19,7 +19,8 @@ or PyTorch headers, so they build in under a second with the system C compiler.
 - Threads: ctypes releases the GIL during a call, so :func:`parallel_ranges` runs one call per
   thread on disjoint ranges (as many threads as ``torch.get_num_threads()``).
 - Floating point: no ``-ffast-math`` (NaN and infinity behave as in PyTorch); ``-fno-trapping-math``
-  lets GCC vectorize the loops' branches, ``-ffp-contract=fast`` use FMA.
+  lets GCC vectorize the loops' branches, ``-fno-math-errno`` its square roots (no loop reads
+  errno), ``-ffp-contract=fast`` use FMA.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ from torch import Tensor
 
 from goldstone_cli.io import pid_alive
 
-SOURCES = ("movielens.c", "dwe.c")
-FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp-simd", "-shared", "-fPIC",
-         "-std=c11")
+SOURCES = ("movielens.c", "dwe.c", "normal.c")
+HEADERS = ("fastmath.h",)  # included by the sources: part of the build key
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp-simd",
+         "-shared", "-fPIC", "-std=c11")
 # x86: whole AVX2 registers even where -march=native tunes for 128-bit ones (Zen 1): the DWE logits
 # loop ran 8% faster with them on our EPYC
 X86_FLAGS = ("-mprefer-vector-width=256",)
@@ -98,9 +100,10 @@ def _build(cc: str, rebuild: bool = False) -> Path:
     temporary files of writers on this host that no longer run are removed first."""
     here = Path(__file__).parent
     src = [here / s for s in SOURCES]
+    headers = [here / h for h in HEADERS]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256()
-    for part in [*(p.read_bytes() for p in src), cc.encode(), version.encode(), " ".join(_flags()).encode(),
+    for part in [*(p.read_bytes() for p in src + headers), cc.encode(), version.encode(), " ".join(_flags()).encode(),
                  _cpu_signature().encode()]:
         key.update(part)
         key.update(b"\0")
@@ -154,6 +157,10 @@ def _load(path: Path):
     lib.gs_block_positives.argtypes = [i64p, i64p, i64p, i64p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                        ctypes.c_int64, ctypes.c_int64, i64p, i64p, i64p, i64p]
     lib.gs_block_positives.restype = ctypes.c_int64
+    lib.gs_mt19937_uniform_f32.argtypes = [ctypes.c_void_p, i64p, i64p, f32p, c64]
+    lib.gs_mt19937_uniform_f32.restype = ctypes.c_int64
+    lib.gs_box_muller_f32.argtypes = [f32p, c64, c64]
+    lib.gs_box_muller_f32.restype = None
     return lib
 
 
