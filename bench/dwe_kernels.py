@@ -10,10 +10,11 @@ Kernels (``goldstone_cli/kernels/dwe.c``; PyTorch versions in ``goldstone_cli/mo
 - ``chain_fwd`` / ``chain_bwd``: the variational chain terms of one (T=100, 1,000, d=100) posterior
   whose rows are gathered from a (100, 2,000, 100) parameter (``_ChainTerms`` with ``native`` on and
   off; backward with a sample gradient and the terms' gradient);
-- ``positives``: the positive counts of one logits block (70,000 entries sorted by row, as a
-  minibatch block of ``bench.dwe_scale``'s generated counts has): offsets, log sigma(x) sum,
-  ``n sigma(-x) / scale`` and their add into the block (``_native_positive_terms`` +
-  ``gs_add_at_f32`` vs index_select / logsigmoid / index_add_).
+- ``block``: the logits pass of one block together with its positive counts (70,000 entries sorted
+  by row, as a minibatch block of ``bench.dwe_scale``'s generated counts has): log sigma(x) sum and
+  ``n sigma(-x) / scale`` added into the block, each row's positives while the row is in cache
+  (``_native_logits_block``, what the step runs) vs index_select / logsigmoid / the eager logits
+  pass / index_add_.
 
 Each row: median milliseconds of ``--repeats`` calls after a warm-up, the two variants interleaved,
 and the time per number. Results also go to ``bench/results/dwe_kernels-<threads>t.json``.
@@ -95,34 +96,37 @@ def chain_cases(g: torch.Generator):
     return T * P * d, fwd, bwd
 
 
-def positives_case(g: torch.Generator):
+def block_case(g: torch.Generator):
     from goldstone_cli.kernels import native
-    from goldstone_cli.models.dwe import _native_positive_terms
+    from goldstone_cli.models.dwe import _native_logits_block, _softplus_rows_sigmoid_eager
 
     tb, pb, Q, k = 4, 1000, 1000, 70_000
-    X = torch.randn(tb, pb, Q, generator=g)
+    X0 = 3.0 * torch.randn(tb, pb, Q, generator=g)
+    nb = torch.rand(tb, Q, generator=g)
     key = torch.randint(tb * pb, (k,), generator=g)
     pq = torch.randint(Q, (k,), generator=g)
     order = torch.argsort(key * Q + pq)  # (t, p) order, columns ascending within a row: as block_positives gives
     key, pq = key[order], pq[order]
     pt, pp = key // pb, key % pb
     n, scale = 5 * torch.rand(k, generator=g), -(torch.rand(k, generator=g) + 0.1)
-    S = torch.zeros(tb * pb * Q)
+    X, buf = X0.clone(), torch.empty_like(X0)
     lib = native.library()
 
     def c():
-        loglik, flat, adj = _native_positive_terms(lib, X, pt, pp, pq, n, scale, 0, 0)
-        lib.gs_add_at_f32(native.ptr(S), native.ptr(flat, native.i64p), native.ptr(adj), k)
-        return loglik
+        X.copy_(X0)
+        return _native_logits_block(lib, X, nb, pt, pp, pq, n, scale, 0, 0)
 
     def py():
+        X.copy_(X0)
         flat = (pt * pb + pp) * Q + pq
         xp = X.view(-1).index_select(0, flat)
         loglik = (n * F.logsigmoid(xp)).sum(dtype=torch.float64)
-        S.index_add_(0, flat, n * torch.sigmoid(-xp) / scale)
-        return loglik
+        rows = _softplus_rows_sigmoid_eager(X, nb, buf)
+        X.view(-1).index_add_(0, flat, n * torch.sigmoid(-xp) / scale)
+        return rows, loglik
 
-    return k, {"c": c, "torch": py}
+    copy = _median_ms({"copy": lambda: X.copy_(X0)}, 5)["copy"]  # subtracted: both variants restore X first
+    return X0.numel(), {"c": c, "torch": py}, copy
 
 
 def main(argv=None) -> dict:
@@ -149,8 +153,8 @@ def main(argv=None) -> dict:
         bt["c"].append(bwd(True)())
         bt["torch"].append(bwd(False)())
     rows["chain_bwd"] = (n, {k: 1e3 * statistics.median(v) for k, v in bt.items()})
-    n, fns = positives_case(g)
-    rows["positives"] = (n, _median_ms(fns, args.repeats))
+    n, fns, copy = block_case(g)
+    rows["block"] = (n, {k: v - copy for k, v in _median_ms(fns, args.repeats).items()})
     print(f"{platform.processor() or platform.machine()}, {args.threads} torch thread(s), torch {torch.__version__}")
     print(f"{'kernel':<10} {'numbers':>10} {'C ms':>9} {'torch ms':>9} {'C ns/number':>12} {'speed-up':>9}")
     for name, (num, t) in rows.items():

@@ -16,7 +16,7 @@ from bench import dwe_kernels  # noqa: E402
 def test_dwe_kernels_benchmark_runs_and_writes_its_results(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(dwe_kernels, "RESULTS", tmp_path)
     out = dwe_kernels.main(["--repeats", "1"])
-    assert set(out["kernels"]) == {"logits", "chain_fwd", "chain_bwd", "positives"}
+    assert set(out["kernels"]) == {"logits", "chain_fwd", "chain_bwd", "block"}
     for row in out["kernels"].values():
         assert row["numbers"] > 0 and row["ms"]["c"] > 0 and row["ms"]["torch"] > 0
     assert json.loads((tmp_path / "dwe_kernels-1t.json").read_text())["kernels"].keys() == out["kernels"].keys()

@@ -344,38 +344,60 @@ def test_native_logits_pass_gives_the_pytorch_likelihood_and_gradients(used):
         for a, b in zip((gu, gv), gref):
             assert float((a.double() - b).norm() / b.norm()) < 1e-5
     torch.testing.assert_close(outs[True][1], outs[False][1], rtol=1e-4, atol=1e-4 * float(outs[False][1].abs().max()))
-    assert used == {"gs_softplus_rows_sigmoid_f32", "gs_block_positive_terms_f32", "gs_add_at_f32"}
+    assert used == {"gs_logits_block_f32"}
 
 
 @needs_cc
-def test_native_positive_terms_against_float64_and_a_positive_outside_its_block():
-    """The positives' log sigma(x) sum and n sigma(-x) / scale of the C loop against float64 over
-    logits from -100 to 100 (repeated offsets add up like index_add_); an entry outside its block is
-    an IndexError that names it, before anything is written."""
-    from goldstone_cli.models.dwe import _native_positive_terms
+def test_native_logits_block_with_its_positives_against_float64_threads_and_bad_entries():
+    """The fused C loop (logits pass + the positives of each row) against float64 over logits from
+    -100 to 100: per-row softplus sums, sum n log sigma(x), and sigmoid(X) + n sigma(-x) / scale
+    added at the positives like index_add_ (repeated entries add up; a row with more positives than
+    one chunk of the loop); one thread and three give the same numbers; an entry outside its block
+    or out of row order is an IndexError that names it."""
+    from goldstone_cli.models.dwe import _native_logits_block
 
     g = torch.Generator().manual_seed(5)
-    tb, pb, Q, k = 3, 40, 50, 3000
+    tb, pb, Q, k = 3, 40, 700, 6000
     X64 = torch.linspace(-100, 100, tb * pb * Q, dtype=torch.float64)[torch.randperm(tb * pb * Q, generator=g)]
     X64 = X64.reshape(tb, pb, Q)
     t0, p0 = 7, 100
     pt, pp, pq = (torch.randint(tb, (k,), generator=g) + t0, torch.randint(pb, (k,), generator=g) + p0,
                   torch.randint(Q, (k,), generator=g))
+    pt[:600], pp[:600] = t0 + 1, p0 + 3  # one row with 600 positives (more than one 256-entry chunk)
+    order = torch.argsort((pt - t0) * pb + pp - p0, stable=True)
+    pt, pp, pq = pt[order], pp[order], pq[order]
     n, scale = torch.rand(k, generator=g, dtype=torch.float64) * 5, -(torch.rand(k, generator=g, dtype=torch.float64) + 0.1)
-    X = X64.float()
-    loglik, flat, adj = _native_positive_terms(native.library(), X, pt, pp, pq, n.float(), scale.float(), t0, p0)
-    x = X64[pt - t0, pp - p0, pq]
-    assert torch.equal(flat, ((pt - t0) * pb + pp - p0) * Q + pq)
-    want = float((n * torch.nn.functional.logsigmoid(x)).sum())
-    assert abs(loglik / want - 1) < 1e-6
-    torch.testing.assert_close(adj.double(), n * torch.sigmoid(-x) / scale, rtol=2e-6, atol=1e-30)
-    S = torch.zeros(tb * pb * Q)
-    native.library().gs_add_at_f32(native.ptr(S), native.ptr(flat, native.i64p), native.ptr(adj), k)
-    torch.testing.assert_close(S, torch.zeros(tb * pb * Q).index_add_(0, flat, adj), rtol=0, atol=0)
+    nb = torch.rand(tb, Q, generator=g, dtype=torch.float64)
+    flat = ((pt - t0) * pb + pp - p0) * Q + pq
+    x = X64.reshape(-1)[flat]
+    want_rows = (torch.nn.functional.softplus(X64) * nb[:, None, :]).sum(-1)
+    want_ll = float((n * torch.nn.functional.logsigmoid(x)).sum())
+    want_S = torch.sigmoid(X64).reshape(-1).index_add(0, flat, n * torch.sigmoid(-x) / scale).reshape(X64.shape)
+    threads, outs = torch.get_num_threads(), []
+    try:
+        for nt in (1, 3):
+            torch.set_num_threads(nt)
+            X = X64.float()
+            rows, ll = _native_logits_block(native.library(), X, nb.float(), pt, pp, pq, n.float(), scale.float(), t0, p0)
+            outs.append((X, rows, ll))
+    finally:
+        torch.set_num_threads(threads)
+    for X, rows, ll in outs:
+        assert float(((rows.double() - want_rows) / want_rows).abs().max()) < 1e-5
+        assert abs(ll / want_ll - 1) < 1e-6
+        torch.testing.assert_close(X.double(), want_S, rtol=2e-6, atol=2e-7)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert abs(outs[0][2] - outs[1][2]) <= 1e-12 * abs(outs[0][2])
     bad = pq.clone()
     bad[1234] = Q
     with pytest.raises(IndexError, match="positive count 1234 .* outside its logits block"):
-        _native_positive_terms(native.library(), X, pt, pp, bad, n.float(), scale.float(), t0, p0)
+        _native_logits_block(native.library(), X64.float(), nb.float(), pt, pp, bad, n.float(), scale.float(), t0, p0)
+    swapped = pp.clone()
+    swapped[[700, 5000]] = swapped[[5000, 700]]
+    if int(swapped[700]) != int(pp[700]):
+        with pytest.raises(IndexError, match="out of .* order"):
+            _native_logits_block(native.library(), X64.float(), nb.float(), pt, swapped, pq, n.float(), scale.float(),
+                                 t0, p0)
 
 
 @needs_cc

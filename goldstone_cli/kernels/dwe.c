@@ -223,85 +223,120 @@ void gs_chain_terms_bwd_f32(const int64_t *rows, int64_t R, const float *restric
  * than two of those (a 256-bit instruction is two micro-ops on Zen 1), so it ran at 4.8 ns per logit;
  * split, 2.8 ns (4M-logit blocks, one thread, 2-core AMD EPYC machine). */
 #define LOGITS_CHUNK 512
-void gs_softplus_rows_sigmoid_f32(float *restrict X, const float *restrict nb, int64_t pb, int64_t Q,
-                                  int64_t r0, int64_t r1, float *restrict per_row) {
+static inline float logits_row(float *restrict xr, const float *restrict wr, int64_t Q) {
     float eb[LOGITS_CHUNK], sb[LOGITS_CHUNK], mb[LOGITS_CHUNK]; /* e^-|x|, e / (2 + e), max(x, 0) */
-    for (int64_t i = r0; i < r1; ++i) {
-        float *xr = X + i * Q;
-        const float *wr = nb + (i / pb) * Q;
-        float acc = 0.0f;
-        for (int64_t q0 = 0; q0 < Q; q0 += LOGITS_CHUNK) {
-            const int64_t n = Q - q0 < LOGITS_CHUNK ? Q - q0 : LOGITS_CHUNK;
-            float *x = xr + q0;
-            const float *w = wr + q0;
+    float acc = 0.0f;
+    for (int64_t q0 = 0; q0 < Q; q0 += LOGITS_CHUNK) {
+        const int64_t n = Q - q0 < LOGITS_CHUNK ? Q - q0 : LOGITS_CHUNK;
+        float *x = xr + q0;
+        const float *w = wr + q0;
 #pragma omp simd
-            for (int64_t q = 0; q < n; ++q) eb[q] = exp_nonpos(-__builtin_fabsf(x[q])); /* fabs: one vandps */
+        for (int64_t q = 0; q < n; ++q) eb[q] = exp_nonpos(-__builtin_fabsf(x[q])); /* fabs: one vandps */
 #pragma omp simd
-            for (int64_t q = 0; q < n; ++q) {
-                const float xq = x[q], e = eb[q];
-                const float inv = 1.0f / ((1.0f + e) * (2.0f + e)); /* one division for both reciprocals */
-                const float s = (2.0f + e) * inv;                     /* 1 / (1 + e) */
-                sb[q] = e * ((1.0f + e) * inv);                       /* e / (2 + e) */
-                mb[q] = xq > 0.0f ? xq : 0.0f;
-                x[q] = xq >= 0.0f ? s : e * s;
-            }
-#pragma omp simd reduction(+ : acc)
-            for (int64_t q = 0; q < n; ++q) acc += w[q] * (mb[q] + log1p_atanh(sb[q]));
+        for (int64_t q = 0; q < n; ++q) {
+            const float xq = x[q], e = eb[q];
+            const float inv = 1.0f / ((1.0f + e) * (2.0f + e)); /* one division for both reciprocals */
+            const float s = (2.0f + e) * inv;                     /* 1 / (1 + e) */
+            sb[q] = e * ((1.0f + e) * inv);                       /* e / (2 + e) */
+            mb[q] = xq > 0.0f ? xq : 0.0f;
+            x[q] = xq >= 0.0f ? s : e * s;
         }
-        per_row[i] = acc;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t q = 0; q < n; ++q) acc += w[q] * (mb[q] + log1p_atanh(sb[q]));
     }
+    return acc;
 }
 
-/* The positive counts of one logits block X (tb, pb, Q) (Eq. 11's n log sigma(x) and the gradient's
- * n sigma(-x) at the positives), k entries with steps pt, positions pp (rows of the block: p - p0)
- * and columns pq, counts n and the gradient's rank-one factor scale: writes each entry's offset
- * flat[i] = ((pt - t0) pb + pp - p0) Q + pq in X and adj[i] = n sigma(-x) / scale with x = X[flat[i]]
- * (called before the logits pass overwrites X), and *loglik = sum_i n log sigma(x) (float64 over
- * float chunks). Returns 0, or -1 - i for the first entry outside the block (nothing trusted then). */
+void gs_softplus_rows_sigmoid_f32(float *restrict X, const float *restrict nb, int64_t pb, int64_t Q,
+                                  int64_t r0, int64_t r1, float *restrict per_row) {
+    for (int64_t i = r0; i < r1; ++i) per_row[i] = logits_row(X + i * Q, nb + (i / pb) * Q, Q);
+}
+
+/* The row of the block (tb, pb, Q) that holds the positive entry j (step pt - t0, position pp - p0),
+ * or -1 if it lies outside the block (its column too). */
+static inline int64_t positive_row(const int64_t *pt, const int64_t *pp, const int64_t *pq, int64_t j, int64_t t0,
+                                   int64_t p0, int64_t tb, int64_t pb, int64_t Q) {
+    const int64_t t = pt[j] - t0, p = pp[j] - p0, q = pq[j];
+    return (t < 0 || t >= tb || p < 0 || p >= pb || q < 0 || q >= Q) ? -1 : t * pb + p;
+}
+
+/* The first of the k positive entries (sorted by row) whose row is >= r, for a valid sorted list;
+ * entries outside the block count as row -1 here and are reported by the caller's checks. */
+static int64_t first_positive_at(const int64_t *pt, const int64_t *pp, const int64_t *pq, int64_t k, int64_t r,
+                                 int64_t t0, int64_t p0, int64_t tb, int64_t pb, int64_t Q) {
+    int64_t lo = 0, hi = k;
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (positive_row(pt, pp, pq, mid, t0, p0, tb, pb, Q) < r) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* The n log sigma(x) terms of the positives [j0, j1) of one row xr (not yet overwritten), summed in
+ * float; adj[j] = n sigma(-x) / scale, to be added to the row after the logits pass. */
 #define POS_CHUNK 256
-int64_t gs_block_positive_terms_f32(const float *restrict X, const int64_t *restrict pt, const int64_t *restrict pp,
-                                    const int64_t *restrict pq, const float *restrict n, const float *restrict scale,
-                                    int64_t k, int64_t t0, int64_t p0, int64_t tb, int64_t pb, int64_t Q,
-                                    int64_t *restrict flat, float *restrict adj, double *loglik) {
-    for (int64_t i = 0; i < k; ++i) { /* offsets, checked */
-        const int64_t t = pt[i] - t0, p = pp[i] - p0, q = pq[i];
-        if (t < 0 || t >= tb || p < 0 || p >= pb || q < 0 || q >= Q) return -1 - i;
-        flat[i] = (t * pb + p) * Q + q;
-    }
-    for (int64_t i = 0; i < k; ++i) { /* the logits gathered into adj, a few cache lines ahead */
-        if (i + 16 < k) __builtin_prefetch(X + flat[i + 16]);
-        adj[i] = X[flat[i]];
-    }
-    double total = 0.0;
-    float eb[POS_CHUNK];
-    for (int64_t i0 = 0; i0 < k; i0 += POS_CHUNK) {
-        const int64_t m = k - i0 < POS_CHUNK ? k - i0 : POS_CHUNK;
-        float *x = adj + i0;
-        const float *nn = n + i0, *sc = scale + i0;
+static inline float positives_of_row(const float *restrict xr, const int64_t *restrict pq, const float *restrict n,
+                                     const float *restrict scale, int64_t j0, int64_t j1, float *restrict adj) {
+    float xb[POS_CHUNK], eb[POS_CHUNK];
+    float part = 0.0f;
+    for (int64_t c0 = j0; c0 < j1; c0 += POS_CHUNK) {
+        const int64_t m = j1 - c0 < POS_CHUNK ? j1 - c0 : POS_CHUNK;
+        for (int64_t i = 0; i < m; ++i) xb[i] = xr[pq[c0 + i]];
 #pragma omp simd
-        for (int64_t i = 0; i < m; ++i) eb[i] = exp_nonpos(-__builtin_fabsf(x[i]));
-        float part = 0.0f;
+        for (int64_t i = 0; i < m; ++i) eb[i] = exp_nonpos(-__builtin_fabsf(xb[i]));
+        const float *nn = n + c0, *sc = scale + c0;
+        float *ad = adj + c0;
 #pragma omp simd reduction(+ : part)
         for (int64_t i = 0; i < m; ++i) {
-            const float xi = x[i], e = eb[i];
+            const float xi = xb[i], e = eb[i];
             const float inv = 1.0f / ((1.0f + e) * (2.0f + e));
             const float ls = (xi < 0.0f ? xi : 0.0f) - log1p_atanh(e * ((1.0f + e) * inv)); /* log sigma(x) */
             const float sneg = (xi >= 0.0f ? e : 1.0f) * ((2.0f + e) * inv);                /* sigma(-x) */
             part += nn[i] * ls;
-            x[i] = nn[i] * sneg / sc[i];
+            ad[i] = nn[i] * sneg / sc[i];
         }
-        total += part;
+    }
+    return part;
+}
+
+/* gs_softplus_rows_sigmoid_f32 on the rows [r0, r1) of one logits block X (tb, pb, Q) together with
+ * its positive counts (Eq. 11's n log sigma(x) and the gradient's n sigma(-x)): k entries sorted by
+ * row, with steps pt, positions pp and columns pq, counts n and the gradient's rank-one factor
+ * scale. Row by row, while the row is in cache: the row's positives read x, then the logits pass
+ * overwrites the row with sigmoid(x), then X[row, q] += adj = n sigma(-x) / scale for each of them
+ * in order (index_add_'s result). *loglik gets sum n log sigma(x) over the rows' entries (float per
+ * row, float64 across rows). Each call finds its own entries by binary search, so calls on disjoint
+ * row ranges cover every entry once and can run concurrently. Returns 0, or -1 - j for the first of
+ * its entries that lies outside the block or out of row order (nothing trusted then). */
+int64_t gs_logits_block_f32(float *restrict X, const float *restrict nb, int64_t tb, int64_t pb, int64_t Q, int64_t r0,
+                            int64_t r1, float *restrict per_row, const int64_t *restrict pt,
+                            const int64_t *restrict pp, const int64_t *restrict pq, const float *restrict n,
+                            const float *restrict scale, int64_t k, int64_t t0, int64_t p0, float *restrict adj,
+                            double *loglik) {
+    const int64_t j0 = r0 <= 0 ? 0 : first_positive_at(pt, pp, pq, k, r0, t0, p0, tb, pb, Q);
+    const int64_t jend = r1 >= tb * pb ? k : first_positive_at(pt, pp, pq, k, r1, t0, p0, tb, pb, Q);
+    int64_t prev = r0;
+    for (int64_t j = j0; j < jend; ++j) { /* checked first: the rows below trust these entries */
+        const int64_t r = positive_row(pt, pp, pq, j, t0, p0, tb, pb, Q);
+        if (r < prev || r >= r1) return -1 - j;
+        prev = r;
+    }
+    double total = 0.0;
+    int64_t j = j0;
+    for (int64_t i = r0; i < r1; ++i) {
+        float *xr = X + i * Q;
+        int64_t je = j;
+        while (je < jend && (pt[je] - t0) * pb + (pp[je] - p0) == i) ++je;
+        for (int64_t jn = je; jn < jend && jn < je + 32 && (pt[jn] - t0) * pb + (pp[jn] - p0) == i + 1; ++jn)
+            __builtin_prefetch(xr + Q + pq[jn]); /* the next row's positives: scattered, read first there */
+        if (je > j) total += positives_of_row(xr, pq, n, scale, j, je, adj);
+        per_row[i] = logits_row(xr, nb + (i / pb) * Q, Q);
+        for (int64_t jj = j; jj < je; ++jj) xr[pq[jj]] += adj[jj];
+        j = je;
     }
     *loglik = total;
     return 0;
-}
-
-/* S[flat[i]] += adj[i] for i = 0 .. k-1 in this order (index_add_'s result; repeated offsets add up) */
-void gs_add_at_f32(float *restrict S, const int64_t *restrict flat, const float *restrict adj, int64_t k) {
-    for (int64_t i = 0; i < k; ++i) {
-        if (i + 16 < k) __builtin_prefetch(S + flat[i + 16], 1);
-        S[flat[i]] += adj[i];
-    }
 }
 
 /* The stored positive counts of a minibatch block (Eq. 11's n^+ at the words rows x contexts cols):

@@ -149,11 +149,9 @@ def _load(path: Path):
     lib.gs_chain_terms_bwd_f32.argtypes = [i64p, c64, f32p, f32p, f32p, f32p, f32p, f32p, f32p, c_d, f64p, c_d,
                                            c64, c64, c64, c64, c64, f32p, f32p, f32p, f32p, f32p]
     lib.gs_chain_terms_bwd_f32.restype = None
-    lib.gs_block_positive_terms_f32.argtypes = [f32p, i64p, i64p, i64p, f32p, f32p, c64, c64, c64, c64, c64, c64,
-                                                i64p, f32p, f64p]
-    lib.gs_block_positive_terms_f32.restype = ctypes.c_int64
-    lib.gs_add_at_f32.argtypes = [f32p, i64p, f32p, c64]
-    lib.gs_add_at_f32.restype = None
+    lib.gs_logits_block_f32.argtypes = [f32p, f32p, c64, c64, c64, c64, c64, f32p, i64p, i64p, i64p, f32p, f32p,
+                                        c64, c64, c64, f32p, f64p]
+    lib.gs_logits_block_f32.restype = ctypes.c_int64
     lib.gs_block_positives.argtypes = [i64p, i64p, i64p, i64p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                        ctypes.c_int64, ctypes.c_int64, i64p, i64p, i64p, i64p]
     lib.gs_block_positives.restype = ctypes.c_int64

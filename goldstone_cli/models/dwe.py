@@ -848,23 +848,33 @@ def _softplus_rows_sigmoid(X: Tensor, nb: Tensor, buf: Tensor, compiled: bool, n
     return _softplus_rows_sigmoid_eager(X, nb, buf)
 
 
-def _native_positive_terms(lib, X: Tensor, pt: Tensor, pp: Tensor, pq: Tensor, npos: Tensor, scale: Tensor, t0: int,
-                           p0: int) -> tuple[float, Tensor, Tensor]:
-    """For the positives (steps pt, rows pp, columns pq; counts npos) of the logits block X, which
-    starts at step t0 and row p0: ``sum n log sigma(x)`` (float64), their offsets in X and
-    ``n sigma(-x) / scale`` (the C loop ``gs_block_positive_terms_f32``; X not yet overwritten)."""
+def _native_logits_block(lib, X: Tensor, nb: Tensor, pt: Tensor, pp: Tensor, pq: Tensor, npos: Tensor, scale: Tensor,
+                         t0: int, p0: int) -> tuple[Tensor, float]:
+    """The logits pass of the block X (which starts at step t0 and row p0) together with its
+    positives (steps pt, rows pp, columns pq, sorted by row; counts npos; rank-one factors scale):
+    returns ``sum_q nb_q softplus(X_pq)`` per row and ``sum n log sigma(x)`` (float64), and leaves
+    ``sigmoid(X) + n sigma(-X) / scale`` (at the positives) in X. One C loop per thread on its rows,
+    each row's positives handled while the row is in cache (``gs_logits_block_f32``)."""
     tb, pb, Q = X.shape
     k = pt.numel()
-    flat, adj = torch.empty(k, dtype=torch.int64), torch.empty(k, dtype=X.dtype)
-    loglik = torch.zeros(1, dtype=torch.float64)
+    per_row, adj = torch.empty(tb, pb, dtype=X.dtype), torch.empty(k, dtype=X.dtype)
     p, i64 = native_loops.ptr, native_loops.i64p
-    rc = lib.gs_block_positive_terms_f32(p(X), p(pt, i64), p(pp, i64), p(pq, i64), p(npos), p(scale), k, t0, p0, tb, pb,
-                                         Q, p(flat, i64), p(adj), ctypes.cast(loglik.data_ptr(), native_loops.f64p))
-    if rc < 0:
-        i = -1 - rc
+    args = [p(pt, i64), p(pp, i64), p(pq, i64), p(npos), p(scale), k, t0, p0, p(adj)]
+    xp, wp, rp = p(X), p(nb), p(per_row)
+
+    def part(r0: int, r1: int) -> tuple[int, float]:
+        out = torch.zeros(1, dtype=torch.float64)
+        rc = lib.gs_logits_block_f32(xp, wp, tb, pb, Q, r0, r1, rp, *args, ctypes.cast(out.data_ptr(), native_loops.f64p))
+        return rc, float(out)
+
+    parts = native_loops.parallel_columns(part, tb * pb, min_cols=max(1, (1 << 16) // max(Q, 1)))
+    bad = [-1 - rc for rc, _ in parts if rc < 0]
+    if bad:
+        i = min(bad)
         raise IndexError(f"positive count {i} (step {int(pt[i])}, row {int(pp[i])}, column {int(pq[i])}) lies "
-                         f"outside its logits block (steps {t0}..{t0 + tb - 1}, rows {p0}..{p0 + pb - 1}, {Q} columns)")
-    return float(loglik), flat, adj
+                         f"outside its logits block (steps {t0}..{t0 + tb - 1}, rows {p0}..{p0 + pb - 1}, {Q} columns) "
+                         f"or out of (step, row) order")
+    return per_row, sum(ll for _, ll in parts)
 
 
 def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg_ratio: float, pos_t: Tensor,
@@ -885,7 +895,7 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
     Where that division is undefined (``r = 0``, or a positive count with ``c_p cneg_q = 0``) and with
     ``fast=False``: the eager passes of the first issue-16 version (softplus, sigmoid and the two
     scalings of X's buffer). With ``native`` (float32 CPU, fast, with gradients) the positives of
-    each block go through two C loops (:func:`_native_positive_terms`, ``gs_add_at_f32``)."""
+    each block go through the native logits pass (:func:`_native_logits_block`)."""
     T, P, d = u.shape
     Q = v.shape[1]
     r, wt = float(neg_ratio), float(weight)
@@ -909,10 +919,10 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
     bounds = torch.tensor([[t0 * P + p0, (t1 - 1) * P + p1] for t0, t1, p0, p1 in blocks], dtype=key.dtype,
                           device=key.device)
     se = torch.searchsorted(key, bounds.reshape(-1)).reshape(-1, 2).tolist()  # one device sync for all blocks
-    # the positives' terms of each block by two C loops (gs_block_positive_terms_f32, gs_add_at_f32)
+    # the positives' terms of each block inside the native logits pass (gs_logits_block_f32)
     plib = native_loops.library() if (native and fast and need_grad and u.device.type == "cpu"
-                                      and torch.result_type(u, v) == torch.float32 and native_loops.usable(pos_n, scale)
-                                      and native_loops.usable(pos_t, pos_p, pos_q, dtype=torch.int64)) else None
+                                      and torch.result_type(u, v) == torch.float32
+                                      and native_loops.usable(pos_n, scale, cneg_cols) and native_loops.usable(pos_t, pos_p, pos_q, dtype=torch.int64)) else None
     buf = xbuf = None
     for (t0, t1, p0, p1), (s, e) in zip(blocks, se):
         ub, vb = u[t0:t1, p0:p1], v[t0:t1]  # (tb, pb, d), (tb, Q, d)
@@ -921,27 +931,24 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
             xbuf = WORKSPACE.take((t1 - t0, p1 - p0, Q), torch.result_type(u, v), u.device)
         X = torch.bmm(ub, vb.transpose(1, 2), out=xbuf)  # (tb, pb, Q) logits
         npos = pos_n[s:e]  # (k,) the block's positive counts
-        if plib is not None:  # offsets, log-likelihood and gradient terms, before X is overwritten
-            loglik, flat, adj = _native_positive_terms(plib, X, pos_t[s:e], pos_p[s:e], pos_q[s:e], npos, scale[s:e],
-                                                       t0, p0)
-            total += loglik
+        if plib is not None:  # logits pass and positives: S = sigmoid(X) + n sigma(-X) / scale in X's buffer
+            per_row, loglik = _native_logits_block(plib, X, nb, pos_t[s:e], pos_p[s:e], pos_q[s:e], npos, scale[s:e],
+                                                   t0, p0)
+            total += loglik - r * (cb * per_row).sum(dtype=torch.float64)
         else:
             it, ip, iq = pos_t[s:e] - t0, pos_p[s:e] - p0, pos_q[s:e]
             flat = (it * (p1 - p0) + ip) * Q + iq  # (k,) the positives' offsets in the contiguous block
             xp = X.view(-1).index_select(0, flat)  # (k,) the block's positive logits
             total += (npos * F.logsigmoid(xp)).sum(dtype=torch.float64)
         if fast:
-            if buf is None or buf.shape != X.shape:
-                buf = WORKSPACE.take(X.shape, X.dtype, X.device)
-            per_row = _softplus_rows_sigmoid(X, nb, buf, compiled, native)  # X's buffer holds sigmoid(X) from here on
-            total -= r * (cb * per_row).sum(dtype=torch.float64)
-            if not need_grad:
-                continue
             S = X
-            if plib is not None:
-                plib.gs_add_at_f32(native_loops.ptr(S), native_loops.ptr(flat, native_loops.i64p),
-                                   native_loops.ptr(adj), flat.numel())
-            else:
+            if plib is None:
+                if buf is None or buf.shape != X.shape:
+                    buf = WORKSPACE.take(X.shape, X.dtype, X.device)
+                per_row = _softplus_rows_sigmoid(X, nb, buf, compiled, native)  # X's buffer holds sigmoid(X) from here on
+                total -= r * (cb * per_row).sum(dtype=torch.float64)
+                if not need_grad:
+                    continue
                 with serial_cpu(S):  # index_add_ of the block's positives: one thread is faster (as MovieLens')
                     S.view(-1).index_add_(0, flat, npos * torch.sigmoid(-xp) / scale[s:e])
             torch.bmm(S, nb.unsqueeze(-1) * vb, out=gu[t0:t1, p0:p1]).mul_((-r * wt) * cb.unsqueeze(-1))  # (tb, pb, d)
