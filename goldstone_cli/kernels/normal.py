@@ -12,6 +12,10 @@ with both (a private generator) and compares numbers and states; if they differ 
 changed its layout or algorithm), it warns once and :func:`randn_` calls ``torch.randn`` from then
 on. Tensors it does not cover (other dtypes or devices, fewer than 16 numbers, non-contiguous) and
 ``GOLDSTONE_NATIVE=0`` go to ``torch.randn`` too.
+
+Unlike ``torch.randn``, a draw here does not hold the generator's lock from reading its state to
+writing it back: two Python threads drawing from one generator at the same time would get the same
+numbers. (The models draw from one thread; give each thread its own generator otherwise.)
 """
 
 from __future__ import annotations
