@@ -922,7 +922,8 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
     # the positives' terms of each block inside the native logits pass (gs_logits_block_f32)
     plib = native_loops.library() if (native and fast and need_grad and u.device.type == "cpu"
                                       and torch.result_type(u, v) == torch.float32
-                                      and native_loops.usable(pos_n, scale, cneg_cols) and native_loops.usable(pos_t, pos_p, pos_q, dtype=torch.int64)) else None
+                                      and native_loops.usable(pos_n, scale, cneg_cols)
+                                      and native_loops.usable(pos_t, pos_p, pos_q, dtype=torch.int64)) else None
     buf = xbuf = None
     for (t0, t1, p0, p1), (s, e) in zip(blocks, se):
         ub, vb = u[t0:t1, p0:p1], v[t0:t1]  # (tb, pb, d), (tb, Q, d)

@@ -58,6 +58,7 @@ from goldstone_cli.models.dwe_split import HeldOut, StepSource, load_rows_distri
 from goldstone_cli.models.dwe import (
     DynamicWordEmbeddings,
     WordCounts,
+    _pooled_randn,
     block_positives,
     chain_terms,
     cosine_quantiles,
@@ -271,8 +272,9 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
         my_rows, my_cols = rows[mr], cols[mc]
         lr, lc = my_rows - self.start, my_cols - self.start  # local row indices
         if self.variational:
-            eps_u = torch.randn(self.T, P, self.d, generator=generator, device=dev, dtype=mu_u.dtype)
-            eps_v = torch.randn(self.T, Q, self.d, generator=generator, device=dev, dtype=mu_u.dtype)
+            # the single-process model's draws (dwe._pooled_randn: the C normal draws on the CPU)
+            eps_u = _pooled_randn((self.T, P, self.d), generator, mu_u, self.native)
+            eps_v = _pooled_randn((self.T, Q, self.d), generator, mu_u, self.native)
             ru, ou = self.raw_U[:, lr], self.off_U[:, lr]
             rv, ov = self.raw_V[:, lc], self.off_V[:, lc]
             # the sample, the covariance part of the prior and the entropy in one pass (dwe.chain_terms)
