@@ -378,7 +378,8 @@ def test_native_logits_block_with_its_positives_against_float64_threads_and_bad_
         for nt in (1, 3):
             torch.set_num_threads(nt)
             X = X64.float()
-            rows, ll = _native_logits_block(native.library(), X, nb.float(), pt, pp, pq, n.float(), scale.float(), t0, p0)
+            rows, ll = _native_logits_block(native.library(), X, nb.float(), pt, pp, pq, n.float(), scale.float(),
+                                            t0, p0)
             outs.append((X, rows, ll))
     finally:
         torch.set_num_threads(threads)

@@ -864,7 +864,8 @@ def _native_logits_block(lib, X: Tensor, nb: Tensor, pt: Tensor, pp: Tensor, pq:
 
     def part(r0: int, r1: int) -> tuple[int, float]:
         out = torch.zeros(1, dtype=torch.float64)
-        rc = lib.gs_logits_block_f32(xp, wp, tb, pb, Q, r0, r1, rp, *args, ctypes.cast(out.data_ptr(), native_loops.f64p))
+        rc = lib.gs_logits_block_f32(xp, wp, tb, pb, Q, r0, r1, rp, *args,
+                                     ctypes.cast(out.data_ptr(), native_loops.f64p))
         return rc, float(out)
 
     parts = native_loops.parallel_columns(part, tb * pb, min_cols=max(1, (1 << 16) // max(Q, 1)))
@@ -946,7 +947,8 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
             if plib is None:
                 if buf is None or buf.shape != X.shape:
                     buf = WORKSPACE.take(X.shape, X.dtype, X.device)
-                per_row = _softplus_rows_sigmoid(X, nb, buf, compiled, native)  # X's buffer holds sigmoid(X) from here on
+                # X's buffer holds sigmoid(X) from here on
+                per_row = _softplus_rows_sigmoid(X, nb, buf, compiled, native)
                 total -= r * (cb * per_row).sum(dtype=torch.float64)
                 if not need_grad:
                     continue
