@@ -25,7 +25,7 @@
  * them again. sum log b is the log of a product: the exponents of the b's add up as integers, their
  * mantissas (in [1, 2)) multiply, at most CHAIN_CHUNK of them (< 2^128: no overflow), and one log
  * per chunk (instead of one per number) finishes it. Split into short loops over L1-resident
- * buffers like gs_softplus_rows_sigmoid_f32 (long dependency chains overflow the out-of-order
+ * buffers like logits_row (long dependency chains overflow the out-of-order
  * window). */
 #define CHAIN_CHUNK 120
 static inline void chain_fwd_chunk(const int last, const float *restrict rr, const float *restrict oo,
@@ -212,9 +212,9 @@ void gs_chain_terms_bwd_f32(const int64_t *rows, int64_t R, const float *restric
 }
 #undef CHAIN_BWD_CASE
 
-/* X: rows [r0, r1) of a (tb * pb, Q) block of logits, row i at time step i / pb; nb: (tb, Q).
- *     per_row[i] = sum_q nb[i / pb, q] softplus(X[i, q])      (the negatives of Eq. 11's log sigma(-x))
- *     X[i, q]    = sigmoid(X[i, q])                           (in place: the gradient's factor)
+/* One row x of Q logits with the weights w of its time step (nb[t]):
+ *     returns sum_q w[q] softplus(x[q])      (the negatives of Eq. 11's log sigma(-x))
+ *     x[q] = sigmoid(x[q])                   (in place: the gradient's factor)
  * with softplus(x) = max(x, 0) + log(1 + e^-|x|) and sigmoid from the same e^-|x|.
  *
  * Three loops per LOGITS_CHUNK numbers of a row (the exponential; the one division and the
@@ -245,11 +245,6 @@ static inline float logits_row(float *restrict xr, const float *restrict wr, int
         for (int64_t q = 0; q < n; ++q) acc += w[q] * (mb[q] + log1p_atanh(sb[q]));
     }
     return acc;
-}
-
-void gs_softplus_rows_sigmoid_f32(float *restrict X, const float *restrict nb, int64_t pb, int64_t Q,
-                                  int64_t r0, int64_t r1, float *restrict per_row) {
-    for (int64_t i = r0; i < r1; ++i) per_row[i] = logits_row(X + i * Q, nb + (i / pb) * Q, Q);
 }
 
 /* The row of the block (tb, pb, Q) that holds the positive entry j (step pt - t0, position pp - p0),
@@ -300,10 +295,10 @@ static inline float positives_of_row(const float *restrict xr, const int64_t *re
     return part;
 }
 
-/* gs_softplus_rows_sigmoid_f32 on the rows [r0, r1) of one logits block X (tb, pb, Q) together with
- * its positive counts (Eq. 11's n log sigma(x) and the gradient's n sigma(-x)): k entries sorted by
- * row, with steps pt, positions pp and columns pq, counts n and the gradient's rank-one factor
- * scale. Row by row, while the row is in cache: the row's positives read x, then the logits pass
+/* logits_row on the rows [r0, r1) of one logits block X (tb, pb, Q), per_row[i] its result, with
+ * the block's positive counts (Eq. 11's n log sigma(x) and the gradient's n sigma(-x); none: k = 0):
+ * k entries sorted by row, with steps pt, positions pp and columns pq, counts n and the gradient's
+ * rank-one factor scale. Row by row, while the row is in cache: the row's positives read x, then the logits pass
  * overwrites the row with sigmoid(x), then X[row, q] += adj = n sigma(-x) / scale for each of them
  * in order (index_add_'s result). *loglik gets sum n log sigma(x) over the rows' entries (float per
  * row, float64 across rows). Each call finds its own entries by binary search, so calls on disjoint

@@ -139,9 +139,6 @@ def _load(path: Path):
     lib.gs_bernoulli_ratings_f32.argtypes = [f32p, f32p, i64p, i64p, f32p, ctypes.c_int64, ctypes.c_int64,
                                              ctypes.c_int64, ctypes.c_int64, ctypes.c_float, f32p, f32p]
     lib.gs_bernoulli_ratings_f32.restype = ctypes.c_double
-    lib.gs_softplus_rows_sigmoid_f32.argtypes = [f32p, f32p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                                 ctypes.c_int64, f32p]
-    lib.gs_softplus_rows_sigmoid_f32.restype = None
     c64, c_d = ctypes.c_int64, ctypes.c_double
     lib.gs_chain_terms_fwd_f32.argtypes = [f32p, f32p, f32p, i64p, c64, f32p, c64, c64, c64, c64, c64,
                                            f32p, f32p, f32p, f32p, f32p, f32p, f64p, f64p, f64p]

@@ -100,10 +100,9 @@ def randn_(out: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
     and the same generator state afterwards, in C where it can (float32, contiguous, CPU, >= 16
     numbers, a CPU generator or the default one), else by torch.randn itself. Returns ``out``."""
     gen = torch.default_generator if generator is None else generator
-    if not (out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous() and out.numel() >= 16
-            and gen.device.type == "cpu"):
-        return torch.randn(out.shape, generator=generator, out=out)
-    lib = _library()
+    covered = (out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous() and out.numel() >= 16
+               and gen.device.type == "cpu")
+    lib = _library() if covered else None
     if lib is None:
         return torch.randn(out.shape, generator=generator, out=out)
     _draw(lib, out.view(-1), gen)

@@ -818,15 +818,11 @@ _COMPILED = COMPILED  # "logits": the compiled kernel, or None once compiling fa
 
 
 def _softplus_rows_sigmoid_native(lib, X: Tensor, nb: Tensor) -> Tensor:
-    """:func:`_softplus_rows_sigmoid_eager` by the native loop ``gs_softplus_rows_sigmoid_f32``
-    (goldstone_cli/kernels/dwe.c: one vectorized pass, one exponential per logit), rows split over
-    the threads."""
-    tb, pb, Q = X.shape
-    per_row = torch.empty(tb, pb, dtype=X.dtype)
-    xp, wp, rp = native_loops.ptr(X), native_loops.ptr(nb), native_loops.ptr(per_row)
-    native_loops.parallel_columns(lambda r0, r1: lib.gs_softplus_rows_sigmoid_f32(xp, wp, pb, Q, r0, r1, rp),
-                                  tb * pb, min_cols=max(1, (1 << 16) // max(Q, 1)))
-    return per_row
+    """:func:`_softplus_rows_sigmoid_eager` by the native loop (:func:`_native_logits_block` with no
+    positives; goldstone_cli/kernels/dwe.c: one vectorized pass, one exponential per logit), rows
+    split over the threads."""
+    none = torch.empty(0, dtype=torch.int64)
+    return _native_logits_block(lib, X, nb, none, none, none, X.new_empty(0), X.new_empty(0), 0, 0)[0]
 
 
 def _softplus_rows_sigmoid(X: Tensor, nb: Tensor, buf: Tensor, compiled: bool, native: bool = True) -> Tensor:
