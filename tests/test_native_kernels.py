@@ -316,9 +316,13 @@ def test_native_logits_pass_float32_against_float64_with_extreme_logits():
 
 
 @needs_cc
-def test_native_logits_pass_gives_the_pytorch_likelihood_and_gradients(used):
-    """skipgram_block_fused with the native loop vs PyTorch's eager pass (native=False), float32, at
-    the size of one CPU chunk (4 x 1000 x 1000 logits), both against float64."""
+@pytest.mark.parametrize("r, weight, chunk", [(1.0, 1.0, None), (1.7, -2.5, 300_000)])
+def test_native_logits_pass_gives_the_pytorch_likelihood_and_gradients(r, weight, chunk, used):
+    """skipgram_block_fused with the native loop (which leaves G / (-r) in the block: the rank-one
+    factor applied per logit, the GEMMs scaled by -r weight) vs PyTorch's eager pass (native=False),
+    float32, at the size of one CPU chunk (4 x 1000 x 1000 logits) and in row blocks of 300 (later
+    blocks of a step add into gv), both against float64; positives whose row count or negative weight
+    is 0 included (they ran the first passes before)."""
     from goldstone_cli.models.dwe import skipgram_block_fused
 
     g = torch.Generator().manual_seed(4)
@@ -330,20 +334,24 @@ def test_native_logits_pass_gives_the_pytorch_likelihood_and_gradients(used):
     pt, pp, pq = (torch.randint(T, (nnz,), generator=g), torch.randint(P, (nnz,), generator=g),
                   torch.randint(Q, (nnz,), generator=g))
     pn = torch.rand(nnz, generator=g) * 5
-    args = (c_rows, cneg, 1.0, pt, pp, pq, pn)
+    c_rows[pt[:50], pp[:50]] = 0.0
+    cneg[pt[50:90], pq[50:90]] = 0.0
+    args = (c_rows, cneg, r, pt, pp, pq, pn)
     outs = {}
     for nat in (True, False):
-        val = skipgram_block_fused(u, v, *args, native=nat)
+        val = skipgram_block_fused(u, v, *args, chunk=chunk, weight=weight, native=nat)
         outs[nat] = (val, *torch.autograd.grad(val, (u, v)))
     ud, vd = u.detach().double().requires_grad_(), v.detach().double().requires_grad_()
-    ref = skipgram_block_fused(ud, vd, c_rows.double(), cneg.double(), 1.0, pt, pp, pq, pn.double())
+    ref = skipgram_block_fused(ud, vd, c_rows.double(), cneg.double(), r, pt, pp, pq, pn.double(), weight=weight)
     gref = torch.autograd.grad(ref, (ud, vd))
     for nat in (True, False):
         val, gu, gv = outs[nat]
         assert abs(float(val.detach()) / float(ref.detach()) - 1) < 1e-6
         for a, b in zip((gu, gv), gref):
             assert float((a.double() - b).norm() / b.norm()) < 1e-5
-    torch.testing.assert_close(outs[True][1], outs[False][1], rtol=1e-4, atol=1e-4 * float(outs[False][1].abs().max()))
+    for i in (1, 2):
+        torch.testing.assert_close(outs[True][i], outs[False][i], rtol=1e-4,
+                                   atol=1e-4 * float(outs[False][i].abs().max()))
     assert used == {"gs_logits_block_f32"}
 
 
@@ -533,6 +541,77 @@ def test_native_chain_terms_threads_and_repeated_rows():
     want = _chain_run(rep_prob, False)
     for a, b in zip(got[2], want[2]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+@needs_cc
+@pytest.mark.parametrize("ends", [False, True])
+def test_chain_gradients_written_whole_over_a_dirty_pool(ends, used):
+    """With strictly increasing rows the C backward writes the dense raw / off gradients whole (the
+    rows between, before and after the minibatch's set to zero, no zero-filled buffer): pooled
+    buffers full of NaN from an earlier use must not show through, on one thread or split over two
+    (rows 0 and V - 1 in the minibatch or not)."""
+    from goldstone_cli.models.dwe import WORKSPACE
+
+    prob = list(_chain_problem(T=7, V=300, P=120, d=5, seed=4))
+    rows = torch.randperm(300, generator=torch.Generator().manual_seed(5))[:120].sort().values
+    if ends:
+        rows[0], rows[-1] = 0, 299
+    prob[4] = rows
+    want = _chain_run(tuple(prob), False)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            held = [WORKSPACE.take(shape, torch.float32, "cpu").fill_(float("nan"))
+                    for shape in ((7, 300, 5), (6, 300, 5)) for _ in range(3)]
+            del held  # back in the pool, dirty
+            got = _chain_run(tuple(prob), True)
+            for a, b in zip(got[2], want[2]):
+                assert bool(torch.isfinite(a).all())
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+            outside = torch.ones(300, dtype=torch.bool)
+            outside[rows] = False
+            assert float(got[2][1][:, outside].abs().max()) == 0.0 and float(got[2][2][:, outside].abs().max()) == 0.0
+    finally:
+        torch.set_num_threads(before)
+    assert "gs_chain_terms_bwd_f32" in used
+
+
+@needs_cc
+def test_native_row_gather_and_add_equal_index_select_and_index_add(used):
+    """The minibatch rows of a (T, N, d) mean (gs_rows_gather_f32) and their gradient added into a
+    dense one (gs_rows_add_f32) give index_select's and index_add_'s numbers bitwise, split over
+    threads by time step, with repeated rows added in order; bad rows raise; other dtypes, non-
+    contiguous inputs and native=False take the PyTorch calls."""
+    from goldstone_cli.models.dwe import _pooled_rows, _rows_add_
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(37, 90, 6, generator=g)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            for rows in (torch.randperm(90, generator=g)[:40].sort().values, torch.tensor([5, 89, 5, 0, 5]),
+                         torch.arange(90), torch.zeros(0, dtype=torch.int64)):
+                assert torch.equal(_pooled_rows(x, rows), x[:, rows])
+                src = torch.randn(37, rows.numel(), 6, generator=g)
+                assert torch.equal(_rows_add_(x.clone(), rows, src), x.clone().index_add_(1, rows, src))
+    finally:
+        torch.set_num_threads(before)
+    assert used == {"gs_rows_gather_f32", "gs_rows_add_f32"}
+    for bad in (torch.tensor([0, 90]), torch.tensor([-1, 3])):
+        with pytest.raises(IndexError, match="minibatch rows must lie in"):
+            _pooled_rows(x, bad)
+        with pytest.raises(IndexError, match="minibatch rows must lie in"):
+            _rows_add_(x.clone(), bad, torch.zeros(37, 2, 6))
+    used.clear()
+    rows = torch.tensor([3, 1, 3])
+    src = torch.randn(37, 3, 6, generator=g)
+    x64, xt = x.double(), x.transpose(0, 1).contiguous().transpose(0, 1)  # float64; a non-contiguous view
+    assert torch.equal(_pooled_rows(x64, rows), x64[:, rows]) and torch.equal(_pooled_rows(xt, rows), x[:, rows])
+    assert torch.equal(_rows_add_(x.clone(), rows, src, native=False), x.clone().index_add_(1, rows, src))
+    assert torch.equal(_pooled_rows(x, rows, native=False), x[:, rows])
+    assert used == set()
 
 
 def test_pooled_gradients_accumulate_when_kept():

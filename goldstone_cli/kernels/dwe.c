@@ -15,6 +15,7 @@
  * condition a constant of an inlined call instead. */
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "fastmath.h"
 
@@ -165,25 +166,45 @@ static inline void chain_bwd_row(const int first, const int last, const int acc,
                       yn, lp, np, dr, dof, dp, h, gwp, gwt, gf, d);                                               \
         break;
 
+/* Zeroes the rows of one step's dense gradient rows g (R rows of d numbers) that the slice [p0, p1)
+ * of the strictly increasing rows (P of them) owns and does not write: those after rows[p0-1] (from
+ * row 0 for p0 = 0) up to its last row, and up to R for the last slice (p1 = P). */
+static void zero_gaps(float *g, const int64_t *rows, int64_t R, int64_t P, int64_t d, int64_t p0, int64_t p1) {
+    int64_t lo = p0 > 0 ? rows[p0 - 1] + 1 : 0;
+    for (int64_t p = p0; p <= p1; ++p) {
+        const int64_t hi = p < p1 ? rows[p] : (p1 == P ? R : lo);
+        if (hi > lo) memset(g + lo * d, 0, (size_t)((hi - lo) * d) * sizeof(float));
+        if (p < p1) lo = rows[p] + 1;
+    }
+}
+
 /* The backward pass of gs_chain_terms_fwd_f32 for positions [p0, p1), t = 0 .. T-1 (the adjoints of
  * both recurrences run forward in t; the formulas of _ChainTerms.backward): ib, sg, a, y, s from the
  * forward pass, gx (T, P, d) the sample's incoming gradient, g the terms' incoming gradient, w (T-1)
  * the chain weights, half_iv = 1/(2 sigma_0^2); lam, nu: (P, d) scratch. Writes deps (T, P, d; may
- * be NULL) and, with rows, ADDS the raw / off gradients into the rows of draw (T, R, d) / doff
- * (T-1, R, d) (rows must not repeat within a slice handled by another thread), else writes them. */
+ * be NULL) and the raw / off gradients: without rows into draw (T, P, d) / doff (T-1, P, d); with
+ * rows into the rows of the dense draw (T, R, d) / doff (T-1, R, d): with fill (rows strictly
+ * increasing) it writes them and zeroes the rows between (zero_gaps: every number of the dense
+ * gradients written once, no zero-filled buffer read back), else it ADDS into them (rows must not
+ * repeat within a slice handled by another thread). */
 void gs_chain_terms_bwd_f32(const int64_t *rows, int64_t R, const float *restrict ib, const float *restrict sg,
                             const float *restrict a, const float *restrict y, const float *restrict s,
                             const float *restrict eps, const float *restrict gx, double g, const double *w,
                             double half_iv, int64_t T, int64_t P, int64_t d, int64_t p0, int64_t p1,
                             float *restrict lam, float *restrict nu, float *restrict draw, float *restrict doff,
-                            float *restrict deps) {
+                            float *restrict deps, int64_t fill) {
     const int64_t n = P * d;
     const float gf = (float)g;
+    const int acc = rows != NULL && !fill;
     for (int64_t t = 0; t < T; ++t) {
         const float h = (float)(g * (half_iv + (t < T - 1 ? 0.5 * w[t] : 0.0) + (t > 0 ? 0.5 * w[t - 1] : 0.0)));
         const float gwp = t > 0 ? (float)(g * w[t - 1]) : 0.0f, gwt = t < T - 1 ? (float)(g * w[t]) : 0.0f;
         const int first = t == 0, last = t == T - 1;
-        const int mode = first | (last << 1) | ((rows != NULL) << 2) | ((deps != NULL) << 3);
+        const int mode = first | (last << 1) | (acc << 2) | ((deps != NULL) << 3);
+        if (rows && fill) {
+            zero_gaps(draw + t * R * d, rows, R, P, d, p0, p1);
+            if (!last) zero_gaps(doff + t * R * d, rows, R, P, d, p0, p1);
+        }
         for (int64_t p = p0; p < p1; ++p) {
             const int64_t row = rows ? rows[p] : p;
             const int64_t o = t * n + p * d;
@@ -223,7 +244,7 @@ void gs_chain_terms_bwd_f32(const int64_t *rows, int64_t R, const float *restric
  * than two of those (a 256-bit instruction is two micro-ops on Zen 1), so it ran at 4.8 ns per logit;
  * split, 2.8 ns (4M-logit blocks, one thread, 2-core AMD EPYC machine). */
 #define LOGITS_CHUNK 512
-static inline float logits_row(float *restrict xr, const float *restrict wr, int64_t Q) {
+static inline float logits_row(float *restrict xr, const float *restrict wr, int64_t Q, const int scaled, float c) {
     float eb[LOGITS_CHUNK], sb[LOGITS_CHUNK], mb[LOGITS_CHUNK]; /* e^-|x|, e / (2 + e), max(x, 0) */
     float acc = 0.0f;
     for (int64_t q0 = 0; q0 < Q; q0 += LOGITS_CHUNK) {
@@ -239,7 +260,8 @@ static inline float logits_row(float *restrict xr, const float *restrict wr, int
             const float s = (2.0f + e) * inv;                     /* 1 / (1 + e) */
             sb[q] = e * ((1.0f + e) * inv);                       /* e / (2 + e) */
             mb[q] = xq > 0.0f ? xq : 0.0f;
-            x[q] = xq >= 0.0f ? s : e * s;
+            const float sig = xq >= 0.0f ? s : e * s;
+            x[q] = scaled ? (c * w[q]) * sig : sig; /* scaled: G / (-r), the rank-one factor applied */
         }
 #pragma omp simd reduction(+ : acc)
         for (int64_t q = 0; q < n; ++q) acc += w[q] * (mb[q] + log1p_atanh(sb[q]));
@@ -269,10 +291,12 @@ static int64_t first_positive_at(const int64_t *pt, const int64_t *pp, const int
 }
 
 /* The n log sigma(x) terms of the positives [j0, j1) of one row xr (not yet overwritten), summed in
- * float; adj[j] = n sigma(-x) / scale, to be added to the row after the logits pass. */
+ * float; adj[j] = n sigma(-x) / scale[j] (scale NULL: n sigma(-x) inv, one factor for all), to be
+ * added to the row after the logits pass. */
 #define POS_CHUNK 256
 static inline float positives_of_row(const float *restrict xr, const int64_t *restrict pq, const float *restrict n,
-                                     const float *restrict scale, int64_t j0, int64_t j1, float *restrict adj) {
+                                     const float *restrict scale, float inv, int64_t j0, int64_t j1,
+                                     float *restrict adj) {
     float xb[POS_CHUNK], eb[POS_CHUNK];
     float part = 0.0f;
     for (int64_t c0 = j0; c0 < j1; c0 += POS_CHUNK) {
@@ -280,7 +304,7 @@ static inline float positives_of_row(const float *restrict xr, const int64_t *re
         for (int64_t i = 0; i < m; ++i) xb[i] = xr[pq[c0 + i]];
 #pragma omp simd
         for (int64_t i = 0; i < m; ++i) eb[i] = exp_nonpos(-__builtin_fabsf(xb[i]));
-        const float *nn = n + c0, *sc = scale + c0;
+        const float *nn = n + c0, *sc = scale ? scale + c0 : NULL;
         float *ad = adj + c0;
 #pragma omp simd reduction(+ : part)
         for (int64_t i = 0; i < m; ++i) {
@@ -289,7 +313,14 @@ static inline float positives_of_row(const float *restrict xr, const int64_t *re
             const float ls = (xi < 0.0f ? xi : 0.0f) - log1p_atanh(e * ((1.0f + e) * inv)); /* log sigma(x) */
             const float sneg = (xi >= 0.0f ? e : 1.0f) * ((2.0f + e) * inv);                /* sigma(-x) */
             part += nn[i] * ls;
-            ad[i] = nn[i] * sneg / sc[i];
+            ad[i] = nn[i] * sneg;
+        }
+        if (sc) {
+#pragma omp simd
+            for (int64_t i = 0; i < m; ++i) ad[i] /= sc[i];
+        } else {
+#pragma omp simd
+            for (int64_t i = 0; i < m; ++i) ad[i] *= inv;
         }
     }
     return part;
@@ -300,7 +331,9 @@ static inline float positives_of_row(const float *restrict xr, const int64_t *re
  * k entries sorted by row, with steps pt, positions pp and columns pq, counts n and the gradient's
  * rank-one factor scale. Row by row, while the row is in cache: the row's positives read x, then the logits pass
  * overwrites the row with sigmoid(x), then X[row, q] += adj = n sigma(-x) / scale for each of them
- * in order (index_add_'s result). *loglik gets sum n log sigma(x) over the rows' entries (float per
+ * in order (index_add_'s result). With row factors cr (tb pb of them, c_p of each row; scale then
+ * unused, NULL) the row becomes cr[i] nb_q sigmoid(x) and adj = n sigma(-x) inv: with inv = -1/r the
+ * block is G / (-r) (the gradient with respect to the logits) and needs no scaling pass. *loglik gets sum n log sigma(x) over the rows' entries (float per
  * row, float64 across rows). Each call finds its own entries by binary search, so calls on disjoint
  * row ranges cover every entry once and can run concurrently. Returns 0, or -1 - j for the first of
  * its entries that lies outside the block or out of row order (nothing trusted then). */
@@ -308,7 +341,7 @@ int64_t gs_logits_block_f32(float *restrict X, const float *restrict nb, int64_t
                             int64_t r1, float *restrict per_row, const int64_t *restrict pt,
                             const int64_t *restrict pp, const int64_t *restrict pq, const float *restrict n,
                             const float *restrict scale, int64_t k, int64_t t0, int64_t p0, float *restrict adj,
-                            double *loglik) {
+                            const float *restrict cr, float inv, double *loglik) {
     const int64_t j0 = r0 <= 0 ? 0 : first_positive_at(pt, pp, pq, k, r0, t0, p0, tb, pb, Q);
     const int64_t jend = r1 >= tb * pb ? k : first_positive_at(pt, pp, pq, k, r1, t0, p0, tb, pb, Q);
     int64_t prev = r0;
@@ -325,8 +358,8 @@ int64_t gs_logits_block_f32(float *restrict X, const float *restrict nb, int64_t
         while (je < jend && (pt[je] - t0) * pb + (pp[je] - p0) == i) ++je;
         for (int64_t jn = je; jn < jend && jn < je + 32 && (pt[jn] - t0) * pb + (pp[jn] - p0) == i + 1; ++jn)
             __builtin_prefetch(xr + Q + pq[jn]); /* the next row's positives: scattered, read first there */
-        if (je > j) total += positives_of_row(xr, pq, n, scale, j, je, adj);
-        per_row[i] = logits_row(xr, nb + (i / pb) * Q, Q);
+        if (je > j) total += positives_of_row(xr, pq, n, cr ? NULL : scale, inv, j, je, adj);
+        per_row[i] = cr ? logits_row(xr, nb + (i / pb) * Q, Q, 1, cr[i]) : logits_row(xr, nb + (i / pb) * Q, Q, 0, 0.0f);
         for (int64_t jj = j; jj < je; ++jj) xr[pq[jj]] += adj[jj];
         j = je;
     }
@@ -334,34 +367,72 @@ int64_t gs_logits_block_f32(float *restrict X, const float *restrict nb, int64_t
     return 0;
 }
 
-/* The stored positive counts of a minibatch block (Eq. 11's n^+ at the words rows x contexts cols):
- * for every step t and word position p (row t n_rows + rows[p] of the stacked CSR crow / col), each
- * entry whose column c (< n_cols) has a position q = col_pos[c] >= 0 in the block, in (t, p) order.
- * Writes t, p, q and the entry's index into the CSR (for its count) and returns how many; the
- * outputs hold at least the total length of the selected rows. A row or CSR offset out of range
- * stops the loop and returns -1 - (t P + p). */
+/* The stored positive counts of a minibatch block (Eq. 11's n^+ at the words rows x contexts cols)
+ * at the steps [t0, t1): for every such step t and word position p (row t n_rows + rows[p] of the
+ * stacked CSR crow / col), each entry whose column c (< n_cols) has a position q = col_pos[c] >= 0
+ * in the block, in (t, p) order. Writes t, p, q and the entry's index into the CSR (for its count)
+ * from the start of out_t, out_p, out_q, out_idx and returns how many; the outputs hold at least
+ * the total length of the selected rows of these steps (every entry is written at the next free
+ * place, which only a kept one advances: half the entries are dropped, a branch on it was
+ * mispredicted half the time). A row or CSR offset out of range stops the loop and returns
+ * -1 - (t P + p). */
 int64_t gs_block_positives(const int64_t *crow, const int64_t *col, const int64_t *rows, const int64_t *col_pos,
-                           int64_t T, int64_t n_rows, int64_t n_cols, int64_t P, int64_t nnz, int64_t *out_t,
-                           int64_t *out_p, int64_t *out_q, int64_t *out_idx) {
+                           int64_t n_rows, int64_t n_cols, int64_t P, int64_t nnz, int64_t t0, int64_t t1,
+                           int64_t *out_t, int64_t *out_p, int64_t *out_q, int64_t *out_idx) {
     int64_t k = 0;
-    for (int64_t t = 0; t < T; ++t) {
+    for (int64_t t = t0; t < t1; ++t) {
         for (int64_t p = 0; p < P; ++p) {
             const int64_t w = rows[p];
             if (w < 0 || w >= n_rows) return -1 - (t * P + p);
             const int64_t a = crow[t * n_rows + w], b = crow[t * n_rows + w + 1];
             if (a < 0 || b < a || b > nnz) return -1 - (t * P + p);
-            for (int64_t i = a; i < b; ++i) {
+            for (int64_t i = a; i < b; ++i) { /* written always, kept if q >= 0: no branch to mispredict */
                 const int64_t c = col[i];
                 const int64_t q = (c >= 0 && c < n_cols) ? col_pos[c] : -1;
-                if (q >= 0) {
-                    out_t[k] = t;
-                    out_p[k] = p;
-                    out_q[k] = q;
-                    out_idx[k] = i;
-                    ++k;
-                }
+                out_t[k] = t;
+                out_p[k] = p;
+                out_q[k] = q;
+                out_idx[k] = i;
+                k += q >= 0;
             }
         }
     }
     return k;
+}
+
+/* Row gathers of a (T, R, d) parameter at the minibatch rows (P of them) for the steps [t0, t1):
+ * out[t, p] = x[t, rows[p]] (gs_rows_gather_f32, the forward's x[:, rows]) and x[t, rows[p]] +=
+ * src[t, p] (gs_rows_add_f32, its gradient added into a dense one, in the order of p as index_add_).
+ * Different steps never share a row: callers split [0, T) over threads. Rows must lie in [0, R)
+ * (checked by the caller). The next row is prefetched: the rows are scattered. */
+void gs_rows_gather_f32(const float *restrict x, const int64_t *rows, int64_t R, int64_t P, int64_t d, int64_t t0,
+                        int64_t t1, float *restrict out) {
+    for (int64_t t = t0; t < t1; ++t) {
+        const float *xt = x + t * R * d;
+        float *ot = out + t * P * d;
+        for (int64_t p = 0; p < P; ++p) {
+            if (p + 1 < P)
+                for (int64_t k = 0; k < d; k += 16) __builtin_prefetch(xt + rows[p + 1] * d + k);
+            const float *xr = xt + rows[p] * d;
+            float *orow = ot + p * d;
+#pragma omp simd
+            for (int64_t k = 0; k < d; ++k) orow[k] = xr[k];
+        }
+    }
+}
+
+void gs_rows_add_f32(float *restrict x, const int64_t *rows, int64_t R, int64_t P, int64_t d, int64_t t0, int64_t t1,
+                     const float *restrict src) {
+    for (int64_t t = t0; t < t1; ++t) {
+        float *xt = x + t * R * d;
+        const float *st = src + t * P * d;
+        for (int64_t p = 0; p < P; ++p) {
+            if (p + 1 < P)
+                for (int64_t k = 0; k < d; k += 16) __builtin_prefetch(xt + rows[p + 1] * d + k, 1);
+            float *xr = xt + rows[p] * d;
+            const float *sr = st + p * d;
+#pragma omp simd
+            for (int64_t k = 0; k < d; ++k) xr[k] += sr[k];
+        }
+    }
 }

@@ -430,20 +430,60 @@ def _pooled_zeros(shape, like: Tensor) -> Tensor:
     return WORKSPACE.take(shape, like.dtype, like.device).zero_()
 
 
-def _chain_grads(raw_shape, rows: Optional[Tensor], b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+def _chain_grads(raw_shape, rows: Optional[Tensor], b: Tensor, a: Tensor, filled: bool = False) -> tuple[Tensor, Tensor]:
     """Buffers for the raw / off gradients of the chain pass: like ``b`` / ``a`` without rows (every
     number written), else dense gradients of the whole (T, V, ...) parameters, zero outside the
-    minibatch rows (pooled: no page faults)."""
+    minibatch rows (pooled: no page faults; ``filled``: the pass writes every number, zeros
+    included, so the buffers are not zeroed first)."""
     if rows is None:
         return torch.empty_like(b), torch.empty_like(a)
-    return _pooled_zeros(raw_shape, b), _pooled_zeros((raw_shape[0] - 1,) + tuple(raw_shape[1:]), b)
+    off_shape = (raw_shape[0] - 1,) + tuple(raw_shape[1:])
+    if filled:
+        return WORKSPACE.take(raw_shape, b.dtype, b.device), WORKSPACE.take(off_shape, b.dtype, b.device)
+    return _pooled_zeros(raw_shape, b), _pooled_zeros(off_shape, b)
 
 
-def _pooled_rows(x: Tensor, rows: Tensor) -> Tensor:
+def _native_rows_lib(x: Tensor, rows: Tensor, other: Tensor):
+    """The native library if the C row loops can gather / add the ``rows`` of the (T, N, ...) ``x``
+    with the (T, P, ...) ``other`` (float32 CPU, contiguous), else None; rows out of range raise."""
+    if not (native_loops.usable(x, other) and native_loops.usable(rows, dtype=torch.int64) and rows.dim() == 1
+            and x.dim() >= 2 and other.shape == (x.shape[0], rows.numel()) + tuple(x.shape[2:])):
+        return None
+    lib = native_loops.library()
+    if lib is not None and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= x.shape[1]):
+        raise IndexError(f"minibatch rows must lie in [0, {x.shape[1]}), got [{int(rows.min())}, {int(rows.max())}]")
+    return lib
+
+
+def _rows_call(fn, x: Tensor, rows: Tensor, other: Tensor) -> None:
+    """``fn`` (gs_rows_gather_f32 / gs_rows_add_f32) over ranges of time steps, one per thread."""
+    T, R = x.shape[0], x.shape[1]
+    d = x[0, 0].numel()
+    p = native_loops.ptr
+    args = (p(x), native_loops.ptr(rows, native_loops.i64p), R, rows.numel(), d)
+    native_loops.parallel_columns(lambda t0, t1: fn(*args, t0, t1, p(other)), T, min_cols=8)
+
+
+def _pooled_rows(x: Tensor, rows: Tensor, native: bool = True) -> Tensor:
     """``x[:, rows]`` of a (T, N, ...) tensor written into a pooled buffer (a fresh 40 MB gather
-    spent 18 of its 29 ms in page faults)."""
+    spent 18 of its 29 ms in page faults); the C row loop (steps split over threads) where it runs:
+    2x faster than index_select along dim 1."""
     out = WORKSPACE.take((x.shape[0], rows.numel()) + tuple(x.shape[2:]), x.dtype, x.device)
-    return torch.index_select(x, 1, rows, out=out)
+    lib = _native_rows_lib(x, rows, out) if native else None
+    if lib is None:
+        return torch.index_select(x, 1, rows, out=out)
+    _rows_call(lib.gs_rows_gather_f32, x, rows.contiguous(), out)
+    return out
+
+
+def _rows_add_(x: Tensor, rows: Tensor, src: Tensor, native: bool = True) -> Tensor:
+    """``x.index_add_(1, rows, src)`` of a (T, N, ...) tensor: the C row loop (steps split over
+    threads, each step's rows added in order) where it runs, 2x faster; else index_add_."""
+    lib = _native_rows_lib(x, rows, src) if native and src.dtype == x.dtype else None
+    if lib is None:
+        return x.index_add_(1, rows, src.to(x.dtype))
+    _rows_call(lib.gs_rows_add_f32, x, rows.contiguous(), src.contiguous())
+    return x
 
 
 def _pooled_randn(shape, generator: Optional[torch.Generator], like: Tensor, native: bool = True) -> Tensor:
@@ -486,10 +526,16 @@ def _native_chain_lib(mu, raw, off, eps, rows, x):
     return native_loops.library()
 
 
-def _chain_parallel(rows: Optional[Tensor], P: int, fn) -> list:
+def _increasing(rows: Tensor) -> bool:
+    """Whether ``rows`` is strictly increasing (as draw_minibatch's): no two positions share a row."""
+    return rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all())
+
+
+def _chain_parallel(rows: Optional[Tensor], P: int, fn, unique: Optional[bool] = None) -> list:
     """``fn(p0, p1)`` over position ranges, one per thread where different positions never share a
-    parameter row (rows None or strictly increasing, as draw_minibatch's); else one call."""
-    unique = rows is None or rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all())
+    parameter row (rows None or strictly increasing, ``unique`` if known); else one call."""
+    if unique is None:
+        unique = rows is None or _increasing(rows)
     if not unique:
         return [fn(0, P)]
     return native_loops.parallel_columns(fn, P, min_cols=64)
@@ -518,15 +564,18 @@ def _native_chain_backward(lib, raw_shape, rows, ib, sg, a, y, s, eps, gx, g, w,
     T = ib.shape[0]
     P, d = _chain_layout(ib)
     R = raw_shape[1]  # (T, R[, d]): _native_chain_lib admits no other layout
-    draw, doff = _chain_grads(raw_shape, rows, ib, a)
+    # strictly increasing rows: the C pass writes the dense gradients whole (zeros between the rows)
+    fill = rows is not None and _increasing(rows)
+    draw, doff = _chain_grads(raw_shape, rows, ib, a, filled=fill)
     deps = torch.empty_like(ib) if need_eps else None
     lam, nu = torch.empty_like(ib[0]), torch.empty_like(ib[0])
     w64 = w.to(torch.float64).contiguous()
     p, i64 = native_loops.ptr, native_loops.i64p
     args = [None if rows is None else p(rows, i64), R] + [p(t) for t in (ib, sg, a, y, s, eps)] + \
         [p(gx), float(g), ctypes.cast(w64.data_ptr(), native_loops.f64p), float(half_iv), T, P, d]
-    tail = [p(lam), p(nu), p(draw), p(doff), p(deps)]
-    _chain_parallel(rows, P, lambda p0, p1: lib.gs_chain_terms_bwd_f32(*args, p0, p1, *tail))
+    tail = [p(lam), p(nu), p(draw), p(doff), p(deps), int(fill)]
+    _chain_parallel(rows, P, lambda p0, p1: lib.gs_chain_terms_bwd_f32(*args, p0, p1, *tail),
+                    unique=rows is None or fill)
     return draw, doff, deps
 
 
@@ -666,18 +715,19 @@ class _MeanTerms(torch.autograd.Function):
     (float64) come from the same kind of pass. Replaces two dense gradients (the square sum's and
     ``Coupling.psi``'s) and autograd's sum of them in :meth:`DynamicWordEmbeddings.loss_terms`.
     ``coupling=None``: no psi (a constant 0), the square sum by :func:`numerics.sum_squares_value`
-    and the gradient ``2 g_sq x`` (:func:`rows_and_squares`, no device sync)."""
+    and the gradient ``2 g_sq x`` (:func:`rows_and_squares`, no device sync). ``native``: the C
+    loops (chain pass, row gather and row add) where they run."""
 
     @staticmethod
-    def forward(ctx, x, rows, coupling):
+    def forward(ctx, x, rows, coupling, native=True):
         if coupling is None:
             sq, psi = sum_squares_value(x), x.new_zeros(())
             ctx.mark_non_differentiable(psi)
-        else:
-            sq, psi = quadratic_terms_(x, coupling, 0.0, None)  # Eq. 3 and the zero-mean term's square sum
+        else:  # Eq. 3 and the zero-mean term's square sum
+            sq, psi = quadratic_terms_(x, coupling, 0.0, None, native=native)
         ctx.save_for_backward(x, rows)
-        ctx.coupling = coupling
-        return _pooled_rows(x, rows), sq, psi.to(x.dtype)
+        ctx.coupling, ctx.native = coupling, native
+        return _pooled_rows(x, rows, native), sq, psi.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -687,7 +737,7 @@ class _MeanTerms(torch.autograd.Function):
         gp = 0.0 if g_psi is None or ctx.coupling is None else float(g_psi)
         if gp != 0.0:  # g_psi (L x + (2 g_sq / g_psi) x) in one pass
             gs = 0.0 if g_sq is None else float(g_sq)
-            quadratic_terms_(x.detach(), ctx.coupling, 2.0 * gs / gp, grad, sum_squares=False)
+            quadratic_terms_(x.detach(), ctx.coupling, 2.0 * gs / gp, grad, sum_squares=False, native=ctx.native)
             if gp != 1.0:
                 grad.mul_(gp)
         elif g_sq is not None:
@@ -695,22 +745,22 @@ class _MeanTerms(torch.autograd.Function):
         else:
             grad.zero_()
         if g_rows is not None:
-            grad.index_add_(1, rows, g_rows.to(x.dtype))
-        return grad, None, None
+            _rows_add_(grad, rows, g_rows.to(x.dtype), ctx.native)
+        return grad, None, None, None
 
 
-def mean_terms(x: Tensor, rows: Tensor, coupling: Coupling) -> tuple[Tensor, Tensor, Tensor]:
+def mean_terms(x: Tensor, rows: Tensor, coupling: Coupling, native: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """``(x[:, rows], sum x^2 (float64), psi(x))`` of a (T, N, d) mean: the minibatch gather, the
     zero-mean prior's square sum and the chain prior of Eq. 3, differentiable once, with one dense
-    gradient pass (:class:`_MeanTerms`)."""
-    return _MeanTerms.apply(x, rows, coupling)
+    gradient pass (:class:`_MeanTerms`; ``native``: its C loops where they run)."""
+    return _MeanTerms.apply(x, rows, coupling, native)
 
 
-def rows_and_squares(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+def rows_and_squares(x: Tensor, rows: Tensor, native: bool = True) -> tuple[Tensor, Tensor]:
     """``(x[:, rows], sum x^2)`` for a (T, N, ...) tensor and int64 ``rows``: the minibatch gather and
     the zero-mean prior's square sum (float64) of the same parameter, differentiable once, with one
     dense gradient pass (:class:`_MeanTerms` without a coupling)."""
-    rows_x, sq, _ = _MeanTerms.apply(x, rows, None)
+    rows_x, sq, _ = _MeanTerms.apply(x, rows, None, native)
     return rows_x, sq
 
 
@@ -822,7 +872,7 @@ def _softplus_rows_sigmoid_native(lib, X: Tensor, nb: Tensor) -> Tensor:
     positives; goldstone_cli/kernels/dwe.c: one vectorized pass, one exponential per logit), rows
     split over the threads."""
     none = torch.empty(0, dtype=torch.int64)
-    return _native_logits_block(lib, X, nb, none, none, none, X.new_empty(0), X.new_empty(0), 0, 0)[0]
+    return _native_logits_block(lib, X, nb, none, none, none, X.new_empty(0), None, 0, 0)[0]
 
 
 def _softplus_rows_sigmoid(X: Tensor, nb: Tensor, buf: Tensor, compiled: bool, native: bool = True) -> Tensor:
@@ -844,18 +894,22 @@ def _softplus_rows_sigmoid(X: Tensor, nb: Tensor, buf: Tensor, compiled: bool, n
     return _softplus_rows_sigmoid_eager(X, nb, buf)
 
 
-def _native_logits_block(lib, X: Tensor, nb: Tensor, pt: Tensor, pp: Tensor, pq: Tensor, npos: Tensor, scale: Tensor,
-                         t0: int, p0: int) -> tuple[Tensor, float]:
+def _native_logits_block(lib, X: Tensor, nb: Tensor, pt: Tensor, pp: Tensor, pq: Tensor, npos: Tensor,
+                         scale: Optional[Tensor], t0: int, p0: int, cb: Optional[Tensor] = None,
+                         inv: float = 0.0) -> tuple[Tensor, float]:
     """The logits pass of the block X (which starts at step t0 and row p0) together with its
     positives (steps pt, rows pp, columns pq, sorted by row; counts npos; rank-one factors scale):
     returns ``sum_q nb_q softplus(X_pq)`` per row and ``sum n log sigma(x)`` (float64), and leaves
-    ``sigmoid(X) + n sigma(-X) / scale`` (at the positives) in X. One C loop per thread on its rows,
-    each row's positives handled while the row is in cache (``gs_logits_block_f32``)."""
+    ``sigmoid(X) + n sigma(-X) / scale`` (at the positives) in X; with the row factors ``cb``
+    (tb, pb) instead of ``scale``: ``cb_p nb_q sigmoid(X) + inv n sigma(-X)`` (the gradient with
+    respect to X over ``-r`` for ``inv = -1/r``). One C loop per thread on its rows, each row's
+    positives handled while the row is in cache (``gs_logits_block_f32``)."""
     tb, pb, Q = X.shape
     k = pt.numel()
     per_row, adj = torch.empty(tb, pb, dtype=X.dtype), torch.empty(k, dtype=X.dtype)
     p, i64 = native_loops.ptr, native_loops.i64p
-    args = [p(pt, i64), p(pp, i64), p(pq, i64), p(npos), p(scale), k, t0, p0, p(adj)]
+    cb = None if cb is None else cb.contiguous()
+    args = [p(pt, i64), p(pp, i64), p(pq, i64), p(npos), p(scale), k, t0, p0, p(adj), p(cb), float(inv)]
     xp, wp, rp = p(X), p(nb), p(per_row)
 
     def part(r0: int, r1: int) -> tuple[int, float]:
@@ -891,8 +945,11 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
     ``gu = -r c_p (S (cneg v))`` and ``gv = -r cneg_q (S^T (c u))``: no scaling pass over the block.
     Where that division is undefined (``r = 0``, or a positive count with ``c_p cneg_q = 0``) and with
     ``fast=False``: the eager passes of the first issue-16 version (softplus, sigmoid and the two
-    scalings of X's buffer). With ``native`` (float32 CPU, fast, with gradients) the positives of
-    each block go through the native logits pass (:func:`_native_logits_block`)."""
+    scalings of X's buffer). With ``native`` (float32 CPU, fast, with gradients, ``r != 0``) the
+    native logits pass (:func:`_native_logits_block`) applies the rank-one factor as it writes each
+    logit's sigmoid, with the block's positives: X's buffer holds ``G / (-r)`` and ``gu``, ``gv``
+    are two GEMMs with ``alpha = -r weight`` (no products on the small operands, no factors at the
+    positives, and positives with ``c_p cneg_q = 0`` are no exception)."""
     T, P, d = u.shape
     Q = v.shape[1]
     r, wt = float(neg_ratio), float(weight)
@@ -901,7 +958,13 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
     if key.numel() > 1 and bool((key[1:] < key[:-1]).any()):
         order = torch.argsort(key)
         key, pos_t, pos_p, pos_q, pos_n = key[order], pos_t[order], pos_p[order], pos_q[order], pos_n[order]
-    if fast and need_grad:
+    # the native logits pass (gs_logits_block_f32) leaves G / (-r) in X's buffer, the positives' terms
+    # included: no rank-one factors at the positives, no scaling of the small operands
+    plib = native_loops.library() if (native and fast and need_grad and r != 0.0 and u.device.type == "cpu"
+                                      and torch.result_type(u, v) == torch.float32
+                                      and native_loops.usable(pos_n, cneg_cols, c_rows)
+                                      and native_loops.usable(pos_t, pos_p, pos_q, dtype=torch.int64)) else None
+    if fast and need_grad and plib is None:
         # (nnz,) the rank-one factor at the positives (flat gathers: half the time of c_rows[pos_t, pos_p])
         scale = (-r) * c_rows.reshape(-1).index_select(0, key) * cneg_cols.reshape(-1).index_select(0, pos_t * Q + pos_q)
         fast = r != 0.0 and not bool((scale == 0).any())
@@ -916,11 +979,7 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
     bounds = torch.tensor([[t0 * P + p0, (t1 - 1) * P + p1] for t0, t1, p0, p1 in blocks], dtype=key.dtype,
                           device=key.device)
     se = torch.searchsorted(key, bounds.reshape(-1)).reshape(-1, 2).tolist()  # one device sync for all blocks
-    # the positives' terms of each block inside the native logits pass (gs_logits_block_f32)
-    plib = native_loops.library() if (native and fast and need_grad and u.device.type == "cpu"
-                                      and torch.result_type(u, v) == torch.float32
-                                      and native_loops.usable(pos_n, scale, cneg_cols)
-                                      and native_loops.usable(pos_t, pos_p, pos_q, dtype=torch.int64)) else None
+    alpha = -r * wt
     buf = xbuf = None
     for (t0, t1, p0, p1), (s, e) in zip(blocks, se):
         ub, vb = u[t0:t1, p0:p1], v[t0:t1]  # (tb, pb, d), (tb, Q, d)
@@ -929,32 +988,34 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
             xbuf = WORKSPACE.take((t1 - t0, p1 - p0, Q), torch.result_type(u, v), u.device)
         X = torch.bmm(ub, vb.transpose(1, 2), out=xbuf)  # (tb, pb, Q) logits
         npos = pos_n[s:e]  # (k,) the block's positive counts
-        if plib is not None:  # logits pass and positives: S = sigmoid(X) + n sigma(-X) / scale in X's buffer
-            per_row, loglik = _native_logits_block(plib, X, nb, pos_t[s:e], pos_p[s:e], pos_q[s:e], npos, scale[s:e],
-                                                   t0, p0)
+        if plib is not None:  # logits pass and positives: G / (-r) = c_p cneg_q sigmoid(X) + n sigma(-X) / (-r)
+            per_row, loglik = _native_logits_block(plib, X, nb, pos_t[s:e], pos_p[s:e], pos_q[s:e], npos, None,
+                                                   t0, p0, cb, -1.0 / r)
             total += loglik - r * (cb * per_row).sum(dtype=torch.float64)
+            gu[t0:t1, p0:p1].baddbmm_(X, vb, beta=0.0, alpha=alpha)  # (tb, pb, d) = G v (beta 0: the pool's
+            # old numbers are not read); gv: the first block of a step writes, later ones add
+            gv[t0:t1].baddbmm_(X.transpose(1, 2), ub, beta=0.0 if p0 == 0 else 1.0, alpha=alpha)
+            continue
         else:
             it, ip, iq = pos_t[s:e] - t0, pos_p[s:e] - p0, pos_q[s:e]
             flat = (it * (p1 - p0) + ip) * Q + iq  # (k,) the positives' offsets in the contiguous block
             xp = X.view(-1).index_select(0, flat)  # (k,) the block's positive logits
             total += (npos * F.logsigmoid(xp)).sum(dtype=torch.float64)
         if fast:
-            S = X
-            if plib is None:
-                if buf is None or buf.shape != X.shape:
-                    buf = WORKSPACE.take(X.shape, X.dtype, X.device)
-                # X's buffer holds sigmoid(X) from here on
-                per_row = _softplus_rows_sigmoid(X, nb, buf, compiled, native)
-                total -= r * (cb * per_row).sum(dtype=torch.float64)
-                if not need_grad:
-                    continue
-                with serial_cpu(S):  # index_add_ of the block's positives: one thread is faster (as MovieLens')
-                    S.view(-1).index_add_(0, flat, npos * torch.sigmoid(-xp) / scale[s:e])
-            torch.bmm(S, nb.unsqueeze(-1) * vb, out=gu[t0:t1, p0:p1]).mul_((-r * wt) * cb.unsqueeze(-1))  # (tb, pb, d)
+            if buf is None or buf.shape != X.shape:
+                buf = WORKSPACE.take(X.shape, X.dtype, X.device)
+            S = X  # X's buffer holds sigmoid(X) from here on
+            per_row = _softplus_rows_sigmoid(X, nb, buf, compiled, native)
+            total -= r * (cb * per_row).sum(dtype=torch.float64)
+            if not need_grad:
+                continue
+            with serial_cpu(S):  # index_add_ of the block's positives: one thread is faster (as MovieLens')
+                S.view(-1).index_add_(0, flat, npos * torch.sigmoid(-xp) / scale[s:e])
+            torch.bmm(S, nb.unsqueeze(-1) * vb, out=gu[t0:t1, p0:p1]).mul_(alpha * cb.unsqueeze(-1))  # (tb, pb, d)
             if p0 == 0:  # contiguous views: the products are written in place
-                torch.bmm(S.transpose(1, 2), cb.unsqueeze(-1) * ub, out=gv[t0:t1]).mul_((-r * wt) * nb.unsqueeze(-1))
+                torch.bmm(S.transpose(1, 2), cb.unsqueeze(-1) * ub, out=gv[t0:t1]).mul_(alpha * nb.unsqueeze(-1))
             else:
-                gv[t0:t1] += torch.bmm(S.transpose(1, 2), cb.unsqueeze(-1) * ub).mul_((-r * wt) * nb.unsqueeze(-1))
+                gv[t0:t1] += torch.bmm(S.transpose(1, 2), cb.unsqueeze(-1) * ub).mul_(alpha * nb.unsqueeze(-1))
             continue
         sp_ = F.softplus(X)  # (tb, pb, Q) = -log sigma(-X)
         per_row = torch.bmm(sp_, nb.unsqueeze(-1)).squeeze(-1)  # (tb, pb): sum_q cneg_q softplus(X_pq)
@@ -1019,6 +1080,27 @@ def skipgram_block_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor
 
 
 # ============================================================================ model
+def _native_block_positives(lib, crow: Tensor, col: Tensor, val: Tensor, rows: Tensor, col_pos: Tensor, lens: Tensor,
+                            T: int, n_rows: int, n_cols: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`block_positives` by the C loop, on one thread (split over two threads by steps, the
+    loop ran slower, 36 against 29 ms at V = 2000, T = 100, P = Q = 1000), into pooled buffers."""
+    P = rows.numel()
+    # the selected rows' total length (a damaged CSR's negative length stops the C loop, but only
+    # after the rows before it: those count whole), rounded up to a power of two so that the pooled
+    # buffer's shape recurs (untouched pages cost nothing)
+    bound = 1 << max(16, (int(lens.clamp(min=0).sum()) - 1).bit_length())
+    out = WORKSPACE.take((4, bound), torch.int64, crow.device)
+    p, i64 = native_loops.ptr, native_loops.i64p
+    k = lib.gs_block_positives(p(crow, i64), p(col, i64), p(rows, i64), p(col_pos, i64), n_rows, n_cols, P,
+                               col.numel(), 0, T, *(p(out[i], i64) for i in range(4)))
+    if k < 0:  # the rows were checked by the caller: the CSR's offsets are damaged
+        raise IndexError(f"the stored counts of minibatch row {rows[(-1 - k) % P].item()} point outside the "
+                         f"{col.numel()} stored counts")
+    n_out = WORKSPACE.take((bound,), val.dtype, val.device)[:k]
+    torch.index_select(val, 0, out[3, :k], out=n_out)
+    return out[0, :k], out[1, :k], out[2, :k], n_out  # views: the pool reuses the buffers once freed
+
+
 def block_positives(crow: Tensor, col: Tensor, val: Tensor, rows: Tensor, cols: Tensor, T: int, n_rows: int,
                     n_cols: int, native: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The stored positive counts of the block ``rows`` x ``cols`` at every step, as (t, p, q, n) in
@@ -1035,17 +1117,8 @@ def block_positives(crow: Tensor, col: Tensor, val: Tensor, rows: Tensor, cols: 
     r = (torch.arange(T, device=dev)[:, None] * n_rows + rows[None, :]).reshape(-1)  # (T*P,) stacked rows
     start, lens = crow[r], crow[r + 1] - crow[r]
     lib = native_loops.library() if native and native_loops.usable(crow, col, rows, dtype=torch.int64) else None
-    if lib is not None:  # bound: the selected rows' length, rounded up to a power of two so that the pooled
-        bound = 1 << max(16, (int(lens.sum()) - 1).bit_length())  # buffer's shape recurs (untouched pages cost nothing)
-        out = WORKSPACE.take((4, bound), torch.int64, dev)
-        p, i64 = native_loops.ptr, native_loops.i64p
-        rows = rows.contiguous()
-        k = lib.gs_block_positives(p(crow, i64), p(col, i64), p(rows, i64), p(col_pos, i64), T, n_rows, n_cols, P,
-                                   col.numel(), *(p(out[i], i64) for i in range(4)))
-        if k < 0:  # the rows were checked above: the CSR's offsets are damaged
-            raise IndexError(f"the stored counts of minibatch row {rows[(-1 - k) % P].item()} point outside "
-                             f"the {col.numel()} stored counts")
-        return out[0, :k], out[1, :k], out[2, :k], val[out[3, :k]]  # views: the pool reuses the buffer once freed
+    if lib is not None:
+        return _native_block_positives(lib, crow, col, val, rows.contiguous(), col_pos, lens, T, n_rows, n_cols)
     owner = torch.repeat_interleave(torch.arange(len(r), device=dev), lens)  # (nnz_sel,)
     offs = torch.arange(len(owner), device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
     idx = start[owner] + offs
@@ -1222,12 +1295,12 @@ class DynamicWordEmbeddings(DynamicModel):
         scale_r, scale_c = self.V / P, self.V / Q
         psi = None
         if with_psi:  # gathers, square sums and psi with one dense gradient pass per mean
-            mu_rows, sq_u, psi_u = mean_terms(mu_u, rows, self.coupling)  # (T, P, d), float64 sum of mu_u^2
-            mu_cols, sq_v, psi_v = mean_terms(mu_v, cols, self.coupling)  # (T, Q, d)
+            mu_rows, sq_u, psi_u = mean_terms(mu_u, rows, self.coupling, self.native)  # (T, P, d), float64 sum of mu_u^2
+            mu_cols, sq_v, psi_v = mean_terms(mu_v, cols, self.coupling, self.native)  # (T, Q, d)
             psi = psi_u + psi_v  # Eq. 3 over the group (mu_U, mu_V)
         elif self.fused_prior:  # gathers and square sums with one dense gradient pass per mean
-            mu_rows, sq_u = rows_and_squares(mu_u, rows)  # (T, P, d), float64 sum of mu_u^2
-            mu_cols, sq_v = rows_and_squares(mu_v, cols)  # (T, Q, d)
+            mu_rows, sq_u = rows_and_squares(mu_u, rows, self.native)  # (T, P, d), float64 sum of mu_u^2
+            mu_cols, sq_v = rows_and_squares(mu_v, cols, self.native)  # (T, Q, d)
         else:  # (T, V, d) sums of squares in float64, no mu ** 2 temporary
             mu_rows, mu_cols, sq_u, sq_v = mu_u[:, rows], mu_v[:, cols], sum_squares(mu_u), sum_squares(mu_v)
         if self.variational:
