@@ -225,7 +225,10 @@ def compare_steps(model: DynamicWordEmbeddings, opt, g, repeats: int, device: to
                   paths: Optional[list[str]] = None) -> dict:
     """Interleaved steps of the two compute paths on one model, optimizer and minibatch stream: wall
     and process CPU seconds, medians (CPU time counts this process's work on a loaded machine).
-    ``paths``: the :data:`PATHS` to compare (default all)."""
+    ``paths``: the :data:`PATHS` to compare (default all). Then ``repeats`` consecutive steps of
+    issue16 alone (``steady_wall_s``, ``median_steady_wall_s``): a training run's steady state,
+    where no other path's step has just evicted its pooled buffers and caches (an interleaved
+    issue16 step follows a step of the old paths, which allocate several GB)."""
     def step(paths: str) -> float:
         set_paths(model, paths)
         opt.zero_grad(set_to_none=True)
@@ -246,8 +249,16 @@ def compare_steps(model: DynamicWordEmbeddings, opt, g, repeats: int, device: to
             step(p)
             wall[p].append(time.perf_counter() - t0)
             cpu[p].append(time.process_time() - c0)
+    steady = []
+    if "issue16" in paths:
+        step("issue16")  # back on the new path's buffers
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step("issue16")
+            steady.append(time.perf_counter() - t0)
     res = {"wall_s": wall, "cpu_s": cpu, "median_wall_s": {p: float(np.median(v)) for p, v in wall.items()},
-           "median_cpu_s": {p: float(np.median(v)) for p, v in cpu.items()}}
+           "median_cpu_s": {p: float(np.median(v)) for p, v in cpu.items()}, "steady_wall_s": steady,
+           "median_steady_wall_s": float(np.median(steady)) if steady else None}
     for p in paths:  # speedups of issue16 over each earlier path
         if p != "issue16":
             sfx = "" if p == "before_issue16" else f"_vs_{p}"
@@ -351,6 +362,8 @@ def main() -> None:
                "flops": work.flops, "bytes": work.bytes, "gemm_flops_per_s": [before.gemm_flops, after.gemm_flops],
                "bandwidth": [before.bandwidth, after.bandwidth], "bound_s": bound,
                "above_bound_wall": {p: t / bound for p, t in cmp["median_wall_s"].items()},
+               "above_bound_steady": (cmp["median_steady_wall_s"] / bound
+                                      if cmp["median_steady_wall_s"] is not None else None),
                "above_bound_cpu_per_thread": {p: t / torch.get_num_threads() / bound
                                               for p, t in cmp["median_cpu_s"].items()}}
         print(res, flush=True)

@@ -5,6 +5,8 @@ step keeps no (T, P, Q) activation and the recurrence writes O(T) elements, not 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -310,6 +312,8 @@ def test_bench_memory_model_and_checks(tmp_path, monkeypatch, capsys):
     ds.main()
     out = capsys.readouterr().out
     assert "speedup_cpu" in out and list(tmp_path.glob("dwe_compare-*.json"))
+    saved = json.loads(next(tmp_path.glob("dwe_compare-*.json")).read_text())
+    assert len(saved["steady_wall_s"]) == 2 and saved["above_bound_steady"] > 0
     monkeypatch.setattr("sys.argv", ["dwe_scale", *small, "--inference", "map", "--max-step-seconds", "1e-9"])
     with pytest.raises(SystemExit, match="CHECK FAILED: median step"):
         ds.main()

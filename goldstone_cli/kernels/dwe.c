@@ -329,13 +329,14 @@ static inline float positives_of_row(const float *restrict xr, const int64_t *re
 /* logits_row on the rows [r0, r1) of one logits block X (tb, pb, Q), per_row[i] its result, with
  * the block's positive counts (Eq. 11's n log sigma(x) and the gradient's n sigma(-x); none: k = 0):
  * k entries sorted by row, with steps pt, positions pp and columns pq, counts n and the gradient's
- * rank-one factor scale. Row by row, while the row is in cache: the row's positives read x, then the logits pass
- * overwrites the row with sigmoid(x), then X[row, q] += adj = n sigma(-x) / scale for each of them
- * in order (index_add_'s result). With row factors cr (tb pb of them, c_p of each row; scale then
- * unused, NULL) the row becomes cr[i] nb_q sigmoid(x) and adj = n sigma(-x) inv: with inv = -1/r the
- * block is G / (-r) (the gradient with respect to the logits) and needs no scaling pass. *loglik gets sum n log sigma(x) over the rows' entries (float per
- * row, float64 across rows). Each call finds its own entries by binary search, so calls on disjoint
- * row ranges cover every entry once and can run concurrently. Returns 0, or -1 - j for the first of
+ * rank-one factor scale. Row by row, while the row is in cache: the row's positives read x, then
+ * the logits pass overwrites the row with sigmoid(x), then X[row, q] += adj = n sigma(-x) / scale
+ * for each of them in order (index_add_'s result). With row factors cr (tb pb of them, c_p of each
+ * row; scale then unused, NULL) the row becomes cr[i] nb_q sigmoid(x) and adj = n sigma(-x) inv:
+ * with inv = -1/r the block is G / (-r) (G the gradient with respect to the logits, Eq. 11) and
+ * needs no scaling pass. *loglik gets sum n log sigma(x) over the rows' entries (float per row,
+ * float64 across rows). Each call finds its own entries by binary search, so calls on disjoint row
+ * ranges cover every entry once and can run concurrently. Returns 0, or -1 - j for the first of
  * its entries that lies outside the block or out of row order (nothing trusted then). */
 int64_t gs_logits_block_f32(float *restrict X, const float *restrict nb, int64_t tb, int64_t pb, int64_t Q, int64_t r0,
                             int64_t r1, float *restrict per_row, const int64_t *restrict pt,
@@ -359,7 +360,8 @@ int64_t gs_logits_block_f32(float *restrict X, const float *restrict nb, int64_t
         for (int64_t jn = je; jn < jend && jn < je + 32 && (pt[jn] - t0) * pb + (pp[jn] - p0) == i + 1; ++jn)
             __builtin_prefetch(xr + Q + pq[jn]); /* the next row's positives: scattered, read first there */
         if (je > j) total += positives_of_row(xr, pq, n, cr ? NULL : scale, inv, j, je, adj);
-        per_row[i] = cr ? logits_row(xr, nb + (i / pb) * Q, Q, 1, cr[i]) : logits_row(xr, nb + (i / pb) * Q, Q, 0, 0.0f);
+        const float *wr = nb + (i / pb) * Q; /* two inlined copies: the flag is a constant in each */
+        per_row[i] = cr ? logits_row(xr, wr, Q, 1, cr[i]) : logits_row(xr, wr, Q, 0, 0.0f);
         for (int64_t jj = j; jj < je; ++jj) xr[pq[jj]] += adj[jj];
         j = je;
     }

@@ -430,7 +430,8 @@ def _pooled_zeros(shape, like: Tensor) -> Tensor:
     return WORKSPACE.take(shape, like.dtype, like.device).zero_()
 
 
-def _chain_grads(raw_shape, rows: Optional[Tensor], b: Tensor, a: Tensor, filled: bool = False) -> tuple[Tensor, Tensor]:
+def _chain_grads(raw_shape, rows: Optional[Tensor], b: Tensor, a: Tensor,
+                 filled: bool = False) -> tuple[Tensor, Tensor]:
     """Buffers for the raw / off gradients of the chain pass: like ``b`` / ``a`` without rows (every
     number written), else dense gradients of the whole (T, V, ...) parameters, zero outside the
     minibatch rows (pooled: no page faults; ``filled``: the pass writes every number, zeros
@@ -996,11 +997,10 @@ def _skipgram_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg
             # old numbers are not read); gv: the first block of a step writes, later ones add
             gv[t0:t1].baddbmm_(X.transpose(1, 2), ub, beta=0.0 if p0 == 0 else 1.0, alpha=alpha)
             continue
-        else:
-            it, ip, iq = pos_t[s:e] - t0, pos_p[s:e] - p0, pos_q[s:e]
-            flat = (it * (p1 - p0) + ip) * Q + iq  # (k,) the positives' offsets in the contiguous block
-            xp = X.view(-1).index_select(0, flat)  # (k,) the block's positive logits
-            total += (npos * F.logsigmoid(xp)).sum(dtype=torch.float64)
+        it, ip, iq = pos_t[s:e] - t0, pos_p[s:e] - p0, pos_q[s:e]
+        flat = (it * (p1 - p0) + ip) * Q + iq  # (k,) the positives' offsets in the contiguous block
+        xp = X.view(-1).index_select(0, flat)  # (k,) the block's positive logits
+        total += (npos * F.logsigmoid(xp)).sum(dtype=torch.float64)
         if fast:
             if buf is None or buf.shape != X.shape:
                 buf = WORKSPACE.take(X.shape, X.dtype, X.device)
@@ -1295,7 +1295,8 @@ class DynamicWordEmbeddings(DynamicModel):
         scale_r, scale_c = self.V / P, self.V / Q
         psi = None
         if with_psi:  # gathers, square sums and psi with one dense gradient pass per mean
-            mu_rows, sq_u, psi_u = mean_terms(mu_u, rows, self.coupling, self.native)  # (T, P, d), float64 sum of mu_u^2
+            # (T, P, d), float64 sum of mu_u^2, psi of mu_u
+            mu_rows, sq_u, psi_u = mean_terms(mu_u, rows, self.coupling, self.native)
             mu_cols, sq_v, psi_v = mean_terms(mu_v, cols, self.coupling, self.native)  # (T, Q, d)
             psi = psi_u + psi_v  # Eq. 3 over the group (mu_U, mu_V)
         elif self.fused_prior:  # gathers and square sums with one dense gradient pass per mean
