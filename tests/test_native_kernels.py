@@ -316,8 +316,9 @@ def test_native_logits_pass_float32_against_float64_with_extreme_logits():
 
 
 @needs_cc
-@pytest.mark.parametrize("r, weight, chunk", [(1.0, 1.0, None), (1.7, -2.5, 300_000)])
-def test_native_logits_pass_gives_the_pytorch_likelihood_and_gradients(r, weight, chunk, used):
+@pytest.mark.parametrize("r, weight, chunk, columns_in_order", [(1.0, 1.0, None, False), (1.7, -2.5, 300_000, False),
+                                                               (1.7, -2.5, 300_000, True)])
+def test_native_logits_pass_gives_the_pytorch_likelihood_and_gradients(r, weight, chunk, columns_in_order, used):
     """skipgram_block_fused with the native loop (which leaves G / (-r) in the block: the rank-one
     factor applied per logit, the GEMMs scaled by -r weight) vs PyTorch's eager pass (native=False),
     float32, at the size of one CPU chunk (4 x 1000 x 1000 logits) and in row blocks of 300 (later
@@ -334,6 +335,9 @@ def test_native_logits_pass_gives_the_pytorch_likelihood_and_gradients(r, weight
     pt, pp, pq = (torch.randint(T, (nnz,), generator=g), torch.randint(P, (nnz,), generator=g),
                   torch.randint(Q, (nnz,), generator=g))
     pn = torch.rand(nnz, generator=g) * 5
+    if columns_in_order:  # sorted by (t, p, q) as block_positives gives them (else by (t, p) only, unstably)
+        order = torch.argsort((pt * P + pp) * Q + pq)
+        pt, pp, pq = pt[order], pp[order], pq[order]
     c_rows[pt[:50], pp[:50]] = 0.0
     cneg[pt[50:90], pq[50:90]] = 0.0
     args = (c_rows, cneg, r, pt, pp, pq, pn)
@@ -356,12 +360,15 @@ def test_native_logits_pass_gives_the_pytorch_likelihood_and_gradients(r, weight
 
 
 @needs_cc
-def test_native_logits_block_with_its_positives_against_float64_threads_and_bad_entries():
+@pytest.mark.parametrize("columns_in_order", [False, True])
+def test_native_logits_block_with_its_positives_against_float64_threads_and_bad_entries(columns_in_order):
     """The fused C loop (logits pass + the positives of each row) against float64 over logits from
     -100 to 100: per-row softplus sums, sum n log sigma(x), and sigmoid(X) + n sigma(-x) / scale
     added at the positives like index_add_ (repeated entries add up; a row with more positives than
     one chunk of the loop); one thread and three give the same numbers; an entry outside its block
-    or out of row order is an IndexError that names it."""
+    or out of row order is an IndexError that names it. Both orders of a row's columns: increasing
+    (as block_positives gives them: the pass saves their logits as it goes) and any other (read
+    before the pass)."""
     from goldstone_cli.models.dwe import _native_logits_block
 
     g = torch.Generator().manual_seed(5)
@@ -372,7 +379,8 @@ def test_native_logits_block_with_its_positives_against_float64_threads_and_bad_
     pt, pp, pq = (torch.randint(tb, (k,), generator=g) + t0, torch.randint(pb, (k,), generator=g) + p0,
                   torch.randint(Q, (k,), generator=g))
     pt[:600], pp[:600] = t0 + 1, p0 + 3  # one row with 600 positives (more than one 256-entry chunk)
-    order = torch.argsort((pt - t0) * pb + pp - p0, stable=True)
+    order = torch.argsort(((pt - t0) * pb + pp - p0) * (Q if columns_in_order else 1) + (pq if columns_in_order else 0),
+                          stable=True)
     pt, pp, pq = pt[order], pp[order], pq[order]
     n, scale = torch.rand(k, generator=g, dtype=torch.float64) * 5, -(torch.rand(k, generator=g, dtype=torch.float64) + 0.1)
     nb = torch.rand(tb, Q, generator=g, dtype=torch.float64)

@@ -244,7 +244,8 @@ void gs_chain_terms_bwd_f32(const int64_t *rows, int64_t R, const float *restric
  * than two of those (a 256-bit instruction is two micro-ops on Zen 1), so it ran at 4.8 ns per logit;
  * split, 2.8 ns (4M-logit blocks, one thread, 2-core AMD EPYC machine). */
 #define LOGITS_CHUNK 512
-static inline float logits_row(float *restrict xr, const float *restrict wr, int64_t Q, const int scaled, float c) {
+static inline float logits_row(float *restrict xr, const float *restrict wr, int64_t Q, const int scaled, float c,
+                               const int64_t *restrict pq, int64_t j, int64_t j1, float *restrict saved) {
     float eb[LOGITS_CHUNK], sb[LOGITS_CHUNK], mb[LOGITS_CHUNK]; /* e^-|x|, e / (2 + e), max(x, 0) */
     float acc = 0.0f;
     for (int64_t q0 = 0; q0 < Q; q0 += LOGITS_CHUNK) {
@@ -253,6 +254,9 @@ static inline float logits_row(float *restrict xr, const float *restrict wr, int
         const float *w = wr + q0;
 #pragma omp simd
         for (int64_t q = 0; q < n; ++q) eb[q] = exp_nonpos(-__builtin_fabsf(x[q])); /* fabs: one vandps */
+        /* the row's positives [j, j1) (columns pq in increasing order) in this chunk: their logits
+         * saved while the chunk is in L1, before the next loop overwrites them */
+        for (; j < j1 && pq[j] < q0 + n; ++j) saved[j] = x[pq[j] - q0];
 #pragma omp simd
         for (int64_t q = 0; q < n; ++q) {
             const float xq = x[q], e = eb[q];
@@ -290,9 +294,10 @@ static int64_t first_positive_at(const int64_t *pt, const int64_t *pp, const int
     return lo;
 }
 
-/* The n log sigma(x) terms of the positives [j0, j1) of one row xr (not yet overwritten), summed in
- * float; adj[j] = n sigma(-x) / scale[j] (scale NULL: n sigma(-x) inv, one factor for all), to be
- * added to the row after the logits pass. */
+/* The n log sigma(x) terms of the positives [j0, j1) of one row, summed in float; their logits x
+ * are xr[pq[j]] (the row not yet overwritten) or, with xr NULL, adj[j] (saved by logits_row);
+ * adj[j] = n sigma(-x) / scale[j] (scale NULL: n sigma(-x) inv, one factor for all), to be added to
+ * the row after the logits pass. */
 #define POS_CHUNK 256
 static inline float positives_of_row(const float *restrict xr, const int64_t *restrict pq, const float *restrict n,
                                      const float *restrict scale, float inv, int64_t j0, int64_t j1,
@@ -301,7 +306,7 @@ static inline float positives_of_row(const float *restrict xr, const int64_t *re
     float part = 0.0f;
     for (int64_t c0 = j0; c0 < j1; c0 += POS_CHUNK) {
         const int64_t m = j1 - c0 < POS_CHUNK ? j1 - c0 : POS_CHUNK;
-        for (int64_t i = 0; i < m; ++i) xb[i] = xr[pq[c0 + i]];
+        for (int64_t i = 0; i < m; ++i) xb[i] = xr ? xr[pq[c0 + i]] : adj[c0 + i];
 #pragma omp simd
         for (int64_t i = 0; i < m; ++i) eb[i] = exp_nonpos(-__builtin_fabsf(xb[i]));
         const float *nn = n + c0, *sc = scale ? scale + c0 : NULL;
@@ -356,12 +361,22 @@ int64_t gs_logits_block_f32(float *restrict X, const float *restrict nb, int64_t
     for (int64_t i = r0; i < r1; ++i) {
         float *xr = X + i * Q;
         int64_t je = j;
-        while (je < jend && (pt[je] - t0) * pb + (pp[je] - p0) == i) ++je;
-        for (int64_t jn = je; jn < jend && jn < je + 32 && (pt[jn] - t0) * pb + (pp[jn] - p0) == i + 1; ++jn)
-            __builtin_prefetch(xr + Q + pq[jn]); /* the next row's positives: scattered, read first there */
-        if (je > j) total += positives_of_row(xr, pq, n, cr ? NULL : scale, inv, j, je, adj);
-        const float *wr = nb + (i / pb) * Q; /* two inlined copies: the flag is a constant in each */
-        per_row[i] = cr ? logits_row(xr, wr, Q, 1, cr[i]) : logits_row(xr, wr, Q, 0, 0.0f);
+        int increasing = 1; /* the row's columns in order (as block_positives gives them) */
+        while (je < jend && (pt[je] - t0) * pb + (pp[je] - p0) == i) {
+            increasing &= je == j || pq[je] >= pq[je - 1];
+            ++je;
+        }
+        const float *wr = nb + (i / pb) * Q;
+        const float *sc = cr ? NULL : scale;
+        if (increasing) { /* the positives' logits saved by the pass (the row in L1), then their terms */
+            per_row[i] = cr ? logits_row(xr, wr, Q, 1, cr[i], pq, j, je, adj)
+                            : logits_row(xr, wr, Q, 0, 0.0f, pq, j, je, adj);
+            if (je > j) total += positives_of_row(NULL, pq, n, sc, inv, j, je, adj);
+        } else { /* read first, scattered over the row (from memory) */
+            total += positives_of_row(xr, pq, n, sc, inv, j, je, adj);
+            per_row[i] = cr ? logits_row(xr, wr, Q, 1, cr[i], pq, je, je, adj)
+                            : logits_row(xr, wr, Q, 0, 0.0f, pq, je, je, adj);
+        }
         for (int64_t jj = j; jj < je; ++jj) xr[pq[jj]] += adj[jj];
         j = je;
     }
