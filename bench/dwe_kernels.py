@@ -11,10 +11,12 @@ Kernels (``goldstone_cli/kernels/dwe.c``; PyTorch versions in ``goldstone_cli/mo
   whose rows are gathered from a (100, 2,000, 100) parameter (``_ChainTerms`` with ``native`` on and
   off; backward with a sample gradient and the terms' gradient);
 - ``block``: the logits pass of one block together with its positive counts (70,000 entries sorted
-  by row, as a minibatch block of ``bench.dwe_scale``'s generated counts has): log sigma(x) sum and
-  ``n sigma(-x) / scale`` added into the block, each row's positives while the row is in cache
-  (``_native_logits_block``, what the step runs) vs index_select / logsigmoid / the eager logits
-  pass / index_add_.
+  by row and, within a row, by column, as a minibatch block of ``bench.dwe_scale``'s generated
+  counts has): log sigma(x) sum and the gradient's factor at every logit, each row's positives while
+  the row is in cache (``_native_logits_block`` with row factors, what the step runs: the block
+  becomes ``c_p nb_q sigmoid(x) + n sigma(-x) / (-r)``) vs the PyTorch fast path's index_select /
+  logsigmoid / eager logits pass / index_add_ of ``n sigma(-x) / scale`` (which leaves the factors
+  to the small operands).
 
 Each row: median milliseconds of ``--repeats`` calls after a warm-up, the two variants interleaved,
 and the time per number. Results also go to ``bench/results/dwe_kernels-<threads>t.json``.
@@ -109,12 +111,13 @@ def block_case(g: torch.Generator):
     key, pq = key[order], pq[order]
     pt, pp = key // pb, key % pb
     n, scale = 5 * torch.rand(k, generator=g), -(torch.rand(k, generator=g) + 0.1)
+    cb = 100 * torch.rand(tb, pb, generator=g)  # the rows' counts c_p
     X, buf = X0.clone(), torch.empty_like(X0)
     lib = native.library()
 
     def c():
         X.copy_(X0)
-        return _native_logits_block(lib, X, nb, pt, pp, pq, n, scale, 0, 0)
+        return _native_logits_block(lib, X, nb, pt, pp, pq, n, None, 0, 0, cb, -1.0)  # r = 1
 
     def py():
         X.copy_(X0)
