@@ -372,7 +372,7 @@ def test_native_logits_block_with_its_positives_against_float64_threads_and_bad_
     from goldstone_cli.models.dwe import _native_logits_block
 
     g = torch.Generator().manual_seed(5)
-    tb, pb, Q, k = 3, 40, 700, 6000
+    tb, pb, Q, k = 3, 100, 700, 6000  # 300 rows: three threads take 100 each (at least 2^16 logits)
     X64 = torch.linspace(-100, 100, tb * pb * Q, dtype=torch.float64)[torch.randperm(tb * pb * Q, generator=g)]
     X64 = X64.reshape(tb, pb, Q)
     t0, p0 = 7, 100
@@ -560,8 +560,8 @@ def test_chain_gradients_written_whole_over_a_dirty_pool(ends, used):
     (rows 0 and V - 1 in the minibatch or not)."""
     from goldstone_cli.models.dwe import WORKSPACE
 
-    prob = list(_chain_problem(T=7, V=300, P=120, d=5, seed=4))
-    rows = torch.randperm(300, generator=torch.Generator().manual_seed(5))[:120].sort().values
+    prob = list(_chain_problem(T=7, V=300, P=150, d=5, seed=4))  # two threads: two slices of >= 64 positions
+    rows = torch.randperm(300, generator=torch.Generator().manual_seed(5))[:150].sort().values
     if ends:
         rows[0], rows[-1] = 0, 299
     prob[4] = rows
