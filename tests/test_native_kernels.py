@@ -438,6 +438,9 @@ def test_native_block_positives_equal_the_pytorch_selection(n_rows, n_cols, P, Q
     want = block_positives(crow, col, val, rows, cols, T, n_rows, n_cols, native=False)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+    got64 = block_positives(crow, col, val.double(), rows, cols, T, n_rows, n_cols)  # counts gathered after the loop
+    for a, b in zip(got64, want):
+        assert torch.equal(a, b.to(a.dtype))
     dense = stacked.toarray().reshape(T, n_rows, n_cols)[:, rows.numpy()][:, :, cols.numpy()]  # brute force
     assert used == {"gs_block_positives"}
     t, p, q, n = got
