@@ -385,20 +385,19 @@ int64_t gs_logits_block_f32(float *restrict X, const float *restrict nb, int64_t
 }
 
 /* The stored positive counts of a minibatch block (Eq. 11's n^+ at the words rows x contexts cols)
- * at the steps [t0, t1): for every such step t and word position p (row t n_rows + rows[p] of the
- * stacked CSR crow / col), each entry whose column c (< n_cols) has a position q = col_pos[c] >= 0
- * in the block, in (t, p) order. Writes t, p, q and the entry's index into the CSR (for its count)
- * from the start of out_t, out_p, out_q, out_idx (and its float32 count val[i] into out_val if val
- * is not NULL) and returns how many; the outputs hold at least the total length of the selected
- * rows of these steps (every entry is written at the next free place, which only a kept one
- * advances: half the entries are dropped, a branch on it was mispredicted half the time). A row or
- * CSR offset out of range stops the loop and returns -1 - (t P + p). */
+ * at the T steps: for every step t and word position p (row t n_rows + rows[p] of the stacked CSR
+ * crow / col), each entry whose column c (< n_cols) has a position q = col_pos[c] >= 0 in the
+ * block, in (t, p) order. Writes t, p, q and the entry's index into the CSR (for its count) to
+ * out_t, out_p, out_q, out_idx (and its float32 count val[i] to out_val if val is not NULL) and
+ * returns how many; the outputs hold at least the total length of the selected rows (every entry
+ * is written at the next free place, which only a kept one advances: half the entries are dropped,
+ * a branch on it was mispredicted half the time). A row or CSR offset out of range stops the loop
+ * and returns -1 - (t P + p). */
 int64_t gs_block_positives(const int64_t *crow, const int64_t *col, const int64_t *rows, const int64_t *col_pos,
-                           int64_t n_rows, int64_t n_cols, int64_t P, int64_t nnz, int64_t t0, int64_t t1,
-                           int64_t *out_t, int64_t *out_p, int64_t *out_q, int64_t *out_idx, const float *val,
-                           float *out_val) {
+                           int64_t n_rows, int64_t n_cols, int64_t P, int64_t nnz, int64_t T, int64_t *out_t,
+                           int64_t *out_p, int64_t *out_q, int64_t *out_idx, const float *val, float *out_val) {
     int64_t k = 0;
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t = 0; t < T; ++t) {
         for (int64_t p = 0; p < P; ++p) {
             const int64_t w = rows[p];
             if (w < 0 || w >= n_rows) return -1 - (t * P + p);

@@ -153,7 +153,7 @@ def _load(path: Path):
     lib.gs_logits_block_f32.argtypes = [f32p, f32p, c64, c64, c64, c64, c64, f32p, i64p, i64p, i64p, f32p, f32p,
                                         c64, c64, c64, f32p, f32p, ctypes.c_float, f64p]
     lib.gs_logits_block_f32.restype = ctypes.c_int64
-    lib.gs_block_positives.argtypes = [i64p, i64p, i64p, i64p, c64, c64, c64, c64, c64, c64, i64p, i64p, i64p, i64p,
+    lib.gs_block_positives.argtypes = [i64p, i64p, i64p, i64p, c64, c64, c64, c64, c64, i64p, i64p, i64p, i64p,
                                        f32p, f32p]
     lib.gs_block_positives.restype = ctypes.c_int64
     lib.gs_mt19937_uniform_f32.argtypes = [ctypes.c_void_p, i64p, i64p, f32p, c64]

@@ -444,6 +444,12 @@ def _chain_grads(raw_shape, rows: Optional[Tensor], b: Tensor, a: Tensor,
     return _pooled_zeros(raw_shape, b), _pooled_zeros(off_shape, b)
 
 
+def _check_rows(rows: Tensor, n: int) -> None:
+    """IndexError unless every minibatch row lies in [0, n) (the C loops trust their row indices)."""
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        raise IndexError(f"minibatch rows must lie in [0, {n}), got [{int(rows.min())}, {int(rows.max())}]")
+
+
 def _native_rows_lib(x: Tensor, rows: Tensor, other: Tensor):
     """The native library if the C row loops can gather / add the ``rows`` of the (T, N, ...) ``x``
     with the (T, P, ...) ``other`` (float32 CPU, contiguous), else None; rows out of range raise."""
@@ -451,8 +457,8 @@ def _native_rows_lib(x: Tensor, rows: Tensor, other: Tensor):
             and x.dim() >= 2 and other.shape == (x.shape[0], rows.numel()) + tuple(x.shape[2:])):
         return None
     lib = native_loops.library()
-    if lib is not None and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= x.shape[1]):
-        raise IndexError(f"minibatch rows must lie in [0, {x.shape[1]}), got [{int(rows.min())}, {int(rows.max())}]")
+    if lib is not None:
+        _check_rows(rows, x.shape[1])
     return lib
 
 
@@ -461,7 +467,7 @@ def _rows_call(fn, x: Tensor, rows: Tensor, other: Tensor) -> None:
     T, R = x.shape[0], x.shape[1]
     d = x[0, 0].numel()
     p = native_loops.ptr
-    args = (p(x), native_loops.ptr(rows, native_loops.i64p), R, rows.numel(), d)
+    args = (p(x), p(rows, native_loops.i64p), R, rows.numel(), d)
     native_loops.parallel_columns(lambda t0, t1: fn(*args, t0, t1, p(other)), T, min_cols=8)
 
 
@@ -519,9 +525,7 @@ def _native_chain_lib(mu, raw, off, eps, rows, x):
         if not (native_loops.usable(rows, dtype=torch.int64) and rows.dim() == 1 and raw.dim() == eps.dim()
                 and raw.shape[2:] == eps.shape[2:] and rows.numel() == eps.shape[1]):
             return None
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= raw.shape[1]):
-            raise IndexError(f"minibatch rows must lie in [0, {raw.shape[1]}), got [{int(rows.min())}, "
-                             f"{int(rows.max())}]")
+        _check_rows(rows, raw.shape[1])
     elif raw.shape != eps.shape:
         return None
     return native_loops.library()
@@ -1098,7 +1102,7 @@ def _native_block_positives(lib, crow: Tensor, col: Tensor, val: Tensor, rows: T
     direct = native_loops.usable(val) and val.numel() == col.numel()  # float32 counts: copied by the loop
     p, i64 = native_loops.ptr, native_loops.i64p
     k = lib.gs_block_positives(p(crow, i64), p(col, i64), p(rows, i64), p(col_pos, i64), n_rows, n_cols, P,
-                               col.numel(), 0, T, *(p(out[i], i64) for i in range(4)), p(val) if direct else None,
+                               col.numel(), T, *(p(out[i], i64) for i in range(4)), p(val) if direct else None,
                                p(n_out) if direct else None)
     if k < 0:  # the rows were checked by the caller: the CSR's offsets are damaged
         raise IndexError(f"the stored counts of minibatch row {rows[(-1 - k) % P].item()} point outside the "
@@ -1117,9 +1121,7 @@ def block_positives(crow: Tensor, col: Tensor, val: Tensor, rows: Tensor, cols: 
     of the selected rows): one C loop (kernels/dwe.c) with ``native`` where it is built, else the
     same entries by whole-tensor operations."""
     dev = crow.device
-    P = rows.numel()
-    if P and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
-        raise IndexError(f"minibatch rows must lie in [0, {n_rows}), got [{int(rows.min())}, {int(rows.max())}]")
+    _check_rows(rows, n_rows)
     col_pos = torch.full((n_cols,), -1, dtype=torch.int64, device=dev)
     col_pos[cols] = torch.arange(len(cols), device=dev)
     r = (torch.arange(T, device=dev)[:, None] * n_rows + rows[None, :]).reshape(-1)  # (T*P,) stacked rows
@@ -1133,7 +1135,7 @@ def block_positives(crow: Tensor, col: Tensor, val: Tensor, rows: Tensor, cols: 
     q = col_pos[col[idx]]
     keep = q >= 0
     owner, idx, q = owner[keep], idx[keep], q[keep]
-    P = max(P, 1)
+    P = max(rows.numel(), 1)
     return owner // P, owner % P, q, val[idx]
 
 
