@@ -65,7 +65,7 @@ def sync(device: torch.device) -> None:
 def bench_sampler(T_values=(24, 209), N: int = 1000, d: int = 100, repeats: int = 3,
                   device: torch.device = torch.device("cpu")) -> list[dict]:
     """fwd+bwd time (wall and process CPU seconds, best of ``repeats``) of one reparameterized sample
-    of (T, N, d) chains, four ways."""
+    of (T, N, d) chains, five ways."""
     out = []
     for T in T_values:
         g = torch.Generator().manual_seed(0)
@@ -74,11 +74,14 @@ def bench_sampler(T_values=(24, 209), N: int = 1000, d: int = 100, repeats: int 
         off = (0.3 * torch.randn(T - 1, N, d, generator=g)).to(device).requires_grad_(True)
         eps = torch.randn(T, N, d, generator=g).to(device)
 
-        def scan():  # the logdepth (Hillis-Steele) scan: the sampler before issue 16, the CUDA default
+        def scan():  # the logdepth (Hillis-Steele) scan: the sampler before issue 16
             return sample_chain(mu, raw, off, eps, "logdepth")
 
         def sequential():  # one fused multiply-add per step: the CPU default since issue 16
             return sample_chain(mu, raw, off, eps, "sequential")
+
+        def blocked():  # about 3 sqrt(3 T) whole-slab operations: the CUDA default
+            return sample_chain(mu, raw, off, eps, "blocked")
 
         def loop():
             b = torch.nn.functional.softplus(raw)
@@ -92,7 +95,8 @@ def bench_sampler(T_values=(24, 209), N: int = 1000, d: int = 100, repeats: int 
 
         row = {"T": T, "N": N, "d": d, "device": str(device)}
         ref = scan().detach()
-        for name, fn in (("scan", scan), ("sequential", sequential), ("loop", loop), ("dense_solve", dense)):
+        for name, fn in (("scan", scan), ("sequential", sequential), ("blocked", blocked), ("loop", loop),
+                         ("dense_solve", dense)):
             if name == "dense_solve" and (T * T * N * d * 4 > 4e9 or device.type != "cpu"):
                 row[name + "_s"] = None  # the (N, d, T, T) matrices alone would exceed 4 GB
                 continue
@@ -121,6 +125,9 @@ PATHS = {
     # the same with PyTorch's eager logits pass (GOLDSTONE_NATIVE=0, or no C compiler)
     "issue16_torch": {"fused_loglik": True, "scan_method": None, "fused_prior": True, "fast_logits": True,
                       "compile_logits": False, "native": False},
+    # the same with log-depth scans, the chain terms under autograd (the CUDA default before the seventh session)
+    "issue16_logdepth": {"fused_loglik": True, "scan_method": "logdepth", "fused_prior": True, "fast_logits": True,
+                         "compile_logits": False, "native": False},
     # the same with the logits pass through torch.compile (trainer.compile=true without the native loop)
     "issue16_compiled": {"fused_loglik": True, "scan_method": None, "fused_prior": True, "fast_logits": True,
                          "compile_logits": True, "native": False},

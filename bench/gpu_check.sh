@@ -77,9 +77,10 @@ if want dwe; then
     step timeout 240 $PY -m bench.dwe_scale --inference variational --device "$DEVICE" --steps 5 --optimizer goldstone --k1 10 "${DWE[@]}"
     step timeout 240 $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 5 --optimizer goldstone --k1 10 --profile "${DWE[@]}"
     step timeout 240 $PY -m bench.dwe_scale --inference map --device "$DEVICE" --steps 5 --optimizer goldstone --solver natural --k1 10 "${DWE[@]}"
-    # issue 16 (DWE part): the recurrence on the GPU, sequential vs log-depth (SCAN_METHOD["cuda"] in
-    # models/dwe.py is "logdepth" until this says otherwise), the new step against the pre-issue-16 one
-    # interleaved, and the checks: the paper-size variational step at least 3x faster than 77 ms
+    # issue 16 (DWE part): the recurrence on the GPU, sequential vs blocked vs log-depth (SCAN_METHOD["cuda"]
+    # in models/dwe.py is "blocked" since the seventh session, chosen by counting bytes and operations on
+    # the CPU; this times them), the new step against the pre-issue-16 one and against the log-depth
+    # chain terms (issue16_logdepth) interleaved, and the checks: the paper-size variational step at least 3x faster than 77 ms
     # (25.7 ms) and its peak at or below the memory model's 23 GB (parameters, gradients and Adam
     # moments alone are 20.1 GB: half of 24.3 GB is not reachable with dense Adam state); MAP <= 9.5 GB.
     # GPU_CHECK_SMALL runs the same commands without the limits (toy sizes say nothing about them).

@@ -31,9 +31,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- recurrence
-@pytest.mark.parametrize("method", ["sequential", "logdepth"])
+@pytest.mark.parametrize("method", ["sequential", "blocked", "logdepth"])
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("T", [2, 3, 8, 17])
+@pytest.mark.parametrize("T", [2, 3, 8, 17, 53])
 def test_scan_methods_match_loop_values_and_gradients(method, reverse, T):
     g = torch.Generator().manual_seed(T)
     a = (0.9 * torch.randn(T - 1, 5, 3, generator=g, dtype=F64)).requires_grad_()
@@ -47,20 +47,42 @@ def test_scan_methods_match_loop_values_and_gradients(method, reverse, T):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["sequential", "logdepth"])
-def test_scan_gradcheck_and_broadcast_coefficients(method):
+@pytest.mark.parametrize("method", ["sequential", "blocked", "logdepth"])
+@pytest.mark.parametrize("T", [7, 20])
+def test_scan_gradcheck_and_broadcast_coefficients(method, T):
     g = torch.Generator().manual_seed(3)
-    a = (0.5 * torch.randn(6, 1, 3, generator=g, dtype=F64)).requires_grad_()  # one coefficient per column
-    c = torch.randn(7, 4, 3, generator=g, dtype=F64, requires_grad=True)
+    a = (0.5 * torch.randn(T - 1, 1, 3, generator=g, dtype=F64)).requires_grad_()  # one coefficient per column
+    c = torch.randn(T, 4, 3, generator=g, dtype=F64, requires_grad=True)
     for reverse in (False, True):
         assert torch.autograd.gradcheck(lambda a, c: linear_scan(a, c, reverse=reverse, method=method), (a, c))
         torch.testing.assert_close(linear_scan(a, c, reverse=reverse, method=method),
-                                   linear_recurrence_loop(a.expand(6, 4, 3), c, reverse=reverse))
+                                   linear_recurrence_loop(a.expand(T - 1, 4, 3), c, reverse=reverse))
 
 
 def test_scan_rejects_unknown_method():
     with pytest.raises(ValueError, match="sequential"):
         linear_scan(torch.zeros(2, 3), torch.zeros(3, 3), method="fast")
+
+
+@pytest.mark.parametrize("T", list(range(8, 41)) + [100, 209, 211])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_blocked_recurrence_every_block_layout_in_place_and_scaled(T, reverse):
+    """Every T from the smallest blocked one (K blocks of L plus 0 .. L-1 steps left over): the
+    blocked recurrence equals the loop, written over its own input (c is y) and with a coefficient
+    scale (-1, as the chain pass uses it), and never reads what it has not written (NaN-filled output)."""
+    from goldstone_cli.models.dwe import _block_length, _recurrence_blocked_into
+
+    g = torch.Generator().manual_seed(T)
+    a = 1.2 * torch.rand(T - 1, 3, 2, generator=g, dtype=F64) - 0.1
+    c = torch.randn(T, 3, 2, generator=g, dtype=F64)
+    for value in (1.0, -1.0):
+        want = linear_recurrence_loop(value * a, c, reverse=reverse)
+        y = torch.full_like(c, float("nan"))
+        torch.testing.assert_close(_recurrence_blocked_into(y, a, c, reverse, value), want, rtol=1e-12, atol=1e-12)
+        y = c.clone()
+        torch.testing.assert_close(_recurrence_blocked_into(y, a, y, reverse, value), want, rtol=1e-12, atol=1e-12)
+    L = _block_length(T)
+    assert 2 <= L <= T // 2 and 3 * L + T // L + T % L <= 3 * (3 * T) ** 0.5 + 3
 
 
 _NO_WRITE = {"view", "_unsafe_view", "alias", "select", "slice", "expand", "detach", "t", "transpose", "as_strided",
@@ -99,6 +121,7 @@ def test_sequential_recurrence_is_linear_work():
     T, N = 128, 200
     seq = _written("sequential", T, N)
     assert seq <= 6 * T * N, seq / (T * N)
+    assert _written("blocked", T, N) <= 9 * T * N  # two passes over the blocks' columns per direction
     assert _written("logdepth", T, N) > 3 * seq  # the count tells them apart
 
 
@@ -204,13 +227,18 @@ def _first_paths(model):
     model.scan_method, model.fused_loglik, model.fused_prior, model.fast_logits = None, True, False, False
 
 
+def _blocked_paths(model):
+    """The CUDA default: the fused paths with the chain terms as whole-tensor operations, blocked recurrences."""
+    model.scan_method, model.fused_loglik, model.fused_prior, model.fast_logits = "blocked", True, True, True
+
+
 @pytest.mark.parametrize("inference", ["variational", "map"])
 @pytest.mark.parametrize("batch", [0, 11])
 def test_model_step_equals_the_earlier_formulation_float64(inference, batch):
-    model = _model(inference, batch=batch)
+    model = _model(inference, batch=batch, T=10)  # T >= 8: the blocked recurrence runs its blocks
     model.logit_chunk = 50  # several blocks, some splitting a step's rows
     new = _loss_and_grads(model)
-    for earlier in (_first_paths, _old_paths):
+    for earlier in (_first_paths, _old_paths, _blocked_paths):
         earlier(model)
         old = _loss_and_grads(model)
         torch.testing.assert_close(new[0], old[0], rtol=1e-10, atol=1e-10)
@@ -320,7 +348,7 @@ def test_bench_memory_model_and_checks(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", ["sequential", "logdepth"])
+@pytest.mark.parametrize("method", ["sequential", "blocked", "logdepth"])
 def test_fused_block_and_recurrence_on_cuda_match_the_cpu(method):
     u, v, c_rows, cneg, pt, pp, pq, pn = _block_data(T=5, P=40, Q=30, d=6, seed=3)
     ref = _reference(u, v, c_rows, cneg, 1.1, pt, pp, pq, pn)
@@ -337,6 +365,35 @@ def test_fused_block_and_recurrence_on_cuda_match_the_cpu(method):
     c = torch.randn(10, 4, 3, dtype=F64)
     torch.testing.assert_close(linear_scan(a.to(dev), c.to(dev), reverse=True, method=method).cpu(),
                                linear_recurrence_loop(a, c, reverse=True))
+
+
+def test_traffic_counter_counts_bytes_and_tells_the_chain_passes_apart(tmp_path, monkeypatch, capsys):
+    """bench/traffic.py: an out-of-place add of two 1,000-float tensors touches 12 kB, an in-place
+    one 8 kB, views nothing; the CUDA default (blocked whole-tensor chain pass) moves well under half
+    the minibatch-sized bytes of the log-depth chain terms under autograd, in about as many operations."""
+    import bench.traffic as tr
+
+    c = tr.StepCounter(lambda n: "all")
+    a, b = torch.ones(1000), torch.ones(1000)
+    with c:
+        _ = a + b
+        a.add_(b)
+        _ = a.view(10, 100)[:3]
+    s = c.summary()
+    assert s["ops"] == 2 and s["bytes"] == 12_000 + 8_000
+    monkeypatch.setattr(tr, "RESULTS", tmp_path)
+    monkeypatch.setattr("sys.argv", ["traffic", "--V", "80", "--T", "64", "--d", "4", "--batch", "30"])
+    tr.main()
+    res = json.loads(next(tmp_path.glob("dwe_traffic-*.json")).read_text())["paths"]
+    new, old = res["issue16_torch"], res["issue16_logdepth"]
+    assert new["scan_method"] == "blocked" and old["scan_method"] == "logdepth"
+
+    def minibatch_work(r):  # everything but the whole-parameter operations (Adam, dense gradients)
+        return r["bytes"] - r["by_class"].get("full", {"bytes": 0})["bytes"]
+
+    assert 3 * minibatch_work(new) < minibatch_work(old)  # 5.5x here, 4.2x at T=209 with 1,000 x 1,000 minibatches
+    assert new["bytes"] < old["bytes"] and new["ops"] < 1.2 * old["ops"]
+    assert "issue16_torch:" in capsys.readouterr().out
 
 
 def test_roofline_dwe_work_counts():
@@ -364,14 +421,16 @@ def _chain_data(T, N=4, d=3, dtype=F64, seed=0, V=None):
     return mu, raw, off, eps, w, gx
 
 
-@pytest.mark.parametrize("T", [2, 3, 8, 31])
-def test_fused_chain_terms_equal_autograd_float64(T):
-    """_ChainTerms (one pass per direction, analytic adjoints) against the whole-tensor formulation
-    under autograd and against the three public functions: sample, terms and all four gradients."""
+@pytest.mark.parametrize("method", ["sequential", "blocked"])
+@pytest.mark.parametrize("T", [2, 3, 8, 31, 64])
+def test_fused_chain_terms_equal_autograd_float64(T, method):
+    """_ChainTerms (one pass per direction, or whole-tensor operations with blocked recurrences;
+    analytic adjoints) against the whole-tensor formulation under autograd and against the three
+    public functions: sample, terms and all four gradients."""
     from goldstone_cli.models.dwe import _chain_terms_autograd, chain_terms, expected_neg_log_prior_var, neg_entropy
 
     mu, raw, off, eps, w, gx = _chain_data(T, seed=T)
-    x, terms = chain_terms(mu, raw, off, eps, w, 0.7)
+    x, terms = chain_terms(mu, raw, off, eps, w, 0.7, method)
     assert x.grad_fn is not None and "ChainTerms" in type(x.grad_fn).__name__  # the fused Function ran
     x0, terms0 = _chain_terms_autograd(mu, raw, off, eps, w, 0.7, "sequential")
     terms1 = expected_neg_log_prior_var(raw, off, w, 0.7) + neg_entropy(raw)
@@ -385,29 +444,32 @@ def test_fused_chain_terms_equal_autograd_float64(T):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     # only the terms, or only the sample, used
     ref = lambda: _chain_terms_autograd(mu, raw, off, eps, w, 0.7, "sequential")  # noqa: E731
-    torch.testing.assert_close(torch.autograd.grad(chain_terms(mu, raw, off, eps, w, 0.7)[1], raw)[0],
+    torch.testing.assert_close(torch.autograd.grad(chain_terms(mu, raw, off, eps, w, 0.7, method)[1], raw)[0],
                                torch.autograd.grad(ref()[1], raw)[0], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(torch.autograd.grad(chain_terms(mu, raw, off, eps, w, 0.7)[0].sum(), off)[0],
+    torch.testing.assert_close(torch.autograd.grad(chain_terms(mu, raw, off, eps, w, 0.7, method)[0].sum(), off)[0],
                                torch.autograd.grad(ref()[0].sum(), off)[0], rtol=1e-10, atol=1e-10)
 
 
-def test_fused_chain_terms_gradcheck_rows_and_fallbacks():
+@pytest.mark.parametrize("method", ["sequential", "blocked"])
+def test_fused_chain_terms_gradcheck_rows_and_fallbacks(method):
     from goldstone_cli.models.dwe import _chain_terms_autograd, _ChainTerms, chain_terms
 
-    mu, raw, off, eps, w, _ = _chain_data(5, N=2, d=2, seed=1)
-    assert torch.autograd.gradcheck(lambda *z: chain_terms(*z, w, 0.9), (mu, raw, off, eps))
+    for T in (5, 12):
+        mu, raw, off, eps, w, _ = _chain_data(T, N=2, d=2, seed=1)
+        assert torch.autograd.gradcheck(lambda *z: chain_terms(*z, w, 0.9, method), (mu, raw, off, eps))
     # rows: raw and off are whole (T, V, d) parameters, gathered inside; dense gradients
-    mu, raw, off, eps, w, gx = _chain_data(6, N=3, d=2, seed=2, V=8)
+    mu, raw, off, eps, w, gx = _chain_data(10, N=3, d=2, seed=2, V=8)
+    for rows in (torch.tensor([6, 1, 3]), torch.tensor([3, 1, 3])):  # a row twice: its gradients add up
+        x, terms = _ChainTerms.apply(mu, raw, off, eps, w, 0.7, rows, True, method)
+        x0, terms0 = _chain_terms_autograd(mu, raw[:, rows], off[:, rows], eps, w, 0.7, "sequential")
+        torch.testing.assert_close(x, x0, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(terms, terms0, rtol=1e-12, atol=1e-12)
+        gr = torch.autograd.grad((gx * x).sum() + terms, (mu, raw, off))
+        gr0 = torch.autograd.grad((gx * x0).sum() + terms0, (mu, raw, off))
+        for a, b in zip(gr, gr0):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        assert gr[1].shape == raw.shape and float(gr[1][:, [0, 2, 4, 5, 7]].abs().max()) == 0.0
     rows = torch.tensor([6, 1, 3])
-    x, terms = _ChainTerms.apply(mu, raw, off, eps, w, 0.7, rows)
-    x0, terms0 = _chain_terms_autograd(mu, raw[:, rows], off[:, rows], eps, w, 0.7, "sequential")
-    torch.testing.assert_close(x, x0, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(terms, terms0, rtol=1e-12, atol=1e-12)
-    gr = torch.autograd.grad((gx * x).sum() + terms, (mu, raw, off))
-    gr0 = torch.autograd.grad((gx * x0).sum() + terms0, (mu, raw, off))
-    for a, b in zip(gr, gr0):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    assert gr[1].shape == raw.shape and float(gr[1][:, [0, 2, 4, 5, 7]].abs().max()) == 0.0
     # the log-depth method and fused=False take the autograd formulation; bad shapes are refused
     assert "ChainTerms" not in type(chain_terms(mu, raw[:, rows], off[:, rows], eps, w, 0.7, "logdepth")[0].grad_fn).__name__
     assert "ChainTerms" not in type(chain_terms(mu, raw[:, rows], off[:, rows], eps, w, 0.7, fused=False)[0].grad_fn).__name__
@@ -431,13 +493,14 @@ def test_fused_chain_terms_float32_realistic_size_against_float64():
     leaves = [t.clone().requires_grad_() for t in (mu, raw, off)]
     x0, terms0 = _chain_terms_autograd(*leaves, eps, w, 1.0, "sequential")
     gr0 = torch.autograd.grad((gx * x0).sum() + terms0, leaves)
-    l32 = [t.float().requires_grad_() for t in (mu, raw, off)]
-    x, terms = chain_terms(*l32, eps.float(), w.float(), 1.0)
-    gr = torch.autograd.grad((gx.float() * x).sum() + terms, l32)
-    assert float((x.detach().double() - x0.detach()).norm() / x0.detach().norm()) < 1e-6
-    assert abs(terms.double().item() - terms0.item()) <= 1e-5 * abs(terms0.item())
-    for a, b in zip(gr, gr0):
-        assert float((a.double() - b).norm() / b.norm()) < 1e-4
+    for method in ("sequential", "blocked"):
+        l32 = [t.float().requires_grad_() for t in (mu, raw, off)]
+        x, terms = chain_terms(*l32, eps.float(), w.float(), 1.0, method)
+        gr = torch.autograd.grad((gx.float() * x).sum() + terms, l32)
+        assert float((x.detach().double() - x0.detach()).norm() / x0.detach().norm()) < 1e-6
+        assert abs(terms.double().item() - terms0.item()) <= 1e-5 * abs(terms0.item())
+        for a, b in zip(gr, gr0):
+            assert float((a.double() - b).norm() / b.norm()) < 1e-4
 
 
 def test_fused_chain_terms_keep_no_autograd_temporaries():

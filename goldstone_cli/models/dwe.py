@@ -284,16 +284,97 @@ def _recurrence_into(y: Tensor, a: Tensor, c: Tensor, reverse: bool) -> Tensor:
     return y
 
 
-#: how :func:`linear_scan` evaluates the recurrence when ``method`` is not given, per device type.
-#: Measured on the 2-core CPU (``python -m bench.dwe_scale --sampler-only``, docs/benchmarks.md,
-#: "DWE step: roofline"): the sequential pass needs 5% of the log-depth scan's CPU time at
-#: (T, N, d) = (100, 1000, 100). On a GPU the T small kernels of the sequential pass are launch-bound,
-#: so the log-depth scan (log2 T whole-tensor levels) stays the default there until
-#: ``bench/gpu_check.sh`` has measured both.
-SCAN_METHOD = {"cpu": "sequential", "cuda": "logdepth"}
+def _block_length(T: int) -> int:
+    """The block length L of :func:`_recurrence_blocked_into` for T steps: the fewest whole-slab
+    operations, about ``3 L + T // L + T % L`` (two passes over the L columns of the blocks, one over
+    the T // L block carries, the T % L steps left over)."""
+    return min(range(2, max(3, T // 2 + 1)), key=lambda L: (3 * L + T // L + T % L, -L))
+
+
+def _recurrence_blocked_into(y: Tensor, a: Tensor, c: Tensor, reverse: bool, value: float = 1.0) -> Tensor:
+    """:func:`_recurrence_into` (with ``y_t = c_t + value a y_t-1``, or ``y_t+1`` in reverse) in about
+    ``3 L + T / L`` whole-slab operations instead of T (L = :func:`_block_length`): the steps are cut
+    into K blocks of L, each block's affine map (the local solution z from a zero state and the
+    product of its coefficients) is formed for all blocks at once, column by column; the K block-end
+    states follow from a short recurrence over blocks, and a second pass over the columns writes
+    every step from its block's incoming state; the T - K L steps left over run one by one. About
+    5 passes over ``a`` and ``c``, against the 2 log2 T whole-tensor levels of the log-depth scan
+    (both operation counts are small enough for a GPU, where T small kernels are launch-bound)."""
+    T = c.shape[0]
+    L = _block_length(T)
+    K = T // L
+    if K < 2 or T < 8:
+        return _recurrence_into(y, a, c, reverse) if value == 1.0 else _recurrence_into(y, value * a, c, reverse)
+    o = T - K * L if reverse else 0  # the blocked steps are [o, o + K L); the rest run one by one after them
+    cols = range(L - 1, -1, -1) if reverse else range(L)  # the order of the steps within a block
+    shift = 0 if reverse else -1  # step p's coefficient: a[p] (link to p + 1) in reverse, a[p - 1] forward
+
+    def at(x: Tensor, j: int, b0: int, b1: int, coeff: bool = False) -> Tensor:  # column j of blocks [b0, b1)
+        s = o + b0 * L + j + (shift if coeff else 0)
+        return x[s: s + (b1 - b0 - 1) * L + 1: L]
+
+    first, rest = cols[0], cols[1:]
+    send = (1, K) if reverse else (0, K - 1)  # blocks whose end state enters the next block
+    recv = (0, K - 1) if reverse else (1, K)  # blocks with an incoming state
+    # pass 1: each sending block's local solution at its end (z) and, for the blocks in the middle,
+    # the product of the coefficients of its L steps (P, the incoming state's factor / value^L)
+    z = at(c, first, *send).clone()
+    P = at(a, first, 1, K - 1, coeff=True).clone() if K > 2 else None
+    for j in rest:
+        torch.addcmul(at(c, j, *send), at(a, j, *send, coeff=True), z, value=value, out=z)
+        if P is not None:
+            P.mul_(at(a, j, 1, K - 1, coeff=True))
+    # the block-end states e[i] of the sending blocks, in the order the recurrence runs
+    e = z
+    vL = value ** L
+    order = range(K - 3, -1, -1) if reverse else range(1, K - 1)
+    for i in order:
+        nxt = i + 1 if reverse else i - 1
+        mid = i if reverse else i - 1  # P's row of this sending block
+        torch.addcmul(z[i], P[mid], e[nxt], value=vL, out=e[i])
+    # pass 2: every step from its block's incoming state
+    at(y, first, 0, K).copy_(at(c, first, 0, K))
+    at(y, first, *recv).addcmul_(at(a, first, *recv, coeff=True), e, value=value)
+    prev = first
+    for j in rest:
+        torch.addcmul(at(c, j, 0, K), at(a, j, 0, K, coeff=True), at(y, prev, 0, K), value=value, out=at(y, j, 0, K))
+        prev = j
+    # the steps outside the blocks
+    tail = range(o - 1, -1, -1) if reverse else range(K * L, T)
+    for p in tail:
+        q = p + 1 if reverse else p - 1
+        torch.addcmul(c[p], a[p if reverse else p - 1], y[q], value=value, out=y[p])
+    return y
+
+
+#: how :func:`linear_scan` (and the fused chain terms) evaluate the recurrence when ``method`` is not
+#: given, per device type. Measured on the 2-core CPU (``python -m bench.dwe_scale --sampler-only``,
+#: docs/benchmarks.md, "DWE step: roofline"): the sequential pass needs 5% of the log-depth scan's CPU
+#: time at (T, N, d) = (100, 1000, 100). On a GPU the T small kernels of the sequential pass are
+#: launch-bound, and the log-depth scan moves O(T log T) data: the blocked recurrence does O(T) work in
+#: about 3 sqrt(3 T) kernels. Counted per variational step as a GPU runs it (``python -m bench.traffic``:
+#: the step's ATen operations and the bytes they touch, V=2,000, T=209, d=100, 1,000 x 1,000 minibatches,
+#: docs/benchmarks.md "Seventh session"): 114.6 GB in 1,440 operations with log-depth scans under
+#: autograd, 39.0 GB in 1,432 with the blocked whole-tensor chain pass. ``bench/gpu_check.sh`` times
+#: the three methods on the GPU.
+SCAN_METHOD = {"cpu": "sequential", "cuda": "blocked"}
+
+
+SCAN_METHODS = ("sequential", "blocked", "logdepth")
+
+
+def _scan_method(method: Optional[str], device: torch.device) -> str:
+    """``method``, or the device's :data:`SCAN_METHOD` if None; ValueError for an unknown one."""
+    if method is None:
+        method = SCAN_METHOD.get(device.type, "sequential")
+    if method not in SCAN_METHODS:
+        raise ValueError(f"linear_scan method must be one of {', '.join(map(repr, SCAN_METHODS))}, got {method!r}")
+    return method
 
 
 def _scan(a: Tensor, c: Tensor, reverse: bool, method: str) -> Tensor:
+    if method == "blocked":
+        return _recurrence_blocked_into(torch.empty(c.shape, dtype=c.dtype, device=c.device), a, c, reverse)
     if method == "sequential":
         y = torch.empty(c.shape, dtype=c.dtype, device=c.device)
         # one CPU thread: T small calls with a thread barrier each stalled on the busy 2-core machine
@@ -335,15 +416,13 @@ def linear_scan(a: Tensor, c: Tensor, reverse: bool = False, method: Optional[st
     holds the coefficient of the link between steps t-1 and t. Reverse: ``y_T-1 = c_T-1``,
     ``y_t = a_t y_t+1 + c_t`` with ``a[t]`` the link between t and t+1.
 
-    ``method``: ``"sequential"`` (one fused multiply-add per step, O(T) work) or ``"logdepth"``
-    (Hillis-Steele, O(T log T) work in log2 T whole-tensor levels); default :data:`SCAN_METHOD` of
-    the device. Both give the same result up to float rounding."""
+    ``method``: ``"sequential"`` (one fused multiply-add per step, O(T) work, T operations),
+    ``"blocked"`` (O(T) work in about 3 sqrt(3 T) whole-slab operations, :func:`_recurrence_blocked_into`)
+    or ``"logdepth"`` (Hillis-Steele, O(T log T) work in log2 T whole-tensor levels); default
+    :data:`SCAN_METHOD` of the device. All give the same result up to float rounding."""
     if a.shape[0] != c.shape[0] - 1:
         raise ValueError(f"a needs T-1={c.shape[0] - 1} entries along dim 0, got {a.shape[0]}")
-    if method is None:
-        method = SCAN_METHOD.get(c.device.type, "sequential")
-    if method not in ("sequential", "logdepth"):
-        raise ValueError(f"linear_scan method must be 'sequential' or 'logdepth', got {method!r}")
+    method = _scan_method(method, c.device)
     if c.shape[0] == 1:
         return c.clone()
     shape = torch.broadcast_shapes(a.shape[1:], c.shape[1:])
@@ -584,6 +663,68 @@ def _native_chain_backward(lib, raw_shape, rows, ib, sg, a, y, s, eps, gx, g, w,
     return draw, doff, deps
 
 
+def _per_step_sum(x: Tensor) -> Tensor:
+    """The (T,) float64 sums of each time step's slice of ``x`` (float32 partials, as :func:`_sum64`)."""
+    return x.reshape(x.shape[0], -1).sum(dim=1).to(torch.float64)
+
+
+def _chain_whole_forward(mu, raw, off, eps, rows, w, inv_var0):
+    """:class:`_ChainTerms`' forward as whole-tensor operations with the blocked recurrence (no
+    autograd graph): ``(x, terms, saved)``. About 25 passes over the (T, P, d) minibatch slices,
+    against about 250 for :func:`_chain_terms_autograd` with log-depth scans."""
+    rg = raw if rows is None else raw.index_select(1, rows)  # (T, P, ...) raw of the chains
+    a = off.index_select(1, rows) if rows is not None else off.clone()  # (T-1, P, ...), becomes a = l / b
+    ib = F.softplus(rg)  # b, then 1 / b
+    Lb = _per_step_sum(torch.log(ib))  # sum log b_t
+    ib.reciprocal_()
+    a.mul_(ib[:-1])  # a_t = l_t / b_t
+    y = torch.mul(eps, ib)
+    _recurrence_blocked_into(y, a, y, reverse=True, value=-1.0)  # y_t = eps_t / b_t - a_t y_t+1, in place
+    s = torch.mul(ib, ib)
+    a2 = torch.mul(a, a)
+    _recurrence_blocked_into(s, a2, s, reverse=True)  # s_t = 1/b_t^2 + a_t^2 s_t+1
+    S = _per_step_sum(s)
+    C = _per_step_sum(torch.mul(a, s[1:], out=a2))  # a_t s_t+1 = -Sigma_t,t+1
+    terms = _chain_terms_total(S, C, Lb, w, inv_var0)
+    return torch.add(mu, y), terms.to(raw.dtype), (rg, ib, a, y, s)
+
+
+def _chain_whole_backward(saved, raw_shape, gx, gterms, inv_var0, need_eps):
+    """:class:`_ChainTerms`' analytic backward (the adjoints of its docstring) as whole-tensor
+    operations with the blocked recurrences; the incoming gradient of the terms stays a tensor (no
+    device sync). Returns the gradients of mu, raw, off, eps."""
+    rg, ib, a, y, s, eps, w, rows = saved
+    T = ib.shape[0]
+    col = (-1,) + (1,) * (ib.dim() - 1)
+    gx = torch.zeros_like(y) if gx is None else gx.to(y.dtype)
+    g = torch.zeros((), dtype=ib.dtype, device=ib.device) if gterms is None else gterms.to(ib.dtype)
+    gw = w.to(ib.dtype) * g  # (T-1,) g w_t
+    h = torch.full((T,), 0.5 * inv_var0, dtype=ib.dtype, device=ib.device)  # h_t / g
+    h[:-1] += 0.5 * w.to(ib.dtype)
+    h[1:] += 0.5 * w.to(ib.dtype)
+    h.mul_(g)
+    lam = torch.empty_like(gx)
+    _recurrence_blocked_into(lam, a, gx, reverse=False, value=-1.0)  # lam_t = gx_t - a_t-1 lam_t-1
+    nu = torch.empty_like(ib)
+    nu[0].copy_(h[0].expand_as(nu[0]))
+    torch.addcmul(h[1:].view(col), gw.view(col), a, out=nu[1:])  # h_t + g w_t-1 a_t-1
+    a2 = torch.mul(a, a)
+    _recurrence_blocked_into(nu, a2, nu, reverse=False)  # nu_t = h_t + g w_t-1 a_t-1 + a_t-1^2 nu_t-1
+    da = torch.addcmul(gw.view(col), a, nu[:-1], value=2.0, out=a2)  # 2 a_t nu_t + g w_t
+    da.mul_(s[1:]).addcmul_(lam[:-1], y[1:], value=-1.0)  # da_t = (2 a_t nu_t + g w_t) s_t+1 - lam_t y_t+1
+    r = nu.mul_(ib).mul_(2.0).addcmul_(lam, eps)  # lam_t eps_t + 2 nu_t / b_t
+    torch.addcmul(g, r, ib, value=-1.0, out=r)  # g - lam_t eps_t / b_t - 2 nu_t / b_t^2
+    r[:-1].addcmul_(a, da, value=-1.0)
+    r.mul_(ib).mul_(torch.sigmoid(rg))  # draw_t = db_t sigmoid(raw_t), db_t = r_t / b_t
+    da.mul_(ib[:-1])  # dl_t = da_t / b_t
+    deps = lam.mul_(ib) if need_eps else None
+    if rows is None:
+        return gx, r, da, deps
+    draw = torch.zeros(raw_shape, dtype=r.dtype, device=r.device).index_add_(1, rows, r)
+    doff = torch.zeros((raw_shape[0] - 1,) + tuple(raw_shape[1:]), dtype=r.dtype, device=r.device)
+    return gx, draw, doff.index_add_(1, rows, da), deps
+
+
 class _ChainTerms(torch.autograd.Function):
     """:func:`chain_terms` in one pass over time per direction, with its analytic backward.
 
@@ -604,13 +745,20 @@ class _ChainTerms(torch.autograd.Function):
     ``draw_t = db_t sigmoid(raw_t)``, ``dmu = gx``,
     ``deps_t = lam_t / b_t``. Saved for backward: raw, b, a, y, s, eps (no autograd temporaries); the
     native pass (kernels/dwe.c) saves 1/b and sigmoid(raw) instead of raw and b, so that its backward
-    evaluates no exponential and no division."""
+    evaluates no exponential and no division. ``method="blocked"``: the same equations as whole-tensor
+    operations with the blocked recurrences (:func:`_chain_whole_forward`, the GPU's formulation)."""
 
     @staticmethod
-    def forward(ctx, mu, raw, off, eps, w, inv_var0, rows=None, native=True):
+    def forward(ctx, mu, raw, off, eps, w, inv_var0, rows=None, native=True, method="sequential"):
         T = raw.shape[0]
         dt = raw.dtype
         ws, shape, dev = WORKSPACE, eps.shape, raw.device
+        ctx.whole = method == "blocked"
+        if ctx.whole:  # whole-tensor operations, the recurrences blocked (the GPU's formulation)
+            x, terms, saved = _chain_whole_forward(mu, raw, off, eps, rows, w, inv_var0)
+            ctx.save_for_backward(*saved, eps, w, rows)
+            ctx.raw_shape, ctx.inv_var0 = tuple(raw.shape), float(inv_var0)
+            return x, terms
         b, y, s = ws.take(shape, dt, dev), ws.take(shape, dt, dev), ws.take(shape, dt, dev)
         a = ws.take((shape[0] - 1,) + tuple(shape[1:]), dt, dev)
         x = ws.take(shape, torch.result_type(mu, raw), dev)
@@ -658,13 +806,17 @@ class _ChainTerms(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gx, gterms):
+        if ctx.whole:
+            grads = _chain_whole_backward(ctx.saved_tensors, ctx.raw_shape, gx, gterms, ctx.inv_var0,
+                                          ctx.needs_input_grad[3])
+            return (*grads, None, None, None, None, None)
         g = float(gterms)  # a scalar; one device sync per call
         if ctx.native:
             ib, sg, a, y, s, eps, w, rows = ctx.saved_tensors
             gx = torch.zeros_like(y) if gx is None else gx.to(y.dtype).contiguous()
             draw, doff, deps = _native_chain_backward(native_loops.library(), ctx.raw_shape, rows, ib, sg, a, y, s,
                                                       eps, gx, g, w, 0.5 * ctx.inv_var0, ctx.needs_input_grad[3])
-            return gx, draw, doff, deps, None, None, None, None
+            return gx, draw, doff, deps, None, None, None, None, None
         raw, b, a, y, s, eps, w, rows = ctx.saved_tensors
         T = b.shape[0]
         gx = torch.zeros_like(y) if gx is None else gx.to(y.dtype)
@@ -710,7 +862,7 @@ class _ChainTerms(torch.autograd.Function):
                     torch.index_select(raw[t], 0, rows, out=q).sigmoid_()
                     torch.mul(r, q, out=dr)
                     draw[t].index_add_(0, rows, dr)
-        return gx, draw, doff, deps, None, None, None, None
+        return gx, draw, doff, deps, None, None, None, None, None
 
 
 class _MeanTerms(torch.autograd.Function):
@@ -775,17 +927,14 @@ def chain_terms(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor, w: T
     (T, ...) and the posterior's covariance part of the prior plus its negative entropy (a scalar,
     accumulated in float64, in ``raw_diag``'s dtype), differentiable once.
 
-    With the sequential recurrence (``method`` or the device's :data:`SCAN_METHOD`) and ``fused``:
-    :class:`_ChainTerms`, one pass over time forward and one backward with the analytic adjoints;
-    otherwise (log-depth scans, the GPU default, or ``fused=False``) the whole-tensor operations under
-    autograd (:func:`_chain_terms_autograd`). The fused pass runs as the native C loop
-    (goldstone_cli/kernels/dwe.c) on float32 CPU tensors with ``native``. Same results up to float
-    rounding."""
-    if method is None:
-        method = SCAN_METHOD.get(raw_diag.device.type, "sequential")
-    if method not in ("sequential", "logdepth"):
-        raise ValueError(f"linear_scan method must be 'sequential' or 'logdepth', got {method!r}")
-    if not fused or method != "sequential" or raw_diag.shape[0] < 2:
+    With ``fused`` and the sequential or blocked recurrence (``method`` or the device's
+    :data:`SCAN_METHOD`): :class:`_ChainTerms` with the analytic adjoints, one pass over time forward
+    and one backward (sequential; the native C loop of goldstone_cli/kernels/dwe.c on float32 CPU
+    tensors with ``native``) or whole-tensor operations with blocked recurrences (the GPU default);
+    otherwise (log-depth scans or ``fused=False``) the whole-tensor operations under autograd
+    (:func:`_chain_terms_autograd`). Same results up to float rounding."""
+    method = _scan_method(method, raw_diag.device)
+    if not fused or method == "logdepth" or raw_diag.shape[0] < 2:
         return _chain_terms_autograd(mu, raw_diag, offdiag, eps, w, inv_var0, method)
     shape = torch.broadcast_shapes(mu.shape, raw_diag.shape, eps.shape)
     if raw_diag.shape != shape or offdiag.shape != (shape[0] - 1,) + shape[1:] or w.shape != (shape[0] - 1,):
@@ -794,7 +943,7 @@ def chain_terms(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor, w: T
                          f"{tuple(w.shape)}")
     mu, eps = mu.expand(shape), eps.expand(shape)
     return _ChainTerms.apply(mu, raw_diag.contiguous(), offdiag.contiguous(), eps.contiguous(), w, inv_var0, None,
-                             native)
+                             native, method)
 
 
 def prior_precision(w: np.ndarray, inv_var0: float) -> np.ndarray:
@@ -1330,11 +1479,11 @@ class DynamicWordEmbeddings(DynamicModel):
 
     def _chain_terms(self, mu_rows: Tensor, raw: Tensor, off: Tensor, rows: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
         """:func:`chain_terms` of the minibatch rows of one posterior; with ``fused_prior`` and the
-        sequential recurrence, ``raw`` and ``off`` are gathered step by step inside the fused pass
-        and their dense gradients written once (no gathered (T, B, d) copies or their gradients)."""
+        sequential or blocked recurrence, ``raw`` and ``off`` are gathered inside the fused pass
+        (step by step in the sequential one) and their dense gradients written once."""
         method = self.scan_method or SCAN_METHOD.get(raw.device.type, "sequential")
-        if self.fused_prior and method == "sequential" and self.T > 1:
-            return _ChainTerms.apply(mu_rows, raw, off, eps, self.w, self.inv_var0, rows, self.native)
+        if self.fused_prior and method != "logdepth" and self.T > 1:
+            return _ChainTerms.apply(mu_rows, raw, off, eps, self.w, self.inv_var0, rows, self.native, method)
         return chain_terms(mu_rows, raw[:, rows], off[:, rows], eps, self.w, self.inv_var0, method, self.fused_prior,
                            self.native)
 

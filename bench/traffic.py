@@ -1,0 +1,144 @@
+"""Operations and bytes of one Dynamic Word Embeddings training step, counted on the CPU: a
+device-independent model of a GPU step, where the eager step is a stream of kernels that each read
+and write whole tensors (bandwidth-bound) and each cost a launch.
+
+    python -m bench.traffic --V 2000 --T 209 --batch 1000                # the CUDA paths, counted here
+    python -m bench.traffic --V 2000 --T 209 --batch 1000 --paths issue16_torch issue16_logdepth
+
+Every ATen operation of one step (forward, backward, Adam) runs under a dispatch mode that counts it
+and the bytes of the distinct tensors it reads or writes (views are free; a gather counts its whole
+source, so gathers are over-counted). With ``--as cuda`` (default) each path runs as it would on a
+GPU: no native C loops, the CUDA defaults of the recurrence (``dwe.SCAN_METHOD``) and of the logits
+chunk (``dwe.LOGIT_CHUNK``). Operations are grouped by their largest tensor: ``full`` (T x V x d or
+more: parameters, Adam, the largest logits chunks), ``minibatch`` (T x B x d), ``logits`` (a chunk of
+the T x B x B logits) and ``small`` (per-step slices, the recurrences' slabs, scalars). Results:
+bench/results/dwe_traffic-V<V>-T<T>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import platform
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from goldstone_cli.io import atomic_write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: operations that only make views or metadata (no kernel, no traffic)
+VIEWS = {"view", "as_strided", "slice", "select", "transpose", "t", "expand", "permute", "unsqueeze", "squeeze",
+         "_reshape_alias", "alias", "detach", "unbind", "split", "narrow", "diagonal", "unfold", "_unsafe_view",
+         "lift_fresh", "empty", "empty_like", "empty_strided", "set_", "resize_", "resolve_conj", "resolve_neg"}
+
+
+class StepCounter(TorchDispatchMode):
+    """Counts ATen operations and the bytes of the distinct tensors each reads or writes, grouped by
+    the size class of its largest tensor (``classify(numel) -> str``)."""
+
+    def __init__(self, classify):
+        super().__init__()
+        self.classify = classify
+        self.ops: collections.Counter = collections.Counter()  # (class, op) -> calls
+        self.bytes: collections.Counter = collections.Counter()  # (class, op) -> bytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in VIEWS or func.is_view:
+            return out
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        seen, nbytes, largest = set(), 0, 0
+        for t in tensors:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            if key not in seen:  # an in-place operation's output is its input: counted once
+                seen.add(key)
+                nbytes += t.numel() * t.element_size()
+                largest = max(largest, t.numel())
+        k = (self.classify(largest), name)
+        self.ops[k] += 1
+        self.bytes[k] += nbytes
+        return out
+
+    def summary(self) -> dict:
+        by_class: dict = collections.defaultdict(lambda: {"ops": 0, "bytes": 0})
+        for (cls, _), n in self.ops.items():
+            by_class[cls]["ops"] += n
+        for (cls, _), b in self.bytes.items():
+            by_class[cls]["bytes"] += b
+        top = [{"class": c, "op": o, "calls": self.ops[(c, o)], "bytes": b}
+               for (c, o), b in self.bytes.most_common(15)]
+        return {"ops": sum(self.ops.values()), "bytes": sum(self.bytes.values()), "by_class": dict(by_class),
+                "top": top}
+
+
+def count_dwe_step(V: int, T: int, d: int, batch: int, variational: bool, paths: list[str], as_device: str = "cuda",
+                   nnz_per_row: int = 20) -> dict:
+    """:class:`StepCounter` summaries of one Adam step (after a warm-up step) per compute path of
+    ``bench.dwe_scale.PATHS``, on one model and one minibatch stream."""
+    from bench.dwe_scale import PATHS, _AdamCfg, generated_counts, set_paths
+    from goldstone_cli.models import dwe
+    from goldstone_cli.models.dwe import DynamicWordEmbeddings
+    from goldstone_cli.optim.factory import build_base
+
+    model = DynamicWordEmbeddings(generated_counts(V, T, nnz_per_row), d=d,
+                                  inference="variational" if variational else "map", batch_words=batch,
+                                  batch_contexts=batch, test_steps=0.1, test_mass=0.0)
+    opt = build_base("adam", model.parameters(), _AdamCfg())
+    g = torch.Generator().manual_seed(0)
+    full, mb, chunk = T * V * d, T * batch * d, dwe.LOGIT_CHUNK[as_device]
+
+    def classify(n: int) -> str:
+        if n >= 0.9 * full:
+            return "full"
+        if n >= 0.9 * min(chunk, T * batch * batch) and n > 1.5 * mb:
+            return "logits"
+        return "minibatch" if n >= 0.5 * mb else "small"
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model.loss_terms(g)["total"].backward()
+        opt.step()
+
+    out = {}
+    for p in paths:
+        set_paths(model, p)
+        if as_device != "cpu":  # run the path as the device would
+            model.native = False
+            model.scan_method = PATHS[p]["scan_method"] or dwe.SCAN_METHOD[as_device]
+        model.logit_chunk = chunk
+        step()  # warm-up: Adam's state, first-use allocations
+        counter = StepCounter(classify)
+        with counter:
+            step()
+        out[p] = {**counter.summary(), "scan_method": model.scan_method or dwe.SCAN_METHOD["cpu"]}
+        print(f"{p}: {out[p]['ops']} operations, {out[p]['bytes'] / 1e9:.2f} GB "
+              + ", ".join(f"{c} {v['bytes'] / 1e9:.2f} GB / {v['ops']} ops" for c, v in out[p]["by_class"].items()),
+              flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--V", type=int, default=2000, help="vocabulary size")
+    ap.add_argument("--T", type=int, default=209, help="time steps (the paper's Google Books: 209)")
+    ap.add_argument("--d", type=int, default=100, help="embedding dimension")
+    ap.add_argument("--batch", type=int, default=1000, help="minibatch words and contexts (the paper's: 1,000)")
+    ap.add_argument("--inference", choices=["variational", "map"], default="variational")
+    ap.add_argument("--paths", nargs="+", default=["issue16_torch", "issue16_logdepth"],
+                    help="compute paths of bench.dwe_scale.PATHS to count")
+    ap.add_argument("--as", dest="as_device", choices=["cuda", "cpu"], default="cuda",
+                    help="run the paths as on this device type (cuda: no C loops, the CUDA recurrence and logits chunk)")
+    args = ap.parse_args()
+    res = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "V": args.V,
+           "T": args.T, "d": args.d, "batch": args.batch, "inference": args.inference, "as": args.as_device,
+           "paths": count_dwe_step(args.V, args.T, args.d, args.batch, args.inference == "variational", args.paths,
+                                   args.as_device)}
+    atomic_write_json(RESULTS / f"dwe_traffic-{args.inference}-V{args.V}-T{args.T}.json", res)
+
+
+if __name__ == "__main__":
+    main()
