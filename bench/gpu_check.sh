@@ -131,8 +131,16 @@ res = json.load(open(f"bench/results/roofline-{sys.argv[1]}_gpu_check.json"))
 for c in res["cases"]:
     print(f"{c['case']}: {100 * c['fraction_of_bound']:.1f}% of the bound, ratios {c['ratio_to']}")
 ml = [c for c in res["cases"] if c["case"] == "ml20m"]
-ok = bool(ml) and ml[0]["fraction_of_bound"] >= 0.5
-print("CHECK ML-20M step within 2x of its bandwidth bound:", "PASS" if ok else "FAIL")
+# the default step and trainer.compile=true (which fuses the quadratic terms' ~13 eager passes over U
+# and V into one on a GPU): each one's fraction of the bound, and the check passes if either is
+# within 2x (say which: the default on CUDA follows from it)
+ok = False
+for variant in ("goldstone", "goldstone_compiled"):
+    t = ml[0]["median_s"].get(variant) if ml else None
+    frac = ml[0]["bound_s"] / t if t else 0.0
+    ok = ok or frac >= 0.5
+    print(f"CHECK ML-20M step ({variant}) within 2x of its bandwidth bound:",
+          ("PASS" if frac >= 0.5 else "FAIL") + (f" ({100 * frac:.1f}% of the bound)" if t else " (not run)"))
 sys.exit(0 if ok else 1)
 PYEOF
 fi

@@ -1,18 +1,26 @@
-"""Operations and bytes of one Dynamic Word Embeddings training step, counted on the CPU: a
-device-independent model of a GPU step, where the eager step is a stream of kernels that each read
-and write whole tensors (bandwidth-bound) and each cost a launch.
+"""Operations and bytes of one training step (Dynamic Word Embeddings, or MovieLens), counted on
+the CPU: a device-independent model of a GPU step, where the eager step is a stream of kernels that
+each read and write whole tensors (bandwidth-bound) and each cost a launch.
 
     python -m bench.traffic --V 2000 --T 209 --batch 1000                # the CUDA paths, counted here
     python -m bench.traffic --V 2000 --T 209 --batch 1000 --paths issue16_torch issue16_logdepth
+    python -m bench.traffic --movielens DIR    # a full-batch MovieLens AdaGrad step (T=100, d=30) on DIR
 
-Every ATen operation of one step (forward, backward, Adam) runs under a dispatch mode that counts it
-and the bytes of the distinct tensors it reads or writes (views are free; a gather counts its whole
-source, so gathers are over-counted). With ``--as cuda`` (default) each path runs as it would on a
-GPU: no native C loops, the CUDA defaults of the recurrence (``dwe.SCAN_METHOD``) and of the logits
-chunk (``dwe.LOGIT_CHUNK``). Operations are grouped by their largest tensor: ``full`` (T x V x d or
-more: parameters, Adam, the largest logits chunks), ``minibatch`` (T x B x d), ``logits`` (a chunk of
-the T x B x B logits) and ``small`` (per-step slices, the recurrences' slabs, scalars). Results:
-bench/results/dwe_traffic-V<V>-T<T>.json.
+Every ATen operation of one step (forward, backward, the optimizer) runs under a dispatch mode that
+counts it and the bytes of the distinct tensors it reads or writes (views are free; ``index_select``
+and ``index_add_`` count the rows they touch; other indexing operations count their whole source).
+With ``--as cuda`` (default) each path runs as it would on a GPU: no native C loops, the CUDA
+defaults of the recurrence (``dwe.SCAN_METHOD``) and of the logits chunk (``dwe.LOGIT_CHUNK``);
+``--as cpu`` counts only what runs outside the native C loops (the dispatch mode does not see them).
+Operations are grouped by their largest tensor: ``full`` (T x V x d or more: parameters, Adam, the
+largest logits chunks), ``minibatch`` (T x B x d), ``logits`` (a chunk of the T x B x B logits) and
+``small`` (per-step slices, the recurrences' slabs, scalars). Results:
+bench/results/dwe_traffic-<inference>-V<V>-T<T>.json.
+
+``--movielens DIR``: the MovieLens step (``model=movielens optimizer=adagrad``, full batch) on a
+MovieLens folder, as on CUDA also with the GPU's time blocks of the quadratic terms
+(``coupling.GPU_BLOCK_ELEMS``), against its compulsory bytes (``bench.roofline.movielens_step_work``);
+``full`` there means half a parameter or more. Results: bench/results/movielens_traffic-<folder>.json.
 """
 
 from __future__ import annotations
@@ -35,6 +43,10 @@ VIEWS = {"view", "as_strided", "slice", "select", "transpose", "t", "expand", "p
          "lift_fresh", "empty", "empty_like", "empty_strided", "set_", "resize_", "resolve_conj", "resolve_neg"}
 
 
+#: row gathers and row adds: counted as the rows they read (and write), not their whole source
+ROW_OPS = {"index_select", "index_add_"}
+
+
 class StepCounter(TorchDispatchMode):
     """Counts ATen operations and the bytes of the distinct tensors each reads or writes, grouped by
     the size class of its largest tensor (``classify(numel) -> str``)."""
@@ -51,6 +63,14 @@ class StepCounter(TorchDispatchMode):
         if name in VIEWS or func.is_view:
             return out
         tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        if name in ROW_OPS and len(tensors) >= 3:  # count the rows touched, not the whole (T, N, d) source
+            nb = lambda t: t.numel() * t.element_size()  # noqa: E731
+            big, idx = tensors[0], tensors[1]
+            small = tensors[2] if name == "index_add_" else tensors[-1]  # the added rows / the gathered ones
+            k = (self.classify(big.numel()), name)
+            self.ops[k] += 1
+            self.bytes[k] += nb(idx) + (3 if name == "index_add_" else 2) * nb(small)
+            return out
         seen, nbytes, largest = set(), 0, 0
         for t in tensors:
             key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
@@ -121,6 +141,54 @@ def count_dwe_step(V: int, T: int, d: int, batch: int, variational: bool, paths:
     return out
 
 
+def count_movielens_step(path: str, T: int = 100, d: int = 30, as_device: str = "cuda") -> dict:
+    """:class:`StepCounter` summary of one full-batch AdaGrad step of ``model=movielens`` on the
+    MovieLens folder ``path`` (after a warm-up step), with the compulsory bytes of
+    ``bench.roofline.movielens_step_work``."""
+    import contextlib
+    from unittest import mock
+
+    from bench.roofline import _adagrad_cfg, movielens_step_work
+    from goldstone_cli.data.movielens import load_movielens
+    from goldstone_cli.models.movielens import SparseDynamicBernoulliMF
+    from goldstone_cli.optim import coupling
+    from goldstone_cli.optim.factory import build_optimizer
+
+    data = load_movielens(path, T=T, seed=0, cache_dir=str(RESULTS / "movielens" / "cache"), progress=False)
+    model = SparseDynamicBernoulliMF(data, d=d, coupling=10.0, gamma=1.0, dtype=torch.float32)
+    opt, _ = build_optimizer(_adagrad_cfg(), model)
+    blocks = contextlib.nullcontext()
+    if as_device != "cpu":  # no C loops; the quadratic terms in the GPU's time blocks
+        model.native = False
+        orig = coupling._time_block
+
+        def gpu_block(T_, L, block_elems, Z):
+            return max(1, min(T_, coupling.GPU_BLOCK_ELEMS // max(L, 1))) if block_elems is None \
+                else orig(T_, L, block_elems, Z)
+
+        blocks = mock.patch.object(coupling, "_time_block", gpu_block)
+    half = 0.5 * min(model.U.numel(), model.V.numel())
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        terms = model.loss_terms()
+        terms["total"].backward()
+        opt.step()
+
+    with blocks, mock.patch.dict("os.environ", {"GOLDSTONE_NATIVE": "0"} if as_device != "cpu" else {}):
+        step()
+        counter = StepCounter(lambda n: "full" if n >= half else "small")
+        with counter:
+            step()
+    work = movielens_step_work(T, model.n_users + model.n_items, d, model.n_train)
+    out = {**counter.summary(), "compulsory_bytes": work.bytes, "train_ratings": model.n_train,
+           "rows": model.n_users + model.n_items}
+    print(f"movielens ({model.n_users + model.n_items} rows, {model.n_train} training ratings): {out['ops']} "
+          f"operations, {out['bytes'] / 1e9:.2f} GB, {out['bytes'] / work.bytes:.2f}x the compulsory "
+          f"{work.bytes / 1e9:.2f} GB", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--V", type=int, default=2000, help="vocabulary size")
@@ -132,7 +200,14 @@ def main() -> None:
                     help="compute paths of bench.dwe_scale.PATHS to count")
     ap.add_argument("--as", dest="as_device", choices=["cuda", "cpu"], default="cuda",
                     help="run the paths as on this device type (cuda: no C loops, the CUDA recurrence and logits chunk)")
+    ap.add_argument("--movielens", metavar="DIR", help="count the MovieLens full-batch step on this folder instead")
     args = ap.parse_args()
+    if args.movielens:
+        res = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+               "data": args.movielens, "as": args.as_device,
+               "movielens": count_movielens_step(args.movielens, as_device=args.as_device)}
+        atomic_write_json(RESULTS / f"movielens_traffic-{Path(args.movielens).name}.json", res)
+        return
     res = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "V": args.V,
            "T": args.T, "d": args.d, "batch": args.batch, "inference": args.inference, "as": args.as_device,
            "paths": count_dwe_step(args.V, args.T, args.d, args.batch, args.inference == "variational", args.paths,

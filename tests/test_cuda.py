@@ -55,9 +55,35 @@ def test_dwe_map_full_batch_on_cuda_matches_cpu():
     _assert_same(DynamicWordEmbeddings(wc, **kw), DynamicWordEmbeddings(wc, device="cuda", **kw))
 
 
+def test_dwe_chain_terms_on_cuda_match_the_cpu():
+    """The variational posterior's chain terms with the CUDA default (whole-tensor, blocked
+    recurrences) against the CPU's sequential pass, float64: sample, terms and the dense gradients
+    of the whole parameters through minibatch rows (one of them twice)."""
+    from goldstone_cli.models.dwe import SCAN_METHOD, _ChainTerms
+
+    assert SCAN_METHOD["cuda"] == "blocked"
+    g = torch.Generator().manual_seed(0)
+    T, V, P, d = 23, 9, 4, 3
+    mu = torch.randn(T, P, d, generator=g, dtype=F64)
+    raw = torch.randn(T, V, d, generator=g, dtype=F64) + 1.0
+    off = 0.4 * torch.randn(T - 1, V, d, generator=g, dtype=F64)
+    eps = torch.randn(T, P, d, generator=g, dtype=F64)
+    w = 0.5 + torch.rand(T - 1, generator=g, dtype=F64) * 3
+    gx = torch.randn(T, P, d, generator=g, dtype=F64)
+    rows = torch.tensor([7, 2, 5, 2])
+    out = []
+    for dev, method in (("cpu", "sequential"), ("cuda", "blocked")):
+        leaves = [t.to(dev).requires_grad_() for t in (mu, raw, off)]
+        x, terms = _ChainTerms.apply(*leaves, eps.to(dev), w.to(dev), 0.7, rows.to(dev), True, method)
+        grads = torch.autograd.grad((gx.to(dev) * x).sum() + 1.3 * terms, leaves)
+        out.append([x.detach().cpu(), terms.detach().cpu()] + [gr.cpu() for gr in grads])
+    for a, b in zip(*out):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("solver", ["procrustes", "natural"])
 def test_dwe_variational_trains_with_goldstone_gd_on_cuda(solver):
-    wc = _wc(V=30, T=6)
+    wc = _wc(V=30, T=10)  # T >= 8: the blocked recurrence runs its blocks
     model = DynamicWordEmbeddings(wc, d=4, inference="variational", batch_words=10, batch_contexts=12,
                                   device="cuda", test_mass=0.2)
     opt = GoldstoneGD(torch.optim.Adam(model.parameters(), lr=0.05), model.symmetric_groups(), model.coupling,
