@@ -10,7 +10,8 @@ Every ATen operation of one step (forward, backward, the optimizer) runs under a
 counts it and the bytes of the distinct tensors it reads or writes (views are free; ``index_select``
 and ``index_add_`` count the rows they touch; other indexing operations count their whole source).
 With ``--as cuda`` (default) each path runs as it would on a GPU: no native C loops, the CUDA
-defaults of the recurrence (``dwe.SCAN_METHOD``) and of the logits chunk (``dwe.LOGIT_CHUNK``);
+defaults of the recurrence (``dwe.SCAN_METHOD``) and of the logits chunk (``dwe.LOGIT_CHUNK``), the
+quadratic terms in the GPU's time blocks (``coupling.GPU_BLOCK_ELEMS``);
 ``--as cpu`` counts only what runs outside the native C loops (the dispatch mode does not see them).
 Operations are grouped by their largest tensor: ``full`` (T x V x d or more: parameters, Adam, the
 largest logits chunks), ``minibatch`` (T x B x d), ``logits`` (a chunk of the T x B x B logits) and
@@ -18,17 +19,18 @@ largest logits chunks), ``minibatch`` (T x B x d), ``logits`` (a chunk of the T 
 bench/results/dwe_traffic-<inference>-V<V>-T<T>.json.
 
 ``--movielens DIR``: the MovieLens step (``model=movielens optimizer=adagrad``, full batch) on a
-MovieLens folder, as on CUDA also with the GPU's time blocks of the quadratic terms
-(``coupling.GPU_BLOCK_ELEMS``), against its compulsory bytes (``bench.roofline.movielens_step_work``);
-``full`` there means half a parameter or more. Results: bench/results/movielens_traffic-<folder>.json.
+MovieLens folder, against its compulsory bytes (``bench.roofline.movielens_step_work``); ``full``
+there means half a parameter or more. Results: bench/results/movielens_traffic-<folder>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import platform
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -95,6 +97,28 @@ class StepCounter(TorchDispatchMode):
                 "top": top}
 
 
+@contextlib.contextmanager
+def _as_device(device_type: str):
+    """Run the model code as on ``device_type``: for "cuda", the native C loops off
+    (GOLDSTONE_NATIVE=0) and the quadratic terms in the GPU's time blocks (``coupling.GPU_BLOCK_ELEMS``
+    numbers, instead of cache-sized ones); "cpu" changes nothing."""
+    from goldstone_cli.optim import coupling
+
+    if device_type == "cpu":
+        yield
+        return
+    orig = coupling._time_block
+
+    def gpu_block(T, L, block_elems, Z):
+        if block_elems is None:
+            return max(1, min(T, coupling.GPU_BLOCK_ELEMS // max(L, 1)))
+        return orig(T, L, block_elems, Z)
+
+    with mock.patch.object(coupling, "_time_block", gpu_block), \
+            mock.patch.dict("os.environ", {"GOLDSTONE_NATIVE": "0"}):
+        yield
+
+
 def count_dwe_step(V: int, T: int, d: int, batch: int, variational: bool, paths: list[str], as_device: str = "cuda",
                    nnz_per_row: int = 20) -> dict:
     """:class:`StepCounter` summaries of one Adam step (after a warm-up step) per compute path of
@@ -130,10 +154,11 @@ def count_dwe_step(V: int, T: int, d: int, batch: int, variational: bool, paths:
             model.native = False
             model.scan_method = PATHS[p]["scan_method"] or dwe.SCAN_METHOD[as_device]
         model.logit_chunk = chunk
-        step()  # warm-up: Adam's state, first-use allocations
-        counter = StepCounter(classify)
-        with counter:
-            step()
+        with _as_device(as_device):
+            step()  # warm-up: Adam's state, first-use allocations
+            counter = StepCounter(classify)
+            with counter:
+                step()
         out[p] = {**counter.summary(), "scan_method": model.scan_method or dwe.SCAN_METHOD["cpu"]}
         print(f"{p}: {out[p]['ops']} operations, {out[p]['bytes'] / 1e9:.2f} GB "
               + ", ".join(f"{c} {v['bytes'] / 1e9:.2f} GB / {v['ops']} ops" for c, v in out[p]["by_class"].items()),
@@ -145,28 +170,16 @@ def count_movielens_step(path: str, T: int = 100, d: int = 30, as_device: str = 
     """:class:`StepCounter` summary of one full-batch AdaGrad step of ``model=movielens`` on the
     MovieLens folder ``path`` (after a warm-up step), with the compulsory bytes of
     ``bench.roofline.movielens_step_work``."""
-    import contextlib
-    from unittest import mock
-
     from bench.roofline import _adagrad_cfg, movielens_step_work
     from goldstone_cli.data.movielens import load_movielens
     from goldstone_cli.models.movielens import SparseDynamicBernoulliMF
-    from goldstone_cli.optim import coupling
     from goldstone_cli.optim.factory import build_optimizer
 
     data = load_movielens(path, T=T, seed=0, cache_dir=str(RESULTS / "movielens" / "cache"), progress=False)
     model = SparseDynamicBernoulliMF(data, d=d, coupling=10.0, gamma=1.0, dtype=torch.float32)
     opt, _ = build_optimizer(_adagrad_cfg(), model)
-    blocks = contextlib.nullcontext()
-    if as_device != "cpu":  # no C loops; the quadratic terms in the GPU's time blocks
+    if as_device != "cpu":
         model.native = False
-        orig = coupling._time_block
-
-        def gpu_block(T_, L, block_elems, Z):
-            return max(1, min(T_, coupling.GPU_BLOCK_ELEMS // max(L, 1))) if block_elems is None \
-                else orig(T_, L, block_elems, Z)
-
-        blocks = mock.patch.object(coupling, "_time_block", gpu_block)
     half = 0.5 * min(model.U.numel(), model.V.numel())
 
     def step():
@@ -175,7 +188,7 @@ def count_movielens_step(path: str, T: int = 100, d: int = 30, as_device: str = 
         terms["total"].backward()
         opt.step()
 
-    with blocks, mock.patch.dict("os.environ", {"GOLDSTONE_NATIVE": "0"} if as_device != "cpu" else {}):
+    with _as_device(as_device):
         step()
         counter = StepCounter(lambda n: "full" if n >= half else "small")
         with counter:
@@ -199,7 +212,8 @@ def main() -> None:
     ap.add_argument("--paths", nargs="+", default=["issue16_torch", "issue16_logdepth"],
                     help="compute paths of bench.dwe_scale.PATHS to count")
     ap.add_argument("--as", dest="as_device", choices=["cuda", "cpu"], default="cuda",
-                    help="run the paths as on this device type (cuda: no C loops, the CUDA recurrence and logits chunk)")
+                    help="run the paths as on this device type (cuda: no C loops, the CUDA recurrence, "
+                         "logits chunk and time blocks)")
     ap.add_argument("--movielens", metavar="DIR", help="count the MovieLens full-batch step on this folder instead")
     args = ap.parse_args()
     if args.movielens:

@@ -355,7 +355,7 @@ def _recurrence_blocked_into(y: Tensor, a: Tensor, c: Tensor, reverse: bool, val
 #: about 3 sqrt(3 T) kernels. Counted per variational step as a GPU runs it (``python -m bench.traffic``,
 #: the step's ATen operations and the bytes they touch; V=2,000, T=209, d=100, 1,000 x 1,000
 #: minibatches; docs/benchmarks.md, GPU section, "DWE's GPU path after issue 16's seventh session"):
-#: 112.9 GB in 1,440 operations with log-depth scans under autograd, 37.0 GB in 1,432 with the
+#: 112.9 GB in 820 operations with log-depth scans under autograd, 37.0 GB in 812 with the
 #: blocked whole-tensor chain pass. ``bench/gpu_check.sh`` times the three methods on the GPU.
 SCAN_METHOD = {"cpu": "sequential", "cuda": "blocked"}
 
