@@ -721,9 +721,8 @@ def _chain_whole_backward(saved, raw_shape, gx, gterms, inv_var0, need_eps):
     deps = lam.mul_(ib) if need_eps else None
     if rows is None:
         return gx, r, da, deps
-    draw = torch.zeros(raw_shape, dtype=r.dtype, device=r.device).index_add_(1, rows, r)
-    doff = torch.zeros((raw_shape[0] - 1,) + tuple(raw_shape[1:]), dtype=r.dtype, device=r.device)
-    return gx, draw, doff.index_add_(1, rows, da), deps
+    draw, doff = _chain_grads(raw_shape, rows, r, da)  # zero-filled dense gradients of the whole parameters
+    return gx, draw.index_add_(1, rows, r), doff.index_add_(1, rows, da), deps
 
 
 class _ChainTerms(torch.autograd.Function):
@@ -1482,7 +1481,7 @@ class DynamicWordEmbeddings(DynamicModel):
         """:func:`chain_terms` of the minibatch rows of one posterior; with ``fused_prior`` and the
         sequential or blocked recurrence, ``raw`` and ``off`` are gathered inside the fused pass
         (step by step in the sequential one) and their dense gradients written once."""
-        method = self.scan_method or SCAN_METHOD.get(raw.device.type, "sequential")
+        method = _scan_method(self.scan_method, raw.device)
         if self.fused_prior and method != "logdepth" and self.T > 1:
             return _ChainTerms.apply(mu_rows, raw, off, eps, self.w, self.inv_var0, rows, self.native, method)
         return chain_terms(mu_rows, raw[:, rows], off[:, rows], eps, self.w, self.inv_var0, method, self.fused_prior,
