@@ -33,6 +33,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 from typing import Callable, Optional
 
 import torch
@@ -248,7 +249,9 @@ def movielens_case(name: str, path: Path, args, device: torch.device, T: int = 1
     """Full-batch step of ``model=movielens optimizer=adagrad`` at the paper's T, d on ``path``,
     against the compiled naive reference (autograd through :func:`naive_movielens_loss`, fused
     AdaGrad), the pre-issue-16 formulation (the base class's ``local_loss() + psi()`` with a for-loop
-    AdaGrad) and ``trainer.compile=true``. All update the same parameters and AdaGrad state."""
+    AdaGrad) and ``trainer.compile=true``; on a GPU also ``goldstone_elementwise`` (``gamma Z + L Z``
+    by the elementwise passes instead of the banded product, ``coupling.LAPLACIAN_METHOD``). All
+    update the same parameters and AdaGrad state."""
     from goldstone_cli.data.movielens import load_movielens
     from goldstone_cli.models.base import DynamicModel
     from goldstone_cli.models.movielens import SparseDynamicBernoulliMF
@@ -284,7 +287,15 @@ def movielens_case(name: str, path: Path, args, device: torch.device, T: int = 1
         finally:
             model.set_compile(False)
 
+    def step_elementwise():  # gamma Z + L Z by the elementwise passes (the GPU's method before the banded product)
+        from goldstone_cli.optim import coupling
+
+        with mock.patch.dict(coupling.LAPLACIAN_METHOD, {device.type: "elementwise"}):
+            without_native(step)()
+
     variants = {"goldstone": step, "goldstone_torch": without_native(step), "before_issue16": step_before}
+    if device.type != "cpu":  # on the CPU the native loop (and its PyTorch twin) use no banded product
+        variants["goldstone_elementwise"] = step_elementwise
     if not args.no_compile:
         variants["goldstone_compiled"] = step_compiled
         U, V = model.U, model.V

@@ -7,20 +7,23 @@ each read and write whole tensors (bandwidth-bound) and each cost a launch.
     python -m bench.traffic --movielens DIR    # a full-batch MovieLens AdaGrad step (T=100, d=30) on DIR
 
 Every ATen operation of one step (forward, backward, the optimizer) runs under a dispatch mode that
-counts it and the bytes of the distinct tensors it reads or writes (views are free; ``index_select``
-and ``index_add_`` count the rows they touch; other indexing operations count their whole source).
+counts it and the bytes of the distinct tensors it reads or writes, twice for a tensor it reads and
+writes back (in place: ``add_``'s self, the fused optimizers' parameters and moments); views are
+free; ``index_select`` and ``index_add_`` count the rows they touch; other indexing operations count
+their whole source.
 With ``--as cuda`` (default) each path runs as it would on a GPU: no native C loops, the CUDA
 defaults of the recurrence (``dwe.SCAN_METHOD``) and of the logits chunk (``dwe.LOGIT_CHUNK``), the
 quadratic terms in the GPU's time blocks (``coupling.GPU_BLOCK_ELEMS``);
 ``--as cpu`` counts only what runs outside the native C loops (the dispatch mode does not see them).
 Operations are grouped by their largest tensor: ``full`` (T x V x d or more: parameters, Adam, the
 largest logits chunks), ``minibatch`` (T x B x d), ``logits`` (a chunk of the T x B x B logits) and
-``small`` (per-step slices, the recurrences' slabs, scalars). Results:
-bench/results/dwe_traffic-<inference>-V<V>-T<T>.json.
+``small`` (per-step slices, the recurrences' slabs, scalars). ``--laplacian elementwise`` counts
+the quadratic terms' previous GPU method (before the banded product). Results:
+bench/results/dwe_traffic-<inference>-V<V>-T<T>[-<laplacian>].json.
 
 ``--movielens DIR``: the MovieLens step (``model=movielens optimizer=adagrad``, full batch) on a
 MovieLens folder, against its compulsory bytes (``bench.roofline.movielens_step_work``); ``full``
-there means half a parameter or more. Results: bench/results/movielens_traffic-<folder>.json.
+there means half a parameter or more. Results: bench/results/movielens_traffic-<folder>[-<laplacian>].json.
 """
 
 from __future__ import annotations
@@ -49,8 +52,29 @@ VIEWS = {"view", "as_strided", "slice", "select", "transpose", "t", "expand", "p
 ROW_OPS = {"index_select", "index_add_"}
 
 
+def _key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+def _rewritten(func, args: tuple, kwargs: dict) -> set:
+    """Keys of the tensors an operation reads and writes back (in place: ``add_``'s self, the fused
+    optimizers' parameters and moments), from its schema: arguments marked written that are not
+    ``out=`` arguments (written only). The fused optimizers' ``grads`` are marked written (scaled in
+    place under a grad scaler) but are only read without one, as here."""
+    keys = set()
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is None or not a.alias_info.is_write or a.is_out or a.name == "grads":
+            continue
+        v = args[i] if i < len(args) else kwargs.get(a.name)
+        for t in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(t, torch.Tensor):
+                keys.add(_key(t))
+    return keys
+
+
 class StepCounter(TorchDispatchMode):
-    """Counts ATen operations and the bytes of the distinct tensors each reads or writes, grouped by
+    """Counts ATen operations and the bytes of the distinct tensors each reads or writes (twice if
+    read and written back: :func:`_rewritten`), grouped by
     the size class of its largest tensor (``classify(numel) -> str``)."""
 
     def __init__(self, classify):
@@ -74,11 +98,13 @@ class StepCounter(TorchDispatchMode):
             self.bytes[k] += nb(idx) + (3 if name == "index_add_" else 2) * nb(small)
             return out
         seen, nbytes, largest = set(), 0, 0
+        rewritten = _rewritten(func, args, kwargs or {})
         for t in tensors:
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-            if key not in seen:  # an in-place operation's output is its input: counted once
+            key = _key(t)
+            if key not in seen:  # an in-place operation's output is its input: seen once, ...
                 seen.add(key)
-                nbytes += t.numel() * t.element_size()
+                # ... and counted twice if it is read and written (a read-modify-write)
+                nbytes += t.numel() * t.element_size() * (2 if key in rewritten else 1)
                 largest = max(largest, t.numel())
         k = (self.classify(largest), name)
         self.ops[k] += 1
@@ -98,10 +124,11 @@ class StepCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _as_device(device_type: str):
+def _as_device(device_type: str, laplacian: str | None = None):
     """Run the model code as on ``device_type``: for "cuda", the native C loops off
-    (GOLDSTONE_NATIVE=0) and the quadratic terms in the GPU's time blocks (``coupling.GPU_BLOCK_ELEMS``
-    numbers, instead of cache-sized ones); "cpu" changes nothing."""
+    (GOLDSTONE_NATIVE=0), the quadratic terms in the GPU's time blocks (``coupling.GPU_BLOCK_ELEMS``
+    numbers, instead of cache-sized ones) and ``gamma Z + L Z`` by the GPU's method
+    (``coupling.LAPLACIAN_METHOD``, or ``laplacian`` if given); "cpu" changes nothing."""
     from goldstone_cli.optim import coupling
 
     if device_type == "cpu":
@@ -115,12 +142,13 @@ def _as_device(device_type: str):
         return orig(T, L, block_elems, Z)
 
     with mock.patch.object(coupling, "_time_block", gpu_block), \
+            mock.patch.dict(coupling.LAPLACIAN_METHOD, {"cpu": laplacian or coupling.LAPLACIAN_METHOD[device_type]}), \
             mock.patch.dict("os.environ", {"GOLDSTONE_NATIVE": "0"}):
         yield
 
 
 def count_dwe_step(V: int, T: int, d: int, batch: int, variational: bool, paths: list[str], as_device: str = "cuda",
-                   nnz_per_row: int = 20) -> dict:
+                   nnz_per_row: int = 20, laplacian: str | None = None) -> dict:
     """:class:`StepCounter` summaries of one Adam step (after a warm-up step) per compute path of
     ``bench.dwe_scale.PATHS``, on one model and one minibatch stream."""
     from bench.dwe_scale import PATHS, _AdamCfg, generated_counts, set_paths
@@ -154,7 +182,7 @@ def count_dwe_step(V: int, T: int, d: int, batch: int, variational: bool, paths:
             model.native = False
             model.scan_method = PATHS[p]["scan_method"] or dwe.SCAN_METHOD[as_device]
         model.logit_chunk = chunk
-        with _as_device(as_device):
+        with _as_device(as_device, laplacian):
             step()  # warm-up: Adam's state, first-use allocations
             counter = StepCounter(classify)
             with counter:
@@ -166,7 +194,8 @@ def count_dwe_step(V: int, T: int, d: int, batch: int, variational: bool, paths:
     return out
 
 
-def count_movielens_step(path: str, T: int = 100, d: int = 30, as_device: str = "cuda") -> dict:
+def count_movielens_step(path: str, T: int = 100, d: int = 30, as_device: str = "cuda",
+                         laplacian: str | None = None) -> dict:
     """:class:`StepCounter` summary of one full-batch AdaGrad step of ``model=movielens`` on the
     MovieLens folder ``path`` (after a warm-up step), with the compulsory bytes of
     ``bench.roofline.movielens_step_work``."""
@@ -188,7 +217,7 @@ def count_movielens_step(path: str, T: int = 100, d: int = 30, as_device: str = 
         terms["total"].backward()
         opt.step()
 
-    with _as_device(as_device):
+    with _as_device(as_device, laplacian):
         step()
         counter = StepCounter(lambda n: "full" if n >= half else "small")
         with counter:
@@ -215,18 +244,23 @@ def main() -> None:
                     help="run the paths as on this device type (cuda: no C loops, the CUDA recurrence, "
                          "logits chunk and time blocks)")
     ap.add_argument("--movielens", metavar="DIR", help="count the MovieLens full-batch step on this folder instead")
+    ap.add_argument("--laplacian", choices=["banded", "elementwise"],
+                    help="with --as cuda: form gamma Z + L Z this way (default: coupling.LAPLACIAN_METHOD['cuda'])")
     args = ap.parse_args()
     if args.movielens:
         res = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-               "data": args.movielens, "as": args.as_device,
-               "movielens": count_movielens_step(args.movielens, as_device=args.as_device)}
-        atomic_write_json(RESULTS / f"movielens_traffic-{Path(args.movielens).name}.json", res)
+               "data": args.movielens, "as": args.as_device, "laplacian": args.laplacian,
+               "movielens": count_movielens_step(args.movielens, as_device=args.as_device, laplacian=args.laplacian)}
+        tag = f"-{args.laplacian}" if args.laplacian else ""
+        atomic_write_json(RESULTS / f"movielens_traffic-{Path(args.movielens).name}{tag}.json", res)
         return
     res = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "V": args.V,
            "T": args.T, "d": args.d, "batch": args.batch, "inference": args.inference, "as": args.as_device,
+           "laplacian": args.laplacian,
            "paths": count_dwe_step(args.V, args.T, args.d, args.batch, args.inference == "variational", args.paths,
-                                   args.as_device)}
-    atomic_write_json(RESULTS / f"dwe_traffic-{args.inference}-V{args.V}-T{args.T}.json", res)
+                                   args.as_device, laplacian=args.laplacian)}
+    tag = f"-{args.laplacian}" if args.laplacian else ""
+    atomic_write_json(RESULTS / f"dwe_traffic-{args.inference}-V{args.V}-T{args.T}{tag}.json", res)
 
 
 if __name__ == "__main__":

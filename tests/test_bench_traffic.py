@@ -11,19 +11,31 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_traffic_counter_counts_bytes_and_tells_the_chain_passes_apart(tmp_path, monkeypatch, capsys):
-    """bench/traffic.py: an out-of-place add of two 1,000-float tensors touches 12 kB, an in-place
-    one 8 kB, views nothing; the CUDA default (blocked whole-tensor chain pass) moves well under half
+    """bench/traffic.py: an add of two 1,000-float tensors touches 12 kB, out of place, in place (a
+    read-modify-write of self) or into an ``out=`` tensor; views nothing; fused AdaGrad reads and
+    writes back the parameter and its sum of squares and only reads the gradient (5 passes); the CUDA default (blocked whole-tensor chain pass) moves well under half
     the minibatch-sized bytes of the log-depth chain terms under autograd, in about as many operations."""
     import bench.traffic as tr
 
     c = tr.StepCounter(lambda n: "all")
     a, b = torch.ones(1000), torch.ones(1000)
+    o = torch.empty(1000)
     with c:
         _ = a + b
         a.add_(b)
+        torch.add(a, b, out=o)
         _ = a.view(10, 100)[:3]
     s = c.summary()
-    assert s["ops"] == 2 and s["bytes"] == 12_000 + 8_000
+    assert s["ops"] == 3 and s["bytes"] == 3 * 12_000
+    p = torch.nn.Parameter(torch.ones(1000))
+    opt = torch.optim.Adagrad([p], lr=0.1, fused=True)
+    p.grad = torch.ones(1000)
+    opt.step()  # state made outside the counter
+    c = tr.StepCounter(lambda n: "all")
+    with c:
+        opt.step()
+    top = {r["op"]: r["bytes"] for r in c.summary()["top"]}
+    assert top["_fused_adagrad_"] == 5 * 4000 + 2 * 4  # + the step counter (one float, read and written)
     monkeypatch.setattr(tr, "RESULTS", tmp_path)
     monkeypatch.setattr("sys.argv", ["traffic", "--V", "80", "--T", "64", "--d", "4", "--batch", "30"])
     tr.main()

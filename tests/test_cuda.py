@@ -81,6 +81,41 @@ def test_dwe_chain_terms_on_cuda_match_the_cpu():
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_quadratic_terms_by_the_banded_product_on_cuda_match_the_cpu(precision):
+    """The CUDA default for ``gamma Z + L Z`` (one batched product over blocks of time steps, middle
+    blocks included at T=100) against the CPU's elementwise pass in float64; in float32 within a few
+    roundings of float64 also where the user asked for TF32 matmuls ("high"): the product runs at
+    full precision (TF32 would miss the small differences of a slowly drifting Z)."""
+    from goldstone_cli.optim.coupling import LAPLACIAN_METHOD, Coupling, quadratic_terms_
+
+    assert LAPLACIAN_METHOD["cuda"] == "banded"
+    g = torch.Generator().manual_seed(0)
+    T, N, d = 100, 300, 8
+    c = Coupling.chain(T, (1 + 9 * torch.rand(T - 1, generator=g, dtype=F64)).tolist())
+    Z = torch.randn(1, N, d, generator=g, dtype=F64) + 0.01 * torch.randn(T, N, d, generator=g, dtype=F64).cumsum(0)
+    ref_out = torch.empty_like(Z)
+    ref = quadratic_terms_(Z, c, 0.7, ref_out, native=False)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        out = torch.empty_like(Z, device="cuda")
+        got = quadratic_terms_(Z.cuda(), c, 0.7, out)
+        torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-12, atol=1e-12)
+        assert [float(v) for v in got] == pytest.approx([float(v) for v in ref], rel=1e-12)
+        Z32 = Z.float().cuda()
+        out32 = torch.empty_like(Z32)
+        quadratic_terms_(Z32, c, 0.7, out32)
+        assert torch.get_float32_matmul_precision() == precision
+        exact = torch.empty_like(Z)
+        quadratic_terms_(Z32.double().cpu(), c, 0.7, exact, native=False)
+        A = (c.laplacian(F64) + 0.7 * torch.eye(T, dtype=F64)).abs()
+        scale = (A @ Z32.double().cpu().abs().reshape(T, -1)).reshape(Z.shape)
+        assert float(((out32.double().cpu() - exact).abs() / scale).max()) < 4 * torch.finfo(torch.float32).eps
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 @pytest.mark.parametrize("solver", ["procrustes", "natural"])
 def test_dwe_variational_trains_with_goldstone_gd_on_cuda(solver):
     wc = _wc(V=30, T=10)  # T >= 8: the blocked recurrence runs its blocks

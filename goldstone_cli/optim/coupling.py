@@ -195,6 +195,10 @@ class Coupling:
     def laplacian_apply(self, Z: Tensor) -> Tensor:
         """``(L @ Z)[t] = Deg[t] Z_t - sum_t' A[t,t'] Z_t'`` for Z of shape (T, ...); the gradient of psi."""
         self._check(Z)
+        if Z.dim() >= 2 and _banded_applies(Z):  # a GPU: one batched product (Z read once, out written once)
+            out = torch.empty_like(Z, memory_format=torch.contiguous_format)
+            banded_laplacian_(Z.reshape(self.T, -1), self, 0.0, out.view(self.T, -1))
+            return out
         shape = (-1,) + (1,) * (Z.dim() - 1)
         out = Z * self._degree_tensor(Z.dtype, Z.device).view(shape)
         for band in self.bands(Z.dtype, Z.device):
@@ -258,6 +262,90 @@ class Coupling:
 FUSED_BLOCK_ELEMS = 1 << 22
 #: the same on a GPU: large (few kernel launches) but bounded, so a gauge step's temporaries stay small
 GPU_BLOCK_ELEMS = 1 << 26
+
+
+#: how ``gamma Z + L Z`` is formed where neither the native loop nor a compiled kernel runs, per device
+#: type: "banded" (:func:`banded_laplacian_`: one batched matrix product over blocks of time steps,
+#: Z read about once and ``out`` written once) or "elementwise" (per band a product and two
+#: multiply-adds in cache-sized time blocks: about 8 passes over memory on a GPU, where no cache
+#: holds a block, but cache-resident on the CPU). Devices not listed use "elementwise".
+LAPLACIAN_METHOD = {"cpu": "elementwise", "cuda": "banded"}
+#: time steps per block of the banded product (at least twice the largest edge offset)
+BANDED_ROWS = 32
+
+
+def _banded_applies(Z: Tensor) -> bool:
+    """True where :func:`quadratic_terms_` and :meth:`Coupling.laplacian_apply` use the banded
+    product for Z: its device's :data:`LAPLACIAN_METHOD`, a contiguous Z, no autograd through it."""
+    return (LAPLACIAN_METHOD.get(Z.device.type, "elementwise") == "banded" and Z.is_contiguous()
+            and not (Z.requires_grad and torch.is_grad_enabled()))
+
+
+@dataclass(frozen=True)
+class _BandedBlocks:
+    """The Laplacian cut into blocks of ``rows`` time steps (see :func:`banded_laplacian_`)."""
+
+    rows: int  # b: time steps per middle block
+    halo: int  # h: the largest edge offset (columns each block needs on either side)
+    parts: tuple  # ((r0, r1, c0, c1, Lap[r0:r1, c0:c1], I[r0:r1, c0:c1]), ...): the first and last rows
+    mid: Tensor | None  # (M, b, b + 2h): rows [m b, (m+1) b), columns [m b - h, (m+1) b + h), m = 1..M
+    mid_eye: Tensor | None  # the identity's entries at the same places (gamma is added through it)
+
+
+def _banded_blocks(coupling: "Coupling", dtype: torch.dtype, device, rows: int = BANDED_ROWS) -> _BandedBlocks:
+    """:class:`_BandedBlocks` of ``coupling``, made once per dtype and device (T x T numbers)."""
+    key = ("banded", dtype, str(device), rows)
+    cache = coupling._bands_cache
+    if key not in cache:
+        T = coupling.T
+        lap = coupling.laplacian(torch.float64)
+        eye = torch.eye(T, dtype=torch.float64)
+        h = int((coupling.dst - coupling.src).max()) if coupling.num_edges else 0
+        b = max(rows, 2 * h)
+        M = (T - h) // b - 1  # middle blocks end at (M + 1) b + h <= T
+        conv = lambda a: a.to(dtype=dtype, device=device).contiguous()  # noqa: E731
+        if M < 1:  # short T or long edges: one dense (T, T) product
+            parts, mid, mid_eye = ((0, T, 0, T, conv(lap), conv(eye)),), None, None
+        else:
+            r0 = (M + 1) * b  # the last rows [r0, T) (between h and h + b of them)
+            parts = tuple((a, z, c, e, conv(lap[a:z, c:e]), conv(eye[a:z, c:e]))
+                          for a, z, c, e in ((0, b, 0, b + h), (r0, T, r0 - h, T)))
+            m = torch.arange(1, M + 1)[:, None]
+            ri = (m * b + torch.arange(b))[:, :, None]  # (M, b, 1) rows
+            ci = (m * b - h + torch.arange(b + 2 * h))[:, None, :]  # (M, 1, b + 2h) columns
+            mid, mid_eye = conv(lap[ri, ci]), conv(eye[ri, ci])
+        cache[key] = _BandedBlocks(b, h, parts, mid, mid_eye)
+    return cache[key]
+
+
+def banded_laplacian_(flat: Tensor, coupling: "Coupling", gamma: float, out: Tensor) -> Tensor:
+    """``out <- (gamma I + Lap) @ flat`` for ``flat`` (T, L) and ``out`` (T, L), both contiguous, as
+    three matrix products: the first and the last rows, and one batched product of all middle blocks
+    of ``b`` time steps, each against its window of ``b + 2h`` rows of ``flat`` (overlapping views;
+    h = the largest edge offset). Reads ``flat`` (1 + 2h/b) times and writes ``out`` once, with about
+    2(b + 2h) flops per number: bandwidth-bound, where the elementwise pass makes ~8 passes.
+    In full float32 precision whatever ``torch.set_float32_matmul_precision`` says: a TF32 product
+    would lose the small differences the coupling's gradient is made of. As the elementwise pass
+    but the sums' order (float rounding); a non-finite entry spreads (as NaN) over its block's rows
+    (0 * inf), where the elementwise pass keeps it to its neighbours."""
+    T, L = flat.shape
+    if out.shape != flat.shape or not (flat.is_contiguous() and out.is_contiguous()):
+        raise ValueError(f"banded_laplacian_ needs contiguous (T, L) tensors of one shape, got "
+                         f"{tuple(flat.shape)} and {tuple(out.shape)}")
+    blk = _banded_blocks(coupling, flat.dtype, flat.device)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        for r0, r1, c0, c1, A, eye in blk.parts:
+            torch.mm(A.add(eye, alpha=gamma) if gamma else A, flat[c0:c1], out=out[r0:r1])
+        if blk.mid is not None:
+            M, b, w = blk.mid.shape
+            windows = flat.as_strided((M, w, L), (b * L, L, 1), flat.storage_offset() + (b - blk.halo) * L)
+            A = blk.mid.add(blk.mid_eye, alpha=gamma) if gamma else blk.mid
+            torch.bmm(A, windows, out=out[b:(M + 1) * b].view(M, b, L))
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    return out
 
 
 def _time_block(T: int, L: int, block_elems: int | None, Z: Tensor) -> int:
@@ -330,6 +418,9 @@ def quadratic_terms_(Z: Tensor, coupling: Coupling, gamma: float = 0.0, out: Ten
     flat = Z.reshape(T, -1)  # (T, N d), a view of a contiguous parameter
     L = flat.shape[1]
     go = out.view(T, -1) if out is not None else None
+    if go is not None and _banded_applies(Z) and go.is_contiguous():
+        banded_laplacian_(flat, coupling, gamma, go)  # gamma Z + L Z in one product (a GPU)
+        go = None  # the sums below only
     bands = coupling.bands(torch.float64, Z.device)
     bands32 = coupling.bands(Z.dtype, Z.device)
     diag = coupling._degree_tensor(Z.dtype, Z.device) + gamma  # (T,) gamma + Deg_t
