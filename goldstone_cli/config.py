@@ -320,7 +320,7 @@ class TrainerConfig:
     # rows of every (T, N, d) tensor; NCCL on GPUs, gloo on CPUs (README "Training on several GPUs or nodes")
     distributed: bool = False
     # run the model's step through torch.compile where the model has a compiled path (MovieLens:
-    # the gamma / psi pass; DWE: the likelihood's softplus/sigmoid pass over the logits), falling back
+    # the gamma / psi pass and the ratings pass; DWE: the likelihood's softplus/sigmoid pass over the logits), falling back
     # to the eager step with a warning; off by default: on the 2-core CPU it did not pay for MovieLens
     # and made the DWE step 7-11% faster (docs/benchmarks.md, "Roofline (issue 16)")
     compile: bool = False

@@ -13,6 +13,7 @@ import torch
 from goldstone_cli.config import compose
 from goldstone_cli.data.movielens import load_movielens
 from goldstone_cli.models.base import DynamicModel
+from goldstone_cli.models import movielens as M
 from goldstone_cli.models.movielens import GradBuffer, SparseDynamicBernoulliMF
 from goldstone_cli.optim import coupling as C
 from goldstone_cli.optim import gauge as G
@@ -293,3 +294,47 @@ def test_fused_step_on_cuda_matches_the_cpu(small):
     np.testing.assert_allclose(res[0][0], res[1][0], rtol=1e-12)
     for a, b in zip(res[0][1], res[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+@needs_sample
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_step_matches_the_eager_step_on_real_ratings(small, dtype):
+    """trainer.compile's MovieLens step (the compiled quadratic terms and ratings pass, the native
+    loops off) against the eager PyTorch step on real ml-latest-small: the same loss terms and
+    gradients to rounding (float32: the scatter-adds' order differs), weights != 1 included."""
+    res = []
+    for compiled in (False, True):
+        model = SparseDynamicBernoulliMF(small, d=5, seed=0, dtype=dtype)
+        model.native = False
+        model.set_compile(compiled)
+        terms, grads = new_terms_and_grads(model, weights=(1.0, 2.0))
+        res.append(([float(terms[k]) for k in ("local", "psi")], grads))
+    assert C._COMPILED.get("chain") is not None and M._COMPILED_KERNELS.get("ratings") is not None
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res[0][0], res[1][0], rtol=tol["rtol"])
+    for a, b in zip(res[0][1], res[1][1]):
+        torch.testing.assert_close(b, a, **tol)
+
+
+@needs_sample
+def test_a_failing_compiled_ratings_pass_falls_back_to_the_eager_pass(small, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("inductor exploded\nmore detail")
+
+    monkeypatch.setitem(M._COMPILED_KERNELS, "ratings", broken)
+    monkeypatch.setitem(C._COMPILED, "chain", None)  # the quadratic terms eager (not compiled here)
+    want = new_terms_and_grads(_torch_model(small, compiled=False))
+    with pytest.warns(UserWarning, match="ratings pass failed \\(inductor exploded\\)"):
+        got = new_terms_and_grads(_torch_model(small, compiled=True))
+    assert M._COMPILED_KERNELS["ratings"] is None  # not tried again
+    assert [float(want[0][k]) for k in want[0]] == [float(got[0][k]) for k in got[0]]
+    for a, b in zip(want[1], got[1]):
+        assert torch.equal(a, b)
+
+
+def _torch_model(data, compiled: bool) -> SparseDynamicBernoulliMF:
+    model = SparseDynamicBernoulliMF(data, d=4, seed=0, dtype=torch.float64)
+    model.native = False
+    model.set_compile(compiled)
+    return model

@@ -42,6 +42,7 @@ docs/benchmarks.md, "Roofline (issue 16)".
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Protocol
 
 import numpy as np
@@ -52,7 +53,7 @@ from torch import Tensor, nn
 from goldstone_cli.distributed.shard import RowShard
 from goldstone_cli.kernels import native as native_loops
 from goldstone_cli.models.base import DynamicModel
-from goldstone_cli.numerics import storage_unused, sum_squares, sum_squares_value
+from goldstone_cli.numerics import COMPILED, compiled_kernel, storage_unused, sum_squares, sum_squares_value
 from goldstone_cli.optim.coupling import Coupling, quadratic_terms_
 from goldstone_cli.optim.gauge import serial_cpu
 
@@ -171,13 +172,39 @@ def _bin_cuts(U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, grads: bool, min_rat
     return sorted({0, n, *(int(c) for c in starts)})
 
 
+def _ratings_kernel(Uf: Tensor, Vf: Tensor, iu: Tensor, iv: Tensor, x: Tensor, scale: float, gU: Tensor,
+                    gV: Tensor) -> Tensor:
+    """:func:`ratings_pass` with gradients as whole-tensor expressions for ``torch.compile``, which
+    makes them one loop over the ratings (Inductor: the two row gathers, the dot product, softplus
+    and sigmoid, and the scatter-adds as atomic adds into ``gU``, ``gV`` in place): each rating's rows
+    read once and its gradient rows added once, no (ratings, d) temporary. Float64 sum (Eq. 8)."""
+    u, v = Uf[iu], Vf[iv]
+    mx = -x * (u * v).sum(-1)  # -x u.v
+    nll = F.softplus(mx).sum(dtype=torch.float64)
+    w = torch.sigmoid(mx) * (-x * scale)  # d/dlogit of scale softplus(-x logit)
+    gU.index_add_(0, iu, v * w[:, None])
+    gV.index_add_(0, iv, u * w[:, None])
+    return nll
+
+
+_COMPILED_KERNELS = COMPILED  # "ratings": the compiled kernel, or None once compiling failed
+
+
+def _compiled_ratings_kernel():
+    """The compiled :func:`_ratings_kernel`, or None where torch.compile is unavailable or failed
+    before (then the eager chunked pass runs: the same values up to rounding)."""
+    return compiled_kernel("ratings", _ratings_kernel, "ratings pass")
+
+
 def ratings_pass(U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, x: Tensor, scale: float, gU: Tensor | None,
-                 gV: Tensor | None, chunk: int = 1 << 20, native: bool = True) -> Tensor:
+                 gV: Tensor | None, chunk: int = 1 << 20, native: bool = True, compiled: bool = False) -> Tensor:
     """``sum_r softplus(-x_r u_ru . v_rv)`` (Eq. 8; float64 scalar) and, if ``gU`` is given, the
     gradient of ``scale`` times it added into ``gU``, ``gV`` (rows of the flattened (T*N, d) views):
     each rating's two rows gathered once, its gradient scatter-added in rating order. Float32 CPU
-    tensors run the native loop ``gs_bernoulli_ratings_f32`` (goldstone_cli/kernels), anything else
-    (or ``native=False``) the chunked PyTorch loop below; the same numbers up to float rounding."""
+    tensors run the native loop ``gs_bernoulli_ratings_f32`` (goldstone_cli/kernels); elsewhere, with
+    gradients and ``compiled`` (``trainer.compile``), one ``torch.compile``d loop over all ratings
+    (:func:`_ratings_kernel`; the scatter-adds' order is then the compiler's); anything else (or
+    ``native=False``) the chunked PyTorch loop below; the same numbers up to float rounding."""
     d = U.shape[-1]
     if not (ru.shape == rv.shape == x.shape and ru.dim() == 1):
         raise ValueError(f"ru, rv and x must be vectors of one length, got {tuple(ru.shape)}, {tuple(rv.shape)}, "
@@ -202,6 +229,15 @@ def ratings_pass(U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, x: Tensor, scale:
             parts = native_loops.parallel_ranges(part, _bin_cuts(U, V, ru, rv, gU is not None))
             return torch.tensor(sum(parts), dtype=torch.float64)
     Uf, Vf = U.view(-1, d), V.view(-1, d)
+    if compiled and gU is not None and ru.numel():
+        kernel = _compiled_ratings_kernel()
+        if kernel is not None:
+            try:
+                return kernel(Uf, Vf, ru, rv, x, scale, gU.view(-1, d), gV.view(-1, d))
+            except Exception as exc:  # a compiler error: warn once, then the eager pass from now on
+                warnings.warn(f"torch.compile of the ratings pass failed ({str(exc).splitlines()[0]}); "
+                              "using the eager step (trainer.compile=false silences this)")
+                _COMPILED_KERNELS["ratings"] = None
     nll = torch.zeros((), dtype=torch.float64, device=U.device)
     for s in range(0, ru.numel(), chunk):  # chunks of ratings, not rows or time steps
         e = s + chunk
@@ -235,7 +271,7 @@ class _FusedLoss(torch.autograd.Function):
         gV = buffers[1].get(V) if need_grad else None
         sq_u, psi_u = quadratic_terms_(U, coupling, gamma, gU, compiled=compiled, native=native)  # gU <- gamma U + L U
         sq_v, psi_v = quadratic_terms_(V, coupling, gamma, gV, compiled=compiled, native=native)
-        nll = ratings_pass(U, V, ru, rv, x, scale, gU, gV, chunk, native)  # Eq. 8 and its gradient
+        nll = ratings_pass(U, V, ru, rv, x, scale, gU, gV, chunk, native, compiled)  # Eq. 8 and its gradient
         if need_grad:
             ctx.grads = (gU, gV)
             ctx.coupling, ctx.gamma = coupling, gamma
@@ -374,9 +410,10 @@ class SparseDynamicBernoulliMF(DynamicModel):
             raise ValueError("the data have no training ratings (split == 0); check the split fractions")
 
     def set_compile(self, on: bool) -> None:
-        """``trainer.compile``: run the gamma term / psi pass of each step through ``torch.compile``
-        where the native C loop does not run (no compiler, ``GOLDSTONE_NATIVE=0``, float64); falls
-        back to the eager pass, with a warning, where compiling fails."""
+        """``trainer.compile``: run the gamma term / psi pass and the ratings pass of each step
+        through ``torch.compile`` where the native C loops do not run (a GPU, no compiler,
+        ``GOLDSTONE_NATIVE=0``, float64); falls back to the eager passes, with a warning, where
+        compiling fails."""
         self.compile_steps = bool(on)
 
     # ------------------------------------------------------------------ DynamicModel interface
