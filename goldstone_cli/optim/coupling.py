@@ -334,7 +334,8 @@ def banded_laplacian_(flat: Tensor, coupling: "Coupling", gamma: float, out: Ten
                          f"{tuple(flat.shape)} and {tuple(out.shape)}")
     blk = _banded_blocks(coupling, flat.dtype, flat.device)
     precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    if precision != "highest":  # (a global setting: left alone where it is already the default)
+        torch.set_float32_matmul_precision("highest")
     try:
         for r0, r1, c0, c1, A, eye in blk.parts:
             torch.mm(A.add(eye, alpha=gamma) if gamma else A, flat[c0:c1], out=out[r0:r1])
@@ -344,7 +345,8 @@ def banded_laplacian_(flat: Tensor, coupling: "Coupling", gamma: float, out: Ten
             A = blk.mid.add(blk.mid_eye, alpha=gamma) if gamma else blk.mid
             torch.bmm(A, windows, out=out[b:(M + 1) * b].view(M, b, L))
     finally:
-        torch.set_float32_matmul_precision(precision)
+        if precision != "highest":
+            torch.set_float32_matmul_precision(precision)
     return out
 
 
