@@ -56,12 +56,20 @@ def _key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
 
+#: in-place operations that only write their self (no read of it: counted once)
+WRITE_ONLY = {"zero_", "fill_", "copy_", "normal_", "uniform_", "bernoulli_", "random_", "exponential_",
+              "geometric_", "cauchy_", "log_normal_"}
+
+
 def _rewritten(func, args: tuple, kwargs: dict) -> set:
     """Keys of the tensors an operation reads and writes back (in place: ``add_``'s self, the fused
     optimizers' parameters and moments), from its schema: arguments marked written that are not
     ``out=`` arguments (written only). The fused optimizers' ``grads`` are marked written (scaled in
-    place under a grad scaler) but are only read without one, as here."""
+    place under a grad scaler) but are only read without one, as here. :data:`WRITE_ONLY`
+    operations (``zero_``, ``copy_``, the random fills) write their self without reading it."""
     keys = set()
+    if func.overloadpacket.__name__ in WRITE_ONLY:
+        return keys
     for i, a in enumerate(func._schema.arguments):
         if a.alias_info is None or not a.alias_info.is_write or a.is_out or a.name == "grads":
             continue

@@ -12,7 +12,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_traffic_counter_counts_bytes_and_tells_the_chain_passes_apart(tmp_path, monkeypatch, capsys):
     """bench/traffic.py: an add of two 1,000-float tensors touches 12 kB, out of place, in place (a
-    read-modify-write of self) or into an ``out=`` tensor; views nothing; fused AdaGrad reads and
+    read-modify-write of self) or into an ``out=`` tensor; ``zero_`` writes 4 kB, ``copy_`` moves 8 kB;
+    views nothing; fused AdaGrad reads and
     writes back the parameter and its sum of squares and only reads the gradient (5 passes); the CUDA default (blocked whole-tensor chain pass) moves well under half
     the minibatch-sized bytes of the log-depth chain terms under autograd, in about as many operations."""
     import bench.traffic as tr
@@ -25,8 +26,10 @@ def test_traffic_counter_counts_bytes_and_tells_the_chain_passes_apart(tmp_path,
         a.add_(b)
         torch.add(a, b, out=o)
         _ = a.view(10, 100)[:3]
+        o.zero_()  # written only
+        o.copy_(a)  # a read, o written
     s = c.summary()
-    assert s["ops"] == 3 and s["bytes"] == 3 * 12_000
+    assert s["ops"] == 5 and s["bytes"] == 3 * 12_000 + 4_000 + 8_000
     p = torch.nn.Parameter(torch.ones(1000))
     opt = torch.optim.Adagrad([p], lr=0.1, fused=True)
     p.grad = torch.ones(1000)
