@@ -33,8 +33,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 from typing import Callable, Optional
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
