@@ -1,7 +1,7 @@
 """The banded Laplacian product (``coupling.banded_laplacian_``, the GPU's way of forming
 ``gamma Z + L Z``) against the dense Laplacian and the elementwise pass: every block layout, graphs
 with several and long offsets, float32 at a realistic size against float64, TF32 switched on by the
-user, and the MovieLens step it runs in (forced onto the CPU here)."""
+user, and the MovieLens and DWE steps it runs in (forced onto the CPU here)."""
 
 import numpy as np
 import pytest
@@ -142,3 +142,26 @@ def test_movielens_step_by_the_banded_method_matches_the_default(shared_data, tm
     np.testing.assert_allclose(res[0][0], res[1][0], rtol=1e-13)
     for a, b in zip(res[0][1], res[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("inference", ["map", "variational"])
+def test_dwe_step_by_the_banded_method_matches_the_default(monkeypatch, inference):
+    """DWE (T=70: one middle block), float64, the PyTorch step: the mean terms' ``gamma x + L x`` by
+    the banded product give the elementwise method's loss and gradients to rounding."""
+    from goldstone_cli.models.dwe import DynamicWordEmbeddings
+
+    from test_dwe import _wc
+
+    wc = _wc(V=40, T=70)
+    res = []
+    for method in ("elementwise", "banded"):
+        monkeypatch.setitem(C.LAPLACIAN_METHOD, "cpu", method)
+        model = DynamicWordEmbeddings(wc, d=4, inference=inference, batch_words=10, batch_contexts=12,
+                                      dtype=torch.float64, test_mass=0.2)
+        model.native = False
+        terms = model.loss_terms(torch.Generator().manual_seed(0))
+        terms["total"].backward()
+        res.append((float(terms["total"].detach()), [p.grad for p in model.parameters()]))
+    assert res[0][0] == pytest.approx(res[1][0], rel=1e-13)
+    for a, b in zip(res[0][1], res[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
