@@ -125,6 +125,22 @@ def compiled_kernel(name: str, fn, eager: str):
     return COMPILED[name]
 
 
+def run_compiled(name: str, fn, what: str, *args):
+    """``fn(*args)`` compiled (:func:`compiled_kernel` under ``name``), or None where torch.compile
+    is unavailable or the compiled call fails: then one warning names ``what`` and the caller's
+    eager pass runs, from then on without trying again."""
+    kernel = compiled_kernel(name, fn, what)
+    if kernel is None:
+        return None
+    try:
+        return kernel(*args)
+    except Exception as exc:  # a compiler error: warn once, then the eager pass from now on
+        warnings.warn(f"torch.compile of the {what} failed ({str(exc).splitlines()[0]}); "
+                      "using the eager pass (trainer.compile=false silences this)")
+        COMPILED[name] = None
+        return None
+
+
 def storage_unused(st) -> bool:
     """True if only the caller's reference to the untyped storage ``st`` is left (no tensor or view
     uses it); False where PyTorch's private use count is not available (then nothing is reused)."""

@@ -305,12 +305,9 @@ def test_compiled_step_matches_the_eager_step_on_real_ratings(small, dtype):
     gradients to rounding (float32: the scatter-adds' order differs), weights != 1 included."""
     res = []
     for compiled in (False, True):
-        model = SparseDynamicBernoulliMF(small, d=5, seed=0, dtype=dtype)
-        model.native = False
-        model.set_compile(compiled)
-        terms, grads = new_terms_and_grads(model, weights=(1.0, 2.0))
+        terms, grads = new_terms_and_grads(_torch_model(small, compiled, dtype, d=5), weights=(1.0, 2.0))
         res.append(([float(terms[k]) for k in ("local", "psi")], grads))
-    assert C._COMPILED.get("chain") is not None and M._COMPILED_KERNELS.get("ratings") is not None
+    assert C._COMPILED.get("chain") is not None and M._COMPILED.get("ratings") is not None
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(res[0][0], res[1][0], rtol=tol["rtol"])
     for a, b in zip(res[0][1], res[1][1]):
@@ -322,19 +319,20 @@ def test_a_failing_compiled_ratings_pass_falls_back_to_the_eager_pass(small, mon
     def broken(*a, **k):
         raise RuntimeError("inductor exploded\nmore detail")
 
-    monkeypatch.setitem(M._COMPILED_KERNELS, "ratings", broken)
+    monkeypatch.setitem(M._COMPILED, "ratings", broken)
     monkeypatch.setitem(C._COMPILED, "chain", None)  # the quadratic terms eager (not compiled here)
     want = new_terms_and_grads(_torch_model(small, compiled=False))
     with pytest.warns(UserWarning, match="ratings pass failed \\(inductor exploded\\)"):
         got = new_terms_and_grads(_torch_model(small, compiled=True))
-    assert M._COMPILED_KERNELS["ratings"] is None  # not tried again
+    assert M._COMPILED["ratings"] is None  # not tried again
     assert [float(want[0][k]) for k in want[0]] == [float(got[0][k]) for k in got[0]]
     for a, b in zip(want[1], got[1]):
         assert torch.equal(a, b)
 
 
-def _torch_model(data, compiled: bool) -> SparseDynamicBernoulliMF:
-    model = SparseDynamicBernoulliMF(data, d=4, seed=0, dtype=torch.float64)
+def _torch_model(data, compiled: bool, dtype=torch.float64, d: int = 4) -> SparseDynamicBernoulliMF:
+    """The MovieLens model with the PyTorch step (native loops off), ``trainer.compile`` on or off."""
+    model = SparseDynamicBernoulliMF(data, d=d, seed=0, dtype=dtype)
     model.native = False
     model.set_compile(compiled)
     return model

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -45,7 +44,7 @@ from torch import Tensor, nn
 from goldstone_cli.kernels import native as native_loops
 from goldstone_cli.kernels.normal import randn_
 from goldstone_cli.models.base import DynamicModel
-from goldstone_cli.numerics import COMPILED, WORKSPACE, compiled_kernel, sum_squares, sum_squares_value
+from goldstone_cli.numerics import COMPILED, WORKSPACE, compiled_kernel, run_compiled, sum_squares, sum_squares_value
 from goldstone_cli.optim.coupling import Coupling, quadratic_terms_
 from goldstone_cli.optim.gauge import serial_cpu
 
@@ -1037,15 +1036,9 @@ def _softplus_rows_sigmoid(X: Tensor, nb: Tensor, buf: Tensor, compiled: bool, n
         lib = native_loops.library()
         if lib is not None:
             return _softplus_rows_sigmoid_native(lib, X, nb)
-    kernel = _compiled_logits_kernel() if compiled and X.is_contiguous() else None
-    if kernel is not None:
-        try:
-            return kernel(X, nb)
-        except Exception as exc:  # a compiler error: warn once, then the eager pass from now on
-            warnings.warn(f"torch.compile of the logits pass failed ({str(exc).splitlines()[0]}); "
-                          "using the eager pass (trainer.compile=false silences this)")
-            _COMPILED["logits"] = None
-    return _softplus_rows_sigmoid_eager(X, nb, buf)
+    res = run_compiled("logits", _softplus_rows_sigmoid_kernel, "logits pass", X, nb) \
+        if compiled and X.is_contiguous() else None
+    return res if res is not None else _softplus_rows_sigmoid_eager(X, nb, buf)
 
 
 def _native_logits_block(lib, X: Tensor, nb: Tensor, pt: Tensor, pp: Tensor, pq: Tensor, npos: Tensor,

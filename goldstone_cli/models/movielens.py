@@ -42,7 +42,6 @@ docs/benchmarks.md, "Roofline (issue 16)".
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Protocol
 
 import numpy as np
@@ -53,7 +52,7 @@ from torch import Tensor, nn
 from goldstone_cli.distributed.shard import RowShard
 from goldstone_cli.kernels import native as native_loops
 from goldstone_cli.models.base import DynamicModel
-from goldstone_cli.numerics import COMPILED, compiled_kernel, storage_unused, sum_squares, sum_squares_value
+from goldstone_cli.numerics import COMPILED, run_compiled, storage_unused, sum_squares, sum_squares_value
 from goldstone_cli.optim.coupling import Coupling, quadratic_terms_
 from goldstone_cli.optim.gauge import serial_cpu
 
@@ -187,13 +186,7 @@ def _ratings_kernel(Uf: Tensor, Vf: Tensor, iu: Tensor, iv: Tensor, x: Tensor, s
     return nll
 
 
-_COMPILED_KERNELS = COMPILED  # "ratings": the compiled kernel, or None once compiling failed
-
-
-def _compiled_ratings_kernel():
-    """The compiled :func:`_ratings_kernel`, or None where torch.compile is unavailable or failed
-    before (then the eager chunked pass runs: the same values up to rounding)."""
-    return compiled_kernel("ratings", _ratings_kernel, "ratings pass")
+_COMPILED = COMPILED  # "ratings": the compiled kernel, or None once compiling failed
 
 
 def ratings_pass(U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, x: Tensor, scale: float, gU: Tensor | None,
@@ -230,14 +223,10 @@ def ratings_pass(U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, x: Tensor, scale:
             return torch.tensor(sum(parts), dtype=torch.float64)
     Uf, Vf = U.view(-1, d), V.view(-1, d)
     if compiled and gU is not None and ru.numel():
-        kernel = _compiled_ratings_kernel()
-        if kernel is not None:
-            try:
-                return kernel(Uf, Vf, ru, rv, x, scale, gU.view(-1, d), gV.view(-1, d))
-            except Exception as exc:  # a compiler error: warn once, then the eager pass from now on
-                warnings.warn(f"torch.compile of the ratings pass failed ({str(exc).splitlines()[0]}); "
-                              "using the eager step (trainer.compile=false silences this)")
-                _COMPILED_KERNELS["ratings"] = None
+        nll = run_compiled("ratings", _ratings_kernel, "ratings pass", Uf, Vf, ru, rv, x, scale, gU.view(-1, d),
+                           gV.view(-1, d))
+        if nll is not None:
+            return nll
     nll = torch.zeros((), dtype=torch.float64, device=U.device)
     for s in range(0, ru.numel(), chunk):  # chunks of ratings, not rows or time steps
         e = s + chunk

@@ -14,7 +14,6 @@ over time steps or rows. A general graph costs one such pass per distinct offset
 from __future__ import annotations
 
 import ctypes
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from goldstone_cli.kernels import native as native_loops
-from goldstone_cli.numerics import COMPILED, WORKSPACE, batched_gram, compiled_kernel, row_sum_squares
+from goldstone_cli.numerics import COMPILED, WORKSPACE, batched_gram, row_sum_squares, run_compiled
 
 
 @dataclass(frozen=True)
@@ -377,12 +376,6 @@ def _chain_quadratic_kernel(Z: Tensor, out: Tensor, w: Tensor, diag: Tensor) -> 
 _COMPILED = COMPILED  # "chain": the compiled kernel, or None once compiling failed
 
 
-def _compiled_chain_kernel():
-    """The compiled kernel, or None where torch.compile is unavailable or failed before (then the
-    eager blocked pass runs: the same values up to rounding)."""
-    return compiled_kernel("chain", _chain_quadratic_kernel, "step")
-
-
 def quadratic_terms_(Z: Tensor, coupling: Coupling, gamma: float = 0.0, out: Tensor | None = None,
                      block_elems: int | None = None, sum_squares: bool = True,
                      compiled: bool = False, native: bool = True) -> tuple[Tensor, Tensor]:
@@ -407,16 +400,11 @@ def quadratic_terms_(Z: Tensor, coupling: Coupling, gamma: float = 0.0, out: Ten
         if lib is not None:
             return _native_chain(lib, Z, coupling, gamma, out, sum_squares)
     if compiled and out is not None and T > 1 and coupling.is_chain() and Z.is_contiguous() and out.is_contiguous():
-        kernel = _compiled_chain_kernel()
-        if kernel is not None:
-            try:
-                w = coupling.bands(Z.dtype, Z.device)[0].weight
-                diag = coupling._degree_tensor(Z.dtype, Z.device) + gamma
-                return kernel(Z.view(T, -1), out.view(T, -1), w, diag)
-            except Exception as exc:  # a compiler error: warn once, then the eager pass from now on
-                warnings.warn(f"torch.compile of the quadratic terms failed ({str(exc).splitlines()[0]}); "
-                              "using the eager step (trainer.compile=false silences this)")
-                _COMPILED["chain"] = None
+        w = coupling.bands(Z.dtype, Z.device)[0].weight
+        diag = coupling._degree_tensor(Z.dtype, Z.device) + gamma
+        res = run_compiled("chain", _chain_quadratic_kernel, "quadratic terms", Z.view(T, -1), out.view(T, -1), w, diag)
+        if res is not None:
+            return res
     flat = Z.reshape(T, -1)  # (T, N d), a view of a contiguous parameter
     L = flat.shape[1]
     go = out.view(T, -1) if out is not None else None
