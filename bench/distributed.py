@@ -12,8 +12,8 @@ What is measured, on every rank count of ``--ranks``:
   gathering the whole context table (what a DTensor ``Shard(1)`` -> ``Replicate`` redistribution or
   FSDP2's parameter all-gather does).
 
-Bytes: every collective call is recorded (``torch.distributed`` functions and the module-level
-aliases of goldstone's sharding code are wrapped) with the size of its full tensor: the reduced
+Bytes: every collective call is recorded (all of goldstone's go through
+``goldstone_cli.distributed.collective.run``, which is wrapped) with the size of its full tensor: the reduced
 buffer (all_reduce), the gathered output (all_gather), the input that is reduced and scattered
 (reduce_scatter). ``payload`` sums those; ``wire`` is what a ring algorithm sends per rank:
 2 (w-1)/w x that size for all_reduce, (w-1)/w x for all_gather and reduce_scatter. One rank sends
@@ -75,44 +75,30 @@ class CommCounter:
 
 @contextlib.contextmanager
 def counting():
-    """Record every collective of goldstone's code paths while the block runs."""
-    from goldstone_cli.distributed import shard as shard_mod
-    from goldstone_cli.models import dwe_sharded
+    """Record every collective of goldstone's code paths while the block runs: they all go through
+    ``goldstone_cli.distributed.collective.run`` (a barrier moves no payload and is not counted)."""
+    from goldstone_cli.distributed import collective
 
     counter = CommCounter()
-    patched = []
-
-    def wrap(mod, name, kind, which):
-        fn = getattr(mod, name, None)
-        if fn is None:
-            return
-
-        def wrapper(*args, **kwargs):
-            counter.add(kind, which(args))
-            return fn(*args, **kwargs)
-
-        patched.append((mod, name, fn))
-        setattr(mod, name, wrapper)
-
     first = lambda a: a[0]  # noqa: E731  all_reduce(t), broadcast(t)
     output = lambda a: a[0]  # noqa: E731  all_gather(list_out, local), all_gather_single(out, local)
     second = lambda a: a[1]  # noqa: E731  reduce_scatter_single(out, full)
-    for mod in (dist,):
-        wrap(mod, "all_reduce", "all_reduce", first)
-        wrap(mod, "broadcast", "broadcast", first)
-        wrap(mod, "all_gather", "all_gather", output)
-        for name in ("all_gather_single", "all_gather_into_tensor"):
-            wrap(mod, name, "all_gather", output)
-        for name in ("reduce_scatter_single", "reduce_scatter_tensor"):
-            wrap(mod, name, "reduce_scatter", second)
-    wrap(shard_mod, "_reduce_scatter", "reduce_scatter", second)
-    wrap(dwe_sharded, "_reduce_scatter", "reduce_scatter", second)
-    wrap(dwe_sharded, "_all_gather", "all_gather", output)
+    kinds = {dist.all_reduce: ("all_reduce", first), dist.broadcast: ("broadcast", first),
+             dist.all_gather: ("all_gather", output), collective.all_gather_single: ("all_gather", output),
+             collective.reduce_scatter_single: ("reduce_scatter", second)}
+    run = collective.run
+
+    def counted(fn, /, *args, **kwargs):
+        if fn in kinds:
+            kind, which = kinds[fn]
+            counter.add(kind, which(args))
+        return run(fn, *args, **kwargs)
+
+    collective.run = counted
     try:
         yield counter
     finally:
-        for mod, name, fn in reversed(patched):
-            setattr(mod, name, fn)
+        collective.run = run
 
 
 def _sync(device: torch.device) -> None:

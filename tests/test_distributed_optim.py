@@ -172,6 +172,22 @@ def _nonfinite_on_one_rank(rank: int, group) -> dict:
     return {"raised": raised, "unchanged": bool(torch.equal(torch.nan_to_num(Z.detach()), torch.nan_to_num(before)))}
 
 
+def _gauge_step_keeps_its_work(rank: int, group) -> dict:
+    """After a gauge step the Work of its last all-reduce (the psi values after it) is still held
+    by goldstone_cli.distributed.collective, so that gloo's worker thread never frees its tensors
+    (freeing them needs the GIL, which a process leaving the interpreter no longer hands out)."""
+    from goldstone_cli.distributed import collective
+
+    Z = torch.nn.Parameter(torch.randn(5, 3, 2, dtype=DT, generator=torch.Generator().manual_seed(rank)))
+    opt = GoldstoneGD(torch.optim.SGD([Z], lr=0.1), groups=[[Z]], coupling=Coupling.chain(5, 1.0),
+                      solver="procrustes", process_group=group)
+    opt.gauge_step()
+    work = collective.last_work()
+    out = work.result() if work is not None else []
+    return {"completed": work is not None and work.is_completed(),
+            "result": [t.clone() for t in out], "psi_after": opt.last_gauge["psi_after"]}
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -180,6 +196,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         results = {name: run_scenario(name, rank, world, dist.group.WORLD) for name in SCENARIOS}
         results["nonfinite"] = _nonfinite_on_one_rank(rank, dist.group.WORLD)
+        results["kept_work"] = _gauge_step_keeps_its_work(rank, dist.group.WORLD)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -281,6 +298,15 @@ def test_nonfinite_rows_on_one_rank_stop_every_rank(two_rank_results):
     for r in two_rank_results:
         assert "psi became nan" in r["nonfinite"]["raised"]
         assert r["nonfinite"]["unchanged"]
+
+
+def test_gauge_step_keeps_its_last_all_reduce_alive(two_rank_results):
+    for r in two_rank_results:
+        kept = r["kept_work"]
+        assert kept["completed"]
+        (psi_after,) = kept["result"]  # the all-reduced psi after the rotation, one per group
+        assert psi_after.dtype == DT and psi_after.shape == (1,)
+        assert math.isclose(psi_after.item(), kept["psi_after"], rel_tol=1e-12)
 
 
 def test_replicated_must_be_a_group_tensor():

@@ -95,7 +95,27 @@ def _collectives(ns):
 def _collectives_one(n):
     import torch.distributed as dist
 
+    from goldstone_cli.distributed import collective
+
     s = RowShard(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+    works = []  # every collective's Work, kept by collective.run until the next one replaces it
+    orig = collective.run
+
+    def run(fn, /, *args, **kwargs):
+        orig(fn, *args, **kwargs)
+        works.append(collective.last_work())
+
+    collective.run = run
+    try:
+        out = _collectives_run(s, n)
+    finally:
+        collective.run = orig
+    out["kept"] = [w is not None for w in works]  # (gloo's reduce_scatter Work never reports is_completed)
+    out["distinct"] = len({id(w) for w in works})
+    return out
+
+
+def _collectives_run(s, n):
     g = torch.Generator().manual_seed(0)
     full = torch.randn(3, n, 2, generator=g, dtype=torch.float64)  # the same on every rank
     gathered = s.all_gather_rows(s.take(full).clone(), n)
@@ -127,6 +147,8 @@ def test_collectives_two_ranks(one_thread):
         assert res["flag"].item() == 1.0 and res["b"].item() == 1.0
         assert res["everyone"] == [{"rank": 0, "x": "yyy"}, {"rank": 1, "x": "yyyy"}]
         assert res["msg"] == {"rank": 0, "path": "/d\u00e9j\u00e0 vu", "n": [1, 2.5, None]}  # rank 0's, everywhere
+        # 8 collectives; each left its own Work behind (kept until the next one)
+        assert res["kept"] == [True] * 8 and res["distinct"] == 8
 
 
 def test_json_collectives_refuse_a_message_longer_than_their_buffer():

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from goldstone_cli.distributed import collective
+
 
 @dataclass(frozen=True)
 class RowShard:
@@ -82,23 +84,23 @@ class RowShard:
             return t
         if float64 and t.is_floating_point() and t.dtype != torch.float64:
             buf = t.to(torch.float64)
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+            collective.run(dist.all_reduce, buf, op=dist.ReduceOp.SUM, group=self.group)
             t.copy_(buf)
         else:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+            collective.run(dist.all_reduce, t, op=dist.ReduceOp.SUM, group=self.group)
         return t
 
     def all_reduce_max_(self, t: Tensor) -> Tensor:
         """Elementwise maximum over ranks, in place (flags: stop / diverged / interrupted)."""
         if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            collective.run(dist.all_reduce, t, op=dist.ReduceOp.MAX, group=self.group)
         return t
 
     def broadcast_(self, t: Tensor, src: int = 0) -> Tensor:
         """Overwrite ``t`` with rank ``src``'s copy, in place."""
         if self.distributed:
-            dist.broadcast(t, src=dist.get_global_rank(self.group, src) if self.group is not None else src,
-                           group=self.group)
+            root = dist.get_global_rank(self.group, src) if self.group is not None else src
+            collective.run(dist.broadcast, t, src=root, group=self.group)
         return t
 
     def broadcast_json(self, msg: Any, nbytes: int = 8192, src: int = 0) -> Any:
@@ -149,7 +151,7 @@ class RowShard:
             buf[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
             dev = self.device or torch.device("cpu")
             gathered = torch.empty(self.world * nbytes, dtype=torch.uint8, device=dev)
-            dist.all_gather_into_tensor(gathered, buf.to(dev), group=self.group)
+            collective.run(collective.all_gather_single, gathered, buf.to(dev), group=self.group)
             flat = gathered.cpu().numpy()
             out = [json.loads(bytes(flat[r * nbytes:(r + 1) * nbytes]).rstrip(b"\0").decode())
                    for r in range(self.world)]
@@ -159,7 +161,7 @@ class RowShard:
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier(group=self.group)
+            collective.run(dist.barrier, group=self.group)
 
     def all_gather_rows(self, local: Tensor, n: int, dim: int = 1) -> Tensor:
         """The full tensor (``n`` rows along ``dim``) from every rank's block ``local``."""
@@ -171,7 +173,7 @@ class RowShard:
         b = self.block(n)
         padded = _pad_rows(local.contiguous(), b, dim)
         parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded, group=self.group)
+        collective.run(dist.all_gather, parts, padded, group=self.group)
         return torch.cat(parts, dim=dim).narrow(dim, 0, n).contiguous()  # callers view() it (padding: not contiguous)
 
     def reduce_scatter_rows(self, full: Tensor, dim: int = 1) -> Tensor:
@@ -183,7 +185,7 @@ class RowShard:
         b = self.block(n)
         rows_first = _pad_rows(full.movedim(dim, 0), b * self.world, 0).contiguous()  # (world*b, ...)
         out = torch.empty((b,) + tuple(rows_first.shape[1:]), dtype=full.dtype, device=full.device)
-        _reduce_scatter(out, rows_first, op=dist.ReduceOp.SUM, group=self.group)
+        collective.run(collective.reduce_scatter_single, out, rows_first, op=dist.ReduceOp.SUM, group=self.group)
         return out.narrow(0, 0, self.local_size(n)).movedim(0, dim)
 
     def gather_rows(self, local: Tensor, n: int, dim: int = 1) -> Tensor:
@@ -199,16 +201,13 @@ class RowShard:
             return local
         size = torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device)
         sizes = [torch.empty_like(size) for _ in range(self.world)]
-        dist.all_gather(sizes, size, group=self.group)
+        collective.run(dist.all_gather, sizes, size, group=self.group)
         sizes = [int(s) for s in sizes]
         padded = _pad_rows(local.contiguous(), max(sizes), 0)
         parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded, group=self.group)
+        collective.run(dist.all_gather, parts, padded, group=self.group)
         return torch.cat([p[:k] for p, k in zip(parts, sizes)], dim=0)
 
-
-# torch >= 2.12 renames reduce_scatter_tensor (deprecated) to reduce_scatter_single
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class _GatherRows(torch.autograd.Function):

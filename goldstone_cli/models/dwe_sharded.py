@@ -52,6 +52,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from goldstone_cli.distributed import collective
 from goldstone_cli.distributed.shard import RowShard
 from goldstone_cli.models.base import DynamicModel
 from goldstone_cli.models.dwe_split import HeldOut, StepSource, load_rows_distributed, split_rows
@@ -73,10 +74,6 @@ from goldstone_cli.optim.coupling import Coupling
 #: tensors with at most this many numbers are initialized by one global draw (like dwe.py)
 FULL_INIT_MAX = 1 << 27
 
-# torch >= 2.12 names them *_single (the *_tensor names are deprecated); both take the ranks' blocks
-# concatenated along dim 0
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 # ============================================================================ collectives
@@ -92,7 +89,7 @@ class _GatherSegments(torch.autograd.Function):
         padded = local.new_zeros(T, k, d)
         padded[:, : local.shape[1]] = local
         out = local.new_empty(shard.world * T, k, d)
-        _all_gather(out, padded, group=shard.group)
+        collective.run(collective.all_gather_single, out, padded, group=shard.group)
         out = out.view(shard.world, T, k, d)
         return torch.cat([out[r, :, :n] for r, n in enumerate(sizes)], dim=1)
 
@@ -107,7 +104,8 @@ class _GatherSegments(torch.autograd.Function):
             full[r, :, :n] = grad[:, pos:pos + n]
             pos += n
         out = grad.new_empty(T, k, d)
-        _reduce_scatter(out, full.view(shard.world * T, k, d), op=dist.ReduceOp.SUM, group=shard.group)
+        collective.run(collective.reduce_scatter_single, out, full.view(shard.world * T, k, d), op=dist.ReduceOp.SUM,
+                       group=shard.group)
         return out[:, : sizes[shard.rank]], None, None
 
 

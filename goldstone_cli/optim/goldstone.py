@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from goldstone_cli.distributed import collective
 from goldstone_cli.numerics import sum_squares_value
 
 from . import gauge as G
@@ -667,8 +668,9 @@ def _check_balance(balance, groups: list[list[Tensor]], solver: str) -> list[tup
 def _all_reduce_sum(buf: Tensor, group) -> Tensor:
     """Sum ``buf`` (float64) over the ranks of ``group``, in place; returns it. Every rank gets the
     same numbers (gloo and NCCL reduce each chunk once and then copy it to every rank), which is
-    what makes the solvers' rotations identical across ranks."""
-    torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM, group=group)
+    what makes the solvers' rotations identical across ranks. Through ``collective.run``: a script
+    whose last act is a gauge step must not die at exit freeing ``buf`` on a gloo thread."""
+    collective.run(torch.distributed.all_reduce, buf, op=torch.distributed.ReduceOp.SUM, group=group)
     return buf
 
 
