@@ -209,7 +209,6 @@ class RowShard:
         return torch.cat([p[:k] for p, k in zip(parts, sizes)], dim=0)
 
 
-
 class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local: Tensor, shard: RowShard, n: int, dim: int) -> Tensor:

@@ -75,7 +75,6 @@ from goldstone_cli.optim.coupling import Coupling
 FULL_INIT_MAX = 1 << 27
 
 
-
 # ============================================================================ collectives
 class _GatherSegments(torch.autograd.Function):
     """Concatenate along dim 1 the (T, k_r, d) blocks of all ranks (rank order), k_r known on
