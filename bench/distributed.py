@@ -80,18 +80,16 @@ def counting():
     from goldstone_cli.distributed import collective
 
     counter = CommCounter()
-    first = lambda a: a[0]  # noqa: E731  all_reduce(t), broadcast(t)
-    output = lambda a: a[0]  # noqa: E731  all_gather(list_out, local), all_gather_single(out, local)
-    second = lambda a: a[1]  # noqa: E731  reduce_scatter_single(out, full)
-    kinds = {dist.all_reduce: ("all_reduce", first), dist.broadcast: ("broadcast", first),
-             dist.all_gather: ("all_gather", output), collective.all_gather_single: ("all_gather", output),
-             collective.reduce_scatter_single: ("reduce_scatter", second)}
+    # kind and which positional argument is the full tensor: all_reduce(t), broadcast(t),
+    # all_gather(list_out, local), all_gather_single(out, local), reduce_scatter_single(out, full)
+    kinds = {dist.all_reduce: ("all_reduce", 0), dist.broadcast: ("broadcast", 0), dist.all_gather: ("all_gather", 0),
+             collective.all_gather_single: ("all_gather", 0), collective.reduce_scatter_single: ("reduce_scatter", 1)}
     run = collective.run
 
     def counted(fn, /, *args, **kwargs):
         if fn in kinds:
-            kind, which = kinds[fn]
-            counter.add(kind, which(args))
+            kind, i = kinds[fn]
+            counter.add(kind, args[i])
         return run(fn, *args, **kwargs)
 
     collective.run = counted

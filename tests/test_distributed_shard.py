@@ -98,7 +98,7 @@ def _collectives_one(n):
     from goldstone_cli.distributed import collective
 
     s = RowShard(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
-    works = []  # every collective's Work, kept by collective.run until the next one replaces it
+    works = []  # the Work each collective left in collective.last_work()
     orig = collective.run
 
     def run(fn, /, *args, **kwargs):
