@@ -250,8 +250,9 @@ def movielens_case(name: str, path: Path, args, device: torch.device, T: int = 1
     against the compiled naive reference (autograd through :func:`naive_movielens_loss`, fused
     AdaGrad), the pre-issue-16 formulation (the base class's ``local_loss() + psi()`` with a for-loop
     AdaGrad) and ``trainer.compile=true``; on a GPU also ``goldstone_elementwise`` (``gamma Z + L Z``
-    by the elementwise passes instead of the banded product, ``coupling.LAPLACIAN_METHOD``). All
-    update the same parameters and AdaGrad state."""
+    by the elementwise passes instead of the banded product, ``coupling.LAPLACIAN_METHOD``) and
+    ``goldstone_scatter`` (the ratings' gradient scatter-added rating by rating instead of by row
+    sums, ``movielens.RATINGS_GRADIENT``). All update the same parameters and AdaGrad state."""
     from goldstone_cli.data.movielens import load_movielens
     from goldstone_cli.models.base import DynamicModel
     from goldstone_cli.models.movielens import SparseDynamicBernoulliMF
@@ -293,9 +294,16 @@ def movielens_case(name: str, path: Path, args, device: torch.device, T: int = 1
         with mock.patch.dict(coupling.LAPLACIAN_METHOD, {device.type: "elementwise"}):
             without_native(step)()
 
+    def step_scatter():  # the eager ratings pass's gradient rating by rating (before the row sums)
+        from goldstone_cli.models import movielens
+
+        with mock.patch.dict(movielens.RATINGS_GRADIENT, {device.type: "scatter"}):
+            without_native(step)()
+
     variants = {"goldstone": step, "goldstone_torch": without_native(step), "before_issue16": step_before}
     if device.type != "cpu":  # on the CPU the native loop (and its PyTorch twin) use no banded product
         variants["goldstone_elementwise"] = step_elementwise
+        variants["goldstone_scatter"] = step_scatter
     if not args.no_compile:
         variants["goldstone_compiled"] = step_compiled
         U, V = model.U, model.V

@@ -9,8 +9,8 @@ each read and write whole tensors (bandwidth-bound) and each cost a launch.
 Every ATen operation of one step (forward, backward, the optimizer) runs under a dispatch mode that
 counts it and the bytes of the distinct tensors it reads or writes, twice for a tensor it reads and
 writes back (in place: ``add_``'s self, the fused optimizers' parameters and moments); views are
-free; ``index_select`` and ``index_add_`` count the rows they touch; other indexing operations count
-their whole source.
+free; ``index_select`` and ``index_add_`` count the rows they touch, ``embedding_bag`` the rows its
+indices read; other indexing operations count their whole source.
 With ``--as cuda`` (default) each path runs as it would on a GPU: no native C loops, the CUDA
 defaults of the recurrence (``dwe.SCAN_METHOD``) and of the logits chunk (``dwe.LOGIT_CHUNK``), the
 quadratic terms in the GPU's time blocks (``coupling.GPU_BLOCK_ELEMS``);
@@ -50,6 +50,8 @@ VIEWS = {"view", "as_strided", "slice", "select", "transpose", "t", "expand", "p
 
 #: row gathers and row adds: counted as the rows they read (and write), not their whole source
 ROW_OPS = {"index_select", "index_add_"}
+#: weighted row sums (``F.embedding_bag``): the rows their indices read, not the whole weight
+BAG_OPS = {"_embedding_bag_forward_only", "_embedding_bag"}
 
 
 def _key(t: torch.Tensor) -> tuple:
@@ -104,6 +106,14 @@ class StepCounter(TorchDispatchMode):
             k = (self.classify(big.numel()), name)
             self.ops[k] += 1
             self.bytes[k] += nb(idx) + (3 if name == "index_add_" else 2) * nb(small)
+            return out
+        if name in BAG_OPS:  # the weight's rows that the indices read; indices, weights, outputs whole
+            weight, idx = args[0], args[1]
+            rest = [t for t in tensors[1:] if t is not weight]
+            k = (self.classify(weight.numel()), name)
+            self.ops[k] += 1
+            self.bytes[k] += (idx.numel() * weight.shape[-1] * weight.element_size()
+                              + sum(t.numel() * t.element_size() for t in rest))
             return out
         seen, nbytes, largest = set(), 0, 0
         rewritten = _rewritten(func, args, kwargs or {})

@@ -39,6 +39,15 @@ def test_traffic_counter_counts_bytes_and_tells_the_chain_passes_apart(tmp_path,
         opt.step()
     top = {r["op"]: r["bytes"] for r in c.summary()["top"]}
     assert top["_fused_adagrad_"] == 5 * 4000 + 2 * 4  # + the step counter (one float, read and written)
+    # embedding_bag reads the rows its indices name (5 of 8 floats), not its whole 1000-row weight;
+    # indices, offsets, per-sample weights and its outputs (2 rows, offset2bag, bag sizes) whole
+    W, idx, off, w = torch.ones(1000, 8), torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 2]), torch.ones(5)
+    c = tr.StepCounter(lambda n: "all")
+    with c:
+        out = torch.nn.functional.embedding_bag(idx, W, off, mode="sum", per_sample_weights=w)
+    (row,) = c.summary()["top"]
+    assert out.shape == (2, 8) and row["calls"] == 1
+    assert 5 * 32 + 5 * 8 + 2 * 8 + 5 * 4 + 2 * 32 <= row["bytes"] <= 5 * 32 + 5 * 8 + 2 * 8 + 5 * 4 + 2 * 32 + 6 * 8
     monkeypatch.setattr(tr, "RESULTS", tmp_path)
     monkeypatch.setattr("sys.argv", ["traffic", "--V", "80", "--T", "64", "--d", "4", "--batch", "30"])
     tr.main()
