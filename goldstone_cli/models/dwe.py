@@ -524,8 +524,10 @@ def _chain_grads(raw_shape, rows: Optional[Tensor], b: Tensor, a: Tensor,
 
 def _check_rows(rows: Tensor, n: int) -> None:
     """IndexError unless every minibatch row lies in [0, n) (the C loops trust their row indices)."""
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
-        raise IndexError(f"minibatch rows must lie in [0, {n}), got [{int(rows.min())}, {int(rows.max())}]")
+    if rows.numel():
+        lo, hi = torch.stack(torch.aminmax(rows)).tolist()  # one device sync
+        if lo < 0 or hi >= n:
+            raise IndexError(f"minibatch rows must lie in [0, {n}), got [{lo}, {hi}]")
 
 
 def _native_rows_lib(x: Tensor, rows: Tensor, other: Tensor):
@@ -890,9 +892,13 @@ class _MeanTerms(torch.autograd.Function):
     def backward(ctx, g_rows, g_sq, g_psi):
         x, rows = ctx.saved_tensors
         grad = WORKSPACE.take(x.shape, x.dtype, x.device)  # pooled: no page faults of a fresh (T, N, d) tensor
-        gp = 0.0 if g_psi is None or ctx.coupling is None else float(g_psi)
+        if g_psi is None or ctx.coupling is None:
+            gp = 0.0
+        elif g_sq is None:
+            gp, gs = float(g_psi), 0.0
+        else:  # both weights in one device sync
+            gp, gs = torch.stack([g_psi.reshape(()).double(), g_sq.reshape(()).double()]).tolist()
         if gp != 0.0:  # g_psi (L x + (2 g_sq / g_psi) x) in one pass
-            gs = 0.0 if g_sq is None else float(g_sq)
             quadratic_terms_(x.detach(), ctx.coupling, 2.0 * gs / gp, grad, sum_squares=False, native=ctx.native)
             if gp != 1.0:
                 grad.mul_(gp)
@@ -1271,11 +1277,12 @@ def block_positives(crow: Tensor, col: Tensor, val: Tensor, rows: Tensor, cols: 
     lib = native_loops.library() if native and native_loops.usable(crow, col, rows, dtype=torch.int64) else None
     if lib is not None:
         return _native_block_positives(lib, crow, col, val, rows.contiguous(), col_pos, lens, T, n_rows, n_cols)
-    owner = torch.repeat_interleave(torch.arange(len(r), device=dev), lens)  # (nnz_sel,)
-    offs = torch.arange(len(owner), device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+    nnz = int(lens.sum())  # (nnz,) entries of the selected rows: one device sync for the sizes below
+    owner = torch.repeat_interleave(torch.arange(len(r), device=dev), lens, output_size=nnz)
+    offs = torch.arange(nnz, device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens, output_size=nnz)
     idx = start[owner] + offs
     q = col_pos[col[idx]]
-    keep = q >= 0
+    keep = torch.nonzero(q >= 0).squeeze(1)  # one more sync, instead of one per masked gather
     owner, idx, q = owner[keep], idx[keep], q[keep]
     P = max(rows.numel(), 1)
     return owner // P, owner % P, q, val[idx]
