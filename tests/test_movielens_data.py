@@ -288,6 +288,24 @@ def test_missing_data_set_says_where_it_looked_and_how_to_download(tmp_path):
     ("u.data", "1\t2\t3\t100\n1\t3\t4\t101\t7\n", 2, "got 5"),
     ("u.data", "   \n\n", None, "empty"),
     ("u.data", "1 2 3 100\n", 1, "unrecognized layout"),
+    # issue: whitespace-only line, int64 overflow, negative timestamp, exact repeats, blank line before the header
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.5,100\n   \n1,3,4.0,101\n", 3, "a line of only spaces"),
+    ("u.data", "1\t2\t3\t100\n \t \n", 2, "a line of only spaces"),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.5,100\n99999999999999999999,3,4.0,101\n", 3,
+     "user id '99999999999999999999' does not fit in a 64-bit integer"),
+    ("ratings.dat", "1::2::3::100\n1::9223372036854775808::4::101\n", 2, "item id '9223372036854775808' does not fit"),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.5,100\n1,3,4.0,-5\n2,3,4.0,-7\n", 3,
+     "2 ratings have a negative timestamp (before 1970), the first is line 3 (user 1, item 3, rating 4, timestamp -5)"),
+    ("u.data", "1\t2\t3\t100\n\n1\t3\t4\t-1\n", 3, "1 rating has a negative timestamp"),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.5,100\n1,3,4.0,101\n1,3,4.0,101\n2,1,1.0,5\n", 4,
+     "1 row repeats an earlier row exactly (same user, item, rating and timestamp), the first is line 4 "
+     "(user 1, item 3, rating 4, timestamp 101), a repeat of line 3. Remove the repeated lines"),
+    # sorted by (user, item), the repeat not adjacent (a re-rating in between); empty lines shift the lines
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,3,4.0,101\n\n1,3,2.0,200\n\n1,3,4.0,101\n1,3,2.0,200\n", 6,
+     "2 rows repeat an earlier row exactly (same user, item, rating and timestamp), the first is line 6 "
+     "(user 1, item 3, rating 4, timestamp 101), a repeat of line 2."),
+    ("ratings.dat", "5::1::3::100\n1::2::3::100\n5::1::3::100\n", 3, "a repeat of line 1"),  # unsorted
+    ("ratings.csv", "\n\nuserId,movieId,rating,timestamp\n1,2,3.5,100\n1,x,4.0,101\n", 5, "item id 'x'"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, name, content, line, what):
     path = tmp_path / name
@@ -578,3 +596,102 @@ def test_time_range_reaches_the_loader_from_the_config(tmp_path):
     with pytest.warns(UserWarning, match="dropped 1 of the 5 ratings"):
         model = build_model(cfg, torch.device("cpu"), torch.float32)
     assert sum(model.split_sizes().values()) == 4  # 5 ratings, one outside; the median 3.25 of the rest drops none
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (issue: repeats, negative timestamps, rating scale, compressed files, header position)
+
+
+def test_part_of_the_file_appended_to_itself_is_rejected(small_csv, tmp_path):
+    lines = small_csv.read_bytes().splitlines(keepends=True)  # CRLF line ends
+    path = tmp_path / "ratings.csv"
+    path.write_bytes(b"".join(lines + lines[1000:1050]))  # unsorted now: the sort-based check
+    with pytest.raises(MalformedRatingsError) as e:
+        load_movielens(path, use_cache=False, progress=False)
+    first = lines[1000].decode().strip().split(",")
+    assert e.value.line == len(lines) + 1
+    assert f"line {len(lines) + 1}: 50 rows repeat an earlier row exactly" in str(e.value)
+    assert f"(user {first[0]}, item {first[1]}, rating {float(first[2]):g}, timestamp {first[3]}), " \
+           f"a repeat of line 1001." in str(e.value)
+    # a re-rating of the same movie at another time, even with the same stars, is fine (sorted and unsorted)
+    u, m, r, ts = first
+    for extra in ([lines[1000].replace(ts.encode(), str(int(ts) + 1).encode())], [f"1,1,5.0,{ts}\r\n".encode()]):
+        path.write_bytes(b"".join(lines[:1001] + extra + lines[1001:]))
+        assert load_movielens(path, use_cache=False, progress=False).source.n_raw == len(lines)
+
+
+@pytest.mark.parametrize("order", ["sorted", "shuffled", "huge_ids"])
+def test_first_repeat_matches_pandas(order):
+    rng = np.random.default_rng(1)
+    n = 3000
+    df = pd.DataFrame({"u": rng.integers(0, 30, n), "i": rng.integers(0, 20, n),
+                       "r": rng.integers(1, 3, n) / 2, "t": rng.integers(0, 4, n)})
+    if order == "sorted":
+        df = df.sort_values(["u", "i"], kind="stable").reset_index(drop=True)
+    if order == "huge_ids":  # (user, item) does not fit in one int64 key
+        df["u"] = df.u * (1 << 58)
+        df["i"] = df.i * (1 << 58) - (1 << 62)
+    cols = [df[c].to_numpy() for c in "uirt"]
+    dup = df.duplicated()
+    count, row, earlier = ml._first_repeat(*cols)
+    assert count == dup.sum() > 0 and row == dup.idxmax()
+    assert earlier == (df == df.iloc[row]).all(axis=1).idxmax() < row
+    unique = df.drop_duplicates().reset_index(drop=True)
+    assert ml._first_repeat(*[unique[c].to_numpy() for c in "uirt"]) is None
+
+
+def test_ratings_outside_the_star_scale_warn(tmp_path):
+    path = tmp_path / "ratings.csv"
+    path.write_text("userId,movieId,rating,timestamp\n1,1,0,100\n1,2,7,200\n2,1,10,300\n2,3,3,400\n3,1,1,500\n")
+    for hit in (False, True):  # the warning comes back on a cache hit
+        with pytest.warns(UserWarning, match=r"3 of the 5 ratings lie outside MovieLens's 0.5-5 star scale \(min 0, "
+                                             r"max 10\); the ratings are binarized at their median \(3\) as they are"):
+            d = load_movielens(path, T=2, cache_dir=tmp_path / "cache", progress=False)
+        assert d.source.from_cache == hit and d.x.tolist() == [-1, 1, 1, -1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0.5 and 5 are on the scale: no warning
+        path.write_text("userId,movieId,rating,timestamp\n1,1,0.5,100\n1,2,5,200\n2,1,3,300\n")
+        load_movielens(path, T=2, use_cache=False, progress=False)
+
+
+@pytest.mark.parametrize("kind, magic, tool", [
+    ("gzip", None, "gunzip -k"), ("bzip2", None, "bunzip2 -k"), ("xz", None, "unxz -k"),
+    ("zip", None, "unzip"), ("zstd", b"\x28\xb5\x2f\xfd\x04\x00\x81\x00", "unzstd")])
+@pytest.mark.parametrize("name", ["ratings.csv", "ratings.csv.gz"])
+def test_compressed_file_says_decompress_it(tmp_path, kind, magic, tool, name):
+    import bz2
+    import gzip
+    import lzma
+
+    text = RATINGS.encode()
+    if kind == "zip":
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("ratings.csv", text)
+    data = {"gzip": gzip.compress, "bzip2": bz2.compress, "xz": lzma.compress}.get(kind, lambda b: None)(text) \
+        or (buf.getvalue() if kind == "zip" else magic + b"\x00" * 20)
+    (tmp_path / name).write_bytes(data)
+    for path in (tmp_path / name, tmp_path):  # the file, or the folder holding ratings.csv
+        if path == tmp_path and name != "ratings.csv":
+            continue
+        with pytest.raises(MalformedRatingsError) as e:
+            load_movielens(path, use_cache=False, progress=False)
+        msg = str(e.value)
+        assert f"is {kind}-compressed" in msg and tool in msg and e.value.line is None
+        assert msg.isprintable() and "\\x" not in msg  # no binary junk
+    if kind == "gzip" and name == "ratings.csv":  # the suggested command works
+        assert f"`mv {tmp_path / name} {tmp_path / name}.gz && gunzip -k {tmp_path / name}.gz`" in msg
+    if kind == "gzip" and name == "ratings.csv.gz":
+        assert f"`gunzip -k {tmp_path / name}`" in msg
+
+
+def test_blank_lines_before_the_header(tmp_path):
+    path = tmp_path / "ratings.csv"
+    path.write_bytes(b"\r\n  \r\n" + RATINGS.replace("\n", "\r\n").encode())
+    d = load_movielens(path, T=2, use_cache=False, progress=False)
+    (tmp_path / "plain.csv").write_text(RATINGS)
+    _assert_same(d, load_movielens(tmp_path / "plain.csv", T=2, use_cache=False, progress=False))
+    path.write_text("\n" + RATINGS + RATINGS.splitlines(keepends=True)[2])  # line 4 again, at line 8
+    with pytest.raises(MalformedRatingsError, match=r"line 8: 1 row repeats .* a repeat of line 4\.") as e:
+        load_movielens(path, T=2, use_cache=False, progress=False)
+    assert e.value.line == 8

@@ -6,10 +6,14 @@ Layouts (detected from the file's first line, or from the file name inside a fol
 - ``ratings.dat``, ``UserID::MovieID::Rating::Timestamp`` (ml-1m, ml-10m)
 - ``u.data``, ``user<TAB>item<TAB>rating<TAB>timestamp`` without header (ml-100k)
 
+Rejected with the file and line: malformed rows, compressed files, negative timestamps, and rows
+that repeat an earlier row exactly (the same user rating the same movie at another time is fine).
+
 Preprocessing (Bamler & Mandt 2018, Sec. 5.2; model Eqs. 6-9):
 
 1. Binarize at the median of *all* ratings: above -> x=+1, below -> x=-1, equal -> dropped. (With an
    even count and two different middle values the median lies between them and nothing is dropped.)
+   Ratings outside 0.5-5 stars give a warning and are binarized as they are.
 2. ``T`` time bins of equal duration over ``[min, max]`` of the kept ratings' timestamps: bin ``t``
    holds ``bin_edges[t] <= ts < bin_edges[t+1]`` (the last bin also holds ``ts == max``). Computed in
    exact integer arithmetic, ``t = (ts - min) * T // (max - min)``. With ``time_range=[start, end]``
@@ -36,6 +40,7 @@ import json
 import math
 import os
 import re
+import shlex
 import time
 import urllib.parse
 import warnings
@@ -52,7 +57,7 @@ from tqdm.auto import tqdm
 
 from goldstone_cli.io import atomic_path
 
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: caches made before the repeat, timestamp and scale checks are rebuilt
 CSV_HEADER = ("userId", "movieId", "rating", "timestamp")
 # Layout name -> file name looked for inside a folder (in this order of preference).
 LAYOUT_FILES = {"csv": "ratings.csv", "dat": "ratings.dat", "udata": "u.data"}
@@ -134,16 +139,37 @@ def find_ratings_file(path: str | os.PathLike, data_dir: str | os.PathLike = "da
         f"folder holding {wanted}).\n" + _download_hint(variant, folder.resolve().parent))
 
 
-def detect_layout(path: Path) -> str:
-    """Return ``"csv"``, ``"dat"`` or ``"udata"`` from the first non-empty line of ``path``."""
+# Magic bytes of compressed files: (kind, usual suffix, command that decompresses next to the file).
+_MAGIC = ((b"\x1f\x8b", "gzip", ".gz", "gunzip -k"), (b"BZh", "bzip2", ".bz2", "bunzip2 -k"),
+          (b"\xfd7zXZ\x00", "xz", ".xz", "unxz -k"), (b"\x28\xb5\x2f\xfd", "zstd", ".zst", "unzstd"),
+          (b"PK\x03\x04", "zip", ".zip", "unzip"))
+
+
+def _first_line(path: Path) -> tuple[int, bytes]:
+    """``(line number, stripped text)`` of the first non-blank line (``b""`` if none in the first 1000).
+    Raises ``MalformedRatingsError`` for a compressed file."""
     with open(path, "rb") as f:
-        first = b""
+        head = f.read(8)
+        for magic, kind, suffix, cmd in _MAGIC:
+            if head.startswith(magic) and (kind != "bzip2" or head[3:4].isdigit()):
+                q = shlex.quote(str(path))
+                how = f"`{cmd} {q}`" if path.suffix == suffix or kind == "zip" else \
+                    f"`mv {q} {q}{suffix} && {cmd} {q}{suffix}`"  # the tools want the suffix
+                what = "unpack it" if kind == "zip" else "decompress it first"
+                raise MalformedRatingsError(path, None, f"the file is {kind}-compressed, not a text ratings file; "
+                                            f"{what} (e.g. {how}) and pass the ratings file it gives.")
+        f.seek(0)
+        first, lineno = b"", 0
         for lineno, raw in enumerate(f, start=1):
             first = raw.lstrip(b"\xef\xbb\xbf").strip()
-            if first:
+            if first or lineno > 1000:
                 break
-            if lineno > 1000:
-                break
+    return lineno, first
+
+
+def detect_layout(path: Path) -> str:
+    """Return ``"csv"``, ``"dat"`` or ``"udata"`` from the first non-empty line of ``path``."""
+    lineno, first = _first_line(path)
     if not first:
         raise MalformedRatingsError(path, None, "the file is empty; expected MovieLens ratings.")
     text = first.decode("utf-8", errors="replace")
@@ -175,22 +201,26 @@ def _check_fields(fields: list[str]) -> str | None:
     names = ("user id", "item id", "rating", "timestamp")
     for name, value in zip(names, fields):
         v = value.strip(" ")
-        ok = _FLOAT.fullmatch(v) is not None and math.isfinite(float(v)) if name == "rating" else \
-            _INT.fullmatch(v) is not None
-        if not ok:
-            return f"{name} {value!r} is not {'a finite number' if name == 'rating' else 'an integer'}"
+        if name == "rating":
+            if _FLOAT.fullmatch(v) is None or not math.isfinite(float(v)):
+                return f"{name} {value!r} is not a finite number"
+        elif _INT.fullmatch(v) is None:
+            return f"{name} {value!r} is not an integer"
+        elif not -2**63 <= int(v) < 2**63:
+            return f"{name} {value!r} does not fit in a 64-bit integer (|value| < 9.2e18)"
     return None
 
 
-def _locate_bad_line(path: Path, layout: str) -> tuple[int, str, str] | None:
-    """Scan ``path`` line by line for the first malformed row (only run after the fast parser failed)."""
-    with open(path, "r", encoding="utf-8", errors="replace", newline="") as f:
+def _locate_bad_line(path: Path, layout: str, skip: int = 0) -> tuple[int, str, str] | None:
+    """Scan ``path`` line by line for the first malformed row after line ``skip`` (the csv header)
+    (only run after the fast parser failed)."""
+    with open(path, "r", encoding="utf-8-sig", errors="replace", newline="") as f:
         for lineno, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
-            if lineno == 1 and layout == "csv":
-                continue
+            if lineno <= skip or not line:
+                continue  # empty lines are skipped by the fast parser too
             if not line.strip():
-                continue  # blank lines are skipped by the fast parser too
+                return lineno, line, "a line of only spaces (or tabs); delete it"
             if layout == "dat":
                 fields = line.split("::")
                 if any(":" in x for x in fields):
@@ -202,12 +232,33 @@ def _locate_bad_line(path: Path, layout: str) -> tuple[int, str, str] | None:
     return None
 
 
-def _malformed(path: Path, layout: str, detail: str) -> MalformedRatingsError:
-    hit = _locate_bad_line(path, layout)
+def _malformed(path: Path, layout: str, detail: str, skip: int = 0) -> MalformedRatingsError:
+    hit = _locate_bad_line(path, layout, skip)
     if hit is None:
         return MalformedRatingsError(path, None, f"could not be parsed as MovieLens {LAYOUT_FILES[layout]}: {detail}")
     lineno, line, why = hit
     return MalformedRatingsError(path, lineno, f"{why}: {line[:200]!r}")
+
+
+def _lines_of_rows(path: Path, skip: int, n_rows: int, rows: Sequence[int]) -> list[int | None]:
+    """File lines (1-based) of parsed rows ``rows`` (0-based, after ``skip`` lines); error paths only."""
+    with open(path, "rb") as f:
+        n_lines, last = 0, b"\n"
+        while chunk := f.read(1 << 24):
+            n_lines, last = n_lines + chunk.count(b"\n"), chunk[-1:]
+    if n_lines + (last != b"\n") == skip + n_rows:  # no empty lines: plain arithmetic
+        return [skip + 1 + r for r in rows]
+    found: dict[int, int] = {}
+    with open(path, "r", encoding="latin-1", newline=None) as f:  # empty lines: count the others
+        k = -1
+        for lineno, line in enumerate(f, start=1):
+            if lineno > skip and line != "\n":
+                k += 1
+                if k in rows:
+                    found[k] = lineno
+                    if len(found) == len(set(rows)):
+                        break
+    return [found.get(r) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -223,16 +274,61 @@ class RawRatings:
         return int(self.rating.size)
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n:,} {one if n == 1 else many}"
+
+
+def _first_repeat(user: np.ndarray, item: np.ndarray, rating: np.ndarray,
+                  ts: np.ndarray) -> tuple[int, int, int] | None:
+    """``(count, row, earlier row)`` of the rows equal in all four columns to an earlier row (``row``: the
+    first of them in file order, ``earlier``: the first row it repeats); None when there are none."""
+    if user.size < 2:
+        return None
+    same_u = user[1:] == user[:-1]
+    if not (user[1:] < user[:-1]).any() and not (same_u & (item[1:] < item[:-1])).any():
+        same = same_u & (item[1:] == item[:-1])  # sorted by (user, item), as ml-20m: O(n)
+        if not same.any():
+            return None
+        cand = np.flatnonzero(np.r_[same, False] | np.r_[False, same])  # rows in runs of one pair
+    else:  # unsorted: sort the (user, item) pairs
+        du, di = int(user.max()) - int(user.min()) + 1, int(item.max()) - int(item.min()) + 1
+        if du * di < 2**63:
+            key = (user - user.min()) * di + (item - item.min())
+            s = np.sort(key)
+            dup = s[1:] == s[:-1]
+            if not dup.any():
+                return None
+            cand = np.flatnonzero(np.isin(key, s[1:][dup]))
+        else:
+            cand = np.arange(user.size)
+    del same_u
+    cols = [a[cand] for a in (user, item, rating, ts)]
+    o = np.lexsort(cols[::-1])  # stable: equal rows stay in file order
+    rep = np.ones(o.size - 1, dtype=bool)  # sorted row j+1 equals sorted row j
+    for c in cols:
+        rep &= c[o[1:]] == c[o[:-1]]
+    if not rep.any():
+        return None
+    pos = np.flatnonzero(rep) + 1
+    first = pos[np.argmin(o[pos])]  # sorted position of the first repeat in file order
+    starts = np.flatnonzero(np.r_[True, ~rep])  # sorted positions where a group of equal rows starts
+    group = starts[np.searchsorted(starts, first, side="right") - 1]
+    return int(pos.size), int(cand[o[first]]), int(cand[o[group]])
+
+
 def read_ratings(path: str | os.PathLike, layout: str | None = None) -> RawRatings:
     """Parse a MovieLens ratings file with pyarrow's multi-threaded CSV reader.
 
-    Raises ``MalformedRatingsError`` naming the file and line of the first bad row.
+    Raises ``MalformedRatingsError`` naming the file and line of the first bad row, also for negative
+    timestamps and for rows that repeat an earlier row exactly (a user may rate a movie again later).
     """
     path = Path(path)
+    first_line = _first_line(path)[0]  # also rejects a compressed file
     layout = layout or detect_layout(path)
     i64, f64 = pa.int64(), pa.float64()
     if layout == "csv":
-        names, types, delim, skip = list(CSV_HEADER), [i64, i64, f64, i64], ",", 1
+        skip = first_line  # the header's line (after any blank lines)
+        names, types, delim = list(CSV_HEADER), [i64, i64, f64, i64], ","
     elif layout == "dat":
         # '::' is read as ':' with an empty (null-typed) field between the values; anything in
         # those fields is a parse error.
@@ -250,16 +346,40 @@ def read_ratings(path: str | os.PathLike, layout: str | None = None) -> RawRatin
             convert_options=pacsv.ConvertOptions(column_types=dict(zip(names, types))),
         )
     except pa.ArrowInvalid as e:
-        raise _malformed(path, layout, str(e)) from None
+        raise _malformed(path, layout, str(e), skip) from None
     cols = [c for c in names if not c.startswith("_")]
     if table.num_rows == 0:
         raise MalformedRatingsError(path, None, "holds no ratings.")
     if any(table[c].null_count for c in cols):
-        raise _malformed(path, layout, "empty or null field")
+        raise _malformed(path, layout, "empty or null field", skip)
     out = [table[c].to_numpy() for c in cols]
     del table
-    if not np.isfinite(out[2]).all():
-        raise _malformed(path, layout, "non-finite rating")
+    user, item, rating, ts = out
+    if not np.isfinite(rating).all():
+        raise _malformed(path, layout, "non-finite rating", skip)
+
+    def at(*rows: int) -> tuple[list[int | None], list[str]]:  # lines (None: unknown) and "line N" texts
+        lines = _lines_of_rows(path, skip, rating.size, rows)
+        return lines, [f"line {ln}" if ln else f"data row {r + 1}" for ln, r in zip(lines, rows)]
+
+    def values(row: int) -> str:
+        return f"user {user[row]}, item {item[row]}, rating {rating[row]:g}, timestamp {ts[row]}"
+
+    if ts.min() < 0:
+        neg = ts < 0
+        row = int(np.argmax(neg))
+        (line,), (text,) = at(row)
+        raise MalformedRatingsError(
+            path, line, f"{_count(int(neg.sum()), 'rating has', 'ratings have')} a negative timestamp (before 1970), "
+            f"the first is {text} ({values(row)}); MovieLens timestamps are unix seconds since 1970-01-01 UTC. "
+            "Fix or remove those lines.")
+    if (hit := _first_repeat(user, item, rating, ts)) is not None:
+        count, row, earlier = hit
+        (line, _), (text, text0) = at(row, earlier)
+        raise MalformedRatingsError(
+            path, line, f"{_count(count, 'row repeats', 'rows repeat')} an earlier row exactly (same user, item, "
+            f"rating and timestamp), the first is {text} ({values(row)}), a repeat of {text0}. Remove the repeated "
+            "lines (was part of the file appended to it?); the same user rating a movie again at another time is fine.")
     return RawRatings(*out)
 
 
@@ -376,7 +496,8 @@ def preprocess(raw: RawRatings, T: int = 100, seed: int = 0,
                split_fractions: Sequence[float] = (0.5, 0.2, 0.3),
                time_range: Sequence[Any] | None = None) -> dict[str, Any]:
     """Binarize, bin, remap and split ``raw`` (paper Sec. 5.2); return the arrays of ``MovieLensData``
-    plus ``n_outside_time_range`` and ``ts_quantiles`` (0.1% and 99.9%, for the binning warning)."""
+    plus ``n_outside_time_range``, ``ts_quantiles`` (0.1% and 99.9%, for the binning warning) and
+    ``scale_warning`` (a text when ratings lie outside 0.5-5 stars, else None)."""
     T, fr = _check_settings(T, split_fractions)
     tr = check_time_range(time_range)
     n_outside = 0
@@ -389,6 +510,14 @@ def preprocess(raw: RawRatings, T: int = 100, seed: int = 0,
         if n_outside:
             raw = RawRatings(raw.user[inside], raw.item[inside], raw.rating[inside], raw.timestamp[inside])
     median = float(np.median(raw.rating))
+    off = (raw.rating < 0.5) | (raw.rating > 5.0)  # outside MovieLens's star scales
+    scale_warning = None
+    if off.any():
+        r = raw.rating[off]
+        scale_warning = (f"{r.size:,} of the {off.size:,} ratings lie outside MovieLens's 0.5-5 star scale (min "
+                         f"{r.min():g}, max {r.max():g}); the ratings are binarized at their median ({median:g}) "
+                         "as they are.")
+    del off
     keep = raw.rating != median  # ratings equal to the median are dropped
     n = int(keep.sum())
     if n == 0:
@@ -421,7 +550,7 @@ def preprocess(raw: RawRatings, T: int = 100, seed: int = 0,
 
     return dict(user=user, item=item, t=t, x=x, split=split, bin_edges=bin_edges, median=median,
                 user_ids=user_ids, item_ids=item_ids, T=T, n_dropped_at_median=int(raw.rating.size - n),
-                n_outside_time_range=n_outside, ts_quantiles=ts_quantiles)
+                n_outside_time_range=n_outside, ts_quantiles=ts_quantiles, scale_warning=scale_warning)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -650,7 +779,7 @@ def load_movielens(
                         "seed": seed, "split_fractions": list(fr), "layout": layout, "content_sha256": digest,
                         "raw_path": str(file.resolve()), "time_range": None if tr is None else list(tr),
                         "n_outside_time_range": arrays["n_outside_time_range"],
-                        "ts_quantiles": arrays["ts_quantiles"]}
+                        "ts_quantiles": arrays["ts_quantiles"], "scale_warning": arrays["scale_warning"]}
                 try:
                     _write_cache(cache_path, key, arrays, meta)
                 except OSError as e:
@@ -668,6 +797,8 @@ def load_movielens(
     if info.get("n_outside_time_range"):
         warnings.warn(f"time_range [{_fmt_time(tr[0])}, {_fmt_time(tr[1])}] dropped {info['n_outside_time_range']:,} "
                       f"of the {n_raw:,} ratings of {file} (outside the range).", stacklevel=2)
+    if info.get("scale_warning"):
+        warnings.warn(f"{file}: {info['scale_warning']}", stacklevel=2)
     squeeze = binning_warning(arrays["t"], T, info.get("ts_quantiles"))
     if squeeze:
         warnings.warn(f"{file}: {squeeze}", stacklevel=2)
