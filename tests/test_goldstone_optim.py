@@ -432,3 +432,53 @@ def test_default_gauge_step_never_raises_psi_on_a_random_chain_with_walls():
         assert info["psi_after"] <= before * (1 + 1e-12), (before, info["psi_after"])
         assert float(coupling.psi(U)) == pytest.approx(info["psi_after"], rel=1e-10)
     assert float(coupling.psi(U)) < 0.9 * float(coupling.psi(Z))  # rotations of independent random steps: psi falls
+
+
+@pytest.mark.parametrize("rotation", ["expm", "cayley"])
+@pytest.mark.parametrize("seed,k2,lr_scale", [(3, 50, 1.0), (15, 10, 5.0), (4, 200, 1.0)])
+def test_natural_step_with_runaway_fields_changes_nothing_or_lowers_psi(rotation, seed, k2, lr_scale):
+    """From a random start L'' (Eq. 14) is indefinite and k2 steps of Eq. 16 can send the gauge fields
+    to 1e10-1e18: their exponential (or Cayley transform) is then not orthogonal in floating point, or
+    not finite, and (*) no longer gives psi's change. Such a rotation is refused like one that raises
+    psi: the local loss stays, psi never rises, nothing becomes NaN, over several gauge steps."""
+    torch.manual_seed(seed)
+    T, N, d = (2, 6, 3) if k2 != 200 else (5, 6, 3)
+    U = torch.nn.Parameter(torch.randn(T, N, d, dtype=DT))
+    V = torch.nn.Parameter(torch.randn(T, 5, d, dtype=DT))
+    opt = GoldstoneGD(torch.optim.SGD([U, V], lr=0.0), [[U, V]], Coupling.chain(T, 2.0), k1=1, solver="natural",
+                      k2=k2, lr_scale=lr_scale, rotation=rotation)
+    for _ in range(4):
+        P0 = (U @ V.transpose(1, 2)).detach().clone()
+        info = opt.gauge_step()
+        assert info["psi_after"] <= info["psi_before"] * (1 + 1e-12)
+        P = (U @ V.transpose(1, 2)).detach()
+        assert torch.isfinite(P).all() and float((P - P0).abs().max()) <= 1e-10 * float(P0.abs().max())
+
+
+def test_non_contiguous_group_tensor_is_refused_before_anything_rotates():
+    U = torch.nn.Parameter(torch.randn(4, 5, 3))
+    V = torch.nn.Parameter(torch.randn(4, 3, 5).transpose(1, 2))  # a (T, N, d) view with other strides
+    with pytest.raises(ValueError, match=r"group 0, tensor 1 is not contiguous.*contiguous\(\)"):
+        GoldstoneGD(torch.optim.SGD([U, V], lr=0.0), [[U, V]], Coupling.chain(4, 1.0), k1=1, solver="procrustes")
+
+
+def test_model_without_symmetric_groups_has_zero_psi():
+    from goldstone_cli.models.base import DynamicModel
+
+    class Static(DynamicModel):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3, dtype=DT))
+            self.coupling = Coupling.chain(1, 1.0)
+
+        def symmetric_groups(self):
+            return []
+
+        def local_loss(self, generator=None):
+            return (self.w ** 2).sum()
+
+    m = Static()
+    terms = m.loss_terms()
+    assert float(terms["psi"]) == 0.0 and terms["psi"].dtype == DT
+    terms["total"].backward()
+    torch.testing.assert_close(m.w.grad, 2 * m.w.detach())

@@ -43,6 +43,10 @@ class DynamicModel(nn.Module):
         for group in self.symmetric_groups():
             p = self.coupling.psi(group)
             total = p if total is None else total + p
+        if total is None:  # no symmetric groups: no coupling
+            p = next(self.parameters(), None)
+            return torch.zeros((), dtype=p.dtype if p is not None else torch.get_default_dtype(),
+                               device=p.device if p is not None else None)
         return total
 
     def loss_terms(self, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:

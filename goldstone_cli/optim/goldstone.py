@@ -422,8 +422,12 @@ class GoldstoneGD(torch.optim.Optimizer):
             eye = torch.eye(d, dtype=M.dtype, device=device).expand(T, d, d)
             f_id = G.coupling_gain(eye, M, src, dst, w)
             f_id = f_id - 64 * torch.finfo(M.dtype).eps * (w * torch.linalg.matrix_norm(M)).sum()  # rounding
-            while G.coupling_gain(R, M, src, dst, w) < f_id:
-                if backtracks == MAX_BACKTRACKS:  # still rising: rotate nothing, forget the fields
+            # a generator far too large (fields run away where L'' is indefinite) gives a rotation
+            # that is not orthogonal in floating point, or not finite: (*) does not hold, so it is
+            # refused too (a NaN gain fails the comparison)
+            while not (G.coupling_gain(R, M, src, dst, w) >= f_id and _orthogonal(R)):
+                if backtracks == MAX_BACKTRACKS or not bool(torch.isfinite(gauge).all()):
+                    # still rising or not a rotation: rotate nothing, forget the fields
                     gauge, R = torch.zeros_like(gauge), eye.clone()
                     break
                 backtracks += 1
@@ -568,23 +572,17 @@ def transform_state_(st: dict | None, Z: Tensor, R: Tensor, mode: str, group: di
     - ``"isotropic"``: on every time step that rotated, v of each row is replaced by its mean over
       the d coordinates (the rotation-invariant part Tr S / d I).
     - ``"reset"``: the whole state of the parameter starts afresh (moments zero, AdaGrad's sum at its
-      initial value, step counters zero), as if the base optimizer had just been created for it.
+      initial value, step counters zero, Rprop's step sizes at lr), as if the base optimizer had just
+      been created for it: the state is emptied and the base optimizer makes it again at its next
+      step, as every torch.optim optimizer does for a parameter without state.
 
     AMSGrad's max_exp_avg_sq is transformed like exp_avg_sq (both maps are monotone, so max >= v
     stays true); for centered RMSprop square_avg is kept >= grad_avg^2 so that the variance stays
     non-negative. Other state (Adamax's exp_inf, Rprop's step sizes, ...) is left as it is."""
     if not st:
         return
-    if mode == "reset":
-        init = float(group.get("initial_accumulator_value", 0.0)) if group is not None else 0.0
-        for key, buf in st.items():
-            if key == "step":
-                if isinstance(buf, Tensor):
-                    buf.zero_()
-                else:
-                    st[key] = 0
-            elif isinstance(buf, Tensor) and buf.shape == Z.shape:
-                buf.fill_(init if key == "sum" else 0.0)
+    if mode == "reset":  # torch.optim makes a parameter's state at its next step when there is none
+        st.clear()  # (zeroing it instead froze Rprop: its step sizes fell to their minimum)
         return
     for key in ROTATED_STATE_KEYS:
         buf = st.get(key)
@@ -693,6 +691,13 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _orthogonal(R: Tensor, tol: float = 1e-9) -> bool:
+    """Every (d, d) matrix of R is finite and orthogonal to ``tol`` (max |R^T R - I|)."""
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+    err = (R.transpose(-1, -2) @ R - eye).abs().amax()
+    return bool(err <= tol)  # False for NaN
+
+
 def _check_groups(groups, base: torch.optim.Optimizer, coupling: Coupling) -> list[list[Tensor]]:
     """Validate the symmetric groups: shapes (T, N_k, d) with T = coupling.T and one d per group,
     one device and a floating dtype, every tensor a parameter of ``base`` and in one group only."""
@@ -730,6 +735,9 @@ def _check_groups(groups, base: torch.optim.Optimizer, coupling: Coupling) -> li
                 raise ValueError(f"{where} is not a parameter of the base optimizer; pass the same tensors to both")
             if id(Z) in seen:
                 raise ValueError(f"{where} appears twice in the groups; each tensor belongs to one group")
+            if not Z.is_contiguous():  # a gauge step rotates it in place through a flat view
+                raise ValueError(f"{where} is not contiguous (strides {Z.stride()}); make the parameter from a "
+                                 "contiguous tensor, e.g. nn.Parameter(x.contiguous())")
             seen.add(id(Z))
         out.append(group)
     return out
