@@ -540,7 +540,20 @@ def _tuned_node(table: dict[str, Any], name: str, base: Optional[str], model: st
     base = base if base is not None else str(gauge.get("base") or BaseName.gd.value)
     if base not in [b.value for b in BaseName]:
         raise ConfigError(f"conf/model/{model}.yaml: tuned.goldstone.base must be one of gd, adagrad, adam, got '{base}'")
-    return {**dict(table.get(base) or {}), **gauge, "base": base}
+    # the base option's own eps first (adagrad 1e-10, adam 1e-8), so that Goldstone-GD on a base runs
+    # that base as `optimizer=<base>` does, the gauge steps aside; then the model's tuned settings
+    return {**_option_eps(base), **dict(table.get(base) or {}), **gauge, "base": base}
+
+
+def _option_eps(name: str) -> dict[str, Any]:
+    """``{"eps": value}`` as conf/optimizer/<name>.yaml sets it, else ``{}``."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load((conf_dir() / "optimizer" / f"{name}.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {"eps": doc["eps"]} if isinstance(doc, dict) and "eps" in doc else {}
 
 
 def _predict_tuned(overrides: list[str]) -> dict[str, Any]:

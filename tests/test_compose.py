@@ -216,3 +216,17 @@ def test_train_help_lists_every_model_with_every_optimizer():
     for model, table in tuned_tables().items():
         assert f"{model}: {describe_tuned(table)}" in text, model
     assert "optimizer.base=gd|adagrad|adam" in text and "optimizer.solver=procrustes|natural" in text
+
+
+@pytest.mark.parametrize("model", ["dense_mf", "movielens", "dwe"])
+@pytest.mark.parametrize("base", ["gd", "adagrad", "adam"])
+def test_goldstone_runs_its_base_with_the_settings_of_that_optimizer_option(model, base):
+    """Goldstone-GD on a base takes that base's own settings (AdaGrad's eps 1e-10, not the shared
+    schema's 1e-8) and the model's tuned ones, so a GD-vs-Goldstone-GD comparison differs only by the
+    gauge steps; an explicit optimizer.eps still wins."""
+    plain = compose([f"model={model}", f"optimizer={base}"]).optimizer
+    gauged = compose([f"model={model}", "optimizer=goldstone", f"optimizer.base={base}"]).optimizer
+    for key in ("lr", "eps", "schedule", "clip"):
+        if key in plain:
+            assert gauged[key] == plain[key], key
+    assert compose(["optimizer=goldstone", f"optimizer.base={base}", "optimizer.eps=0.001"]).optimizer.eps == 0.001
