@@ -108,8 +108,8 @@ def train(
         result = run_training(conf, run_dir=run_dir)
     except TrainingDiverged as exc:
         _fail(str(exc), code=3)
-    except (ValueError, FileNotFoundError) as exc:  # ConfigError, missing or malformed data, bad checkpoint
-        _fail(str(exc))
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:  # ConfigError, missing or malformed data,
+        _fail(str(exc))  # a bad checkpoint, a file where a folder belongs
     from goldstone_cli.train import format_result
 
     s = result.summary
@@ -236,7 +236,10 @@ def plot_trajectories_cmd(
 
     if not 1 <= len(runs) <= 2:
         _fail("give one or two run folders")
-    step_list = [int(s) for s in steps.split(",")] if steps else None
+    try:
+        step_list = [int(s) for s in steps.split(",")] if steps else None
+    except ValueError:
+        _fail(f"--steps must be training steps separated by commas, e.g. --steps 0,100,1000; got {steps!r}")
     out = out or runs[0] / "trajectories.png"
     try:
         path = plot_trajectories(runs, out, steps=step_list, tensor=tensor)

@@ -12,6 +12,7 @@ makes no run folder); ``train.py`` creates the run folder.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from enum import Enum
@@ -140,8 +141,15 @@ class GoldstoneConfig(OptimizerConfig):
             raise ConfigError(f"optimizer.k1 must be >= 1, got {self.k1}")
         if self.balance and self.solver != Solver.procrustes:
             raise ConfigError(f"optimizer.balance=true needs optimizer.solver=procrustes, got {self.solver.value}")
-        if self.k2 < 0:
-            raise ConfigError(f"optimizer.k2 must be >= 0, got {self.k2}")
+        if self.k2 < (1 if self.solver == Solver.natural else 0):
+            raise ConfigError(f"optimizer.k2 must be >= {1 if self.solver == Solver.natural else 0}"
+                              f"{' with optimizer.solver=natural' if self.solver == Solver.natural else ''}, "
+                              f"got {self.k2}")
+        if not (math.isfinite(self.tol) and self.tol >= 0):
+            raise ConfigError(f"optimizer.tol must be a non-negative number, got {self.tol}")
+        if self.balance and self.state_transform == "isotropic":
+            raise ConfigError("optimizer.balance=true cannot go with optimizer.state_transform=isotropic (a "
+                              "balancing map is not orthogonal); use rotate_diag or none")
         _positive("optimizer.lr_scale", self.lr_scale)
         if self.max_sweeps < 1:
             raise ConfigError(f"optimizer.max_sweeps must be >= 1, got {self.max_sweeps}")
@@ -670,6 +678,20 @@ def describe_tuned(table: dict[str, Any]) -> str:
     return " | ".join(f"{n} {c}" for n, c in zip(names, tuned_cells(table)))
 
 
+#: the data options each model option trains on (the model builders check it too)
+MODEL_DATA = {"dense_mf": ("synthetic",), "movielens": ("movielens",), "dwe": ("sotu", "cooc")}
+#: model options with a balancing map for optimizer.balance (models.dense_mf.balance_sides)
+BALANCED_MODELS = ("dense_mf",)
+
+
+def check_model_data(model: str, data: str) -> None:
+    """ConfigError unless model option ``model`` trains on data option ``data`` (:data:`MODEL_DATA`)."""
+    ok = MODEL_DATA.get(model)
+    if ok is not None and data not in ok:
+        raise ConfigError(f"model={model} needs data={' or data='.join(ok)}, got data={data}"
+                          + (" (a co-occurrence corpus)" if model == "dwe" else ""))
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Reject keys a schema does not know (also those forced in with ``+key=``), then instantiate
     the dataclasses, running their ``__post_init__`` range checks."""
@@ -691,7 +713,21 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise
     except Exception as exc:
         raise ConfigError(_one_line(exc)) from exc
+    model, data = str(cfg.model.get("name")), str(cfg.data.get("name"))
+    check_model_data(model, data)
+    if cfg.optimizer.get("balance") and model not in BALANCED_MODELS:
+        raise ConfigError(f"optimizer.balance=true: model={model} has priors or penalties on its embeddings that a "
+                          f"balancing map would change (it is there for {', '.join(BALANCED_MODELS)}); drop "
+                          "optimizer.balance")
+    if cfg.get("name") is not None and not _plain_name(str(cfg.name)):
+        raise ConfigError(f"name={cfg.name!r} becomes part of the run folder's name: give a plain name without "
+                          "'/' or '\\' (and not '.' or '..'), e.g. name=adagrad-lr1")
     return cfg
+
+
+def _plain_name(name: str) -> bool:
+    """A name that stays one folder-name fragment: no separators, not '.' or '..', printable."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and name.isprintable()
 
 
 def _close(word: str, candidates, prefix: str = "", suffix: str = "") -> str:

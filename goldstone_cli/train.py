@@ -82,6 +82,9 @@ def resolve_dtype(name: str) -> torch.dtype:
 def new_run_dir(cfg: DictConfig) -> Path:
     """``<output_dir>/<model option>/<YYYY-MM-DD_HH-MM-SS>_<name>``, made unique with a suffix
     (``name``: the experiment, else the optimizer, e.g. ``goldstone-adagrad-natural``)."""
+    for key in ("run_dir", "output_dir"):  # a file where a folder is wanted
+        if cfg.get(key) and Path(cfg[key]).exists() and not Path(cfg[key]).is_dir():
+            raise ConfigError(f"{key}={cfg[key]} is a file, not a folder; give a folder (it is made if missing)")
     if cfg.run_dir:
         path = Path(cfg.run_dir)
         _check_not_a_run(path)

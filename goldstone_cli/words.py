@@ -191,6 +191,8 @@ def age_words(run: WordRun, words: Sequence[str], source_year: Optional[int] = N
     co-occurrence mass (a word absent from a step has only its prior-smoothed embedding there)."""
     if top < 1:
         raise WordsError(f"--top must be at least 1, got {top}")
+    if not min_count >= 0:
+        raise WordsError(f"--min-count must be >= 0 (co-occurrence mass in the target step), got {min_count}")
     idx = [run.index(w) for w in words]  # unknown words fail before any work
     s = run.step_of_year(source_year) if source_year is not None else run.U.shape[0] - 1
     t = run.step_of_year(target_year) if target_year is not None else 0
@@ -202,6 +204,11 @@ def age_words(run: WordRun, words: Sequence[str], source_year: Optional[int] = N
     if min_count > 0:
         cos[:, ~torch.as_tensor(run.step_counts()[t] >= min_count)] = -float("inf")
     n_ok = int(torch.isfinite(cos).sum(dim=1).min())  # candidates left for every query
+    if n_ok == 0:
+        most = float(run.step_counts()[t].max()) if min_count > 0 else 0.0
+        raise WordsError(f"no word of step {run.labels[t]} is left to answer with"
+                         + (f": --min-count {min_count:g} is above every word's co-occurrence mass there (the most: "
+                            f"{most:g}); lower it" if min_count > 0 else ""))
     vals, nbr = cos.topk(min(top, n_ok), dim=1)
     return [(w, [(run.vocab[j], float(v)) for j, v in zip(nbr[i].tolist(), vals[i].tolist())])
             for i, w in enumerate(words)]

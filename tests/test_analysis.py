@@ -225,6 +225,9 @@ def test_changes_neighbors_plot_cli(planted_run):
     s0 = [c for c in curve if c["word"] == "stable0"]
     assert d1[-1]["distance_to_first"] > 0.5 > s0[-1]["distance_to_first"]
     assert all(c["low"] <= c["high"] for c in curve)
+    for bad, msg in ((["--samples", "0"], "--samples must be at least 2"), (["--level", "5"], "--level must be between")):
+        r = runner.invoke(app, ["plot", "word", "drift1", "--run", run, "--out", str(out / "bad"), *bad])
+        assert r.exit_code == 2 and msg in r.output and not (out / "bad").exists(), r.output
 
 
 def test_export_word2vec_read_by_gensim_and_npy_round_trip(planted_run):

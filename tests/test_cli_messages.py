@@ -100,3 +100,30 @@ def test_trajectory_plot_has_axis_labels(tmp_path, monkeypatch):
     assert [a.get_xlabel() for a in axes] == ["coordinate 1"] * 2 + ["PC 1"] * 2
     assert all(a.get_ylabel() and a.get_zlabel() for a in axes)
     assert "time steps" in figures[-1]._suptitle.get_text()
+
+
+def test_user_errors_on_the_command_line_are_one_line(tmp_path, monkeypatch):
+    """Bad values that only training, a plot or the file system used to notice: a one-line error
+    (exit 2), no traceback, no run folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    cases = [
+        (["train", "model=movielens", "data=synthetic"], "model=movielens needs data=movielens"),
+        (["train", "model=dwe", "data=movielens"], "model=dwe needs data=sotu or data=cooc"),
+        (["train", "optimizer=goldstone", "optimizer.solver=natural", "optimizer.k2=0"], "optimizer.k2 must be >= 1"),
+        (["train", "optimizer=goldstone", "optimizer.tol=-1"], "optimizer.tol must be a non-negative"),
+        (["train", "optimizer=goldstone", "optimizer.solver=procrustes", "optimizer.balance=true",
+          "optimizer.state_transform=isotropic"], "cannot go with optimizer.state_transform=isotropic"),
+        (["train", "model=movielens", "optimizer=goldstone", "optimizer.solver=procrustes", "optimizer.balance=true"],
+         "model=movielens has priors"),
+        (["train", "name=../../x", "trainer.steps=2"], "becomes part of the run folder's name"),
+        (["train", "name=a/b", "trainer.steps=2"], "becomes part of the run folder's name"),
+        (["train", "run_dir=afile", "trainer.steps=2"], "run_dir=afile is a file, not a folder"),
+        (["train", "output_dir=afile", "trainer.steps=2"], "output_dir=afile is a file, not a folder"),
+        (["plot", "trajectories", str(tmp_path), "--steps", "0,abc"], "--steps must be training steps separated"),
+    ]
+    for args, msg in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)
+        assert len(r.output.strip().splitlines()) == 1, (args, r.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing made

@@ -91,6 +91,10 @@ def test_min_count_keeps_only_words_present_in_the_target_step(planted_runs):
     run._step_counts = counts
     (_, ans), = age_words(run, ["w0"], top=5, min_count=20)
     assert sorted(w for w, _ in ans) == ["w13", "w5", "w9"]
+    with pytest.raises(WordsError, match=r"--min-count 60 is above every word's co-occurrence mass there \(the most: 50\)"):
+        age_words(run, ["w0"], top=5, min_count=60)  # no answer left: said, not an empty row
+    with pytest.raises(WordsError, match="--min-count must be >= 0"):
+        age_words(run, ["w0"], min_count=-1)
 
 
 def test_coupled_embeddings_are_comparable_across_time(planted_runs):

@@ -33,13 +33,18 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
 
 
-def posterior_distance_stats(emb: Embeddings, t0: int, t1: int, samples: int, level: float, seed: int,
-                             rows: Optional[torch.Tensor] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, lower, upper) of the posterior of 1 - cos(u_t0, u_t1) per word, from ``samples`` draws."""
+def check_sampling(samples: int, level: float) -> None:
+    """AnalysisError unless ``samples`` posterior draws can give a ``level`` credible interval."""
     if not 0 < level < 1:
         raise AnalysisError(f"--level must be between 0 and 1, got {level}")
     if samples < 2:
         raise AnalysisError(f"--samples must be at least 2, got {samples}")
+
+
+def posterior_distance_stats(emb: Embeddings, t0: int, t1: int, samples: int, level: float, seed: int,
+                             rows: Optional[torch.Tensor] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, lower, upper) of the posterior of 1 - cos(u_t0, u_t1) per word, from ``samples`` draws."""
+    check_sampling(samples, level)
     g = torch.Generator().manual_seed(seed)
     W = emb.V if rows is None else len(rows)
     chunk = max(1, (1 << 24) // max(1, 2 * W * emb.U.shape[-1]))  # samples per batch (bounded memory)

@@ -88,8 +88,10 @@ def neighbors(words: Sequence[str], run: Path, echo: Echo, steps: Optional[str] 
 def plot_word(words: Sequence[str], run: Path, echo: Echo, top: int = 6, min_count: float = 1.0, samples: int = 200,
               level: float = 0.9, seed: int = 0, align: Optional[bool] = None, out: Optional[Path] = None,
               t_from: Optional[str] = None, t_to: Optional[str] = None) -> None:
+    from goldstone_cli.analysis.changes import check_sampling
     from goldstone_cli.analysis.plots import distance_curves, plot_distance_curves, plot_word_paths
 
+    check_sampling(samples, level)  # before any work (a variational run's curves sample the posterior)
     emb = load_embeddings(run, align=align)
     for w in words:
         emb.index(w)

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig
 
+from goldstone_cli.config import check_model_data
 from goldstone_cli.models.base import DynamicModel
 
 _BUILDERS: dict[str, Callable[..., DynamicModel]] = {}
@@ -31,8 +32,7 @@ def _build_dense_mf(cfg: DictConfig, device: torch.device, dtype: torch.dtype, s
     from goldstone_cli.data.synthetic import make_synthetic
     from goldstone_cli.models.dense_mf import DenseDynamicMF
 
-    if cfg.data.name != "synthetic":
-        raise ValueError(f"model=dense_mf needs data=synthetic, got data={cfg.data.name}")
+    check_model_data("dense_mf", cfg.data.name)
     d = cfg.data
     data = make_synthetic(d.n_rows, d.n_cols, d.rank, d.noise_var, d.T, d.time_dependent, d.drift, d.seed)
     m = cfg.model
@@ -45,8 +45,7 @@ def _build_movielens(cfg: DictConfig, device: torch.device, dtype: torch.dtype, 
     from goldstone_cli.data.movielens import load_movielens
     from goldstone_cli.models.movielens import SparseDynamicBernoulliMF
 
-    if cfg.data.name != "movielens":
-        raise ValueError(f"model=movielens needs data=movielens, got data={cfg.data.name}")
+    check_model_data("movielens", cfg.data.name)
     d = cfg.data
 
     def load():
@@ -70,8 +69,7 @@ def _build_movielens(cfg: DictConfig, device: torch.device, dtype: torch.dtype, 
 def _build_dwe(cfg: DictConfig, device: torch.device, dtype: torch.dtype, shard=None) -> DynamicModel:
     from goldstone_cli.models.dwe import DynamicWordEmbeddings, load_word_counts
 
-    if cfg.data.name not in ("sotu", "cooc"):
-        raise ValueError(f"model=dwe needs a co-occurrence corpus (data=sotu or data=cooc), got data={cfg.data.name}")
+    check_model_data("dwe", cfg.data.name)
     if shard is not None and shard.distributed:  # word and context rows sharded (issue 17)
         from goldstone_cli.models.dwe_sharded import build_sharded_dwe
 
