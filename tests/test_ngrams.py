@@ -3,6 +3,7 @@ malformed lines, parallel workers, interruption and resume."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import os
@@ -190,7 +191,7 @@ def test_hand_computed_cooccurrences(tmp_path, layout, gz):
 
 def test_count_rank_keep_case_and_pos_keep(tmp_path):
     one = write_v2(tmp_path / "one", ONE)
-    five = write_v2(tmp_path / "five", FIVE)
+    five = write_v2(tmp_path / "five", FIVE + [("cat_NOUN x _START_ y z", 1900, 1, 1)])  # annotated unless keep
     r = prepare_ngrams([one], [five], tmp_path / "o1", years=(1900, 1901), vocab_size=3, rank="count", progress=False)
     d = load_cooc(r.out)
     assert d.vocab == ["a", "b", "c"]  # counts 12, 5, 3 (cat_NOUN, _START_ dropped)
@@ -198,6 +199,7 @@ def test_count_rank_keep_case_and_pos_keep(tmp_path):
                        lowercase=False, progress=False)
     d = load_cooc(r.out)
     assert d.vocab == ["_START_", "cat_NOUN"]  # kept verbatim, and the biggest counts
+    assert dense(d, 0)[0, 1] == 3 and r.total_weight == 6  # distance 2: weight 3, both halves
 
 
 def annotated(ngram: str) -> bool:
@@ -500,7 +502,7 @@ def test_large_counts_below_the_limit_are_exact(tmp_path):
     """Counts above 2^53 (where a float64 sum is no longer exact) are summed exactly in int64."""
     n = 2**53 + 1
     one = write_v2(tmp_path / "one", [("a", 1900, n, 1), ("a", 1901, n, 1), ("b", 1900, 3, 1), ("c", 1900, 1, 1)])
-    five = write_v2(tmp_path / "five", [("a b c a b", 1900, n, 1), ("a b c a b", 1900, 1, 1)])
+    five = write_v2(tmp_path / "five", [("a b c a b", 1900, n, 1), ("a b x a b", 1900, 1, 1)])  # same a-b, a-a pairs
     r = prepare_ngrams([one], [five], tmp_path / "out", years=(1900, 1901), vocab_size=3, rank="count", workers=1,
                        progress=False)
     d = load_cooc(r.out)
@@ -530,3 +532,276 @@ def test_crlf_files_give_the_same_output(tmp_path, layout, gz):
     same_output(ref, load_cooc(r.out))
     e1900, _ = expected_hand()
     np.testing.assert_array_equal(dense(load_cooc(r.out), 0), e1900)
+
+
+# ------------------------------------------------------------------------------------------ inputs given twice, empty
+
+@pytest.mark.parametrize("role", ["onegrams", "fivegrams"])
+@pytest.mark.parametrize("kind", ["0 bytes", "gzip"])
+def test_empty_input_file_is_an_error_naming_it(tmp_path, role, kind):
+    empty = tmp_path / ("empty.gz" if kind == "gzip" else "empty.tsv")
+    empty.write_bytes(gzip.compress(b"") if kind == "gzip" else b"")
+    one, five = write_v2(tmp_path / "one.tsv", ONE), write_v2(tmp_path / "five.tsv", FIVE)
+    args = ([one, empty], [five]) if role == "onegrams" else ([one], [five, empty])
+    what = "a gzip file that holds no text" if kind == "gzip" else "0 bytes"
+    with pytest.raises(MalformedInputError, match=rf"--{role}: .*{empty.name} is empty \({what}\); expected Google"):
+        prepare_ngrams(*args, tmp_path / "out", years=(1900, 1901), vocab_size=3, progress=False)
+    assert not (tmp_path / "out").exists()
+    # the worker's own check (the library call, or a pipe that cannot be read ahead)
+    with pytest.raises(MalformedInputError, match=f"{empty.name} is empty"):
+        ngrams.fivegram_counts(empty, ["a"], (1900, 1901))
+    o, f = args
+    res = CliRunner().invoke(app, ["data", "prepare", "ngrams", "--out", str(tmp_path / "out"), "--years", "1900-1901",
+                                   "--vocab", "3", "--quiet", *[x for p in o for x in ("--onegrams", str(p))],
+                                   *[x for p in f for x in ("--fivegrams", str(p))]])
+    assert res.exit_code == 1 and "is empty" in res.output and "wrote" not in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_total_weight_fails_instead_of_writing(tmp_path):
+    one = write_v2(tmp_path / "one.tsv", ONE)
+    five = write_v2(tmp_path / "five.tsv", [("a b c a b", 1850, 4, 1), ("b_NOUN a a a a", 1900, 2, 1),
+                                            ("x y z a q", 1900, 1, 1)])  # outside the years, annotated, one word
+    with pytest.raises(MalformedInputError, match=r"no co-occurrence .* 1 POS-annotated, 1 rows outside the years"):
+        prepare_ngrams([one], [five], tmp_path / "out", years=(1900, 1901), vocab_size=3, progress=False)
+    assert not (tmp_path / "out").exists()
+    res = CliRunner().invoke(app, ["data", "prepare", "ngrams", "--onegrams", str(one), "--fivegrams", str(five),
+                                   "--out", str(tmp_path / "out"), "--years", "1900-1901", "--vocab", "3", "--quiet"])
+    assert res.exit_code == 1 and "no co-occurrence" in res.output and "total weight" not in res.output
+
+
+def _five_text(seed: int) -> bytes:
+    return "".join(f"{n}\t{y}\t{m}\t{v}\n" for n, y, m, v in random_rows(seed, 300)).encode()
+
+
+def test_the_same_rows_given_twice_are_an_error(tmp_path):
+    one = write_v2(tmp_path / "one.tsv", [(w, 1900, c, 1) for w, c in [("the", 5), ("of", 4), ("cat", 3)]])
+    text = _five_text(20)
+    a = tmp_path / "a.tsv"
+    a.write_bytes(text)
+    kw = dict(years=(1900, 1910), vocab_size=3, workers=1, progress=False, block_mb=0.004)
+    assert len(text) > 4 * 4096  # the repeats below lie blocks apart
+    copy, packed, crlf = tmp_path / "copy.tsv", tmp_path / "a.tsv.gz", tmp_path / "a-crlf.tsv"
+    copy.write_bytes(text)
+    packed.write_bytes(gzip.compress(text))
+    crlf.write_bytes(text.replace(b"\n", b"\r\n"))
+    for other in (copy, packed, crlf):  # a copy under another name; the same file compressed, with CRLF
+        with pytest.raises(ValueError, match=rf"--fivegrams: .*a\.tsv and .*{other.name} begin with the same line"):
+            prepare_ngrams([one], [a, other], tmp_path / "out", **kw)
+        assert not (tmp_path / "out").exists()
+    # a file concatenated with itself, plain or as two gzip members: its first row comes back
+    ngram, year = text.decode().split("\n", 1)[0].split("\t")[:2]
+    n_lines = text.count(b"\n")
+    for name, data in (("aa.tsv", text + text), ("aa.tsv.gz", gzip.compress(text) * 2)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(MalformedInputError, match=re.escape(f"{name}: line {n_lines + 1} repeats line 1 (ngram "
+                                                                f"{ngram!r}, year {year}) (was the file concatenated "
+                                                                f"with itself?)")):
+            prepare_ngrams([one], [tmp_path / name], tmp_path / "out", **kw)
+    # a line repeated in place, also across a block boundary
+    lines = text.splitlines(keepends=True)
+    for k in (40, 250):
+        (tmp_path / "rep.tsv").write_bytes(b"".join(lines[:k + 1] + lines[k:]))
+        with pytest.raises(MalformedInputError, match=rf"rep\.tsv: line {k + 2} repeats line {k + 1} "):
+            prepare_ngrams([one], [tmp_path / "rep.tsv"], tmp_path / "out", **kw)
+    # the same ngram in another year, or different files: no error
+    r = prepare_ngrams([one], [a, write_v2(tmp_path / "b.tsv", random_rows(21, 300))], tmp_path / "out", **kw)
+    assert r.total_weight > 0 and load_cooc(r.out).V == 3
+
+
+def test_the_same_content_through_two_pipes_is_an_error(tmp_path):
+    """Pipes cannot be read ahead: the sha256 recorded while counting catches them."""
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("needs named pipes")
+    import threading
+
+    one = write_v2(tmp_path / "one.tsv", [(w, 1900, c, 1) for w, c in [("the", 5), ("of", 4), ("cat", 3)]])
+    text = _five_text(22)
+    pipes = [tmp_path / "p1", tmp_path / "p2"]
+
+    def feed(p):
+        with open(p, "wb") as f:
+            f.write(text)
+
+    for p in pipes:
+        os.mkfifo(p)
+    threads = [threading.Thread(target=feed, args=(p,), daemon=True) for p in pipes]
+    for t in threads:
+        t.start()
+    with pytest.raises(ValueError, match=r"--fivegrams: .*p1 and .*p2 have the same content \(sha256"):
+        prepare_ngrams([one], pipes, tmp_path / "out", years=(1900, 1910), vocab_size=3, workers=1, progress=False)
+    for t in threads:
+        t.join(10)
+    assert not (tmp_path / "out").exists()
+
+
+def test_changed_content_with_restored_mtime_is_counted_again(tmp_path, monkeypatch):
+    """cp -p, rsync -a and tar restore the modification time: the size and mtime of the key match, the sha256
+    recorded in the part does not."""
+    one, f1, f2_rows = _interrupt_inputs(tmp_path)
+    f2 = write_v2(tmp_path / "f2.tsv", f2_rows)
+    kw = dict(years=(1900, 1910), vocab_size=5, workers=1, progress=False)
+    real_count = ngrams._count_fivegrams
+
+    def failing(job, report):
+        if job.path == str(f2):
+            raise RuntimeError("boom")
+        return real_count(job, report)
+
+    monkeypatch.setattr(ngrams, "_count_fivegrams", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        prepare_ngrams([one], [f1, f2], tmp_path / "out", **kw)
+    monkeypatch.setattr(ngrams, "_count_fivegrams", real_count)
+    st = f1.stat()
+    text = f1.read_bytes()
+    changed = text.replace(b"\t1\n", b"\t2\n", 1)
+    changed = changed[:changed.index(b"\t") + 1] + b"1909" + changed[changed.index(b"\t") + 5:]  # another year
+    assert len(changed) == len(text) and changed != text
+    f1.write_bytes(changed)
+    os.utime(f1, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f1.stat().st_size == st.st_size and f1.stat().st_mtime_ns == st.st_mtime_ns
+    r = prepare_ngrams([one], [f1, f2], tmp_path / "out", **kw)
+    assert r.processed_parts == 2 and r.reused_parts == 2  # both 5-gram files; the two 1-gram passes reused
+    same_output(load_cooc(r.out), load_cooc(prepare_ngrams([one], [f1, f2], tmp_path / "base", **kw).out))
+
+
+# ------------------------------------------------------------------------------------------ fast and strict parsers
+
+def test_invalid_utf8_in_a_short_line_prints_no_traceback(tmp_path):
+    """pyarrow decodes an invalid row's text for the handler; invalid UTF-8 there printed 'Exception ignored'."""
+    lines = [f"a b c d {k}\t1900\t3\t1\n".encode() for k in range(300)]
+    lines.insert(12, b"a \xff c d e\t1900\t3\n")  # invalid UTF-8 and 3 fields
+    lines.insert(40, b"a b c d e\t1900\n")  # 2 fields
+    bad = tmp_path / "bad.tsv"
+    bad.write_bytes(b"".join(lines))
+    code = ("import sys; from goldstone_cli.data import ngrams; "
+            "S, m = ngrams.fivegram_counts(sys.argv[1], ['a', 'b'], (1900, 1901)); "
+            "print(m['malformed'], sorted((e['line'], e['why']) for e in m['examples']), int(S.sum()))")
+    p = subprocess.run([sys.executable, "-c", code, str(bad)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""
+    assert p.stdout.split()[0] == "2" and "(13, 'invalid UTF-8')" in p.stdout and "(41, '2 tab-separated" in p.stdout
+    assert int(p.stdout.split()[-1]) == 300 * 4 * 3  # each good line: a-b at distance 1 (weight 4) times 3
+
+
+@pytest.mark.parametrize("col", [1, 2, 3])
+@pytest.mark.parametrize("value", ["-1", "-0", "0x5", " 5", "5 ", "1234567890123456789"])
+def test_v2_fast_and_strict_paths_agree_on_numbers(tmp_path, col, value):
+    """pyarrow's int64 parser takes some of these (a negative volume_count was counted); the strict check
+    of each line does not. Both paths now call the line malformed."""
+    good = [f"a b c d {k}\t1900\t3\t1" for k in range(300)]
+    f = good[7].split("\t")
+    f[col] = value
+    lines = good[:7] + ["\t".join(f)] + good[8:]
+    block = ("\n".join(lines) + "\n").encode()
+    rows = ngrams._parse_v2(block, iss := ngrams._Issues("x"), 0, len(lines))  # the fast path first
+    assert iss.malformed == 1 and iss.examples[0]["line"] == 8, iss.examples
+    assert 7 not in rows.line and len(rows.line) == 299
+    _, kept = ngrams._strict_filter(block, "v2", ngrams._Issues("x"), 0)
+    np.testing.assert_array_equal(kept, rows.line)
+
+
+# ------------------------------------------------------------------------------------------ workers and SIGKILL
+
+def _proc_table() -> dict[int, tuple[int, str, bytes]]:
+    """pid -> (parent pid, state, start time) of every process, from /proc."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat", "rb") as f:
+                    rest = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            out[int(d)] = (int(rest[1]), rest[0].decode(), rest[19])
+    return out
+
+
+def _descendants(pid: int) -> dict[int, bytes]:
+    table = _proc_table()
+    found, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        for c, (pp, _, start) in table.items():
+            if pp == p and c not in found:
+                found[c] = start
+                todo.append(c)
+    return found
+
+
+def test_workers_exit_when_the_main_process_is_killed(tmp_path):
+    """A real SIGKILL of the main process while one worker is busy (a pipe fed without end) and one waits
+    on a pipe nobody writes: every process of the run (forkserver, workers) must be gone in seconds."""
+    if not (hasattr(os, "mkfifo") and os.path.isdir("/proc/self")):
+        pytest.skip("needs named pipes and /proc")
+    import signal
+    import threading
+
+    one = write_v2(tmp_path / "one.tsv", [(w, 1900, c, 1) for w, c in [("w0", 5), ("w1", 4), ("w2", 3)]])
+    busy, idle = tmp_path / "busy.tsv", tmp_path / "idle.tsv"
+    os.mkfifo(busy)
+    os.mkfifo(idle)
+    fed = [0]
+    stop = threading.Event()
+
+    def feed():  # distinct rows, block after block, until the reader dies
+        try:
+            with open(busy, "wb") as f:
+                for b in range(10**6):
+                    if stop.is_set():
+                        return
+                    chunk = "".join(f"w{k % 3} w{b} x{k} y z\t1900\t3\t1\n" for k in range(2000)).encode()
+                    f.write(chunk)
+                    fed[0] += len(chunk)
+        except (BrokenPipeError, OSError):
+            pass
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    cmd = [sys.executable, "-m", "goldstone_cli", "data", "prepare", "ngrams", "--onegrams", str(one),
+           "--fivegrams", str(busy), "--fivegrams", str(idle), "--out", str(tmp_path / "out"), "--years", "1900-1901",
+           "--vocab", "3", "--workers", "2", "--block-mb", "0.05", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs: dict[int, bytes] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # two workers (grandchildren: main -> forkserver -> worker), one of them reading
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the workers never started"
+            table = _proc_table()
+            procs = _descendants(proc.pid)
+            workers = [p for p in procs if table.get(table.get(p, (0,))[0], (0,))[0] == proc.pid]
+            if len(workers) >= 2 and fed[0] > (4 << 20):
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        t0 = time.monotonic()
+        alive = procs
+        while alive and time.monotonic() < t0 + 15:
+            time.sleep(0.1)
+            table = _proc_table()
+            alive = {p: s for p, s in procs.items() if p in table and table[p][2] == s and table[p][1] != "Z"}
+        assert not alive, f"still running {time.monotonic() - t0:.0f} s after the kill: {sorted(alive)}"
+        assert time.monotonic() - t0 < 10
+    finally:
+        stop.set()
+        table = _proc_table()
+        for p, s in procs.items():  # never leave a process of a failed test behind
+            if p in table and table[p][2] == s:
+                os.kill(p, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if feeder.is_alive():  # unblock a feeder still waiting for a reader
+            with contextlib.suppress(OSError):
+                os.close(os.open(busy, os.O_RDONLY | os.O_NONBLOCK))
+        feeder.join(10)
+    # nothing of the killed run is trusted: with real files the run completes and matches a fresh one
+    busy.unlink()
+    idle.unlink()
+    write_v2(busy, [("w0 w1 w2 w0 w1", 1900, 2, 1)])
+    write_v2(idle, [("w2 w1 x y z", 1901, 1, 1)])
+    kw = dict(years=(1900, 1901), vocab_size=3, workers=2, progress=False)
+    r = prepare_ngrams([one], [busy, idle], tmp_path / "out", **kw)
+    same_output(load_cooc(r.out), load_cooc(prepare_ngrams([one], [busy, idle], tmp_path / "ref", **kw).out))

@@ -45,10 +45,21 @@ and the output, never by the size of the input.
 Parallelism and resume: files are processed by ``workers`` processes (one file per process at a time).
 The result of each input file is saved atomically as a *part* in ``.<out>.work/`` next to the output,
 named by a key of (file path, size, modification time, settings). A rerun after an interruption
-trusts only complete parts with the same key and processes the remaining files; the final output is
+trusts only complete parts with the same key whose recorded sha256 is that of the input now (each
+such input is hashed once per run, in parallel; a changed file with a restored modification time, as
+``cp -p``, ``rsync -a`` and ``tar`` leave it, is counted again), and processes the remaining files. A
+worker process exits on its own when the main process dies (even by SIGKILL). The final output is
 written atomically (see ``cooc``) and the work folder is removed after success.
 
-Malformed lines (wrong number of fields, non-integer year or counts, a 5-gram without exactly 5
+Inputs given twice: before any counting, the files of each option are checked: an empty file (0 bytes,
+or a gzip file without content) is an error, and so are two files that begin with the same line (a
+copy under another name, the same file compressed and not, a file and itself concatenated twice),
+since their rows would be counted twice. Within a file, a row equal to the row before it, or to the
+file's first row (a file concatenated with itself), is an error; other repeated rows inside one file
+are not detected (that needs a set of all its rows, too big for multi-GB files). A run whose 5-grams
+give no co-occurrence at all fails instead of writing an empty corpus.
+
+Malformed lines (wrong number of fields, year or counts not 1-18 decimal digits, a 5-gram without exactly 5
 non-empty tokens, invalid UTF-8) are skipped, counted and reported with an example (file and line).
 If more than ``max_malformed`` (default 1%) of the lines of any file, or of all files, are malformed, the
 run fails: the input is probably not a Google Books Ngram file (a file that is mostly malformed after
@@ -63,6 +74,7 @@ wrapping to negative totals. See ``COUNT_LIMIT``.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -72,8 +84,9 @@ import os
 import queue
 import re
 import shutil
+import threading
 import zlib
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -88,7 +101,7 @@ from tqdm.auto import tqdm
 from goldstone_cli.data.cooc import CoocWriter, check_output_dir, inputs_entry, pair_rows_to_symmetric
 from goldstone_cli.io import atomic_path
 
-PART_VERSION = 2  # 2: parts record the sum of their match counts (overflow check), CRLF files accepted
+PART_VERSION = 3  # 2: match count sums (overflow check), CRLF; 3: v2 numbers checked as digits, repeated rows
 DEFAULT_YEARS = (1800, 2008)
 DEFAULT_VOCAB = 10_000
 RANKS = ("relfreq", "count")
@@ -99,6 +112,8 @@ MARKER_RE = r"^_(?:START|END|ROOT)_$"
 GZIP_MAGIC = b"\x1f\x8b"
 RAW_CHUNK = 1 << 20          # bytes read from disk at a time
 MAX_LINE = 1 << 26           # a "line" longer than this means the file is not an ngram file
+HEAD_BYTES = 1 << 16         # text read from the start of every input to check it before counting
+HASH_CHUNK = 8 << 20         # bytes hashed at a time when checking a saved part against its input
 EXAMPLES_PER_FILE = 3
 FLUSH_ENTRIES = 500_000      # 5-gram (ngram, year) rows gathered over blocks before one sparse product
 N_FIVE = 5
@@ -165,6 +180,57 @@ def expand_inputs(patterns: Sequence[str | os.PathLike], option: str) -> list[Pa
     return out
 
 
+def _empty_error(path: str | os.PathLike, role: str) -> MalformedInputError:
+    with open(path, "rb") as f:
+        what = "a gzip file that holds no text" if f.read(2) == GZIP_MAGIC else "0 bytes"
+    n = 1 if role == "onegrams" else N_FIVE
+    return MalformedInputError(
+        f"--{role}: {path} is empty ({what}); expected Google Books {n}-gram lines, v2 "
+        f"'ngram<TAB>year<TAB>match_count<TAB>volume_count' or v3 'ngram<TAB>year,match_count,volume_count<TAB>...'. "
+        f"Download the file again, or leave it out.")
+
+
+def _first_line(head: bytes) -> bytes | None:
+    for ln in head.split(b"\n"):
+        ln = ln.rstrip(b"\r")
+        if ln.strip():
+            return ln
+    return None
+
+
+def check_inputs(files: Sequence[Path], role: str) -> None:
+    """Fail before counting on an empty input, or on two inputs that begin with the same line: a copy
+    under another name, the same file compressed and not, a file and itself concatenated twice. Their
+    rows would be counted twice. Reads only the start of each file; pipes (read once) are skipped."""
+    first: dict[bytes, Path] = {}
+    for f in files:
+        if not f.is_file():
+            continue
+        with contextlib.closing(iter_blocks(f, HEAD_BYTES, raw_chunk=HEAD_BYTES)) as blocks:
+            head = next(blocks, b"")
+        if not head:
+            raise _empty_error(f, role)
+        line = _first_line(head)
+        if line is None:
+            continue
+        if line in first:
+            raise ValueError(
+                f"--{role}: {first[line]} and {f} begin with the same line {line[:120].decode('utf-8', 'replace')!r}; "
+                f"their rows would be counted twice (a copy under another name, the same file compressed and not, "
+                f"or a file concatenated with itself?). Give each file once.")
+        first[line] = f
+
+
+def _check_distinct_contents(metas: list[dict], role: str) -> None:
+    """Two inputs with the same sha256 (pipes, which ``check_inputs`` cannot read ahead) count twice."""
+    seen: dict[str, str] = {}
+    for m in metas:
+        if m["sha256"] in seen and seen[m["sha256"]] != m["path"]:
+            raise ValueError(f"--{role}: {seen[m['sha256']]} and {m['path']} have the same content (sha256 "
+                             f"{m['sha256'][:16]}...); it would be counted twice. Give each file once.")
+        seen[m["sha256"]] = m["path"]
+
+
 def _open_text(path: Path) -> bytes:
     data = path.read_bytes()
     return zlib.decompress(data, 31) if data[:2] == GZIP_MAGIC else data
@@ -222,11 +288,12 @@ def read_totalcounts(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------- block streaming
 
-def iter_blocks(path: str | os.PathLike, block_bytes: int, on_raw: Callable[[bytes], None] | None = None
-                ) -> Iterator[bytes]:
+def iter_blocks(path: str | os.PathLike, block_bytes: int, on_raw: Callable[[bytes], None] | None = None,
+                raw_chunk: int = RAW_CHUNK) -> Iterator[bytes]:
     """Uncompressed blocks of about ``block_bytes``, each ending at a line end (the last one maybe not).
 
-    ``on_raw`` sees every chunk of the file as read from disk (for hashing and progress in bytes).
+    ``on_raw`` sees every chunk of the file as read from disk (``raw_chunk`` bytes; for hashing and
+    progress in bytes).
     """
     path = Path(path)
     buf = bytearray()
@@ -245,14 +312,14 @@ def iter_blocks(path: str | os.PathLike, block_bytes: int, on_raw: Callable[[byt
             yield block
 
     with open(path, "rb") as f:
-        chunk = f.read(RAW_CHUNK)
+        chunk = f.read(raw_chunk)
         if chunk[:2] != GZIP_MAGIC:
             while chunk:
                 if on_raw:
                     on_raw(chunk)
                 buf += chunk
                 yield from cut()
-                chunk = f.read(RAW_CHUNK)
+                chunk = f.read(raw_chunk)
         else:
             d = zlib.decompressobj(31)
             while chunk:
@@ -269,7 +336,7 @@ def iter_blocks(path: str | os.PathLike, block_bytes: int, on_raw: Callable[[byt
                     buf += out
                     yield from cut()
                     data = d.unused_data if d.eof else d.unconsumed_tail
-                chunk = f.read(RAW_CHUNK)
+                chunk = f.read(raw_chunk)
             if not d.eof:
                 raise MalformedInputError(f"{path}: the gzip stream ends early (truncated file); download it again")
     if buf:
@@ -318,7 +385,25 @@ class _Rows:
 
 
 _V2_COLS = ["ngram", "year", "match", "volumes"]
-_V2_TYPES = {"ngram": pa.string(), "year": pa.int64(), "match": pa.int64(), "volumes": pa.int64()}
+# numbers are read as text and checked as digits: pyarrow's int64 parser also takes " 5", "0x5" and "-0"
+_V2_TYPES = {c: pa.string() for c in _V2_COLS}
+
+
+def _utf8_text(body: bytes) -> pa.LargeStringArray:
+    """``body`` as one string (no copy); raises ``pa.ArrowInvalid`` if it is not valid UTF-8."""
+    arr = pa.LargeStringArray.from_buffers(1, pa.py_buffer(np.array([0, len(body)], dtype=np.int64)),
+                                           pa.py_buffer(body))
+    arr.validate(full=True)
+    return arr
+
+
+def _v2_numbers(tab: pa.Table) -> tuple[np.ndarray, np.ndarray] | None:
+    """(year, match) as int64, or None if a year or count is not 1-18 ASCII digits (as ``_strict_filter``)."""
+    for c in _V2_COLS[1:]:
+        if tab.num_rows and not (pc.all(pc.ascii_is_decimal(tab[c])).as_py()
+                                 and pc.max(pc.binary_length(tab[c])).as_py() < 19):
+            return None
+    return (pc.cast(tab["year"], pa.int64()).to_numpy(), pc.cast(tab["match"], pa.int64()).to_numpy())
 
 
 def _strict_filter(block: bytes, layout: str, issues: _Issues, first_line: int) -> tuple[bytes, np.ndarray]:
@@ -344,7 +429,7 @@ def _strict_filter(block: bytes, layout: str, issues: _Issues, first_line: int) 
                 if len(f) != 4:
                     why = f"{len(f)} tab-separated fields, expected 4"
                 elif not all(x.isdigit() and len(x) < 19 for x in f[1:]):
-                    why = "year, match_count and volume_count must be non-negative integers"
+                    why = "year, match_count and volume_count must be non-negative integers of at most 18 digits"
             else:
                 if len(f) < 2:
                     why = "no year,match_count,volume_count field"
@@ -373,18 +458,27 @@ def _parse_v2(block: bytes, issues: _Issues, first_line: int, n: int) -> _Rows:
     ro = pcsv.ReadOptions(column_names=_V2_COLS, use_threads=False, block_size=max(len(block) + 1, 1 << 20))
     po = pcsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False, double_quote=False,
                            newlines_in_values=False, ignore_empty_lines=False, invalid_row_handler=on_invalid)
+    # check_utf8 off: the fast path reads a block checked below, the slow path lines that decoded
     co = pcsv.ConvertOptions(column_types=_V2_TYPES, null_values=[], strings_can_be_null=False,
-                             quoted_strings_can_be_null=False)
+                             quoted_strings_can_be_null=False, check_utf8=False)
     kept = None
-    tab = None
-    if b"\r" not in block:
+    tab = nums = None
+    fast = b"\r" not in block
+    try:  # invalid UTF-8: slow path (pyarrow decodes a bad row's text for on_invalid, a traceback if it fails)
+        _utf8_text(block)
+    except pa.ArrowInvalid:
+        fast = False
+    if fast:
         try:
             tab = pcsv.read_csv(pa.py_buffer(block), read_options=ro, parse_options=po, convert_options=co)
         except pa.ArrowInvalid:
             tab = None
-        if tab is not None and (tab.num_rows + len(skipped) != n or -1 in skipped
-                                or pc.any(pc.less(tab["year"], 0)).as_py() or pc.any(pc.less(tab["match"], 0)).as_py()):
+        if tab is not None and (tab.num_rows + len(skipped) != n or -1 in skipped):
             tab = None
+        if tab is not None:
+            nums = _v2_numbers(tab)
+            if nums is None:
+                tab = None
         if tab is not None and skipped:
             sk = np.array(sorted(skipped), dtype=np.int64)
             issues.add(len(sk), [(first_line + k + 1, _line_text(block, int(k)), "wrong number of tab-separated fields")
@@ -395,11 +489,14 @@ def _parse_v2(block: bytes, issues: _Issues, first_line: int, n: int) -> _Rows:
         clean, kept = _strict_filter(block, "v2", issues, first_line)
         tab = pcsv.read_csv(pa.py_buffer(clean), read_options=ro, parse_options=po, convert_options=co) if clean \
             else pa.table({c: pa.array([], type=t) for c, t in _V2_TYPES.items()})
+        nums = _v2_numbers(tab)
+        if nums is None or tab.num_rows != len(kept):
+            raise RuntimeError("internal error: a line accepted by the strict v2 check failed to parse")
     if kept is None:
         kept = np.arange(n, dtype=np.int64)
     enc = pc.dictionary_encode(tab["ngram"].combine_chunks())
     return _Rows(uniq=enc.dictionary, ngram=enc.indices.to_numpy().astype(np.int64),
-                 year=tab["year"].to_numpy(), match=tab["match"].to_numpy(), line=kept)
+                 year=nums[0], match=nums[1], line=kept)
 
 
 def _parse_v3(block: bytes, issues: _Issues, first_line: int, n: int = 0, filtered: bool = False) -> _Rows:
@@ -408,9 +505,7 @@ def _parse_v3(block: bytes, issues: _Issues, first_line: int, n: int = 0, filter
     try:
         if b"\r" in body:
             raise ValueError("carriage return")
-        arr = pa.LargeStringArray.from_buffers(1, pa.py_buffer(np.array([0, len(body)], dtype=np.int64)),
-                                               pa.py_buffer(body))
-        arr.validate(full=True)  # UTF-8
+        arr = _utf8_text(body)
         lines = pc.split_pattern(arr, "\n").values  # (L,)
         fields = pc.split_pattern(lines, "\t")
         nf = pc.list_value_length(fields).to_numpy()
@@ -484,9 +579,33 @@ _PROGRESS_Q = None
 _STOP = None
 
 
-def _init_worker(q, stop) -> None:
+def _init_worker(q, stop, alive, main_pid: int) -> None:
     global _PROGRESS_Q, _STOP
     _PROGRESS_Q, _STOP = q, stop
+    threading.Thread(target=_exit_with_main, args=(alive, main_pid), name="watch-main", daemon=True).start()
+
+
+def _exit_with_main(alive, main_pid: int) -> None:
+    """Exit this worker once the main process is gone (even by SIGKILL): the main process holds the only
+    write end of ``alive``, which the kernel closes when it dies (poll sees EOF); its pid is checked
+    too. A worker would otherwise wait for jobs forever, keeping the forkserver alive."""
+    while not alive.poll(1.0) and _running(main_pid):
+        pass
+    os._exit(1)  # a part being written is a temporary file, never trusted
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (dead, not yet reaped by its parent) is gone too
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 class _Feed:
@@ -548,6 +667,50 @@ def _check_malformed(issues: _Issues, max_malformed: float, final: bool) -> None
             f"({ex.get('why')}). Is this a Google Books Ngram v2/v3 file of the right kind (1-grams vs 5-grams)?")
 
 
+class _Repeats:
+    """Rows given twice in one file, found by two cheap exact checks: a row equal to the row before it
+    (a line repeated in place) or to the file's first row (a file concatenated with itself). Any other
+    repeat would need the set of all (ngram, year) rows of the file: too big for multi-GB files."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.first: tuple[str, int, int] | None = None   # (ngram, year, line number)
+        self.last: tuple[str, int, int] | None = None
+
+    def check(self, rows: _Rows, good: np.ndarray, first_line: int) -> None:
+        """``good`` (U,): the well-formed distinct ngrams of the block (only their rows are checked)."""
+        if good.all():
+            ng, yr, ln = rows.ngram, rows.year, rows.line  # (E,) in file order
+        else:
+            e = np.flatnonzero(good[rows.ngram])
+            ng, yr, ln = rows.ngram[e], rows.year[e], rows.line[e]
+        if len(ng) == 0:
+            return
+
+        def row(i: int) -> tuple[str, int, int]:
+            return rows.uniq[int(ng[i])].as_py(), int(yr[i]), first_line + int(ln[i]) + 1
+
+        start = 0
+        if self.first is None:
+            self.first, start = row(0), 1
+        k = pc.index(rows.uniq, self.first[0]).as_py()
+        if k >= 0:
+            hit = np.flatnonzero((ng[start:] == k) & (yr[start:] == self.first[1]))
+            if len(hit):
+                self._fail(self.first, row(start + int(hit[0]))[2], " (was the file concatenated with itself?)")
+        if self.last is not None and self.last[:2] == row(0)[:2]:
+            self._fail(self.last, row(0)[2], "")
+        same = np.flatnonzero((ng[1:] == ng[:-1]) & (yr[1:] == yr[:-1]))
+        if len(same):
+            self._fail(row(int(same[0])), row(int(same[0]) + 1)[2], "")
+        self.last = row(len(ng) - 1)
+
+    def _fail(self, row: tuple[str, int, int], line: int, hint: str) -> None:
+        raise MalformedInputError(
+            f"{self.path}: line {line} repeats line {row[2]} (ngram {row[0][:120]!r}, year {row[1]}){hint}; a row "
+            f"given twice would be counted twice. Use the original file, in which each (ngram, year) appears once.")
+
+
 def _stream_rows(job: _Job, feed: _Feed, issues: _Issues, n_expected: int
                  ) -> Iterator[tuple[_Rows, pa.ListArray, np.ndarray, np.ndarray]]:
     """Parsed blocks of a file with checks per distinct ngram.
@@ -558,6 +721,7 @@ def _stream_rows(job: _Job, feed: _Feed, issues: _Issues, n_expected: int
     """
     layout = None
     first_line = 0
+    repeats = _Repeats(job.path)
     for block in iter_blocks(job.path, job.block_bytes, feed):
         if b"\r" in block:  # CRLF line ends (Windows copies): blocks end at "\n", so no "\r\n" is split
             block = block.replace(b"\r\n", b"\n")
@@ -587,10 +751,13 @@ def _stream_rows(job: _Job, feed: _Feed, issues: _Issues, n_expected: int
         ok = ~bad & ~annotated
         if annotated.any():
             issues.annotated += len(np.unique(rows.line[annotated[rows.ngram]]))
+        repeats.check(rows, ~bad, first_line)
         first_line += nl
         _check_malformed(issues, job.max_malformed, final=False)
         yield rows, toks, ok, marker
     feed.flush()
+    if issues.lines == 0:
+        raise _empty_error(job.path, job.role)
 
 
 def _count_onegrams(job: _Job, report: Callable[[int], None] | None) -> tuple[pa.Table, dict]:
@@ -861,20 +1028,53 @@ def _digest(values) -> str | None:
     return hashlib.sha256(json.dumps([v if isinstance(v, str) else int(v) for v in values]).encode()).hexdigest()
 
 
+def _sha256_file(path: str, cancel: threading.Event) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while not cancel.is_set():
+            chunk = f.read(HASH_CHUNK)
+            if not chunk:
+                return h.hexdigest()
+            h.update(chunk)  # releases the GIL: files are hashed in parallel threads
+    raise _Cancelled()
+
+
+def _hash_inputs(paths: list[str], shas: dict[str, str], workers: int, desc: str, progress: bool) -> None:
+    """sha256 of the raw bytes of each file into ``shas`` (as ``_Feed`` hashes a file it counts)."""
+    if not paths:
+        return
+    cancel = threading.Event()
+    with tqdm(total=sum(os.stat(p).st_size for p in paths), desc=desc, unit="B", unit_scale=True,
+              unit_divisor=1024, disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as ex:
+        futs = {ex.submit(_sha256_file, p, cancel): p for p in paths}
+        try:
+            for f in as_completed(futs):
+                shas[futs[f]] = f.result()
+                bar.update(os.stat(futs[f]).st_size)
+        except BaseException:
+            cancel.set()
+            raise
+
+
 def _run_phase(jobs: list[_Job], workers: int, desc: str, progress: bool,
-               load_meta: Callable[[_Job], dict | None]) -> tuple[list[dict], int]:
-    """Run the jobs whose part is missing; return (metas in job order, number of reused parts)."""
+               load_meta: Callable[[_Job], dict | None], shas: dict[str, str]) -> tuple[list[dict], int]:
+    """Run the jobs whose part is missing or stale; return (metas in job order, number of reused parts).
+
+    ``shas``: the sha256 of the inputs hashed so far in this run (read and extended).
+    """
     metas: dict[int, dict] = {}
-    pending = []
     for k, j in enumerate(jobs):
-        # a cached part is reused only when it is a real file of the work folder and describes this input
+        # a cached part is a candidate only when it is a real file of the work folder, describes this input,
+        # and the input is a regular file (a pipe cannot be read again to check it)
         m = load_meta(j) if os.path.isfile(j.part) and not os.path.islink(j.part) else None
-        if m is not None and m.get("path") != j.path:
-            m = None
-        if m is not None:
+        if m is not None and m.get("path") == j.path and os.path.isfile(j.path):
             metas[k] = m
-        else:
-            pending.append(k)
+    # reused only for the same content (size and mtime can be restored: cp -p, rsync -a, tar)
+    _hash_inputs(sorted({jobs[k].path for k in metas} - set(shas)), shas, workers, f"{desc} (checking parts)",
+                 progress)
+    metas = {k: m for k, m in metas.items() if m.get("sha256") == shas[jobs[k].path]}
+    pending = [k for k in range(len(jobs)) if k not in metas]
     reused = len(jobs) - len(pending)
     total = sum(jobs[k].size for k in pending)
     with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress) as bar:
@@ -885,8 +1085,9 @@ def _run_phase(jobs: list[_Job], workers: int, desc: str, progress: bool,
             ctx = mp.get_context("forkserver")
             q = ctx.Queue()
             stop = ctx.Event()
+            alive_r, alive_w = ctx.Pipe(duplex=False)  # workers exit when alive_w closes (this process died)
             ex = ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=ctx,
-                                     initializer=_init_worker, initargs=(q, stop))
+                                     initializer=_init_worker, initargs=(q, stop, alive_r, os.getpid()))
             try:
                 futs = {ex.submit(_run_job, jobs[k]): k for k in pending}
                 left = set(futs)
@@ -902,6 +1103,10 @@ def _run_phase(jobs: list[_Job], workers: int, desc: str, progress: bool,
                 raise
             finally:
                 ex.shutdown(wait=True)
+                alive_r.close()
+                alive_w.close()
+    for k in pending:
+        shas[jobs[k].path] = metas[k]["sha256"]
     return [metas[k] for k in range(len(jobs))], reused
 
 
@@ -953,6 +1158,8 @@ def prepare_ngrams(onegrams: Sequence[str | os.PathLike], fivegrams: Sequence[st
         raise ValueError("no 1-gram files given (--onegrams); they give the vocabulary and the yearly totals")
     if not five:
         raise ValueError("no 5-gram files given (--fivegrams)")
+    check_inputs(one, "onegrams")
+    check_inputs(five, "fivegrams")
     out = check_output_dir(out, force)
     workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
     T = y1 - y0 + 1
@@ -985,17 +1192,19 @@ def prepare_ngrams(onegrams: Sequence[str | os.PathLike], fivegrams: Sequence[st
         return None if r is None else r[1]
 
     reused = processed = 0
+    shas: dict[str, str] = {}  # sha256 of the inputs hashed in this run
     need_scores = vocab_words is None and rank == "relfreq"
     den = tc_tot if (need_scores and tc_tot is not None) else None
     jobs1 = onegram_jobs(den)
-    metas1, r = _run_phase(jobs1, workers, "1-grams", progress, load1)
+    metas1, r = _run_phase(jobs1, workers, "1-grams", progress, load1, shas)
     reused, processed = reused + r, processed + len(jobs1) - r
+    _check_distinct_contents(metas1, "onegrams")
     _check_count_sum(f"{len(one)} 1-gram files", "onegrams", sum(m["match_sum"] for m in metas1), "over all files")
     year_tot = np.sum([m["year_totals"] for m in metas1], axis=0).astype(np.int64)  # (T,)
     if need_scores and den is None:  # yearly totals from the 1-grams themselves: second pass for the scores
         den = year_tot
         jobs1 = onegram_jobs(den)
-        metas1, r = _run_phase(jobs1, workers, "1-grams (scores)", progress, load1)
+        metas1, r = _run_phase(jobs1, workers, "1-grams (scores)", progress, load1, shas)
         reused, processed = reused + r, processed + len(jobs1) - r
     tokens = tc_tot if tc_tot is not None else year_tot
 
@@ -1024,8 +1233,9 @@ def prepare_ngrams(onegrams: Sequence[str | os.PathLike], fivegrams: Sequence[st
         key = _part_key("fivegrams", p, {**common, "vocab": vd})
         jobs5.append(_Job("fivegrams", str(p), str(work / f"fivegrams-{key[:32]}.npz"), key, (y0, y1), lowercase, pos,
                           block_bytes, max_malformed, vocab=tuple(vocab), size=os.stat(p).st_size))
-    metas5, r = _run_phase(jobs5, workers, "5-grams", progress, lambda j: _load_fivegram_meta(j.part, j.key))
+    metas5, r = _run_phase(jobs5, workers, "5-grams", progress, lambda j: _load_fivegram_meta(j.part, j.key), shas)
     reused, processed = reused + r, processed + len(jobs5) - r
+    _check_distinct_contents(metas5, "fivegrams")
     _check_count_sum(f"{len(five)} 5-gram files", "fivegrams", sum(m["match_sum"] for m in metas5), "over all files")
 
     all_metas = metas1 + metas5
@@ -1045,6 +1255,13 @@ def prepare_ngrams(onegrams: Sequence[str | os.PathLike], fivegrams: Sequence[st
     for j in tqdm(jobs5, desc="merging", unit="file", disable=not progress):
         lsm.push(_load_fivegram_part(j.part))
     S = lsm.result((T, VV), idx_dtype)  # (T, V*V) pair counts of all files
+    if S.nnz == 0:  # an all-zero corpus is never written as complete
+        st = {k: sum(m[k] for m in metas5) for k in ("lines", "malformed", "annotated_lines", "out_of_range_lines")}
+        raise MalformedInputError(
+            f"the {len(five)} 5-gram file(s) give no co-occurrence of two of the {V} vocabulary words in {y0}-{y1} "
+            f"({st['lines']:,} lines: {st['malformed']:,} malformed, {st['annotated_lines']:,} POS-annotated, "
+            f"{st['out_of_range_lines']:,} rows outside the years); nothing to write. Check --years, and that the "
+            f"5-gram files are of the language and case of the 1-gram files (or --vocab-file).")
 
     inputs = [inputs_entry(m["path"], "onegrams", m["sha256"], layout=m["layout"], lines=m["lines"],
                            malformed=m["malformed"]) for m in metas1]
