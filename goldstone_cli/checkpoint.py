@@ -133,7 +133,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 # ----------------------------------------------------------------------------- reading
 def _first_line(exc: BaseException) -> str:
     text = str(exc)
-    for marker in ("Unsupported global:", "Unsupported operand"):
+    for marker in ("Unsupported global:", "Unsupported operand", "Trying to load unsupported GLOBAL"):
         if marker in text:
             line = text[text.index(marker):].splitlines()[0]
             return line.split(" was not an allowed global")[0]

@@ -314,6 +314,10 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                                   f"{_first_line(exc)}") from None
         start, wall, best = state["step"], state["wall_time"], state.get("best")
         target_step = state.get("target_step")
+        was = (state["config"].get("trainer") or {}).get("target") if isinstance(state["config"], dict) else None
+        if target_step is not None and was != tc.target:  # another target (or none): the old one no longer stops it
+            tqdm.write(f"trainer.target is {tc.target} now ({was} reached at step {target_step}): training goes on")
+            target_step = None
     snapshots: dict[int, Any] = _load_snapshots(run_dir, start) if resuming and main else {}
     if main:  # rank 0 writes the run's files
         metrics = MetricsWriter(run_dir / "metrics.csv", columns, resume_from_step=start if resuming else None)
@@ -335,14 +339,15 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
 
     generator_before_final: list = []  # the generator as iteration `steps` found it (see below)
 
-    def state_at(step: int) -> dict[str, Any]:
+    def state_at(step: int, gen=None, wall_at=None) -> dict[str, Any]:
         # the final row's loss terms draw a minibatch after the last update: a checkpoint at the last
         # step keeps the generator as it was before that draw, so a run continued with more steps
         # draws what an uninterrupted longer run draws
-        gen = generator_before_final[0] if generator_before_final and step >= steps else generator.get_state()
+        if gen is None:
+            gen = generator_before_final[0] if generator_before_final and step >= steps else generator.get_state()
         return {
             "step": step,
-            "wall_time": wall,
+            "wall_time": wall if wall_at is None else wall_at,
             "best": best,
             "target_step": target_step,
             "model": model.state_dict(),
@@ -353,10 +358,10 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
             "torch_threads": torch.get_num_threads(),
         }
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, gen=None, wall_at=None) -> None:
         if snapshots and main:  # first: a kill between the two leaves snapshots that the older checkpoint trims
             _save_snapshots(run_dir, snapshots)
-        _save_checkpoint(ckpt_dir, state_at(step), model, optimizer, shard, device)
+        _save_checkpoint(ckpt_dir, state_at(step, gen, wall_at), model, optimizer, shard, device)
 
     status, message, last_row = "completed", "", {}
     steps = int(tc.steps)
@@ -383,10 +388,11 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                                   f"trainer.distributed=false)" if shard.distributed else
                                   f"goldstone train resume={run_dir}"))
                     break
-                if step % tc.checkpoint_every == 0 and (step != start or not resuming) and step < steps:
-                    # also at step 0 of a fresh run: a run killed at once is resumable (the last step's
-                    # checkpoint is written after the loop)
-                    checkpoint(step)
+                # also at step 0 of a fresh run: a run killed at once is resumable (the last step's checkpoint
+                # is written after the loop); written once this step's loss is known to be finite, with the
+                # generator as the step found it (its minibatch is drawn again on resume)
+                due = step % tc.checkpoint_every == 0 and (step != start or not resuming) and step < steps
+                found = (generator.get_state(), wall) if due else None
                 final = step >= steps
                 t0 = time.perf_counter()
                 if final:
@@ -406,6 +412,8 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                     message = (f"the loss became {total} at step {step}; the last good checkpoint is "
                                f"{run_dir / 'checkpoints' / ckpt.LAST} (lower optimizer.lr, or set optimizer.clip)")
                     break
+                if found is not None:
+                    checkpoint(step, *found)
                 lr = optimizer.param_groups[0]["lr"]
 
                 # log and evaluate theta_s (before this iteration's update)
@@ -878,7 +886,7 @@ def _check_fits(state: dict[str, Any], path: Path, cfg: DictConfig, model) -> No
                 diffs.append(f"{k} is {a.get(k, '(unset)')!r} there, {b.get(k, '(unset)')!r} now")
     if diffs:
         raise CheckpointError(f"{path} does not fit the config: {'; '.join(diffs)}; resume with the run's own "
-                              "settings (only trainer.* may change), or start a new run")
+                              "settings (only trainer.* other than trainer.dtype may change), or start a new run")
     mine, theirs = model.state_dict(), state["model"]
     if not isinstance(theirs, dict):
         raise CheckpointError(f"{path}: 'model' is not a state dict")

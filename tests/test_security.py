@@ -65,6 +65,8 @@ def test_crafted_checkpoints_and_snapshots_never_run_code(in_tmp):
               "r/checkpoints/prev.pt")
     _crafted(run / "snapshots.pt", marker, kind="snapshots")
     _one_line(runner.invoke(app, ["plot", "trajectories", "r"]), "r/snapshots.pt", "refused without running")
+    res = runner.invoke(app, ["plot", "trajectories", "r"])
+    assert "GLOBAL io.open" in res.output and "weights_only" not in res.output  # names it, no advice to unpickle
     # age-words picks the newest word-embedding run by itself
     dwe = in_tmp / "outputs" / "dwe" / "x"
     (dwe / "checkpoints").mkdir(parents=True)
@@ -269,3 +271,19 @@ def test_ngram_part_caches_are_trusted_only_as_real_files_of_their_work_folder(t
     r = prepare_ngrams([one], [f1, f2], out, **kw)
     assert r.processed_parts == 2 and r.reused_parts >= 1
     same_output(load_cooc(out), base)
+
+
+def test_a_blocked_module_is_named_without_advice_to_unpickle(tmp_path):
+    """torch 2.13 words a blocked module (os.system) differently from an unknown global: one line,
+    naming it, without torch's hint to retry with weights_only=False."""
+    import os
+
+    class System:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"format": ckpt.FORMAT, "model": System()}, tmp_path / "last.pt")
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.load(tmp_path / "last.pt")
+    msg = str(info.value)
+    assert "GLOBAL posix.system" in msg and "weights_only" not in msg and "\n" not in msg

@@ -127,6 +127,40 @@ def test_nan_stops_with_clear_message_and_keeps_good_checkpoint(in_tmp):
     assert res.exit_code == 3 and "became" in res.output
 
 
+def test_divergence_at_a_checkpoint_step_keeps_the_last_good_checkpoint(in_tmp):
+    """The loss becomes inf at step 8, where a checkpoint is due: last.pt must be the one of step 4 (its
+    loss finite), not the parameters whose loss is not (resuming from them diverged at once)."""
+    cfg = compose(["trainer.steps=3000", "trainer.checkpoint_every=4", "data.n_rows=200", "data.n_cols=200",
+                   "data.T=60", "run_dir=div", *FAST])
+    with pytest.raises(TrainingDiverged, match="became inf at step 8"):
+        train(cfg)
+    state = torch.load(in_tmp / "div/checkpoints/last.pt", weights_only=True)
+    assert state["step"] == 4
+    res = runner.invoke(app, ["train", "resume=div", "trainer.steps=6"])  # from step 4: finite up to step 6
+    assert res.exit_code == 0, res.output
+
+
+def test_a_changed_target_on_resume_replaces_the_reached_one(in_tmp):
+    """A run stopped at its target continues with trainer.target=null (or another target) and more
+    steps; with the same target it stops again at once."""
+    r = train(compose(["optimizer=adam", "optimizer.lr=0.05", "trainer.eval_every=1", "run_dir=t1",
+                       "trainer.progress=false", "trainer.steps=3000", "trainer.target=1000"]))
+    assert r.status == "target_reached" and r.summary["steps"] < 3000
+    reached = r.summary["steps"]
+
+    def resume(*args):
+        res = runner.invoke(app, ["train", "resume=t1", *args])
+        assert res.exit_code == 0, res.output
+        return json.loads((in_tmp / "t1" / "summary.json").read_text())
+
+    again = resume("trainer.steps=3000", "trainer.target=1000")
+    assert again["status"] == "target_reached" and again["steps_to_target"] == reached == again["steps"]
+    on = resume(f"trainer.steps={reached + 20}", "trainer.target=null")
+    assert on["status"] == "completed" and on["steps"] == reached + 20 and on["steps_to_target"] is None
+    stricter = resume(f"trainer.steps={reached + 40}", "trainer.target=1e-30")
+    assert stricter["status"] == "completed" and stricter["steps_to_target"] is None
+
+
 def test_float32_and_time_dependent_data_run(in_tmp):
     r = train(compose(["trainer.steps=20", "trainer.dtype=float32", "data.time_dependent=true", *FAST]))
     df = pd.read_csv(r.run_dir / "metrics.csv")
