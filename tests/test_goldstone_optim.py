@@ -482,3 +482,19 @@ def test_model_without_symmetric_groups_has_zero_psi():
     assert float(terms["psi"]) == 0.0 and terms["psi"].dtype == DT
     terms["total"].backward()
     torch.testing.assert_close(m.w.grad, 2 * m.w.detach())
+
+
+def test_state_dict_hooks_run_as_in_torch_optim():
+    """register_state_dict_pre_hook / _post_hook and register_load_state_dict_pre_hook / _post_hook
+    work on the wrapper as on any torch.optim optimizer (a post hook may return a new dict)."""
+    U = torch.nn.Parameter(torch.randn(3, 4, 2, dtype=DT))
+    opt = GoldstoneGD(torch.optim.SGD([U], lr=0.1), [[U]], Coupling.chain(3, 1.0), k1=2)
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    sd = opt.state_dict()
+    assert calls == ["pre"] and sd["extra"] == 1
+    opt.register_load_state_dict_pre_hook(lambda o, sd: {k: v for k, v in sd.items() if k != "extra"})
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("post"))
+    opt.load_state_dict(sd)  # the pre hook drops the key this wrapper would refuse
+    assert calls == ["pre", "post"]

@@ -258,6 +258,16 @@ class GoldstoneGD(torch.optim.Optimizer):
         self.base.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        # the hooks of register_state_dict_pre_hook / _post_hook, as torch.optim.Optimizer runs them
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        out = self._state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            changed = hook(self, out)
+            out = out if changed is None else changed
+        return out
+
+    def _state_dict(self) -> dict[str, Any]:
         return {
             "base": self.base.state_dict(),
             "goldstone": {
@@ -271,6 +281,14 @@ class GoldstoneGD(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():  # as torch.optim.Optimizer runs them
+            changed = hook(self, state_dict)
+            state_dict = state_dict if changed is None else changed
+        self._load_state_dict(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or set(state_dict) != {"base", "goldstone"}:
             raise ValueError(
                 "not a GoldstoneGD state dict (expected the keys 'base' and 'goldstone'); to load a plain "
