@@ -7,13 +7,16 @@ A sweep is a *plan*, a list of runs, each a list of Hydra overrides for ``goldst
   ``choice(...)``, ``glob(...)`` over config group options), optional named ``methods`` (bundles
   of overrides, e.g. Goldstone-GD with the natural vs the Procrustes gauge solver) and ``fixed``
   overrides applied to every run;
-- command-line overrides are added to that grid and replace entries with the same key.
+- command-line overrides are added to that grid and replace entries with the same key;
+- a sweep file's ``model`` names the model its methods, fixed, target and report are written for:
+  when the command line picks another model, they are left out (the runs use that model's defaults).
 
 Every combination is composed and validated with :func:`goldstone_cli.config.compose` before
 anything is created. The plan is written to ``<sweep_dir>/sweep.json``; every run trains in its own
 subprocess (``python -m goldstone_cli train run_dir=<sweep_dir>/<run> ...``, log in
 ``<run>/train.log``), so a crash in one run cannot take down the others. Re-invoking a sweep
-(``--dir``) skips finished runs, resumes runs that have a checkpoint and starts the rest afresh.
+(``--dir``) skips finished runs, resumes runs that have a checkpoint and starts the rest afresh,
+with the CPU thread count per run recorded when the sweep first started runs (bit-exact resumes).
 
 Runs are executed by the built-in local runner (``--jobs N`` processes, CPU threads divided among
 them) or by a Hydra launcher plugin (``hydra/launcher=joblib|submitit_local|submitit_slurm``) that
@@ -102,6 +105,9 @@ class SweepConfig:
     jobs: int = 0  # parallel runs; 0: one per CPU core (one per GPU when runs use CUDA)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    # the model (model.name) that description, methods, fixed, target and report are written for:
+    # runs of another model (model=... on the command line) leave them out; null: they always apply
+    model: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not SAFE_NAME.match(self.name):
@@ -119,15 +125,11 @@ register_schema("sweep", "base", SweepConfig)
 
 
 # ----------------------------------------------------------------------------- loading
-def load_sweep(name: str = "default", overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
-    """Compose ``conf/sweep/<name>.yaml`` with ``sweep.KEY=VALUE`` overrides and validate it."""
+def _compose_sweep(name: str, overrides: list[str]) -> SweepConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    options = group_options("sweep")
-    if name not in options:
-        raise ConfigError(f"unknown sweep '{name}'; valid choices: {', '.join(options) or '(none in conf/sweep)'}")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -136,12 +138,60 @@ def load_sweep(name: str = "default", overrides: list[str] | tuple[str, ...] = (
         if OmegaConf.get_type(node) is not SweepConfig:
             raise ConfigError(f"conf/sweep/{name}.yaml must start with `defaults: [/schema/sweep@_here_: base, _self_]`")
         return OmegaConf.to_object(node)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def load_sweep(name: str = "default", overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
+    """Compose ``conf/sweep/<name>.yaml`` with ``sweep.KEY=VALUE`` overrides and validate it."""
+    options = group_options("sweep")
+    if name not in options:
+        raise ConfigError(f"unknown sweep '{name}'; valid choices: {', '.join(options) or '(none in conf/sweep)'}")
+    try:
+        return _compose_sweep(name, list(overrides))
     except ConfigError:
         raise
     except Exception as exc:
+        first = exc
+    # the file alone composes: the fault is on the command line (name the override when one alone fails)
+    try:
+        _compose_sweep(name, [])
+    except Exception as exc:
         raise ConfigError(f"conf/sweep/{name}.yaml: {_one_line(exc)}") from exc
-    finally:
-        GlobalHydra.instance().clear()
+    for o in overrides:
+        try:
+            _compose_sweep(name, [o])
+        except Exception as exc:
+            raise ConfigError(_override_error(o, exc)) from exc
+    raise ConfigError(f"command line ({' '.join(overrides)}): {_one_line(first)}") from first
+
+
+def _override_error(override: str, exc: BaseException) -> str:
+    """One line for a bad ``sweep.KEY=VALUE`` from the command line; an unknown key lists the valid ones."""
+    import dataclasses
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    text, key = _one_line(exc), override.split("=", 1)[0].lstrip("+~")
+    for k in (key, key.split(".", 1)[-1]):  # the key is named once
+        if text.startswith(k + ": "):
+            text = text[len(k) + 2:]
+            break
+    msg = f"command line '{override}': {text}"
+    inner = exc
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    if isinstance(inner, (ConfigKeyError, ConfigAttributeError)) or "not in 'SweepConfig'" in msg:
+        cls, walked = SweepConfig, []
+        for part in override.split("=", 1)[0].lstrip("+~").split(".")[1:-1]:  # down to the misspelled key
+            f = {x.name: x for x in dataclasses.fields(cls)}.get(part)
+            sub = None if f is None else f.default_factory
+            if not (isinstance(sub, type) and dataclasses.is_dataclass(sub)):
+                break
+            cls, walked = sub, walked + [part]
+        prefix = "sweep." + "".join(w + "." for w in walked)
+        msg += f"; valid keys: {', '.join(prefix + x.name for x in dataclasses.fields(cls))}"
+    return msg
 
 
 @dataclass
@@ -259,6 +309,7 @@ class Plan:
     methods: dict[str, list[str]]
     varying: list[str]  # varying keys, "method" first when there are several methods
     command_line: list[str] = field(default_factory=list)  # grid entries given on the command line
+    note: str = ""  # printed when the plan is made (e.g. the sweep's settings left out for another model)
 
     def manifest(self) -> dict[str, Any]:
         c = OmegaConf.to_container(OmegaConf.structured(self.config), enum_to_str=True)
@@ -276,6 +327,7 @@ class Plan:
             "target": c["target"],
             "report": c["report"],
             "launcher": c["launcher"],
+            "model": self.config.model,
             "runs": [r.to_dict() for r in self.runs],
         }
 
@@ -359,6 +411,122 @@ def make_plan(config: SweepConfig, cli_grid: list[str] = ()) -> Plan:
                 (["method"] if len(method_items) > 1 else []) + varying, list(cli_grid))
 
 
+# settings of a sweep file that assume its model (SweepConfig.model)
+_MODEL_SPECIFIC = ("description", "methods", "fixed", "target.metric", "target.value", "target.mode",
+                   "report.title", "report.metric")
+
+
+def grid_models(grid: list[str]) -> set[str]:
+    """The models (model.name) that the command line's model=... / experiment=... entries choose;
+    empty when it chooses none. A combination that does not compose is left to validate_plan."""
+    import itertools
+
+    axes = [a for a in expand(list(grid)) if a.key in ("model", "experiment")]
+    if not axes:
+        return set()
+    models = set()
+    for combo in itertools.product(*[a.overrides for a in axes]):
+        try:
+            models.add(str(compose(list(combo)).model.name))
+        except ConfigError:
+            pass
+    return models
+
+
+def own_model_only(config: SweepConfig, sweep_overrides: list[str], grid: list[str]) -> tuple[SweepConfig, str]:
+    """A sweep written for ``config.model`` whose command line trains another model: drop the
+    settings made for its model (methods, fixed, target, report, description) unless the command line
+    sets them (sweep.KEY=...), so the runs use their model's own defaults. Returns (config, note)."""
+    models = grid_models(grid) if config.model else set()
+    if not models or models == {config.model}:
+        return config, ""
+    given = [o.split("=", 1)[0].lstrip("+~").split(".", 1)[1] for o in sweep_overrides]
+    fresh = SweepConfig()
+    dropped = []
+    for path in _MODEL_SPECIFIC:
+        if path == "methods":  # keep only methods named on the command line
+            if "methods" not in given:
+                labels = {g.split(".")[1] for g in given if g.startswith("methods.")}
+                if set(config.methods) - labels:
+                    dropped.append("methods")
+                config.methods = {k: v for k, v in config.methods.items() if k in labels}
+            continue
+        if any(g == path or g.startswith(path + ".") or path.startswith(g + ".") for g in given):
+            continue
+        head, _, leaf = path.rpartition(".")
+        obj, ref = (getattr(config, head), getattr(fresh, head)) if head else (config, fresh)
+        if getattr(obj, leaf) != getattr(ref, leaf):
+            if path != "description":
+                dropped.append({"fixed": "fixed settings", "report": "report title"}.get(head or path, head or path))
+            setattr(obj, leaf, getattr(ref, leaf))
+    if not any(g.startswith("report.title") or g == "report" for g in given):
+        config.report.title = (f"{', '.join(f'model={m}' for m in sorted(models))} on "
+                               f"{'its' if len(models) == 1 else 'their'} own defaults (sweep {config.name})")
+    dropped = list(dict.fromkeys(dropped))
+    note = ""
+    if dropped:
+        listed = ", ".join(dropped[:-1]) + (" and " if len(dropped) > 1 else "") + dropped[-1]
+        note = (f"note: sweep {config.name}'s {listed} are written for model={config.model} and are left out, as the "
+                f"command line picks model={', model='.join(sorted(models))}: the runs use their model's own "
+                "defaults (sweep.KEY=VALUE sets any of them)")
+    return config, note
+
+
+def run_metrics(cfg) -> Optional[tuple[list[str], Optional[str]]]:
+    """(metrics.csv columns a run of ``cfg`` can be judged by, its model's target metric), read from
+    the model class without building the model (no data is read); None for a model not known here."""
+    from types import SimpleNamespace
+
+    name = str(cfg.model.name)
+    try:
+        if name == "dense_mf":  # suboptimality needs L*, known only for data that do not drift
+            from goldstone_cli.models.dense_mf import DenseDynamicMF as cls
+
+            probe = SimpleNamespace(L_star=None if cfg.data.get("time_dependent") else 0.0)
+        elif name == "movielens":
+            from goldstone_cli.models.movielens import SparseDynamicBernoulliMF as cls
+
+            probe = SimpleNamespace()
+        elif name == "dwe":  # ll_val with a validation set (model.val_mass > 0)
+            from goldstone_cli.models.dwe import DynamicWordEmbeddings as cls
+
+            probe = SimpleNamespace(_val_sets=[None] if float(cfg.model.get("val_mass") or 0) > 0 else [])
+        else:
+            return None
+        return ["total", "local", "psi"] + list(cls.metric_names(probe)), cls.target_metric
+    except Exception:  # a model that reads more of itself: not checked here
+        return None
+
+
+def check_metrics(config: SweepConfig, runs: list[tuple[RunSpec, Any]]) -> None:
+    """sweep.target.metric (with a target value) and sweep.report.metric name a metric that every
+    model of the sweep reports; with a value and no metric, each model's own target metric must be."""
+    by_model: dict[str, tuple[list[str], Optional[str], str]] = {}
+    for run, cfg in runs:
+        known = run_metrics(cfg)
+        if known is not None:
+            m = str(cfg.model.name)
+            names, target = known
+            if m in by_model:  # e.g. dwe with and without a validation set: what every run reports
+                names = [n for n in by_model[m][0] if n in names]
+            by_model[m] = (names, target, by_model.get(m, (None, None, run.name))[2])
+    target = config.target.metric if config.target.value is not None else None  # no value: no target
+    for key, metric in (("sweep.target.metric", target), ("sweep.report.metric", config.report.metric)):
+        if metric is None:
+            continue
+        for m, (names, _, run) in by_model.items():
+            if metric not in names:
+                fix = " or sweep.target.value=null (no target)" if key == "sweep.target.metric" else " or to null"
+                raise ConfigError(f"{key}={metric} is not a metric of model {m} (run '{run}'); it reports "
+                                  f"{', '.join(names)}: set {key} to one of them{fix}")
+    if config.target.metric is None and config.target.value is not None:
+        for m, (names, target, run) in by_model.items():
+            if target not in names:
+                raise ConfigError(f"sweep.target.value={config.target.value:g} with no sweep.target.metric, but model {m} "
+                                  f"does not report its target metric {target} here (run '{run}'); set "
+                                  f"sweep.target.metric to one of {', '.join(names)} or sweep.target.value=null")
+
+
 def _entry(axis: Axis) -> list[str]:
     """A grid axis back as one override string (for the manifest and report)."""
     if len(axis.overrides) == 1:
@@ -374,17 +542,20 @@ def validate_plan(plan: Plan, progress: bool = True) -> None:
 
     bar = tqdm(plan.runs, desc="validating", unit="run", disable=not progress or len(plan.runs) < 20, leave=False)
     checked: dict[str, Optional[str]] = {}
+    cfgs = []
     for run in bar:
         try:
             cfg = compose(run.overrides)
         except ConfigError as exc:
             raise ConfigError(f"run '{run.name}' ({' '.join(run.overrides)}): {exc}") from None
+        cfgs.append((run, cfg))
         run.device = str(getattr(cfg.trainer.device, "value", cfg.trainer.device))
         key = OmegaConf.to_yaml(cfg.data)
         if key not in checked:
             checked[key] = missing_data(cfg)
         if checked[key]:
             raise ConfigError(f"run '{run.name}' needs data that is not there: {checked[key]}")
+    check_metrics(plan.config, cfgs)
 
 
 def check_plan_data(runs: list[RunSpec]) -> None:
@@ -464,6 +635,10 @@ def check_manifest(m: Any, path: Path) -> dict[str, Any]:
     if need(m["launcher"], "name", str, "launcher.") not in [x.value for x in LauncherName]:
         bad(f"'launcher.name' must be one of {', '.join(x.value for x in LauncherName)}, got {m['launcher']['name']!r}")
     need(m["launcher"], "params", dict, "launcher.")
+    need(m, "model", (str, type(None)), optional=True)
+    threads = need(m, "threads", (int, type(None)), optional=True)
+    if threads is not None and threads < 1:
+        bad(f"'threads' must be >= 1, got {threads}")
     need(m["report"], "title", str, "report.", optional=True)
     need(m["report"], "metric", (str, type(None)), "report.", optional=True)
     unknown = sorted(set(m["report"]) - {"title", "metric"})
@@ -505,7 +680,7 @@ def plan_from_manifest(m: dict[str, Any]) -> Plan:
                       seed_keys=list(m.get("seed_keys", ["seed"])),
                       target=TargetConfig(m["target"]["metric"], m["target"]["value"], TargetMode(m["target"]["mode"])),
                       launcher=LauncherConfig(LauncherName(m["launcher"]["name"]), dict(m["launcher"]["params"])),
-                      report=ReportConfig(**m["report"]))
+                      report=ReportConfig(**m["report"]), model=m.get("model"))
     runs = [RunSpec(r["name"], list(r["overrides"]), r["method"], dict(r["settings"]), r.get("device", "auto"))
             for r in m["runs"]]
     return Plan(m["name"], runs, cfg, cfg.overrides, cfg.fixed, cfg.methods, list(m.get("varying", [])),
@@ -666,11 +841,18 @@ class _Running:
     slot: int
 
 
+def run_threads(jobs: int, n_todo: int) -> int:
+    """CPU threads per run when ``n_todo`` runs start, ``jobs`` at a time: the cores shared out."""
+    return max(1, cpu_cores() // max(1, min(jobs, n_todo or 1)))
+
+
 def run_local(sweep_dir: Path, todo: list[tuple[RunSpec, str]], jobs: int, n_total: int, n_skipped: int,
-              desc: str, progress: bool = True) -> dict[str, str]:
-    """Run ``todo`` (run, action) with at most ``jobs`` subprocesses; return run name -> outcome."""
+              desc: str, progress: bool = True, threads: Optional[int] = None) -> dict[str, str]:
+    """Run ``todo`` (run, action) with at most ``jobs`` subprocesses of ``threads`` CPU threads each
+    (default: the cores shared out); return run name -> outcome."""
+    if threads is None:
+        threads = run_threads(jobs, len(todo))
     jobs = max(1, min(jobs, len(todo) or 1))
-    threads = max(1, cpu_cores() // jobs)
     gpus = visible_gpus() if any(r.device != "cpu" for r, _ in todo) else []
     pending = deque(todo)
     running: list[_Running] = []
@@ -853,8 +1035,9 @@ def _hydra_job(cfg) -> int:
 
 
 def run_with_launcher(sweep_dir: Path, todo: list[tuple[RunSpec, str]], name: str, params: dict[str, Any],
-                      jobs: int) -> dict[str, str]:
-    """Hand the runs to a Hydra launcher plugin (joblib, submitit); block until they finish."""
+                      jobs: int, threads: Optional[int] = None) -> dict[str, str]:
+    """Hand the runs to a Hydra launcher plugin (joblib, submitit); block until they finish.
+    ``threads``: CPU threads per joblib run (default: the cores shared out)."""
     from hydra import initialize_config_dir
     from hydra._internal.callbacks import Callbacks
     from hydra.core.global_hydra import GlobalHydra
@@ -863,7 +1046,7 @@ def run_with_launcher(sweep_dir: Path, todo: list[tuple[RunSpec, str]], name: st
     from hydra.types import HydraContext
 
     if name == "joblib":
-        os.environ["GOLDSTONE_SWEEP_THREADS"] = str(max(1, cpu_cores() // max(1, min(jobs, len(todo)))))
+        os.environ["GOLDSTONE_SWEEP_THREADS"] = str(threads or run_threads(jobs, len(todo)))
     for run, action in todo:
         run_dir = run_folder(sweep_dir, run.name)
         if holder(run_dir) is not None:
@@ -917,6 +1100,8 @@ def prepare(args: list[str], sweep_dir: Optional[Path] = None) -> tuple[Plan, Pa
     """Parse, plan and validate; nothing is written. Returns (plan, sweep folder, folder exists, args)."""
     a = split_args(list(args))
     existing = None
+    if sweep_dir is not None:
+        _check_dir(Path(sweep_dir))
     if sweep_dir is not None and Path(sweep_dir).exists():
         if (Path(sweep_dir) / MANIFEST).is_file():
             existing = plan_from_manifest(read_manifest(sweep_dir))
@@ -926,18 +1111,29 @@ def prepare(args: list[str], sweep_dir: Optional[Path] = None) -> tuple[Plan, Pa
     if reuse:
         plan = existing
         if a.sweep_overrides:  # report/target/launcher settings may change; the runs may not
-            cfg = OmegaConf.merge(OmegaConf.structured(plan.config),
-                                  OmegaConf.from_dotlist([o.lstrip("+").split(".", 1)[1] for o in a.sweep_overrides]))
+            cfg = OmegaConf.structured(plan.config)
+            for o in a.sweep_overrides:
+                try:
+                    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+").split(".", 1)[1]]))
+                except Exception as exc:
+                    raise ConfigError(_override_error(o, exc)) from exc
             try:
                 plan.config = OmegaConf.to_object(cfg)
+            except ConfigError:
+                raise
             except Exception as exc:
-                raise ConfigError(_one_line(exc)) from exc
+                raise ConfigError(f"command line ({' '.join(a.sweep_overrides)}): {_one_line(exc)}") from exc
             new = make_plan(plan.config, [])
             if _same_runs(existing, new) is not None:
                 raise ConfigError(f"{sweep_dir}: these sweep.* settings change the runs; start a new sweep instead")
+            if any(o.lstrip("+~").startswith(("sweep.target.", "sweep.report.")) for o in a.sweep_overrides):
+                check_metrics(plan.config, [(r, compose(r.overrides)) for r in plan.runs])
     else:
-        config = load_sweep(a.sweep or (existing.name if existing is not None else "default"), a.sweep_overrides)
+        name = a.sweep or (existing.name if existing is not None else "default")
+        config = load_sweep(name, a.sweep_overrides)
+        config, note = own_model_only(config, a.sweep_overrides, a.grid)
         plan = make_plan(config, a.grid)
+        plan.note = note
         if existing is not None:
             diff = _same_runs(existing, plan)
             if diff:
@@ -961,6 +1157,16 @@ def prepare(args: list[str], sweep_dir: Optional[Path] = None) -> tuple[Plan, Pa
             n += 1
             sweep_dir = Path("outputs") / "sweeps" / f"{plan.name}_{stamp}_{n}"
     return plan, Path(sweep_dir), existing is not None, a
+
+
+def _check_dir(sweep_dir: Path) -> None:
+    """--dir must be a folder or a path that can become one (no file in the way)."""
+    for p in (sweep_dir, *sweep_dir.parents):
+        if p.is_dir():
+            return
+        if p.exists() or p.is_symlink():
+            raise ConfigError(f"--dir {sweep_dir}: {p} exists and is not a folder; give a sweep folder, an empty "
+                              "folder or a new path")
 
 
 def _launcher_name(value: str) -> str:
@@ -989,9 +1195,17 @@ def run_sweep(args: list[str] = (), sweep_dir: Optional[Path] = None, jobs: Opti
         jobs = len(gpus) if gpus else cpu_cores()
     params = launcher_params(launcher, plan.config.launcher.params, jobs)
     check_launcher(launcher, params, sweep_dir.resolve())
+    before = read_manifest(sweep_dir) if exists else {}
+    # CPU threads per run: fixed when the sweep first starts runs, so a resumed run uses the threads of
+    # its checkpoint (bit-exact) however many runs are left; slurm/submitit give their own
+    threads = None
+    if launcher in ("local", "joblib"):
+        threads = before.get("threads") or run_threads(jobs, len(todo))
+    if plan.note:
+        echo(plan.note)
     if dry_run:
         echo(f"sweep {plan.name}: {len(plan.runs)} runs in {sweep_dir} (varying: {', '.join(plan.varying) or 'nothing'}); "
-             f"launcher {launcher}, jobs {jobs}")
+             f"launcher {launcher}, jobs {jobs}" + (f", {threads} CPU thread{'s' * (threads > 1)} each" if threads else ""))
         for r in plan.runs:
             echo(f"  [{states[r.name]:6}] {r.name}: {' '.join(r.overrides)}")
         return SweepResult(sweep_dir, {r.name: "planned" for r in plan.runs}, None, 0, "dry run: nothing was started")
@@ -999,13 +1213,16 @@ def run_sweep(args: list[str] = (), sweep_dir: Optional[Path] = None, jobs: Opti
     sweep_dir.mkdir(parents=True, exist_ok=True)
     manifest = plan.manifest()
     if exists:  # keep when the sweep was planned; note when it was continued
-        manifest["created"] = read_manifest(sweep_dir).get("created", manifest["created"])
+        manifest["created"] = before.get("created", manifest["created"])
         manifest["continued"] = _dt.datetime.now().isoformat(timespec="seconds")
+    if before.get("threads") or (threads and todo):
+        manifest["threads"] = before.get("threads") or threads
     atomic_write_json(sweep_dir / MANIFEST, manifest)
     n_resume = sum(1 for _, s in todo if s == "resume")
     echo(f"sweep {plan.name}: {len(plan.runs)} runs in {sweep_dir}: {len(skipped)} finished (skipped), "
          f"{n_resume} to resume, {len(todo) - n_resume} to start; "
-         + (f"{jobs} at a time" if launcher == "local" else f"launcher {launcher}"))
+         + (f"{jobs} at a time" if launcher == "local" else f"launcher {launcher}")
+         + (f", {threads} CPU thread{'s' * (threads > 1)} each" if threads else ""))
     outcomes = {name: "skipped" for name in skipped}
     for name in busy:
         outcomes[name] = "busy"
@@ -1016,9 +1233,9 @@ def run_sweep(args: list[str] = (), sweep_dir: Optional[Path] = None, jobs: Opti
     if todo:
         if launcher == "local":
             outcomes.update(run_local(sweep_dir, todo, jobs, len(plan.runs), len(skipped), f"sweep {plan.name}",
-                                      progress=progress))
+                                      progress=progress, threads=threads))
         else:
-            outcomes.update(run_with_launcher(sweep_dir, todo, launcher, params, jobs))
+            outcomes.update(run_with_launcher(sweep_dir, todo, launcher, params, jobs, threads))
 
     report = None
     try:

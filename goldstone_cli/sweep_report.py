@@ -456,6 +456,8 @@ def build_report(sweep_dir: str | Path) -> ReportPaths:
         lines += [f"Target: {t.get('metric') or 'the model target metric'} {op} {t['value']:g}; steps and "
                   "optimization time (training steps only, without logging and evaluation) until the first "
                   "evaluation that reaches it.", ""]
+        if t.get("metric") and not any(r.metrics is not None and t["metric"] in r.metrics for r in runs):
+            lines[-2] += f" No run reports a metric `{t['metric']}` (metrics.csv), so none reaches the target."
     lines += ["Tables: mean ± standard deviation over the runs of each method (seeds). "
               "Plots: median over seeds, band from the minimum to the maximum.", ""]
 
