@@ -62,6 +62,15 @@ def prepare_tiny_sotu(root: Path) -> tuple[Path, Path]:
     return texts, root / "prepared"
 
 
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    """Overrides for a DWE run on :func:`prepare_tiny_sotu`'s corpus (six 40-year steps, 150 words, d=3,
+    full batch); skips without the sotu package."""
+    texts, prepared = prepare_tiny_sotu(tmp_path_factory.mktemp("sotu"))
+    return ["data=sotu", f"data.path={prepared}", f"data.source={texts}", "data.bin_years=40",
+            "data.vocab_size=150", "data.keep_words=[]", "model.d=3", "model.batch_words=0", "model.batch_contexts=0"]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _kernel_cache(tmp_path_factory):
     """The native loops (goldstone_cli/kernels) build into a folder of this test session, not ~/.cache."""

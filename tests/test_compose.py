@@ -157,17 +157,6 @@ def test_runs_are_named_after_what_ran(in_tmp, monkeypatch):
 
 # ----------------------------------------------------------------------------- every combination trains
 @pytest.fixture(scope="module")
-def tiny_corpus(tmp_path_factory):
-    """Six State of the Union texts, 40 years apart, as a prepared corpus of six 40-year steps."""
-    from conftest import prepare_tiny_sotu
-
-    root = tmp_path_factory.mktemp("sotu")
-    texts, _ = prepare_tiny_sotu(root)
-    return ["data=sotu", f"data.path={root / 'prepared'}", f"data.source={texts}", "data.bin_years=40",
-            "data.vocab_size=150", "data.keep_words=[]", "model.d=3", "model.batch_words=0", "model.batch_contexts=0"]
-
-
-@pytest.fixture(scope="module")
 def tiny_movielens(tmp_path_factory):
     sample = SHARED_DATA / "movielens" / "ml-latest-small"
     if not (sample / "ratings.csv").is_file():

@@ -391,7 +391,8 @@ def test_interrupted_in_a_worker_then_resumed(tmp_path, monkeypatch):
     assert not (tmp_path / ".out.work").exists()
 
 
-def test_changed_input_is_not_trusted_after_an_interruption(tmp_path, monkeypatch):
+def _failed_on_f2(tmp_path, monkeypatch):
+    """A run that saved f1's part and then failed on f2 (the work folder kept): (one, f1, f2, kwargs)."""
     one, f1, f2_rows = _interrupt_inputs(tmp_path)
     f2 = write_v2(tmp_path / "f2.tsv", f2_rows)
     kw = dict(years=(1900, 1910), vocab_size=5, workers=1, progress=False)
@@ -406,6 +407,11 @@ def test_changed_input_is_not_trusted_after_an_interruption(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="boom"):
         prepare_ngrams([one], [f1, f2], tmp_path / "out", **kw)
     monkeypatch.setattr(ngrams, "_count_fivegrams", real_count)
+    return one, f1, f2, kw
+
+
+def test_changed_input_is_not_trusted_after_an_interruption(tmp_path, monkeypatch):
+    one, f1, f2, kw = _failed_on_f2(tmp_path, monkeypatch)
     write_v2(f1, random_rows(12, 300))  # f1 changes after its part was saved
     r = prepare_ngrams([one], [f1, f2], tmp_path / "out", **kw)
     assert r.processed_parts == 2  # both 5-gram files counted again; the 1-gram parts reused
@@ -638,20 +644,7 @@ def test_the_same_content_through_two_pipes_is_an_error(tmp_path):
 def test_changed_content_with_restored_mtime_is_counted_again(tmp_path, monkeypatch):
     """cp -p, rsync -a and tar restore the modification time: the size and mtime of the key match, the sha256
     recorded in the part does not."""
-    one, f1, f2_rows = _interrupt_inputs(tmp_path)
-    f2 = write_v2(tmp_path / "f2.tsv", f2_rows)
-    kw = dict(years=(1900, 1910), vocab_size=5, workers=1, progress=False)
-    real_count = ngrams._count_fivegrams
-
-    def failing(job, report):
-        if job.path == str(f2):
-            raise RuntimeError("boom")
-        return real_count(job, report)
-
-    monkeypatch.setattr(ngrams, "_count_fivegrams", failing)
-    with pytest.raises(RuntimeError, match="boom"):
-        prepare_ngrams([one], [f1, f2], tmp_path / "out", **kw)
-    monkeypatch.setattr(ngrams, "_count_fivegrams", real_count)
+    one, f1, f2, kw = _failed_on_f2(tmp_path, monkeypatch)
     st = f1.stat()
     text = f1.read_bytes()
     changed = text.replace(b"\t1\n", b"\t2\n", 1)

@@ -102,16 +102,6 @@ def test_an_unknown_target_or_report_metric_is_refused_up_front(in_tmp):
     assert sorted(p.name for p in d.iterdir()) == [MANIFEST] and not (in_tmp / "outputs").exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_corpus(tmp_path_factory):
-    from conftest import prepare_tiny_sotu
-
-    root = tmp_path_factory.mktemp("sotu")
-    texts, prepared = prepare_tiny_sotu(root)
-    return ["data=sotu", f"data.path={prepared}", f"data.source={texts}", "data.bin_years=40",
-            "data.vocab_size=150", "data.keep_words=[]", "model.d=3", "model.batch_words=0", "model.batch_contexts=0"]
-
-
 def _model_cases(request):
     cases = [["model=dense_mf"], ["model=dense_mf", "data.time_dependent=true"]]
     if (SAMPLE / "ratings.csv").is_file():

@@ -99,7 +99,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from goldstone_cli.data.cooc import CoocWriter, check_output_dir, inputs_entry, pair_rows_to_symmetric
-from goldstone_cli.io import atomic_path
+from goldstone_cli.io import atomic_path, pid_alive
 
 PART_VERSION = 3  # 2: match count sums (overflow check), CRLF; 3: v2 numbers checked as digits, repeated rows
 DEFAULT_YEARS = (1800, 2008)
@@ -595,12 +595,8 @@ def _exit_with_main(alive, main_pid: int) -> None:
 
 
 def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:  # a zombie (dead, not yet reaped by its parent) is gone too
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
