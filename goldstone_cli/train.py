@@ -216,7 +216,6 @@ def _set_compile(model, on: bool) -> None:
 # ----------------------------------------------------------------------------- main entry
 def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
     """Run (or, with ``run_dir`` holding a checkpoint, continue) the training that ``cfg`` describes."""
-    tc = cfg.trainer
     dist_ctx, created = _join_process_group(cfg)  # None: one process
     try:
         return _train(cfg, run_dir, dist_ctx)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 from typer.testing import CliRunner
 
 from goldstone_cli.cli import app

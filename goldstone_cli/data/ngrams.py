@@ -78,7 +78,6 @@ import contextlib
 import glob
 import hashlib
 import json
-import math
 import multiprocessing as mp
 import os
 import queue
@@ -89,7 +88,7 @@ import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from goldstone_cli.distributed import collective
-from goldstone_cli.numerics import sum_squares_value
 
 from . import gauge as G
 from .coupling import Coupling, quadratic_terms_
