@@ -234,6 +234,10 @@ def _train(cfg: DictConfig, run_dir: Optional[Path], dist_ctx) -> RunResult:
     dtype = resolve_dtype(choice(tc.dtype))
     resuming = run_dir is not None and ckpt.has_checkpoint(run_dir)
 
+    if run_dir is not None and not shard.distributed and Path(run_dir).is_dir():
+        pid = holder(Path(run_dir))  # in use: fail at once, before the data are loaded (the lock is taken below)
+        if pid is not None:
+            raise in_use(run_dir, pid)
     # data, model and optimizer first: a missing data set or a bad setting leaves no run folder behind
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device, dtype, shard=shard if shard.distributed else None)

@@ -259,12 +259,17 @@ def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(in_tmp):
 
 
 # ----------------------------------------------------------------------------- one process per run folder
-def test_a_second_process_on_a_locked_run_folder_fails_at_once(in_tmp):
+def test_a_second_process_on_a_locked_run_folder_fails_at_once(in_tmp, monkeypatch):
     r = _run(SMALL, "r", 20).run_dir
     with RunLock(r):  # as if another goldstone process were training here
         assert holder(r) == os.getpid()
         t0 = time.monotonic()
-        _one_line_error(runner.invoke(app, ["train", "resume=r", "trainer.steps=40"]), "in use by another", "run.lock")
+        import goldstone_cli.train as T
+
+        with monkeypatch.context() as m:  # refused before the data are loaded and the model is built
+            m.setattr(T, "build_model", lambda *a, **k: pytest.fail("the model was built for a folder in use"))
+            _one_line_error(runner.invoke(app, ["train", "resume=r", "trainer.steps=40"]), "in use by another",
+                            "run.lock")
         with RunLock(in_tmp / "fresh"):  # a fresh run that has not written its first checkpoint yet
             _one_line_error(runner.invoke(app, ["train", *SMALL, "run_dir=fresh"]), "in use by another")
         assert time.monotonic() - t0 < 60
