@@ -461,6 +461,8 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     explicit override win. ``tuned=none`` turns this off."""
     overrides = list(overrides)
     _check_group_choices(overrides)
+    # experiment=null: no experiment (Hydra takes null for a group only as `~experiment`)
+    overrides = ["~experiment" if ov == "experiment=null" else ov for ov in overrides]
     if _tuned_choice(overrides):
         # one composition in the common case: the tuned settings predicted from the overrides are
         # checked against what was composed (an experiment may pick another model, optimizer or base)
@@ -769,6 +771,9 @@ def _did_you_mean(exc: BaseException, overrides: list[str]) -> str:
         return ""
     fields = set(schema.__dataclass_fields__) - {"tuned", "choices"}
     if schema is Config:
+        if key == "experiment":  # experiment.KEY=VALUE: an experiment is chosen, it has no keys of its own
+            return (" (an experiment is chosen with experiment=NAME; it sets model.*, data.*, optimizer.* and "
+                    "trainer.* keys, which are overridden by those names, e.g. trainer.steps=100)")
         groups = [g for g in GROUPS if g != "sweep"]
         match = _close(key, groups)
         value = next((ov.partition("=")[2] for ov in overrides if ov.partition("=")[0].lstrip("+~") == key), None)

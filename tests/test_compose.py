@@ -219,3 +219,13 @@ def test_goldstone_runs_its_base_with_the_settings_of_that_optimizer_option(mode
         if key in plain:
             assert gauged[key] == plain[key], key
     assert compose(["optimizer=goldstone", f"optimizer.base={base}", "optimizer.eps=0.001"]).optimizer.eps == 0.001
+
+
+def test_experiment_null_and_experiment_keys():
+    """experiment=null means no experiment (also after another experiment=...); experiment.KEY=...
+    says how an experiment's settings are overridden instead of suggesting 'experiment'."""
+    assert compose(["experiment=null"]).choices["experiment"] is None
+    assert compose(["experiment=fig2_gd_paper", "experiment=null"]).choices["experiment"] is None
+    with pytest.raises(ConfigError, match=r"chosen with experiment=NAME.*trainer.steps=100") as info:
+        compose(["experiment.foo=1"])
+    assert "did you mean" not in str(info.value)
