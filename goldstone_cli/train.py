@@ -316,6 +316,8 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
             raise CheckpointError(f"{path} does not fit this run's model or optimizer: "
                                   f"{_first_line(exc)}") from None
         start, wall, best = state["step"], state["wall_time"], state.get("best")
+        if not shard.distributed:
+            best = _best_on_disk(ckpt_dir, path, best)
         target_step = state.get("target_step")
         was = (state["config"].get("trainer") or {}).get("target") if isinstance(state["config"], dict) else None
         if target_step is not None and was != tc.target:  # another target (or none): the old one no longer stops it
@@ -769,6 +771,29 @@ def _reached(model, evals: dict[str, float], target: float) -> bool:
         return False
     v = evals[name]
     return v <= target if model.target_lower_is_better else v >= target
+
+
+def _best_on_disk(ckpt_dir: Path, resumed_from: Path, best):
+    """The best record to resume with: the checkpoint's, unless best.pt was written after that
+    checkpoint (a kill between an evaluation and the next checkpoint): then best.pt's own record, so
+    that summary.json and best.pt agree (the resumed run's evaluations up to that step are no better,
+    as in the first pass)."""
+    path = ckpt_dir / ckpt.BEST
+    try:
+        newer = path.stat().st_mtime_ns > resumed_from.stat().st_mtime_ns
+    except OSError:
+        return best
+    if not newer:
+        return best
+    try:
+        saved = ckpt.load(path, kind="best")
+    except (FileNotFoundError, ckpt.CheckpointError):
+        return best
+    rec = {k: saved.get(k) for k in ("metric", "value", "step")}
+    if (isinstance(rec["step"], int) and isinstance(rec["value"], float) and isinstance(rec["metric"], str)
+            and (best is None or rec["metric"] == best.get("metric"))):
+        return rec
+    return best
 
 
 def _update_best(model, evals: dict[str, float], best, step: int, run_dir: Path,

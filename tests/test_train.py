@@ -161,6 +161,40 @@ def test_a_changed_target_on_resume_replaces_the_reached_one(in_tmp):
     assert stricter["status"] == "completed" and stricter["steps_to_target"] is None
 
 
+def test_best_checkpoint_written_after_the_last_checkpoint_is_kept_on_resume(in_tmp):
+    """A kill after an evaluation wrote best.pt but before the next checkpoint: the resumed run takes
+    best.pt's record, so that summary.json and best.pt agree however far it then runs."""
+    import shutil
+
+    from conftest import SHARED_DATA
+
+    sample = SHARED_DATA / "movielens" / "ml-latest-small"
+    if not sample.is_dir():
+        pytest.skip("ml-latest-small sample not available")
+    over = ["model=movielens", f"data.path={sample}", f"data.cache_dir={in_tmp / 'cache'}", "data.T=5", "model.d=4",
+            "trainer.eval_every=10", "trainer.checkpoint_every=50", "model.batch_size=2000", "optimizer=adagrad",
+            "optimizer.lr=3", "trainer.progress=false"]
+    train(compose([*over, "trainer.steps=10", "run_dir=bb"]))
+    ck = in_tmp / "bb" / "checkpoints"
+    saved = in_tmp / "saved"
+    saved.mkdir()
+    for name in ("last.pt", "prev.pt"):
+        if (ck / name).exists():
+            shutil.copy2(ck / name, saved / name)
+    res = runner.invoke(app, ["train", "resume=bb", "trainer.steps=40"])
+    assert res.exit_code == 0, res.output
+    later = torch.load(ck / "best.pt", weights_only=True)["step"]
+    assert later > 10  # a later evaluation was the best: best.pt was written after step 10's checkpoint
+    for name in ("last.pt", "prev.pt"):  # as if killed right after that evaluation
+        (ck / name).unlink(missing_ok=True)
+        if (saved / name).exists():
+            shutil.copy2(saved / name, ck / name)  # (keeps the older modification time)
+    res = runner.invoke(app, ["train", "resume=bb", "trainer.steps=20"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((in_tmp / "bb" / "summary.json").read_text())
+    assert summary["best"]["step"] == torch.load(ck / "best.pt", weights_only=True)["step"] == later
+
+
 def test_float32_and_time_dependent_data_run(in_tmp):
     r = train(compose(["trainer.steps=20", "trainer.dtype=float32", "data.time_dependent=true", *FAST]))
     df = pd.read_csv(r.run_dir / "metrics.csv")
