@@ -105,11 +105,15 @@ def non_finite_paths(obj: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's content, read in chunks (bounded memory for multi-GB files)."""
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 22, cancel=None) -> str:
+    """Hex SHA-256 of a file's content, read in chunks (bounded memory for multi-GB files; hashing
+    releases the GIL, so threads hash files in parallel). ``cancel``: a ``threading.Event`` that
+    stops the read between chunks with ``InterruptedError``."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
+            if cancel is not None and cancel.is_set():
+                raise InterruptedError(f"hashing {path} was cancelled")
             h.update(chunk)
     return h.hexdigest()
 

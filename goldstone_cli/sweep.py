@@ -1201,11 +1201,12 @@ def run_sweep(args: list[str] = (), sweep_dir: Optional[Path] = None, jobs: Opti
     threads = None
     if launcher in ("local", "joblib"):
         threads = before.get("threads") or run_threads(jobs, len(todo))
+    threads_text = f", {threads} CPU thread{'s' * (threads > 1)} each" if threads else ""
     if plan.note:
         echo(plan.note)
     if dry_run:
         echo(f"sweep {plan.name}: {len(plan.runs)} runs in {sweep_dir} (varying: {', '.join(plan.varying) or 'nothing'}); "
-             f"launcher {launcher}, jobs {jobs}" + (f", {threads} CPU thread{'s' * (threads > 1)} each" if threads else ""))
+             f"launcher {launcher}, jobs {jobs}" + threads_text)
         for r in plan.runs:
             echo(f"  [{states[r.name]:6}] {r.name}: {' '.join(r.overrides)}")
         return SweepResult(sweep_dir, {r.name: "planned" for r in plan.runs}, None, 0, "dry run: nothing was started")
@@ -1215,14 +1216,14 @@ def run_sweep(args: list[str] = (), sweep_dir: Optional[Path] = None, jobs: Opti
     if exists:  # keep when the sweep was planned; note when it was continued
         manifest["created"] = before.get("created", manifest["created"])
         manifest["continued"] = _dt.datetime.now().isoformat(timespec="seconds")
-    if before.get("threads") or (threads and todo):
+    if before.get("threads") or (threads and todo):  # kept once recorded, recorded once runs start
         manifest["threads"] = before.get("threads") or threads
     atomic_write_json(sweep_dir / MANIFEST, manifest)
     n_resume = sum(1 for _, s in todo if s == "resume")
     echo(f"sweep {plan.name}: {len(plan.runs)} runs in {sweep_dir}: {len(skipped)} finished (skipped), "
          f"{n_resume} to resume, {len(todo) - n_resume} to start; "
          + (f"{jobs} at a time" if launcher == "local" else f"launcher {launcher}")
-         + (f", {threads} CPU thread{'s' * (threads > 1)} each" if threads else ""))
+         + threads_text)
     outcomes = {name: "skipped" for name in skipped}
     for name in busy:
         outcomes[name] = "busy"

@@ -340,6 +340,19 @@ def test_a_failing_run_is_reported_without_stopping_the_others(in_tmp):
     assert run_state(bad) == "fresh" and run_state(ok) == "skip"
 
 
+def ctrl_c_when(proc: subprocess.Popen, ready, timeout: float = 240) -> str:
+    """Wait (at most ``timeout`` s) until ``ready()``, with ``proc`` still running; Ctrl-C it; its output
+    once it has exited with 130."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=timeout)[0]
+    assert proc.returncode == 130, out
+    return out
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_the_sweep_and_re_invoking_resumes_it(in_tmp, one_thread):
     steps = 4000  # long enough to be interrupted mid-run on a busy 2-core machine
@@ -349,15 +362,7 @@ def test_ctrl_c_stops_the_sweep_and_re_invoking_resumes_it(in_tmp, one_thread):
     proc = subprocess.Popen(cmd, cwd=in_tmp, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     d = in_tmp / "sw"
     first = [d / "seed-0" / "metrics.csv", d / "seed-1" / "metrics.csv"]
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if all(p.exists() and len(p.read_text().splitlines()) > 3 for p in first):
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[0]
-    proc.send_signal(signal.SIGINT)
-    out = proc.communicate(timeout=240)[0]
-    assert proc.returncode == 130, out
+    out = ctrl_c_when(proc, lambda: all(p.exists() and len(p.read_text().splitlines()) > 3 for p in first))
     assert "resume with: goldstone sweep --dir sw" in out
     for n in ("seed-0", "seed-1"):
         s = json.loads((d / n / "summary.json").read_text())

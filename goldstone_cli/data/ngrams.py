@@ -98,7 +98,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from goldstone_cli.data.cooc import CoocWriter, check_output_dir, inputs_entry, pair_rows_to_symmetric
-from goldstone_cli.io import atomic_path, pid_alive
+from goldstone_cli.io import atomic_path, file_sha256, pid_alive
 
 PART_VERSION = 3  # 2: match count sums (overflow check), CRLF; 3: v2 numbers checked as digits, repeated rows
 DEFAULT_YEARS = (1800, 2008)
@@ -1023,17 +1023,6 @@ def _digest(values) -> str | None:
     return hashlib.sha256(json.dumps([v if isinstance(v, str) else int(v) for v in values]).encode()).hexdigest()
 
 
-def _sha256_file(path: str, cancel: threading.Event) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while not cancel.is_set():
-            chunk = f.read(HASH_CHUNK)
-            if not chunk:
-                return h.hexdigest()
-            h.update(chunk)  # releases the GIL: files are hashed in parallel threads
-    raise _Cancelled()
-
-
 def _hash_inputs(paths: list[str], shas: dict[str, str], workers: int, desc: str, progress: bool) -> None:
     """sha256 of the raw bytes of each file into ``shas`` (as ``_Feed`` hashes a file it counts)."""
     if not paths:
@@ -1042,7 +1031,7 @@ def _hash_inputs(paths: list[str], shas: dict[str, str], workers: int, desc: str
     with tqdm(total=sum(os.stat(p).st_size for p in paths), desc=desc, unit="B", unit_scale=True,
               unit_divisor=1024, disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as ex:
-        futs = {ex.submit(_sha256_file, p, cancel): p for p in paths}
+        futs = {ex.submit(file_sha256, p, HASH_CHUNK, cancel): p for p in paths}
         try:
             for f in as_completed(futs):
                 shas[futs[f]] = f.result()

@@ -111,7 +111,8 @@ class GoldstoneGD(torch.optim.Optimizer):
     / NAdam / RAdam, AdaGrad's ``sum``, RMSprop's ``square_avg``) follow ``state_transform``: a
     diagonal preconditioner has no exact image under a rotation (R diag(v) R^T is not diagonal);
     ``rotate_diag`` keeps its diagonal and is exact for signed permutations and for isotropic v.
-    Other state (Adamax's ``exp_inf``, Rprop's step sizes, LBFGS's history, ...) is left as it is.
+    Other state (Adamax's ``exp_inf``, Rprop's step sizes, LBFGS's history, ...) is left as it is,
+    except under ``reset``, which empties the parameter's whole state.
     None of this changes the gauge step itself: it never changes a local loss and never raises psi.
     After ``gauge_step`` the attributes ``last_gauge`` (diagnostics of the last
     gauge step), ``num_gauge_steps`` and ``gauge_seconds`` (cumulative wall time) are updated.
@@ -595,7 +596,8 @@ def transform_state_(st: dict | None, Z: Tensor, R: Tensor, mode: str, group: di
 
     AMSGrad's max_exp_avg_sq is transformed like exp_avg_sq (both maps are monotone, so max >= v
     stays true); for centered RMSprop square_avg is kept >= grad_avg^2 so that the variance stays
-    non-negative. Other state (Adamax's exp_inf, Rprop's step sizes, ...) is left as it is."""
+    non-negative. Other state (Adamax's exp_inf, Rprop's step sizes, ...) is left as it is
+    (``reset`` empties it too)."""
     if not st:
         return
     if mode == "reset":  # torch.optim makes a parameter's state at its next step when there is none
