@@ -162,6 +162,16 @@ def test_rotation_from_generator():
         G.rotation_from_generator(gamma, "quaternion")
 
 
+def test_cayley_of_a_runaway_generator_is_nan_not_an_error():
+    """Runaway gauge fields (1e31, where L'' is indefinite) make I - Gamma/2 singular in floating point:
+    the batch element is NaN (refused by the natural solver's rotation check), the others are kept."""
+    huge = torch.tensor([[0., 1., 1.], [-1., 0., 1.], [-1., -1., 0.]], dtype=DT) * 1e31
+    fine = G.skew(torch.randn(1, 3, 3, generator=_rng(2), dtype=DT))
+    R = G.rotation_from_generator(torch.cat([huge[None], fine]), "cayley")
+    assert torch.isnan(R[0]).all()
+    torch.testing.assert_close(R[1:], G.rotation_from_generator(fine, "cayley"), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------- procrustes
 def test_polar_factor_is_the_best_orthogonal_matrix():
     B = torch.randn(6, 3, 3, generator=_rng(12), dtype=DT)

@@ -455,6 +455,18 @@ def test_natural_step_with_runaway_fields_changes_nothing_or_lowers_psi(rotation
         assert torch.isfinite(P).all() and float((P - P0).abs().max()) <= 1e-10 * float(P0.abs().max())
 
 
+def test_a_rotation_orthogonal_only_to_4e_10_is_refused():
+    """The natural solver's rotation check is tight enough that an accepted rotation keeps U V^T to
+    1e-10 of its size: R^T R - I of 4e-10 (expm of a generator of norm ~1e5) is not a rotation."""
+    from goldstone_cli.optim.goldstone import _orthogonal
+
+    R = torch.linalg.matrix_exp(G.skew(torch.randn(4, 3, 3, generator=_rng(5), dtype=DT)))
+    assert _orthogonal(R)
+    assert not _orthogonal(R * (1 + 2e-10)) and _orthogonal(R * (1 + 1e-13))  # R^T R - I: 4e-10, 2e-13
+    R[1] = float("nan")
+    assert not _orthogonal(R)
+
+
 def test_non_contiguous_group_tensor_is_refused_before_anything_rotates():
     U = torch.nn.Parameter(torch.randn(4, 5, 3))
     V = torch.nn.Parameter(torch.randn(4, 3, 5).transpose(1, 2))  # a (T, N, d) view with other strides

@@ -391,7 +391,9 @@ def rotation_from_generator(Gamma: Tensor, mode: str) -> Tensor:
 
     ``linear``: I + Gamma (Algorithm 1, line 9; not orthogonal: scales rotated planes by
     sqrt(1 + angle^2)); ``expm``: the exact rotation expm(Gamma) (Eq. 12); ``cayley``:
-    (I - Gamma/2)^-1 (I + Gamma/2), orthogonal and equal to expm(Gamma) up to third order."""
+    (I - Gamma/2)^-1 (I + Gamma/2), orthogonal and equal to expm(Gamma) up to third order (NaN where
+    I - Gamma/2 is singular in floating point: only for a generator so large, ~1/eps, that the 1 is lost;
+    the caller refuses a matrix that is not a rotation)."""
     eye = _eye_like(Gamma)
     if mode == "linear":
         return eye + Gamma
@@ -400,7 +402,8 @@ def rotation_from_generator(Gamma: Tensor, mode: str) -> Tensor:
             return torch.linalg.matrix_exp(Gamma)
     if mode == "cayley":
         with serial_cpu(Gamma):
-            return torch.linalg.solve(eye - 0.5 * Gamma, eye + 0.5 * Gamma)
+            R, info = torch.linalg.solve_ex(eye - 0.5 * Gamma, eye + 0.5 * Gamma)
+        return R.masked_fill((info != 0)[..., None, None], float("nan"))
     raise ValueError(f"unknown rotation {mode!r}; valid: {', '.join(ROTATIONS)}")
 
 
