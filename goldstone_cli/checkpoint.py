@@ -105,14 +105,16 @@ def save(path: str | Path, state: dict[str, Any], kind: str = "last") -> None:
         torch.save(payload, tmp)
 
 
-def save_last(ckpt_dir: str | Path, state: dict[str, Any]) -> None:
-    """Write ``ckpt_dir/last.pt``; the ``last.pt`` it replaces becomes ``prev.pt``."""
+def save_last(ckpt_dir: str | Path, state: dict[str, Any], rotate: bool = True) -> None:
+    """Write ``ckpt_dir/last.pt``; the ``last.pt`` it replaces becomes ``prev.pt`` (``rotate=False``:
+    it is dropped and ``prev.pt`` stays, e.g. when it was an off-schedule checkpoint of an interrupt,
+    so that a resumed run ends with the ``prev.pt`` of an uninterrupted one)."""
     ckpt_dir = Path(ckpt_dir)
     last, prev = ckpt_dir / LAST, ckpt_dir / PREV
     payload = _payload(state, "last")
     with atomic_path(last) as tmp:
         torch.save(payload, tmp)
-        if last.exists():  # a kill between the two renames leaves prev.pt and no last.pt: load_latest copes
+        if rotate and last.exists():  # a kill between the two renames leaves prev.pt and no last.pt: load_latest copes
             os.replace(last, prev)
     _fsync_dir(ckpt_dir)
 

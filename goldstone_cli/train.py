@@ -363,10 +363,17 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
             "torch_threads": torch.get_num_threads(),
         }
 
+    # the step of the checkpoint the next save replaces: one off the checkpoint_every schedule (an
+    # interrupt's, or the last step's) is dropped rather than rotated into prev.pt, so that a run stopped
+    # and resumed ends with the prev.pt of an uninterrupted one
+    replaces = [start if resuming else None]
+
     def checkpoint(step: int, gen=None, wall_at=None) -> None:
         if snapshots and main:  # first: a kill between the two leaves snapshots that the older checkpoint trims
             _save_snapshots(run_dir, snapshots)
-        _save_checkpoint(ckpt_dir, state_at(step, gen, wall_at), model, optimizer, shard, device)
+        rotate = replaces[0] is None or replaces[0] % tc.checkpoint_every == 0
+        _save_checkpoint(ckpt_dir, state_at(step, gen, wall_at), model, optimizer, shard, device, rotate)
+        replaces[0] = step
 
     status, message, last_row = "completed", "", {}
     steps = int(tc.steps)
@@ -648,19 +655,21 @@ def _load_resume_state(ckpt_dir: Path, shard: RowShard, model, optimizer, device
     return state, path
 
 
-def _save_checkpoint(ckpt_dir: Path, state: dict[str, Any], model, optimizer, shard: RowShard, device) -> None:
-    """``last.dcp`` (sharded, every rank) or ``last.pt`` (one process). A checkpoint of the other
-    kind, left by an earlier leg of the run on another rank count, is removed once this kind has a
-    previous checkpoint to fall back to."""
+def _save_checkpoint(ckpt_dir: Path, state: dict[str, Any], model, optimizer, shard: RowShard, device,
+                     rotate: bool = True) -> None:
+    """``last.dcp`` (sharded, every rank) or ``last.pt`` (one process); ``rotate``: the one it replaces
+    becomes the previous checkpoint (else it is dropped). A checkpoint of the other kind, left by an
+    earlier leg of the run on another rank count, is removed once this kind has a previous checkpoint
+    to fall back to."""
     from goldstone_cli.distributed import checkpoint as dck
 
     if shard.distributed:
-        dck.save(ckpt_dir, state, dck.sharded_paths(state, model, optimizer), shard, device)
+        dck.save(ckpt_dir, state, dck.sharded_paths(state, model, optimizer), shard, device, rotate=rotate)
         if shard.is_main() and (ckpt_dir / dck.PREV / dck.META).is_file():
             for name in (ckpt.LAST, ckpt.PREV):
                 (ckpt_dir / name).unlink(missing_ok=True)
     else:
-        ckpt.save_last(ckpt_dir, state)
+        ckpt.save_last(ckpt_dir, state, rotate=rotate)
         if (ckpt_dir / ckpt.PREV).is_file():
             dck.remove(ckpt_dir)
 

@@ -77,7 +77,7 @@ def assert_same_outputs(full: Path, resumed: Path) -> None:
     ca, cb = (yaml.safe_load((d / "config.yaml").read_text()) for d in (full, resumed))
     ca.pop("run_dir"), cb.pop("run_dir")
     assert ca == cb
-    for name in (ckpt.LAST, ckpt.BEST):
+    for name in (ckpt.LAST, ckpt.PREV, ckpt.BEST):
         pa, pb = full / "checkpoints" / name, resumed / "checkpoints" / name
         assert pa.exists() == pb.exists(), name
         if pa.exists():
@@ -116,9 +116,10 @@ def test_sighup_and_sigusr1_stop_like_ctrl_c(in_tmp, monkeypatch):
         assert 0 < ckpt.load(in_tmp / str(sig) / "checkpoints" / "last.pt")["step"] < 40
 
 
-def test_sigterm_checkpoints_prints_the_resume_command_and_resumes_identically(in_tmp, monkeypatch):
+@pytest.mark.parametrize("every", [1000, 40])  # the interrupt before the first periodic checkpoint, or between two
+def test_sigterm_checkpoints_prints_the_resume_command_and_resumes_identically(in_tmp, monkeypatch, every):
     sig = signal.SIGTERM
-    args = [*SMALL, "trainer.checkpoint_every=1000"]
+    args = [*SMALL, f"trainer.checkpoint_every={every}"]
     full = _run(args, "full", 120).run_dir
     original = _signal_at_call(monkeypatch, 58, sig)
     res = runner.invoke(app, ["train", *args, "trainer.steps=120", "run_dir=part"])
@@ -131,6 +132,8 @@ def test_sigterm_checkpoints_prints_the_resume_command_and_resumes_identically(i
     assert summary["status"] == "interrupted" and summary["signal"] == signal.Signals(sig).name
     res = runner.invoke(app, ["train", "resume=part"])
     assert res.exit_code == 0, res.output
+    # the interrupt's off-schedule checkpoint is not kept as prev.pt: the uninterrupted run's is
+    assert ckpt.load(in_tmp / "part" / "checkpoints" / "prev.pt")["step"] == (80 if every == 40 else 0)
     assert_same_outputs(full, in_tmp / "part")
 
 

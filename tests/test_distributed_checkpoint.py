@@ -52,6 +52,22 @@ def test_save_load_and_prev_rotation(tmp_path, world_of_one):
     assert {".metadata", "meta.pt"} <= files and any(f.endswith(".distcp") for f in files)
 
 
+def test_a_save_without_rotation_drops_the_last_checkpoint_and_keeps_prev(tmp_path, world_of_one):
+    for step in (3, 4):
+        dck.save(tmp_path, _state(step), PATHS, world_of_one, CPU)
+    dck.save(tmp_path, _state(5), PATHS, world_of_one, CPU, rotate=False)  # step 4 was an interrupt's
+    assert sorted(p.name for p in tmp_path.iterdir() if "dcp" in p.name) == ["last.dcp", "prev.dcp"]
+    assert dck.step_of(tmp_path / "last.dcp") == 5 and dck.step_of(tmp_path / "prev.dcp") == 3
+    dck.save(tmp_path, _state(6), PATHS, world_of_one, CPU)
+    assert dck.step_of(tmp_path / "last.dcp") == 6 and dck.step_of(tmp_path / "prev.dcp") == 5
+    for step in (7, 8):  # the same for one process's last.pt / prev.pt
+        ckpt.save_last(tmp_path, _state(step), rotate=step == 7)
+    assert ckpt.load(tmp_path / "last.pt")["step"] == 8 and not (tmp_path / "prev.pt").exists()
+    ckpt.save_last(tmp_path, _state(9))
+    assert ckpt.load(tmp_path / "prev.pt")["step"] == 8 and ckpt.load(tmp_path / "last.pt")["step"] == 9
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_corrupt_last_falls_back_to_prev(tmp_path, world_of_one):
     dck.save(tmp_path, _state(3), PATHS, world_of_one, CPU)
     dck.save(tmp_path, _state(4), PATHS, world_of_one, CPU)

@@ -220,14 +220,18 @@ def _dtensor(local: Tensor, n: int, shard: RowShard, device: torch.device):
 
 
 def save(ckpt_dir: str | Path, state: dict[str, Any], paths: dict[Path_, int], shard: RowShard,
-         device: torch.device, name: str = LAST) -> Path:
+         device: torch.device, name: str = LAST, rotate: bool = True) -> Path:
     """Write ``state`` as ``ckpt_dir/last.dcp`` (collective: every rank calls it with its own rows).
-    The ``last.dcp`` it replaces becomes ``prev.dcp``. ``name=BEST``: ``best.dcp``, replaced."""
+    The ``last.dcp`` it replaces becomes ``prev.dcp`` (``rotate=False``: it is dropped and ``prev.dcp``
+    stays, as in :func:`goldstone_cli.checkpoint.save_last`). ``name=BEST``: ``best.dcp``, replaced."""
     import torch.distributed.checkpoint as dcp
 
     ckpt_dir = Path(ckpt_dir)
     tmp, last = ckpt_dir / f".{name}.tmp", ckpt_dir / name
-    prev = ckpt_dir / (PREV if name == LAST else f".{name}.old.tmp")
+    if name == LAST and rotate:
+        prev, old = ckpt_dir / PREV, ckpt_dir / f".{PREV}.old.tmp"
+    else:  # the folder it replaces is dropped
+        prev = old = ckpt_dir / f".{name}.old.tmp"
     if shard.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -257,9 +261,7 @@ def save(ckpt_dir: str | Path, state: dict[str, Any], paths: dict[Path_, int], s
     if shard.is_main():
         ckpt.save(tmp / META, {"state": meta_state, "files": files, "world": shard.world}, kind=KIND)
         ckpt._fsync_dir(tmp)
-        old = ckpt_dir / f".{PREV}.old.tmp" if name == LAST else prev
-        if name == LAST:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
         if prev.exists() and prev != old:
             os.replace(prev, old)
         if last.exists():  # a kill between the renames leaves prev.dcp and no last.dcp: load_latest copes
@@ -273,7 +275,7 @@ def save(ckpt_dir: str | Path, state: dict[str, Any], paths: dict[Path_, int], s
 
 def remove_stale(ckpt_dir: str | Path) -> None:
     """Remove the temporary folders a process killed while saving left (call under the run lock)."""
-    for name in (f".{LAST}.tmp", f".{PREV}.old.tmp", f".{BEST}.tmp", f".{BEST}.old.tmp"):
+    for name in (f".{LAST}.tmp", f".{LAST}.old.tmp", f".{PREV}.old.tmp", f".{BEST}.tmp", f".{BEST}.old.tmp"):
         shutil.rmtree(Path(ckpt_dir) / name, ignore_errors=True)
 
 
