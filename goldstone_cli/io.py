@@ -12,6 +12,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -27,7 +29,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    # the writer's host and pid in the name: remove_abandoned_temporaries can tell a live write from one
+    # that a kill (SIGKILL, power loss) abandoned
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -41,6 +45,38 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64] or "host"
+
+
+def _writer_tag() -> str:
+    return f"{_host()}.{os.getpid()}"
+
+
+# .NAME.HOST.PID.XXXXXXXX[.SUFFIX].tmp, as atomic_path names its temporary files (mkstemp's 8 characters)
+_TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_]+)\.(?P<pid>\d+)\.[a-z0-9_]{8}(?:\.[A-Za-z0-9]+)?\.tmp$")
+
+
+def remove_abandoned_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of ``atomic_path`` writes in ``folder`` whose writer no longer runs
+    (killed mid-write: SIGKILL, OOM, power loss), so a shared cache does not fill up with them. Only
+    files this host's processes wrote are judged (another host's pids mean nothing here); a live
+    writer's file, or a name of another form, is left alone. Returns the removed paths."""
+    folder, host, removed = Path(folder), _host(), []
+    if not folder.is_dir():
+        return removed
+    for p in folder.glob(".*.tmp"):
+        m = _TEMP.match(p.name)
+        if (m and m.group("host") == host and int(m.group("pid")) != os.getpid()
+                and not process_running(int(m.group("pid"))) and p.is_file() and not p.is_symlink()):
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:  # a read-only cache folder: left as it is
+                continue
+            removed.append(p)
+    return removed
 
 
 def current_umask() -> int:
@@ -127,3 +163,14 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def process_running(pid: int) -> bool:
+    """``pid_alive``, and not a zombie (dead, not yet reaped by its parent)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True

@@ -244,6 +244,51 @@ def test_interrupted_cache_write_is_never_used(small_csv, small, tmp_path, monke
     _assert_same(d, small)
 
 
+_KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from goldstone_cli.data import movielens as ml
+real_savez = np.savez
+def savez_and_hang(f, **arrays):
+    real_savez(f, **{k: arrays[k] for k in list(arrays)[:3]})  # part of the cache file on disk
+    f.flush()
+    Path(sys.argv[3]).write_text("writing")
+    time.sleep(600)
+ml.np.savez = savez_and_hang
+ml.load_movielens(sys.argv[1], cache_dir=sys.argv[2], progress=False)
+"""
+
+
+def test_a_cache_write_killed_by_sigkill_leaves_a_temporary_that_the_next_load_removes(small_csv, small, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from goldstone_cli.io import remove_abandoned_temporaries
+
+    cache, ready = tmp_path / "cache", tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(small_csv), str(cache), str(ready)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not ready.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), proc.returncode
+        temps = [p for p in cache.iterdir() if p.name.endswith(".npz.tmp")]
+        assert len(temps) == 1 and temps[0].stat().st_size > 0
+        assert remove_abandoned_temporaries(cache) == [] and temps[0].exists()  # its writer still runs
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    d = load_movielens(small_csv, cache_dir=cache, progress=False)
+    assert not d.source.from_cache
+    _assert_same(d, small)
+    assert [p.name for p in cache.iterdir()] == [Path(d.source.cache_path).name]  # the temporary is gone
+
+
 def test_unwritable_cache_warns_and_still_loads(small_csv, small, tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache folder should be")

@@ -135,3 +135,41 @@ def test_run_files_are_readable_by_the_group_under_umask_022(in_tmp, umask):
     run = in_tmp / "run"
     for name in ("config.yaml", "summary.json", "metrics.csv", "checkpoints/last.pt", "snapshots.pt"):
         assert stat.S_IMODE(os.stat(run / name).st_mode) == 0o644, name
+
+
+# ----------------------------------------------------------------------------- abandoned temporary files
+def test_only_temporaries_of_writers_that_no_longer_run_on_this_host_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from goldstone_cli import io
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = io._host()
+    try:
+        names = {
+            "dead": f".cache.npz.{host}.{dead.pid}.ab_cd123.npz.tmp",
+            "dead_no_suffix": f".last.pt.{host}.{dead.pid}.a1b2c3d4.tmp",
+            "live": f".cache.npz.{host}.{live.pid}.ab_cd123.npz.tmp",
+            "mine": f".cache.npz.{host}.{os.getpid()}.ab_cd123.npz.tmp",
+            "other_host": f".cache.npz.{host}x.{dead.pid}.ab_cd123.npz.tmp",
+            "other_form": f".cache.npz.{dead.pid}.tmp",
+            "not_hidden": f"cache.npz.{host}.{dead.pid}.ab_cd123.npz.tmp",
+        }
+        for n in names.values():
+            (tmp_path / n).write_bytes(b"x")
+        (tmp_path / f".dir.{host}.{dead.pid}.ab_cd123.tmp").mkdir()  # folders are not atomic_path's
+        removed = io.remove_abandoned_temporaries(tmp_path)
+        assert sorted(p.name for p in removed) == sorted([names["dead"], names["dead_no_suffix"]])
+        left = {p.name for p in tmp_path.iterdir()}
+        assert left == set(names.values()) - {names["dead"], names["dead_no_suffix"]} | {
+            f".dir.{host}.{dead.pid}.ab_cd123.tmp"}
+    finally:
+        live.kill()
+        live.wait()
+    assert io.remove_abandoned_temporaries(tmp_path / "missing") == []
+    # atomic_path's own names are of the form judged above
+    with io.atomic_path(tmp_path / "f.npz", suffix=".npz") as tmp:
+        assert io._TEMP.match(tmp.name) and f".{host}.{os.getpid()}." in tmp.name

@@ -55,7 +55,7 @@ import pyarrow.csv as pacsv
 import torch
 from tqdm.auto import tqdm
 
-from goldstone_cli.io import atomic_path
+from goldstone_cli.io import atomic_path, remove_abandoned_temporaries
 
 PREPROCESS_VERSION = 2  # 2: caches made before the repeat, timestamp and scale checks are rebuilt
 CSV_HEADER = ("userId", "movieId", "rating", "timestamp")
@@ -754,6 +754,7 @@ def load_movielens(
         if use_cache:
             root = Path(cache_dir if cache_dir is not None else os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
             cache_path = root / f"{file.parent.name}-{file.stem}-{key[:20]}.npz"
+            remove_abandoned_temporaries(root)  # cache files of runs killed while writing them
         t0 = stage("hash", t0)
 
         cached = _read_cache(cache_path, key) if cache_path is not None else None
@@ -875,6 +876,7 @@ def write_by_user(data: MovieLensData, folder: str | os.PathLike, key: str) -> P
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "header.json").unlink(missing_ok=True)  # from here on the folder is untrusted
+    remove_abandoned_temporaries(folder)
     user = np.asarray(data.user)
     order = np.argsort(user, kind="stable")  # by user, file order within a user
     n = order.size

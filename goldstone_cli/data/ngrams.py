@@ -98,7 +98,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from goldstone_cli.data.cooc import CoocWriter, check_output_dir, inputs_entry, pair_rows_to_symmetric
-from goldstone_cli.io import atomic_path, file_sha256, pid_alive
+from goldstone_cli.io import atomic_path, file_sha256, process_running, remove_abandoned_temporaries
 
 PART_VERSION = 3  # 2: match count sums (overflow check), CRLF; 3: v2 numbers checked as digits, repeated rows
 DEFAULT_YEARS = (1800, 2008)
@@ -588,19 +588,9 @@ def _exit_with_main(alive, main_pid: int) -> None:
     """Exit this worker once the main process is gone (even by SIGKILL): the main process holds the only
     write end of ``alive``, which the kernel closes when it dies (poll sees EOF); its pid is checked
     too. A worker would otherwise wait for jobs forever, keeping the forkserver alive."""
-    while not alive.poll(1.0) and _running(main_pid):
+    while not alive.poll(1.0) and process_running(main_pid):
         pass
     os._exit(1)  # a part being written is a temporary file, never trusted
-
-
-def _running(pid: int) -> bool:
-    if not pid_alive(pid):
-        return False
-    try:  # a zombie (dead, not yet reaped by its parent) is gone too
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
 
 
 class _Feed:
@@ -1151,6 +1141,7 @@ def prepare_ngrams(onegrams: Sequence[str | os.PathLike], fivegrams: Sequence[st
     if work.is_symlink():  # the cache of per-file parts must be a real folder next to OUT
         raise FileExistsError(f"{work} is a symbolic link (to {work.resolve()}); remove it, it holds only a cache")
     work.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_temporaries(work)  # parts of a build that was killed mid-write
     block_bytes = max(1 << 12, int(block_mb * (1 << 20)))
     common = {"years": [y0, y1], "lowercase": lowercase, "pos": pos}
 
