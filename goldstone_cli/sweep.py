@@ -493,7 +493,9 @@ def run_metrics(cfg) -> Optional[tuple[list[str], Optional[str]]]:
             probe = SimpleNamespace(_val_sets=[None] if float(cfg.model.get("val_mass") or 0) > 0 else [])
         else:
             return None
-        return ["total", "local", "psi"] + list(cls.metric_names(probe)), cls.target_metric
+        # dwe: trainer.target stops on the validation likelihood when there is one (as best.pt picks)
+        target = "ll_val" if getattr(probe, "_val_sets", None) else cls.target_metric
+        return ["total", "local", "psi"] + list(cls.metric_names(probe)), target
     except Exception:  # a model that reads more of itself: not checked here
         return None
 

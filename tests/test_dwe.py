@@ -354,10 +354,11 @@ def test_dwe_keeps_best_checkpoint_on_validation_likelihood(tmp_path):
     wc = planted_corpus(V=24, T=5, n_clusters=3, seed=1)
     model = DynamicWordEmbeddings(wc, d=3, inference="map", batch_words=0, batch_contexts=0, dtype=F64,
                                   test_steps=0.2, test_mass=0.1, val_mass=0.1)
-    assert model.best_metric == "ll_val" and "ll_val" in model.metric_names()
+    assert model.best_metric == model.target_metric == "ll_val" and "ll_val" in model.metric_names()
     ev = model.evaluate()
     assert -0.8 < ev["ll_val"] < 0 and set(model.metric_names()) == set(ev)
-    assert DynamicWordEmbeddings(wc, d=3, inference="map", dtype=F64).best_metric is None  # no validation set
+    no_val = DynamicWordEmbeddings(wc, d=3, inference="map", dtype=F64)
+    assert no_val.best_metric is None and no_val.target_metric == "ll_test"  # no validation set
 
     # through the trainer: best.pt holds the step with the highest ll_val of metrics.csv
     import goldstone_cli.models as models
@@ -383,7 +384,26 @@ def test_dwe_keeps_best_checkpoint_on_validation_likelihood(tmp_path):
     saved = ckpt.load(tmp_path / "run" / "checkpoints" / ckpt.BEST)
     assert saved["metric"] == "ll_val" and saved["step"] == int(best["step"])
     assert result.summary["best"]["value"] == pytest.approx(best["ll_val"])
+    assert result.summary["target_metric"] == "ll_val"  # trainer.target never stops on a test set either
     assert "held-out LL/point" in result.summary["headline"]
     import matplotlib.image
 
     assert matplotlib.image.imread(tmp_path / "run" / "loss.png").shape[1] == 12 * 120  # the held-out panel beside the loss
+
+
+def test_a_checkpoint_of_other_held_out_steps_inference_or_coupling_is_refused():
+    wc = _wc()
+    a = DynamicWordEmbeddings(wc, d=3, inference="variational", dtype=F64, test_steps=0.2)
+    state = a.state_dict()
+    DynamicWordEmbeddings(wc, d=3, inference="variational", dtype=F64, test_steps=0.2).load_state_dict(state)
+    for kw, what in (({"test_steps": 0.6}, "held-out steps"), ({"coupled": False}, "coupling")):
+        b = DynamicWordEmbeddings(wc, d=3, inference="variational", dtype=F64, **{"test_steps": 0.2, **kw})
+        with pytest.raises(ValueError, match=what):
+            b.load_state_dict(state)
+    extra = next(k for k in state if k.endswith("_extra_state"))
+    with pytest.raises(ValueError, match="model.inference"):
+        DynamicWordEmbeddings(wc, d=3, inference="map", dtype=F64, test_steps=0.2).set_extra_state(state[extra])
+    old = dict(state[extra])
+    for key in ("train_mask", "inference", "coupled"):  # a checkpoint older than these keys still loads
+        old.pop(key)
+    a.set_extra_state(old)

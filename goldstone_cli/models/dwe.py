@@ -1320,7 +1320,7 @@ def register_counts(model: nn.Module, stacked: sp.csr_matrix, c: np.ndarray, dty
 class DynamicWordEmbeddings(DynamicModel):
     """DWE with variational smoothing (``inference="variational"``) or MAP point estimates."""
 
-    target_metric = "ll_test"
+    target_metric = "ll_test"  # "ll_val" when there is a validation set (val_mass > 0)
     target_lower_is_better = False
     best_metric = None  # "ll_val" when there is a validation set (val_mass > 0); never a test set
     best_lower_is_better = False
@@ -1392,8 +1392,8 @@ class DynamicWordEmbeddings(DynamicModel):
             "mass": [(t, m) for t, m in enumerate(self.split.heldout_mass) if m is not None and m.nnz],
         }
         self._val_sets = [(t, m) for t, m in enumerate(self.split.val_mass or []) if m is not None and m.nnz]
-        if self._val_sets:
-            self.best_metric = "ll_val"  # checkpoints/best.pt: the best validation likelihood
+        if self._val_sets:  # checkpoints/best.pt and trainer.target: the validation likelihood
+            self.best_metric = self.target_metric = "ll_val"  # (the test sets never decide anything)
 
         # ---- parameters, initialized in float64 on the CPU then cast (same start on every device)
         g = torch.Generator().manual_seed(seed)
@@ -1561,6 +1561,19 @@ class DynamicWordEmbeddings(DynamicModel):
     def set_extra_state(self, state) -> None:
         if state["vocab"] != self.vocab or state["years"] != self.years.tolist():
             raise ValueError("this checkpoint was trained on another corpus (vocabulary or time steps differ)")
+        mine = self.get_extra_state()
+        for key, what in (("train_mask", "held-out steps (model.test_steps)"), ("inference", "model.inference"),
+                          ("coupled", "coupling (model.coupled)")):
+            if key in state and state[key] != mine[key]:  # absent: a checkpoint older than the key
+                raise ValueError(f"this checkpoint was trained with other {what}: {_short(state[key])} there, "
+                                 f"{_short(mine[key])} here")
+
+
+def _short(value) -> str:
+    """A checkpoint setting for an error message; a train mask as its held-out step indices."""
+    if isinstance(value, list) and value and all(isinstance(v, bool) for v in value):
+        return str([t for t, m in enumerate(value) if not m])
+    return repr(value)
 
 
 # ============================================================================ evaluation helpers

@@ -193,7 +193,7 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
         self._eval_sets = {"steps": held, "mass": mass}
         self._val_sets = val
         if self._val_sets:
-            self.best_metric = "ll_val"
+            self.best_metric = self.target_metric = "ll_val"
 
         # ---- parameters: the global draw of dwe.py, this rank's rows
         g = torch.Generator().manual_seed(seed)
