@@ -44,19 +44,17 @@ class WordRun:
 
     def step_counts(self) -> np.ndarray:
         """(T, V) co-occurrence mass of every word in every step (row sums of the corpus matrices),
-        read from the run's prepared corpus (``data.path`` of its config)."""
+        read from the run's prepared corpus (``data.path`` of its config); steps held out of training
+        count as empty (analysis/embeddings.py ``_run_counts``)."""
         if self._step_counts is None:
-            from goldstone_cli.data.cooc import CoocFormatError, load_cooc
+            from goldstone_cli.analysis.embeddings import _run_counts
 
-            try:
-                cooc = load_cooc(self.data_path)
-            except (CoocFormatError, FileNotFoundError, TypeError) as exc:
+            counts, note = _run_counts(self.run_dir, self.data_path, self.vocab, len(self.labels), self.train_mask)
+            if counts is None:
                 raise WordsError(f"--min-count (default 1: answers must occur in the target step) needs the run's "
-                                 f"corpus at {self.data_path}, which cannot be read ({exc}); run from the folder the "
-                                 "run was trained in, or pass --min-count 0 to allow every word") from None
-            if list(cooc.vocab) != self.vocab:
-                raise WordsError(f"the corpus at {self.data_path} has another vocabulary than the run; pass --min-count 0")
-            self._step_counts = np.stack([np.asarray(m.sum(axis=1)).reshape(-1) for m in cooc.matrices])
+                                 f"corpus, but {note}; run from the folder the run was trained in, or pass "
+                                 "--min-count 0 to allow every word")
+            self._step_counts = counts
         return self._step_counts
 
     @property
@@ -81,7 +79,12 @@ class WordRun:
         if not first <= year <= last:
             raise WordsError(f"year {year} is outside the run's range {first}-{last} "
                              f"({len(self.years)} steps: {self.labels[0]} .. {self.labels[-1]})")
-        return int(np.searchsorted(self.years, year, side="right") - 1)
+        k = int(np.searchsorted(self.years, year, side="right") - 1)
+        if year > int(self.year_end[k]):  # between two steps (SemEval: 1861-1959)
+            raise WordsError(f"year {year} is in no step of {self.run_dir}: steps {self.labels[0]} .. "
+                             f"{self.labels[-1]} ({len(self.years)} steps; it falls between {self.labels[k]} and "
+                             f"{self.labels[k + 1]}); give a year inside a step")
+        return k
 
 
 # ----------------------------------------------------------------------------- finding and loading runs
@@ -119,6 +122,7 @@ def load_run(run_dir: str | Path, align: Optional[bool] = None) -> WordRun:
     import yaml
 
     from goldstone_cli import checkpoint as ckpt
+    from goldstone_cli.analysis.embeddings import _corpus_path
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -148,7 +152,7 @@ def load_run(run_dir: str | Path, align: Optional[bool] = None) -> WordRun:
                   year_end=np.asarray(extra["year_end"]), labels=list(extra["labels"]),
                   train_mask=np.asarray(extra["train_mask"], dtype=bool), U=U.float(), Vc=Vc.float(),
                   coupled=bool(extra["coupled"]), inference=str(extra["inference"]), optimizer=opt_name,
-                  data_path=Path(str(cfg["data"]["path"])) if cfg.get("data", {}).get("path") else None)
+                  data_path=_corpus_path(run_dir, (cfg.get("data") or {}).get("path")))
     if align or (align is None and not run.coupled):
         run.U, run.Vc = procrustes_align(run.U, run.Vc, run.train_mask)
         run.aligned = True
@@ -205,6 +209,10 @@ def age_words(run: WordRun, words: Sequence[str], source_year: Optional[int] = N
         cos[:, ~torch.as_tensor(run.step_counts()[t] >= min_count)] = -float("inf")
     n_ok = int(torch.isfinite(cos).sum(dim=1).min())  # candidates left for every query
     if n_ok == 0:
+        if min_count > 0 and not run.train_mask[t]:
+            raise WordsError(f"step {run.labels[t]} was held out of training, so no word has data there (its "
+                             "embeddings are the prior's interpolation); choose a trained step with --to, or pass "
+                             "--min-count 0 to answer from every word")
         most = float(run.step_counts()[t].max()) if min_count > 0 else 0.0
         raise WordsError(f"no word of step {run.labels[t]} is left to answer with"
                          + (f": --min-count {min_count:g} is above every word's co-occurrence mass there (the most: "

@@ -262,6 +262,113 @@ def test_export_word2vec_read_by_gensim_and_npy_round_trip(planted_run):
     assert r.exit_code == 2 and "--format must be one of" in r.output
 
 
+def _held_out_step(run) -> str:
+    emb = load_embeddings(run)
+    held = np.nonzero(~emb.train_mask)[0]
+    assert len(held)  # test_steps=0.1 holds a step out
+    return emb.labels[int(held[0])]
+
+
+def test_held_out_steps_in_age_words_eval_lsc_and_plot_word(planted_run, monkeypatch):
+    """A step held out of training has no data for any word: age-words and plot word say so instead of
+    answering from the corpus' counts (age-words) or drawing no neighbours (plot word); eval lsc notes it."""
+    from goldstone_cli.analysis import plots
+    from goldstone_cli.words import load_run
+
+    run, root = planted_run["run"], planted_run["root"]
+    held = _held_out_step(run)
+    wr = load_run(run)
+    t = wr.labels.index(held)
+    counts = wr.step_counts()
+    assert counts.shape == (len(wr.labels), len(wr.vocab)) and not counts[t].any() and counts[wr.train_mask].any()
+    r = runner.invoke(app, ["age-words", "drift1", "--run", str(run), "--to", held[:4], "--cos"])
+    assert r.exit_code == 2 and f"step {held} was held out of training" in r.output and "--min-count 0" in r.output
+    r = runner.invoke(app, ["age-words", "drift1", "--run", str(run), "--to", held[:4], "--min-count", "0"])
+    assert r.exit_code == 0, r.output
+
+    targets = root / "lsc_targets.txt"
+    targets.write_text("drift0\ndrift1\nstable0\n")
+    r = runner.invoke(app, ["eval", "lsc", str(run), "--targets", str(targets), "--from", held,
+                            "--out", str(root / "lsc_held")])
+    assert r.exit_code == 0 and f"note: step {held} was held out of training" in r.output, r.output
+
+    out = root / "plots_held"
+    r = runner.invoke(app, ["plot", "word", "drift1", "--run", str(run), "--from", held, "--out", str(out)])
+    assert r.exit_code == 2 and f"--from {held}: that step was held out of training" in r.output, r.output
+    assert not out.exists()
+    labels = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: labels.append(fig.axes[0].get_ylabel()) or path)
+    r = runner.invoke(app, ["plot", "word", "drift1", "--run", str(run), "--from", held, "--min-count", "0",
+                            "--samples", "10", "--out", str(out)])
+    assert r.exit_code == 0 and f"note: step {held} was held out of training" in r.output, r.output
+    assert labels[-1] == f"cosine distance to step {held}"  # the --from step, not "the first step"
+
+
+def test_age_words_finds_a_relative_corpus_path_in_the_run_folders_parents(planted_run, tmp_path, monkeypatch):
+    """data.path as written by a training run started in ROOT (`data.path=prep`): found from any folder,
+    as the analysis commands find it."""
+    import shutil
+
+    root = planted_run["root"]
+    rel = root / "elsewhere" / "run"
+    shutil.copytree(planted_run["run"], rel)
+    cfg = (rel / "config.yaml").read_text()
+    assert f"path: {root / 'prep'}" in cfg
+    (rel / "config.yaml").write_text(cfg.replace(f"path: {root / 'prep'}", "path: prep"))
+    monkeypatch.chdir(tmp_path)  # neither prep/ nor the run here
+    r = runner.invoke(app, ["age-words", "drift1", "--run", str(rel), "--to", "1955", "--min-count", "1"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["neighbors", "drift1", "--run", str(rel), "--steps", "1955", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+
+
+def test_a_damaged_export_is_refused_naming_the_file(planted_run, tmp_path):
+    """load_export checks export.json's keys, steps.tsv's columns and every array's shape: one line
+    naming the file, no IndexError/KeyError traceback."""
+    import shutil
+
+    good = tmp_path / "good"
+    r = runner.invoke(app, ["export", str(planted_run["run"]), "--format", "npy", "--out", str(good)])
+    assert r.exit_code == 0, r.output
+    emb = load_embeddings(good)
+    T, V, d = emb.T, emb.V, emb.U.shape[-1]
+    step3 = (good / "steps.tsv").read_text().splitlines()[4].split("\t")[5]
+
+    def damaged(name, edit):
+        bad = tmp_path / name
+        shutil.copytree(good, bad)
+        meta = json.loads((bad / "export.json").read_text())
+        edit(bad, meta)
+        (bad / "export.json").write_text(json.dumps(meta))
+        return bad
+
+    def tsv_line(k, fn):
+        def edit(bad, meta):
+            lines = (bad / "steps.tsv").read_text().splitlines()
+            lines[k - 1] = fn(lines[k - 1].split("\t"))
+            (bad / "steps.tsv").write_text("\n".join(lines) + "\n")
+        return edit
+
+    cases = [
+        ("std", lambda b, m: m.update(std_files=m["std_files"][:3]), r"export.json: 3 std_files for 12 steps"),
+        ("counts", lambda b, m: np.save(b / "counts.npy", np.ones((3, 5))),
+         rf"counts.npy: shape \(3, 5\), expected \({T}, {V}\)"),
+        ("cols", tsv_line(4, lambda r: "\t".join(r[:5])), r"steps.tsv, line 4: 5 tab-separated columns, expected 6"),
+        ("year", tsv_line(4, lambda r: "\t".join(r[:2] + ["x"] + r[3:])), r"steps.tsv, line 4: start and end must be"),
+        ("nokey", lambda b, m: m.pop("T"), r"export.json: no 'T'"),
+        ("dims", lambda b, m: np.save(b / step3, np.ones((V, d - 2), np.float32)),
+         rf"{step3}: shape \({V}, {d - 2}\), expected \({V}, {d}\)"),
+        ("rows", lambda b, m: np.save(b / step3, np.ones((V - 5, d), np.float32)), rf"{step3}: shape \({V - 5}, {d}\)"),
+        ("gone", lambda b, m: (b / m["std_files"][2]).unlink(), r"std_002_.*\.npy: missing"),
+    ]
+    for name, edit, msg in cases:
+        bad = damaged(name, edit)
+        with pytest.raises(AnalysisError, match=msg):
+            load_embeddings(bad)
+    r = runner.invoke(app, ["changes", str(tmp_path / "counts")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "export the run again" in r.output, r.output
+
+
 def test_checkpoint_with_code_is_refused(tmp_path):
     """Run folders are read with torch.load(weights_only=True): a pickled object is refused."""
     run = tmp_path / "run"
@@ -381,3 +488,12 @@ def test_make_planted_cli_layouts_are_deterministic(tmp_path):
     assert r.exit_code == 2 and "--layout must be" in r.output
     r = runner.invoke(app, ["eval", "changes", str(tmp_path), "--planted", str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and "no planted.tsv" in r.output
+    # a damaged truth file: file and line, not an IndexError
+    lines = (tmp_path / "dated-a" / "planted.tsv").read_text().splitlines()
+    for k, bad in ((3, "drift1 1930"), (2, "drift0\tsoon\t0\t1")):
+        f = tmp_path / f"planted-{k}.tsv"
+        f.write_text("\n".join(lines[:k - 1] + [bad] + lines[k:]) + "\n")
+        with pytest.raises(AnalysisError, match=rf"planted-{k}.tsv, line {k}: "):
+            read_truth(f)
+    r = runner.invoke(app, ["eval", "changes", str(tmp_path), "--planted", str(tmp_path / "planted-3.tsv")])
+    assert r.exit_code == 2 and "line 3: expected 4 tab-separated columns" in r.output, r.output

@@ -167,3 +167,40 @@ def test_align_cli_word2vec_and_histwords_npy(tmp_path):
         read_period(hw / "1900-vocab.pkl")
     r = runner.invoke(app, ["align", files[0], "--out", str(tmp_path / "y")])
     assert r.exit_code == 2 and "at least two periods" in r.output
+
+
+def test_word2vec_text_lines_end_at_newline_only(tmp_path):
+    """Words may hold characters str.splitlines() splits at (U+2028, \\x85, \\x0b, \\x0c, \\x1c-\\x1e): a
+    valid word2vec text file (gensim reads it) is read with them; Windows line ends are accepted."""
+    words = ["a\u2028b", "c\x85", "\x0bd", "e\x0cf", "g\x1ch\x1di\x1e", "plain"]
+    X = np.arange(12, dtype=np.float32).reshape(6, 2)
+    p = tmp_path / "odd.txt"
+    p.write_bytes(("6 2\r\n" + "".join(f"{w} {a:g} {b:g}\r\n" for w, (a, b) in zip(words, X))).encode("utf-8"))
+    w, Y = read_word2vec(p)
+    assert w == words
+    np.testing.assert_array_equal(Y, X)
+    period = read_period(p)
+    assert period.vocab == words
+    try:
+        from gensim.models import KeyedVectors
+    except ImportError:
+        return
+    assert list(KeyedVectors.load_word2vec_format(str(p)).index_to_key) == words
+
+
+def test_a_word_twice_in_a_period_is_refused_naming_it(tmp_path):
+    """A duplicate word makes the words shared with the next period ambiguous: word2vec files and
+    HistWords vocabularies are refused alike, with the word (not an IndexError in the alignment)."""
+    _, _, Zs = _periods(T=2, N=12, d=3)
+    vocab = [f"w{i}" for i in range(12)]
+    dup = vocab[:7] + ["w3"] + vocab[8:]
+    npys = []
+    for t in range(2):
+        np.save(tmp_path / f"{1900 + 10 * t}-w.npy", Zs[t].numpy())
+        (tmp_path / f"{1900 + 10 * t}-vocab.txt").write_text("\n".join(dup if t else vocab) + "\n")
+        npys.append(str(tmp_path / f"{1900 + 10 * t}-w.npy"))
+    r = runner.invoke(app, ["align", *npys, "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "1910-vocab.txt: the word 'w3' appears twice" in r.output, r.output
+    write_word2vec(tmp_path / "dup.txt", dup, Zs[1].numpy())
+    with pytest.raises(AnalysisError, match="dup.txt: the word 'w3' appears twice"):
+        read_period(tmp_path / "dup.txt")

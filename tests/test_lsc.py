@@ -120,3 +120,11 @@ def test_semeval_end_to_end_with_planted_changes(tmp_path):
     assert r.exit_code == 2 and "has no value for 7 targets" in r.output
     r = runner.invoke(app, ["eval", "lsc", str(run), "--targets", str(root / "targets.txt"), "--threshold", "high"])
     assert r.exit_code == 2 and "--threshold must be" in r.output
+    # both periods the same step (1810 and 1850 are in 1810-1860): refused, not scored as rounding noise
+    r = runner.invoke(app, ["eval", "lsc", str(run), "--targets", str(root / "targets.txt"), "--truth", str(root),
+                            "--from", "1810", "--to", "1850", "--out", str(tmp_path / "same")])
+    assert r.exit_code == 2 and "--from and --to are the same step (1810-1860)" in r.output, r.output
+    assert "accuracy" not in r.output and not (tmp_path / "same").exists()
+    # a year between the two periods is in no step (it used to mean the earlier period)
+    r = runner.invoke(app, ["age-words", "target5_nn", "--run", str(run), "--to", "1900"])
+    assert r.exit_code == 2 and "year 1900 is in no step" in r.output and "between 1810-1860 and 1960-2010" in r.output

@@ -129,6 +129,13 @@ def test_unknown_word_and_bad_year(planted_runs):
     with pytest.raises(WordsError, match="outside the run's range"):
         age_words(run, ["w1"], target_year=1860)
     assert run.step_of_year(1859) == 5 and run.step_of_year(1800) == 0 and run.step_of_year(1819) == 1
+    # steps with gaps between them (SemEval: 1810-1860, 1960-2010): a year in a gap is in no step
+    import dataclasses
+
+    gaps = dataclasses.replace(run, year_end=run.years + 4, labels=[f"{y}-{y + 4}" for y in run.years])
+    assert gaps.step_of_year(1814) == 1
+    with pytest.raises(WordsError, match=r"year 1806 is in no step .* between 1800-1804 and 1810-1814"):
+        age_words(gaps, ["w1"], target_year=1806)
 
 
 def test_cosine_summary():

@@ -198,7 +198,9 @@ def read_word2vec(path: Path, binary: Optional[bool] = None) -> tuple[list[str],
                 vecs[i] = np.frombuffer(raw, dtype="<f4")
                 words.append(buf.decode("utf-8"))
         else:
-            data = f.read().decode("utf-8").splitlines()
+            # lines end at "\n" only (str.splitlines would also split at U+2028, \x85, \x0c ..., which a
+            # word may hold); a "\r" before it (Windows line ends) is dropped
+            data = [ln[:-1] if ln.endswith("\r") else ln for ln in f.read().decode("utf-8").split("\n")]
             rows = [ln for ln in data if ln.strip()]
             if len(rows) != n:
                 raise AnalysisError(f"{path}: the header says {n} words, the file has {len(rows)} lines after it")
@@ -213,9 +215,18 @@ def read_word2vec(path: Path, binary: Optional[bool] = None) -> tuple[list[str],
                     vecs[i] = np.asarray(parts[1:], dtype=np.float32)
                 except ValueError:
                     raise AnalysisError(f"{path}, line {i + 2}: not a number in the vector of {parts[0]!r}") from None
-    if len(set(words)) != len(words):
-        raise AnalysisError(f"{path}: the same word appears twice")
+    _check_unique(words, path)
     return words, vecs
+
+
+def _check_unique(words: Sequence[str], path: Path) -> None:
+    """AnalysisError naming the first word that ``path`` lists twice (a table needs one row per word)."""
+    seen: set[str] = set()
+    for w in words:
+        if w in seen:
+            raise AnalysisError(f"{path}: the word {w!r} appears twice; each word needs exactly one row (remove the "
+                                "duplicate)")
+        seen.add(w)
 
 
 def write_word2vec(path: Path, words: Sequence[str], vectors: np.ndarray, binary: bool = False) -> None:
@@ -253,9 +264,11 @@ def read_period(path: str | Path) -> Period:
             raise AnalysisError(f"{path}: not a plain numeric .npy array ({exc})") from None
         if vecs.ndim != 2:
             raise AnalysisError(f"{path}: expected a 2-D array (words x dimensions), got shape {vecs.shape}")
-        words = [ln.strip() for ln in vp.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        lines = vp.read_bytes().decode("utf-8").split("\n")  # "\n" only, as in read_word2vec
+        words = [w for w in (ln.strip(" \t\r") for ln in lines) if w]
         if len(words) != vecs.shape[0]:
             raise AnalysisError(f"{vp}: {len(words)} words for {vecs.shape[0]} rows of {path.name}")
+        _check_unique(words, vp)
         return Period(path, "npy", words, vecs.astype(np.float32), vp)
     if path.suffix in TEXT_SUFFIXES + BIN_SUFFIXES:
         words, vecs = read_word2vec(path)

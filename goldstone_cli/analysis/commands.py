@@ -23,6 +23,13 @@ def _steps(emb: Embeddings, spec: Optional[str]) -> Optional[list[int]]:
     return [emb.step(p) for p in parts]
 
 
+def _note_held_out(emb: Embeddings, steps: Sequence[int], echo: Echo) -> None:
+    for t in sorted(set(steps)):
+        if not emb.train_mask[t]:
+            echo(f"note: step {emb.labels[t]} was held out of training; its embeddings are the prior's interpolation "
+                 "and every word counts as without data there")
+
+
 def _fmt_written(paths: Sequence[Path]) -> str:
     return "wrote " + ", ".join(str(p) for p in paths)
 
@@ -38,10 +45,7 @@ def changes(run: Path, echo: Echo, t_from: Optional[str] = None, t_to: Optional[
     trained = np.nonzero(emb.train_mask)[0]
     t0 = emb.step(t_from) if t_from is not None else int(trained[0])
     t1 = emb.step(t_to) if t_to is not None else int(trained[-1])
-    for t in (t0, t1):
-        if not emb.train_mask[t]:
-            echo(f"note: step {emb.labels[t]} was held out of training; its embeddings are the prior's interpolation "
-                 "and every word counts as without data there")
+    _note_held_out(emb, (t0, t1), echo)
     ch = word_changes(emb, t0, t1, min_count=min_count, samples=samples, level=level, seed=seed, by=by)
     key = {"mean": "1-cos of the means", "posterior": "posterior mean of 1-cos"}.get(by, by)
     echo(f"{emb.source} ({emb.description}): {emb.labels[t0]} -> {emb.labels[t1]}, {len(ch.ranked)} words ranked by "
@@ -97,6 +101,8 @@ def plot_word(words: Sequence[str], run: Path, echo: Echo, top: int = 6, min_cou
         emb.index(w)
     first = emb.step(t_from) if t_from is not None else None
     last = emb.step(t_to) if t_to is not None else None
+    if min_count <= 0:  # with --min-count > 0, plot_word_paths refuses a held-out step (no word present there)
+        _note_held_out(emb, [t for t in (first, last) if t is not None], echo)
     folder = out or default_out(emb)
     stem = safe_stem("_".join(words))
     p1 = plot_word_paths(emb, words, folder / f"path_{stem}.png", top=top, min_count=min_count, first=first, last=last)
@@ -161,6 +167,7 @@ def eval_lsc(run: Path, targets: Path, echo: Echo, truth: Optional[Path] = None,
     t0 = emb.step(t_from) if t_from is not None else int(trained[0])
     t1 = emb.step(t_to) if t_to is not None else int(trained[-1])
     pred = lsc_predict(emb, targets, t0, t1, threshold=threshold, score=score, samples=samples, seed=seed)
+    _note_held_out(emb, (t0, t1), echo)  # after lsc_predict's checks (same step), before any result
     folder = out or default_out(emb) / "lsc"
     files = write_answers(pred, folder)
     rows = [[w, f"{g:.4f}", str(b)] for w, g, b in zip(pred.targets, pred.graded, pred.binary)]

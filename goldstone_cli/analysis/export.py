@@ -95,45 +95,100 @@ def export_embeddings(emb: Embeddings, out: str | Path, fmt: str = "word2vec", f
     return out
 
 
+REQUIRED_KEYS = ("format", "T", "V", "d")
+_REEXPORT = "export the run again with `goldstone export RUN --out DIR --force`"
+
+
 def load_export(path: str | Path) -> Embeddings:
-    """Read a folder written by :func:`export_embeddings` back for analysis."""
+    """Read a folder written by :func:`export_embeddings` back for analysis. Every file is checked
+    against export.json (shapes, one row per step, the columns of steps.tsv): a damaged or partial
+    export is an AnalysisError naming the file."""
     import json
 
     from goldstone_cli.analysis.align import read_word2vec
 
     path = Path(path)
-    meta = json.loads((path / "export.json").read_text())
-    vocab = [ln for ln in (path / "vocab.txt").read_text(encoding="utf-8").split("\n") if ln]
-    rows = [ln.split("\t") for ln in (path / "steps.tsv").read_text().splitlines()[1:] if ln]
-    if len(rows) != meta["T"] or len(vocab) != meta["V"]:
-        raise AnalysisError(f"{path}: steps.tsv / vocab.txt do not match export.json (a partial export?)")
+
+    def bad(where: str, what: str) -> AnalysisError:
+        return AnalysisError(f"{where}: {what} (a damaged or partial export?); {_REEXPORT}")
 
     def inside(name: str) -> Path:
-        p = (path / name).resolve()
+        p = (path / str(name)).resolve()
         if p.parent != path.resolve():
             raise AnalysisError(f"{path}/export.json names a file outside its folder: {name!r}")
-        return p
+        if not p.is_file():
+            raise bad(str(path / str(name)), "missing")
+        return path / str(name)
+
+    def load_npy(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        f = inside(name)
+        try:
+            arr = np.load(f, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise bad(str(f), f"not a plain .npy array ({exc})") from None
+        if arr.shape != shape:
+            raise bad(str(f), f"shape {arr.shape}, expected {shape}")
+        return arr
+
+    try:
+        meta = json.loads(inside("export.json").read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise bad(str(path / "export.json"), f"not valid JSON ({exc})") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise bad(str(path / "export.json"), f"no {', '.join(repr(k) for k in missing)}")
+    T, V, d = meta["T"], meta["V"], meta["d"]
+    if not all(isinstance(x, int) and x > 0 for x in (T, V, d)):
+        raise bad(str(path / "export.json"), f"T, V and d must be positive integers, got {T!r}, {V!r}, {d!r}")
+    if meta["format"] not in FORMATS:
+        raise bad(str(path / "export.json"), f"unknown format {meta['format']!r} (expected {' or '.join(FORMATS)})")
+    vocab = [ln for ln in inside("vocab.txt").read_text(encoding="utf-8").split("\n") if ln]
+    steps_tsv = inside("steps.tsv")
+    rows, years = [], []  # steps.tsv: step label start end trained file
+    for k, ln in enumerate(steps_tsv.read_text(encoding="utf-8").split("\n")[1:], start=2):
+        ln = ln.removesuffix("\r")
+        if not ln:
+            continue
+        r = ln.split("\t")
+        if len(r) != 6:
+            raise bad(f"{steps_tsv}, line {k}", f"{len(r)} tab-separated columns, expected 6 "
+                                                "(step label start end trained file)")
+        try:
+            years.append((int(r[2]), int(r[3])))
+        except ValueError:
+            raise bad(f"{steps_tsv}, line {k}", f"start and end must be years, got {r[2]!r} and {r[3]!r}") from None
+        if r[4] not in ("0", "1"):
+            raise bad(f"{steps_tsv}, line {k}", f"trained must be 0 or 1, got {r[4]!r}")
+        rows.append(r)
+    if len(rows) != T or len(vocab) != V:
+        raise AnalysisError(f"{path}: steps.tsv has {len(rows)} steps and vocab.txt {len(vocab)} words, export.json "
+                            f"says {T} and {V} (a partial export?); {_REEXPORT}")
 
     mats = []
     for r in rows:
-        f = inside(r[5])
         if meta["format"] == "npy":
-            mats.append(np.load(f, allow_pickle=False))
+            mats.append(load_npy(r[5], (V, d)))
         else:
+            f = inside(r[5])
             words, vecs = read_word2vec(f)
             if words != vocab:
-                raise AnalysisError(f"{f}: its words differ from vocab.txt")
+                raise bad(str(f), "its words differ from vocab.txt")
+            if vecs.shape != (V, d):
+                raise bad(str(f), f"{vecs.shape[1]}-dimensional vectors, expected {d}")
             mats.append(vecs)
     U = torch.as_tensor(np.stack(mats), dtype=torch.float64)  # (T, V, d)
-    counts = np.load(inside("counts.npy"), allow_pickle=False) if "counts.npy" in meta.get("extra", []) else None
+    extra = meta.get("extra", [])
+    counts = load_npy("counts.npy", (T, V)) if "counts.npy" in extra else None
     std = None
-    if meta.get("std_files"):
-        std = torch.as_tensor(np.stack([np.load(inside(n), allow_pickle=False) for n in meta["std_files"]]),
-                              dtype=torch.float64)
-    rot = (torch.as_tensor(np.load(inside("rotations.npy"), allow_pickle=False), dtype=torch.float64)
-           if "rotations.npy" in meta.get("extra", []) else None)
+    std_files = meta.get("std_files") or []
+    if std_files:
+        if len(std_files) != T:
+            raise bad(str(path / "export.json"), f"{len(std_files)} std_files for {T} steps")
+        std = torch.as_tensor(np.stack([load_npy(n, (V, d)) for n in std_files]), dtype=torch.float64)  # (T, V, d)
+    rot = (torch.as_tensor(load_npy("rotations.npy", (T, d, d)), dtype=torch.float64)
+           if "rotations.npy" in extra else None)
     return Embeddings(source=path, vocab=vocab, labels=[r[1] for r in rows],
-                      years=np.array([int(r[2]) for r in rows]), year_end=np.array([int(r[3]) for r in rows]),
+                      years=np.array([a for a, _ in years]), year_end=np.array([b for _, b in years]),
                       train_mask=np.array([r[4] == "1" for r in rows]), U=U, counts=counts,
                       counts_note="the export has no counts.npy" if counts is None else "", std=std, rotations=rot,
                       description=f"exported: {meta.get('description', '')}")

@@ -51,6 +51,8 @@ def lsc_predict(emb: Embeddings, targets_file: str | Path, t0: int, t1: int, thr
 
     from goldstone_cli.analysis.changes import cosine_distance, posterior_distance_stats
 
+    if t0 == t1:
+        raise AnalysisError(f"--from and --to are the same step ({emb.labels[t0]}); choose two different steps")
     targets = read_targets(targets_file)
     vocab = set(emb.vocab)
     missing = [t for t in targets if t not in vocab]

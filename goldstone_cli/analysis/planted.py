@@ -103,10 +103,26 @@ def read_truth(path: str | Path) -> PlantedTruth:
     f = path / TRUTH_FILE if path.is_dir() else path
     if not f.is_file():
         raise AnalysisError(f"no {TRUTH_FILE} at {path}; generate a corpus with `goldstone data make-planted`")
-    rows = [ln.split("\t") for ln in f.read_text().splitlines()[1:] if ln.strip()]
-    words = [r[0] for r in rows if r[1]]
-    years = [int(r[1]) for r in rows if r[1]]
-    return PlantedTruth(words=words, change_years=years, controls=[r[0] for r in rows if not r[1]])
+    words, years, controls = [], [], []
+    for k, ln in enumerate(f.read_text(encoding="utf-8").splitlines()[1:], start=2):
+        if not ln.strip():
+            continue
+        r = ln.split("\t")
+        if len(r) != 4 or not r[0]:
+            raise AnalysisError(f"{f}, line {k}: expected 4 tab-separated columns (word, change_year, topic_before, "
+                                f"topic_after; change_year empty for a control word), got {ln[:60]!r}")
+        if not r[1]:
+            controls.append(r[0])
+            continue
+        try:
+            years.append(int(r[1]))
+        except ValueError:
+            raise AnalysisError(f"{f}, line {k}: the change year of {r[0]!r} must be a year, got {r[1]!r}") from None
+        words.append(r[0])
+    if not words:
+        raise AnalysisError(f"{f} names no planted word (a row with a change year); generate a corpus with "
+                            "`goldstone data make-planted`")
+    return PlantedTruth(words=words, change_years=years, controls=controls)
 
 
 def make_semeval_corpus(out: str | Path, n_topics: int = 10, words_per_topic: int = 15, sentences: int = 3000,

@@ -5,8 +5,9 @@
   two dimensions. Everything is unit-normalized (cosine geometry) and projected onto the top two
   principal directions of the drawn points. Neighbours are drawn at their position in the step they
   are neighbours of; only words present in that step are candidates.
-- :func:`plot_distance_curves`: 1 - cos(u_t, u_first) against time for each word, with the
-  posterior's credible band (variational runs; from whole-path posterior samples).
+- :func:`plot_distance_curves`: 1 - cos(u_t, u_ref) against time for each word (ref: the first
+  trained step, or ``--from``), with the posterior's credible band (variational runs; from
+  whole-path posterior samples).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from goldstone_cli.analysis.embeddings import Embeddings
+from goldstone_cli.analysis.embeddings import AnalysisError, Embeddings
 from goldstone_cli.analysis.neighbors import neighbors
 
 F64 = torch.float64
@@ -39,6 +40,11 @@ def plot_word_paths(emb: Embeddings, words: Sequence[str], out: str | Path, top:
     trained = np.nonzero(emb.train_mask)[0]
     t_first = int(trained[0]) if first is None else first
     t_last = int(trained[-1]) if last is None else last
+    for t, opt in ((t_first, "--from"), (t_last, "--to")):
+        if not emb.train_mask[t] and min_count > 0:  # held-out steps count as empty: no word is a candidate
+            raise AnalysisError(f"{opt} {emb.labels[t]}: that step was held out of training, so no word has data "
+                                "there and no neighbours can be drawn; choose a trained step, or pass --min-count 0 "
+                                "to draw neighbours among all words (the prior's interpolation there)")
     idx = [emb.index(w) for w in words]
     n = len(words)
     fig, axes = plt.subplots(1, n, figsize=(6.2 * n, 5.6), squeeze=False)
@@ -120,7 +126,7 @@ def plot_distance_curves(emb: Embeddings, words: Sequence[str], out: str | Path,
     band = f"; band: {int(round(level * 100))}% posterior interval" if curves["lo"] is not None else ""
     ax.set_title(f"1 - cos(u_t, u_{emb.labels[curves['ref']]}) (posterior means{band})", fontsize=10)
     ax.set_xlabel("year" + ("  (grey: steps held out of training)" if held.any() else ""))
-    ax.set_ylabel("cosine distance to the first step")
+    ax.set_ylabel(f"cosine distance to step {emb.labels[curves['ref']]}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
