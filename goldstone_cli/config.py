@@ -708,6 +708,11 @@ def validate(cfg: DictConfig) -> DictConfig:
                     f"unknown key {group}.{unknown[0]} for {group} '{node.get('name', group)}'"
                     f"{_close(unknown[0], known, group + '.')}; valid keys: {', '.join(sorted(known))}"
                 )
+    top = set(Config.__dataclass_fields__) - {"tuned", "choices"}  # both set by compose()
+    unknown = sorted(set(cfg.keys()) - set(Config.__dataclass_fields__))
+    if unknown:  # forced in with +KEY=VALUE (without the +, Hydra refuses it)
+        raise ConfigError(f"unknown top-level key {unknown[0]}{_close(unknown[0], top)}; valid keys: "
+                          f"{', '.join(sorted(top))}, and the groups' settings as GROUP.KEY (model.d=5)")
     _check_finite(cfg)
     try:
         OmegaConf.to_object(cfg)

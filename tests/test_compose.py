@@ -120,6 +120,8 @@ def test_removed_preset_names_say_the_new_spelling(old):
     ("model.copling=3", "did you mean model.coupling?"),
     ("+model.copling=3", "did you mean model.coupling?"),
     ("seeed=1", "did you mean seed?"),
+    ("+seeed=1", "did you mean seed?"),  # forced in with + at the top level: refused all the same
+    ("+foo=1", "unknown top-level key foo"),
 ])
 def test_unknown_keys_and_options_suggest_the_closest(override, hint):
     with pytest.raises(ConfigError) as info:
