@@ -60,10 +60,41 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _option_hint(args: list[str], k: int) -> str:
+    """The error for an option-like argument ``args[k]`` (``--steps 10``, ``--lr=0.1``): settings are
+    Hydra overrides; names the config key it most likely means."""
+    from goldstone_cli.config import compose
+
+    name, _, value = args[k].lstrip("-").partition("=")
+    if not value and k + 1 < len(args) and "=" not in args[k + 1] and not args[k + 1].startswith("-"):
+        value = args[k + 1]
+    leaf = name.replace("-", "_")
+    keys: list[str] = []
+
+    def walk(node, prefix=""):
+        for key, v in node.items():
+            path = f"{prefix}{key}"
+            if isinstance(v, dict):
+                walk(v, path + ".")
+            else:
+                keys.append(path)
+
+    from omegaconf import OmegaConf
+
+    walk(OmegaConf.to_container(compose([])))
+    match = [key for key in keys if key.rsplit(".", 1)[-1] == leaf]
+    hint = f" (did you mean {match[0]}={value or 'VALUE'}?)" if len(match) == 1 else ""
+    return (f"{args[k]} is not an option: settings are Hydra overrides KEY=VALUE{hint}, e.g. trainer.steps=100 "
+            "model.d=5 (goldstone train --help lists the config groups, goldstone config prints every key)")
+
+
 def _config_from(overrides: list[str]):
     """Compose a config from overrides; ``resume=DIR`` loads DIR's config instead."""
     from goldstone_cli.config import ConfigError, compose, load_run_config
 
+    options = [k for k, o in enumerate(overrides) if o.startswith("-")]
+    if options:  # e.g. --steps 10: the command takes Hydra overrides, not options
+        _fail(_option_hint(overrides, options[0]))
     resume = [o for o in overrides if o.startswith("resume=")]
     rest = [o for o in overrides if not o.startswith("resume=")]
     for o in rest:
@@ -83,7 +114,7 @@ def _config_from(overrides: list[str]):
         _fail(str(exc))
 
 
-@app.command(context_settings={"allow_extra_args": False}, epilog=_groups_help())
+@app.command(context_settings={"allow_extra_args": False, "ignore_unknown_options": True}, epilog=_groups_help())
 def train(
     overrides: Optional[List[str]] = typer.Argument(
         None, help="Hydra overrides: GROUP=OPTION to pick a config (model=dense_mf), KEY=VALUE to set a value "
@@ -120,7 +151,7 @@ def train(
         raise typer.Exit(int(s.get("exit_code", 130)))  # 128 + the signal: 130 Ctrl-C, 143 SIGTERM
 
 
-@app.command("config", epilog=_groups_help())
+@app.command("config", context_settings={"ignore_unknown_options": True}, epilog=_groups_help())
 def show_config(
     overrides: Optional[List[str]] = typer.Argument(None, help="Hydra overrides, as for `goldstone train`."),
 ) -> None:
@@ -429,8 +460,8 @@ def age_words_cmd(
         _fail(str(exc))
     r0 = runs[0]
     s = r0.step_of_year(from_year) if from_year is not None else len(r0.labels) - 1
-    t = r0.step_of_year(to_year) if to_year is not None else 0
-    typer.echo(format_age_words(results, runs, r0.labels[s], r0.labels[t]))
+    targets = [r.labels[r.step_of_year(to_year) if to_year is not None else 0] for r in runs]  # each run's own steps
+    typer.echo(format_age_words(results, runs, r0.labels[s], targets))
     if show_cos:
         for r, res in zip(runs, results):
             typer.echo(f"\n{r.label} ({r.run_dir}):")

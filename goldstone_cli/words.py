@@ -288,9 +288,12 @@ def plot_first_last(runs: Sequence[WordRun], out_png: str | Path, bins: int = 60
 
 
 def format_age_words(results: list[list[tuple[str, list[tuple[str, float]]]]], runs: Sequence[WordRun],
-                     source: str, target: str) -> str:
-    """A plain-text table: one row per query word, one column per run."""
-    header = [f"query ({source})"] + [f"{r.label} ({target})" for r in runs]
+                     source: str, targets: Sequence[str]) -> str:
+    """A plain-text table: one row per query word, one column per run (headed by its method, its
+    folder's name where two runs' methods read the same, and its target step)."""
+    labels = [r.label for r in runs]
+    names = [f"{lab} [{r.run_dir.name}]" if labels.count(lab) > 1 else lab for lab, r in zip(labels, runs)]
+    header = [f"query ({source})"] + [f"{n} ({t})" for n, t in zip(names, targets)]
     rows = []
     for i, (word, _) in enumerate(results[0]):
         rows.append([word] + [", ".join(w for w, _ in res[i][1]) for res in results])

@@ -121,6 +121,10 @@ def test_user_errors_on_the_command_line_are_one_line(tmp_path, monkeypatch):
         (["train", "run_dir=afile", "trainer.steps=2"], "run_dir=afile is a file, not a folder"),
         (["train", "output_dir=afile", "trainer.steps=2"], "output_dir=afile is a file, not a folder"),
         (["plot", "trajectories", str(tmp_path), "--steps", "0,abc"], "--steps must be training steps separated"),
+        (["train", "--steps", "10"], "--steps is not an option: settings are Hydra overrides KEY=VALUE (did you "
+                                     "mean trainer.steps=10?)"),
+        (["train", "model=dwe", "--lr=0.1"], "(did you mean optimizer.lr=0.1?)"),
+        (["config", "--frobnicate"], "--frobnicate is not an option"),
     ]
     for args, msg in cases:
         r = runner.invoke(app, args)

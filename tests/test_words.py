@@ -264,3 +264,17 @@ def test_cli_age_words_answers_only_words_present_in_the_target_step_by_default(
     assert len(res.output.strip().splitlines()[-1].split(None, 1)[1].split(", ")) == 5
     res = runner.invoke(app, ["age-words", "--help"])
     assert "Default 1" in res.output and "occurs" in res.output
+
+
+def test_age_words_table_tells_two_runs_of_the_same_method_apart():
+    from types import SimpleNamespace
+
+    from goldstone_cli.words import format_age_words
+
+    runs = [SimpleNamespace(label="adam", run_dir=Path("outputs/dwe/seed0")),
+            SimpleNamespace(label="adam", run_dir=Path("outputs/dwe/seed1")),
+            SimpleNamespace(label="goldstone-procrustes(adam)", run_dir=Path("outputs/dwe/gs"))]
+    results = [[("car", [("carriage", 0.9)])], [("car", [("wagon", 0.8)])], [("car", [("coach", 0.7)])]]
+    header = format_age_words(results, runs, "2000", ["1800", "1800-1809", "1800"]).splitlines()[0]
+    assert "adam [seed0] (1800)" in header and "adam [seed1] (1800-1809)" in header
+    assert "goldstone-procrustes(adam) (1800)" in header and "[gs]" not in header
