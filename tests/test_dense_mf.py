@@ -81,3 +81,15 @@ def test_loss_is_invariant_under_per_step_rotations_except_psi():
     after = model.loss_terms()
     assert torch.allclose(before["local"], after["local"], rtol=1e-12)
     assert not torch.allclose(before["psi"], after["psi"])
+
+
+def test_a_model_refuses_to_be_moved_or_cast_after_it_is_made():
+    """Its data (X here; ratings, counts and pooled buffers elsewhere) are not parameters: .to() would
+    leave them behind, so it is refused in one line that says how to build it on a device instead."""
+    import pytest
+
+    model = DenseDynamicMF(make_synthetic(T=3, n_rows=5, n_cols=4, seed=0), d=2, seed=0)
+    for move in (lambda m: m.to(torch.float32), lambda m: m.double(), lambda m: m.cpu(), lambda m: m.half()):
+        with pytest.raises(TypeError, match="make it with device= and dtype="):
+            move(model)
+    assert model.U.dtype == torch.float64 and model.X.dtype == torch.float64

@@ -28,6 +28,14 @@ class DynamicModel(nn.Module):
     #: (metric, label) pairs of the headline numbers: printed at the end of a run, drawn in loss.png
     headline_metrics: tuple[tuple[str, str], ...] = ()
 
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .double() / .half() would move or cast the parameters but not the data,
+        # index arrays and pooled buffers a model keeps outside them (the next step would fail or mix
+        # devices): a model is built on its device and dtype instead
+        raise TypeError(f"{type(self).__name__} cannot be moved or cast after it is made (.to(), .cuda(), .double(), "
+                        "...): its data are not parameters; make it with device= and dtype= (goldstone train: "
+                        "trainer.device=cuda trainer.dtype=float64)")
+
     def symmetric_groups(self) -> list[list[nn.Parameter]]:
         """Lists of parameters that rotate together, each of shape (T, N_k, d)."""
         raise NotImplementedError
