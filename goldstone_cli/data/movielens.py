@@ -106,8 +106,8 @@ class MalformedRatingsError(ValueError):
 def _download_hint(variant: str | None, data_dir: Path) -> str:
     v = variant if variant in {m.value for m in MovieLensVariant} else "ml-20m"
     return (f"Download it with\n    goldstone data download movielens --variant {v} --dest {data_dir}\n"
-            f"(variants: {', '.join(m.value for m in MovieLensVariant)}), or pass the folder or ratings "
-            "file of a MovieLens copy you already have.")
+            f"(variants: {', '.join(m.value for m in MovieLensVariant)}), or point data.path= at the folder or "
+            "ratings file of a MovieLens copy you already have (goldstone train model=movielens data.path=DIR).")
 
 
 def find_ratings_file(path: str | os.PathLike, data_dir: str | os.PathLike = "data") -> Path:
