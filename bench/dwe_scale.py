@@ -27,6 +27,7 @@ import scipy.sparse as sp
 import torch
 
 from goldstone_cli.io import atomic_write_json
+from goldstone_cli.models.memory import LOGITS_CHUNK, SAVED_PER_SIDE, SAVED_PER_SIDE_FUSED, dwe_peak_bytes
 from goldstone_cli.models.dwe import (
     DynamicWordEmbeddings,
     WordCounts,
@@ -147,55 +148,23 @@ def set_paths(model: DynamicWordEmbeddings, paths: str) -> None:
         setattr(model, k, v)
 
 
-#: measured constants of :func:`memory_model`: saved (T, B, d) minibatch tensors per side (words,
-#: contexts), fitted to the peak RSS of this benchmark on the CPU (docs/benchmarks.md), and the CPU
-#: process's own footprint (torch's libraries, the interpreter)
-SAVED_PER_SIDE = {"variational": 17, "map": 5}
-#: the same for the fused prior (``issue16``: the chain pass keeps 1/b, sigmoid(raw), a, y, s and
-#: reuses pooled buffers; fitted to V=2,000 variational: 3.13 GB peak RSS, 3.10 GB measured after
-#: issue 16's fourth session)
-SAVED_PER_SIDE_FUSED = {"variational": 14, "map": 5}
-RUNTIME_CPU = 0.4e9
-
-
 def memory_model(V: int, T: int, d: int, batch: int, nnz: float, variational: bool, paths: str = "issue16",
                  device: str = "cpu", chunk: int = 0, adam: str = "fused") -> dict:
-    """Predicted peak memory (bytes, float32) of one training step with Adam, by component.
-
-    - ``state``: parameters and Adam's two moments, 12 bytes per parameter (n of them: 2 T V d for
-      MAP, + 2 T V d + 2 (T-1) V d for the variational diagonals and off-diagonals); ``grads``: 4 n.
-    - ``transient``: at the end of the backward pass a mean's gradient arrives in parts (its
-      minibatch rows, the zero-mean term, psi) that autograd adds: one more (T, V, d) tensor.
-    - ``counts``: the training counts on the device, 12 bytes per stored nonzero (int64 column,
-      float32 value) + 8 per row; on the CPU also the split's scipy matrices (12 more per nonzero).
-    - ``activations``: the minibatch's (T, B, d) tensors saved for backward (gathers, samples, the
-      recurrences; :data:`SAVED_PER_SIDE_FUSED` per side with ``issue16``'s fused prior, else
-      :data:`SAVED_PER_SIDE`) and the logits: with the fused likelihood two blocks of ``chunk`` elements; with ``before_issue16`` five (T, B, B) tensors (logits, log sigma(-X) and
-      its buffer, their gradients).
-    - The peak: the activations live while the gradients are formed, which come last, so
-      ``state + counts + max(activations, grads + transient)``; with Adam's ``foreach`` update (the
-      CUDA default of ``torch.optim.Adam`` before issue 16) also ``state + grads + 4 n + counts`` (its
-      ``sqrt`` of every second moment at once); on the CPU plus :data:`RUNTIME_CPU`."""
-    n = dwe_n_params(V, T, d, variational)
-    chunk = chunk or (1 << 22 if device == "cpu" else 1 << 26)
-    state, grads = 12 * n, 4 * n
-    transient = 4 * T * V * d
-    counts = (24 if device == "cpu" else 12) * nnz + 8 * T * V
-    # (the fused chain pass runs with the sequential recurrence: the CPU default; on a GPU the autograd one)
+    """Predicted peak memory (bytes, float32) of one training step with Adam, by component: the
+    package's model (:func:`goldstone_cli.models.memory.dwe_peak_bytes`, which ``goldstone train``
+    checks before making a DWE model) for each of :data:`PATHS`: ``issue16``'s fused prior saves
+    :data:`SAVED_PER_SIDE_FUSED` (T, B, d) tensors per side on the CPU (else :data:`SAVED_PER_SIDE`)
+    and forms the logits two blocks of ``chunk`` elements at a time; ``before_issue16`` held five
+    (T, B, B) tensors (logits, log sigma(-X) and its buffer, their gradients). ``adam="foreach"``:
+    the CUDA default of ``torch.optim.Adam`` before issue 16, whose update holds the square root of
+    every second moment at once."""
     saved = SAVED_PER_SIDE_FUSED if paths in ("issue16", "issue16_torch", "issue16_compiled") and device == "cpu" \
         else SAVED_PER_SIDE
-    act = 4 * 2 * saved["variational" if variational else "map"] * T * batch * d
-    act += 4 * (5 * T * batch * batch if paths == "before_issue16" else 2 * min(chunk, T * batch * batch))
-    total = state + counts + max(act, grads + transient)
-    if adam == "foreach":
-        total = max(total, state + grads + 4 * n + counts)
-    total += RUNTIME_CPU if device == "cpu" else 0
-    return {"parameters": n, "state": state, "grads": grads, "transient": transient, "counts": counts,
-            "activations": act, "total": total}
-
-
-def dwe_n_params(V: int, T: int, d: int, variational: bool) -> int:
-    return 2 * T * V * d + ((2 * T * V * d + 2 * (T - 1) * V * d) if variational else 0)
+    chunk = chunk or LOGITS_CHUNK.get(device, LOGITS_CHUNK["cuda"])
+    logits = 5 * T * batch * batch if paths == "before_issue16" else 2 * min(chunk, T * batch * batch)
+    return dwe_peak_bytes(V, T, d, batch, nnz, variational, device, moments=2, itemsize=4,
+                          saved_per_side=saved["variational" if variational else "map"], logits_elems=logits,
+                          foreach_sqrt=adam == "foreach")
 
 
 def largest_vocabulary(budget_bytes: float, T: int, d: int, batch: int, nnz_per_word_step: float, variational: bool,

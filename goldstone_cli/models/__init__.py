@@ -75,6 +75,10 @@ def _build_dwe(cfg: DictConfig, device: torch.device, dtype: torch.dtype, shard=
 
         return build_sharded_dwe(cfg, device, dtype, shard)
     wc = load_word_counts(cfg.data, progress=bool(cfg.trainer.progress))
+    if cfg.trainer.get("memory_check", True):  # before the (T, V, d) tensors are made
+        from goldstone_cli.models.memory import check_dwe_fits
+
+        check_dwe_fits(len(wc.vocab), len(wc.years), sum(int(c.nnz) for c in wc.counts), cfg, device, dtype)
     m = cfg.model
     return DynamicWordEmbeddings(
         wc, d=m.d, inference=m.inference, D=m.D, sigma0=m.sigma0, neg_ratio=m.neg_ratio, neg_exponent=m.neg_exponent,
