@@ -505,7 +505,8 @@ def build_report(sweep_dir: str | Path) -> ReportPaths:
         lines += ["## Runs that did not finish", ""]
         for r in bad:
             msg = r.summary.get("message") or ""
-            lines += [f"- `{r.name}`: {r.status}" + (f" — {msg}" if msg else "") + f" (log: [{r.name}/train.log]({r.name}/train.log))"]
+            log = f" (log: [{r.name}/train.log]({r.name}/train.log))" if (r.folder / "train.log").is_file() else ""
+            lines += [f"- `{r.name}`: {r.status}" + (f" — {msg}" if msg else "") + log]  # a plain run has no train.log
             tail = _tail(r.folder / "train.log")
             if tail and r.status in ("failed", "diverged"):
                 lines += ["", "  ```", *("  " + ln for ln in tail), "  ```"]

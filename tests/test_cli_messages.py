@@ -80,6 +80,21 @@ def test_report_on_plain_runs_has_readable_methods_a_legend_outside_and_a_labell
     assert texts.count("target 0.01") == 2  # the dashed line is labelled in both suboptimality panels
 
 
+def test_report_links_a_log_only_where_the_run_has_one(tmp_path):
+    import json
+
+    from goldstone_cli.sweep_report import build_report
+
+    gd = {"name": "gd", "lr": 0.1, "clip": None}
+    for name in ("plain", "swept"):
+        _fake_run(tmp_path / name, gd, 0, 1e-2, [10.0, 1.0])
+        (tmp_path / name / "summary.json").write_text(json.dumps({"status": "interrupted", "model": "dense_mf",
+                                                                  "steps": 10, "message": "interrupted"}))
+    (tmp_path / "swept" / "train.log").write_text("a sweep's run log\n")  # goldstone train writes none
+    text = build_report(tmp_path).report_md.read_text()
+    assert "[swept/train.log](swept/train.log)" in text and "plain/train.log" not in text
+
+
 def test_trajectory_plot_has_axis_labels(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
     import torch
