@@ -149,7 +149,8 @@ def check_dwe_fits(V: int, T: int, nnz: int, cfg, device: torch.device, dtype: t
     variational = str(m.inference) == "variational"
     batch = max(V if int(m.batch_words) <= 0 else min(int(m.batch_words), V),
                 V if int(m.batch_contexts) <= 0 else min(int(m.batch_contexts), V))
-    kw = dict(moments=optimizer_moments(cfg.optimizer), itemsize=torch.finfo(dtype).bits // 8,
+    moments = optimizer_moments(cfg.optimizer) if cfg.get("optimizer") is not None else 2  # none given: Adam's
+    kw = dict(moments=moments, itemsize=torch.finfo(dtype).bits // 8,
               device="cuda" if device.type == "cuda" else "cpu")
     need = dwe_peak_bytes(V, T, int(m.d), batch, nnz, variational, **kw)
     hints = []
