@@ -2,6 +2,7 @@
 references, at the paper's MovieLens size and on the edge cases; the build's fallbacks and its
 crash safety (a build killed by SIGKILL leaves nothing a later run would load)."""
 
+import math
 import os
 import shutil
 import signal
@@ -695,3 +696,218 @@ def test_thread_pool_works_in_a_forked_child():
 
 def _ranges_in_child():
     return native.parallel_ranges(lambda a, b: b - a, [0, 3, 10])
+
+
+# ---------------------------------------------------------- review: shapes, aliasing, non-finite values
+def _sg_problem(T=2, P=3, Q=5, d=4):
+    g = torch.Generator().manual_seed(8)
+    u, v = torch.randn(T, P, d, generator=g).requires_grad_(), torch.randn(T, Q, d, generator=g).requires_grad_()
+    c, cn = torch.rand(T, P, generator=g) + 0.5, torch.rand(T, Q, generator=g) + 0.5
+    pt, pp, pq = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 2, 1, 2]), torch.tensor([1, 4, 0, 3])
+    return [u, v, c, cn, pt, pp, pq, torch.tensor([1.0, 2.0, 3.0, 4.0])]
+
+
+@needs_cc
+@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("i, bad, name", [
+    (3, lambda t: t[:, :3].contiguous(), "cneg_cols"), (3, lambda t: t[0].clone(), "cneg_cols"),
+    (2, lambda t: t[:, :1].contiguous(), "c_rows"), (2, lambda t: t[None], "c_rows"),
+    (7, lambda t: t[:2].clone(), "pos_n"), (6, lambda t: t[:2].clone(), "pos_q"),
+    (5, lambda t: t[:1].clone(), "pos_p"), (4, lambda t: t[:, None], "pos_t")])
+def test_skipgram_block_fused_refuses_counts_of_the_wrong_shape(native_on, i, bad, name):
+    """c_rows (T, P), cneg_cols (T, Q) and the positives' four vectors of one length, on both paths:
+    the C loop read past too-short ones (ASan), PyTorch broadcast a length-1 pos_p silently."""
+    from goldstone_cli.models.dwe import skipgram_block_fused
+
+    args = _sg_problem()
+    want = float(skipgram_block_fused(*args[:4], 1.3, *args[4:], native=native_on).detach())
+    args[i] = bad(args[i])
+    with pytest.raises(ValueError, match=name):
+        skipgram_block_fused(*args[:4], 1.3, *args[4:], native=native_on)
+    assert math.isfinite(want)
+
+
+@needs_cc
+def test_native_logits_block_refuses_mismatched_lengths_and_shapes():
+    """_native_logits_block reads nb (tb, Q), cb (tb, pb) and k = pt.numel() numbers of pp, pq, npos
+    and scale: anything else is a ValueError naming the argument, before the C call."""
+    from goldstone_cli.models.dwe import _native_logits_block
+
+    lib = native.library()
+    X, nb = torch.randn(2, 3, 5), torch.rand(2, 5)
+    pt, pp, pq, n = torch.tensor([0, 1, 1]), torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3]), torch.ones(3)
+    rows, ll = _native_logits_block(lib, X.clone(), nb, pt, pp, pq, n, None, 0, 0, torch.ones(2, 3), -1.0)
+    assert rows.shape == (2, 3) and math.isfinite(ll)
+    for kw, name in ((dict(npos=torch.ones(1)), "npos"), (dict(pq=pq[:2]), "pq"), (dict(pp=pp[None]), "pp"),
+                     (dict(nb=nb[:, :3].contiguous()), "nb"), (dict(nb=nb[0]), "nb"),
+                     (dict(cb=torch.ones(2, 1)), "cb"), (dict(cb=None, scale=torch.ones(2)), "scale")):
+        a = dict(X=X.clone(), nb=nb, pt=pt, pp=pp, pq=pq, npos=n, scale=None, cb=torch.ones(2, 3))
+        a.update(kw)
+        with pytest.raises(ValueError, match=name):
+            _native_logits_block(lib, a["X"], a["nb"], a["pt"], a["pp"], a["pq"], a["npos"], a["scale"], 0, 0, a["cb"],
+                                 -1.0)
+
+
+@needs_cc
+def test_exp_nonpos_of_nan_is_nan_without_undefined_behaviour(tmp_path):
+    """fastmath.h's exp_nonpos converted NaN to int and shifted a negative value (UBSan: undefined
+    behaviour); built with UBSan (trapping), NaN gives NaN, -inf and -100 the clamp's e^-87, and the
+    values elsewhere stay within a few ulps of expf."""
+    cc = os.environ.get("CC", "cc")
+    src = tmp_path / "t.c"
+    src.write_text(textwrap.dedent("""\
+        #include <math.h>
+        #include <stdio.h>
+        #include "fastmath.h"
+        int main(void) {
+            volatile float in[] = {NAN, -NAN, -INFINITY, -100.0f, -87.0f, -20.0f, -1.0f, -1e-8f, -0.0f, 0.0f};
+            int bad = !isnan(exp_nonpos(in[0])) || !isnan(exp_nonpos(in[1]));
+            for (int i = 2; i < 10; ++i) {
+                const double want = exp(in[i] < -87.0f ? -87.0 : (double)in[i]);
+                bad |= fabs(exp_nonpos(in[i]) - want) > 4e-7 * want;
+            }
+            printf(bad ? "wrong\\n" : "ok\\n");
+            return bad;
+        }
+        """))
+    exe = tmp_path / "t"
+    here = os.path.join(os.path.dirname(native.__file__))
+    build = subprocess.run([cc, "-O1", "-std=c11", "-fsanitize=undefined,float-cast-overflow",
+                            "-fno-sanitize-recover=all", "-I", here, "-o", str(exe), str(src), "-lm"],
+                           capture_output=True, text=True)
+    if build.returncode != 0:
+        pytest.skip(f"no UBSan runtime for {cc}: {build.stderr.strip()[-200:]}")
+    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
+
+
+@needs_cc
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_native_chain_terms_pass_an_infinite_or_nan_scale_on_to_the_terms(bad, used):
+    """raw = +inf gives b = inf and log b = inf in PyTorch; the C pass's mantissa-and-exponent log of
+    the product gave a finite 88.7 instead (the loss lost its non-finite value). NaN stays NaN."""
+    from goldstone_cli.models.dwe import chain_terms
+
+    T, P, d = 3, 2, 4
+    mu, raw, off = torch.zeros(T, P, d), torch.zeros(T, P, d), torch.zeros(T - 1, P, d)
+    eps = torch.randn(T, P, d, generator=torch.Generator().manual_seed(2))
+    raw[1, 0, 0] = bad
+    got = float(chain_terms(mu, raw, off, eps, torch.ones(T - 1), 1.0, method="sequential", native=True)[1])
+    want = float(chain_terms(mu, raw, off, eps, torch.ones(T - 1), 1.0, method="sequential", native=False)[1])
+    assert "gs_chain_terms_fwd_f32" in used
+    assert (math.isnan(got) and math.isnan(want)) if bad != bad else (got == want == float("inf"))
+
+
+@needs_cc
+@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("block_elems", [None, 1])
+def test_chain_quadratic_refuses_an_out_that_overlaps_z(native_on, block_elems):
+    """out <- gamma Z + L Z reads Z's neighbouring steps after writing out at others: out = Z, or
+    out overlapping Z, is a ValueError on every path (the C loop, whose pointers are restrict, and
+    the blocked pass with one step per block gave wrong numbers silently); disjoint parts of one
+    buffer are fine."""
+    coupling = Coupling.chain(5, 1.0)
+    buf = torch.randn(10, 3, 2, generator=torch.Generator().manual_seed(9))
+    ref = torch.empty(5, 3, 2)
+    want = quadratic_terms_(buf[:5].clone(), coupling, 0.5, ref, block_elems=block_elems, native=native_on)
+    for Z, out in ((buf[:5], buf[:5]), (buf[:5], buf[1:6]), (buf[1:6], buf[:5]), (buf[:5], buf[4:9])):
+        before = buf.clone()
+        with pytest.raises(ValueError, match="must not overlap Z"):
+            quadratic_terms_(Z, coupling, 0.5, out, block_elems=block_elems, native=native_on)
+        assert torch.equal(buf, before)
+    Z, out = buf[:5], buf[5:]  # the same storage, no shared element
+    got = quadratic_terms_(Z, coupling, 0.5, out, block_elems=block_elems, native=native_on)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert [float(v) for v in got] == pytest.approx([float(v) for v in want], rel=1e-6)
+
+
+@needs_cc
+def test_native_writes_move_the_version_counter(used):
+    """The C loops write gU / gV (ratings pass), out (chain quadratic) and x (_rows_add_) through
+    their pointers: each bumps the tensor's version counter, so autograd's in-place checks see it."""
+    from goldstone_cli.models.dwe import _rows_add_
+
+    U, V, ru, rv, x = _ratings_problem(n=500)
+    gU, gV = torch.zeros_like(U), torch.zeros_like(V)
+    vu, vv = gU._version, gV._version
+    ratings_pass(U, V, ru, rv, x, 1.0, gU, gV)
+    assert gU._version > vu and gV._version > vv
+    Z, out = torch.randn(6, 4, 3), torch.empty(6, 4, 3)
+    vo = out._version
+    quadratic_terms_(Z, Coupling.chain(6, 1.0), 0.1, out)
+    assert out._version > vo
+    xr = torch.zeros(3, 5, 2)
+    vx = xr._version
+    _rows_add_(xr, torch.tensor([1, 4]), torch.ones(3, 2, 2))
+    assert xr._version > vx
+    assert used == {"gs_bernoulli_ratings_f32", "gs_chain_quadratic_f32", "gs_rows_add_f32"}
+    leaf = torch.zeros(3, 5, 2, requires_grad=True)  # refused as index_add_ refuses it
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        _rows_add_(leaf, torch.tensor([1, 4]), torch.ones(3, 2, 2))
+
+
+@needs_cc
+def test_native_ratings_pass_checks_every_index_before_adding_anything():
+    """A bad row index anywhere (here in the second thread's bins) is an IndexError naming it, with
+    gU and gV untouched (the C loop stopped at it, after adding the ratings before it)."""
+    T, nu, nv, d, per_bin = 4, 30, 20, 5, 40_000
+    g = torch.Generator().manual_seed(10)
+    U, V = torch.randn(T, nu, d, generator=g), torch.randn(T, nv, d, generator=g)
+    tb = torch.arange(T).repeat_interleave(per_bin)
+    ru = tb * nu + torch.sort(torch.randint(nu, (T * per_bin,), generator=g)).values
+    rv = tb * nv + torch.randint(nv, (T * per_bin,), generator=g)
+    x = (torch.randint(2, (T * per_bin,), generator=g) * 2 - 1).float()
+    before = torch.get_num_threads()
+    try:
+        for threads, at in ((1, 7), (2, T * per_bin - 5)):
+            torch.set_num_threads(threads)
+            for name in ("ru", "rv"):
+                bad = {"ru": ru.clone(), "rv": rv.clone()}
+                bad[name][at] = -1 if name == "ru" else T * nv
+                gU, gV = torch.zeros_like(U), torch.zeros_like(V)
+                with pytest.raises(IndexError, match=f"rating {at} points at row .* out of range"):
+                    ratings_pass(U, V, bad["ru"], bad["rv"], x, 1.0, gU, gV)
+                assert not gU.any() and not gV.any()
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_cc
+@pytest.mark.parametrize("native_on", [True, False])
+def test_ratings_pass_refuses_another_d_for_v_and_takes_d_zero(native_on):
+    """V's rows must have U's d (both paths read a (4, 3) V as 12 numbers of 3-number rows before);
+    d = 0 gives softplus(0) per rating with empty gradients (was a ZeroDivisionError)."""
+    ru, rv, x = torch.tensor([0, 1, 3]), torch.tensor([0, 2, 3]), torch.tensor([1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match="same last dimension"):
+        ratings_pass(torch.randn(4, 3), torch.randn(3, 4), ru, rv, x, 1.0, None, None, native=native_on)
+    U, V = torch.randn(2, 4, 0), torch.randn(2, 4, 0)
+    gU, gV = torch.zeros_like(U), torch.zeros_like(V)
+    nll = ratings_pass(U, V, ru, rv, x, 1.0, gU, gV, native=native_on)
+    assert float(nll) == pytest.approx(3 * math.log(2.0), rel=1e-6)
+    assert float(ratings_pass(U, V, ru, rv, x, 1.0, None, None, native=native_on)) == pytest.approx(float(nll))
+
+
+@needs_cc
+@pytest.mark.parametrize("shape, rows", [((3, 0, 4), []), ((0, 5, 4), [1, 2]), ((0, 0, 4), [])])
+def test_native_rows_of_an_empty_parameter(shape, rows, used):
+    """T = 0 or R = 0: the C row loops gather / add nothing (d was read from x[0, 0], an IndexError)."""
+    from goldstone_cli.models.dwe import _pooled_rows, _rows_add_
+
+    x, r = torch.zeros(shape), torch.tensor(rows, dtype=torch.int64)
+    assert _pooled_rows(x, r).shape == x[:, r].shape
+    src = torch.ones(shape[0], len(rows), shape[2])
+    assert torch.equal(_rows_add_(x.clone(), r, src), x.clone().index_add_(1, r, src))
+    assert used <= {"gs_rows_gather_f32", "gs_rows_add_f32"} and "gs_rows_gather_f32" in used
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_block_positives_refuse_a_negative_column(native_on):
+    """cols index col_pos: a negative entry wrapped around (counted the last column) on both paths."""
+    from goldstone_cli.models.dwe import block_positives
+
+    crow, col, val = torch.tensor([0, 2, 3, 3, 5]), torch.tensor([0, 5, 1, 2, 5]), torch.ones(5)
+    for cols in (torch.tensor([0, -1]), torch.tensor([0, 6])):
+        with pytest.raises(IndexError, match=r"minibatch columns \(cols\) must lie in \[0, 6\)"):
+            block_positives(crow, col, val, torch.tensor([0, 1]), cols, 2, 2, 6, native_on)
+    t, p, q, n = block_positives(crow, col, val, torch.tensor([0, 1]), torch.tensor([0, 5]), 2, 2, 6, native_on)
+    assert q.tolist() == [0, 1, 1]

@@ -127,3 +127,22 @@ def test_a_generator_it_cannot_reproduce_warns_once_and_falls_back(used, monkeyp
         warnings.simplefilter("error")
         normal.randn_(torch.empty(4000), b)  # no second warning
     assert normal._probe == {"ok": False}
+
+
+def test_autograd_sees_a_c_draw_and_a_tensor_that_requires_grad_is_refused(used):
+    """The C draw writes through the data pointer: it bumps the version counter, so a backward pass
+    that saved the tensor before a draw into it (here through a detached view) raises instead of
+    giving a silently wrong gradient; a tensor that requires grad is refused as torch.randn refuses it."""
+    a = torch.ones(64, requires_grad=True)
+    c = a.exp()  # exp saves its output c for backward
+    before = c._version
+    normal.randn_(c.detach())  # shares c's storage and version counter
+    assert "gs_box_muller_f32" in used and c._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        c.sum().backward()
+    for t in (torch.ones(64, requires_grad=True), torch.ones(64, requires_grad=True).exp()):
+        with pytest.raises(RuntimeError, match="require grad") as want:
+            torch.randn(t.shape, out=t)
+        with pytest.raises(RuntimeError, match="require grad") as got:
+            normal.randn_(t)
+        assert str(got.value) == str(want.value)

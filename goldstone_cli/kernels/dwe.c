@@ -29,6 +29,18 @@
  * buffers like logits_row (long dependency chains overflow the out-of-order
  * window). */
 #define CHAIN_CHUNK 120
+
+/* The sum of the b = softplus(r) of a chunk that are inf or NaN: chain_fwd_chunk's rare case (an
+ * r = +inf, whose b's bits would give a finite log where torch.log gives inf), out of its loops. */
+__attribute__((noinline, cold)) static float nonfinite_logs(const float *rr, const float *sb, int64_t n) {
+    float sum = 0.0f;
+    for (int64_t k = 0; k < n; ++k) {
+        const float r = rr[k], bt = (r > 0.0f ? r : 0.0f) + log1p_atanh(sb[k]);
+        if (!(bt < __builtin_inff())) sum += bt;
+    }
+    return sum;
+}
+
 static inline void chain_fwd_chunk(const int last, const float *restrict rr, const float *restrict oo,
                                    const float *restrict ep, const float *restrict mp, const float *restrict yn,
                                    const float *restrict sn, float *restrict ibp, float *restrict gp,
@@ -45,9 +57,9 @@ static inline void chain_fwd_chunk(const int last, const float *restrict rr, con
         sb[k] = e * ((1.0f + e) * inv);
         gp[k] = r >= 0.0f ? sg : e * sg;
     }
-    float mant = 1.0f;
+    float mant = 1.0f, rmax = 0.0f; /* rmax: b = softplus(r) is infinite only for r = +inf */
     int32_t expo = 0;
-#pragma omp simd reduction(+ : expo) reduction(* : mant)
+#pragma omp simd reduction(+ : expo) reduction(* : mant) reduction(max : rmax)
     for (int64_t k = 0; k < n; ++k) {
         const float r = rr[k], bt = (r > 0.0f ? r : 0.0f) + log1p_atanh(sb[k]); /* softplus(r) */
         ibp[k] = 1.0f / bt;
@@ -55,6 +67,7 @@ static inline void chain_fwd_chunk(const int last, const float *restrict rr, con
         expo += ((v.i >> 23) & 0xff) - 127;
         v.i = (v.i & 0x007fffff) | 0x3f800000;
         mant *= v.f;
+        rmax = r > rmax ? r : rmax; /* one max per number (an integer flag of the exponent cost 5%) */
     }
     float s1 = 0.0f, c1 = 0.0f;
     if (last) {
@@ -73,7 +86,11 @@ static inline void chain_fwd_chunk(const int last, const float *restrict rr, con
             s1 += st, c1 += tmp;
         }
     }
-    *s_out += s1, *c_out += c1, *l_out += (float)expo * 0.693147180559945f + log_pos(mant);
+    /* log b summed; an infinite b adds inf (torch.log's value: the loss stays non-finite); a NaN r
+     * reaches S through 1/b (NaN) already */
+    float lb = (float)expo * 0.693147180559945f + log_pos(mant);
+    if (rmax == __builtin_inff()) lb += nonfinite_logs(rr, sb, n);
+    *s_out += s1, *c_out += c1, *l_out += lb;
 }
 
 static inline void chain_fwd_row(const int last, const float *restrict rr, const float *restrict oo,

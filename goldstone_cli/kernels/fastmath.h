@@ -6,12 +6,16 @@
 #include <stdint.h>
 
 /* e^y for y <= 0, y >= -87 (clamped there: e^-87 = 1.6e-38, the float range's end). Cody-Waite
- * reduction y = n ln2 + r, |r| <= ln2/2, then a degree-6 polynomial for e^r and 2^n from its bits. */
+ * reduction y = n ln2 + r, |r| <= ln2/2, then a degree-6 polynomial for e^r and 2^n from its bits.
+ * n = round(y / ln2) is read from the low mantissa bits of y / ln2 + 1.5 2^23 (an integer there),
+ * in unsigned arithmetic: NaN in, NaN out (through r) with no float-to-int conversion of a NaN and
+ * no shift of a negative value (both undefined behaviour; UBSan flagged the casts of before). */
 static inline float exp_nonpos(float y) {
     y = y < -87.0f ? -87.0f : y; /* NaN stays NaN */
-    const float n = (y * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(y / ln2) */
-    float r = y - n * 0.693359375f;                                         /* ln2, high bits (exact) */
-    r = r - n * -2.12194440e-4f;                                            /* ln2, low bits */
+    const union { float f; uint32_t i; } m = {.f = y * 1.44269504088896341f + 12582912.0f};
+    const float n = m.f - 12582912.0f;         /* round(y / ln2) */
+    float r = y - n * 0.693359375f;            /* ln2, high bits (exact) */
+    r = r - n * -2.12194440e-4f;               /* ln2, low bits */
     const float r2 = r * r;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -20,7 +24,8 @@ static inline float exp_nonpos(float y) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r2 + r + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23}; /* 2^n (C11: type punning) */
+    /* 2^n: m.i = 0x4b400000 + n for -126 <= n <= 0 (C11: type punning) */
+    const union { uint32_t i; float f; } scale = {.i = (m.i - 0x4b400000u + 127u) << 23};
     return p * scale.f;
 }
 

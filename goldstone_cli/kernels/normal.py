@@ -98,12 +98,17 @@ def _library():
 def randn_(out: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
     """``torch.randn(out.shape, generator=generator, out=out)``: the same numbers (to float rounding)
     and the same generator state afterwards, in C where it can (float32, contiguous, CPU, >= 16
-    numbers, a CPU generator or the default one), else by torch.randn itself. Returns ``out``."""
+    numbers, a CPU generator or the default one), else by torch.randn itself. Returns ``out``.
+
+    A tensor that requires grad goes to torch.randn too, which refuses it (RuntimeError, also under
+    no_grad); after a C draw the version counter of ``out`` is bumped, so a backward pass that saved
+    ``out`` before the draw raises instead of reading the new numbers."""
     gen = torch.default_generator if generator is None else generator
     covered = (out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous() and out.numel() >= 16
-               and gen.device.type == "cpu")
+               and gen.device.type == "cpu" and not out.requires_grad)
     lib = _library() if covered else None
     if lib is None:
         return torch.randn(out.shape, generator=generator, out=out)
     _draw(lib, out.view(-1), gen)
+    torch.autograd.graph.increment_version(out)  # written through data_ptr: autograd must see it
     return out

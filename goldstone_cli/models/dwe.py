@@ -525,12 +525,12 @@ def _chain_grads(raw_shape, rows: Optional[Tensor], b: Tensor, a: Tensor,
     return _pooled_zeros(raw_shape, b), _pooled_zeros(off_shape, b)
 
 
-def _check_rows(rows: Tensor, n: int) -> None:
+def _check_rows(rows: Tensor, n: int, what: str = "minibatch rows") -> None:
     """IndexError unless every minibatch row lies in [0, n) (the C loops trust their row indices)."""
     if rows.numel():
         lo, hi = torch.stack(torch.aminmax(rows)).tolist()  # one device sync
         if lo < 0 or hi >= n:
-            raise IndexError(f"minibatch rows must lie in [0, {n}), got [{lo}, {hi}]")
+            raise IndexError(f"{what} must lie in [0, {n}), got [{lo}, {hi}]")
 
 
 def _native_rows_lib(x: Tensor, rows: Tensor, other: Tensor):
@@ -548,7 +548,7 @@ def _native_rows_lib(x: Tensor, rows: Tensor, other: Tensor):
 def _rows_call(fn, x: Tensor, rows: Tensor, other: Tensor) -> None:
     """``fn`` (gs_rows_gather_f32 / gs_rows_add_f32) over ranges of time steps, one per thread."""
     T, R = x.shape[0], x.shape[1]
-    d = x[0, 0].numel()
+    d = math.prod(x.shape[2:])  # numbers per row (T = 0 or R = 0: nothing to index)
     p = native_loops.ptr
     args = (p(x), p(rows, native_loops.i64p), R, rows.numel(), d)
     native_loops.parallel_columns(lambda t0, t1: fn(*args, t0, t1, p(other)), T, min_cols=8)
@@ -569,10 +569,13 @@ def _pooled_rows(x: Tensor, rows: Tensor, native: bool = True) -> Tensor:
 def _rows_add_(x: Tensor, rows: Tensor, src: Tensor, native: bool = True) -> Tensor:
     """``x.index_add_(1, rows, src)`` of a (T, N, ...) tensor: the C row loop (steps split over
     threads, each step's rows added in order) where it runs, 2x faster; else index_add_."""
-    lib = _native_rows_lib(x, rows, src) if native and src.dtype == x.dtype else None
+    # a tensor autograd tracks: index_add_ (which refuses a leaf that requires grad, as torch does)
+    tracked = x.requires_grad and torch.is_grad_enabled()
+    lib = _native_rows_lib(x, rows, src) if native and src.dtype == x.dtype and not tracked else None
     if lib is None:
         return x.index_add_(1, rows, src.to(x.dtype))
     _rows_call(lib.gs_rows_add_f32, x, rows.contiguous(), src.contiguous())
+    torch.autograd.graph.increment_version(x)  # written through its pointer: autograd sees it modified
     return x
 
 
@@ -1050,6 +1053,18 @@ def _softplus_rows_sigmoid(X: Tensor, nb: Tensor, buf: Tensor, compiled: bool, n
     return res if res is not None else _softplus_rows_sigmoid_eager(X, nb, buf)
 
 
+def _check_positives(pt: Tensor, pp: Tensor, pq: Tensor, n: Tensor, names=("pos_t", "pos_p", "pos_q", "pos_n"),
+                     scale: Optional[Tensor] = None) -> None:
+    """ValueError unless the positives' steps, rows, columns and counts (and ``scale``, if given) are
+    vectors of one length k (the C loop reads k numbers of each; PyTorch would broadcast a length 1)."""
+    ts = (pt, pp, pq, n) + (() if scale is None else (scale,))
+    names = tuple(names) + (() if scale is None else ("scale",))
+    k = pt.numel()
+    if any(t.dim() != 1 or t.numel() != k for t in ts):
+        got = ", ".join(f"{name} {tuple(t.shape)}" for name, t in zip(names, ts))
+        raise ValueError(f"{', '.join(names)} must be vectors of one length (k,) = ({k},), got {got}")
+
+
 def _native_logits_block(lib, X: Tensor, nb: Tensor, pt: Tensor, pp: Tensor, pq: Tensor, npos: Tensor,
                          scale: Optional[Tensor], t0: int, p0: int, cb: Optional[Tensor] = None,
                          inv: float = 0.0) -> tuple[Tensor, float]:
@@ -1059,12 +1074,24 @@ def _native_logits_block(lib, X: Tensor, nb: Tensor, pt: Tensor, pp: Tensor, pq:
     ``sigmoid(X) + n sigma(-X) / scale`` (at the positives) in X; with the row factors ``cb``
     (tb, pb) instead of ``scale``: ``cb_p nb_q sigmoid(X) + inv n sigma(-X)`` (the gradient with
     respect to X over ``-r`` for ``inv = -1/r``). One C loop per thread on its rows, each row's
-    positives handled while the row is in cache (``gs_logits_block_f32``)."""
+    positives handled while the row is in cache (``gs_logits_block_f32``). Shapes are checked (the C
+    loop reads exactly these many numbers): X (tb, pb, Q), nb (tb, Q), cb (tb, pb), pt, pp, pq,
+    npos and scale (k,); float32 / int64, contiguous (cb may be a strided view: copied)."""
+    if X.dim() != 3:
+        raise ValueError(f"the logits block X must be (tb, pb, Q), got {tuple(X.shape)}")
     tb, pb, Q = X.shape
+    for name, t, want in (("nb", nb, (tb, Q)), ("cb", cb, (tb, pb))):
+        if t is not None and tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {'(tb, Q)' if name == 'nb' else '(tb, pb)'} = {want} for the "
+                             f"block X {tuple(X.shape)}, got {tuple(t.shape)}")
+    _check_positives(pt, pp, pq, npos, ("pt", "pp", "pq", "npos"), scale)
+    cb = None if cb is None else cb.contiguous()
+    if not (native_loops.usable(X, nb, npos, scale, cb) and native_loops.usable(pt, pp, pq, dtype=torch.int64)):
+        raise ValueError("the native logits pass needs contiguous CPU tensors: X, nb, npos, scale, cb float32 and "
+                         "pt, pp, pq int64")
     k = pt.numel()
     per_row, adj = torch.empty(tb, pb, dtype=X.dtype), torch.empty(k, dtype=X.dtype)
     p, i64 = native_loops.ptr, native_loops.i64p
-    cb = None if cb is None else cb.contiguous()
     args = [p(pt, i64), p(pp, i64), p(pq, i64), p(npos), p(scale), k, t0, p0, p(adj), p(cb), float(inv)]
     xp, wp, rp = p(X), p(nb), p(per_row)
 
@@ -1230,6 +1257,12 @@ def skipgram_block_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor
     are formed, instead of a pass over them in backward)."""
     if u.dim() != 3 or v.dim() != 3 or u.shape[0] != v.shape[0] or u.shape[2] != v.shape[2]:
         raise ValueError(f"u (T, P, d) and v (T, Q, d) need the same T and d, got {tuple(u.shape)} and {tuple(v.shape)}")
+    T, P, Q = u.shape[0], u.shape[1], v.shape[1]
+    for name, t, want in (("c_rows", c_rows, (T, P)), ("cneg_cols", cneg_cols, (T, Q))):
+        if tuple(t.shape) != want:  # the C loop reads (T, P) / (T, Q) numbers: no broadcasting
+            raise ValueError(f"{name} must have shape (T, {'P' if name == 'c_rows' else 'Q'}) = {want} for u "
+                             f"{tuple(u.shape)} and v {tuple(v.shape)}, got {tuple(t.shape)}")
+    _check_positives(pos_t, pos_p, pos_q, pos_n)
     if chunk is None:
         chunk = LOGIT_CHUNK.get(u.device.type, 1 << 22)
     if int(chunk) < 1:
@@ -1273,6 +1306,7 @@ def block_positives(crow: Tensor, col: Tensor, val: Tensor, rows: Tensor, cols: 
     same entries by whole-tensor operations."""
     dev = crow.device
     _check_rows(rows, n_rows)
+    _check_rows(cols, n_cols, "minibatch columns (cols)")  # a negative one would wrap around in col_pos[cols]
     col_pos = torch.full((n_cols,), -1, dtype=torch.int64, device=dev)
     col_pos[cols] = torch.arange(len(cols), device=dev)
     r = (torch.arange(T, device=dev)[:, None] * n_rows + rows[None, :]).reshape(-1)  # (T*P,) stacked rows

@@ -376,6 +376,23 @@ def _chain_quadratic_kernel(Z: Tensor, out: Tensor, w: Tensor, diag: Tensor) -> 
 _COMPILED = COMPILED  # "chain": the compiled kernel, or None once compiling failed
 
 
+def _may_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` may share memory: the same storage and intersecting byte ranges
+    (exact for contiguous tensors, conservative for strided ones). O(dims), no pass over data."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: Tensor) -> tuple[int, int]:  # [first, last] byte of t in its storage
+        lo = t.storage_offset() * t.element_size()
+        hi = lo + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) * t.element_size() + t.element_size() - 1
+        return lo, hi
+
+    (alo, ahi), (blo, bhi) = span(a), span(b)
+    return alo <= bhi and blo <= ahi
+
+
 def quadratic_terms_(Z: Tensor, coupling: Coupling, gamma: float = 0.0, out: Tensor | None = None,
                      block_elems: int | None = None, sum_squares: bool = True,
                      compiled: bool = False, native: bool = True) -> tuple[Tensor, Tensor]:
@@ -389,16 +406,26 @@ def quadratic_terms_(Z: Tensor, coupling: Coupling, gamma: float = 0.0, out: Ten
     A chain over float32 CPU tensors runs the native loop ``gs_chain_quadratic_f32``
     (``goldstone_cli/kernels``: one read of Z, one write of ``out``, float64 sums; 4-5x faster than
     the blocked PyTorch pass below) unless ``native=False`` or it is unavailable; ``compiled`` (the
-    ``torch.compile``d kernel) applies where the native loop does not."""
+    ``torch.compile``d kernel) applies where the native loop does not.
+
+    ``out`` must not share memory with Z (ValueError): every path reads steps of Z after it has
+    written ``out`` at others (the blocked pass, one step per block at large N d, would read its
+    own output silently)."""
     coupling._check(Z)
     Z = Z.detach()
     T = Z.shape[0]
     if out is not None and out.shape != Z.shape:
         raise ValueError(f"out must have Z's shape {tuple(Z.shape)}, got {tuple(out.shape)}")
+    if out is not None and _may_overlap(Z, out):
+        raise ValueError("out must not overlap Z (out <- gamma Z + L Z reads Z while writing out): pass a separate "
+                         "buffer")
     if native and coupling.is_chain() and native_loops.usable(Z, out):
         lib = native_loops.library()
         if lib is not None:
-            return _native_chain(lib, Z, coupling, gamma, out, sum_squares)
+            res = _native_chain(lib, Z, coupling, gamma, out, sum_squares)
+            if out is not None:  # written through its pointer: autograd must see it modified
+                torch.autograd.graph.increment_version(out)
+            return res
     if compiled and out is not None and T > 1 and coupling.is_chain() and Z.is_contiguous() and out.is_contiguous():
         w = coupling.bands(Z.dtype, Z.device)[0].weight
         diag = coupling._degree_tensor(Z.dtype, Z.device) + gamma
