@@ -148,8 +148,9 @@ def load_word_counts(data_cfg, progress: bool = True) -> WordCounts:
     if state in ("missing", "empty"):
         if not source:
             raise FileNotFoundError(
-                f"no prepared corpus at {path}; prepare one with `goldstone data prepare corpus --out {path}` "
-                "(or `goldstone data prepare ngrams`), or point data.path at a prepared folder")
+                f"no prepared corpus at {path}; prepare one with `goldstone data prepare corpus --source DIR --out {path}` "
+                "(DIR: a folder of text files whose names begin with a year; --source sotu for the State of the Union "
+                "corpus) or `goldstone data prepare ngrams`, or point data.path at a prepared folder")
         from goldstone_cli.data.corpus import prepare_corpus
         from tqdm.auto import tqdm
 
