@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -55,8 +56,23 @@ def _groups_help() -> str:
     return "".join(lines)
 
 
-def _fail(msg: str, code: int = 2) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+def _launcher_rank() -> int:
+    """This process's rank as its launcher set it (torchrun's RANK, Slurm's SLURM_PROCID, submitit's
+    local task id; the same variables as goldstone_cli/distributed/env.py reads); 0 without one."""
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"),
+                        ("SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_NTASKS")):
+        if rank in os.environ and world in os.environ:
+            value = os.environ[rank].strip()
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+def _fail(msg: str, code: int = 2, every_rank: bool = True) -> None:
+    """Print ``error: msg`` and exit with ``code``. Under a launcher that started several ranks, an
+    error that every rank raises alike (``every_rank``: a setting, or rank 0's error told to the
+    others) is printed by rank 0 only; the other ranks exit with the same code in silence."""
+    if not every_rank or _launcher_rank() == 0:
+        typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
@@ -132,6 +148,7 @@ def train(
     if cfg:
         typer.echo(to_yaml(conf), nl=False)
         return
+    from goldstone_cli.distributed.errors import PeerRankError, RankError
     from goldstone_cli.train import TrainingDiverged, train as run_training
 
     try:
@@ -139,7 +156,10 @@ def train(
     except TrainingDiverged as exc:
         _fail(str(exc), code=3)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:  # ConfigError, missing or malformed data,
-        _fail(str(exc))  # a bad checkpoint, a file where a folder belongs
+        # a bad checkpoint, a file where a folder belongs; on several ranks: rank 0 prints it (PeerRankError:
+        # rank 0's error, which it printed), unless it is one rank's own (RankError)
+        _fail(str(exc), code=exc.exit_code if isinstance(exc, PeerRankError) else 2,
+              every_rank=not isinstance(exc, RankError))
     from goldstone_cli.train import format_result
 
     s = result.summary

@@ -22,7 +22,10 @@ Conventions (so that a resumed run reproduces an uninterrupted one row for row):
   gauge.csv, plots and summary.json; the other ranks log to ``logs/rank<r>.log``. The logged loss
   terms are summed over ranks, and every rank takes the same decisions (stop, diverged, interrupted:
   a signal to any rank stops all at the same step). Checkpoints are sharded (``last.dcp``); a run
-  saved on N ranks resumes on M ranks or one process, and a one-process run on N ranks.
+  saved on N ranks resumes on M ranks or one process, and a one-process run on N ranks; resume takes
+  the newest checkpoint of either kind that verifies. What rank 0 alone does before the first step
+  (the run folder, its files) runs in ``RowShard.from_main``: an error there stops every rank, the
+  others with PeerRankError (the command line prints rank 0's message once).
 """
 
 from __future__ import annotations
@@ -257,24 +260,22 @@ def _train(cfg: DictConfig, run_dir: Optional[Path], dist_ctx) -> RunResult:
     from goldstone_cli.distributed.env import rank_log
 
     lock = None
-    if shard.is_main():
+
+    def make_folder() -> str:  # rank 0; an error is re-raised there and told to the others (PeerRankError)
+        nonlocal lock
+        folder = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
         try:
-            run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lock = RunLock(run_dir).acquire()
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(folder).acquire()
             if not resuming:
-                _check_not_a_run(run_dir, locked_by_us=True)
-        except BaseException as exc:
+                _check_not_a_run(folder, locked_by_us=True)
+        except BaseException:
             if lock is not None:
                 lock.release()
-            _broadcast_text(shard, "\0" + _first_line(exc))
             raise
-        _broadcast_text(shard, str(run_dir))
-    else:
-        text = _broadcast_text(shard, None)
-        if text.startswith("\0"):
-            raise ConfigError(f"rank 0 could not start the run: {text[1:]}")
-        run_dir = Path(text)
+        return str(folder)
+
+    run_dir = Path(shard.from_main(make_folder, "start the run", nbytes=1 << 16))
     try:
         with rank_log(run_dir, shard.rank):
             return _train_locked(cfg, run_dir, resuming, device, dtype, model, optimizer, scheduler, shard)
@@ -291,14 +292,17 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
     ckpt_dir = run_dir / "checkpoints"
     if not resuming and not shard.distributed:
         _check_not_a_run(run_dir, locked_by_us=True)  # again, now that no other process can be writing here
-    if main:
+
+    def tidy() -> None:  # rank 0
         from goldstone_cli.distributed import checkpoint as dck
 
         ckpt_dir.mkdir(exist_ok=True)
         for folder in (run_dir, ckpt_dir):  # left by a process killed while writing (we hold the lock)
             ckpt.remove_stale_temporaries(folder)
         dck.remove_stale(ckpt_dir)
-    shard.barrier()
+
+    # rank 0 alone touches the run's files; from_main: the others wait for it and raise its error with it
+    shard.from_main(tidy, "prepare the run folder")
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     has_gauge = hasattr(optimizer, "gauge_step")
     columns = BASE_COLUMNS + model.metric_names() + (GAUGE_COLUMNS if has_gauge else [])
@@ -323,17 +327,25 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
         if target_step is not None and was != tc.target:  # another target (or none): the old one no longer stops it
             tqdm.write(f"trainer.target is {tc.target} now ({was} reached at step {target_step}): training goes on")
             target_step = None
-    snapshots: dict[int, Any] = _load_snapshots(run_dir, start) if resuming and main else {}
-    if main:  # rank 0 writes the run's files
+    snapshots: dict[int, Any] = {}
+    metrics, gauge_log = _NoWriter(), (_NoWriter() if has_gauge else None)  # ranks > 0 write no files
+
+    def open_files() -> None:  # rank 0 writes the run's files
+        nonlocal snapshots, metrics, gauge_log
+        snapshots = _load_snapshots(run_dir, start) if resuming else {}
         metrics = MetricsWriter(run_dir / "metrics.csv", columns, resume_from_step=start if resuming else None)
         try:
             gauge_log = _GaugeLog(run_dir / "gauge.csv", start if resuming else None) if has_gauge else None
+            # after the checks: a refused resume changes nothing
+            atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
         except BaseException:
             metrics.close()
+            if gauge_log is not None:
+                gauge_log.close()
             raise
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # after the checks: a refused resume changes nothing
-    else:
-        metrics, gauge_log = _NoWriter(), (_NoWriter() if has_gauge else None)
+
+    # an error here (e.g. a damaged metrics.csv) stops every rank with rank 0's message, before the first step
+    shard.from_main(open_files, "open the run's files")
     if resuming:
         threads = state.get("torch_threads")
         if threads is not None and threads != torch.get_num_threads():
@@ -581,23 +593,15 @@ def _join_process_group(cfg: DictConfig):
         raise ConfigError(f"model={cfg.model.name} cannot be trained with trainer.distributed=true: it does not "
                           f"shard its rows (models that do: {', '.join(sorted(_SHARDABLE))}); drop "
                           f"trainer.distributed or start one process")
+    from goldstone_cli.distributed.errors import RankError
+
     created = not dist.is_initialized()
     try:
         return init_distributed(choice(tc.device)), created
+    except RankError:  # this rank's own (its local rank has no GPU): printed by this rank
+        raise
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-
-
-def _broadcast_text(shard: RowShard, text: Optional[str]) -> str:
-    """Rank 0's ``text`` on every rank (a byte tensor: nothing is pickled)."""
-    dev = shard.device or torch.device("cpu")
-    data = (text or "").encode() if shard.is_main() else b""
-    n = shard.broadcast_(torch.tensor([len(data)], dtype=torch.int64, device=dev))
-    buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=dev)
-    if shard.is_main() and data:
-        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    shard.broadcast_(buf)
-    return bytes(buf.cpu().tolist()).decode()
 
 
 def _agree_on_interrupt(interrupt: "_Interrupt", shard: RowShard) -> bool:
@@ -629,30 +633,79 @@ class _NoWriter:
 
 
 def _pt_step(ckpt_dir: Path) -> int:
-    try:
-        return int(ckpt.load_latest(ckpt_dir, warn=lambda m: None)[0]["step"])
-    except (CheckpointError, FileNotFoundError, KeyError, TypeError, ValueError):
-        return -1
+    """The step of the newest one-process checkpoint that reads and verifies (``last.pt``, else
+    ``prev.pt``; a sharded one is not looked at); -1 if none does."""
+    for name in (ckpt.LAST, ckpt.PREV):
+        try:
+            return int(ckpt.load(ckpt_dir / name, kind="last")["step"])
+        except (CheckpointError, FileNotFoundError, KeyError, TypeError, ValueError):
+            continue
+    return -1
 
 
 def _load_resume_state(ckpt_dir: Path, shard: RowShard, model, optimizer, device) -> tuple[dict[str, Any], Path]:
-    """The newest checkpoint for this rank: a sharded ``last.dcp`` (any rank count) or a one-process
-    ``last.pt`` (split into this rank's rows); the newer of the two if both are there."""
+    """The newest checkpoint that verifies, for this rank: a sharded ``last.dcp`` / ``prev.dcp`` (any
+    rank count) or a one-process ``last.pt`` / ``prev.pt`` (split into this rank's rows). Where both
+    kinds are there, rank 0 orders them by step (a sharded one's as its meta.pt says: its files are
+    verified when it is loaded); a kind that does not load on every rank is reported in a warning and
+    the other kind is tried. Sharded checkpoints passed over for a one-process one are set aside as
+    ``*.dcp.corrupt`` (the next save would otherwise keep them as the checkpoint to fall back to)."""
     from goldstone_cli.distributed import checkpoint as dck
 
-    use_dcp = torch.tensor([0], dtype=torch.int64, device=shard.device or torch.device("cpu"))
-    if shard.is_main():
+    def survey() -> dict[str, Any]:  # rank 0: the kinds there are, newest first
         has_pt = (ckpt_dir / ckpt.LAST).is_file() or (ckpt_dir / ckpt.PREV).is_file()
-        if dck.has_checkpoint(ckpt_dir):
-            dcp_step = max(dck.step_of(ckpt_dir / dck.LAST) or -1, dck.step_of(ckpt_dir / dck.PREV) or -1)
-            use_dcp[0] = int(not has_pt or dcp_step >= _pt_step(ckpt_dir))
-    shard.broadcast_(use_dcp)
-    if int(use_dcp.item()):
-        return dck.load_latest(ckpt_dir, shard, device, warn=tqdm.write)
-    state, path = ckpt.load_latest(ckpt_dir, warn=tqdm.write, quarantine=shard.is_main())
-    if shard.distributed:
-        state = dck.take_rows(state, dck.sharded_paths(state, model, optimizer, full=True), shard)
-    return state, path
+        if not dck.has_checkpoint(ckpt_dir):
+            return {"order": ["pt"], "pt_ok": True}
+        if not has_pt:
+            return {"order": ["dcp"], "pt_ok": False}
+        steps = [dck.step_of(ckpt_dir / name) for name in (dck.LAST, dck.PREV)]
+        dcp_step = max((s for s in steps if s is not None), default=-1)
+        pt_step = _pt_step(ckpt_dir)
+        return {"order": ["dcp", "pt"] if dcp_step >= pt_step else ["pt", "dcp"], "pt_ok": pt_step >= 0}
+
+    plan = shard.from_main(survey, "look for the run's checkpoints")
+    kinds = {"dcp": "sharded", "pt": "one-process"}
+    problems: list[str] = []
+    for i, kind in enumerate(plan["order"]):
+        try:
+            if kind == "dcp":
+                return dck.load_latest(ckpt_dir, shard, device, warn=tqdm.write, quarantine=True)
+            if problems and plan["pt_ok"]:  # the sharded ones failed and rank 0 read a good last.pt / prev.pt
+                kept = shard.from_main(lambda: dck.set_aside(ckpt_dir), "set the damaged sharded checkpoints aside")
+                if shard.is_main() and kept:
+                    tqdm.write(f"the sharded checkpoint is kept as {', '.join(kept)} (not resumed from)")
+            return _load_one_process_state(ckpt_dir, shard, model, optimizer)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            if i + 1 < len(plan["order"]) and shard.is_main():
+                other = plan["order"][i + 1]
+                tqdm.write(f"warning: the {kinds[kind]} checkpoint does not load ({exc}); trying the "
+                           f"{kinds[other]} one")
+    raise CheckpointError("; ".join(problems))
+
+
+def _load_one_process_state(ckpt_dir: Path, shard: RowShard, model, optimizer) -> tuple[dict[str, Any], Path]:
+    """``last.pt`` (else ``prev.pt``), this rank's rows of it; on several ranks every rank reads the
+    file and all agree that it verified (else every rank raises CheckpointError)."""
+    from goldstone_cli.distributed import checkpoint as dck
+
+    problem, state, path = None, None, None
+    try:
+        state, path = ckpt.load_latest(ckpt_dir, warn=tqdm.write, quarantine=shard.is_main())
+    except (CheckpointError, FileNotFoundError) as exc:
+        if not shard.distributed:
+            raise
+        problem = str(exc)
+    if not shard.distributed:
+        return state, path
+    read = shard.all_gather_json({"problem": problem, "path": None if path is None else path.name})
+    problems = [r["problem"] for r in read if r["problem"] is not None]
+    if problems:
+        raise CheckpointError(problems[0])
+    if len({r["path"] for r in read}) > 1:
+        raise CheckpointError(f"the ranks read different checkpoints in {ckpt_dir} "
+                              f"({', '.join(str(r['path']) for r in read)}); resume again")
+    return dck.take_rows(state, dck.sharded_paths(state, model, optimizer, full=True), shard), path
 
 
 def _save_checkpoint(ckpt_dir: Path, state: dict[str, Any], model, optimizer, shard: RowShard, device,
@@ -767,11 +820,21 @@ def format_result(result: "RunResult") -> str:
               for label, v in (s.get("headline") or {}).items()]
     best = s.get("best")
     if best:
-        parts.append(f"best {best['metric']} {best['value']:.4f} at step {best['step']:,} (checkpoints/best.pt)")
+        parts.append(f"best {best['metric']} {best['value']:.4f} at step {best['step']:,} "
+                     f"(checkpoints/{_best_file(result.run_dir, sharded=bool(s.get('ranks')))})")
     if s.get("gauge_overhead") is not None:
         n = s["gauge_steps"]
         parts.append(f"gauge steps {100 * s['gauge_overhead']:.1f}% of the time ({n:,} gauge step{'s' if n != 1 else ''})")
     return "; ".join(parts) + f"\noutputs in {result.run_dir}"
+
+
+def _best_file(run_dir: Path, sharded: bool) -> str:
+    """The best checkpoint a run wrote: ``best.dcp`` (several ranks) or ``best.pt`` (one process); the
+    newer of the two where a run continued on another number of ranks left both."""
+    d = Path(run_dir) / "checkpoints"
+    found = [(p.stat().st_mtime_ns, name) for name, p in (("best.dcp", d / "best.dcp" / "meta.pt"),
+                                                          ("best.pt", d / ckpt.BEST)) if p.is_file()]
+    return max(found)[1] if found else ("best.dcp" if sharded else ckpt.BEST)
 
 
 def _reached(model, evals: dict[str, float], target: float) -> bool:

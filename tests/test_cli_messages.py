@@ -146,3 +146,30 @@ def test_user_errors_on_the_command_line_are_one_line(tmp_path, monkeypatch):
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)
         assert len(r.output.strip().splitlines()) == 1, (args, r.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing made
+
+
+def test_under_a_launcher_only_rank_0_prints_an_error_that_every_rank_raises(tmp_path, monkeypatch):
+    """torchrun / srun start every rank with the same command: an error every rank raises alike is
+    printed once (rank 0); the others exit with the same code in silence, also for rank 0's error
+    told to them (PeerRankError, with rank 0's exit code); an error of one rank alone (RankError) is
+    printed by that rank."""
+    import goldstone_cli.train as train_module
+    from goldstone_cli.distributed.errors import PeerRankError, RankError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    bad = ["train", "model=movielens", "data=synthetic"]  # refused before any rank joins the process group
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        r = runner.invoke(app, bad)
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == lines, (rank, r.output)
+    monkeypatch.setenv("RANK", "1")
+    for exc, code, printed in ((PeerRankError("rank 0 could not x: OSError: y", exit_code=1), 1, False),
+                               (RankError("local rank 1 has no GPU"), 2, True)):
+        def fail(cfg, run_dir=None, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(train_module, "train", fail)
+        r = runner.invoke(app, ["train", "trainer.steps=1"])
+        assert r.exit_code == code and (str(exc) in r.output) == printed, (exc, r.output)
+        assert len(r.output.strip().splitlines()) == int(printed)

@@ -81,6 +81,38 @@ def test_corrupt_last_falls_back_to_prev(tmp_path, world_of_one):
     assert "do not match the SHA-256" in warnings[0]
 
 
+def _flip_a_byte(folder: Path) -> Path:
+    """Damage one of ``folder``'s shard files (its SHA-256 no longer matches meta.pt's); returns it."""
+    data = next(p for p in sorted(folder.iterdir()) if p.suffix == ".distcp")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    return data
+
+
+def test_a_corrupt_last_is_set_aside_on_resume_so_the_next_save_keeps_the_good_prev(tmp_path, world_of_one):
+    """Resume (quarantine=True, under the run lock) falls back to prev.dcp and renames the damaged
+    last.dcp to last.dcp.corrupt first: the next save then keeps the good prev.dcp (it used to rotate
+    the damaged last.dcp over it, leaving nothing good to fall back to). remove_stale leaves it alone."""
+    dck.save(tmp_path, _state(3), PATHS, world_of_one, CPU)
+    dck.save(tmp_path, _state(4), PATHS, world_of_one, CPU)
+    data = _flip_a_byte(tmp_path / "last.dcp")
+    warnings = []
+    state, path = dck.load_latest(tmp_path, RowShard.single(), CPU, warn=warnings.append, quarantine=True)
+    assert path.name == "prev.dcp" and state["step"] == 3
+    assert "kept as last.dcp.corrupt" in warnings[0]
+    dck.remove_stale(tmp_path)
+    assert (tmp_path / "last.dcp.corrupt" / data.name).is_file() and not (tmp_path / "last.dcp").exists()
+    dck.save(tmp_path, _state(5), PATHS, world_of_one, CPU)  # the resumed run's first checkpoint, rotating
+    assert dck.step_of(tmp_path / "last.dcp") == 5 and dck.step_of(tmp_path / "prev.dcp") == 3
+    assert dck.read_meta(tmp_path / "prev.dcp")  # verifies
+    assert (tmp_path / "last.dcp.corrupt").is_dir()
+    # analysis / export (checkpoint.load_latest) read without quarantine: nothing is renamed there
+    _flip_a_byte(tmp_path / "last.dcp")
+    assert dck.load_latest(tmp_path, RowShard.single(), CPU, warn=lambda m: None)[0]["step"] == 3
+    assert (tmp_path / "last.dcp").is_dir()
+
+
 def test_half_written_folder_is_never_loaded(tmp_path, world_of_one):
     dck.save(tmp_path, _state(3), PATHS, world_of_one, CPU)
     shutil.copytree(tmp_path / "last.dcp", tmp_path / ".last.dcp.tmp")  # a save killed before its rename

@@ -177,10 +177,13 @@ def test_distributed_load_error_on_rank0_reaches_other_ranks(tmp_path):
     def load():
         raise FileNotFoundError("No MovieLens data at /nowhere")
 
+    from goldstone_cli.distributed.errors import PeerRankError
+
     with pytest.raises(FileNotFoundError):
         load_user_rows_distributed(ReplayShard(0), load)
-    with pytest.raises(RuntimeError, match="rank 0 could not load the MovieLens data: FileNotFoundError"):
+    with pytest.raises(PeerRankError, match="rank 0 could not load the MovieLens data: FileNotFoundError") as info:
         load_user_rows_distributed(ReplayShard(1), load)
+    assert info.value.exit_code == 2  # rank 0's: the command line exits with it, printing nothing
 
 
 def test_mmap_rows_keep_file_order_of_a_shuffled_file(tmp_path, shared_data):

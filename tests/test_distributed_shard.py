@@ -173,3 +173,31 @@ def _fails():
 def test_run_local_reports_a_failing_rank():
     with pytest.raises(RuntimeError, match="rank one is unhappy"):
         run_local(_fails, 2)
+
+
+def test_rank_0s_error_in_from_main_is_a_peer_rank_error_elsewhere(monkeypatch):
+    """Ranks > 0 raise PeerRankError (a ValueError: the command line exits with rank 0's code and
+    prints nothing, rank 0 printed it) with rank 0's message; rank 0 re-raises its own error after
+    telling the others its exit code (2: one-line errors, 1: others)."""
+    from goldstone_cli.distributed.errors import PeerRankError
+
+    sent = []
+
+    def broadcast_json(self, msg, nbytes=8192, src=0):  # rank 0's side records, rank 1's side receives
+        if self.rank == 0:
+            sent.append(msg)
+            return msg
+        return sent[-1]
+
+    monkeypatch.setattr(RowShard, "broadcast_json", broadcast_json)
+    for exc, code in ((FileNotFoundError("No MovieLens data at /x"), 2), (KeyError("k"), 1)):
+        def fail(exc=exc):
+            raise exc
+
+        with pytest.raises(type(exc)):
+            RowShard(0, 2).from_main(fail, "load the MovieLens data")
+        with pytest.raises(PeerRankError, match="rank 0 could not load the MovieLens data: ") as info:
+            RowShard(1, 2).from_main(fail, "load the MovieLens data")
+        assert isinstance(info.value, ValueError) and info.value.exit_code == code
+        assert type(exc).__name__ in str(info.value)
+    assert RowShard(0, 2).from_main(lambda: {"a": 1}, "x") == {"a": 1} == RowShard(1, 2).from_main(None, "x")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from goldstone_cli.config import ConfigError, compose, load_run_config
+from goldstone_cli.distributed import checkpoint as dck
 from goldstone_cli.distributed.local import free_port
 from goldstone_cli.train import train
 
@@ -119,6 +120,131 @@ def test_python_m_goldstone_cli_runs():
     res = subprocess.run([sys.executable, "-m", "goldstone_cli", "train", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "Train one model" in res.stdout
+
+
+# ---- fast: errors on 2 ranks (run_local: one spawn for every case) ---------------------------------
+def _corrupt(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _cli_on_ranks(tmp: str) -> list[dict]:
+    """On each of 2 ranks, the `goldstone train` command lines of test_errors_on_two_ranks... in turn:
+    each case's exit code and what the command printed (this rank's)."""
+    import torch.distributed as dist
+    from typer.testing import CliRunner
+
+    from goldstone_cli.cli import app
+
+    tmp, rank = Path(tmp), dist.get_rank()
+    out = []
+
+    def cli(*args: str) -> None:
+        r = CliRunner().invoke(app, ["train", "trainer.distributed=true", *args])
+        crash = r.exception if not isinstance(r.exception, SystemExit) else None
+        out.append({"code": r.exit_code, "output": r.output, "crash": repr(crash) if crash else ""})
+
+    # 1. a setting every rank refuses alike (GoldstoneGD: balance with a process group)
+    cli(*MF, "optimizer.solver=procrustes", "optimizer.balance=true", f"run_dir={tmp / 'balance'}")
+    # 2. rank 0 cannot load the data (RowShard.from_main): the others hear of it
+    cli("model=movielens", "data=movielens", f"data.path={tmp / 'nowhere'}", f"run_dir={tmp / 'nodata'}")
+    # 3. a one-process run continued on 2 ranks (last.dcp at 5, last.pt at 4 kept); last.dcp then damaged
+    run = tmp / "run"
+    cli(f"resume={run}", "trainer.steps=5")
+    if rank == 0:
+        _corrupt(next((run / "checkpoints" / "last.dcp").glob("*.distcp")))
+    dist.barrier()
+    # 4. resumed from the good last.pt (step 4), the damaged last.dcp set aside
+    cli(f"resume={run}", "trainer.steps=7")
+    # 5. rank 0 fails after the run folder is known (a damaged metrics.csv): every rank stops there
+    if rank == 0:
+        lines = (run / "metrics.csv").read_text().splitlines()
+        lines[2] = "x" + lines[2][1:]
+        (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+    dist.barrier()
+    cli(f"resume={run}", "trainer.steps=9")
+    return out
+
+
+@pytest.mark.slow  # 10-20 s on 2 shared cores: two spawned ranks, five command lines
+def test_errors_on_two_ranks_are_printed_once_and_stop_every_rank(tmp_path):
+    """2 gloo ranks running `goldstone train` (in-process CLI, run_local): an error every rank raises,
+    or rank 0's data error, is printed once, by rank 0, and every rank exits with 2; a damaged newer
+    last.dcp next to a good last.pt is passed over with a warning (and kept as last.dcp.corrupt); a
+    failure on rank 0 after the run folder is known (a damaged metrics.csv on resume) stops rank 1
+    too, before its first step, instead of leaving it in a collective until gloo's connection drops."""
+    from goldstone_cli.distributed.local import run_local
+
+    run = tmp_path / "run"
+    one_process([*MF, "trainer.steps=4", "trainer.checkpoint_every=100"], run)
+    res = run_local(_cli_on_ranks, 2, str(tmp_path), timeout_s=240)
+    (bal0, nodata0, cont0, past0, bad0), (bal1, nodata1, cont1, past1, bad1) = res
+    for r in (*res[0], *res[1]):
+        assert not r["crash"], r
+    # 1. a setting: rank 0 prints one line naming the settings, rank 1 nothing; both exit 2
+    assert bal0["code"] == bal1["code"] == 2
+    assert bal0["output"].startswith("error: balance is not supported") and len(bal0["output"].splitlines()) == 1
+    assert "optimizer.balance=false" in bal0["output"] and "trainer.distributed=false" in bal0["output"]
+    assert bal1["output"] == ""
+    # 2. rank 0's data error: printed there only; rank 1 exits with the same code, silently
+    assert nodata0["code"] == nodata1["code"] == 2
+    assert nodata0["output"].startswith("error: No MovieLens data at") and nodata1["output"] == ""
+    assert not (tmp_path / "balance").exists() and not (tmp_path / "nodata").exists()
+    # 3 / 4. resume past the damaged last.dcp: from last.pt, with a warning on rank 0
+    assert cont0["code"] == cont1["code"] == 0, cont0["output"]
+    assert past0["code"] == past1["code"] == 0, past0["output"] + past1["output"]
+    assert "warning: the sharded checkpoint does not load" in past0["output"] and "is corrupt" in past0["output"]
+    assert f"Resuming {run} from step 4" in past0["output"] and "completed: 7 steps" in past0["output"]
+    assert (run / "checkpoints" / "last.dcp.corrupt").is_dir() and dck.step_of(run / "checkpoints" / "last.dcp") == 7
+    # 5. rank 0's error after the run folder is known: printed there; rank 1 stops too (exit 2, no crash)
+    assert bad0["code"] == bad1["code"] == 2, (bad0, bad1)
+    assert "line 3: step 'x' is not a number" in bad0["output"] and bad1["output"] == ""
+    assert json.loads((run / "summary.json").read_text())["steps"] == 7  # nothing ran
+
+
+def test_resume_passes_over_a_damaged_newer_sharded_checkpoint_for_a_good_last_pt(tmp_path, capsys):
+    """A run continued on several ranks and back (last.pt at step 4, a newer last.dcp at step 9 whose
+    files do not verify): resume warns and continues from last.pt instead of refusing to start, and
+    the damaged folder is kept as last.dcp.corrupt (the next save must not keep it as prev.dcp)."""
+    import torch.distributed as dist
+
+    from goldstone_cli.distributed.shard import RowShard
+
+    run = tmp_path / "run"
+    one_process([*MF, "trainer.steps=4", "trainer.checkpoint_every=100"], run)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        state = {"step": 9, "model": {"U": torch.zeros(2, 7, 3, dtype=torch.float64)}}
+        dck.save(run / "checkpoints", state, {("model", "U"): 7}, RowShard(0, 1, dist.group.WORLD), torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    _corrupt(next((run / "checkpoints" / "last.dcp").glob("*.distcp")))
+    capsys.readouterr()
+    result = one_process(["trainer.steps=6"], run, resume=True)
+    out = capsys.readouterr().out
+    assert result.status == "completed" and result.summary["steps"] == 6
+    assert "warning: the sharded checkpoint does not load" in out and "is corrupt" in out, out
+    assert f"Resuming {run} from step 4" in out and "kept as last.dcp.corrupt" in out
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.dcp.corrupt" in names and "last.dcp" not in names and "last.pt" in names, names
+
+
+def test_the_end_of_run_lines_name_the_best_checkpoint_written(tmp_path):
+    """format_result names best.dcp for a distributed run (it wrote no best.pt), best.pt for one
+    process, and the newer of the two where a run continued on another number of ranks left both."""
+    import os
+
+    from goldstone_cli.train import RunResult, format_result
+
+    summary = {"steps": 10, "wall_time": 1.0, "best": {"metric": "val_ll", "value": -0.5, "step": 5}}
+    (tmp_path / "checkpoints" / "best.dcp").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "best.dcp" / "meta.pt").write_bytes(b"")
+    assert "(checkpoints/best.dcp)" in format_result(RunResult(tmp_path, "completed", {**summary, "ranks": 2}))
+    assert "(checkpoints/best.pt)" in format_result(RunResult(tmp_path / "x", "completed", summary))
+    (tmp_path / "checkpoints" / "best.pt").write_bytes(b"")
+    os.utime(tmp_path / "checkpoints" / "best.dcp" / "meta.pt", ns=(1, 1))  # the one-process leg's is newer
+    assert "(checkpoints/best.pt)" in format_result(RunResult(tmp_path, "completed", {**summary, "ranks": 2}))
 
 
 # ---- slow: 2 ranks == 1 process, resume across rank counts ---------------------------------------

@@ -13,7 +13,8 @@ A distributed run (``trainer.distributed=true`` on N > 1 ranks) writes ``checkpo
 Crash safety as in checkpoint.py: the folder is written as ``.last.dcp.tmp``, and only after every
 rank has finished (a barrier) and rank 0 has hashed the files and written ``meta.pt`` is it renamed
 to ``last.dcp`` (the old one becoming ``prev.dcp``). A folder without a verified ``meta.pt`` is never
-loaded; a damaged ``last.dcp`` falls back to ``prev.dcp``.
+loaded; a damaged ``last.dcp`` falls back to ``prev.dcp`` (on resume it is first renamed to
+``last.dcp.corrupt``, so that the next save does not rotate it over the good ``prev.dcp``).
 
 What DCP's own loader does, and what we do about it: ``FileSystemReader.read_metadata`` reads
 ``.metadata`` with a bare ``pickle.load``, and non-tensor entries are read with
@@ -223,7 +224,8 @@ def save(ckpt_dir: str | Path, state: dict[str, Any], paths: dict[Path_, int], s
          device: torch.device, name: str = LAST, rotate: bool = True) -> Path:
     """Write ``state`` as ``ckpt_dir/last.dcp`` (collective: every rank calls it with its own rows).
     The ``last.dcp`` it replaces becomes ``prev.dcp`` (``rotate=False``: it is dropped and ``prev.dcp``
-    stays, as in :func:`goldstone_cli.checkpoint.save_last`). ``name=BEST``: ``best.dcp``, replaced."""
+    stays, as in :func:`goldstone_cli.checkpoint.save_last`; without a ``last.dcp``, e.g. one set aside
+    as damaged, ``prev.dcp`` stays too). ``name=BEST``: ``best.dcp``, replaced."""
     import torch.distributed.checkpoint as dcp
 
     ckpt_dir = Path(ckpt_dir)
@@ -262,7 +264,7 @@ def save(ckpt_dir: str | Path, state: dict[str, Any], paths: dict[Path_, int], s
         ckpt.save(tmp / META, {"state": meta_state, "files": files, "world": shard.world}, kind=KIND)
         ckpt._fsync_dir(tmp)
         shutil.rmtree(old, ignore_errors=True)
-        if prev.exists() and prev != old:
+        if prev.exists() and prev != old and last.exists():  # no last.dcp: nothing replaces prev.dcp
             os.replace(prev, old)
         if last.exists():  # a kill between the renames leaves prev.dcp and no last.dcp: load_latest copes
             os.replace(last, prev)
@@ -274,12 +276,35 @@ def save(ckpt_dir: str | Path, state: dict[str, Any], paths: dict[Path_, int], s
 
 
 def remove_stale(ckpt_dir: str | Path) -> None:
-    """Remove the temporary folders a process killed while saving left (call under the run lock)."""
+    """Remove the temporary folders a process killed while saving left (call under the run lock);
+    folders set aside as damaged (``last.dcp.corrupt``, :func:`set_aside`) stay for the user to inspect."""
     for name in (f".{LAST}.tmp", f".{LAST}.old.tmp", f".{PREV}.old.tmp", f".{BEST}.tmp", f".{BEST}.old.tmp"):
         shutil.rmtree(Path(ckpt_dir) / name, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- load
+def set_aside(ckpt_dir: str | Path, names: tuple[str, ...] = (LAST, PREV)) -> list[str]:
+    """Rename the damaged checkpoint folders ``names`` to ``NAME.corrupt`` (rank 0, under the run
+    lock), so that the next save does not rotate one into ``prev.dcp`` over a good one and nothing
+    takes it for a checkpoint to fall back to; an older ``NAME.corrupt`` is replaced. Returns the new
+    names."""
+    out = []
+    for name in names:
+        src = Path(ckpt_dir) / name
+        if not src.is_dir():
+            continue
+        dst = src.with_name(name + ".corrupt")
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        elif dst.exists() or dst.is_symlink():
+            dst.unlink()
+        os.replace(src, dst)
+        out.append(dst.name)
+    if out:
+        ckpt._fsync_dir(Path(ckpt_dir))
+    return out
+
+
 def read_meta(folder: Path, verify: bool = True) -> dict[str, Any]:
     """``meta.pt`` of a DCP checkpoint folder, verified (checksum; with ``verify`` every file's SHA-256)."""
     meta_path = folder / META
@@ -367,30 +392,39 @@ def _verify_shared(folder: Path, shard: RowShard) -> Optional[str]:
     return next((p for p in shard.all_gather_json(problem) if p is not None), None)
 
 
-def load_latest(ckpt_dir: str | Path, shard: RowShard, device: torch.device, warn=print
-                ) -> tuple[dict[str, Any], Path]:
-    """The newest verified DCP checkpoint, ``last.dcp`` else ``prev.dcp``; every rank gets the same
-    choice (the ranks verify the files' checksums in shares and agree). Raises CheckpointError when
-    neither works."""
+def load_latest(ckpt_dir: str | Path, shard: RowShard, device: torch.device, warn=print,
+                quarantine: bool = False) -> tuple[dict[str, Any], Path]:
+    """The newest DCP checkpoint that verifies and loads, ``last.dcp`` else ``prev.dcp``; every rank
+    gets the same choice (the ranks verify the files' checksums in shares and agree; DCP's load fails
+    on every rank or none). ``quarantine`` (resume, under the run lock): rank 0 renames a bad
+    ``last.dcp`` to ``last.dcp.corrupt`` before ``prev.dcp`` is loaded, so that the next save does not
+    rotate it over the good ``prev.dcp``. Raises CheckpointError when neither works."""
     ckpt_dir = Path(ckpt_dir)
     candidates = [ckpt_dir / LAST, ckpt_dir / PREV]
     exists = shard.broadcast_json([f.is_dir() for f in candidates] if shard.is_main() else None)
     problems: list[str] = []
-    i = -1
     for j, folder in enumerate(candidates):
         if not exists[j]:
             continue
         problem = _verify_shared(folder, shard)
         if problem is None:
-            i = j
-            break
+            note = ""
+            if j == 1 and exists[0] and quarantine:  # last.dcp was there and did not verify or load
+                if shard.is_main():
+                    set_aside(ckpt_dir, (LAST,))
+                note = f" (kept as {LAST}.corrupt)"
+            try:
+                state = load(folder, shard, device, verify=False)
+            except CheckpointError as exc:
+                problem = str(exc)
+            else:
+                if j == 1 and shard.is_main():
+                    reason = problems[0] if problems else f"{candidates[0]} is missing"
+                    warn(f"warning: {reason}{note}; resuming from the previous checkpoint {folder} "
+                         f"(step {state.get('step')})")
+                return state, folder
         problems.append(problem)
-    if i < 0:
-        raise CheckpointError("; ".join(problems) if problems else f"no readable sharded checkpoint in {ckpt_dir}")
-    if i == 1 and shard.is_main():
-        reason = problems[0] if problems else f"{candidates[0]} is missing"
-        warn(f"warning: {reason}; resuming from the previous checkpoint {candidates[1]}")
-    return load(candidates[i], shard, device, verify=False), candidates[i]
+    raise CheckpointError("; ".join(problems) if problems else f"no readable sharded checkpoint in {ckpt_dir}")
 
 
 def has_checkpoint(ckpt_dir: str | Path) -> bool:

@@ -29,6 +29,8 @@ from typing import Iterator, Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from goldstone_cli.distributed.errors import RankError
+
 
 @dataclass(frozen=True)
 class LaunchEnv:
@@ -138,8 +140,8 @@ def pick_device(requested: str | torch.device, local_rank: int) -> torch.device:
         count = torch.cuda.device_count()
         if device.index is None:
             if local_rank >= count:
-                raise ValueError(f"local rank {local_rank} has no GPU: this node has {count}; start at most "
-                                 f"{count} processes per node (torchrun --nproc-per-node={count})")
+                raise RankError(f"local rank {local_rank} has no GPU: this node has {count}; start at most "
+                                f"{count} processes per node (torchrun --nproc-per-node={count})")
             device = torch.device("cuda", local_rank)
     return device
 

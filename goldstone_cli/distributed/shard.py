@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from goldstone_cli.distributed import collective
+from goldstone_cli.distributed.errors import PeerRankError, exit_code_of
 
 
 @dataclass(frozen=True)
@@ -122,18 +123,19 @@ class RowShard:
 
     def from_main(self, fn: Any, what: str, nbytes: int = 8192) -> Any:
         """``fn()`` run on rank 0 only, its JSON-able result on every rank (:meth:`broadcast_json`).
-        An exception in ``fn`` is told to the other ranks (they raise ``RuntimeError("rank 0 could not
-        <what>: ...")``) and re-raised on rank 0, so that no rank waits for a broadcast that never comes."""
+        An exception in ``fn`` is told to the other ranks (they raise :class:`PeerRankError`, "rank 0
+        could not <what>: ...", which the command line does not print again) and re-raised on rank 0,
+        so that no rank waits for a broadcast that never comes."""
         msg = None
         if self.rank == 0:
             try:
                 msg = fn()
             except BaseException as e:  # re-raised after the other ranks have heard of it
-                self.broadcast_json({"error": f"{type(e).__name__}: {e}"[:2000]}, nbytes)
+                self.broadcast_json({"error": f"{type(e).__name__}: {e}"[:2000], "code": exit_code_of(e)}, nbytes)
                 raise
         msg = self.broadcast_json({"result": msg}, nbytes)
         if "error" in msg:
-            raise RuntimeError(f"rank 0 could not {what}: {msg['error']}")
+            raise PeerRankError(f"rank 0 could not {what}: {msg['error']}", exit_code=int(msg.get("code", 2)))
         return msg["result"]
 
     def all_gather_json(self, msg: Any, nbytes: int = 1 << 16) -> list[Any]:

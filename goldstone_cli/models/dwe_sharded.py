@@ -379,6 +379,7 @@ def build_sharded_dwe(cfg, device: torch.device, dtype: torch.dtype, shard: RowS
     copies its rows of each step."""
     from goldstone_cli.data.cooc import existing_output_state, read_manifest
     from goldstone_cli.data.corpus import normalize_keep_words
+    from goldstone_cli.distributed.errors import PeerRankError, exit_code_of
     from goldstone_cli.models.dwe import load_word_counts
 
     data_cfg = cfg.data
@@ -389,12 +390,13 @@ def build_sharded_dwe(cfg, device: torch.device, dtype: torch.dtype, shard: RowS
         try:
             load_word_counts(data_cfg, progress=bool(cfg.trainer.progress))  # prepares it (one process only)
         except BaseException as exc:  # re-raised below, after the other ranks have heard of it
-            error, failed[0] = exc, 1
+            error, failed[0] = exc, exit_code_of(exc)  # >= 1: the code rank 0 exits with
     shard.all_reduce_max_(failed)
     if error is not None:
         raise error
     if int(failed[0]):
-        raise RuntimeError(f"rank 0 could not prepare the corpus at {path}; see its error (logs/rank0 or the console)")
+        raise PeerRankError(f"rank 0 could not prepare the corpus at {path} (rank 0 printed why)",
+                            exit_code=int(failed[0]))
     if data_cfg.get("source"):  # the folder must hold the corpus the config asks for (as load_word_counts checks)
         settings = {"keep_words": [], **read_manifest(path).get("settings", {})}
         wanted = {"bin_years": data_cfg.bin_years, "vocab_size": data_cfg.vocab_size, "rank": data_cfg.rank,

@@ -196,7 +196,8 @@ class GoldstoneGD(torch.optim.Optimizer):
                              "the mean of v is not kept); use state_transform='rotate_diag' or 'none' with balance")
         if process_group is not None and any(b is not None for b in self.balance):
             raise ValueError("balance is not supported with a process_group yet (its sums over rows are not "
-                             "all-reduced); drop balance or run on one process")
+                             "all-reduced): set optimizer.balance=false (balance=None), or train on one "
+                             "process (trainer.distributed=false)")
 
         # what torch.optim.Optimizer.__init__ sets up, minus the parameter groups (shared with base)
         torch._C._log_api_usage_once("python.optimizer")
