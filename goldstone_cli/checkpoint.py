@@ -210,7 +210,11 @@ def load_latest(ckpt_dir: str | Path, map_location="cpu", warn=print,
                 reason += f" (kept as {LAST}.corrupt)"
             warn(f"warning: {reason}; resuming from the previous checkpoint {prev} (step {state.get('step')})")
         if _has_sharded(ckpt_dir) and _sharded_step(ckpt_dir) > int(state.get("step", -1)):
-            return _load_sharded(ckpt_dir, map_location, warn)  # continued on several ranks since
+            try:  # continued on several ranks since
+                return _load_sharded(ckpt_dir, map_location, warn)
+            except CheckpointError as exc:  # damaged: the verified one-process checkpoint is the newest good one
+                warn(f"warning: the newer sharded checkpoint does not load ({exc}); using {path} "
+                     f"(step {state.get('step')})")
         return state, path
     if not problems:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (expected {LAST} or {PREV})")

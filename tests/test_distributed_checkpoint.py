@@ -254,3 +254,20 @@ def test_checkpoint_load_latest_reads_a_sharded_run(tmp_path, world_of_one):
     ckpt.save_last(d, _state(9))  # a newer one
     state, path = ckpt.load_latest(d)
     assert path.name == "last.pt" and state["step"] == 9
+
+
+def test_checkpoint_load_latest_passes_over_a_damaged_newer_sharded_run_for_a_good_last_pt(tmp_path, world_of_one):
+    """analysis / export / age-words read the run through checkpoint.load_latest: a newer last.dcp
+    that does not verify (and no prev.dcp) gives a warning and the verified last.pt, not an error."""
+    d = tmp_path / "checkpoints"
+    d.mkdir()
+    ckpt.save_last(d, _state(5))
+    dck.save(d, _state(7), PATHS, world_of_one, CPU)
+    data = next(p for p in (d / "last.dcp").iterdir() if p.suffix == ".distcp")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    warnings = []
+    state, path = ckpt.load_latest(d, warn=warnings.append)
+    assert path.name == "last.pt" and state["step"] == 5
+    assert any("newer sharded checkpoint does not load" in w for w in warnings), warnings
