@@ -71,10 +71,7 @@ def test_a_save_without_rotation_drops_the_last_checkpoint_and_keeps_prev(tmp_pa
 def test_corrupt_last_falls_back_to_prev(tmp_path, world_of_one):
     dck.save(tmp_path, _state(3), PATHS, world_of_one, CPU)
     dck.save(tmp_path, _state(4), PATHS, world_of_one, CPU)
-    data = next(p for p in (tmp_path / "last.dcp").iterdir() if p.suffix == ".distcp")
-    raw = bytearray(data.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    data.write_bytes(bytes(raw))
+    _flip_a_byte(tmp_path / "last.dcp")
     warnings = []
     state, path = dck.load_latest(tmp_path, RowShard.single(), CPU, warn=warnings.append)
     assert path.name == "prev.dcp" and state["step"] == 3
@@ -263,10 +260,7 @@ def test_checkpoint_load_latest_passes_over_a_damaged_newer_sharded_run_for_a_go
     d.mkdir()
     ckpt.save_last(d, _state(5))
     dck.save(d, _state(7), PATHS, world_of_one, CPU)
-    data = next(p for p in (d / "last.dcp").iterdir() if p.suffix == ".distcp")
-    raw = bytearray(data.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    data.write_bytes(bytes(raw))
+    _flip_a_byte(d / "last.dcp")
     warnings = []
     state, path = ckpt.load_latest(d, warn=warnings.append)
     assert path.name == "last.pt" and state["step"] == 5
