@@ -59,6 +59,10 @@ def _build_movielens(cfg: DictConfig, device: torch.device, dtype: torch.dtype, 
         data = load_user_rows_distributed(shard, load)
     else:
         data = load()
+        if cfg.trainer.get("memory_check", True):  # the ratings are loaded; before the (T, N, d) tensors
+            from goldstone_cli.models.memory import check_movielens_fits
+
+            check_movielens_fits(data, cfg, device, dtype)
     m = cfg.model
     return SparseDynamicBernoulliMF(data, d=m.d, coupling=m.coupling, gamma=m.gamma, init_scale=m.init_scale,
                                     batch_size=m.batch_size, chunk_size=m.chunk_size, seed=cfg.seed,

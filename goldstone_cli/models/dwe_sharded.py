@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -122,7 +122,10 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
     ``by_word``: on several ranks, read this rank's rows of the split from the by-word folder of a
     prepared corpus (written by rank 0 on first use; ``False``: every rank splits from the count
     files). ``progress``: a progress bar while rank 0 writes that folder. ``data_bytes_read``: the
-    bytes this rank copied out of the folder (0 when it split from the count files)."""
+    bytes this rank copied out of the folder (0 when it split from the count files).
+    ``before_parameters(nnz_local)``: called on every rank once its rows of the split are read (with
+    its stored training nonzeros), before any count tensor or parameter is made: the memory check of
+    ``build_sharded_dwe`` (collectives inside: every rank calls it at the same point)."""
 
     target_metric = DynamicWordEmbeddings.target_metric
     target_lower_is_better = DynamicWordEmbeddings.target_lower_is_better
@@ -136,7 +139,8 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
                  batch_contexts: int = 1000, init_mean_std: float = 0.1, init_std: float = 0.1,
                  test_steps: float = 0.1, test_mass: float = 0.1, split_seed: int = 0, eval_chunk: int = 1 << 22,
                  seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 val_mass: float = 0.0, by_word: bool = True, progress: bool = False):
+                 val_mass: float = 0.0, by_word: bool = True, progress: bool = False,
+                 before_parameters: Optional[Callable[[int], None]] = None):
         super().__init__()
         if inference not in ("variational", "map"):
             raise ValueError(f"inference must be 'variational' or 'map', got {inference!r}")
@@ -182,6 +186,8 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
         else:
             split = split_rows(src, *split_args)
         self.data_bytes_read = split.bytes_read
+        if before_parameters is not None:
+            before_parameters(int(sum(m.nnz for m in split.train)))
         self.compile_logits = False  # trainer.compile (set_compile)
         self.native = True  # the native C loops of dwe.py (logits pass, minibatch positives, chain terms)
         train, c, self.test_steps = split.train, split.c, split.test_steps
@@ -201,8 +207,9 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
         def randn(n_steps: int, std: float) -> nn.Parameter:
             if n_steps * V * d <= FULL_INIT_MAX:
                 x = torch.randn(n_steps, V, d, generator=g, dtype=torch.float64)[:, self.start:self.stop]
-            else:  # one step at a time: never a whole (T, V, d) draw
-                x = torch.stack([torch.randn(V, d, generator=g, dtype=torch.float64)[self.start:self.stop]
+            else:  # one step at a time: never a whole (T, V, d) draw (clone: a view would keep each
+                # step's whole (V, d) draw alive until the stack, all T of them)
+                x = torch.stack([torch.randn(V, d, generator=g, dtype=torch.float64)[self.start:self.stop].clone()
                                  for _ in range(n_steps)])
             return nn.Parameter((std * x).to(device, dtype).contiguous())
 
@@ -407,9 +414,19 @@ def build_sharded_dwe(cfg, device: torch.device, dtype: torch.dtype, shard: RowS
                                  "set data.path to another folder (or remove this one)")
     src = StepSource.from_prepared(path, verify=bool(data_cfg.get("verify", False)))
     m = cfg.model
+    check = None
+    if cfg.trainer.get("memory_check", True):  # every rank, before its (T, V_local, d) tensors are made
+        from goldstone_cli.models.memory import check_sharded_dwe_fits
+
+        start, stop = shard.rows(src.V)
+
+        def memory_check(nnz_local: int) -> None:
+            check_sharded_dwe_fits(src.V, src.T, nnz_local, cfg, device, dtype, shard, rows=stop - start)
+
+        check = memory_check
     return ShardedDynamicWordEmbeddings(
         src, shard=shard, d=m.d, inference=m.inference, D=m.D, sigma0=m.sigma0, neg_ratio=m.neg_ratio,
         neg_exponent=m.neg_exponent, coupled=m.coupled, batch_words=m.batch_words, batch_contexts=m.batch_contexts,
         init_mean_std=m.init_mean_std, init_std=m.init_std, test_steps=m.test_steps, test_mass=m.test_mass,
         split_seed=m.split_seed, eval_chunk=m.eval_chunk, val_mass=m.get("val_mass", 0.0), seed=cfg.seed,
-        dtype=dtype, device=device, progress=bool(cfg.trainer.progress) and shard.is_main())
+        dtype=dtype, device=device, progress=bool(cfg.trainer.progress) and shard.is_main(), before_parameters=check)
