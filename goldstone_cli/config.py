@@ -332,8 +332,8 @@ class TrainerConfig:
     # to the eager step with a warning; off by default: on the 2-core CPU it did not pay for MovieLens
     # and made the DWE step 7-11% faster (docs/benchmarks.md, "Roofline (issue 16)")
     compile: bool = False
-    # refuse a model whose predicted peak memory exceeds what the device has (model=dwe;
-    # goldstone_cli/models/memory.py), before it is made
+    # refuse a model whose predicted peak memory exceeds what the device has (model=dwe, also on several
+    # ranks, and model=movielens in one process; goldstone_cli/models/memory.py), before it is made
     memory_check: bool = True
 
     def __post_init__(self) -> None:
