@@ -11,6 +11,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from goldstone_cli.optim import Coupling, GoldstoneGD
 from goldstone_cli.optim import gauge as G
+from goldstone_cli.optim.goldstone import transform_state_
 
 DT = torch.float64
 
@@ -467,11 +468,25 @@ def test_a_rotation_orthogonal_only_to_4e_10_is_refused():
     assert not _orthogonal(R)
 
 
-def test_non_contiguous_group_tensor_is_refused_before_anything_rotates():
-    U = torch.nn.Parameter(torch.randn(4, 5, 3))
-    V = torch.nn.Parameter(torch.randn(4, 3, 5).transpose(1, 2))  # a (T, N, d) view with other strides
-    with pytest.raises(ValueError, match=r"group 0, tensor 1 is not contiguous.*contiguous\(\)"):
-        GoldstoneGD(torch.optim.SGD([U, V], lr=0.0), [[U, V]], Coupling.chain(4, 1.0), k1=1, solver="procrustes")
+@pytest.mark.parametrize("solver", ["procrustes", "natural"])
+def test_non_contiguous_group_tensor_trains_like_a_contiguous_one(solver):
+    """A parameter with other strides (here V made as a transposed view, as torch.optim allows) is
+    rotated like its contiguous twin (it was refused: a gauge step rotated through a flat view)."""
+    runs = []
+    for contiguous in (True, False):
+        mf = _MF(T=6, nu=8, ni=5, seed=9)
+        if not contiguous:
+            V = mf.V.detach().transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides (ni d, 1, d)
+            assert not V.is_contiguous()
+            mf.V = V.requires_grad_(True)
+        base = torch.optim.Adam([mf.U, mf.V], lr=1e-2)
+        opt = GoldstoneGD(base, [[mf.U, mf.V]], mf.coupling, k1=3, solver=solver)
+        _train(opt, mf, 9)
+        assert opt.num_gauge_steps == 3 and mf.V.is_contiguous() == contiguous
+        runs.append((mf.U.detach().clone(), mf.V.detach().clone(), base.state[mf.V]["exp_avg"].clone(), opt.last_gauge))
+    for a, b in zip(runs[0][:3], runs[1][:3]):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert runs[1][3]["psi_after"] == pytest.approx(runs[0][3]["psi_after"], rel=1e-12)
 
 
 def test_model_without_symmetric_groups_has_zero_psi():
@@ -510,3 +525,55 @@ def test_state_dict_hooks_run_as_in_torch_optim():
     opt.register_load_state_dict_post_hook(lambda o: calls.append("post"))
     opt.load_state_dict(sd)  # the pre hook drops the key this wrapper would refuse
     assert calls == ["pre", "post"]
+
+
+@pytest.mark.parametrize("balance", [None, [[1, -1]]])
+def test_asgd_parameter_average_is_rotated_with_the_parameters(balance):
+    """ASGD's ``ax`` (the running average of the parameter, the model a user takes at the end) is
+    rotated (and balanced) with the parameter: before t0 it is a copy of the parameter, and it must
+    still be one after a gauge step (it stayed in the old gauge: U_ax V_ax^T mixed time steps)."""
+    mf = _MF(T=6, twist=1.5, noise=0.05, seed=3)
+    with torch.no_grad():  # unbalanced (U^T U != V^T V): the balanced candidate wins
+        mf.U.mul_(2.0)
+        mf.V.mul_(0.5)
+    base = torch.optim.ASGD([mf.U, mf.V], lr=1e-4)  # t0 = 1e6: ax = the parameter after every step
+    opt = GoldstoneGD(base, [[mf.U, mf.V]], mf.coupling, k1=1000, solver="procrustes", balance=balance)
+    _train(opt, mf, 3)
+    for Z in (mf.U, mf.V):
+        assert torch.equal(base.state[Z]["ax"], Z.detach())
+    info = opt.gauge_step()
+    assert info["max_angle"] > 0.1
+    if balance is not None:
+        assert info["groups"][0]["balanced"] > 0
+    for Z in (mf.U, mf.V):
+        torch.testing.assert_close(base.state[Z]["ax"], Z.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_adadelta_second_moments_follow_rotate_diag_together():
+    """Adadelta keeps two per-coordinate second moments (square_avg of gradients, acc_delta of
+    updates); ``rotate_diag`` must map both, so that a signed permutation of a trained state
+    continues exactly (acc_delta was left in the old coordinates)."""
+    T, d = 6, 3
+    g = torch.Generator().manual_seed(4)
+    P = torch.zeros(T, d, d, dtype=DT)
+    for t in range(T):  # set-up only: a random signed permutation per time step
+        P[t, torch.arange(d), torch.randperm(d, generator=g)] = torch.randint(0, 2, (d,), generator=g).to(DT) * 2 - 1
+    a, b = _MF(T=T, seed=5), _MF(T=T, seed=5)
+    opt_a, opt_b = (torch.optim.Adadelta([m.U, m.V], lr=0.5) for m in (a, b))
+
+    def local_steps(opt, m, n):
+        for _ in range(n):
+            opt.zero_grad()
+            m.local().backward()  # invariant under every orthogonal R_t
+            opt.step()
+
+    local_steps(opt_a, a, 10)
+    local_steps(opt_b, b, 10)
+    with torch.no_grad():
+        for Z in (b.U, b.V):
+            G.rotate_rows_(Z, P)
+            transform_state_(opt_b.state[Z], Z, P, "rotate_diag")
+    local_steps(opt_a, a, 10)
+    local_steps(opt_b, b, 10)
+    for Za, Zb in ((a.U, b.U), (a.V, b.V)):
+        torch.testing.assert_close(Zb.detach(), Za.detach() @ P.transpose(1, 2), rtol=1e-12, atol=1e-12)

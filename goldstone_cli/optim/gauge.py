@@ -242,6 +242,11 @@ def rotate_rows_psi_(Z: Tensor, R: Tensor, coupling: Coupling, block_elems: int 
     psi = torch.zeros((), dtype=torch.float64, device=Z.device)
     if Z.numel() == 0:
         return psi
+    if not Z.is_contiguous():  # a parameter with other strides: rotate a contiguous copy, write it back
+        Zc = Z.contiguous()
+        psi = rotate_rows_psi_(Zc, R, coupling, block_elems)
+        Z.copy_(Zc)
+        return psi
     flat = Z.view(T, -1)
     L = flat.shape[1]
     Rt = R.to(dtype=Z.dtype, device=Z.device).transpose(1, 2)  # (T, d, d)

@@ -18,10 +18,15 @@ from .coupling import Coupling, quadratic_terms_
 # Per-parameter optimizer state that transforms like the parameter itself under Z_t <- Z_t R_t^T
 # (SGD / RMSprop momentum, Adam-family first moments, centered RMSprop's mean gradient).
 ROTATED_STATE_KEYS = ("momentum_buffer", "exp_avg", "grad_avg")
+# Per-parameter state that IS a parameter value (ASGD's running average ``ax``, the model its user
+# takes at the end): mapped like the parameter (the same R_t; under ``balance`` by Z -> Z A, where
+# gradient-like first moments take A^{-1}).
+PARAMETER_STATE_KEYS = ("ax",)
 # Per-coordinate second moments (diagonal preconditioners): Adam / AdamW / NAdam / RAdam exp_avg_sq,
-# AMSGrad's max_exp_avg_sq, AdaGrad's sum, RMSprop's square_avg. ``state_transform`` says what
-# happens to them under a gauge rotation.
-SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg")
+# AMSGrad's max_exp_avg_sq, AdaGrad's sum, RMSprop's and Adadelta's square_avg, Adadelta's acc_delta
+# (its running mean of squared updates). ``state_transform`` says what happens to them under a gauge
+# rotation.
+SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg", "acc_delta")
 STATE_TRANSFORMS = ("none", "rotate_diag", "isotropic", "reset")
 # natural solver, exact rotation: halvings of the gauge field (1/1024) before a step that would raise psi is dropped
 MAX_BACKTRACKS = 10
@@ -41,7 +46,10 @@ class GoldstoneGD(torch.optim.Optimizer):
             its ``param_groups``, ``state`` and ``defaults``, so LR schedulers built on the wrapper
             change the base's learning rates.
         groups: symmetric groups, each a list of parameters of shape (T, N_k, d) that rotate together
-            (e.g. ``[[U, V]]``); every tensor must be a parameter of ``base``.
+            (e.g. ``[[U, V]]``); every tensor must be a parameter of ``base``. A gauge step rotates
+            every tensor of a group, also one with ``requires_grad=False`` or a learning rate of 0
+            (the local loss is invariant only if the whole group rotates): leave a tensor that must
+            stay fixed out of the groups, and then its partners too.
         coupling: the graph over the T time steps that defines psi (the same one the loss uses).
         k1: base steps between gauge steps (Algorithm 1, line 4).
         solver: ``"natural"`` (paper Sec. 4.1: gauge fields, Eq. 14, natural gradient Eq. 16) or
@@ -106,9 +114,11 @@ class GoldstoneGD(torch.optim.Optimizer):
 
     Optimizer state: the base state that transforms like the parameters is rotated with them by the
     same matrices in every mode: SGD's and RMSprop's ``momentum_buffer``, the first moment
-    ``exp_avg`` of Adam / AdamW / NAdam / RAdam / Adamax, and centered RMSprop's ``grad_avg``.
+    ``exp_avg`` of Adam / AdamW / NAdam / RAdam / Adamax, centered RMSprop's ``grad_avg`` and
+    ASGD's parameter average ``ax``.
     Per-coordinate second moments (``exp_avg_sq`` and AMSGrad's ``max_exp_avg_sq`` of Adam / AdamW
-    / NAdam / RAdam, AdaGrad's ``sum``, RMSprop's ``square_avg``) follow ``state_transform``: a
+    / NAdam / RAdam, AdaGrad's ``sum``, RMSprop's ``square_avg``, Adadelta's ``square_avg`` and
+    ``acc_delta``) follow ``state_transform``: a
     diagonal preconditioner has no exact image under a rotation (R diag(v) R^T is not diagonal);
     ``rotate_diag`` keeps its diagonal and is exact for signed permutations and for isotropic v.
     Other state (Adamax's ``exp_inf``, Rprop's step sizes, LBFGS's history, ...) is left as it is,
@@ -495,7 +505,7 @@ class GoldstoneGD(torch.optim.Optimizer):
         for Z, s in zip(tensors, sides):
             B, B_grad = (A, A_inv) if s > 0 else (A_inv, A)  # Z -> Z B; gradients (first moments) -> g B^{-1}
             G.rotate_rows_(Z, B)  # Z_t B_t^T = Z_t B_t (B symmetric)
-            transform_state_(self.base.state.get(Z), Z, B_grad, self.state_transform, self._param_group(Z))
+            transform_state_(self.base.state.get(Z), Z, B_grad, self.state_transform, self._param_group(Z), R_param=B)
         return Rb, {**info_b, "balanced": int(ok.sum())}
 
     # ----------------------------------------------------------- sums over rows across ranks
@@ -576,12 +586,15 @@ class GoldstoneGD(torch.optim.Optimizer):
 
 
 @torch.no_grad()
-def transform_state_(st: dict | None, Z: Tensor, R: Tensor, mode: str, group: dict | None = None) -> None:
+def transform_state_(st: dict | None, Z: Tensor, R: Tensor, mode: str, group: dict | None = None,
+                     R_param: Tensor | None = None) -> None:
     """Carry one parameter's base-optimizer state ``st`` through the rotation ``Z_t <- Z_t R_t^T``
     (in place; ``Z`` is the parameter, (T, N, d), R is (T, d, d) orthogonal).
 
     First moments (``ROTATED_STATE_KEYS``) transform like the parameter: they are rotated by R_t in
-    every mode. Per-coordinate second moments v (``SECOND_MOMENT_KEYS``) stand for the diagonal of
+    every mode. State that is itself a parameter value (``PARAMETER_STATE_KEYS``: ASGD's average
+    ``ax``) is mapped by ``R_param`` (default R; ``balance`` passes the parameter's own map where R is
+    the gradients'). Per-coordinate second moments v (``SECOND_MOMENT_KEYS``) stand for the diagonal of
     a d x d second-moment matrix S of each row, which rotates as R S R^T; ``mode`` says what is kept:
 
     - ``"none"``: v is left in the old coordinates.
@@ -608,6 +621,10 @@ def transform_state_(st: dict | None, Z: Tensor, R: Tensor, mode: str, group: di
         buf = st.get(key)
         if isinstance(buf, Tensor) and buf.shape == Z.shape:
             G.rotate_rows_(buf, R)
+    for key in PARAMETER_STATE_KEYS:
+        buf = st.get(key)
+        if isinstance(buf, Tensor) and buf.shape == Z.shape:
+            G.rotate_rows_(buf, R if R_param is None else R_param)
     for key in SECOND_MOMENT_KEYS if mode != "none" else ():
         buf = st.get(key)
         if not (isinstance(buf, Tensor) and buf.shape == Z.shape):
@@ -723,7 +740,8 @@ def _orthogonal(R: Tensor, tol: float | None = None) -> bool:
 
 def _check_groups(groups, base: torch.optim.Optimizer, coupling: Coupling) -> list[list[Tensor]]:
     """Validate the symmetric groups: shapes (T, N_k, d) with T = coupling.T and one d per group,
-    one device and a floating dtype, every tensor a parameter of ``base`` and in one group only."""
+    one device and a floating dtype, every tensor a parameter of ``base`` and in one group only
+    (any strides: a non-contiguous one is rotated through a contiguous copy)."""
     if isinstance(groups, Tensor) or not isinstance(groups, (list, tuple)) or len(groups) == 0:
         raise ValueError("groups must be a non-empty list of symmetric groups, e.g. [[U, V]]")
     base_params = {id(p) for g in base.param_groups for p in g["params"]}
@@ -758,9 +776,6 @@ def _check_groups(groups, base: torch.optim.Optimizer, coupling: Coupling) -> li
                 raise ValueError(f"{where} is not a parameter of the base optimizer; pass the same tensors to both")
             if id(Z) in seen:
                 raise ValueError(f"{where} appears twice in the groups; each tensor belongs to one group")
-            if not Z.is_contiguous():  # a gauge step rotates it in place through a flat view
-                raise ValueError(f"{where} is not contiguous (strides {Z.stride()}); make the parameter from a "
-                                 "contiguous tensor, e.g. nn.Parameter(x.contiguous())")
             seen.add(id(Z))
         out.append(group)
     return out
