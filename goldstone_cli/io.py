@@ -174,3 +174,22 @@ def process_running(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return True
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of ``text``, split at "\\n" only, one "\\r" at the end of each dropped (Windows line
+    ends), as the readers of user files need them: ``str.splitlines`` also splits at U+2028,
+    U+2029, \\x85, \\x0b, \\x0c and \\x1c-\\x1e, which a word may hold (gensim's word2vec reader keeps
+    them), and text-mode reading (universal newlines) at a lone "\\r". Like ``splitlines``, a final
+    "\\n" ends the last line (no empty line after it), and an empty text has no lines; other empty
+    lines are kept, so that ``enumerate`` counts file lines."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+
+def read_lines(path: str | os.PathLike, encoding: str = "utf-8") -> list[str]:
+    """:func:`split_lines` of a file's text (read as bytes and decoded: no newline translation);
+    UnicodeDecodeError as ``Path.read_text``."""
+    return split_lines(Path(path).read_bytes().decode(encoding))

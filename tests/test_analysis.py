@@ -497,3 +497,43 @@ def test_make_planted_cli_layouts_are_deterministic(tmp_path):
             read_truth(f)
     r = runner.invoke(app, ["eval", "changes", str(tmp_path), "--planted", str(tmp_path / "planted-3.tsv")])
     assert r.exit_code == 2 and "line 3: expected 4 tab-separated columns" in r.output, r.output
+
+
+def test_line_readers_split_at_newline_only(tmp_path):
+    """goldstone_cli.io.split_lines / read_lines, which the analysis readers share: lines end at "\\n"
+    only (U+2028, \\x85, \\x0b, \\x0c, \\x1c-\\x1e and a lone "\\r" belong to the line), one "\\r" before a
+    "\\n" or at the end is dropped (Windows line ends), a final "\\n" makes no empty line, the empty
+    lines in between stay (line numbers count)."""
+    from goldstone_cli.io import read_lines, split_lines
+
+    odd = ["a\u2028b", "c\x85", "\x0bd", "e\x0cf", "g\x1ch\x1di\x1e", "x\ry", "\u2029"]
+    assert split_lines("\n".join(odd) + "\n") == odd
+    assert split_lines("\r\n".join(odd) + "\r\n") == odd
+    assert split_lines("a\r\n\nb") == ["a", "", "b"] and split_lines("a\r") == ["a"]
+    assert split_lines("") == [] and split_lines("\n") == [""] and split_lines("a\r\r\n") == ["a\r"]
+    for text in ("", "a", "a\n", "a\n\nb\n", " x \n\ty"):  # plain text: as str.splitlines
+        assert split_lines(text) == text.splitlines()
+    f = tmp_path / "lines.txt"
+    f.write_bytes(("\r\n".join(odd) + "\r\n").encode("utf-8"))  # bytes: no newline translation on read either
+    assert read_lines(f) == odd
+
+
+def test_export_round_trips_words_that_str_splitlines_or_universal_newlines_would_split(tmp_path):
+    """vocab.txt and steps.tsv are read with lines ending at "\\n" only: words holding U+2028, \\x85 or a
+    lone "\\r" (which text-mode reading turned into a line end: a V mismatch) come back as written, and
+    a vocab.txt / steps.tsv with Windows line ends reads the same."""
+    from goldstone_cli.analysis.export import export_embeddings, load_export
+
+    T, V, d = 3, 5, 2
+    U = torch.randn(T, V, d, generator=torch.Generator().manual_seed(0), dtype=F64)
+    emb = _emb(U)
+    emb.vocab = ["a\u2028b", "c\x85", "x\ry", "e\x0cf", "plain"]
+    out = export_embeddings(emb, tmp_path / "exp", fmt="npy")
+    back = load_export(out)
+    assert back.vocab == emb.vocab and back.labels == emb.labels
+    torch.testing.assert_close(back.U, U.float().double())
+    for name in ("vocab.txt", "steps.tsv"):  # Windows line ends
+        f = out / name
+        f.write_bytes(f.read_bytes().replace(b"\n", b"\r\n"))
+    again = load_export(out)
+    assert again.vocab == emb.vocab and again.labels == emb.labels

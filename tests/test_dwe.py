@@ -193,6 +193,45 @@ def test_map_full_batch_loss_is_negative_log_joint():
     assert float(terms["psi"].detach()) == pytest.approx(psi, rel=1e-10)
 
 
+@pytest.mark.parametrize("inference", ["variational", "map"])
+def test_float32_loss_terms_are_reported_in_float64(inference, monkeypatch):
+    """The loss terms of a float32 model (what metrics.csv, the progress bar and trainer.target see)
+    are float64 sums kept in float64: a float64 model with the same parameters, data and draws gives
+    them to 1e-9 of the loss or better. Here the loss is about 1e7 (millions of terms); rounded to
+    float32, as they were, total and psi were off by 1e-8 to 1e-7 of it (the paper's loss, about
+    -1e9: about 100)."""
+    import goldstone_cli.models.dwe as dwe
+
+    def same_noise(shape, generator, like, native=True):  # both models: the same (float64) draws
+        return torch.randn(shape, generator=generator, dtype=F64).to(like.dtype)
+
+    monkeypatch.setattr(dwe, "_pooled_randn", same_noise)
+    V, T = 400, 12
+    wc = WordCounts(vocab=[f"w{i}" for i in range(V)], years=np.arange(1800, 1800 + T),
+                    counts=_sym_counts(V, T, density=0.05, seed=1))
+    kw = dict(d=64, inference=inference, batch_words=200, batch_contexts=200, seed=3, test_steps=0.0, test_mass=0.0)
+    m32, m64 = DynamicWordEmbeddings(wc, **kw), DynamicWordEmbeddings(wc, dtype=F64, **kw)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for (name, p32), p64 in zip(m32.named_parameters(), m64.parameters()):
+            if name.startswith(("raw", "off")):  # spread the posterior widths (no one rounding shared by all)
+                p32.add_(0.3 * torch.randn(p32.shape, generator=g))
+            p64.copy_(p32)  # the float32 parameters, exactly
+    for s in range(3):
+        # the training step's passes (with gradients), as the trainer logs them
+        got = {k: v.detach() for k, v in m32.loss_terms(torch.Generator().manual_seed(s)).items()}
+        with torch.no_grad():
+            want = m64.loss_terms(torch.Generator().manual_seed(s))
+        scale = abs(float(want["total"]))
+        assert scale > 1e6
+        for key in ("total", "local", "psi"):
+            assert got[key].dtype == F64, key
+            assert abs(float(got[key]) - float(want[key])) <= 5e-9 * scale, (key, s)
+        assert float(got["psi"]) == pytest.approx(float(want["psi"]), rel=5e-9)
+        local = m32.local_loss(torch.Generator().manual_seed(s)).detach()  # the same terms without psi's pass
+        assert local.dtype == F64 and float(local) == pytest.approx(float(got["local"]), rel=1e-10)
+
+
 def test_minibatch_estimate_is_unbiased():
     """Averaged over every possible block of P words and Q contexts, the scaled block likelihood
     equals the full likelihood (exact enumeration, no sampling noise)."""
@@ -328,6 +367,21 @@ def test_validation_split_leaves_the_test_sets_unchanged_and_conserves_counts():
         assert abs(v - v.T).max() == 0 and (v.nnz == 0 or v.data.min() > 0)
     frac = sum(m.sum() for m in s.val_mass if m is not None) / sum(m.sum() for m in plain.train)
     assert 0.15 < frac < 0.35
+
+
+def test_float32_heldout_loglik_accumulates_in_float64():
+    """ll_test / ll_val / ll_train of float32 embeddings: the negatives' sums over all V contexts
+    add float32 partials of at most 1,024 contexts in float64 (one float32 product over the 5,000
+    contexts here was off by 1.1e-8 relative, the whole likelihood by 5.8e-9; now about 1e-10)."""
+    V, d = 5000, 100
+    rng = np.random.default_rng(0)
+    A = sp.random(V, V, density=0.01, random_state=rng, data_rvs=lambda n: rng.integers(1, 50, n)).tocsr()
+    A = (A + A.T).tocsr()
+    g = torch.Generator().manual_seed(0)
+    U, W = 0.3 * torch.randn(V, d, generator=g), 0.3 * torch.randn(V, d, generator=g)  # float32
+    got, n = heldout_loglik(U, W, A, 1.0, 0.75)
+    want, n64 = heldout_loglik(U.double(), W.double(), A, 1.0, 0.75)
+    assert n == n64 and got == pytest.approx(want, rel=1e-9)
 
 
 def test_heldout_loglik_many_equals_one_at_a_time():

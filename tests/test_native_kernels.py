@@ -194,6 +194,33 @@ def test_native_ratings_pass_refuses_bad_rows_and_shapes():
         ratings_pass(U, V, ru, rv, x, 1.0, torch.zeros_like(U), None)
 
 
+@pytest.mark.parametrize("native_on", [True, False])
+def test_ratings_pass_refuses_gradient_buffers_that_share_memory(native_on):
+    """gU and gV are added into while U, V (and the ratings) are read: the same tensor as gU and gV,
+    two overlapping views of one buffer, or an input as a gradient buffer is a ValueError before
+    anything is written (these were accepted and silently wrong); disjoint views of one buffer are
+    fine and give the separate buffers' numbers."""
+    U, V, ru, rv, x = _ratings_problem(n_rows_u=40, n_rows_v=40, n=500)
+    Ub = torch.cat([U, torch.zeros(10, U.shape[1])])
+    U = Ub[:40]  # Ub[10:]: a buffer overlapping U in part
+    gU, gV = torch.zeros_like(U), torch.zeros_like(V)
+    want = ratings_pass(U, V, ru, rv, x, 1.3, gU, gV, native=native_on)
+    buf = torch.zeros(2 * U.numel())
+    apart = (buf[:U.numel()].view_as(U), buf[U.numel():].view_as(V))  # one storage, disjoint ranges
+    assert float(ratings_pass(U, V, ru, rv, x, 1.3, *apart, native=native_on)) == float(want)
+    assert torch.equal(apart[0], gU) and torch.equal(apart[1], gV)
+    g = torch.zeros_like(U)
+    half = U.numel() // 2
+    overlapping = (buf[:U.numel()].view_as(U), buf[half:half + V.numel()].view_as(V))
+    for bad, match in (((g, g), "gU and gV must not share memory"), (overlapping, "gU and gV must not share memory"),
+                       ((U, g), "gU must not share memory with U"), ((Ub[10:], g), "gU .* with U"),
+                       ((g, U), "gV must not share memory with U"), ((g, V), "gV must not share memory with V")):
+        before = [t.clone() for t in bad]
+        with pytest.raises(ValueError, match=match):
+            ratings_pass(U, V, ru, rv, x, 1.3, *bad, native=native_on)
+        assert all(torch.equal(t, b) for t, b in zip(bad, before))  # nothing was added
+
+
 def test_switched_off_or_without_a_compiler_the_pytorch_versions_run(fresh, monkeypatch):
     Z = torch.randn(6, 4, 3)
     coupling = Coupling.chain(6, 1.5)
@@ -725,6 +752,27 @@ def test_skipgram_block_fused_refuses_counts_of_the_wrong_shape(native_on, i, ba
     with pytest.raises(ValueError, match=name):
         skipgram_block_fused(*args[:4], 1.3, *args[4:], native=native_on)
     assert math.isfinite(want)
+
+
+@pytest.mark.parametrize("native_on, fast", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("i, value, name", [(4, 2, "pos_t"), (4, -1, "pos_t"), (5, 3, "pos_p"), (5, -1, "pos_p"),
+                                            (6, 5, "pos_q"), (6, -1, "pos_q")])
+def test_skipgram_block_refuses_positives_out_of_range_on_every_path(native_on, fast, i, value, name):
+    """A positive's step, row or column outside the (T, P, Q) = (2, 3, 5) block is the same ValueError
+    on the C path, the PyTorch passes and the materialized skipgram_block, naming the index vector and
+    the entry (it was silently dropped (a step), counted at a neighbouring step's row or wrapped around
+    (-1), or a raw IndexError, depending on the path)."""
+    from goldstone_cli.models.dwe import skipgram_block, skipgram_block_fused
+
+    args = _sg_problem()
+    args[i] = args[i].clone()
+    args[i][2] = value
+    msg = rf"{name} must lie in \[0, {(2, 3, 5)[i - 4]}\).* got {value} at positive count 2 "
+    with pytest.raises(ValueError, match=msg):
+        skipgram_block_fused(*args[:4], 1.3, *args[4:], native=native_on, fast=fast)
+    u, v = args[0].detach(), args[1].detach()
+    with pytest.raises(ValueError, match=msg):
+        skipgram_block(torch.bmm(u, v.transpose(1, 2)), *args[2:4], 1.3, *args[4:])
 
 
 @needs_cc

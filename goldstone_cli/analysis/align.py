@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from goldstone_cli.analysis.embeddings import AnalysisError
+from goldstone_cli.io import read_lines, split_lines
 
 F64 = torch.float64
 TEXT_SUFFIXES = (".txt", ".vec", ".w2v")
@@ -198,10 +199,8 @@ def read_word2vec(path: Path, binary: Optional[bool] = None) -> tuple[list[str],
                 vecs[i] = np.frombuffer(raw, dtype="<f4")
                 words.append(buf.decode("utf-8"))
         else:
-            # lines end at "\n" only (str.splitlines would also split at U+2028, \x85, \x0c ..., which a
-            # word may hold); a "\r" before it (Windows line ends) is dropped
-            data = [ln[:-1] if ln.endswith("\r") else ln for ln in f.read().decode("utf-8").split("\n")]
-            rows = [ln for ln in data if ln.strip()]
+            # lines end at "\n" only (a word may hold U+2028, \x85, \x0c ...); Windows line ends accepted
+            rows = [ln for ln in split_lines(f.read().decode("utf-8")) if ln.strip()]
             if len(rows) != n:
                 raise AnalysisError(f"{path}: the header says {n} words, the file has {len(rows)} lines after it")
             vecs = np.empty((n, d), dtype=np.float32)
@@ -264,8 +263,7 @@ def read_period(path: str | Path) -> Period:
             raise AnalysisError(f"{path}: not a plain numeric .npy array ({exc})") from None
         if vecs.ndim != 2:
             raise AnalysisError(f"{path}: expected a 2-D array (words x dimensions), got shape {vecs.shape}")
-        lines = vp.read_bytes().decode("utf-8").split("\n")  # "\n" only, as in read_word2vec
-        words = [w for w in (ln.strip(" \t\r") for ln in lines) if w]
+        words = [w for w in (ln.strip(" \t\r") for ln in read_lines(vp)) if w]  # "\n" only, as in read_word2vec
         if len(words) != vecs.shape[0]:
             raise AnalysisError(f"{vp}: {len(words)} words for {vecs.shape[0]} rows of {path.name}")
         _check_unique(words, vp)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from goldstone_cli.analysis.embeddings import AnalysisError, Embeddings, safe_stem
+from goldstone_cli.io import read_lines
 
 FORMATS = ("word2vec", "npy")
 
@@ -142,11 +143,10 @@ def load_export(path: str | Path) -> Embeddings:
         raise bad(str(path / "export.json"), f"T, V and d must be positive integers, got {T!r}, {V!r}, {d!r}")
     if meta["format"] not in FORMATS:
         raise bad(str(path / "export.json"), f"unknown format {meta['format']!r} (expected {' or '.join(FORMATS)})")
-    vocab = [ln for ln in inside("vocab.txt").read_text(encoding="utf-8").split("\n") if ln]
+    vocab = [ln for ln in read_lines(inside("vocab.txt")) if ln]  # "\n" only: a word may hold U+2028, "\r" ...
     steps_tsv = inside("steps.tsv")
     rows, years = [], []  # steps.tsv: step label start end trained file
-    for k, ln in enumerate(steps_tsv.read_text(encoding="utf-8").split("\n")[1:], start=2):
-        ln = ln.removesuffix("\r")
+    for k, ln in enumerate(read_lines(steps_tsv)[1:], start=2):
         if not ln:
             continue
         r = ln.split("\t")

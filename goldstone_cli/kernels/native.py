@@ -195,6 +195,26 @@ def usable(*tensors: Tensor | None, dtype: torch.dtype = torch.float32) -> bool:
     return all(t is None or (t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()) for t in tensors)
 
 
+def refuse_overlap(outputs: dict[str, Tensor], inputs: dict[str, Tensor], what: str) -> None:
+    """ValueError if two of the ``outputs`` (name: tensor) share memory, or one of them shares memory
+    with one of the ``inputs``: a pass that writes its outputs while it reads its inputs (the native
+    loops and their PyTorch twins alike) would read its own writes or add twice into one buffer,
+    silently. ``coupling._may_overlap``: storages and byte ranges only, O(1) per pair, no pass over
+    the data."""
+    from goldstone_cli.optim.coupling import _may_overlap  # coupling imports this module
+
+    outs = list(outputs.items())
+    for i, (a, ta) in enumerate(outs):
+        for b, tb in outs[i + 1:]:
+            if _may_overlap(ta, tb):
+                raise ValueError(f"{a} and {b} must not share memory ({what} writes both): pass separate buffers")
+    for a, ta in outs:
+        for b, tb in inputs.items():
+            if tb is not None and _may_overlap(ta, tb):
+                raise ValueError(f"{a} must not share memory with {b} ({what} reads {b} while it writes {a}): pass "
+                                 "a separate buffer")
+
+
 def ptr(t: Tensor | None, kind=f32p):
     return None if t is None else ctypes.cast(t.data_ptr(), kind)
 

@@ -44,7 +44,8 @@ from torch import Tensor, nn
 from goldstone_cli.kernels import native as native_loops
 from goldstone_cli.kernels.normal import randn_
 from goldstone_cli.models.base import DynamicModel
-from goldstone_cli.numerics import COMPILED, WORKSPACE, compiled_kernel, run_compiled, sum_squares, sum_squares_value
+from goldstone_cli.numerics import (BLOCK, COMPILED, WORKSPACE, compiled_kernel, run_compiled, sum_squares,
+                                    sum_squares_value)
 from goldstone_cli.optim.coupling import Coupling, quadratic_terms_
 from goldstone_cli.optim.gauge import serial_cpu
 
@@ -470,12 +471,12 @@ def chain_moments(raw_diag: Tensor, offdiag: Tensor, method: Optional[str] = Non
     return var, -a * var[1:]
 
 
-def _sum64(x: Tensor) -> Tensor:
+def _sum64(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     """``x.sum()`` accumulated in float64 (differentiable): float32 sums over each time step's
     slice (dim 0; cascade summation, ~1e5-1e6 numbers each), their T partials added in float64; no
-    float64 copy of ``x``. The result has ``x``'s dtype."""
+    float64 copy of ``x``. The result has ``dtype`` (default ``x``'s)."""
     part = x.reshape(x.shape[0], -1).sum(dim=1) if x.dim() > 1 else x
-    return part.to(torch.float64).sum().to(x.dtype)
+    return part.to(torch.float64).sum().to(x.dtype if dtype is None else dtype)
 
 
 def expected_neg_log_prior_var(raw_diag: Tensor, offdiag: Tensor, w: Tensor, inv_var0: float,
@@ -494,17 +495,20 @@ def neg_entropy(raw_diag: Tensor) -> Tensor:
 
 
 def _chain_terms_autograd(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor, w: Tensor, inv_var0: float,
-                          method: Optional[str] = None) -> tuple[Tensor, Tensor]:
+                          method: Optional[str] = None,
+                          value_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """:func:`chain_terms` as whole-tensor operations under autograd (one softplus shared by the
-    three terms): the formulation before the fused pass, kept as its reference and for the GPU."""
+    three terms): the formulation before the fused pass, kept as its reference and for the GPU. The
+    three float64 sums are added in ``value_dtype`` (default raw_diag's dtype)."""
     b, a = bidiagonal(raw_diag, offdiag)
     x = mu + linear_scan(-a, eps / b, reverse=True, method=method)
     var = linear_scan(a * a, 1.0 / (b * b), reverse=True, method=method)
     cross = -a * var[1:]
     shape = (-1,) + (1,) * (var.dim() - 1)
     diff = var[1:] + var[:-1] - 2.0 * cross
-    prior = 0.5 * _sum64(w.view(shape) * diff) + 0.5 * inv_var0 * _sum64(var)
-    return x, prior + _sum64(torch.log(b))
+    vd = value_dtype
+    prior = 0.5 * _sum64(w.view(shape) * diff, vd) + 0.5 * inv_var0 * _sum64(var, vd)
+    return x, prior + _sum64(torch.log(b), vd)
 
 
 def _pooled_zeros(shape, like: Tensor) -> Tensor:
@@ -678,9 +682,9 @@ def _per_step_sum(x: Tensor) -> Tensor:
 
 def _chain_whole_forward(mu, raw, off, eps, rows, w, inv_var0):
     """:class:`_ChainTerms`' forward as whole-tensor operations with the blocked recurrence (no
-    autograd graph): ``(x, terms, saved)``. With the backward, the minibatch-sized operations of a
-    variational step move 9.5 GB instead of 86 GB with :func:`_chain_terms_autograd` and log-depth
-    scans (``python -m bench.traffic``, T=209, 1,000 x 1,000 minibatches)."""
+    autograd graph): ``(x, terms, saved)``, terms a float64 scalar. With the backward, the
+    minibatch-sized operations of a variational step move 9.5 GB instead of 86 GB with
+    :func:`_chain_terms_autograd` and log-depth scans (``python -m bench.traffic``, T=209, 1,000 x 1,000 minibatches)."""
     rg = raw if rows is None else raw.index_select(1, rows)  # (T, P, ...) raw of the chains
     a = off.index_select(1, rows) if rows is not None else off.clone()  # (T-1, P, ...), becomes a = l / b
     ib = F.softplus(rg)  # b, then 1 / b
@@ -695,7 +699,7 @@ def _chain_whole_forward(mu, raw, off, eps, rows, w, inv_var0):
     S = _per_step_sum(s)
     C = _per_step_sum(torch.mul(a, s[1:], out=a2))  # a_t s_t+1 = -Sigma_t,t+1
     terms = _chain_terms_total(S, C, Lb, w, inv_var0)
-    return torch.add(mu, y), terms.to(raw.dtype), (rg, ib, a, y, s)
+    return torch.add(mu, y), terms, (rg, ib, a, y, s)
 
 
 def _chain_whole_backward(saved, raw_shape, gx, gterms, inv_var0, need_eps):
@@ -757,16 +761,18 @@ class _ChainTerms(torch.autograd.Function):
     operations with the blocked recurrences (:func:`_chain_whole_forward`, the GPU's formulation)."""
 
     @staticmethod
-    def forward(ctx, mu, raw, off, eps, w, inv_var0, rows=None, native=True, method="sequential"):
+    def forward(ctx, mu, raw, off, eps, w, inv_var0, rows=None, native=True, method="sequential", value_dtype=None):
         T = raw.shape[0]
         dt = raw.dtype
+        vdt = dt if value_dtype is None else value_dtype  # the terms' dtype (their sums are float64 either way)
+        ctx.dt = dt
         ws, shape, dev = WORKSPACE, eps.shape, raw.device
         ctx.whole = method == "blocked"
         if ctx.whole:  # whole-tensor operations, the recurrences blocked (the GPU's formulation)
             x, terms, saved = _chain_whole_forward(mu, raw, off, eps, rows, w, inv_var0)
             ctx.save_for_backward(*saved, eps, w, rows)
             ctx.raw_shape, ctx.inv_var0 = tuple(raw.shape), float(inv_var0)
-            return x, terms
+            return x, terms.to(vdt)
         b, y, s = ws.take(shape, dt, dev), ws.take(shape, dt, dev), ws.take(shape, dt, dev)
         a = ws.take((shape[0] - 1,) + tuple(shape[1:]), dt, dev)
         x = ws.take(shape, torch.result_type(mu, raw), dev)
@@ -779,7 +785,7 @@ class _ChainTerms(torch.autograd.Function):
             ctx.save_for_backward(ib, sg, a, y, s, eps, w, rows)
             ctx.raw_shape = tuple(raw.shape)
             ctx.inv_var0 = float(inv_var0)
-            return x, terms.to(dt)
+            return x, terms.to(vdt)
         ib = torch.empty_like(b[0])  # 1 / b_t
         tmp = torch.empty_like(b[0])
         if rows is not None:  # raw, off: whole (T, V, ...) parameters; their minibatch rows gathered per step
@@ -809,7 +815,7 @@ class _ChainTerms(torch.autograd.Function):
         terms = _chain_terms_total(S, C, Lb, w, inv_var0)
         ctx.save_for_backward(raw, b, a, y, s, eps, w, rows)
         ctx.inv_var0 = float(inv_var0)
-        return x, terms.to(dt)
+        return x, terms.to(vdt)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -817,14 +823,16 @@ class _ChainTerms(torch.autograd.Function):
         if ctx.whole:
             grads = _chain_whole_backward(ctx.saved_tensors, ctx.raw_shape, gx, gterms, ctx.inv_var0,
                                           ctx.needs_input_grad[3])
-            return (*grads, None, None, None, None, None)
-        g = float(gterms)  # a scalar; one device sync per call
+            return (*grads, None, None, None, None, None, None)
+        # a scalar; one device sync per call. Rounded to the parameters' dtype first: a float64 terms
+        # value (value_dtype) gets the gradient a terms value of the parameters' dtype got
+        g = float(gterms.to(ctx.dt))
         if ctx.native:
             ib, sg, a, y, s, eps, w, rows = ctx.saved_tensors
             gx = torch.zeros_like(y) if gx is None else gx.to(y.dtype).contiguous()
             draw, doff, deps = _native_chain_backward(native_loops.library(), ctx.raw_shape, rows, ib, sg, a, y, s,
                                                       eps, gx, g, w, 0.5 * ctx.inv_var0, ctx.needs_input_grad[3])
-            return gx, draw, doff, deps, None, None, None, None, None
+            return gx, draw, doff, deps, None, None, None, None, None, None
         raw, b, a, y, s, eps, w, rows = ctx.saved_tensors
         T = b.shape[0]
         gx = torch.zeros_like(y) if gx is None else gx.to(y.dtype)
@@ -870,7 +878,7 @@ class _ChainTerms(torch.autograd.Function):
                     torch.index_select(raw[t], 0, rows, out=q).sigmoid_()
                     torch.mul(r, q, out=dr)
                     draw[t].index_add_(0, rows, dr)
-        return gx, draw, doff, deps, None, None, None, None, None
+        return gx, draw, doff, deps, None, None, None, None, None, None
 
 
 class _MeanTerms(torch.autograd.Function):
@@ -884,7 +892,7 @@ class _MeanTerms(torch.autograd.Function):
     loops (chain pass, row gather and row add) where they run."""
 
     @staticmethod
-    def forward(ctx, x, rows, coupling, native=True):
+    def forward(ctx, x, rows, coupling, native=True, value_dtype=None):
         if coupling is None:
             sq, psi = sum_squares_value(x), x.new_zeros(())
             ctx.mark_non_differentiable(psi)
@@ -892,13 +900,15 @@ class _MeanTerms(torch.autograd.Function):
             sq, psi = quadratic_terms_(x, coupling, 0.0, None, native=native)
         ctx.save_for_backward(x, rows)
         ctx.coupling, ctx.native = coupling, native
-        return _pooled_rows(x, rows, native), sq, psi.to(x.dtype)
+        return _pooled_rows(x, rows, native), sq, psi.to(x.dtype if value_dtype is None else value_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_rows, g_sq, g_psi):
         x, rows = ctx.saved_tensors
         grad = WORKSPACE.take(x.shape, x.dtype, x.device)  # pooled: no page faults of a fresh (T, N, d) tensor
+        if g_psi is not None:  # a float64 psi (value_dtype) gets the gradient a psi of x's dtype got
+            g_psi = g_psi.to(x.dtype)
         if g_psi is None or ctx.coupling is None:
             gp = 0.0
         elif g_sq is None:
@@ -915,14 +925,16 @@ class _MeanTerms(torch.autograd.Function):
             grad.zero_()
         if g_rows is not None:
             _rows_add_(grad, rows, g_rows.to(x.dtype), ctx.native)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
-def mean_terms(x: Tensor, rows: Tensor, coupling: Coupling, native: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def mean_terms(x: Tensor, rows: Tensor, coupling: Coupling, native: bool = True,
+               value_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(x[:, rows], sum x^2 (float64), psi(x))`` of a (T, N, d) mean: the minibatch gather, the
     zero-mean prior's square sum and the chain prior of Eq. 3, differentiable once, with one dense
-    gradient pass (:class:`_MeanTerms`; ``native``: its C loops where they run)."""
-    return _MeanTerms.apply(x, rows, coupling, native)
+    gradient pass (:class:`_MeanTerms`; ``native``: its C loops where they run). psi is summed in
+    float64 and returned in ``value_dtype`` (default x's dtype)."""
+    return _MeanTerms.apply(x, rows, coupling, native, value_dtype)
 
 
 def rows_and_squares(x: Tensor, rows: Tensor, native: bool = True) -> tuple[Tensor, Tensor]:
@@ -934,7 +946,8 @@ def rows_and_squares(x: Tensor, rows: Tensor, native: bool = True) -> tuple[Tens
 
 
 def chain_terms(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor, w: Tensor, inv_var0: float,
-                method: Optional[str] = None, fused: bool = True, native: bool = True) -> tuple[Tensor, Tensor]:
+                method: Optional[str] = None, fused: bool = True, native: bool = True,
+                value_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """``(sample_chain(...), expected_neg_log_prior_var(...) + neg_entropy(raw_diag))``: the sample
     (T, ...) and the posterior's covariance part of the prior plus its negative entropy (a scalar,
     accumulated in float64, in ``raw_diag``'s dtype), differentiable once.
@@ -944,10 +957,12 @@ def chain_terms(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor, w: T
     and one backward (sequential; the native C loop of goldstone_cli/kernels/dwe.c on float32 CPU
     tensors with ``native``) or whole-tensor operations with blocked recurrences (the GPU default);
     otherwise (log-depth scans or ``fused=False``) the whole-tensor operations under autograd
-    (:func:`_chain_terms_autograd`). Same results up to float rounding."""
+    (:func:`_chain_terms_autograd`). Same results up to float rounding. ``value_dtype``: the dtype of
+    the terms (default raw_diag's; ``torch.float64`` keeps their float64 sum whole, e.g. for a
+    reported loss; the gradients are the same either way)."""
     method = _scan_method(method, raw_diag.device)
     if not fused or method == "logdepth" or raw_diag.shape[0] < 2:
-        return _chain_terms_autograd(mu, raw_diag, offdiag, eps, w, inv_var0, method)
+        return _chain_terms_autograd(mu, raw_diag, offdiag, eps, w, inv_var0, method, value_dtype)
     shape = torch.broadcast_shapes(mu.shape, raw_diag.shape, eps.shape)
     if raw_diag.shape != shape or offdiag.shape != (shape[0] - 1,) + shape[1:] or w.shape != (shape[0] - 1,):
         raise ValueError(f"chain_terms needs mu, raw_diag, eps of one shape (T, ...), offdiag (T-1, ...) and w (T-1,), "
@@ -955,7 +970,7 @@ def chain_terms(mu: Tensor, raw_diag: Tensor, offdiag: Tensor, eps: Tensor, w: T
                          f"{tuple(w.shape)}")
     mu, eps = mu.expand(shape), eps.expand(shape)
     return _ChainTerms.apply(mu, raw_diag.contiguous(), offdiag.contiguous(), eps.contiguous(), w, inv_var0, None,
-                             native, method)
+                             native, method, value_dtype)
 
 
 def prior_precision(w: np.ndarray, inv_var0: float) -> np.ndarray:
@@ -975,7 +990,10 @@ def skipgram_block(X: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg_ratio: floa
     """Log-likelihood of one block of word-context pairs at every step.
 
     X: (T, P, Q) logits u.v; ``c_rows`` (T, P) row counts c_i; ``cneg_cols`` (T, Q) the normalized
-    ``c_j^0.75 / sum_k c_k^0.75``; positive counts as a sparse list (t, p, q, n)."""
+    ``c_j^0.75 / sum_k c_k^0.75``; positive counts as a sparse list (t, p, q, n), each index in range
+    (ValueError, as :func:`skipgram_block_fused`)."""
+    _check_positives(pos_t, pos_p, pos_q, pos_n)
+    _check_positive_range(pos_t, pos_p, pos_q, *X.shape)
     per_row = torch.bmm(F.logsigmoid(-X), cneg_cols.unsqueeze(-1)).squeeze(-1)  # (T, P)
     neg = (c_rows * per_row).sum() * neg_ratio
     pos = (pos_n * F.logsigmoid(X[pos_t, pos_p, pos_q])).sum()
@@ -1064,6 +1082,25 @@ def _check_positives(pt: Tensor, pp: Tensor, pq: Tensor, n: Tensor, names=("pos_
     if any(t.dim() != 1 or t.numel() != k for t in ts):
         got = ", ".join(f"{name} {tuple(t.shape)}" for name, t in zip(names, ts))
         raise ValueError(f"{', '.join(names)} must be vectors of one length (k,) = ({k},), got {got}")
+
+
+def _check_positive_range(pt: Tensor, pp: Tensor, pq: Tensor, T: int, P: int, Q: int,
+                          names=("pos_t", "pos_p", "pos_q")) -> None:
+    """ValueError unless every positive's step, row and column lie in [0, T), [0, P), [0, Q), naming
+    the first one that does not: on every path alike (a negative index wrapped around in PyTorch's
+    gathers, a step out of range was dropped by the sorted block ranges, a row out of range counted in
+    a neighbouring step's block, silently; the C loop refused some of these, with an IndexError).
+    One pass over the k positives and one device sync: 8.7 ms for k = 1.7M (the paper's minibatch) on
+    one CPU thread, 36 ms on two of the busy 2-core machine (a thread barrier per reduction)."""
+    if pt.numel() == 0:
+        return
+    with serial_cpu(pt):
+        lims = torch.stack([torch.stack(torch.aminmax(t)).to(torch.int64) for t in (pt, pp, pq)]).tolist()
+    for (lo, hi), n, name, t, what in zip(lims, (T, P, Q), names, (pt, pp, pq), ("steps", "rows", "columns")):
+        if lo < 0 or hi >= n:
+            i = int(torch.nonzero((t < 0) | (t >= n))[0, 0])
+            raise ValueError(f"{name} must lie in [0, {n}) (the block's {n} {what}), got {int(t[i])} at positive "
+                             f"count {i} (step {int(pt[i])}, row {int(pp[i])}, column {int(pq[i])})")
 
 
 def _native_logits_block(lib, X: Tensor, nb: Tensor, pt: Tensor, pp: Tensor, pq: Tensor, npos: Tensor,
@@ -1224,13 +1261,13 @@ class _SkipgramBlockFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, v, c_rows, cneg_cols, neg_ratio, pos_t, pos_p, pos_q, pos_n, chunk, fast, compiled, weight,
-                native):
+                native, value_dtype=None):
         need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total, gu, gv = _skipgram_fused(u, v, c_rows, cneg_cols, neg_ratio, pos_t, pos_p, pos_q, pos_n, chunk, need,
                                         fast, compiled, weight, native)
         if need:
             ctx.save_for_backward(gu, gv)
-        return total.to(u.dtype)
+        return total.to(u.dtype if value_dtype is None else value_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -1240,13 +1277,14 @@ class _SkipgramBlockFused(torch.autograd.Function):
             g = g.to(gu.dtype)
             gu, gv = gu * g, gv * g
         return (gu if ctx.needs_input_grad[0] else None, gv if ctx.needs_input_grad[1] else None,
-                None, None, None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def skipgram_block_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor, neg_ratio: float,
                          pos_t: Tensor, pos_p: Tensor, pos_q: Tensor, pos_n: Tensor,
                          chunk: Optional[int] = None, fast: bool = True, compiled: bool = False,
-                         weight: float = 1.0, native: bool = True) -> Tensor:
+                         weight: float = 1.0, native: bool = True,
+                         value_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``skipgram_block(bmm(u, v^T), ...)`` without the (T, P, Q) logits in memory: formed
     ``chunk`` elements at a time (default :data:`LOGIT_CHUNK` of the device), the likelihood summed
     in float64 and its gradients with respect to u (T, P, d) and v (T, Q, d) formed in the same pass.
@@ -1255,7 +1293,9 @@ def skipgram_block_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor
     False: the first issue-16 passes), by the native C loop on float32 CPU blocks (``native``, see
     goldstone_cli/kernels) or else through ``torch.compile`` with ``compiled``; ``weight``:
     returns ``weight`` times the likelihood (a caller's scale factor applied to the gradients as they
-    are formed, instead of a pass over them in backward)."""
+    are formed, instead of a pass over them in backward). ``value_dtype``: the dtype of the returned
+    value (default u's; ``torch.float64`` keeps the float64 sum whole, e.g. for a reported loss; the
+    gradients are the same either way)."""
     if u.dim() != 3 or v.dim() != 3 or u.shape[0] != v.shape[0] or u.shape[2] != v.shape[2]:
         raise ValueError(f"u (T, P, d) and v (T, Q, d) need the same T and d, got {tuple(u.shape)} and {tuple(v.shape)}")
     T, P, Q = u.shape[0], u.shape[1], v.shape[1]
@@ -1264,12 +1304,13 @@ def skipgram_block_fused(u: Tensor, v: Tensor, c_rows: Tensor, cneg_cols: Tensor
             raise ValueError(f"{name} must have shape (T, {'P' if name == 'c_rows' else 'Q'}) = {want} for u "
                              f"{tuple(u.shape)} and v {tuple(v.shape)}, got {tuple(t.shape)}")
     _check_positives(pos_t, pos_p, pos_q, pos_n)
+    _check_positive_range(pos_t, pos_p, pos_q, T, P, Q)
     if chunk is None:
         chunk = LOGIT_CHUNK.get(u.device.type, 1 << 22)
     if int(chunk) < 1:
         raise ValueError(f"chunk must be a positive number of elements, got {chunk}")
     return _SkipgramBlockFused.apply(u, v, c_rows, cneg_cols, float(neg_ratio), pos_t, pos_p, pos_q, pos_n, int(chunk),
-                                     bool(fast), bool(compiled), float(weight), bool(native))
+                                     bool(fast), bool(compiled), float(weight), bool(native), value_dtype)
 
 
 # ============================================================================ model
@@ -1361,6 +1402,13 @@ class DynamicWordEmbeddings(DynamicModel):
     best_lower_is_better = False
     headline_metrics = (("ll_test", "held-out LL/point"), ("ll_val", "validation LL/point"),
                         ("cos_first_last_median", "median cos(first, last)"))
+    #: the dtype of the loss terms (``loss_terms``, ``local_loss``): float64 whatever the parameters'
+    #: dtype. The likelihood, square sums, chain terms and psi are float64 sums of float32 partials; kept
+    #: float64 and added in float64, the reported loss carries no float32 rounding (about 1e-7
+    #: relative: about 100 at the paper's size, where the loss is about -1e9). Scalars only: the
+    #: gradients are those of float32 terms (the incoming scalar gradients are rounded to the
+    #: parameters' dtype) and the step costs the same.
+    VALUE_DTYPE = torch.float64
 
     def __init__(self, wc: WordCounts, d: int = 100, inference: str = "variational", D: float = 1e-3,
                  sigma0: float = 1.0, neg_ratio: float = 1.0, neg_exponent: float = 0.75,
@@ -1491,10 +1539,13 @@ class DynamicWordEmbeddings(DynamicModel):
         rows, cols = draw_minibatch(self.V, P, Q, generator, dev)
         scale_r, scale_c = self.V / P, self.V / Q
         psi = None
+        # every scalar term is a float64 sum and stays float64 (VALUE_DTYPE), added in float64: the loss
+        # of the paper's size is about -1e9, whose float32 rounding alone is about 100
+        vd = self.VALUE_DTYPE
         if with_psi:  # gathers, square sums and psi with one dense gradient pass per mean
             # (T, P, d), float64 sum of mu_u^2, psi of mu_u
-            mu_rows, sq_u, psi_u = mean_terms(mu_u, rows, self.coupling, self.native)
-            mu_cols, sq_v, psi_v = mean_terms(mu_v, cols, self.coupling, self.native)  # (T, Q, d)
+            mu_rows, sq_u, psi_u = mean_terms(mu_u, rows, self.coupling, self.native, vd)
+            mu_cols, sq_v, psi_v = mean_terms(mu_v, cols, self.coupling, self.native, vd)  # (T, Q, d)
             psi = psi_u + psi_v  # Eq. 3 over the group (mu_U, mu_V)
         elif self.fused_prior:  # gathers and square sums with one dense gradient pass per mean
             mu_rows, sq_u = rows_and_squares(mu_u, rows, self.native)  # (T, P, d), float64 sum of mu_u^2
@@ -1512,8 +1563,8 @@ class DynamicWordEmbeddings(DynamicModel):
             u, v = mu_rows, mu_cols
             var_terms = 0.0
         neg_ll = self.block_loglik(u, v, rows, cols, weight=-scale_r * scale_c)  # the likelihood scaled to all words
-        zero_mean = (0.5 * self.inv_var0 * (sq_u + sq_v)).to(mu_u.dtype)
-        return neg_ll + zero_mean + var_terms + self._const, psi
+        zero_mean = (0.5 * self.inv_var0 * (sq_u + sq_v)).to(vd)  # sq_u, sq_v: float64 sums
+        return neg_ll.to(vd) + zero_mean + var_terms + self._const, psi
 
     def _chain_terms(self, mu_rows: Tensor, raw: Tensor, off: Tensor, rows: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
         """:func:`chain_terms` of the minibatch rows of one posterior; with ``fused_prior`` and the
@@ -1521,19 +1572,22 @@ class DynamicWordEmbeddings(DynamicModel):
         (step by step in the sequential one) and their dense gradients written once."""
         method = _scan_method(self.scan_method, raw.device)
         if self.fused_prior and method != "logdepth" and self.T > 1:
-            return _ChainTerms.apply(mu_rows, raw, off, eps, self.w, self.inv_var0, rows, self.native, method)
+            return _ChainTerms.apply(mu_rows, raw, off, eps, self.w, self.inv_var0, rows, self.native, method,
+                                     self.VALUE_DTYPE)
         return chain_terms(mu_rows, raw[:, rows], off[:, rows], eps, self.w, self.inv_var0, method, self.fused_prior,
-                           self.native)
+                           self.native, self.VALUE_DTYPE)
 
     def block_loglik(self, u: Tensor, v: Tensor, rows: Tensor, cols: Tensor, weight: float = 1.0) -> Tensor:
         """Training log-likelihood of the word-context block rows x cols at every step, for word
         embeddings ``u`` (T, P, d) of ``rows`` and context embeddings ``v`` (T, Q, d) of ``cols``,
-        times ``weight`` (the fused path applies it while forming the gradients)."""
+        times ``weight`` (the fused path applies it while forming the gradients). The fused path returns
+        its float64 sum as a :data:`VALUE_DTYPE` scalar; the materialized one (``fused_loglik=False``)
+        u's dtype."""
         pt, pp, pq, pn = self._block_positives(rows, cols)
         if self.fused_loglik:  # chunked, the gradients formed in the same pass (skipgram_block_fused)
             return skipgram_block_fused(u, v, self.c[:, rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn,
                                         self.logit_chunk, self.fast_logits, self.compile_logits, weight,
-                                        self.native)
+                                        self.native, self.VALUE_DTYPE)
         X = torch.bmm(u, v.transpose(1, 2))  # (T, P, Q)
         ll = skipgram_block(X, self.c[:, rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn)
         return ll if weight == 1.0 else weight * ll
@@ -1649,9 +1703,23 @@ def heldout_loglik_many(U: Tensor, V: Tensor, counts: Sequence[sp.csr_matrix], n
     for s in range(0, Vn, rstep):  # O(V^2 d), chunked over rows
         L = F.logsigmoid(-(U[s:s + rstep] @ V.T))  # (rstep, V)
         for k in range(len(counts)):  # a handful of matrices per step
-            per_row = L @ cnegs[k]  # (rstep,): sums over V contexts
-            neg[k] += float(torch.dot(cts[k][s:s + rstep].to(torch.float64), per_row.to(torch.float64)))
+            per_row = _matvec64(L, cnegs[k])  # (rstep,) float64: sums over V contexts
+            neg[k] += float(torch.dot(cts[k][s:s + rstep].to(torch.float64), per_row))
     return [(pos + neg_ratio * ng, n) for (pos, n), ng in zip(out, neg)]
+
+
+def _matvec64(L: Tensor, x: Tensor, block: int = BLOCK) -> Tensor:
+    """``L @ x`` (rows, V) x (V,) accumulated in float64: float32 products over column blocks of
+    ``block`` contexts (views, nothing copied), their partials added in float64 (as
+    ``numerics.row_sum_squares``). One float32 product over all V = 5,000 contexts put 1.1e-8
+    relative error into a step's held-out likelihood (5.4e-10 with the blocks); V is 10,000 at the
+    paper's size."""
+    if L.dtype == torch.float64:
+        return L @ x.to(torch.float64)
+    out = torch.zeros(L.shape[0], dtype=torch.float64, device=L.device)
+    for j in range(0, L.shape[1], block):
+        out += (L[:, j:j + block] @ x[j:j + block]).to(torch.float64)
+    return out
 
 
 def cosine_quantiles(cos: Tensor) -> dict[str, float]:

@@ -285,7 +285,9 @@ def ratings_pass(U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, x: Tensor, scale:
     gradient one row sum per run of equal rows (:func:`_bag_gradients` with ``groups``, a
     :class:`RatingGroups` of these ratings, built here if not given; :data:`RATINGS_GRADIENT`);
     the same numbers up to float rounding. Row indices out of range are an IndexError before
-    anything is added into ``gU``, ``gV``."""
+    anything is added into ``gU``, ``gV``; ``gU`` and ``gV`` sharing memory with each other or with an
+    input (the pass adds into them while it reads the inputs) a ValueError (O(1), as
+    ``coupling.quadratic_terms_``'s ``out``)."""
     if U.dim() < 1 or V.dim() < 1 or V.shape[-1] != U.shape[-1]:
         raise ValueError(f"U (..., d) and V (..., d) need the same last dimension d, got {tuple(U.shape)} and "
                          f"{tuple(V.shape)}")
@@ -296,6 +298,9 @@ def ratings_pass(U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, x: Tensor, scale:
                          f"{tuple(x.shape)}")
     if (gU is None) != (gV is None) or (gU is not None and (gU.shape != U.shape or gV.shape != V.shape)):
         raise ValueError("gU and gV must both be given, shaped like U and V, or both be None")
+    if gU is not None:  # gU is gV (or gU = U, ...) was accepted and silently wrong: refused, O(1)
+        native_loops.refuse_overlap({"gU": gU, "gV": gV}, {"U": U, "V": V, "ru": ru, "rv": rv, "x": x},
+                                    "the ratings pass")
     if native and native_loops.usable(U, V, x, gU, gV) and native_loops.usable(ru, rv, dtype=torch.int64):
         lib = native_loops.library()
         if lib is not None:
