@@ -156,8 +156,9 @@ def train(
     except TrainingDiverged as exc:
         _fail(str(exc), code=3)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:  # ConfigError, missing or malformed data,
-        # a bad checkpoint, a file where a folder belongs; on several ranks: rank 0 prints it (PeerRankError:
-        # rank 0's error, which it printed), unless it is one rank's own (RankError)
+        # a bad checkpoint, a file where a folder belongs, a failure inside the loop (TrainingStopped); on several
+        # ranks: rank 0 prints it (PeerRankError: another rank's error, printed by rank 0 only), unless it is
+        # one rank's own (RankError)
         _fail(str(exc), code=exc.exit_code if isinstance(exc, PeerRankError) else 2,
               every_rank=not isinstance(exc, RankError))
     from goldstone_cli.train import format_result

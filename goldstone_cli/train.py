@@ -25,7 +25,12 @@ Conventions (so that a resumed run reproduces an uninterrupted one row for row):
   saved on N ranks resumes on M ranks or one process, and a one-process run on N ranks; resume takes
   the newest checkpoint of either kind that verifies. What rank 0 alone does before the first step
   (the run folder, its files) runs in ``RowShard.from_main``: an error there stops every rank, the
-  others with PeerRankError (the command line prints rank 0's message once).
+  others with PeerRankError (the command line prints rank 0's message once). Inside the loop, what one
+  rank alone does (rank 0 writing metrics.csv, gauge.csv, snapshots.pt, summary.json) runs in
+  ``LocalFailures.guard`` (goldstone_cli/distributed/failures.py): a failure is carried by the next
+  step's stop-signal all-reduce (no collective of its own), every rank stops there without another
+  checkpoint, rank 0 prints one line (the file, the cause, the last checkpoint, the resume command; the
+  others raise PeerRankError) and the folder resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from tqdm.auto import tqdm
 from goldstone_cli import checkpoint as ckpt
 from goldstone_cli.checkpoint import CheckpointError
 from goldstone_cli.config import ConfigError, choice, run_names, to_yaml
+from goldstone_cli.distributed.failures import LocalFailures
 from goldstone_cli.distributed.shard import RowShard
 from goldstone_cli.io import atomic_path, atomic_write_json, atomic_write_text, non_finite_paths
 from goldstone_cli.models import build_model
@@ -134,7 +140,10 @@ class MetricsWriter:
     def _truncate(self, step: int) -> None:
         """Keep the rows before ``step`` (those after the checkpoint are recomputed)."""
         with open(self.path, newline="") as f:
-            rows = list(csv.reader(f))
+            lines = f.read().splitlines(keepends=True)
+        if lines and not lines[-1].endswith(("\n", "\r")):  # a row cut off by a failed write (a full disk)
+            lines.pop()
+        rows = list(csv.reader(lines))
         if not rows:
             raise ValueError(f"{self.path} is empty (no header), but the run has a checkpoint at step {step}: its "
                              f"rows were lost; restore the file, or delete it to resume without the earlier rows")
@@ -380,12 +389,32 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
     # and resumed ends with the prev.pt of an uninterrupted one
     replaces = [start if resuming else None]
 
+    def describe(exc: BaseException, what: str) -> str:  # the one line rank 0 prints for a failure in the loop
+        who = f"rank {shard.rank} could not" if shard.distributed else "could not"
+        if replaces[0] is None:
+            then = f"no checkpoint was written yet: start the run again with run_dir={run_dir}"
+        else:
+            fix = ("free disk space or fix the run folder's permissions, then" if isinstance(exc, OSError)
+                   else "once the cause is fixed,")
+            then = f"last checkpoint: step {replaces[0]}; {fix} continue with: {_resume_command(shard, run_dir)}"
+        stopped = "every rank stopped" if shard.distributed else "the run stopped"
+        return f"{who} {what}: {type(exc).__name__}: {_first_line(exc)}; {stopped} ({then})"
+
+    # what one rank alone does in the loop (rank 0's files) runs in failures.guard: a failure there is
+    # raised on every rank together at the next all-reduce (goldstone_cli/distributed/failures.py)
+    failures = LocalFailures(shard, describe)
+
     def checkpoint(step: int, gen=None, wall_at=None) -> None:
+        """Returns only once every rank has written its part (a failure on any rank stops them all)."""
         if snapshots and main:  # first: a kill between the two leaves snapshots that the older checkpoint trims
-            _save_snapshots(run_dir, snapshots)
+            with failures.guard(f"write {ckpt.SNAPSHOTS} at step {step}"):
+                _save_snapshots(run_dir, snapshots)
+        failures.agree()  # no checkpoint after a failure on any rank: the last one stays the one to resume from
         rotate = replaces[0] is None or replaces[0] % tc.checkpoint_every == 0
-        _save_checkpoint(ckpt_dir, state_at(step, gen, wall_at), model, optimizer, shard, device, rotate)
-        replaces[0] = step
+        with failures.guard(f"write the checkpoint at step {step}"):  # raises on every rank alike (dck.save)
+            _save_checkpoint(ckpt_dir, state_at(step, gen, wall_at), model, optimizer, shard, device, rotate)
+            replaces[0] = step
+        failures.agree()
 
     status, message, last_row = "completed", "", {}
     steps = int(tc.steps)
@@ -402,15 +431,17 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
             while True:
                 # a signal to any rank stops every rank at this step (decided on the all-reduced flag only:
                 # a signal arriving during the all-reduce is seen by every rank at the next step)
-                stop = _agree_on_interrupt(interrupt, shard) if shard.distributed else interrupt.requested
+                # the same all-reduce carries the failures of the step before (failures.guard): every rank
+                # raises here together, rank 0 with its message (no collective of its own every step)
+                stop = (_agree_on_interrupt(interrupt, shard, failures) if shard.distributed
+                        else interrupt.requested)
                 if stop:
                     checkpoint(step)
                     status = "interrupted"
                     message = (f"interrupted ({interrupt.name}) at step {step}; continue with: "
-                               + (f"torchrun --nproc-per-node={shard.world} -m goldstone_cli train resume={run_dir} "
-                                  f"(any number of ranks, or one process: goldstone train resume={run_dir} "
-                                  f"trainer.distributed=false)" if shard.distributed else
-                                  f"goldstone train resume={run_dir}"))
+                               + _resume_command(shard, run_dir)
+                               + (f" (any number of ranks, or one process: goldstone train resume={run_dir} "
+                                  f"trainer.distributed=false)" if shard.distributed else ""))
                     break
                 # also at step 0 of a fresh run: a run killed at once is resumable (the last step's checkpoint
                 # is written after the loop); written once this step's loss is known to be finite, with the
@@ -456,12 +487,14 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                         model.train()
                         eta.add_eval(time.perf_counter() - t_eval)
                         row.update(evals)
-                        best = _update_best(model, evals, best, step, run_dir, shard, device)
+                        with failures.guard(f"write the best checkpoint at step {step}"):  # alike on every rank
+                            best = _update_best(model, evals, best, step, run_dir, shard, device)
                         if target is not None and target_step is None and _reached(model, evals, target):
                             target_step = step
                     if has_gauge:
                         row.update(_gauge_row(optimizer))
-                    metrics.write(row)
+                    with failures.guard(f"write metrics.csv at step {step}"):
+                        metrics.write(row)
                     last_row = row
                     pbar.set_postfix(loss=f"{total:.6g}", psi=f"{row['psi']:.3g}", refresh=False)
                 if final:
@@ -489,20 +522,33 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                     torch.cuda.synchronize(device)
                 wall += time.perf_counter() - t0
                 if gauge_log is not None and optimizer.num_gauge_steps != n_gauge:
-                    gauge_log.write(optimizer.last_gauge)
+                    with failures.guard(f"write gauge.csv at step {step + 1}"):
+                        gauge_log.write(optimizer.last_gauge)
                 del terms
                 step += 1
                 pbar.update(1)
                 if main:
                     _announce_eta(eta, step, pbar, desc)
+            failures.agree()  # the last steps' failures (a final row rank 0 could not write): once per run
             if status in ("completed", "target_reached"):
                 checkpoint(step)
-    finally:
+    except BaseException:  # nothing here may hide the error on its way (a file that failed fails again on close)
         pbar.close()
+        for close in (metrics.close, *((gauge_log.close,) if gauge_log is not None else ()),
+                      *((lambda: _save_snapshots(run_dir, snapshots),) if snapshots and main else ())):
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                pass
+        raise
+    pbar.close()
+    with failures.guard("close metrics.csv"):
         metrics.close()
-        if gauge_log is not None:
+    if gauge_log is not None:
+        with failures.guard("close gauge.csv"):
             gauge_log.close()
-        if snapshots and main:
+    if snapshots and main:
+        with failures.guard(f"write {ckpt.SNAPSHOTS}"):
             _save_snapshots(run_dir, snapshots)
 
     summary = {
@@ -541,11 +587,12 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
     if bad:  # JSON has no NaN: atomic_write_json writes null; say which values and why
         summary["non_finite"] = {"values": bad, "note": "these values were NaN or infinite; written as null"}
     if not main:  # rank 0 writes the summary and the plot; no rank leaves before it is done
-        shard.barrier()
+        failures.agree()  # (a barrier that also stops every rank where rank 0 could not write them)
         if status == "diverged":
             raise TrainingDiverged(message)
         return RunResult(run_dir, status, summary, rank=shard.rank)
-    atomic_write_json(run_dir / "summary.json", summary)
+    with failures.guard("write summary.json"):
+        atomic_write_json(run_dir / "summary.json", summary)
     try:
         from goldstone_cli.report import plot_losses
 
@@ -554,7 +601,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                     heldout=[(m, label) for m, label in model.headline_metrics if m != "suboptimality"])
     except Exception as exc:  # a plot must never lose a finished run
         tqdm.write(f"warning: could not draw loss.png: {exc}")
-    shard.barrier()
+    failures.agree()
     if status == "diverged":
         raise TrainingDiverged(message)
     return RunResult(run_dir, status, summary)
@@ -604,15 +651,29 @@ def _join_process_group(cfg: DictConfig):
         raise ConfigError(str(exc)) from None
 
 
-def _agree_on_interrupt(interrupt: "_Interrupt", shard: RowShard) -> bool:
+_FAILED = 1024.0  # above every signal number
+
+
+def _agree_on_interrupt(interrupt: "_Interrupt", shard: RowShard, failures: Optional[LocalFailures] = None) -> bool:
     """Whether any rank got a stop signal before this all-reduce (the same answer on every rank);
-    if so every rank records it (the signal: the largest number)."""
+    if so every rank records it (the signal: the largest number). With ``failures``, the same
+    all-reduce tells whether any rank failed since (:meth:`LocalFailures.raise_if`: every rank raises)."""
     requested, signum = interrupt.requested, interrupt.signum  # read once: the handler may run at any time
-    flag = torch.tensor([float(signum or 0) if requested else 0.0], device=shard.device or torch.device("cpu"))
-    agreed = int(shard.all_reduce_max_(flag).item())
+    # one number (gloo's all-reduce of two floats takes twice as long as of one): the signal, plus
+    # _FAILED where this rank failed; the maximum is >= _FAILED where any rank did (the signal is then moot)
+    code = (float(signum or 0) if requested else 0.0) + (_FAILED * failures.flag() if failures is not None else 0.0)
+    agreed = int(shard.all_reduce_max_(torch.tensor([code], device=shard.device or torch.device("cpu"))).item())
+    if failures is not None:
+        failures.raise_if(float(agreed >= _FAILED))  # a failure wins over a signal: no checkpoint after it
     if agreed:
         interrupt.requested, interrupt.signum = True, agreed
     return bool(agreed)
+
+
+def _resume_command(shard: RowShard, run_dir: Path) -> str:
+    if shard.distributed:
+        return f"torchrun --nproc-per-node={shard.world} -m goldstone_cli train resume={run_dir}"
+    return f"goldstone train resume={run_dir}"
 
 
 def _summed_terms(terms: dict[str, torch.Tensor], shard: RowShard) -> tuple[float, float, float]:

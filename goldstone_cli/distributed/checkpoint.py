@@ -234,10 +234,11 @@ def save(ckpt_dir: str | Path, state: dict[str, Any], paths: dict[Path_, int], s
         prev, old = ckpt_dir / PREV, ckpt_dir / f".{PREV}.old.tmp"
     else:  # the folder it replaces is dropped
         prev = old = ckpt_dir / f".{name}.old.tmp"
-    if shard.is_main():
+    def make_tmp() -> None:  # rank 0; an error (a full disk, no permission) stops every rank here
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    shard.barrier()
+
+    shard.from_main(make_tmp, f"make {tmp}")  # in place of a barrier: the others wait for it, or for its error
     meta_state, tensors = state, {}
     for path, n in sorted(paths.items(), key=lambda kv: _key(kv[0])):
         local = _get(state, path)
@@ -249,8 +250,7 @@ def save(ckpt_dir: str | Path, state: dict[str, Any], paths: dict[Path_, int], s
     dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), process_group=shard.group)
     shard.barrier()  # every rank's rows are on disk
     # every rank hashes its share of the files (rank 0 alone would read the whole model)
-    names = sorted(p.name for p in tmp.iterdir() if p.is_file()) if shard.is_main() else None
-    names = shard.broadcast_json(names, 1 << 16)
+    names = shard.from_main(lambda: sorted(p.name for p in tmp.iterdir() if p.is_file()), f"list {tmp}", 1 << 16)
     try:
         mine: dict[str, Any] = {"digests": {n: file_sha256(tmp / n) for n in _share(names, shard)}}
     except OSError as exc:  # told to the other ranks, so that none waits in the gather
@@ -260,7 +260,7 @@ def save(ckpt_dir: str | Path, state: dict[str, Any], paths: dict[Path_, int], s
         if "error" in part:
             raise CheckpointError(part["error"])
         files.update(part["digests"])
-    if shard.is_main():
+    def finish() -> None:  # rank 0
         ckpt.save(tmp / META, {"state": meta_state, "files": files, "world": shard.world}, kind=KIND)
         ckpt._fsync_dir(tmp)
         shutil.rmtree(old, ignore_errors=True)
@@ -271,7 +271,10 @@ def save(ckpt_dir: str | Path, state: dict[str, Any], paths: dict[Path_, int], s
         os.replace(tmp, last)
         ckpt._fsync_dir(ckpt_dir)
         shutil.rmtree(old, ignore_errors=True)
-    shard.barrier()
+
+    # in place of a barrier: a failure of rank 0's part (meta.pt on a full disk) raises on every rank
+    # (PeerRankError on the others) instead of leaving them in the barrier; the folder it replaces stays
+    shard.from_main(finish, f"write {last}")
     return last
 
 
