@@ -9,7 +9,8 @@ A sweep is a *plan*, a list of runs, each a list of Hydra overrides for ``goldst
   overrides applied to every run;
 - command-line overrides are added to that grid and replace entries with the same key;
 - a sweep file's ``model`` names the model its methods, fixed, target and report are written for:
-  when the command line picks another model, they are left out (the runs use that model's defaults).
+  when the command line picks another model, they are left out (the runs use that model's defaults);
+  a command line that picks its model and another one is refused (one plan, one set of settings).
 
 Every combination is composed and validated with :func:`goldstone_cli.config.compose` before
 anything is created. The plan is written to ``<sweep_dir>/sweep.json``; every run trains in its own
@@ -125,6 +126,10 @@ register_schema("sweep", "base", SweepConfig)
 
 
 # ----------------------------------------------------------------------------- loading
+# mappings that sweep.KEY={...} replaces rather than merges into (sweep.KEY.LABEL=... changes one entry)
+_REPLACED = ("sweep.methods", "sweep.launcher.params")
+
+
 def _compose_sweep(name: str, overrides: list[str]) -> SweepConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -133,10 +138,15 @@ def _compose_sweep(name: str, overrides: list[str]) -> SweepConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name=f"sweep/{name}", overrides=list(overrides))
+            merged = [o for o in overrides if o.split("=", 1)[0] not in _REPLACED]
+            cfg = hydra_compose(config_name=f"sweep/{name}", overrides=merged)
         node = cfg.sweep if "sweep" in cfg else cfg
         if OmegaConf.get_type(node) is not SweepConfig:
             raise ConfigError(f"conf/sweep/{name}.yaml must start with `defaults: [/schema/sweep@_here_: base, _self_]`")
+        for o in overrides:  # a mapping given whole replaces the file's (Hydra merges: methods={} kept them all)
+            key = o.split("=", 1)[0]
+            if key in _REPLACED:
+                OmegaConf.update(node, key.split(".", 1)[1], _parser().parse_override(o).value(), merge=False)
         return OmegaConf.to_object(node)
     finally:
         GlobalHydra.instance().clear()
@@ -344,7 +354,10 @@ def make_plan(config: SweepConfig, cli_grid: list[str] = ()) -> Plan:
     cli_axes = expand(list(cli_grid))
     cli_keys = {a.key for a in cli_axes}
     if len(cli_keys) != len(cli_axes):
-        raise ConfigError("the same key is given twice on the command line")
+        keys = [a.key for a in cli_axes]
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise ConfigError(f"'{twice}' is given twice on the command line; give it once (a comma list sweeps "
+                          f"several values: {twice}=A,B)")
     # a command-line entry takes the place of the sweep's entry with the same key, or is appended
     by_key = {a.key: a for a in cli_axes}
     sweep_axes = expand(list(config.overrides))
@@ -433,6 +446,36 @@ def grid_models(grid: list[str]) -> set[str]:
     return models
 
 
+def mixed_models_error(config: SweepConfig, grid: list[str], models: set[str]) -> str:
+    """One line for a command line that trains the sweep's own model and another one.
+
+    A plan has one set of methods, fixed settings, target and report for all its runs (and one
+    target in sweep.json), so the sweep's settings cannot apply to some runs and not to others:
+    the runs of its own model would lose them (or the other model's runs would get settings made for
+    another model). Two sweeps, one per model, each get their model's settings."""
+    axes = expand(list(grid))
+    chooser = [a for a in axes if a.key in ("model", "experiment")]
+    entries = [o for a in chooser for o in _entry(a)]
+    rest = " ".join(o for a in axes if a not in chooser for o in _entry(a))
+    others = sorted(models - {config.model})
+    per_model = {m: f"model={m}" for m in [config.model] + others}
+    if len(chooser) == 1:  # split that one entry by model: experiment=fig2,fig3 -> experiment=fig2 / experiment=fig3
+        a, by = chooser[0], {}
+        for ov, v in zip(a.overrides, a.values):
+            try:
+                by.setdefault(str(compose([ov]).model.name), []).append(v)
+            except ConfigError:
+                pass
+        elem = a.overrides[0].split("=", 1)[0]
+        per_model.update({m: f"{elem}={','.join(vs)}" for m, vs in by.items() if m in per_model})
+    commands = " and ".join(f"`goldstone sweep {' '.join(x for x in (per_model[m], rest) if x)}`"
+                            for m in [config.model] + others)
+    return (f"{' '.join(entries)} mixes model={config.model}, which sweep {config.name}'s methods, fixed settings, "
+            f"target and report are written for, with model={', model='.join(others)}; one sweep applies its "
+            f"settings to all its runs, so run one sweep per model: {commands} (or add sweep.model=null to "
+            "apply the sweep's settings to every model)")
+
+
 def own_model_only(config: SweepConfig, sweep_overrides: list[str], grid: list[str]) -> tuple[SweepConfig, str]:
     """A sweep written for ``config.model`` whose command line trains another model: drop the
     settings made for its model (methods, fixed, target, report, description) unless the command line
@@ -440,6 +483,8 @@ def own_model_only(config: SweepConfig, sweep_overrides: list[str], grid: list[s
     models = grid_models(grid) if config.model else set()
     if not models or models == {config.model}:
         return config, ""
+    if config.model in models:  # some runs on the sweep's model, some on another: refuse (see below)
+        raise ConfigError(mixed_models_error(config, grid, models))
     given = [o.split("=", 1)[0].lstrip("+~").split(".", 1)[1] for o in sweep_overrides]
     fresh = SweepConfig()
     dropped = []
@@ -807,6 +852,16 @@ def log_tail(path: Path, lines: int = 12) -> str:
     return "\n".join("    " + ln for ln in text[-lines:])
 
 
+def _exit_text(rc: int) -> str:
+    """``exit code 1``, or for a process ended by a signal (negative return code) ``killed by SIGKILL``."""
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit code {rc}"
+
+
 # ----------------------------------------------------------------------------- local runner
 class _Stop:
     """Ctrl-C (or SIGTERM, SIGHUP, SIGUSR1) while the sweep runs: stop launching and forward SIGINT to the runs
@@ -918,7 +973,7 @@ def run_local(sweep_dir: Path, todo: list[tuple[RunSpec, str]], jobs: int, n_tot
                     postfix()
                     bar.update(1)
                 if outcome in ("failed", "diverged"):
-                    tqdm.write(f"run {r.run.name} {outcome} (exit code {rc}); log {run_dir / 'train.log'}:\n"
+                    tqdm.write(f"run {r.run.name} {outcome} ({_exit_text(rc)}); log {run_dir / 'train.log'}:\n"
                                f"{log_tail(run_dir / 'train.log')}")
                 postfix()
             if running:
@@ -1256,7 +1311,10 @@ def run_sweep(args: list[str] = (), sweep_dir: Optional[Path] = None, jobs: Opti
         code, hint = 130, f"; resume with: goldstone sweep --dir {sweep_dir}"
     elif counts["busy"]:
         code, hint = 75, f"; re-invoke goldstone sweep --dir {sweep_dir} when the busy runs have finished"
-    elif counts["failed"] or counts["diverged"]:
+    elif counts["failed"]:
+        code, hint = 1, (f"; after fixing the cause, goldstone sweep --dir {sweep_dir} retries the failed runs "
+                         "(from their last checkpoint) and skips the rest")
+    elif counts["diverged"]:
         code, hint = 1, ""
     else:
         code, hint = 0, ""

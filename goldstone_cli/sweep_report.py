@@ -44,6 +44,7 @@ class RunInfo:
     model: str = "?"
     summary: dict[str, Any] = field(default_factory=dict)
     metrics: Optional[pd.DataFrame] = None
+    problem: str = ""  # a damaged metrics.csv / summary.json: what is wrong and how to fix it
 
 
 @dataclass
@@ -85,16 +86,77 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+FINISHED = ("completed", "target_reached")  # runs whose numbers the tables aggregate
+_RERUN = "delete the run folder and re-invoke `goldstone sweep --dir` on the sweep to train it again"
+
+
+def _read_metrics(path: Path) -> tuple[Optional[pd.DataFrame], str, bool]:
+    """(metrics, problem, partial): metrics.csv as numbers; ``problem`` says why it cannot be trusted
+    (unreadable, text where numbers belong, no step column); ``partial``: its last line was cut off
+    (a run killed while writing it, or a truncated copy) and is left out."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, "", False
+    except OSError as exc:
+        return None, f"metrics.csv cannot be read ({exc.strerror or type(exc).__name__})", False
+    partial = bool(raw) and not raw.endswith(b"\n")
+    if partial:
+        raw = raw[: raw.rfind(b"\n") + 1]
+    import io
+
+    try:
+        df = pd.read_csv(io.BytesIO(raw))
+    except pd.errors.EmptyDataError:
+        return None, "", partial
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        return None, f"metrics.csv cannot be parsed ({_one_line(exc)})", partial
+    if "step" not in df.columns:
+        return None, "metrics.csv has no step column", partial
+    for c in df.columns:
+        if not pd.api.types.is_numeric_dtype(df[c]):
+            num = pd.to_numeric(df[c], errors="coerce")
+            bad = num.isna() & df[c].notna()
+            if bad.any():
+                row = int(bad.to_numpy().nonzero()[0][0])
+                return None, f"metrics.csv has {str(df[c].iloc[row])[:20]!r} in column {c} (data row {row + 1})", partial
+            df[c] = num
+    if df["step"].isna().any() or not df["step"].is_monotonic_increasing:
+        return None, "metrics.csv has missing or out-of-order steps", partial
+    return (df if len(df) else None), "", partial
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:120]
+
+
 def _load_run(folder: Path, name: str, method: str, settings: dict[str, str]) -> RunInfo:
     summary = _read_json(folder / "summary.json")
     info = RunInfo(name, folder, method, settings, _status(folder, summary), summary=summary or {})
-    metrics_csv = folder / "metrics.csv"
-    if metrics_csv.exists():
-        try:
-            df = pd.read_csv(metrics_csv)
-            info.metrics = df if len(df) else None
-        except (pd.errors.EmptyDataError, pd.errors.ParserError):
-            info.metrics = None
+    if summary is None and (folder / "summary.json").exists():
+        info.problem = ("summary.json cannot be read (damaged); `goldstone sweep --dir` on the sweep resumes "
+                        "the run from its last checkpoint, which writes it again")
+    df, problem, partial = _read_metrics(folder / "metrics.csv")
+    info.metrics = df
+    if info.status in FINISHED and not problem:  # a finished run's metrics.csv ends where its summary.json does
+        steps = summary.get("steps")
+        final = (summary.get("final") or {}).get("total")
+        last = df.iloc[-1] if df is not None else None
+        if partial:
+            problem = "the last line of metrics.csv is cut off"
+        elif df is None:
+            problem = "metrics.csv is missing or empty"
+        elif isinstance(steps, int) and int(last["step"]) != steps:
+            problem = f"metrics.csv ends at step {int(last['step'])}, summary.json at step {steps}"
+        elif isinstance(final, (int, float)) and "total" in df and not math.isclose(
+                float(last["total"]), float(final), rel_tol=1e-9, abs_tol=0.0) and math.isfinite(final):
+            problem = f"the last loss in metrics.csv ({float(last['total']):.6g}) is not summary.json's ({final:.6g})"
+    if problem:
+        info.problem = problem + (f"; its numbers are left out: {_RERUN}" if info.status in FINISHED
+                                  else "; its numbers are left out")
+        if info.status in FINISHED:
+            info.status = "damaged"
+        info.metrics = None  # nothing half-read is trusted
     if summary and summary.get("model"):
         info.model = str(summary["model"])
     else:
@@ -263,24 +325,29 @@ def _mean_std(values: pd.Series) -> str:
 
 
 def aggregate(df: pd.DataFrame, model: str, metric_cols: list[str]) -> pd.DataFrame:
-    """Per method of one model: runs, status counts, mean ± std over seeds of the main numbers."""
+    """Per method of one model: runs, status counts, mean ± std over its finished runs (seeds) of the
+    main numbers. Runs that did not finish (interrupted, failed, incomplete, damaged) are counted in
+    ``status`` only: their last values are from another step than the others'. "reached target" is
+    out of the finished and diverged runs (a diverged run is an outcome of its method)."""
     sub = df[df["model"] == model]
     out = []
-    for method, g in sub.groupby("method", sort=False):
-        statuses = g["status"].value_counts()
-        row = {"method": method, "runs": len(g), "status": ", ".join(f"{n} {s}" for s, n in statuses.items())}
+    for method, g_all in sub.groupby("method", sort=False):
+        statuses = g_all["status"].value_counts()
+        row = {"method": method, "runs": len(g_all), "status": ", ".join(f"{n} {s}" for s, n in statuses.items())}
+        g = g_all[g_all["status"].isin(FINISHED)]
+        judged = g_all[g_all["status"].isin(FINISHED + ("diverged",))]
         for c in ["final_total", "final_psi"] + [f"final_{m}" for m in metric_cols]:
             if c in g and g[c].notna().any():
                 row[c.replace("final_", "final ")] = _mean_std(g[c])
         if g["best_metric"].astype(str).str.len().gt(0).any():
             row[f"best {g['best_metric'].iloc[0]}"] = _mean_std(g["best_value"])
-        if g["target_value"].notna().any():
-            reached = int(g["steps_to_target"].notna().sum())
-            row["reached target"] = f"{reached}/{len(g)}"
-            row["steps to target"] = _mean_std(g["steps_to_target"])
-            row["time to target (s)"] = _mean_std(g["time_to_target"])
+        if g_all["target_value"].notna().any():
+            reached = int(judged["steps_to_target"].notna().sum())
+            row["reached target"] = f"{reached}/{len(judged)}" if len(judged) else "–"
+            row["steps to target"] = _mean_std(judged["steps_to_target"])
+            row["time to target (s)"] = _mean_std(judged["time_to_target"])
         row["steps"] = _mean_std(g["steps"])
-        row["wall time (s)"] = _mean_std(g["wall_time"])
+        row["optimization time (s)"] = _mean_std(g["wall_time"])  # metrics.csv wall_time: training steps only
         if g["gauge_overhead"].notna().any():
             row["gauge overhead"] = _mean_std(g["gauge_overhead"])
         out.append(row)
@@ -410,6 +477,29 @@ def plot_model(runs: list[RunInfo], panels: list[tuple[str, str]], out_png: Path
     return out_png
 
 
+def _guess_models(runs: list[RunInfo]) -> None:
+    """A run not started yet (no config.yaml) belongs to its method's model, or to the sweep's one
+    model: not to a table of its own under model '?'."""
+    known = {r.method: r.model for r in runs if r.model != "?"}
+    models = set(known.values())
+    for r in runs:
+        if r.model == "?":
+            r.model = known.get(r.method) or (next(iter(models)) if len(models) == 1 else "?")
+
+
+def _plotted(runs: list[RunInfo]) -> list[RunInfo]:
+    """The runs a model's plot draws: per method its finished and diverged runs, or, when it has
+    none, its unfinished ones under the label ``METHOD (unfinished)``."""
+    import dataclasses
+
+    out = []
+    for method in dict.fromkeys(r.method for r in runs):
+        mine = [r for r in runs if r.method == method and r.metrics is not None]
+        done = [r for r in mine if r.status in FINISHED + ("diverged",)]
+        out += done or [dataclasses.replace(r, method=f"{method} (unfinished)") for r in mine]
+    return out
+
+
 def _held_out_metric(runs: list[RunInfo], manifest: dict) -> Optional[str]:
     wanted = (manifest.get("report") or {}).get("metric")
     candidates = [wanted] if wanted else []
@@ -426,6 +516,7 @@ def build_report(sweep_dir: str | Path) -> ReportPaths:
     """Write summary.csv, report.md and plots/*.png for a sweep folder; return their paths."""
     sweep_dir = Path(sweep_dir)
     runs, manifest = collect(sweep_dir)
+    _guess_models(runs)
     df = summary_frame(runs, manifest)
     summary_csv = sweep_dir / "summary.csv"
     with atomic_path(summary_csv, suffix=".csv") as tmp:
@@ -458,8 +549,10 @@ def build_report(sweep_dir: str | Path) -> ReportPaths:
                   "evaluation that reaches it.", ""]
         if t.get("metric") and not any(r.metrics is not None and t["metric"] in r.metrics for r in runs):
             lines[-2] += f" No run reports a metric `{t['metric']}` (metrics.csv), so none reaches the target."
-    lines += ["Tables: mean ± standard deviation over the runs of each method (seeds). "
-              "Plots: median over seeds, band from the minimum to the maximum.", ""]
+    lines += ["Tables: mean ± standard deviation over the finished runs of each method (seeds); runs that "
+              "did not finish are counted in `status` only. Plots: median over seeds, band from the minimum to "
+              "the maximum, of the finished and diverged runs (a method none of whose runs finished is drawn "
+              "from its unfinished runs, marked so).", ""]
 
     plots = []
     for model in dict.fromkeys(df["model"]):
@@ -486,7 +579,7 @@ def build_report(sweep_dir: str | Path) -> ReportPaths:
                 if tm not in [c for c, _ in panels]:
                     panels.append((tm, tm))
         if any(r.metrics is not None for r in mruns):
-            png = plot_model(mruns, panels, sweep_dir / "plots" / f"{model}.png", f"{title} — {model}", target)
+            png = plot_model(_plotted(mruns), panels, sweep_dir / "plots" / f"{model}.png", f"{title} — {model}", target)
             plots.append(png)
             lines += [f"![{model}: loss, psi and {held or 'metrics'} against steps and wall time](plots/{png.name})", ""]
 
@@ -500,11 +593,11 @@ def build_report(sweep_dir: str | Path) -> ReportPaths:
     runs_tab["run"] = [f"[{n}]({n}/)" for n in runs_tab["run"]]
     lines += ["## Runs", "", _markdown(runs_tab), ""]
 
-    bad = [r for r in runs if r.status in ("failed", "diverged", "incomplete", "interrupted")]
+    bad = [r for r in runs if r.status in ("failed", "diverged", "incomplete", "interrupted", "damaged") or r.problem]
     if bad:
         lines += ["## Runs that did not finish", ""]
         for r in bad:
-            msg = r.summary.get("message") or ""
+            msg = "; ".join(m for m in (r.summary.get("message") or "", r.problem) if m)
             log = f" (log: [{r.name}/train.log]({r.name}/train.log))" if (r.folder / "train.log").is_file() else ""
             lines += [f"- `{r.name}`: {r.status}" + (f" — {msg}" if msg else "") + log]  # a plain run has no train.log
             tail = _tail(r.folder / "train.log")

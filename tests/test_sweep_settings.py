@@ -167,6 +167,31 @@ def test_the_default_sweep_leaves_its_settings_out_for_another_model(in_tmp):
         prepare(readme + ["sweep.model=null"])
 
 
+@pytest.mark.parametrize("grid, commands", [
+    (["model=dense_mf,movielens", "seed=0,1"], ["`goldstone sweep model=dense_mf seed=0,1`",
+                                                "`goldstone sweep model=movielens seed=0,1`"]),
+    (["experiment=fig2,fig3"], ["`goldstone sweep experiment=fig2`", "`goldstone sweep experiment=fig3`"]),
+])
+def test_a_sweep_mixing_its_own_model_with_another_is_refused_naming_two_sweeps(in_tmp, grid, commands):
+    """The sweep's methods, fixed settings, target and report are one set for all runs: a command line
+    that trains its own model and another one would have dropped them for every run (the dense_mf runs
+    then trained 5000 -> trainer.steps' 5000 with eval_every 100, no methods, no target). It is refused
+    in one line that names the two sweeps to run instead, before anything is created."""
+    res = runner.invoke(app, ["sweep", "--dry-run", *grid])
+    line = _error_line(res, "mixes model=dense_mf", "model=movielens", "run one sweep per model", *commands)
+    assert "sweep.model=null" in line
+    assert not (in_tmp / "outputs").exists()
+    # the models the sweep is not written for, together: each on its own defaults (no fixed settings)
+    cfg, note = sweep_mod.own_model_only(load_sweep("default"), [], ["model=movielens,dwe", "seed=0"])
+    plan = make_plan(cfg, ["model=movielens,dwe", "seed=0"])
+    assert plan.fixed == [] and plan.methods == {} and "left out" in note
+    # sweep.model=null applies the sweep's settings to every model (the user's choice)
+    grid = ["model=dense_mf,dwe", "seed=0"]
+    cfg, note = sweep_mod.own_model_only(load_sweep("default", ["sweep.model=null"]), ["sweep.model=null"], grid)
+    plan = make_plan(cfg, grid)
+    assert not note and "trainer.steps=5000" in plan.fixed and {r.settings["model"] for r in plan.runs} == {"dense_mf", "dwe"}
+
+
 # ----------------------------------------------------------------------------- threads of a continued sweep
 def test_a_continued_sweep_keeps_the_thread_count_it_started_with(in_tmp, monkeypatch):
     """First start: 2 runs, 2 at a time on 4 cores: 2 threads each, recorded in sweep.json. When only
@@ -248,3 +273,26 @@ def test_the_report_says_when_no_run_reports_the_target_metric(in_tmp):
     (run / "summary.json").write_text(json.dumps({"status": "completed", "model": "dense_mf"}))
     md = build_report(d).report_md.read_text()
     assert "Target: foo <= 0.0001" in md and "No run reports a metric `foo`" in md
+
+
+# ----------------------------------------------------------------------------- mappings given whole, repeated keys
+def test_a_mapping_given_whole_replaces_the_sweep_files_and_a_repeated_key_is_named(in_tmp):
+    """sweep.methods={} used to be merged into the file's methods (so nothing changed): it is replaced;
+    sweep.methods.LABEL=... still adds or changes one method."""
+    assert load_sweep("default", ["sweep.methods={}"]).methods == {}
+    assert load_sweep("default", ["sweep.methods={gs:['optimizer=goldstone']}"]).methods == {"gs": ["optimizer=goldstone"]}
+    assert set(load_sweep("default", ["+sweep.methods.ada=['optimizer=adagrad']"]).methods) == {"gd_paper", "goldstone", "ada"}
+    plan = make_plan(load_sweep("default", ["sweep.methods={}"]), ["seed=0"])
+    assert [r.name for r in plan.runs] == ["run"] and plan.methods == {}
+    _error_line(runner.invoke(app, ["sweep", "--dry-run", "sweep.methods={a:3}"]), "sweep.methods={a:3}")
+    _error_line(runner.invoke(app, ["sweep", "--dry-run", "seed=0", "seed=1"]), "'seed' is given twice", "seed=A,B")
+
+
+def test_a_run_ended_by_a_signal_says_which_and_a_failed_sweep_says_how_to_retry(monkeypatch, in_tmp):
+    assert sweep_mod._exit_text(-9) == "killed by SIGKILL" and sweep_mod._exit_text(1) == "exit code 1"
+    d = _sweep_folder(in_tmp / "sw")
+    monkeypatch.setattr(sweep_mod, "run_local", lambda sweep_dir, todo, *a, **k: {todo[0][0].name: "failed",
+                                                                                  todo[1][0].name: "done"})
+    res = run_sweep([], sweep_dir=d, progress=False, echo=lambda *_: None)
+    assert res.exit_code == 1 and "1 done, 1 failed" in res.message
+    assert f"goldstone sweep --dir {d} retries the failed runs" in res.message, res.message
