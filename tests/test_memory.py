@@ -43,17 +43,23 @@ def test_available_memory_is_read_and_below_what_the_machine_has():
     assert memory.available_bytes(torch.device("meta")) is None
 
 
-def test_a_dwe_run_that_cannot_fit_is_refused_in_one_line_before_the_model_is_made(in_tmp, tiny_corpus, monkeypatch):
-    import goldstone_cli.models.dwe as dwe
-
+def _count_constructions(monkeypatch, cls) -> list:
+    """A list that gets one entry per ``cls(...)`` made while the test runs."""
     made = []
-    original = dwe.DynamicWordEmbeddings.__init__
+    original = cls.__init__
 
     def init(self, *a, **kw):
         made.append(1)
         original(self, *a, **kw)
 
-    monkeypatch.setattr(dwe.DynamicWordEmbeddings, "__init__", init)
+    monkeypatch.setattr(cls, "__init__", init)
+    return made
+
+
+def test_a_dwe_run_that_cannot_fit_is_refused_in_one_line_before_the_model_is_made(in_tmp, tiny_corpus, monkeypatch):
+    import goldstone_cli.models.dwe as dwe
+
+    made = _count_constructions(monkeypatch, dwe.DynamicWordEmbeddings)
     monkeypatch.setattr(memory, "available_bytes", lambda device: 10**6)  # 1 MB free
     args = ["train", "model=dwe", *tiny_corpus, "trainer.steps=2", "trainer.progress=false", "run_dir=run"]
     res = runner.invoke(app, args)
@@ -109,14 +115,7 @@ def test_a_movielens_run_that_cannot_fit_is_refused_in_one_line_before_the_model
                                                                                         monkeypatch):
     import goldstone_cli.models.movielens as ml
 
-    made = []
-    original = ml.SparseDynamicBernoulliMF.__init__
-
-    def init(self, *a, **kw):
-        made.append(1)
-        original(self, *a, **kw)
-
-    monkeypatch.setattr(ml.SparseDynamicBernoulliMF, "__init__", init)
+    made = _count_constructions(monkeypatch, ml.SparseDynamicBernoulliMF)
     monkeypatch.setattr(memory, "available_bytes", lambda device: 10**6)  # 1 MB free
     args = ["train", "model=movielens", *small_movielens, "trainer.steps=2", "trainer.eval_every=2",
             "trainer.progress=false", "run_dir=run"]
