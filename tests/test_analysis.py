@@ -537,3 +537,16 @@ def test_export_round_trips_words_that_str_splitlines_or_universal_newlines_woul
         f.write_bytes(f.read_bytes().replace(b"\n", b"\r\n"))
     again = load_export(out)
     assert again.vocab == emb.vocab and again.labels == emb.labels
+
+
+def test_planted_truth_keeps_words_that_str_splitlines_would_split(tmp_path):
+    """planted.tsv is read with lines ending at "\\n" only: a word holding U+2028 or \\x85 (a line end
+    for str.splitlines: a row of 1 column, an error) reads whole, and line numbers still count file lines."""
+    f = tmp_path / "planted.tsv"
+    f.write_bytes("word\tchange_year\ttopic_before\ttopic_after\na\u2028b\t1850\t1\t2\n\nc\x85\t\t3\t3\n"
+                  "bad\t1850\n".encode("utf-8"))
+    with pytest.raises(AnalysisError, match="line 5: expected 4 tab-separated columns"):
+        read_truth(f)
+    f.write_bytes(f.read_bytes().rsplit(b"bad", 1)[0])
+    truth = read_truth(f)
+    assert truth.words == ["a\u2028b"] and truth.change_years == [1850] and truth.controls == ["c\x85"]

@@ -396,3 +396,14 @@ def test_prepared_corpus_is_refused_once_its_source_changes(tmp_path):
     cfg.source = str(texts)
     shutil.rmtree(texts)  # the source gone: the prepared corpus is still used
     assert load_word_counts(cfg, progress=False).vocab == vocab
+
+
+def test_word_list_keeps_words_that_str_splitlines_or_universal_newlines_would_split(tmp_path):
+    """read_word_list (goldstone age-words --vocab-file, ...) of a plain word list: lines end at "\\n"
+    only, so words holding U+2028, \\x0c or a lone "\\r" come back whole (str.splitlines and text-mode
+    reading split them); Windows line ends, blank lines and surrounding spaces as before."""
+    from goldstone_cli.data.cooc import read_word_list
+
+    f = tmp_path / "words.txt"
+    f.write_bytes(" a\u2028b \r\n\r\ne\x0cf\nx\ry\nplain".encode("utf-8"))
+    assert read_word_list(f) == ["a\u2028b", "e\x0cf", "x\ry", "plain"]

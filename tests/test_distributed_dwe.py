@@ -101,9 +101,24 @@ def _built_by_registry(path) -> dict:
             "bytes_read": model.data_bytes_read}
 
 
+def _float32_shares() -> dict:
+    """One rank's float32 loss terms (variational, a minibatch) and their sum over the ranks as the
+    trainer forms it (train._summed_terms: a float64 all-reduce)."""
+    import torch.distributed as dist
+
+    from goldstone_cli.train import _summed_terms
+
+    shard = RowShard(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+    model = ShardedDynamicWordEmbeddings(_corpus(), shard=shard, **{**_kwargs(CASES["variational"]),
+                                                                    "dtype": torch.float32})
+    terms = {k: v.detach() for k, v in model.loss_terms(torch.Generator().manual_seed(5)).items()}
+    return {"dtypes": [str(v.dtype) for v in terms.values()], "summed": list(_summed_terms(terms, shard))}
+
+
 def _run_all_ranks(path) -> dict:
     out = {name: _run_rank(name) for name in CASES}
     out["registry"] = _built_by_registry(path)
+    out["float32"] = _float32_shares()
     return out
 
 
@@ -203,6 +218,22 @@ def test_two_ranks_equal_one_process(two_ranks, name):
     assert ranks[0]["psi"] == ranks[1]["psi"]
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_float32_loss_shares_sum_to_the_one_process_terms_in_float64(two_ranks):
+    """Float32 parameters: each rank's terms are float64 and the trainer's sum over the ranks
+    (a float64 all-reduce) is the one-process model's terms to 5e-9 (1.2e-9 here: the float32 partial
+    sums of a rank's 21 of the 41 words are not those of all 41; float32 shares, as they were, put
+    their own rounding, up to 6e-8 relative each, into the sum)."""
+    model = ShardedDynamicWordEmbeddings(_corpus(), **{**_kwargs(CASES["variational"]), "dtype": torch.float32})
+    terms = model.loss_terms(torch.Generator().manual_seed(5))
+    want = [float(terms[k].detach()) for k in ("total", "local", "psi")]
+    assert all(terms[k].dtype == DT for k in terms)
+    for r in two_ranks:
+        assert r["float32"]["dtypes"] == ["torch.float64"] * 3
+        assert r["float32"]["summed"] == pytest.approx(want, rel=5e-9)
+
+
 # ----------------------------------------------------------------------------- through the trainer
 @pytest.mark.slow
 def test_trainer_dwe_two_ranks_match_one_process_and_resume_on_one(tmp_path):
@@ -234,3 +265,109 @@ def test_trainer_dwe_two_ranks_match_one_process_and_resume_on_one(tmp_path):
             "trainer.device=cpu", "trainer.log_every=1", "trainer.eval_every=10", "trainer.checkpoint_every=10",
             "trainer.progress=false"]
     two_ranks_match_one_process(args, tmp_path, steps=40, stop=20, same=assert_same_run)
+
+
+# ----------------------------------------------------------------------------- float64 loss terms
+def _float32_pair(monkeypatch, inference: str):
+    """A float32 sharded model (one rank) with spread posterior widths and the float64 model with
+    the same parameters and the same (float64) noise draws."""
+    import numpy as np
+
+    import goldstone_cli.models.dwe_sharded as dwe_sharded
+    from conftest import sym_counts
+    from goldstone_cli.models.dwe import WordCounts
+
+    def same_noise(shape, generator, like, native=True):  # both models: the same (float64) draws
+        return torch.randn(shape, generator=generator, dtype=DT).to(like.dtype)
+
+    monkeypatch.setattr(dwe_sharded, "_pooled_randn", same_noise)
+    V, T = 400, 12
+    wc = WordCounts(vocab=[f"w{i}" for i in range(V)], years=np.arange(1800, 1800 + T),
+                    counts=sym_counts(V, T, density=0.05, seed=1))
+    kw = dict(d=64, inference=inference, batch_words=200, batch_contexts=200, seed=3, test_steps=0.0, test_mass=0.0)
+    m32 = ShardedDynamicWordEmbeddings(wc, dtype=torch.float32, **kw)
+    m64 = ShardedDynamicWordEmbeddings(wc, dtype=DT, **kw)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for (name, p32), p64 in zip(m32.named_parameters(), m64.parameters()):
+            if name.startswith(("raw", "off")):  # spread the posterior widths (no one rounding shared by all)
+                p32.add_(0.3 * torch.randn(p32.shape, generator=g))
+            p64.copy_(p32)  # the float32 parameters, exactly
+    return m32, m64
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("inference", ["variational", "map"])
+def test_float32_sharded_loss_terms_are_reported_in_float64(inference, monkeypatch):
+    """The sharded model's loss terms of float32 parameters (each rank's share; the trainer sums them
+    over the ranks in float64) are float64 sums kept in float64, as DynamicWordEmbeddings' are: a
+    float64 model with the same parameters and draws gives them to 5e-9 of the loss (about 1e-9 at
+    worst; cast to float32, as they were, total and psi were off by 1e-8 to 1e-7 of it)."""
+    m32, m64 = _float32_pair(monkeypatch, inference)
+    for s in range(3):
+        got = {k: v.detach() for k, v in m32.loss_terms(torch.Generator().manual_seed(s)).items()}
+        with torch.no_grad():
+            want = m64.loss_terms(torch.Generator().manual_seed(s))
+        scale = abs(float(want["total"]))
+        assert scale > 1e6
+        for key in ("total", "local", "psi"):
+            assert got[key].dtype == DT, key
+            assert abs(float(got[key]) - float(want[key])) <= 5e-9 * scale, (key, s)
+        assert float(got["psi"]) == pytest.approx(float(want["psi"]), rel=5e-9)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("inference", ["variational", "map"])
+def test_float64_loss_terms_leave_the_float32_gradients_bit_for_bit(inference, native, monkeypatch):
+    """Reporting the terms in float64 changes no gradient: the model with float32 terms
+    (VALUE_DTYPE = float32: what the model computed before) gives the same gradients, bit for bit,
+    through the native C loops and through PyTorch's (likelihood, chain terms, zero-mean prior, psi);
+    its terms are the float64 ones rounded to float32, up to the float32 additions."""
+    m32, _ = _float32_pair(monkeypatch, inference)
+    m32.native = native
+
+    def step(model, s):
+        model.zero_grad()
+        terms = model.loss_terms(torch.Generator().manual_seed(s))
+        terms["total"].backward()
+        return {k: v.detach() for k, v in terms.items()}, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    for s in range(2):
+        new_terms, new = step(m32, s)
+        m32.VALUE_DTYPE = torch.float32  # the instance only
+        old_terms, old = step(m32, s)
+        del m32.VALUE_DTYPE
+        assert all(v.dtype == DT for v in new_terms.values())
+        assert all(v.dtype == torch.float32 for v in old_terms.values())
+        for n, g in new.items():
+            assert torch.equal(g, old[n]), (n, s)
+        for k, v in new_terms.items():
+            assert float(old_terms[k]) == pytest.approx(float(v), rel=1e-6), k
+
+
+def test_sharded_heldout_loglik_accumulates_in_float64():
+    """A rank's held-out log-likelihood of float32 embeddings (_rows_loglik): each row's sum over all
+    V contexts adds float32 partials of at most 1,024 contexts in float64 (one float32 product over
+    the 5,000 contexts here was off by about 1e-8 relative; now about 1e-10), as dwe.heldout_loglik."""
+    import types
+
+    import numpy as np
+    import scipy.sparse as sp
+
+    from goldstone_cli.models.dwe import heldout_loglik
+    from goldstone_cli.models.dwe_split import HeldOut
+
+    V, d = 5000, 100
+    rng = np.random.default_rng(0)
+    A = sp.random(V, V, density=0.01, random_state=rng, data_rvs=lambda n: rng.integers(1, 50, n)).tocsr()
+    A = (A + A.T).tocsr()
+    g = torch.Generator().manual_seed(0)
+    U, W = 0.3 * torch.randn(V, d, generator=g), 0.3 * torch.randn(V, d, generator=g)  # float32
+    one_rank = types.SimpleNamespace(start=0, stop=V, V=V, neg_ratio=1.0, neg_exponent=0.75, eval_chunk=1 << 22)
+    h = HeldOut(0, A, np.asarray(A.sum(axis=1), dtype=np.float64).reshape(-1))
+    got, n = ShardedDynamicWordEmbeddings._rows_loglik(one_rank, U, W, h)
+    want, n64 = ShardedDynamicWordEmbeddings._rows_loglik(one_rank, U.double(), W.double(), h)
+    assert n == n64 and got == pytest.approx(want, rel=1e-9)
+    ref, _ = heldout_loglik(U.double(), W.double(), A, 1.0, 0.75)  # the one-process model's formula
+    assert want == pytest.approx(ref, rel=1e-12)

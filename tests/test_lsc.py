@@ -128,3 +128,23 @@ def test_semeval_end_to_end_with_planted_changes(tmp_path):
     # a year between the two periods is in no step (it used to mean the earlier period)
     r = runner.invoke(app, ["age-words", "target5_nn", "--run", str(run), "--to", "1900"])
     assert r.exit_code == 2 and "year 1900 is in no step" in r.output and "between 1810-1860 and 1960-2010" in r.output
+
+
+def test_targets_and_truth_keep_words_that_str_splitlines_would_split(tmp_path):
+    """targets.txt (analysis.lsc and data.semeval) and truth/*.txt: lines end at "\\n" only, so a
+    target holding U+2028, \\x85 or \\x0c (str.splitlines split it into two lines) or a lone "\\r"
+    (text-mode reading) comes back whole; Windows line ends and spaces between the fields still read."""
+    from goldstone_cli.analysis.lsc import read_targets, read_truth
+    from goldstone_cli.data.semeval import read_targets as semeval_targets
+
+    words = ["a\u2028b_nn", "c\x85d_vb", "e\x0cf_nn", "x\ry_nn", "plain_nn"]
+    (tmp_path / "targets.txt").write_bytes(("\r\n".join(words) + "\r\n").encode("utf-8"))
+    assert read_targets(tmp_path / "targets.txt") == words
+    assert semeval_targets(tmp_path / "targets.txt") == words
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    (truth / "binary.txt").write_bytes("".join(f"{w}\t{i % 2}\n" for i, w in enumerate(words)).encode("utf-8"))
+    (truth / "graded.txt").write_bytes("".join(f"{w}  {i / 10}\r\n" for i, w in enumerate(words)).encode("utf-8"))
+    binary, graded = read_truth(tmp_path, words)
+    assert binary == {w: i % 2 for i, w in enumerate(words)}
+    assert graded == {w: i / 10 for i, w in enumerate(words)}

@@ -197,3 +197,84 @@ def test_cli_train_on_real_sample_writes_heldout_metrics(in_tmp, optimizer):
     assert summary["final"]["test_auc"] == pytest.approx(ev["test_auc"].iloc[-1])
     if optimizer.startswith("goldstone"):
         assert summary["gauge_steps"] == 4
+
+
+# ----------------------------------------------------------------------------- float64 loss terms
+def _float32_and_float64(batch_size=None, n=400_000):
+    """A float32 model and a float64 one with exactly its parameters (d=8, 200k training ratings)."""
+    data = planted(n=n, n_users=300, n_items=200, T=8, seed=2)
+    kw = dict(d=8, coupling=10.0, gamma=1.0, init_scale=0.5, batch_size=batch_size, seed=1)
+    m32, m64 = SparseDynamicBernoulliMF(data, **kw), SparseDynamicBernoulliMF(data, dtype=torch.float64, **kw)
+    with torch.no_grad():
+        m64.U.copy_(m32.U)
+        m64.V.copy_(m32.V)
+    return m32, m64
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("batch_size", [None, 100_000])
+def test_float32_loss_terms_are_reported_in_float64(batch_size):
+    """The loss terms of a float32 model (what metrics.csv and trainer.target see; loss_terms is the
+    fused pass, local_loss() + psi() the other one) are float64 sums kept in float64: a float64 model
+    with the same parameters gives them to 1e-9 of the loss (about 1e-10 here). Rounded to float32,
+    as they were, they were off by 4e-9 to 4e-8 of it."""
+    m32, m64 = _float32_and_float64(batch_size)
+    for s in range(2):
+        fused = {k: v.detach() for k, v in m32.loss_terms(torch.Generator().manual_seed(s)).items()}
+        local, psi = m32.local_loss(torch.Generator().manual_seed(s)).detach(), m32.psi().detach()
+        with torch.no_grad():
+            want = m64.loss_terms(torch.Generator().manual_seed(s))
+        scale = abs(float(want["total"]))
+        for got in (fused, {"total": local + psi, "local": local, "psi": psi}):
+            for key in ("total", "local", "psi"):
+                assert got[key].dtype == torch.float64, key
+                assert abs(float(got[key]) - float(want[key])) <= 1e-9 * scale, (key, s)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("batch_size", [None, 100_000])
+def test_float64_loss_terms_leave_the_float32_gradients_bit_for_bit(native, batch_size):
+    """Reporting the terms in float64 changes no gradient: the model with float32 terms
+    (VALUE_DTYPE = float32: what it computed before) gives the same gradients bit for bit, for the
+    fused pass (also with local and psi weighted differently) and local_loss() + psi(), through the
+    native C loops and through PyTorch's."""
+    m32, _ = _float32_and_float64(batch_size, n=60_000)
+    m32.native = native
+
+    def grads(model, how, s):
+        model.zero_grad()
+        gen = torch.Generator().manual_seed(s)
+        if how == "split":
+            terms = {"local": model.local_loss(gen), "psi": model.psi()}
+        else:
+            terms = model.loss_terms(gen)
+        w = (0.3, 1.7) if how == "weighted" else (1.0, 1.0)
+        (w[0] * terms["local"] + w[1] * terms["psi"]).backward()
+        return terms["local"].dtype, model.U.grad.clone(), model.V.grad.clone()
+
+    for how in ("fused", "weighted", "split"):
+        for s in range(2):
+            new = grads(m32, how, s)
+            m32.VALUE_DTYPE = torch.float32  # the instance only
+            old = grads(m32, how, s)
+            del m32.VALUE_DTYPE
+            assert new[0] == torch.float64 and old[0] == torch.float32
+            assert torch.equal(new[1], old[1]) and torch.equal(new[2], old[2]), (how, s)
+
+
+def test_heldout_metrics_accumulate_in_float64_at_ml20m_sizes():
+    """binary_metrics of 3M float32 logits (ML-20M's test split holds 6M ratings): the
+    log-likelihood is a float64 sum (the float64 sum of the same float32 terms, exactly), the
+    accuracy and the AUC exact counts and ranks (those of the float64 logits)."""
+    from goldstone_cli.models.movielens import binary_metrics
+
+    g = torch.Generator().manual_seed(0)
+    n = 3_000_000
+    logit = 2.0 * torch.randn(n, generator=g)
+    x = torch.where(torch.rand(n, generator=g) < torch.sigmoid(logit), 1.0, -1.0)
+    got, want = binary_metrics(logit, x), binary_metrics(logit.double(), x.double())
+    terms = F.softplus(-x * logit).double()  # the float32 terms, summed in float64
+    assert got["ll"] == pytest.approx(-float(terms.sum()) / n, rel=1e-14)
+    assert got["ll"] == pytest.approx(want["ll"], rel=1e-9)  # the terms' own float32 rounding: 3e-10
+    assert got["acc"] == want["acc"] and got["auc"] == want["auc"]

@@ -15,6 +15,7 @@ Answer files in the task's submission format: ``answer/task1/<language>.txt`` an
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from goldstone_cli.analysis.embeddings import AnalysisError, Embeddings
+from goldstone_cli.io import read_lines
 
 
 @dataclass
@@ -34,10 +36,12 @@ class LSCPrediction:
 
 
 def read_targets(path: str | Path) -> list[str]:
+    """The first tab-separated field of each non-blank line, stripped. Lines end at "\\n" only
+    (``io.read_lines``): a target may hold U+2028, \\x85, \\x0c, ... (``str.splitlines`` split it)."""
     path = Path(path)
     if not path.is_file():
         raise AnalysisError(f"targets file {path} does not exist")
-    words = [ln.split("\t")[0].strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    words = [ln.split("\t")[0].strip() for ln in read_lines(path) if ln.strip()]
     if not words:
         raise AnalysisError(f"targets file {path} is empty")
     if len(set(words)) != len(words):
@@ -84,7 +88,10 @@ def lsc_predict(emb: Embeddings, targets_file: str | Path, t0: int, t1: int, thr
 
 
 def read_truth(path: str | Path, targets: Sequence[str]) -> tuple[dict, dict]:
-    """``truth/binary.txt`` and ``truth/graded.txt`` (``path`` is the truth folder or the folder above it)."""
+    """``truth/binary.txt`` and ``truth/graded.txt`` (``path`` is the truth folder or the folder above it):
+    lines ``target<TAB>value`` ending at "\\n" only (``io.read_lines``), stripped, the two fields
+    separated by tabs or spaces (not by the other whitespace ``str.split`` knows, which a target may
+    hold, as :func:`read_targets` reads it)."""
     path = Path(path)
     if (path / "truth").is_dir() and not (path / "binary.txt").is_file():
         path = path / "truth"
@@ -94,10 +101,10 @@ def read_truth(path: str | Path, targets: Sequence[str]) -> tuple[dict, dict]:
         if not f.is_file():
             raise AnalysisError(f"no {name} in {path} (the truth folder holds binary.txt and graded.txt)")
         vals = {}
-        for k, ln in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
+        for k, ln in enumerate(read_lines(f), start=1):
             if not ln.strip():
                 continue
-            parts = ln.split()
+            parts = re.split(r"[ \t]+", ln.strip())  # not at U+2028, \x85, ... inside a target (str.split)
             if len(parts) != 2:
                 raise AnalysisError(f"{f}, line {k}: expected 'target<TAB>value', got {ln[:60]!r}")
             try:

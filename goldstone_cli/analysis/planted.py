@@ -33,6 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from goldstone_cli.analysis.embeddings import AnalysisError, Embeddings
+from goldstone_cli.io import read_lines
 
 TRUTH_FILE = "planted.tsv"
 
@@ -104,7 +105,7 @@ def read_truth(path: str | Path) -> PlantedTruth:
     if not f.is_file():
         raise AnalysisError(f"no {TRUTH_FILE} at {path}; generate a corpus with `goldstone data make-planted`")
     words, years, controls = [], [], []
-    for k, ln in enumerate(f.read_text(encoding="utf-8").splitlines()[1:], start=2):
+    for k, ln in enumerate(read_lines(f)[1:], start=2):  # lines end at "\n" only: a word may hold U+2028, ...
         if not ln.strip():
             continue
         r = ln.split("\t")

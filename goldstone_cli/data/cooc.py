@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from goldstone_cli.io import file_sha256, pid_alive
+from goldstone_cli.io import file_sha256, pid_alive, split_lines
 from goldstone_cli.paths import UnsafeNameError, child
 
 FORMAT_NAME = "goldstone-cooc"
@@ -389,14 +389,17 @@ def load_cooc(path: str | os.PathLike, verify: bool = False) -> CoocData:
 # ---------------------------------------------------------------------------------------------- helpers
 
 def read_word_list(path: str | os.PathLike) -> list[str]:
-    """Words from a ``vocab.tsv`` of a prepared corpus, or from a text file with one word per line."""
+    """Words from a ``vocab.tsv`` of a prepared corpus, or from a text file with one word per line
+    (stripped, blank lines skipped). Lines end at "\\n" only (``io.split_lines``; the bytes decoded,
+    no newline translation): a word may hold U+2028, \\x85, \\x0c or a lone "\\r", which
+    ``str.splitlines`` or text-mode reading turned into line ends."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"vocabulary file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_bytes().decode("utf-8")
     if text.split("\n", 1)[0].rstrip("\r") == "\t".join(VOCAB_HEADER):
         return [r[1] for r in _read_tsv(path, VOCAB_HEADER)]
-    words = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    words = [ln.strip() for ln in split_lines(text) if ln.strip()]
     if not words:
         raise ValueError(f"vocabulary file {path} is empty")
     return words

@@ -33,6 +33,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from goldstone_cli.data.cooc import WINDOW_WEIGHTS, CoocWriter, check_output_dir, inputs_entry, pair_rows_to_symmetric
+from goldstone_cli.io import read_lines
 
 PREFIX = "semeval:"
 # published periods of the four languages (task description paper, Table 1)
@@ -68,9 +69,11 @@ def corpus_files(root: Path) -> list[list[Path]]:
 
 
 def read_targets(path: Path) -> list[str]:
+    """The first tab-separated field of each non-blank line of ``targets.txt``, stripped; lines end at
+    "\\n" only (``io.read_lines``: ``str.splitlines`` split a target at U+2028, \\x85, \\x0c, ...)."""
     if not path.is_file():
         raise FileNotFoundError(f"targets file {path} does not exist")
-    words = [ln.split("\t")[0].strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    words = [ln.split("\t")[0].strip() for ln in read_lines(path) if ln.strip()]
     if not words:
         raise ValueError(f"targets file {path} is empty")
     return words

@@ -59,6 +59,7 @@ from goldstone_cli.models.dwe_split import HeldOut, StepSource, load_rows_distri
 from goldstone_cli.models.dwe import (
     DynamicWordEmbeddings,
     WordCounts,
+    _matvec64,
     _pooled_randn,
     block_positives,
     chain_terms,
@@ -132,6 +133,10 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
     best_metric = None
     best_lower_is_better = False
     headline_metrics = DynamicWordEmbeddings.headline_metrics
+    #: the dtype of the loss terms (``local_loss``, ``psi``, ``loss_terms``), as DynamicWordEmbeddings':
+    #: float64 sums kept float64 whatever the parameters' dtype (the incoming scalar gradients are
+    #: rounded to the parameters' dtype: the gradients are those of float32 terms, bit for bit)
+    VALUE_DTYPE = DynamicWordEmbeddings.VALUE_DTYPE
 
     def __init__(self, src: StepSource | WordCounts, shard: Optional[RowShard] = None, d: int = 100,
                  inference: str = "variational", D: float = 1e-3, sigma0: float = 1.0, neg_ratio: float = 1.0,
@@ -263,10 +268,16 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
         names = ("mu_U", "mu_V", "raw_U", "raw_V", "off_U", "off_V") if self.variational else ("U", "V_")
         return {n: self.V for n in names}
 
+    def psi(self) -> Tensor:
+        """This rank's share of psi (its rows of the means), a :data:`VALUE_DTYPE` scalar."""
+        return self.coupling.psi(self.symmetric_groups()[0], self.VALUE_DTYPE)
+
     def local_loss(self, generator: Optional[torch.Generator] = None) -> Tensor:
         """This rank's share of ``DynamicWordEmbeddings.local_loss``: the same global draws (rows,
         contexts, noise), the likelihood of its words x all minibatch contexts, the prior and entropy
-        terms of its rows; the constant on rank 0."""
+        terms of its rows; the constant on rank 0. A :data:`VALUE_DTYPE` scalar: its float64 sums are
+        added in float64."""
+        vd = self.VALUE_DTYPE
         mu_u, mu_v = self.means()
         dev = mu_u.device
         P, Q = self.batch_words, self.batch_contexts
@@ -283,9 +294,9 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
             rv, ov = self.raw_V[:, lc], self.off_V[:, lc]
             # the sample, the covariance part of the prior and the entropy in one pass (dwe.chain_terms)
             u, terms_u = chain_terms(mu_u[:, lr], ru, ou, eps_u[:, mr], self.w, self.inv_var0,
-                                     native=self.native)  # (T, P_r, d)
+                                     native=self.native, value_dtype=vd)  # (T, P_r, d)
             v_mine, terms_v = chain_terms(mu_v[:, lc], rv, ov, eps_v[:, mc], self.w, self.inv_var0,
-                                          native=self.native)  # (T, Q_r, d)
+                                          native=self.native, value_dtype=vd)  # (T, Q_r, d)
             var_terms = scale_r * terms_u + scale_c * terms_v
         else:
             u, v_mine = mu_u[:, lr], mu_v[:, lc]
@@ -294,8 +305,8 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
         pt, pp, pq, pn = self._block_positives(my_rows, cols)
         # the (T, P_r, Q) logits formed in chunks, gradients in the same pass (as dwe.py's default)
         ll = skipgram_block_fused(u, v, self.c[:, my_rows], self.cneg[:, cols], self.neg_ratio, pt, pp, pq, pn,
-                                  compiled=self.compile_logits, native=self.native)
-        zero_mean = (0.5 * self.inv_var0 * (sum_squares(mu_u) + sum_squares(mu_v))).to(mu_u.dtype)
+                                  compiled=self.compile_logits, native=self.native, value_dtype=vd)
+        zero_mean = (0.5 * self.inv_var0 * (sum_squares(mu_u) + sum_squares(mu_v))).to(vd)  # float64 sums
         return -scale_r * scale_c * ll + zero_mean + var_terms + self._const
 
     def metric_names(self) -> list[str]:
@@ -309,7 +320,8 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
 
     def _rows_loglik(self, U: Tensor, Vt: Tensor, h: HeldOut) -> tuple[float, float]:
         """This rank's part of ``dwe.heldout_loglik``: positives of its rows, negatives of its rows
-        against all contexts (with the whole matrix's c), and the global number of points."""
+        against all contexts (with the whole matrix's c; each row's sum over the V contexts in float64
+        from float32 partials of at most 1,024, ``dwe._matvec64``), and the global number of points."""
         dev, dt = U.device, U.dtype
         c = h.c
         cp = c ** self.neg_exponent
@@ -328,7 +340,7 @@ class ShardedDynamicWordEmbeddings(DynamicModel):
         rstep = max(1, self.eval_chunk // self.V)
         for s in range(0, U.shape[0], rstep):
             L = F.logsigmoid(-(U[s:s + rstep] @ Vt.T))  # (rstep, V)
-            neg += float(torch.dot(c_rows[s:s + rstep], (L @ cneg).to(torch.float64)))
+            neg += float(torch.dot(c_rows[s:s + rstep], _matvec64(L, cneg)))
         return pos + self.neg_ratio * neg, float(c.sum() * (1.0 + self.neg_ratio))
 
     @torch.no_grad()

@@ -81,11 +81,13 @@ class _LocalLoss(torch.autograd.Function):
 
     ``-log sigma(y) = softplus(-y)``. Rows are gathered chunk by chunk (``chunk`` ratings at a time)
     in the forward pass and gathered again in the backward pass, so memory stays O(chunk * d) on top
-    of the parameters. ``ru``/``rv`` index the flattened ``(T*n_users, d)``/``(T*n_items, d)`` views."""
+    of the parameters. ``ru``/``rv`` index the flattened ``(T*n_users, d)``/``(T*n_items, d)`` views.
+    The float64 sum is returned in ``value_dtype`` (None: U's dtype); the incoming gradient is rounded
+    to U's dtype, so the gradients do not depend on it."""
 
     @staticmethod
     def forward(ctx, U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, x: Tensor, scale: float, gamma: float,
-                chunk: int) -> Tensor:
+                chunk: int, value_dtype: Optional[torch.dtype] = None) -> Tensor:
         d = U.shape[-1]
         Uf, Vf = U.view(-1, d), V.view(-1, d)
         nll = torch.zeros((), dtype=torch.float64, device=U.device)
@@ -98,7 +100,7 @@ class _LocalLoss(torch.autograd.Function):
         reg = sum_squares_value(U) + sum_squares_value(V)
         ctx.save_for_backward(U, V, ru, rv, x)
         ctx.scale, ctx.gamma, ctx.chunk = scale, gamma, chunk
-        return (scale * nll + 0.5 * gamma * reg).to(U.dtype)
+        return (scale * nll + 0.5 * gamma * reg).to(U.dtype if value_dtype is None else value_dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -118,16 +120,19 @@ class _LocalLoss(torch.autograd.Function):
             w = (-xs * torch.sigmoid(-xs * logit)) * (g * ctx.scale)  # (c,)
             gUf.index_add_(0, iu, v.mul_(w[:, None]))
             gVf.index_add_(0, iv, u.mul_(w[:, None]))
-        return gU, gV, None, None, None, None, None, None
+        return gU, gV, None, None, None, None, None, None, None
 
 
 def bernoulli_local_loss(U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, x: Tensor, gamma: float,
-                         scale: float = 1.0, chunk: int = 1 << 20) -> Tensor:
+                         scale: float = 1.0, chunk: int = 1 << 20,
+                         value_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``sum_t l(X_t; Z_t)`` of Eq. 9 for the ratings at flat rows ``ru`` of U and ``rv`` of V.
 
     ``ru = t * n_users + user``, ``rv = t * n_items + item`` (int64, shape (n,)), ``x`` in {+1, -1};
-    the likelihood sum is multiplied by ``scale`` (``n_train / batch`` for a minibatch)."""
-    return _LocalLoss.apply(U, V, ru, rv, x, float(scale), float(gamma), int(chunk))
+    the likelihood sum is multiplied by ``scale`` (``n_train / batch`` for a minibatch). The value is
+    a float64 sum returned in ``value_dtype`` (default U's dtype; ``torch.float64`` keeps it whole, e.g.
+    for a reported loss; the gradients are the same either way)."""
+    return _LocalLoss.apply(U, V, ru, rv, x, float(scale), float(gamma), int(chunk), value_dtype)
 
 
 class GradBuffer:
@@ -359,12 +364,16 @@ class _FusedLoss(torch.autograd.Function):
     gives ``gamma/2 ||Z||^2``, psi and the gradient ``gamma Z + L @ Z`` into a reused buffer
     (:class:`GradBuffer`). The backward pass only hands the buffers to autograd (scaled in place if
     the two outputs are weighted differently). Same values and gradient as ``local_loss() + psi()``
-    (the chunked ``_LocalLoss`` and ``Coupling.psi``) up to float rounding; tests compare them."""
+    (the chunked ``_LocalLoss`` and ``Coupling.psi``) up to float rounding; tests compare them. Both
+    values are float64 sums, returned in ``value_dtype`` (default float64: the reported loss carries no
+    float32 rounding); the incoming gradients are rounded to the parameters' dtype, so the gradients
+    are those of values of the parameters' dtype, bit for bit."""
 
     @staticmethod
     def forward(ctx, U: Tensor, V: Tensor, ru: Tensor, rv: Tensor, x: Tensor, scale: float, gamma: float,
                 chunk: int, coupling: Coupling, buffers: tuple, need_grad: bool, compiled: bool = False,
-                native: bool = True, groups: RatingGroups | None = None):
+                native: bool = True, groups: RatingGroups | None = None,
+                value_dtype: torch.dtype = torch.float64):
         gU = buffers[0].get(U) if need_grad else None
         gV = buffers[1].get(V) if need_grad else None
         sq_u, psi_u = quadratic_terms_(U, coupling, gamma, gU, compiled=compiled, native=native)  # gU <- gamma U + L U
@@ -375,7 +384,9 @@ class _FusedLoss(torch.autograd.Function):
             ctx.coupling, ctx.gamma = coupling, gamma
             ctx.save_for_backward(U, V)
         local = scale * nll + 0.5 * gamma * (sq_u + sq_v)  # Eq. 9, summed over t
-        return local.to(U.dtype), (psi_u + psi_v).to(U.dtype)
+        ctx.dt = U.dtype
+        # float64 sums kept float64 (VALUE_DTYPE): no float32 rounding in the reported loss and psi
+        return local.to(value_dtype), (psi_u + psi_v).to(value_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -385,7 +396,9 @@ class _FusedLoss(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise RuntimeError("backward through the MovieLens loss twice: compute loss_terms() again")
-        gl, gp = float(g_local), float(g_psi)
+        # rounded to the parameters' dtype first: float64 values (value_dtype) get the gradients that
+        # values of the parameters' dtype got, bit for bit
+        gl, gp = float(g_local.to(ctx.dt)), float(g_psi.to(ctx.dt))
         if gl != 1.0 or gp != 1.0:  # buffers hold gamma Z + lik + L Z: weight as gl (gamma Z + lik) + gp L Z
             for G, Z in zip(grads, ctx.saved_tensors):
                 G.mul_(gl)
@@ -393,7 +406,7 @@ class _FusedLoss(torch.autograd.Function):
                     G.add_(ctx.coupling.laplacian_apply(Z.detach()), alpha=gp - gl)
         gU, gV = grads
         del grads
-        return gU, gV, None, None, None, None, None, None, None, None, None, None, None, None
+        return gU, gV, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -450,6 +463,13 @@ class SparseDynamicBernoulliMF(DynamicModel):
     best_metric = "val_ll"
     best_lower_is_better = False
     headline_metrics = (("test_ll", "test LL/rating"), ("test_auc", "test AUC"), ("val_ll", "validation LL/rating"))
+    #: the dtype of the loss terms (``loss_terms``, ``local_loss``, ``psi``): float64 whatever the
+    #: parameters' dtype. The likelihood, gamma term and psi are float64 sums; kept float64 and added in
+    #: float64, the reported loss carries no float32 rounding (up to 6e-8 relative: about 0.5 at the
+    #: full-batch loss of ML-20M's 20M ratings, about 1e7 at the start). Scalars only: the incoming
+    #: scalar gradients are rounded to the parameters' dtype, so the gradients are bit for bit those of
+    #: float32 terms and the step costs the same.
+    VALUE_DTYPE = torch.float64
 
     def __init__(self, data: RatingsLike, d: int = 30, coupling: float = 10.0, gamma: float = 1.0,
                  init_scale: float = 0.1, batch_size: Optional[int] = None, chunk_size: int = 1 << 20,
@@ -538,12 +558,11 @@ class SparseDynamicBernoulliMF(DynamicModel):
         return self.V if self.items_replicated or not self.shard.distributed else gather(self.V, self.n_items)
 
     def psi(self) -> Tensor:
-        """Eq. 6's coupling; with replicated items V's part is counted on rank 0 only (psi of a
-        group is the sum of its tensors' psi)."""
-        if not self.items_replicated:
-            return super().psi()
-        psi_u = self.coupling.psi([self.U])
-        return psi_u + self.coupling.psi([self.V]) if self.shard.is_main() else psi_u
+        """Eq. 6's coupling, a :data:`VALUE_DTYPE` scalar (``Coupling.psi``'s float64 sums kept, the
+        gradients unchanged); with replicated items V's part is counted on rank 0 only (psi of a group
+        is the sum of its tensors' psi)."""
+        mine = [self.U] if self.items_replicated and not self.shard.is_main() else [self.U, self.V]
+        return self.coupling.psi(mine, self.VALUE_DTYPE)
 
     def _batch(self, generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor, Tensor, float]:
         """The training ratings of this step (all, or a minibatch drawn from ``generator``) and the
@@ -561,7 +580,7 @@ class SparseDynamicBernoulliMF(DynamicModel):
         if self.shard.distributed:
             return self._local_loss_sharded(generator)
         ru, rv, x, scale = self._batch(generator)
-        return bernoulli_local_loss(self.U, self.V, ru, rv, x, self.gamma, scale, self.chunk_size)
+        return bernoulli_local_loss(self.U, self.V, ru, rv, x, self.gamma, scale, self.chunk_size, self.VALUE_DTYPE)
 
     def loss_terms(self, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
         """``local + psi`` in one fused pass (:class:`_FusedLoss`); equal to the base class's
@@ -573,7 +592,7 @@ class SparseDynamicBernoulliMF(DynamicModel):
         need_grad = torch.is_grad_enabled() and (self.U.requires_grad or self.V.requires_grad)
         local, psi = _FusedLoss.apply(self.U, self.V, ru, rv, x, float(scale), self.gamma, self.chunk_size,
                                       self.coupling, self._grad_buffers, need_grad, self.compile_steps,
-                                      self.native, self._train_groups)
+                                      self.native, self._train_groups, self.VALUE_DTYPE)
         return {"total": local + psi, "local": local, "psi": psi}
 
     @torch.no_grad()
@@ -670,11 +689,11 @@ class SparseDynamicBernoulliMF(DynamicModel):
             ru, rv, x = ru[local], rv[local], x[local]
             scale = self.n_train / self.batch_size
         V = self._all_items(self.shard.gather_rows)  # (T, n_items, d)
-        nll = bernoulli_local_loss(self.U, V, ru, rv, x, 0.0, scale, self.chunk_size)
+        nll = bernoulli_local_loss(self.U, V, ru, rv, x, 0.0, scale, self.chunk_size, torch.float64)
         reg = sum_squares(self.U)  # float64; each rank its own rows, once (replicated V: on rank 0)
         if not self.items_replicated or self.shard.is_main():
             reg = reg + sum_squares(self.V)
-        return (nll.to(torch.float64) + 0.5 * self.gamma * reg).to(self.U.dtype)
+        return (nll + 0.5 * self.gamma * reg).to(self.VALUE_DTYPE)  # float64 sums, added in float64
 
 
 def ratings_of_users(data: RatingsLike, start: int, stop: int) -> np.ndarray:

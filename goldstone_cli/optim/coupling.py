@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -173,16 +173,19 @@ class Coupling:
         return self._bands_cache[key]
 
     # ------------------------------------------------------------------ operations on (T, N, d)
-    def psi(self, tensors: Sequence[Tensor] | Tensor) -> Tensor:
+    def psi(self, tensors: Sequence[Tensor] | Tensor, value_dtype: Optional[torch.dtype] = None) -> Tensor:
         """psi (Eq. 3 / Eq. 6) summed over the tensors of a group; differentiable.
 
         The value is computed without keeping any (T, N, d) temporary alive for the backward pass;
-        the gradient is ``L @ Z`` (one pass per offset, in place)."""
+        the gradient is ``L @ Z`` (one pass per offset, in place). Each tensor's psi is a float64 sum,
+        returned in ``value_dtype`` (default the tensor's dtype; ``torch.float64`` keeps it whole, e.g.
+        for a reported loss: the gradients are the same bit for bit, the incoming scalar gradient being
+        rounded to the tensor's dtype)."""
         if isinstance(tensors, Tensor):
             tensors = [tensors]
         total = None
         for Z in tensors:
-            v = _Psi.apply(Z, self)
+            v = _Psi.apply(Z, self, value_dtype)
             total = v if total is None else total + v
         return total
 
@@ -496,21 +499,22 @@ class _Psi(torch.autograd.Function):
     """psi for one tensor with a memory-lean backward: grad = L @ Z."""
 
     @staticmethod
-    def forward(ctx, Z: Tensor, coupling: Coupling) -> Tensor:
+    def forward(ctx, Z: Tensor, coupling: Coupling, value_dtype: Optional[torch.dtype] = None) -> Tensor:
         coupling._check(Z)
         ctx.coupling = coupling
         ctx.save_for_backward(Z)
         # ||Z_t+o - Z_t||^2 per time step in float64, over cache-sized blocks (no (T, N, d) temporary)
         _, total = quadratic_terms_(Z, coupling, sum_squares=False)
-        return total.to(Z.dtype)
+        return total.to(Z.dtype if value_dtype is None else value_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         (Z,) = ctx.saved_tensors
+        grad_out = grad_out.to(Z.dtype)  # a float64 value (value_dtype) gets the gradient of a value of Z's dtype
         if Z.device.type == "cpu":  # L @ Z in one pass into a pooled buffer (a fresh one costs page faults)
             out = WORKSPACE.take(Z.shape, Z.dtype, Z.device)
             quadratic_terms_(Z, ctx.coupling, 0.0, out, sum_squares=False)
             g = float(grad_out)
-            return (out if g == 1.0 else out.mul_(g)), None
-        return grad_out * ctx.coupling.laplacian_apply(Z), None
+            return (out if g == 1.0 else out.mul_(g)), None, None
+        return grad_out * ctx.coupling.laplacian_apply(Z), None, None
