@@ -456,6 +456,129 @@ def test_natural_step_with_runaway_fields_changes_nothing_or_lowers_psi(rotation
         assert torch.isfinite(P).all() and float((P - P0).abs().max()) <= 1e-10 * float(P0.abs().max())
 
 
+def _stuck_pair(seed: int = 2):
+    """T=2, d=2, chain weight 1.5, independent random U, V: far from alignment L'' (Eq. 14) is
+    indefinite, and k2=50 natural steps from zero fields run so far that none of the 10 halvings of
+    the generator lowers psi (psi 29.98; the SO(2) minimum is 17.40, reached with k2=10 or
+    lr_scale=0.25). Before the fallback every later gauge step repeated that dropped step."""
+    g = _rng(seed)
+    U = torch.nn.Parameter(torch.randn(2, 6, 2, generator=g, dtype=DT))
+    V = torch.nn.Parameter(torch.randn(2, 5, 2, generator=g, dtype=DT))
+    return U, V, Coupling.chain(2, 1.5)
+
+
+def _pair_invariants(U, V) -> tuple[torch.Tensor, ...]:
+    U, V = U.detach(), V.detach()
+    return U @ V.transpose(1, 2), U @ U.transpose(1, 2), V @ V.transpose(1, 2)
+
+
+def _so_d_minimum(U, V, coupling) -> float:
+    """min over per-time-step rotations of psi (exact: procrustes over SO(d))."""
+    U, V = U.detach().clone().requires_grad_(), V.detach().clone().requires_grad_()
+    opt = GoldstoneGD(torch.optim.SGD([U, V], lr=0.0), [[U, V]], coupling, solver="procrustes", allow_reflections=False)
+    return opt.gauge_step()["psi_after"]
+
+
+def test_fallback_levels_shorten_k2_then_rho():
+    from goldstone_cli.optim.goldstone import MAX_FALLBACK_LR_HALVINGS, fallback_step, max_fallback_level
+
+    assert [fallback_step(50, s) for s in range(8)] == [
+        (50, 1.0), (25, 1.0), (12, 1.0), (6, 1.0), (3, 1.0), (1, 1.0), (1, 0.5), (1, 0.25)]
+    assert fallback_step(1, 0) == (1, 1.0) and fallback_step(1, 2) == (1, 0.25)
+    assert fallback_step(10, 3) == (1, 1.0) and fallback_step(10, 4) == (1, 0.5)
+    assert max_fallback_level(50) == 5 + MAX_FALLBACK_LR_HALVINGS
+
+
+@pytest.mark.parametrize("rotation,keep", [("expm", True), ("expm", False), ("cayley", False)])
+def test_natural_recovers_after_a_gauge_step_whose_halvings_all_fail(rotation, keep):
+    """The dropped step (rotate nothing, reset the fields) must not repeat for ever: the next gauge
+    step takes k2 // 2 natural steps (``fallback`` 1 in ``last_gauge``), and the solver reaches the
+    SO(d) minimum; every step keeps U V^T, U U^T, V V^T and never raises psi."""
+    U, V, coupling = _stuck_pair()
+    psi_min = _so_d_minimum(U, V, coupling)
+    opt = GoldstoneGD(torch.optim.SGD([U, V], lr=0.0), [[U, V]], coupling, k1=1, solver="natural", k2=50,
+                      lr_scale=1.0, allow_reflections=False, rotation=rotation, keep_gauge_fields=keep)
+    infos = []
+    for _ in range(12):
+        before = _pair_invariants(U, V)
+        info = opt.gauge_step()
+        infos.append(info)
+        after = _pair_invariants(U, V)
+        for a, b in zip(before, after):
+            assert float((a - b).norm() / b.norm()) < 1e-10
+        assert info["psi_after"] <= info["psi_before"] * (1 + 1e-12)
+        assert float(coupling.psi([U.detach(), V.detach()])) == pytest.approx(info["psi_after"], rel=1e-10)
+    assert psi_min == pytest.approx(17.3986, abs=1e-4) and infos[0]["psi_before"] == pytest.approx(29.9755, abs=1e-4)
+    assert infos[-1]["psi_after"] == pytest.approx(psi_min, rel=1e-8)  # before the fallback: 29.9755 for ever
+    first, second = infos[0], infos[1]
+    assert first["rejected"] == 1 and first["backtracks"] == 10 and first["fallback"] == 0
+    assert first["psi_after"] == first["psi_before"]  # the dropped step rotated nothing
+    assert second["fallback"] == 1 and second["groups"][0]["k2"] == 25 and second["rejected"] == 0
+    assert second["psi_after"] < 0.99 * second["psi_before"]  # the shorter solve moves at once
+    assert infos[-1]["fallback"] == 0 and opt.gauge_fallback == [0]  # back to the configured k2
+
+
+def test_natural_with_a_far_too_large_lr_scale_still_converges_by_falling_back():
+    """lr_scale=30 on the MF problem: every configured gauge step is dropped (before the fallback
+    psi stayed at its Goldstone-mode value); the fallback takes shorter solves, returns towards the
+    configured one after each accepted step, and training reaches the psi of lr_scale=1."""
+    runs = {}
+    for lr_scale in (1.0, 30.0):
+        mf = _MF(T=8, seed=5)
+        opt = GoldstoneGD(torch.optim.SGD([mf.U, mf.V], lr=mf.lr, momentum=0.5), [[mf.U, mf.V]], mf.coupling,
+                          k1=10, solver="natural", lr_scale=lr_scale)
+        levels = []
+        for _ in range(30):
+            _train(opt, mf, 10)  # ends with a gauge step
+            info = opt.last_gauge
+            levels.append(info.get("fallback"))
+            assert info["psi_after"] <= info["psi_before"] * (1 + 1e-12)
+        runs[lr_scale] = (float(mf.coupling.psi([mf.U.detach(), mf.V.detach()])), levels)
+    psi_ok, levels_ok = runs[1.0]
+    psi_big, levels_big = runs[30.0]
+    assert psi_big < 1.2 * psi_ok
+    assert set(levels_ok) == {0}
+    assert max(levels_big) >= 2 and any(b < a for a, b in zip(levels_big, levels_big[1:]))  # down and back up
+
+
+def test_state_dict_round_trip_across_the_fallback_is_bit_exact():
+    """The fallback level is optimizer state: a resume in the middle of a fallback (level 2 after two
+    dropped steps) continues exactly as the uninterrupted run; an older state dict without it loads
+    at level 0."""
+    def make(mf):
+        return _make("sgd", mf, solver="natural", lr_scale=30.0)
+
+    k = 10  # gauge steps at 4 and 8 were both dropped: the next one runs at level 2
+    ref = _MF(T=6, nu=8, ni=5, seed=7)
+    opt_ref = make(ref)
+    _train(opt_ref, ref, k)
+    assert opt_ref.gauge_fallback == [2] and opt_ref.last_gauge["rejected"] == 1
+    _train(opt_ref, ref, 3 * k)
+
+    first = _MF(T=6, nu=8, ni=5, seed=7)
+    opt = make(first)
+    _train(opt, first, k)
+    state = opt.state_dict()
+    assert state["goldstone"]["gauge_fallback"] == [2]
+    second = _MF(T=6, nu=8, ni=5, seed=7)
+    with torch.no_grad():
+        second.U.copy_(first.U)
+        second.V.copy_(first.V)
+    opt2 = make(second)
+    opt2.load_state_dict(state)
+    assert opt2.gauge_fallback == [2]
+    _train(opt2, second, 3 * k)
+    assert torch.equal(second.U, ref.U) and torch.equal(second.V, ref.V)
+    assert opt2.gauge_fallback == opt_ref.gauge_fallback
+
+    old = {"base": state["base"], "goldstone": {k_: v for k_, v in state["goldstone"].items() if k_ != "gauge_fallback"}}
+    opt2.load_state_dict(old)
+    assert opt2.gauge_fallback == [0]
+    bad = {"base": state["base"], "goldstone": {**state["goldstone"], "gauge_fallback": [1, 2]}}
+    with pytest.raises(ValueError, match="gauge_fallback"):
+        opt2.load_state_dict(bad)
+
+
 def test_a_rotation_orthogonal_only_to_4e_10_is_refused():
     """The natural solver's rotation check is tight enough that an accepted rotation keeps U V^T to
     1e-10 of its size: R^T R - I of 4e-10 (expm of a generator of norm ~1e5) is not a rotation."""

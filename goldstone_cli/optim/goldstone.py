@@ -30,6 +30,23 @@ SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg", "acc_
 STATE_TRANSFORMS = ("none", "rotate_diag", "isotropic", "reset")
 # natural solver, exact rotation: halvings of the gauge field (1/1024) before a step that would raise psi is dropped
 MAX_BACKTRACKS = 10
+# natural solver, exact rotation: after k2 has fallen to 1, at most this many halvings of rho' (Eq. 17) in the
+# fallback that follows dropped gauge steps (with the 10 backtracks a first-order step of 2^-40 of rho': rounding)
+MAX_FALLBACK_LR_HALVINGS = 30
+
+
+def fallback_step(k2: int, level: int) -> tuple[int, float]:
+    """(k2, factor on rho') of the natural solver's gauge step at fallback ``level`` (the number of
+    gauge steps in a row that were dropped because every halving still raised psi): k2 halves per
+    level down to 1, then rho' halves. Level 0 is the configured step (k2, 1.0)."""
+    k2_levels = max(int(k2), 1).bit_length() - 1  # levels until k2 >> level == 1
+    if level <= k2_levels:
+        return max(int(k2) >> level, 1), 1.0
+    return 1, 0.5 ** (level - k2_levels)
+
+
+def max_fallback_level(k2: int) -> int:
+    return max(int(k2), 1).bit_length() - 1 + MAX_FALLBACK_LR_HALVINGS
 
 
 class NonFiniteGaugeInput(FloatingPointError):
@@ -133,7 +150,15 @@ class GoldstoneGD(torch.optim.Optimizer):
         definite, L'' is indefinite and the gauge fields can run away. With an exact rotation
         (``expm``, ``cayley``) the step is therefore checked: psi(RZ) - psi(Z) follows from the
         pair moments alone, and the generator is halved until psi does not rise (``backtracks`` in
-        the diagnostics), so an exact gauge step never raises psi. With ``rotation="linear"`` (the
+        the diagnostics), so an exact gauge step never raises psi. If all ``MAX_BACKTRACKS`` halvings
+        still raise psi, the step is dropped (``rejected``: nothing rotates, the gauge fields are reset),
+        and the following gauge steps of that group fall back to a shorter solve (``fallback`` level s:
+        k2 >> s steps of Eq. 16, then, once that is 1, rho' (Eq. 17) times 2^-(s - floor(log2 k2))),
+        one level more after each dropped step and one level less after each accepted one (back to the
+        configured k2 and rho' at level 0). The same moments would otherwise give the same dropped step
+        for ever; the fallback ends at a single small first-order step, L^+ times the gradient of psi
+        over the rotations, which lowers psi unless that gradient vanishes (there the tiny step is
+        accepted). Runs without a dropped step are not changed. With ``rotation="linear"`` (the
         paper's update, not a rotation) there is no such check, and with kept gauge fields every
         gauge step also scales the rotated planes by sqrt(1 + angle^2) again: a randomly
         initialized dense MF (T=20, d=3) reached NaN after 70 base steps. ``procrustes`` has no such
@@ -221,6 +246,8 @@ class GoldstoneGD(torch.optim.Optimizer):
         self._warned_capturable_if_run_uncaptured = True
 
         self.gauge_fields: list[Tensor | None] = [None] * len(self.groups)  # (T, d, d) float64 each
+        # natural, exact rotation: per group, how many gauge steps in a row were dropped (fallback_step)
+        self.gauge_fallback: list[int] = [0] * len(self.groups)
         self.base_steps = 0
         self.num_gauge_steps = 0
         self.gauge_seconds = 0.0
@@ -286,6 +313,7 @@ class GoldstoneGD(torch.optim.Optimizer):
                 "num_gauge_steps": self.num_gauge_steps,
                 "gauge_seconds": self.gauge_seconds,
                 "gauge_fields": [None if g is None else g.detach().clone() for g in self.gauge_fields],
+                "gauge_fallback": list(self.gauge_fallback),
                 "last_gauge": None if self.last_gauge is None else dict(self.last_gauge),
                 "config": self._config(),
             },
@@ -320,8 +348,14 @@ class GoldstoneGD(torch.optim.Optimizer):
             if tuple(f.shape) != want:
                 raise ValueError(f"gauge fields of group {k} have shape {tuple(f.shape)}, expected {want}")
             loaded.append(f.detach().to(device=tensors[0].device, dtype=torch.float64).clone())
+        fallback = gs.get("gauge_fallback")  # absent in state dicts written before the fallback existed
+        fallback = [0] * len(self.groups) if fallback is None else [int(x) for x in fallback]
+        if len(fallback) != len(self.groups) or any(x < 0 for x in fallback):
+            raise ValueError(f"gauge_fallback {gs.get('gauge_fallback')!r} must hold one level >= 0 per symmetric "
+                             f"group ({len(self.groups)})")
         self.base.load_state_dict(state_dict["base"])
         self.gauge_fields = loaded
+        self.gauge_fallback = fallback
         self.base_steps = int(gs["base_steps"])
         self.num_gauge_steps = int(gs["num_gauge_steps"])
         self.gauge_seconds = float(gs["gauge_seconds"])
@@ -345,7 +379,10 @@ class GoldstoneGD(torch.optim.Optimizer):
         """Rotate every symmetric group by the solver's R_t (in place) and the rotation-equivariant
         base state with it. Returns (and stores in ``last_gauge``) the diagnostics
         {"step", "psi_before", "psi_after", "max_angle", "seconds", "groups": [per-group info]}, and
-        for ``natural`` the totals "flips" (reflection walls flipped) and "backtracks" (halvings)."""
+        for ``natural`` the totals "flips" (reflection walls flipped) and "backtracks" (halvings); with an
+        exact rotation also "rejected" (groups whose step was dropped: every halving raised psi) and
+        "fallback" (the largest fallback level used, 0 for the configured k2 and rho'; per group with
+        the "k2" and "lr" it used)."""
         t0 = time.perf_counter()
         psi_before = psi_after = max_angle = 0.0
         per_group = []
@@ -416,9 +453,11 @@ class GoldstoneGD(torch.optim.Optimizer):
             "seconds": seconds,
             "groups": per_group,
         }
-        for key in ("flips", "backtracks"):  # natural only: reflection walls flipped, step halvings
+        for key in ("flips", "backtracks", "rejected"):  # natural only: walls flipped, halvings, dropped steps
             if any(key in g for g in per_group):
                 self.last_gauge[key] = sum(g.get(key, 0) for g in per_group)
+        if any("fallback" in g for g in per_group):  # natural, exact rotation: the shortened solve in use
+            self.last_gauge["fallback"] = max(g.get("fallback", 0) for g in per_group)
         return self.last_gauge
 
     def _natural(self, k: int, M: Tensor, sq: float, tensors: list[Tensor]) -> tuple[Tensor, dict, Tensor | None]:
@@ -430,6 +469,11 @@ class GoldstoneGD(torch.optim.Optimizer):
         src, dst = self.coupling.edge_index(device)
         w = self.coupling.edge_weights(torch.float64, device)
         lr = G.natural_learning_rate(sq, d, self.lr_scale)
+        exact = self.rotation != "linear"
+        level = self.gauge_fallback[k] if exact else 0
+        k2, lr_factor = fallback_step(self.k2, level)
+        if lr_factor != 1.0:
+            lr = lr * lr_factor
         gauge = self.gauge_fields[k] if self.keep_gauge_fields else None
         if gauge is None or gauge.device != device:
             gauge = torch.zeros(T, d, d, dtype=torch.float64, device=device)  # G~ (T, d, d)
@@ -440,10 +484,10 @@ class GoldstoneGD(torch.optim.Optimizer):
             A = G.global_fix(flips[0], M_self, self._plan(device))  # the flipped frame that moves Z least
             M = torch.bmm(torch.bmm(A[src], M), A[dst].transpose(1, 2))  # moments of z -> A_t z
             gauge = torch.bmm(torch.bmm(A, gauge), A.transpose(1, 2))  # kept fields, in the new frame
-        gauge = G.natural_solve(gauge, M, src, dst, w, self._pinv(device), lr, self.k2)
+        gauge = G.natural_solve(gauge, M, src, dst, w, self._pinv(device), lr, k2)
         R = G.rotation_from_generator(G.skew(gauge), self.rotation)  # (T, d, d), Eq. 13 and line 9
-        backtracks = 0
-        if self.rotation != "linear":
+        backtracks, rejected = 0, False
+        if exact:
             # An exact rotation must never raise psi. L'' (Eq. 14) is only a local model: far from
             # alignment it can send the fields past the minimum (we saw psi x4 on word embeddings at
             # lr_scale=1). psi(RZ) - psi(Z) = -(f(R) - f(I)) by (*) costs O(E d^3), so halve the
@@ -458,14 +502,22 @@ class GoldstoneGD(torch.optim.Optimizer):
                 if backtracks == MAX_BACKTRACKS or not bool(torch.isfinite(gauge).all()):
                     # still rising or not a rotation: rotate nothing, forget the fields
                     gauge, R = torch.zeros_like(gauge), eye.clone()
+                    rejected = True
                     break
                 backtracks += 1
                 gauge = 0.5 * gauge
                 R = G.rotation_from_generator(G.skew(gauge), self.rotation)
+            # The next step would meet (nearly) the same moments from reset fields and be dropped the
+            # same way for ever: it takes a shorter solve (fallback_step), one level shorter after each drop,
+            # one level longer after each accepted step (a single drop: one step at k2 // 2). Back to
+            # the configured step at once would drop 3 of 4 steps with lr_scale=30 on the test MF.
+            self.gauge_fallback[k] = min(level + 1, max_fallback_level(self.k2)) if rejected else max(level - 1, 0)
         self.gauge_fields[k] = gauge if self.keep_gauge_fields else None
         if A is not None:
             R = torch.bmm(R, A)
         info = {"lr": lr, "flips": 0 if flips is None else int(flips[1].sum()), "backtracks": backtracks}
+        if exact:
+            info.update(rejected=int(rejected), fallback=level, k2=k2)
         return R, info, (G.skew(gauge) if self.rotation == "linear" and A is None else None)
 
     def _balanced_procrustes(self, k: int, tensors: list[Tensor], M: Tensor, R: Tensor, info: dict,
