@@ -401,7 +401,6 @@ def test_dwe_keeps_best_checkpoint_on_validation_likelihood(tmp_path):
     from goldstone_cli import checkpoint as ckpt
     from goldstone_cli.models.dwe import planted_corpus
     from goldstone_cli.train import train
-    from omegaconf import OmegaConf
 
     from goldstone_cli.config import compose
 

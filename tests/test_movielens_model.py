@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 from goldstone_cli.cli import app
 from goldstone_cli.config import ConfigError, compose
 from goldstone_cli.models.movielens import SparseDynamicBernoulliMF, auc_score, bernoulli_local_loss
-from goldstone_cli.train import train
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "movielens" / "ml-latest-small"
 runner = CliRunner()

@@ -2,7 +2,6 @@
 runs only, their numbers equal the runs' metrics.csv (mean and standard deviation computed here by
 hand), and a damaged metrics.csv or summary.json in one run is named, left out, and breaks nothing."""
 
-import json
 import math
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from typer.testing import CliRunner
 from goldstone_cli.cli import app
 from goldstone_cli.io import atomic_write_json
 from goldstone_cli.sweep import MANIFEST, prepare
-from goldstone_cli.sweep_report import _fmt, build_report, collect
+from goldstone_cli.sweep_report import _fmt, build_report
 
 runner = CliRunner()
 COLUMNS = "step,wall_time,total,local,psi,lr\n"

@@ -32,7 +32,6 @@ one-process ``last.pt`` is split into rows by :func:`take_rows`.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import shutil
