@@ -152,7 +152,9 @@ def train(
     from goldstone_cli.train import TrainingDiverged, train as run_training
 
     try:
-        result = run_training(conf, run_dir=run_dir)
+        # a process of its own (main()): the stop-signal handlers stay until it exits, so that a signal
+        # after a complete run's files are written gets a note, not a traceback or death by the signal
+        result = run_training(conf, run_dir=run_dir, hold_signals=_PROCESS["own"])
     except TrainingDiverged as exc:
         _fail(str(exc), code=3)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:  # ConfigError, missing or malformed data,
@@ -170,6 +172,9 @@ def train(
         if result.rank == 0:
             typer.echo(s["message"])
         raise typer.Exit(int(s.get("exit_code", 130)))  # 128 + the signal: 130 Ctrl-C, 143 SIGTERM
+    if result.late_signal and result.rank == 0:  # came during or after the last step: nothing to resume
+        typer.echo(f"{result.late_signal} received after the last step: the run completed anyway "
+                   "(its files are complete; nothing to resume)")
 
 
 @app.command("config", context_settings={"ignore_unknown_options": True}, epilog=_groups_help())
@@ -735,7 +740,13 @@ def make_planted_cmd(
     typer.echo(f"wrote {path}")
 
 
+# whether this process runs the command line as its own (main(), the `goldstone` script and
+# `python -m goldstone_cli`) and exits when the command returns; not under CliRunner or another caller
+_PROCESS = {"own": False}
+
+
 def main() -> None:
+    _PROCESS["own"] = True
     app()
 
 

@@ -16,6 +16,8 @@ Conventions (so that a resumed run reproduces an uninterrupted one row for row):
   checkpoint also rewrites ``snapshots.pt`` (atomically), so a kill loses no snapshot before it.
 - Ctrl-C, SIGTERM (Slurm time limits, ``timeout``, ``kill``), SIGHUP and SIGUSR1 all finish the step,
   write a checkpoint, print the resume command and exit with 128 + the signal number.
+  One that comes during or after the last step stops nothing: the run is complete; it writes its
+  last checkpoint, summary.json and loss.png and exits with 0 (saying so). A second signal aborts.
 - One process per run folder: ``run.lock`` is locked (``flock``) for the run's life.
 - ``trainer.distributed=true`` (under torchrun or srun): every rank holds its rows of the model
   (goldstone_cli.distributed); rank 0 creates the run folder, holds the lock and writes metrics,
@@ -38,6 +40,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -73,6 +76,7 @@ class RunResult:
     status: str  # completed | target_reached | interrupted | diverged
     summary: dict[str, Any]
     rank: int = 0  # trainer.distributed: this process's rank (rank 0 wrote the run's files)
+    late_signal: Optional[str] = None  # a stop signal during or after the last step (the run completed anyway)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -182,12 +186,22 @@ STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP",
 
 class _Interrupt:
     """First Ctrl-C / SIGTERM / SIGHUP / SIGUSR1: finish the current step, checkpoint, exit cleanly.
-    Second: stop at once."""
+    Second: stop at once.
 
-    def __init__(self):
+    Installed from the first step until the run's files are written. After the last step
+    (:meth:`finish`) a signal stops nothing: the run is complete, and its checkpoint, summary.json and
+    loss.png are still written (a second signal aborts, as in the loop; every file is written atomically,
+    so none is left half-written). ``hold``: where the block ends without an error, leave the handlers
+    installed (the command line, which exits right after): a signal from then on only gets a note."""
+
+    def __init__(self, hold: bool = False):
         self.requested = False  # a stop is due (a signal here, or on another rank: _agree_on_interrupt)
         self.received = False  # a signal reached THIS process (a second one aborts)
         self.signum: Optional[int] = None
+        self.hold = hold
+        self.finished = False  # past the last step: the run is complete
+        self.held = False  # the block has ended; the handlers were left installed (``hold``)
+        self.late: Optional[int] = None  # a signal during or after the last step: the run completed anyway
         self._old: dict[int, Any] = {}
 
     def __enter__(self):
@@ -199,17 +213,45 @@ class _Interrupt:
         return self
 
     def _handler(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.held:  # the run's files are written; the process is on its way out: nothing to stop or abort
+            if self.late is None:
+                self.late = signum
+            try:  # not print(): the signal may have come in the middle of a write to stdout
+                os.write(2, f"{name} received after the run ended (its files are written): exiting\n".encode())
+            except OSError:
+                pass
+            return
         if self.received:  # the second signal here; a stop agreed with other ranks is no reason to abort
             raise KeyboardInterrupt
-        self.received, self.requested, self.signum = True, True, signum
-        tqdm.write(f"{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+        self.received, self.signum = True, signum
+        if self.finished:
+            self.late = signum
+            tqdm.write(f"{name} received after the last step: the run is complete; writing its last checkpoint, "
+                       "summary.json and loss.png (send it again to abort)...")
+            return
+        self.requested = True
+        tqdm.write(f"{name} received: finishing this step and saving a checkpoint "
                    "(send it again to abort)...")
+
+    def finish(self) -> None:
+        """The last step is done (the run completed or reached its target): a signal no longer stops it."""
+        self.finished = True
+        if self.received:  # it came during the last step, which the loop finished: the run completed anyway
+            self.late = self.signum
 
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else "interrupt"
 
-    def __exit__(self, *exc):
+    @property
+    def late_name(self) -> Optional[str]:
+        return signal.Signals(self.late).name if self.late else None
+
+    def __exit__(self, exc_type, *exc):
+        if self.hold and exc_type is None and self._old:
+            self.held = True
+            return False
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
@@ -226,11 +268,16 @@ def _set_compile(model, on: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- main entry
-def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
-    """Run (or, with ``run_dir`` holding a checkpoint, continue) the training that ``cfg`` describes."""
+def train(cfg: DictConfig, run_dir: Optional[Path] = None, hold_signals: bool = False) -> RunResult:
+    """Run (or, with ``run_dir`` holding a checkpoint, continue) the training that ``cfg`` describes.
+
+    ``hold_signals``: for a process that exits once this returns (the command line): the stop-signal
+    handlers stay installed after a run that ends without an error, so that a signal until the exit
+    only gets a note (the default handlers would end the process with a KeyboardInterrupt traceback
+    or kill it); otherwise they are restored when this returns."""
     dist_ctx, created = _join_process_group(cfg)  # None: one process
     try:
-        return _train(cfg, run_dir, dist_ctx)
+        return _train(cfg, run_dir, dist_ctx, _Interrupt(hold=hold_signals))
     finally:
         WORKSPACE.clear()  # the fused passes' pooled buffers belong to this run's model: free them
         if created:
@@ -239,7 +286,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> RunResult:
             shutdown()
 
 
-def _train(cfg: DictConfig, run_dir: Optional[Path], dist_ctx) -> RunResult:
+def _train(cfg: DictConfig, run_dir: Optional[Path], dist_ctx, interrupt: "_Interrupt") -> RunResult:
     tc = cfg.trainer
     shard = RowShard.from_dist(dist_ctx)
     device = dist_ctx.device if dist_ctx is not None else resolve_device(choice(tc.device))
@@ -261,7 +308,7 @@ def _train(cfg: DictConfig, run_dir: Optional[Path], dist_ctx) -> RunResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(run_dir).acquire()  # RunLocked (a ValueError) at once if another process runs here
         try:
-            return _train_locked(cfg, run_dir, resuming, device, dtype, model, optimizer, scheduler)
+            return _train_locked(cfg, run_dir, resuming, device, dtype, model, optimizer, scheduler, interrupt)
         finally:
             lock.release()
 
@@ -287,14 +334,14 @@ def _train(cfg: DictConfig, run_dir: Optional[Path], dist_ctx) -> RunResult:
     run_dir = Path(shard.from_main(make_folder, "start the run", nbytes=1 << 16))
     try:
         with rank_log(run_dir, shard.rank):
-            return _train_locked(cfg, run_dir, resuming, device, dtype, model, optimizer, scheduler, shard)
+            return _train_locked(cfg, run_dir, resuming, device, dtype, model, optimizer, scheduler, interrupt, shard)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype, model, optimizer,
-                  scheduler, shard: Optional[RowShard] = None) -> RunResult:
+                  scheduler, interrupt: "_Interrupt", shard: Optional[RowShard] = None) -> RunResult:
     tc = cfg.trainer
     shard = shard if shard is not None else RowShard.single()
     main = shard.is_main()
@@ -410,7 +457,9 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
             with failures.guard(f"write {ckpt.SNAPSHOTS} at step {step}"):
                 _save_snapshots(run_dir, snapshots)
         failures.agree()  # no checkpoint after a failure on any rank: the last one stays the one to resume from
-        rotate = replaces[0] is None or replaces[0] % tc.checkpoint_every == 0
+        # (one of this same step, e.g. the last step's of a completed run that is resumed, is replaced too:
+        # prev.pt stays the older checkpoint, as in an uninterrupted run)
+        rotate = replaces[0] is None or (replaces[0] % tc.checkpoint_every == 0 and replaces[0] != step)
         with failures.guard(f"write the checkpoint at step {step}"):  # raises on every rank alike (dck.save)
             _save_checkpoint(ckpt_dir, state_at(step, gen, wall_at), model, optimizer, shard, device, rotate)
             replaces[0] = step
@@ -425,8 +474,10 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
     pbar = tqdm(total=steps, initial=start, desc=desc, unit="step",
                 disable=not tc.progress or not main, dynamic_ncols=True)
     eta = _Eta(start, steps, device, eval_every=int(tc.eval_every))
-    try:
-        with _Interrupt() as interrupt:
+    # the handlers stay from the first step until the run's files are written (a signal after the last
+    # step only finishes them: _Interrupt.finish)
+    with interrupt:
+        try:
             step = start
             while True:
                 # a signal to any rank stops every rank at this step (decided on the all-reduced flag only:
@@ -448,6 +499,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                 # generator as the step found it (its minibatch is drawn again on resume)
                 due = step % tc.checkpoint_every == 0 and (step != start or not resuming) and step < steps
                 found = (generator.get_state(), wall) if due else None
+                wall_found = wall  # as this step found it: what a checkpoint at this step records (see below)
                 final = step >= steps
                 t0 = time.perf_counter()
                 if final:
@@ -531,80 +583,83 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                     _announce_eta(eta, step, pbar, desc)
             failures.agree()  # the last steps' failures (a final row rank 0 could not write): once per run
             if status in ("completed", "target_reached"):
-                checkpoint(step)
-    except BaseException:  # nothing here may hide the error on its way (a file that failed fails again on close)
+                interrupt.finish()  # the run is complete: a signal from here on only lets it write its files
+                # the wall time as this step found it, as every checkpoint holds it: a resume from here
+                # computes this step's loss (and its time) again, so it is counted once
+                checkpoint(step, wall_at=wall_found)
+        except BaseException:  # nothing here may hide the error on its way (a file that failed fails again on close)
+            pbar.close()
+            for close in (metrics.close, *((gauge_log.close,) if gauge_log is not None else ()),
+                          *((lambda: _save_snapshots(run_dir, snapshots),) if snapshots and main else ())):
+                try:
+                    close()
+                except Exception:  # noqa: BLE001
+                    pass
+            raise
         pbar.close()
-        for close in (metrics.close, *((gauge_log.close,) if gauge_log is not None else ()),
-                      *((lambda: _save_snapshots(run_dir, snapshots),) if snapshots and main else ())):
-            try:
-                close()
-            except Exception:  # noqa: BLE001
-                pass
-        raise
-    pbar.close()
-    with failures.guard("close metrics.csv"):
-        metrics.close()
-    if gauge_log is not None:
-        with failures.guard("close gauge.csv"):
-            gauge_log.close()
-    if snapshots and main:
-        with failures.guard(f"write {ckpt.SNAPSHOTS}"):
-            _save_snapshots(run_dir, snapshots)
+        with failures.guard("close metrics.csv"):
+            metrics.close()
+        if gauge_log is not None:
+            with failures.guard("close gauge.csv"):
+                gauge_log.close()
+        if snapshots and main:
+            with failures.guard(f"write {ckpt.SNAPSHOTS}"):
+                _save_snapshots(run_dir, snapshots)
 
-    summary = {
-        "status": status,
-        "message": message,
-        "run_dir": str(run_dir),
-        "model": str(cfg.model.name),
-        "optimizer": str(cfg.optimizer.name),
-        "name": names["name"],  # the experiment or the optimizer: what ran
-        "method": names["method"],  # the optimizer with its base and solver, e.g. goldstone-adagrad-natural
-        "choices": OmegaConf.to_container(cfg.choices) if cfg.get("choices") else {},  # the config group options composed
-        "seed": int(cfg.seed),
-        "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "steps": int(step),
-        "wall_time": wall,
-        "final": {k: v for k, v in last_row.items() if k != "step"},
-        "target": target,
-        "target_metric": model.target_metric,
-        "steps_to_target": target_step,
-        "best": best,
-    }
-    if shard.distributed:
-        summary["ranks"] = shard.world
-    if status == "interrupted":
-        summary["signal"] = interrupt.name
-        summary["exit_code"] = 128 + (interrupt.signum or signal.SIGINT)
-    if has_gauge:
-        summary["gauge_steps"] = int(optimizer.num_gauge_steps)
-        summary["gauge_time"] = float(optimizer.gauge_seconds)
-        summary["gauge_overhead"] = float(optimizer.gauge_seconds / wall) if wall > 0 else None
-    summary["headline"] = _headline(model, last_row)
-    if status == "diverged":
-        summary["diverged_at_step"] = int(step)
-    bad = non_finite_paths(summary)
-    if bad:  # JSON has no NaN: atomic_write_json writes null; say which values and why
-        summary["non_finite"] = {"values": bad, "note": "these values were NaN or infinite; written as null"}
-    if not main:  # rank 0 writes the summary and the plot; no rank leaves before it is done
-        failures.agree()  # (a barrier that also stops every rank where rank 0 could not write them)
+        summary = {
+            "status": status,
+            "message": message,
+            "run_dir": str(run_dir),
+            "model": str(cfg.model.name),
+            "optimizer": str(cfg.optimizer.name),
+            "name": names["name"],  # the experiment or the optimizer: what ran
+            "method": names["method"],  # the optimizer with its base and solver, e.g. goldstone-adagrad-natural
+            "choices": OmegaConf.to_container(cfg.choices) if cfg.get("choices") else {},  # the config group options composed
+            "seed": int(cfg.seed),
+            "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""),
+            "steps": int(step),
+            "wall_time": wall,
+            "final": {k: v for k, v in last_row.items() if k != "step"},
+            "target": target,
+            "target_metric": model.target_metric,
+            "steps_to_target": target_step,
+            "best": best,
+        }
+        if shard.distributed:
+            summary["ranks"] = shard.world
+        if status == "interrupted":
+            summary["signal"] = interrupt.name
+            summary["exit_code"] = 128 + (interrupt.signum or signal.SIGINT)
+        if has_gauge:
+            summary["gauge_steps"] = int(optimizer.num_gauge_steps)
+            summary["gauge_time"] = float(optimizer.gauge_seconds)
+            summary["gauge_overhead"] = float(optimizer.gauge_seconds / wall) if wall > 0 else None
+        summary["headline"] = _headline(model, last_row)
+        if status == "diverged":
+            summary["diverged_at_step"] = int(step)
+        bad = non_finite_paths(summary)
+        if bad:  # JSON has no NaN: atomic_write_json writes null; say which values and why
+            summary["non_finite"] = {"values": bad, "note": "these values were NaN or infinite; written as null"}
+        if not main:  # rank 0 writes the summary and the plot; no rank leaves before it is done
+            failures.agree()  # (a barrier that also stops every rank where rank 0 could not write them)
+            if status == "diverged":
+                raise TrainingDiverged(message)
+            return RunResult(run_dir, status, summary, rank=shard.rank, late_signal=interrupt.late_name)
+        with failures.guard("write summary.json"):
+            atomic_write_json(run_dir / "summary.json", summary)
+        try:
+            from goldstone_cli.report import plot_losses
+
+            title = f"{names['model']} / {names['name']}" + (f" ({names['method']})" if names["method"] != names["name"] else "")
+            plot_losses(run_dir / "metrics.csv", run_dir / "loss.png", title=title,
+                        heldout=[(m, label) for m, label in model.headline_metrics if m != "suboptimality"])
+        except Exception as exc:  # a plot must never lose a finished run
+            tqdm.write(f"warning: could not draw loss.png: {exc}")
+        failures.agree()
         if status == "diverged":
             raise TrainingDiverged(message)
-        return RunResult(run_dir, status, summary, rank=shard.rank)
-    with failures.guard("write summary.json"):
-        atomic_write_json(run_dir / "summary.json", summary)
-    try:
-        from goldstone_cli.report import plot_losses
-
-        title = f"{names['model']} / {names['name']}" + (f" ({names['method']})" if names["method"] != names["name"] else "")
-        plot_losses(run_dir / "metrics.csv", run_dir / "loss.png", title=title,
-                    heldout=[(m, label) for m, label in model.headline_metrics if m != "suboptimality"])
-    except Exception as exc:  # a plot must never lose a finished run
-        tqdm.write(f"warning: could not draw loss.png: {exc}")
-    failures.agree()
-    if status == "diverged":
-        raise TrainingDiverged(message)
-    return RunResult(run_dir, status, summary)
+        return RunResult(run_dir, status, summary, late_signal=interrupt.late_name)
 
 
 # ----------------------------------------------------------------------------- distributed pieces

@@ -166,7 +166,7 @@ def test_under_a_launcher_only_rank_0_prints_an_error_that_every_rank_raises(tmp
     monkeypatch.setenv("RANK", "1")
     for exc, code, printed in ((PeerRankError("rank 0 could not x: OSError: y", exit_code=1), 1, False),
                                (RankError("local rank 1 has no GPU"), 2, True)):
-        def fail(cfg, run_dir=None, exc=exc):
+        def fail(cfg, run_dir=None, hold_signals=False, exc=exc):
             raise exc
 
         monkeypatch.setattr(train_module, "train", fail)

@@ -384,3 +384,83 @@ def test_sigkill_mid_run_and_a_second_process_on_the_same_folder(in_tmp):
     res = runner.invoke(app, ["train", "resume=part", f"trainer.steps={steps}"])
     assert res.exit_code == 0 and f"from step {step}" in res.output, res.output
     assert_same_outputs(train(compose([*args, f"trainer.steps={steps}", "run_dir=full"])).run_dir, in_tmp / "part")
+
+
+# ----------------------------------------------------------------------------- a signal after the last step
+def test_ctrl_c_while_a_completed_run_writes_its_files_finishes_them(in_tmp, monkeypatch):
+    """Ctrl-C after the last step (here while loss.png is drawn): the run is complete, so its files are
+    written and the command exits with 0, saying so (it ended with a KeyboardInterrupt: exit 130,
+    no loss.png, although summary.json said completed)."""
+    import goldstone_cli.report as report
+
+    draw = report.plot_losses
+
+    def plot_with_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(report, "plot_losses", plot_with_ctrl_c)
+    res = runner.invoke(app, ["train", *SMALL, "trainer.steps=20", "run_dir=r"])
+    assert res.exit_code == 0, res.output
+    assert "SIGINT received after the last step: the run is complete" in res.output
+    assert res.output.strip().splitlines()[-1].startswith("SIGINT received after the last step: the run completed anyway")
+    assert json.loads((in_tmp / "r" / "summary.json").read_text())["status"] == "completed"
+    assert (in_tmp / "r" / "loss.png").is_file() and ckpt.load(in_tmp / "r" / "checkpoints" / "last.pt")["step"] == 20
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored (not a process of its own)
+
+
+# a `goldstone train` process that pauses at one moment after its last step, leaving a file to say it is there
+_PAUSED = """
+import atexit, os, sys, time
+from pathlib import Path
+mark, moment = Path(os.environ["GS_MARK"]), os.environ["GS_MOMENT"]
+
+def pause():
+    mark.write_text(moment)
+    time.sleep(3)
+
+if moment == "checkpoint":  # the last step's checkpoint
+    import goldstone_cli.train as train
+    save = train._save_checkpoint
+    def slow_save(ckpt_dir, state, *args, **kwargs):
+        if state["step"] == int(os.environ["GS_STEPS"]):
+            pause()
+        return save(ckpt_dir, state, *args, **kwargs)
+    train._save_checkpoint = slow_save
+elif moment == "plot":  # loss.png, after summary.json
+    import goldstone_cli.report as report
+    draw = report.plot_losses
+    report.plot_losses = lambda *a, **k: (pause(), draw(*a, **k))[1]
+else:  # the interpreter's exit, after the end-of-run lines
+    atexit.register(pause)
+from goldstone_cli.cli import main
+sys.argv[0] = "goldstone"
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment,sig", [("checkpoint", signal.SIGINT), ("plot", signal.SIGINT),
+                                        ("plot", signal.SIGTERM), ("exit", signal.SIGINT), ("exit", signal.SIGTERM)])
+def test_a_real_signal_after_the_last_step_lets_the_run_finish_and_exit_0(in_tmp, moment, sig):
+    """A real signal to a real process after its last step (during the last checkpoint, while loss.png
+    is drawn, at the interpreter's exit): no traceback, exit 0, every file complete (it died: -2 with a
+    KeyboardInterrupt traceback, -15 for SIGTERM, or 130 without loss.png)."""
+    mark = in_tmp / "paused"
+    env = {**_env(), "GS_MARK": str(mark), "GS_MOMENT": moment, "GS_STEPS": "20"}
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED, "train", *SMALL, "trainer.steps=20", "run_dir=r"],
+                            cwd=in_tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not mark.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert mark.exists(), proc.communicate()[0]
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0]
+    name = signal.Signals(sig).name
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and f"{name} received after" in out, out
+    assert ("completed anyway" in out) == (moment != "exit"), out
+    r = in_tmp / "r"
+    assert json.loads((r / "summary.json").read_text())["status"] == "completed" and (r / "loss.png").is_file()
+    assert ckpt.load(r / "checkpoints" / "last.pt")["step"] == 20
+    assert not [f.name for d in (r, r / "checkpoints") for f in d.iterdir() if f.name.endswith(".tmp")]

@@ -254,3 +254,91 @@ def test_end_of_run_line_has_the_headline_numbers_and_the_folder(in_tmp):
     assert f"gauge steps {100 * summary['gauge_overhead']:.1f}% of the time (3 gauge steps)" in lines[-2]
     assert lines[-1] == f"outputs in {run.relative_to(in_tmp)}"
     assert summary["headline"]["L - L*"] == pytest.approx(summary["final"]["suboptimality"])
+
+
+# ----------------------------------------------------------------------------- wall time across resumes
+class _Ticks:
+    """train.py's clock, advancing 1 s per reading: every timed section (a step's loss, its update)
+    adds exactly 1 s to wall_time, so a run of N steps has 2 N + 1 s of optimization however it was
+    stopped and resumed, and a checkpoint at step s holds the 2 s of the steps before it."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def perf_counter(self) -> float:
+        self.t += 1.0
+        return self.t
+
+
+def test_optimization_time_is_counted_once_across_stops_and_resumes(in_tmp, monkeypatch):
+    """A resumed run's wall time is the time before the stop plus the time after: a completed run
+    resumed at its last step (the sweep does so when summary.json is damaged), a run continued with
+    more steps, one stopped by Ctrl-C and one killed (the last periodic checkpoint) all end with the
+    uninterrupted run's 61 s for 30 steps, and its wall_time column. (The last step's checkpoint held the
+    time after that step's loss, which the resume computes and times again: 62 s, 63 s on a second resume.)"""
+    import shutil
+    import types
+
+    import goldstone_cli.train as train_module
+    from goldstone_cli import checkpoint as ckpt
+
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=_Ticks().perf_counter))
+    common = ["trainer.checkpoint_every=10", *FAST]
+
+    def wall(run):
+        return json.loads((run / "summary.json").read_text())["wall_time"]
+
+    def walls(run):
+        return pd.read_csv(run / "metrics.csv")[["step", "wall_time"]]
+
+    full = train(compose(["trainer.steps=30", "run_dir=full", *common])).run_dir
+    assert wall(full) == 61.0
+    assert list(walls(full)["wall_time"]) == [2.0 * s + 1 for s in walls(full)["step"]]
+    for name, step in ((ckpt.LAST, 30), (ckpt.PREV, 20)):  # a checkpoint at s: the wall time as step s found it
+        state = ckpt.load(full / "checkpoints" / name)
+        assert (state["step"], state["wall_time"]) == (step, 2.0 * step), name
+
+    def resume(run, *args):
+        res = runner.invoke(app, ["train", f"resume={run}", *args])
+        assert res.exit_code == 0, res.output
+        assert wall(run) == 61.0, (run, wall(run))
+        pd.testing.assert_frame_equal(walls(full), walls(run))
+        assert _metrics(full).equals(_metrics(run))
+
+    # (a) a completed run resumed at its last step, twice, with summary.json damaged before the first
+    again = in_tmp / "again"
+    shutil.copytree(full, again)
+    (again / "summary.json").write_text("\x00garbage{")
+    resume(again)
+    resume(again)
+    assert ckpt.load(again / "checkpoints" / ckpt.PREV)["step"] == 20  # kept, as in the uninterrupted run (was 30)
+    # a run continued with more steps from its last step's checkpoint
+    part = train(compose(["trainer.steps=25", "run_dir=part", *common])).run_dir
+    resume(part, "trainer.steps=30")
+    # (b) Ctrl-C in the middle of the run; (c) a kill (no checkpoint of its own: the last periodic one stays)
+    original = DenseDynamicMF.local_loss
+
+    def stop_at(n, stop):
+        calls = {"n": 0}
+
+        def local_loss(self, generator=None):
+            calls["n"] += 1
+            if calls["n"] == n:
+                stop()
+            return original(self, generator)
+
+        monkeypatch.setattr(DenseDynamicMF, "local_loss", local_loss)
+
+    def kill():
+        raise RuntimeError("killed")  # as a SIGKILL would, in the middle of a step
+
+    stop_at(17, lambda: os.kill(os.getpid(), signal.SIGINT))
+    stopped = train(compose(["trainer.steps=30", "run_dir=stopped", *common]))
+    assert stopped.status == "interrupted" and 0 < stopped.summary["steps"] < 30
+    stop_at(24, kill)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(compose(["trainer.steps=30", "run_dir=killed", *common]))
+    monkeypatch.setattr(DenseDynamicMF, "local_loss", original)
+    assert ckpt.load(in_tmp / "killed" / "checkpoints" / ckpt.LAST)["step"] in (10, 20)
+    resume(stopped.run_dir)
+    resume(in_tmp / "killed")
