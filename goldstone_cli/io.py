@@ -176,6 +176,19 @@ def process_running(pid: int) -> bool:
         return True
 
 
+def proc_kib_field(path: str, key: str) -> int | None:
+    """The number of a ``KEY:  N kB`` line of a /proc file (``/proc/meminfo``'s MemAvailable,
+    ``/proc/self/status``'s VmRSS / VmHWM), in bytes; None where it cannot be read (not Linux)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def split_lines(text: str) -> list[str]:
     """The lines of ``text``, split at "\\n" only, one "\\r" at the end of each dropped (Windows line
     ends), as the readers of user files need them: ``str.splitlines`` also splits at U+2028,

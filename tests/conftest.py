@@ -71,6 +71,17 @@ def tiny_corpus(tmp_path_factory):
             "data.vocab_size=150", "data.keep_words=[]", "model.d=3", "model.batch_words=0", "model.batch_contexts=0"]
 
 
+@pytest.fixture(scope="module")
+def tiny_movielens(tmp_path_factory) -> list[str]:
+    """Overrides for ml-latest-small (the real sample, ratings.csv layout) at T=4, d=3, with a cache
+    of the module's own."""
+    sample = SHARED_DATA / "movielens" / "ml-latest-small"
+    if not (sample / "ratings.csv").is_file():
+        pytest.skip(f"MovieLens sample not found at {sample} (the checkout's ../shared/data)")
+    cache = tmp_path_factory.mktemp("movielens-cache")
+    return [f"data.path={sample}", f"data.cache_dir={cache}", "data.T=4", "model.d=3"]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _kernel_cache(tmp_path_factory):
     """The native loops (goldstone_cli/kernels) build into a folder of this test session, not ~/.cache."""

@@ -13,8 +13,6 @@ from goldstone_cli.config import (REMOVED_OPTIMIZERS, ConfigError, compose, grou
                                   tuned_tables)
 from goldstone_cli.train import new_run_dir, train
 
-from conftest import SHARED_DATA
-
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -158,15 +156,6 @@ def test_runs_are_named_after_what_ran(in_tmp, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- every combination trains
-@pytest.fixture(scope="module")
-def tiny_movielens(tmp_path_factory):
-    sample = SHARED_DATA / "movielens" / "ml-latest-small"
-    if not (sample / "ratings.csv").is_file():
-        pytest.skip(f"MovieLens sample not found at {sample} (the checkout's ../shared/data)")
-    cache = tmp_path_factory.mktemp("movielens-cache")
-    return [f"data.path={sample}", f"data.cache_dir={cache}", "data.T=4", "model.d=3"]
-
-
 def _params():
     out = []
     for model in ("dense_mf", "movielens", "dwe", "dwe_map"):

@@ -74,27 +74,14 @@ def test_a_dwe_run_that_cannot_fit_is_refused_in_one_line_before_the_model_is_ma
     assert runner.invoke(app, args[:-1] + ["run_dir=run3"]).exit_code == 0
 
 
-
 # ----------------------------------------------------------------------------- model=movielens
-@pytest.fixture(scope="module")
-def small_movielens(tmp_path_factory):
-    """ml-latest-small (the real sample, ratings.csv layout), T=4, d=3."""
-    from conftest import SHARED_DATA
-
-    sample = SHARED_DATA / "movielens" / "ml-latest-small"
-    if not (sample / "ratings.csv").is_file():
-        pytest.skip(f"MovieLens sample not found at {sample} (the checkout's ../shared/data)")
-    cache = tmp_path_factory.mktemp("movielens-cache")
-    return [f"data.path={sample}", f"data.cache_dir={cache}", "data.T=4", "model.d=3"]
-
-
-def test_movielens_prediction_counts_what_the_model_allocates(small_movielens):
+def test_movielens_prediction_counts_what_the_model_allocates(tiny_movielens):
     """The parameters, their optimizer state and the ratings on the device are exactly the model's
     (the transient and evaluation terms are fitted: docs/benchmarks.md, "Peak memory")."""
     from goldstone_cli.models import build_model
     from goldstone_cli.optim.factory import build_optimizer
 
-    cfg = compose(["model=movielens", "optimizer=adam", *small_movielens, "trainer.progress=false"])
+    cfg = compose(["model=movielens", "optimizer=adam", *tiny_movielens, "trainer.progress=false"])
     model = build_model(cfg, torch.device("cpu"), torch.float32)
     opt, _ = build_optimizer(cfg.optimizer, model)
     model.loss_terms()["total"].backward()
@@ -111,13 +98,13 @@ def test_movielens_prediction_counts_what_the_model_allocates(small_movielens):
     assert big["parameters"] == 1_652_370_000 and 28e9 < big["total"] < 29e9
 
 
-def test_a_movielens_run_that_cannot_fit_is_refused_in_one_line_before_the_model_is_made(in_tmp, small_movielens,
+def test_a_movielens_run_that_cannot_fit_is_refused_in_one_line_before_the_model_is_made(in_tmp, tiny_movielens,
                                                                                         monkeypatch):
     import goldstone_cli.models.movielens as ml
 
     made = _count_constructions(monkeypatch, ml.SparseDynamicBernoulliMF)
     monkeypatch.setattr(memory, "available_bytes", lambda device: 10**6)  # 1 MB free
-    args = ["train", "model=movielens", *small_movielens, "trainer.steps=2", "trainer.eval_every=2",
+    args = ["train", "model=movielens", *tiny_movielens, "trainer.steps=2", "trainer.eval_every=2",
             "trainer.progress=false", "run_dir=run"]
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output

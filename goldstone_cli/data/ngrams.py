@@ -98,7 +98,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from goldstone_cli.data.cooc import CoocWriter, check_output_dir, inputs_entry, pair_rows_to_symmetric
-from goldstone_cli.io import atomic_path, file_sha256, process_running, remove_abandoned_temporaries
+from goldstone_cli.io import atomic_path, file_sha256, proc_kib_field, process_running, remove_abandoned_temporaries
 
 PART_VERSION = 3  # 2: match count sums (overflow check), CRLF; 3: v2 numbers checked as digits, repeated rows
 DEFAULT_YEARS = (1800, 2008)
@@ -619,13 +619,9 @@ class _Feed:
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory in MiB (VmHWM on Linux, which a fresh exec resets)."""
-    try:
-        with open("/proc/self/status") as f:
-            for ln in f:
-                if ln.startswith("VmHWM:"):
-                    return int(ln.split()[1]) / 1024
-    except OSError:
-        pass
+    hwm = proc_kib_field("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return hwm / 2**20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from goldstone_cli.io import proc_kib_field
+
 #: saved (T, B, d) minibatch tensors per side (words, contexts) of the current DWE step on the CPU
 #: (the fused chain pass keeps 1/b, sigmoid(raw), a, y, s; fitted to V=2,000 variational: 3.13 GB)
 SAVED_PER_SIDE_FUSED = {"variational": 14, "map": 5}
@@ -178,14 +180,7 @@ def _read_int(path: Path) -> Optional[int]:
 
 
 def _meminfo_available() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def _cgroup_available() -> Optional[int]:
@@ -322,14 +317,7 @@ def host_id() -> str:
 
 def _rss_bytes() -> int:
     """This process's resident memory now (VmRSS; 0 where it cannot be read)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return proc_kib_field("/proc/self/status", "VmRSS") or 0
 
 
 def sharded_shortfall(ranks: Sequence[dict], margin: float = MARGIN) -> Optional[dict]:
