@@ -410,14 +410,11 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                        f"digits (set OMP_NUM_THREADS={threads} for a bit-exact resume)")
         tqdm.write(f"Resuming {run_dir} from step {start}")
 
-    generator_before_final: list = []  # the generator as iteration `steps` found it (see below)
-
     def state_at(step: int, gen=None, wall_at=None) -> dict[str, Any]:
-        # the final row's loss terms draw a minibatch after the last update: a checkpoint at the last
-        # step keeps the generator as it was before that draw, so a run continued with more steps
-        # draws what an uninterrupted longer run draws
+        # gen, wall_at: the generator and wall time as iteration `step` found them, for a checkpoint
+        # written after that step drew its minibatch (a resume draws it again)
         if gen is None:
-            gen = generator_before_final[0] if generator_before_final and step >= steps else generator.get_state()
+            gen = generator.get_state()
         return {
             "step": step,
             "wall_time": wall if wall_at is None else wall_at,
@@ -498,12 +495,15 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                 # is written after the loop); written once this step's loss is known to be finite, with the
                 # generator as the step found it (its minibatch is drawn again on resume)
                 due = step % tc.checkpoint_every == 0 and (step != start or not resuming) and step < steps
-                found = (generator.get_state(), wall) if due else None
-                wall_found = wall  # as this step found it: what a checkpoint at this step records (see below)
                 final = step >= steps
+                # the run may end at this step (its last, or an evaluation that can reach the target): the
+                # end checkpoint holds the generator before this step's draw too, so that a run continued
+                # (more steps, another target) draws what an uninterrupted run draws
+                may_end = final or (target is not None and target_step is None and step % tc.eval_every == 0)
+                gen_found = generator.get_state() if due or may_end else None
+                wall_found = wall  # as this step found it: what a checkpoint at this step records (see below)
                 t0 = time.perf_counter()
                 if final:
-                    generator_before_final[:] = [generator.get_state()]
                     with torch.no_grad():
                         terms = model.loss_terms(generator)
                 else:
@@ -519,8 +519,8 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                     message = (f"the loss became {total} at step {step}; the last good checkpoint is "
                                f"{run_dir / 'checkpoints' / ckpt.LAST} (lower optimizer.lr, or set optimizer.clip)")
                     break
-                if found is not None:
-                    checkpoint(step, *found)
+                if due:
+                    checkpoint(step, gen_found, wall_found)
                 lr = optimizer.param_groups[0]["lr"]
 
                 # log and evaluate theta_s (before this iteration's update)
@@ -586,7 +586,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                 interrupt.finish()  # the run is complete: a signal from here on only lets it write its files
                 # the wall time as this step found it, as every checkpoint holds it: a resume from here
                 # computes this step's loss (and its time) again, so it is counted once
-                checkpoint(step, wall_at=wall_found)
+                checkpoint(step, gen_found, wall_found)
         except BaseException:  # nothing here may hide the error on its way (a file that failed fails again on close)
             pbar.close()
             for close in (metrics.close, *((gauge_log.close,) if gauge_log is not None else ()),
@@ -1017,18 +1017,28 @@ def _gauge_row(optimizer) -> dict[str, Any]:
 
 class _GaugeLog:
     """``gauge.csv``: one row per gauge step (psi before/after, largest rotation angle, seconds; for
-    the natural solver also the reflection walls it flipped and the halvings of its step)."""
+    the natural solver also the reflection walls it flipped, the halvings of its step, whether the
+    step was dropped (all halvings still raised psi) and the shortened solve in use: GoldstoneGD's
+    ``last_gauge``)."""
 
-    COLUMNS = ["step", "psi_before", "psi_after", "max_angle", "seconds", "flips", "backtracks"]
+    COLUMNS = ["step", "psi_before", "psi_after", "max_angle", "seconds", "flips", "backtracks", "rejected",
+               "fallback"]
+    OLD_COLUMNS = COLUMNS[:7]  # runs started before `rejected` / `fallback` were logged: resumed as they are
 
     def __init__(self, path: Path, resume_from_step: Optional[int]):
         # a row with step s was written by iteration s - 1, before a checkpoint at s: keep it (rows <= s)
         keep_before = None if resume_from_step is None else resume_from_step + 1
-        self._w = MetricsWriter(path, self.COLUMNS, resume_from_step=keep_before)
+        columns = self.COLUMNS
+        if keep_before is not None and path.exists():
+            with open(path, newline="") as f:
+                if next(csv.reader([f.readline()]), None) == self.OLD_COLUMNS:
+                    columns = self.OLD_COLUMNS
+        self.columns = columns
+        self._w = MetricsWriter(path, columns, resume_from_step=keep_before)
 
     def write(self, diag: Optional[dict[str, Any]]) -> None:
         if diag:
-            self._w.write({k: diag.get(k) for k in self.COLUMNS})
+            self._w.write({k: diag.get(k) for k in self.columns})
 
     def close(self) -> None:
         self._w.close()

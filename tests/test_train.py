@@ -46,14 +46,35 @@ def test_cli_train_writes_every_output(in_tmp):
     run2 = next(r for r in (in_tmp / "outputs" / "dense_mf").iterdir() if r != run)
     gauge = pd.read_csv(run2 / "gauge.csv")
     assert list(gauge["step"]) == [10, 20, 30, 40] and (gauge["psi_after"] <= gauge["psi_before"]).all()
-    assert gauge["flips"].isna().all()  # procrustes: natural-only columns stay empty
+    assert gauge[["flips", "rejected", "fallback"]].isna().all().all()  # procrustes: natural-only columns stay empty
     res = runner.invoke(app, ["train", "trainer.steps=20", "optimizer.k1=10", "optimizer.solver=natural",
                               "run_dir=natural", *FAST])
     assert res.exit_code == 0, res.output
     gauge = pd.read_csv(in_tmp / "natural" / "gauge.csv")
     assert list(gauge["step"]) == [10, 20] and (gauge["flips"] >= 0).all() and (gauge["backtracks"] >= 0).all()
+    assert gauge["rejected"].isin([0, 1]).all() and (gauge["fallback"] >= 0).all()
     assert (gauge["psi_after"] <= gauge["psi_before"]).all()
     assert summary["final"]["suboptimality"] == pytest.approx(df["suboptimality"].iloc[-1])
+
+
+def test_a_gauge_csv_of_an_older_run_is_resumed_with_its_own_columns(in_tmp):
+    """gauge.csv written before `rejected` / `fallback` were logged: a resume keeps its header and rows
+    instead of refusing the run (the header is fixed at a run's start)."""
+    args = ["trainer.steps=20", "optimizer.k1=10", "optimizer.solver=natural", "trainer.checkpoint_every=10",
+            "run_dir=old", *FAST]
+    res = runner.invoke(app, ["train", *args])
+    assert res.exit_code == 0, res.output
+    path = in_tmp / "old" / "gauge.csv"
+    whole = pd.read_csv(path)
+    whole[whole["step"] <= 10].drop(columns=["rejected", "fallback"]).to_csv(path, index=False)  # the old layout
+    (in_tmp / "old" / "checkpoints" / "last.pt").unlink()  # resume from step 10 (prev.pt)
+    (in_tmp / "old" / "checkpoints" / "prev.pt").rename(in_tmp / "old" / "checkpoints" / "last.pt")
+    res = runner.invoke(app, ["train", "resume=old", "trainer.steps=20"])
+    assert res.exit_code == 0, res.output
+    again = pd.read_csv(path)
+    assert list(again.columns) == ["step", "psi_before", "psi_after", "max_angle", "seconds", "flips", "backtracks"]
+    pd.testing.assert_frame_equal(again.drop(columns="seconds"),
+                                  whole.drop(columns=["seconds", "rejected", "fallback"]))
 
 
 def test_cfg_prints_config_without_running(in_tmp):
@@ -159,6 +180,25 @@ def test_a_changed_target_on_resume_replaces_the_reached_one(in_tmp):
     assert on["status"] == "completed" and on["steps"] == reached + 20 and on["steps_to_target"] is None
     stricter = resume(f"trainer.steps={reached + 40}", "trainer.target=1e-30")
     assert stricter["status"] == "completed" and stricter["steps_to_target"] is None
+
+
+def test_a_run_continued_after_its_target_draws_the_minibatches_of_an_uninterrupted_run(in_tmp, tiny_corpus):
+    """The end checkpoint of a run stopped at its target holds the generator as the target's step found
+    it: continued with trainer.target=null, the run draws the minibatches (and so logs the losses) of a
+    run that never had a target. (It held the generator after that step's draw: the resumed run's rows
+    from the target step on differed.)"""
+    args = ["model=dwe_map", *tiny_corpus, "model.batch_words=40", "model.batch_contexts=40",
+            "trainer.progress=false", "trainer.log_every=1", "trainer.eval_every=3",
+            "trainer.checkpoint_every=1000", "trainer.steps=12"]
+    ref = train(compose([*args, "run_dir=ref"]))
+    assert ref.status == "completed"
+    ll = pd.read_csv(in_tmp / "ref" / "metrics.csv").set_index("step")["ll_test"]
+    target = float(ll.loc[6] - 1e-9 * abs(ll.loc[6]))
+    first = train(compose([*args, "run_dir=t", f"trainer.target={target!r}"]))
+    assert first.status == "target_reached" and 0 < first.summary["steps"] <= 6
+    res = runner.invoke(app, ["train", "resume=t", "trainer.target=null"])
+    assert res.exit_code == 0, res.output
+    pd.testing.assert_frame_equal(_metrics(in_tmp / "t"), _metrics(in_tmp / "ref"))
 
 
 def test_best_checkpoint_written_after_the_last_checkpoint_is_kept_on_resume(in_tmp):
