@@ -46,6 +46,23 @@ def sym_counts(V: int, T: int, density: float = 0.3, seed: int = 0):
     return out
 
 
+def assert_float64_loss_terms(m32, m64, seeds=range(3), rel: float = 5e-9) -> None:
+    """The loss terms of a float32 model are float64 values within ``rel`` of the loss of a float64
+    model with the same parameters and draws (the training step's pass, with gradients, against
+    one without)."""
+    import torch
+
+    for s in seeds:
+        got = {k: v.detach() for k, v in m32.loss_terms(torch.Generator().manual_seed(s)).items()}
+        with torch.no_grad():
+            want = m64.loss_terms(torch.Generator().manual_seed(s))
+        scale = abs(float(want["total"]))
+        assert scale > 1e6
+        for key in ("total", "local", "psi"):
+            assert got[key].dtype == torch.float64, key
+            assert abs(float(got[key]) - float(want[key])) <= rel * scale, (key, s)
+        assert float(got["psi"]) == pytest.approx(float(want["psi"]), rel=rel)
+
 def prepare_tiny_sotu(root: Path) -> tuple[Path, Path]:
     """Six State of the Union texts 40 years apart (``root/texts``), prepared as six 40-year steps
     of 150 words (``root/prepared``); skips without the sotu package. Returns (texts, prepared)."""

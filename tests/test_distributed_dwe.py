@@ -13,6 +13,7 @@ from goldstone_cli.distributed.shard import RowShard
 from goldstone_cli.models.dwe import DynamicWordEmbeddings, planted_corpus
 from goldstone_cli.models.dwe_sharded import ShardedDynamicWordEmbeddings
 from goldstone_cli.optim import GoldstoneGD
+from conftest import assert_float64_loss_terms
 
 DT = torch.float64
 STEPS = 50
@@ -304,16 +305,7 @@ def test_float32_sharded_loss_terms_are_reported_in_float64(inference, monkeypat
     float64 model with the same parameters and draws gives them to 5e-9 of the loss (about 1e-9 at
     worst; cast to float32, as they were, total and psi were off by 1e-8 to 1e-7 of it)."""
     m32, m64 = _float32_pair(monkeypatch, inference)
-    for s in range(3):
-        got = {k: v.detach() for k, v in m32.loss_terms(torch.Generator().manual_seed(s)).items()}
-        with torch.no_grad():
-            want = m64.loss_terms(torch.Generator().manual_seed(s))
-        scale = abs(float(want["total"]))
-        assert scale > 1e6
-        for key in ("total", "local", "psi"):
-            assert got[key].dtype == DT, key
-            assert abs(float(got[key]) - float(want[key])) <= 5e-9 * scale, (key, s)
-        assert float(got["psi"]) == pytest.approx(float(want["psi"]), rel=5e-9)
+    assert_float64_loss_terms(m32, m64)
 
 
 @pytest.mark.usefixtures("one_thread")
