@@ -320,13 +320,18 @@ class Plan:
     varying: list[str]  # varying keys, "method" first when there are several methods
     command_line: list[str] = field(default_factory=list)  # grid entries given on the command line
     note: str = ""  # printed when the plan is made (e.g. the sweep's settings left out for another model)
+    description: str = ""  # the sweep's description, its seed count the plan's (see describe)
+
+    def counts(self) -> str:
+        """What the plan runs: ``6 runs (2 methods x 3 seeds)``."""
+        return run_counts([(r.method, r.settings) for r in self.runs], self.config.seed_keys)
 
     def manifest(self) -> dict[str, Any]:
         c = OmegaConf.to_container(OmegaConf.structured(self.config), enum_to_str=True)
         return {
             "format": 1,
             "name": self.name,
-            "description": self.config.description,
+            "description": self.description,
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
             "grid": self.grid,
             "command_line": self.command_line,
@@ -340,6 +345,33 @@ class Plan:
             "model": self.config.model,
             "runs": [r.to_dict() for r in self.runs],
         }
+
+
+def seed_count(runs: list[tuple[str, dict[str, str]]], seed_keys: list[str]) -> int:
+    """Repetitions per method of runs given as (method, varying settings): the most distinct seeds a method has."""
+    seeds: dict[str, set] = {}
+    for method, settings in runs:
+        seeds.setdefault(method, set()).add(tuple(settings.get(k) for k in seed_keys))
+    return max((len(v) for v in seeds.values()), default=0)
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'s' if count != 1 else ''}"
+
+
+def run_counts(runs: list[tuple[str, dict[str, str]]], seed_keys: list[str]) -> str:
+    """``6 runs (2 methods x 3 seeds)`` for runs given as (method, varying settings)."""
+    methods = len({m for m, _ in runs})
+    return f"{_n(len(runs), 'run')} ({_n(methods, 'method')} x {_n(seed_count(runs, seed_keys), 'seed')})"
+
+
+_SEEDS = re.compile(r"\b(?:\d+|one|two|three|four|five|six|seven|eight|nine|ten)(\s+)seeds?\b", re.IGNORECASE)
+
+
+def describe(description: str, n_seeds: int) -> str:
+    """A sweep file's description with the seed count it states ("3 seeds") made the plan's: the command
+    line may give other seeds (``seed=0,1``) than the file."""
+    return _SEEDS.sub(lambda m: f"{n_seeds}{m.group(1)}seed{'s' if n_seeds != 1 else ''}", description)
 
 
 def _sanitize(text: str) -> str:
@@ -419,9 +451,12 @@ def make_plan(config: SweepConfig, cli_grid: list[str] = ()) -> Plan:
         seen[r.name] = n + 1
         if n:
             r.name = f"{r.name}__{n + 1}"
+    # the file's description states its comparison: not what runs when the command line replaced its methods
+    description = "" if config.methods and not methods else describe(
+        config.description, seed_count([(r.method, r.settings) for r in runs], list(config.seed_keys)))
     return Plan(config.name, runs, config, [o for a in grid_axes for o in _entry(a)],
                 [a.overrides[0] for a in fixed_axes], methods,
-                (["method"] if len(method_items) > 1 else []) + varying, list(cli_grid))
+                (["method"] if len(method_items) > 1 else []) + varying, list(cli_grid), description=description)
 
 
 # settings of a sweep file that assume its model (SweepConfig.model)
@@ -731,7 +766,8 @@ def plan_from_manifest(m: dict[str, Any]) -> Plan:
     runs = [RunSpec(r["name"], list(r["overrides"]), r["method"], dict(r["settings"]), r.get("device", "auto"))
             for r in m["runs"]]
     return Plan(m["name"], runs, cfg, cfg.overrides, cfg.fixed, cfg.methods, list(m.get("varying", [])),
-                list(m.get("command_line", [])))
+                list(m.get("command_line", [])),
+                description=describe(cfg.description, seed_count([(r.method, r.settings) for r in runs], cfg.seed_keys)))
 
 
 def _same_runs(a: Plan, b: Plan) -> Optional[str]:
@@ -764,6 +800,18 @@ def run_state(run_dir: Path) -> str:
     if has_checkpoint(run_dir):
         return "resume"
     return "fresh"
+
+
+def warn_damaged(sweep_dir: Path, name: str, write=print) -> str:
+    """Say in one line, when a run's metrics.csv or summary.json is damaged, what is wrong and what to do
+    (the report's check: such a run is ``damaged`` there and left out of its tables and plots); return the line."""
+    from goldstone_cli.sweep_report import run_problem
+
+    problem = run_problem(sweep_dir / name, sweep_dir)
+    line = f"warning: run {name} ({sweep_dir / name}): {problem}" if problem else ""
+    if line:
+        write(line)
+    return line
 
 
 def _busy_message(run_dir: Path) -> str:
@@ -975,6 +1023,7 @@ def run_local(sweep_dir: Path, todo: list[tuple[RunSpec, str]], jobs: int, n_tot
                 if outcome in ("failed", "diverged"):
                     tqdm.write(f"run {r.run.name} {outcome} ({_exit_text(rc)}); log {run_dir / 'train.log'}:\n"
                                f"{log_tail(run_dir / 'train.log')}")
+                warn_damaged(sweep_dir, r.run.name, tqdm.write)
                 postfix()
             if running:
                 time.sleep(0.05)
@@ -1140,6 +1189,7 @@ def run_with_launcher(sweep_dir: Path, todo: list[tuple[RunSpec, str]], name: st
         if outcome != "done":
             err = "" if ret.status == JobStatus.COMPLETED else f" ({type(ret._return_value).__name__}: {ret._return_value})"
             tqdm.write(f"run {run.name} {outcome}{err}; log {run_dir / 'train.log'}:\n{log_tail(run_dir / 'train.log')}")
+        warn_damaged(sweep_dir, run.name, tqdm.write)
     return outcomes
 
 
@@ -1261,8 +1311,10 @@ def run_sweep(args: list[str] = (), sweep_dir: Optional[Path] = None, jobs: Opti
     threads_text = f", {threads} CPU thread{'s' * (threads > 1)} each" if threads else ""
     if plan.note:
         echo(plan.note)
+    if plan.description:
+        echo(f"sweep {plan.name}: {plan.description}")
     if dry_run:
-        echo(f"sweep {plan.name}: {len(plan.runs)} runs in {sweep_dir} (varying: {', '.join(plan.varying) or 'nothing'}); "
+        echo(f"sweep {plan.name}: {plan.counts()} in {sweep_dir} (varying: {', '.join(plan.varying) or 'nothing'}); "
              f"launcher {launcher}, jobs {jobs}" + threads_text)
         for r in plan.runs:
             echo(f"  [{states[r.name]:6}] {r.name}: {' '.join(r.overrides)}")
@@ -1277,7 +1329,7 @@ def run_sweep(args: list[str] = (), sweep_dir: Optional[Path] = None, jobs: Opti
         manifest["threads"] = before.get("threads") or threads
     atomic_write_json(sweep_dir / MANIFEST, manifest)
     n_resume = sum(1 for _, s in todo if s == "resume")
-    echo(f"sweep {plan.name}: {len(plan.runs)} runs in {sweep_dir}: {len(skipped)} finished (skipped), "
+    echo(f"sweep {plan.name}: {plan.counts()} in {sweep_dir}: {len(skipped)} finished (skipped), "
          f"{n_resume} to resume, {len(todo) - n_resume} to start; "
          + (f"{jobs} at a time" if launcher == "local" else f"launcher {launcher}")
          + threads_text)
@@ -1288,6 +1340,7 @@ def run_sweep(args: list[str] = (), sweep_dir: Optional[Path] = None, jobs: Opti
     for name in skipped:  # a diverged run stays diverged
         if (_read_json(sweep_dir / name / "summary.json") or {}).get("status") == "diverged":
             outcomes[name] = "diverged"
+        warn_damaged(sweep_dir, name, echo)
     if todo:
         if launcher == "local":
             outcomes.update(run_local(sweep_dir, todo, jobs, len(plan.runs), len(skipped), f"sweep {plan.name}",

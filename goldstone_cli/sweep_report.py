@@ -87,7 +87,17 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 
 FINISHED = ("completed", "target_reached")  # runs whose numbers the tables aggregate
-_RERUN = "delete the run folder and re-invoke `goldstone sweep --dir` on the sweep to train it again"
+
+
+def _rerun_hint(folder: Path, sweep_dir: Optional[Path]) -> str:
+    if sweep_dir is None:
+        return "delete the run folder and re-invoke `goldstone sweep --dir` on the sweep to train it again"
+    return f"delete the run folder {folder} and re-invoke `goldstone sweep --dir {sweep_dir}` to train it again"
+
+
+def _resume_hint(sweep_dir: Optional[Path]) -> str:
+    where = f"`goldstone sweep --dir {sweep_dir}`" if sweep_dir is not None else "`goldstone sweep --dir` on the sweep"
+    return f"{where} resumes the run from its last checkpoint, which writes it again"
 
 
 def _read_metrics(path: Path) -> tuple[Optional[pd.DataFrame], str, bool]:
@@ -130,12 +140,14 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:120]
 
 
-def _load_run(folder: Path, name: str, method: str, settings: dict[str, str]) -> RunInfo:
+def _load_run(folder: Path, name: str, method: str, settings: dict[str, str],
+              sweep_dir: Optional[Path] = None) -> RunInfo:
+    """A run folder read back; ``problem`` names a damaged metrics.csv / summary.json and the fix (with
+    the commands for ``sweep_dir`` when given). A finished run with a damaged metrics.csv is ``damaged``."""
     summary = _read_json(folder / "summary.json")
     info = RunInfo(name, folder, method, settings, _status(folder, summary), summary=summary or {})
     if summary is None and (folder / "summary.json").exists():
-        info.problem = ("summary.json cannot be read (damaged); `goldstone sweep --dir` on the sweep resumes "
-                        "the run from its last checkpoint, which writes it again")
+        info.problem = f"summary.json cannot be read (damaged); {_resume_hint(sweep_dir)}"
     df, problem, partial = _read_metrics(folder / "metrics.csv")
     info.metrics = df
     if info.status in FINISHED and not problem:  # a finished run's metrics.csv ends where its summary.json does
@@ -152,8 +164,7 @@ def _load_run(folder: Path, name: str, method: str, settings: dict[str, str]) ->
                 float(last["total"]), float(final), rel_tol=1e-9, abs_tol=0.0) and math.isfinite(final):
             problem = f"the last loss in metrics.csv ({float(last['total']):.6g}) is not summary.json's ({final:.6g})"
     if problem:
-        info.problem = problem + (f"; its numbers are left out: {_RERUN}" if info.status in FINISHED
-                                  else "; its numbers are left out")
+        info.problem = f"{problem}; its numbers are left out: {_rerun_hint(folder, sweep_dir)}"
         if info.status in FINISHED:
             info.status = "damaged"
         info.metrics = None  # nothing half-read is trusted
@@ -162,6 +173,12 @@ def _load_run(folder: Path, name: str, method: str, settings: dict[str, str]) ->
     else:
         info.model = _config_value(folder, "model", "name") or "?"
     return info
+
+
+def run_problem(folder: Path, sweep_dir: Optional[Path] = None) -> str:
+    """What is wrong with a run folder's metrics.csv or summary.json and how to fix it, in one line, as
+    the report says it (the run is then ``damaged`` or left out there); "" when nothing is."""
+    return _load_run(Path(folder), Path(folder).name, "", {}, sweep_dir).problem
 
 
 def _config_value(folder: Path, *keys: str) -> Optional[str]:
@@ -185,7 +202,7 @@ def collect(sweep_dir: str | Path) -> tuple[list[RunInfo], dict[str, Any]]:
         from goldstone_cli.sweep import read_manifest, run_folder
 
         manifest = read_manifest(sweep_dir)  # checked: types, and run names that stay inside sweep_dir
-        runs = [_load_run(run_folder(sweep_dir, r["name"]), r["name"], r["method"], dict(r["settings"]))
+        runs = [_load_run(run_folder(sweep_dir, r["name"]), r["name"], r["method"], dict(r["settings"]), sweep_dir)
                 for r in manifest["runs"]]
         return runs, manifest
     import yaml
@@ -315,13 +332,32 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def _pm(mean: float, spread: float, sig: int = 2) -> str:
+    """``mean ± spread`` as measurements are written: the spread rounded to ``sig`` significant digits
+    and the mean to the same decimal place (``12.000 ± 0.034``, not ``12 ± 0.034``); numbers below 1e-3
+    or from 1e6 on share a power of ten (``(1.20 ± 0.34)e-07``)."""
+    if not (math.isfinite(mean) and math.isfinite(spread)) or spread <= 0:
+        return f"{_fmt(mean)} ± {_fmt(spread, sig) if spread else 0}"
+    spread = float(f"{spread:.{sig - 1}e}")  # rounded first: 0.0996 -> 0.1 has its leading digit one place up
+    lead = math.floor(math.log10(spread))
+    top = max(lead, math.floor(math.log10(abs(mean))) if mean else lead)
+    exp = top if top < -3 or top >= 6 else 0
+    places = sig - 1 - lead + exp  # decimal places of the spread's last significant digit (after / 10**exp)
+
+    def num(x: float) -> str:
+        x = round(x / 10.0 ** exp, places)
+        return f"{x + 0.0 if x else 0.0:.{max(places, 0)}f}"  # + 0.0: no "-0.0"
+
+    return f"({num(mean)} ± {num(spread)})e{exp:+03d}" if exp else f"{num(mean)} ± {num(spread)}"
+
+
 def _mean_std(values: pd.Series) -> str:
     v = pd.to_numeric(values, errors="coerce").dropna()
     if v.empty:
         return "–"
     if len(v) == 1:
         return _fmt(float(v.iloc[0]))
-    return f"{_fmt(float(v.mean()))} ± {_fmt(float(v.std(ddof=1)), 2)}"
+    return _pm(float(v.mean()), float(v.std(ddof=1)))
 
 
 def aggregate(df: pd.DataFrame, model: str, metric_cols: list[str]) -> pd.DataFrame:
@@ -524,11 +560,15 @@ def build_report(sweep_dir: str | Path) -> ReportPaths:
 
     title = (manifest.get("report") or {}).get("title") or f"Sweep {manifest.get('name', sweep_dir.name)}"
     lines = [f"# {title}", ""]
-    if manifest.get("description"):
-        lines += [manifest["description"], ""]
+    from goldstone_cli.sweep import describe, run_counts, seed_count
+
+    seed_keys = list(manifest.get("seed_keys") or ["seed"])
+    planned = [(r.method, r.settings) for r in runs]
+    if manifest.get("description"):  # its seed count the runs' (a sweep.json of an older version kept the file's)
+        lines += [describe(manifest["description"], seed_count(planned, seed_keys)), ""]
     counts = df["status"].value_counts()
     lines += [f"Sweep folder: `{sweep_dir}`" + (f", planned {manifest['created']}" if manifest.get("created") else ""),
-              f"Runs: {len(df)} ({', '.join(f'{n} {s}' for s, n in counts.items())}). "
+              f"Runs: {run_counts(planned, seed_keys)}: {', '.join(f'{n} {s}' for s, n in counts.items())}. "
               "One row per run with every number: [summary.csv](summary.csv).", ""]
     if manifest.get("grid") or manifest.get("fixed") or manifest.get("methods"):
         lines.append("Plan:")

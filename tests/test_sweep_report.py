@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 
 from goldstone_cli.cli import app
 from goldstone_cli.io import atomic_write_json
-from goldstone_cli.sweep import MANIFEST, prepare
-from goldstone_cli.sweep_report import _fmt, build_report
+from goldstone_cli import sweep as sweep_mod
+from goldstone_cli.sweep import MANIFEST, prepare, run_sweep
+from goldstone_cli.sweep_report import _fmt, _mean_std, build_report
 
 runner = CliRunner()
 COLUMNS = "step,wall_time,total,local,psi,lr\n"
@@ -70,7 +71,8 @@ def test_the_tables_aggregate_finished_runs_and_damaged_ones_are_named_and_left_
     # gd: mean ± std (ddof 1) over its three seeds, by hand
     mean = sum(gd) / 3
     std = math.sqrt(sum((x - mean) ** 2 for x in gd) / 2)
-    assert _table_row(report, "gd")["final total"] == f"{_fmt(mean)} ± {_fmt(std, 2)}"
+    assert _table_row(report, "gd")["final total"] == "2.4 ± 1.6"  # 2.444 ± 1.588: the mean to the spread's digits
+    assert (round(mean, 1), round(std, 1)) == (2.4, 1.6)
     # adam: only its one finished run (the cut-off one is damaged, the interrupted one at step 10)
     row = _table_row(report, "adam")
     assert row["final total"] == _fmt(adam0) and row["steps"] == "20", row
@@ -107,4 +109,72 @@ def test_other_damage_to_one_run_is_named_and_the_rest_of_the_report_stands(in_t
     assert "summary.json cannot be read" in lines["optimizer-adam__seed-2"]
     assert _table_row(report, "adam")["final total"] == "–"  # no finished adam run left
     assert summary.loc[[f"optimizer-gd__seed-{s}" for s in range(3)], "status"].eq("completed").all()
-    assert _table_row(report, "gd")["final total"].startswith(_fmt(np.mean([1.0 + s for s in range(3)]) * (1 + 1 / 21)))
+    mean = np.mean([1.0 + s for s in range(3)]) * (1 + 1 / 21)
+    assert _table_row(report, "gd")["final total"] == f"{mean:.1f} ± {1 + 1 / 21:.1f}" == "2.1 ± 1.0"
+
+
+def test_a_mean_shows_the_decimal_places_of_its_spread():
+    """The spread is rounded to 2 significant digits and the mean to the same decimal place: "12 ± 0.034"
+    hid the mean's digits that the spread says are known."""
+    def ms(*values):
+        return _mean_std(pd.Series(values))
+
+    assert ms(11.966, 12.0, 12.034) == "12.000 ± 0.034"
+    assert ms(0.9, 1.1) == "1.00 ± 0.14"
+    assert ms(1234.5, 1234.6) == "1234.550 ± 0.071"
+    assert ms(3000, 4000) == "3500 ± 710"  # a spread of 707: the mean to tens
+    assert ms(5000, 5000, 5000) == "5000 ± 0" and ms(0.25) == "0.25" and ms() == "–"
+    assert ms(1.0e-7, 1.4e-7) == "(1.20 ± 0.28)e-07"  # tiny or huge numbers share a power of ten
+    assert ms(-0.7, -0.5) == "-0.60 ± 0.14"
+
+
+# ----------------------------------------------------------------------------- damaged runs, while the sweep runs
+class _FakeTrain:
+    """``goldstone train`` as run_local starts it, without training: writes the run's metrics.csv and
+    summary.json (``damage`` of the run folder's name: "metrics" cuts its last line, "summary" cuts summary.json)."""
+
+    damage: dict[str, str] = {}
+
+    def __init__(self, cmd, **_):
+        folder = Path(next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1].strip("'"))
+        (folder / "metrics.csv").write_text(COLUMNS + _rows(20, 1.0))
+        atomic_write_json(folder / "summary.json", {"status": "completed", "model": "dense_mf", "steps": 20,
+                                                    "final": {"total": 1 + 1 / 21}})
+        what = self.damage.get(folder.name)
+        if what == "metrics":
+            text = (folder / "metrics.csv").read_text()
+            (folder / "metrics.csv").write_text(text[:-9])  # the last line cut mid-number
+        elif what == "summary":
+            (folder / "summary.json").write_text('{"status": "compl')
+
+    def poll(self):
+        return 0
+
+    def send_signal(self, sig):
+        pass
+
+
+def test_the_sweep_warns_of_a_damaged_run_when_it_finishes_and_when_it_is_skipped(in_tmp, monkeypatch, capsys):
+    monkeypatch.setattr(sweep_mod.subprocess, "Popen", _FakeTrain)
+    monkeypatch.setattr(_FakeTrain, "damage", {"seed-1": "metrics", "seed-2": "summary"})
+    d = in_tmp / "sw"
+    lines: list[str] = []
+    res = run_sweep(["optimizer=adam", "seed=0,1,2", "trainer.steps=20", "trainer.device=cpu"], sweep_dir=d,
+                    jobs=1, progress=False, echo=lines.append)
+    out = capsys.readouterr().out.splitlines()  # run_local writes with tqdm.write
+    warned = [ln for ln in out + lines if ln.startswith("warning: run ")]
+    assert len(warned) == 2, out + lines
+    cut = next(ln for ln in warned if ln.startswith("warning: run seed-1 "))
+    assert str(d / "seed-1") in cut and "last line of metrics.csv is cut off" in cut, cut
+    assert f"delete the run folder {d / 'seed-1'}" in cut and f"goldstone sweep --dir {d}" in cut, cut
+    bad = next(ln for ln in warned if ln.startswith("warning: run seed-2 "))
+    assert "summary.json cannot be read" in bad and f"goldstone sweep --dir {d}" in bad, bad
+    assert res.outcomes == {"seed-0": "done", "seed-1": "done", "seed-2": "failed"}, res.outcomes
+    # continued: the finished but damaged run is skipped, and said so again; seed-2 trains again, now fine
+    monkeypatch.setattr(_FakeTrain, "damage", {})
+    lines.clear()
+    res = run_sweep([], sweep_dir=d, progress=False, echo=lines.append)
+    warned = [ln for ln in capsys.readouterr().out.splitlines() + lines if ln.startswith("warning: run ")]
+    assert res.outcomes == {"seed-0": "skipped", "seed-1": "skipped", "seed-2": "done"}, res.outcomes
+    assert len(warned) == 1 and warned[0] == cut, warned
+    assert "- `seed-1`: damaged" in (d / "report.md").read_text()  # the report's check, the same words

@@ -275,6 +275,33 @@ def test_the_report_says_when_no_run_reports_the_target_metric(in_tmp):
     assert "Target: foo <= 0.0001" in md and "No run reports a metric `foo`" in md
 
 
+# ----------------------------------------------------------------------------- the description states what runs
+def test_the_description_and_plan_state_the_seeds_that_run(in_tmp):
+    """The sweep file's description says "3 seeds": with seed=... on the command line it says how many run,
+    printed, in sweep.json and in the report (also of a sweep.json written before, with the file's count)."""
+    from goldstone_cli.sweep_report import build_report
+
+    lines: list[str] = []
+    run_sweep(["seed=0,1", *TINY], dry_run=True, progress=False, echo=lines.append)
+    assert any(ln.startswith("sweep default: GD") and ln.endswith("2 seeds") for ln in lines), lines
+    assert any("4 runs (2 methods x 2 seeds) in " in ln for ln in lines) and not any("3 seeds" in ln for ln in lines)
+    described = lambda args: prepare([*args, *TINY])[0].manifest()["description"]  # noqa: E731
+    assert described(["seed=0,1"]).endswith("Sec. 5.1 synthetic data, 2 seeds")
+    assert described([]).endswith(", 3 seeds")  # the file's own grid: unchanged
+    assert described(["sweep=fig2", "seed=7"]).endswith(", 1 seed")
+    assert prepare(["sweep=fig2", "seed=7", *TINY])[0].counts() == "4 runs (4 methods x 1 seed)"
+    # the command line replaces the compared methods: the file's "GD vs Goldstone-GD" is not what runs
+    assert described(["optimizer=adam,gd", "seed=0"]) == ""
+    # a sweep.json with the file's count: the report states the runs' count
+    d = _sweep_folder(in_tmp / "sw", ("seed=0,1", *TINY))
+    m = json.loads((d / MANIFEST).read_text())
+    m["description"] = m["description"].replace("2 seeds", "3 seeds")
+    atomic_write_json(d / MANIFEST, m)
+    md = build_report(d).report_md.read_text()
+    assert "Sec. 5.1 synthetic data, 2 seeds" in md and "3 seeds" not in md
+    assert "Runs: 4 runs (2 methods x 2 seeds): 4 pending." in md, md
+
+
 # ----------------------------------------------------------------------------- mappings given whole, repeated keys
 def test_a_mapping_given_whole_replaces_the_sweep_files_and_a_repeated_key_is_named(in_tmp):
     """sweep.methods={} used to be merged into the file's methods (so nothing changed): it is replaced;
