@@ -407,3 +407,73 @@ def test_word_list_keeps_words_that_str_splitlines_or_universal_newlines_would_s
     f = tmp_path / "words.txt"
     f.write_bytes(" a\u2028b \r\n\r\ne\x0cf\nx\ry\nplain".encode("utf-8"))
     assert read_word_list(f) == ["a\u2028b", "e\x0cf", "x\ry", "plain"]
+
+
+# ------------------------------------------------------------------------------------------ own folders
+
+def test_gzipped_documents_are_read_like_plain_ones(tmp_path):
+    import gzip
+
+    plain = _folder(tmp_path)
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    for p in plain.iterdir():
+        (gz / (p.name + ".gz")).write_bytes(gzip.compress(p.read_bytes()))
+    a = load_cooc(prepare_corpus(plain, tmp_path / "a", bin_years=10, vocab_size=3, progress=False).out)
+    b = load_cooc(prepare_corpus(gz, tmp_path / "b", bin_years=10, vocab_size=3, progress=False).out)
+    assert a.vocab == b.vocab and a.labels == b.labels and a.tokens.tolist() == b.tokens.tolist()
+    for x, y in zip(a.matrices, b.matrices):
+        np.testing.assert_array_equal(x.toarray(), y.toarray())
+
+
+@pytest.mark.parametrize("kind", ["truncated gzip", "bzip2", "zip"])
+def test_damaged_or_other_compressed_documents_name_the_file_and_the_fix(tmp_path, kind):
+    import bz2
+    import gzip
+    import io
+    import zipfile
+
+    f = _folder(tmp_path)
+    text = b"the cat sat " * 200
+    if kind == "truncated gzip":
+        name, data, what = "1900-a.txt.gz", gzip.compress(text)[:-30], "gzip file is damaged or truncated"
+    elif kind == "bzip2":
+        name, data, what = "1900-a.txt.bz2", bz2.compress(text), "is bzip2-compressed; decompress it"
+    else:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("a.txt", text)
+        name, data, what = "1900-a.zip", buf.getvalue(), "is zip-compressed; unpack it"
+    (f / name).write_bytes(data)
+    with pytest.raises(ValueError) as e:
+        prepare_corpus(f, tmp_path / "out", progress=False)
+    assert name in str(e.value) and what in str(e.value) and "iconv" not in str(e.value), str(e.value)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary folder left
+
+
+def test_file_name_with_more_digits_than_a_year_says_why(tmp_path):
+    f = _folder(tmp_path)
+    (f / "18500301.txt").write_text("the cat")
+    with pytest.raises(ValueError, match=r"a 4-digit year followed by a non-digit.*18500301\.txt.*1850-03-01"):
+        prepare_corpus(f, tmp_path / "out", progress=False)
+
+
+def test_documents_in_sub_folders_are_not_dropped_silently(tmp_path):
+    f = tmp_path / "texts"
+    (f / "1850s").mkdir(parents=True)
+    (f / "1850s" / "1851.txt").write_text("the cat")
+    with pytest.raises(ValueError, match=r"holds no text files.*sub-folder.*1850s"):
+        prepare_corpus(f, tmp_path / "out", progress=False)
+    (f / "1860.txt").write_text("the cat sat")
+    with pytest.warns(UserWarning, match=r"1 sub-folder.*1850s.*not read"):
+        prepare_corpus(f, tmp_path / "out", progress=False)
+
+
+def test_corpus_without_words_names_the_source(tmp_path):
+    f = tmp_path / "texts"
+    f.mkdir()
+    (f / "1850.txt").write_text("")
+    (f / "1860.txt").write_text("1 2 3")
+    with pytest.raises(ValueError, match=f"{f}: the 2 documents have no word tokens"):
+        prepare_corpus(f, tmp_path / "out", progress=False)

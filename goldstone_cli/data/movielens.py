@@ -2,12 +2,16 @@
 
 Layouts (detected from the file's first line, or from the file name inside a folder):
 
-- ``ratings.csv``, header ``userId,movieId,rating,timestamp`` (ml-20m, ml-25m, ml-latest, ml-latest-small)
+- ``ratings.csv``, header ``userId,movieId,rating,timestamp`` (ml-20m, ml-25m, ml-latest, ml-latest-small);
+  the four columns are found by name (any order and capitalization), other columns are ignored
 - ``ratings.dat``, ``UserID::MovieID::Rating::Timestamp`` (ml-1m, ml-10m)
 - ``u.data``, ``user<TAB>item<TAB>rating<TAB>timestamp`` without header (ml-100k)
 
-Rejected with the file and line: malformed rows, compressed files, negative timestamps, and rows
-that repeat an earlier row exactly (the same user rating the same movie at another time is fine).
+Lines may end in ``\n``, ``\r\n`` or a bare ``\r`` (Excel's "CSV (Macintosh)"); a UTF-8 BOM is skipped.
+Rejected with the file and line: malformed rows, compressed files (also in a folder that holds only
+``ratings.csv.gz`` etc.: the message says how to decompress), negative timestamps, rows that
+repeat an earlier row exactly, and rows that give an earlier row's user, item and timestamp another
+rating (the same user rating the same movie at another time is fine).
 
 Preprocessing (Bamler & Mandt 2018, Sec. 5.2; model Eqs. 6-9):
 
@@ -34,6 +38,7 @@ Rows keep the order of the file. The processed arrays are cached as ``.npz`` (se
 
 from __future__ import annotations
 
+import csv
 import enum
 import hashlib
 import json
@@ -57,7 +62,8 @@ from tqdm.auto import tqdm
 
 from goldstone_cli.io import atomic_path, remove_abandoned_temporaries
 
-PREPROCESS_VERSION = 2  # 2: caches made before the repeat, timestamp and scale checks are rebuilt
+PREPROCESS_VERSION = 3  # 2: caches made before the repeat, timestamp and scale checks are rebuilt; 3: before
+# the check for two ratings of one user, item and timestamp (such a file must not load from an old cache)
 CSV_HEADER = ("userId", "movieId", "rating", "timestamp")
 # Layout name -> file name looked for inside a folder (in this order of preference).
 LAYOUT_FILES = {"csv": "ratings.csv", "dat": "ratings.dat", "udata": "u.data"}
@@ -130,7 +136,21 @@ def find_ratings_file(path: str | os.PathLike, data_dir: str | os.PathLike = "da
         for name in LAYOUT_FILES.values():
             if (p / name).is_file():
                 return p / name
+        for name in LAYOUT_FILES.values():  # ratings.csv.gz ...: read_ratings says how to decompress it
+            for suffix in _COMPRESSED_SUFFIXES:
+                if (p / (name + suffix)).is_file():
+                    return p / (name + suffix)
         found = ", ".join(sorted(q.name for q in p.iterdir())[:10]) or "nothing"
+        subs = sorted(q / name for q in p.iterdir() if q.is_dir() for name in LAYOUT_FILES.values()
+                      if (q / name).is_file())
+        if subs:  # the folder above the data set (data/ instead of data/ml-20m)
+            raise FileNotFoundError(
+                f"No MovieLens ratings file in {p.resolve()} itself (it holds {found}), but {subs[0].parent.name}/ "
+                f"holds {subs[0].name}: use data.path={subs[0].parent.resolve()}"
+                + (f" (or one of {', '.join(q.parent.name for q in subs[1:4])})" if len(subs) > 1 else "") + ".")
+        zips = sorted(q for q in p.glob("ml-*.zip") if q.is_file())
+        if zips:  # the downloaded archive: read_ratings says how to unpack it
+            return zips[0]
         raise FileNotFoundError(
             f"No MovieLens ratings file in {p.resolve()}: looked for {wanted}; the folder holds {found}.\n"
             + _download_hint(variant, folder.resolve().parent))
@@ -143,6 +163,7 @@ def find_ratings_file(path: str | os.PathLike, data_dir: str | os.PathLike = "da
 _MAGIC = ((b"\x1f\x8b", "gzip", ".gz", "gunzip -k"), (b"BZh", "bzip2", ".bz2", "bunzip2 -k"),
           (b"\xfd7zXZ\x00", "xz", ".xz", "unxz -k"), (b"\x28\xb5\x2f\xfd", "zstd", ".zst", "unzstd"),
           (b"PK\x03\x04", "zip", ".zip", "unzip"))
+_COMPRESSED_SUFFIXES = tuple(m[2] for m in _MAGIC)
 
 
 def _first_line(path: Path) -> tuple[int, bytes]:
@@ -158,10 +179,11 @@ def _first_line(path: Path) -> tuple[int, bytes]:
                 what = "unpack it" if kind == "zip" else "decompress it first"
                 raise MalformedRatingsError(path, None, f"the file is {kind}-compressed, not a text ratings file; "
                                             f"{what} (e.g. {how}) and pass the ratings file it gives.")
-        f.seek(0)
-        first, lineno = b"", 0
-        for lineno, raw in enumerate(f, start=1):
-            first = raw.lstrip(b"\xef\xbb\xbf").strip()
+    first, lineno = b"", 0
+    # Universal newlines (\n, \r\n, a bare \r), as the parser splits lines; latin-1 keeps every byte.
+    with open(path, "r", encoding="latin-1", newline=None) as f:
+        for lineno, line in enumerate(f, start=1):
+            first = line.encode("latin-1").lstrip(b"\xef\xbb\xbf").strip()
             if first or lineno > 1000:
                 break
     return lineno, first
@@ -173,12 +195,9 @@ def detect_layout(path: Path) -> str:
     if not first:
         raise MalformedRatingsError(path, None, "the file is empty; expected MovieLens ratings.")
     text = first.decode("utf-8", errors="replace")
-    if text.split(",")[0].strip().strip('"') == "userId" or path.suffix == ".csv":
-        header = tuple(c.strip().strip('"') for c in text.split(","))
-        if header != CSV_HEADER:
-            raise MalformedRatingsError(
-                path, lineno, f"unexpected header {text!r}; a MovieLens ratings.csv starts with "
-                f"{','.join(CSV_HEADER)!r}.")
+    names = _header_names(text)
+    if path.suffix == ".csv" or any(n.lower() in ("userid", "movieid") for n in names):
+        _csv_columns(path, lineno, text)  # raises for a header without the four columns
         return "csv"
     if "::" in text:
         return "dat"
@@ -188,6 +207,34 @@ def detect_layout(path: Path) -> str:
         path, lineno, f"unrecognized layout {text[:80]!r}: expected a ratings.csv header "
         f"({','.join(CSV_HEADER)}), 'user::item::rating::timestamp' (ratings.dat) or "
         "'user<TAB>item<TAB>rating<TAB>timestamp' (u.data).")
+
+
+def _header_names(text: str) -> list[str]:
+    """The comma-separated (possibly quoted) names of a csv header line."""
+    return [c.strip().strip('"').strip() for c in next(csv.reader([text]), [])]
+
+
+def _csv_columns(path: Path, lineno: int | None = None, text: str | None = None) -> tuple[int, list[str], list[int]]:
+    """``(header line, header names, positions of userId, movieId, rating, timestamp)`` of a csv ratings
+    file: the four columns are found by name (case-insensitive); other columns are allowed."""
+    if text is None:
+        lineno, first = _first_line(path)
+        text = first.decode("utf-8", errors="replace")
+    names = _header_names(text)
+    lower = [n.lower() for n in names]
+    missing = [c for c in CSV_HEADER if c.lower() not in lower]
+    twice = [c for c in CSV_HEADER if lower.count(c.lower()) > 1]
+    if missing or twice:
+        why = (f"it has no column {', '.join(missing)}" if missing else
+               f"column {twice[0]} appears {lower.count(twice[0].lower())} times")
+        sep = next((c for c in (";", "\t", "|") if len(names) == 1 and c in text), None)
+        if sep is not None:
+            why += f" (its fields are separated by {sep!r}: a ratings.csv separates them by commas)"
+        raise MalformedRatingsError(
+            path, lineno, f"unexpected header {text[:200]!r}: {why}; a MovieLens ratings.csv starts with a header "
+            "line that names the columns userId, movieId, rating and timestamp (in any order; other columns are "
+            "ignored), e.g. 'userId,movieId,rating,timestamp'.")
+    return int(lineno or 1), names, [lower.index(c.lower()) for c in CSV_HEADER]
 
 
 _INT = re.compile(r"[+-]?\d+")
@@ -206,14 +253,19 @@ def _check_fields(fields: list[str]) -> str | None:
                 return f"{name} {value!r} is not a finite number"
         elif _INT.fullmatch(v) is None:
             return f"{name} {value!r} is not an integer"
+        elif v.startswith("+"):
+            return f"{name} {value!r} has a leading '+', which the parser does not read; remove it"
         elif not -2**63 <= int(v) < 2**63:
             return f"{name} {value!r} does not fit in a 64-bit integer (|value| < 9.2e18)"
     return None
 
 
-def _locate_bad_line(path: Path, layout: str, skip: int = 0) -> tuple[int, str, str] | None:
+def _locate_bad_line(path: Path, layout: str, skip: int = 0,
+                     columns: tuple[list[str], list[int]] | None = None) -> tuple[int, str, str] | None:
     """Scan ``path`` line by line for the first malformed row after line ``skip`` (the csv header)
-    (only run after the fast parser failed)."""
+    (only run after the fast parser failed). ``columns``: a csv file's header names and the positions
+    of its user, item, rating and timestamp columns (default: exactly those four)."""
+    first_row = True
     with open(path, "r", encoding="utf-8-sig", errors="replace", newline="") as f:
         for lineno, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
@@ -225,15 +277,27 @@ def _locate_bad_line(path: Path, layout: str, skip: int = 0) -> tuple[int, str, 
                 fields = line.split("::")
                 if any(":" in x for x in fields):
                     return lineno, line, "stray ':' (fields are separated by '::')"
+            elif layout == "csv":
+                fields = next(csv.reader([line]), [])
+                if columns is not None and (len(columns[0]) != 4 or columns[1] != [0, 1, 2, 3]):
+                    names, pos = columns
+                    if len(fields) != len(names):
+                        return lineno, line, f"expected {len(names)} fields ({','.join(names)}), got {len(fields)}"
+                    fields = [fields[k] for k in pos]
             else:
-                fields = line.split("," if layout == "csv" else "\t")
+                fields = line.split("\t")
             if (why := _check_fields(fields)) is not None:
+                if first_row and layout != "csv" and len(fields) == 4 and not any(c.isdigit() for c in fields[0]):
+                    why = (f"{why} (a header line? {LAYOUT_FILES[layout]} has none; delete line {lineno}, e.g. "
+                           f"`sed -i {lineno}d {shlex.quote(str(path))}`)")
                 return lineno, line, why
+            first_row = False
     return None
 
 
-def _malformed(path: Path, layout: str, detail: str, skip: int = 0) -> MalformedRatingsError:
-    hit = _locate_bad_line(path, layout, skip)
+def _malformed(path: Path, layout: str, detail: str, skip: int = 0,
+               columns: tuple[list[str], list[int]] | None = None) -> MalformedRatingsError:
+    hit = _locate_bad_line(path, layout, skip, columns)
     if hit is None:
         return MalformedRatingsError(path, None, f"could not be parsed as MovieLens {LAYOUT_FILES[layout]}: {detail}")
     lineno, line, why = hit
@@ -323,19 +387,27 @@ def read_ratings(path: str | os.PathLike, layout: str | None = None) -> RawRatin
     timestamps and for rows that repeat an earlier row exactly (a user may rate a movie again later).
     """
     path = Path(path)
-    first_line = _first_line(path)[0]  # also rejects a compressed file
+    _first_line(path)  # rejects a compressed file
     layout = layout or detect_layout(path)
     i64, f64 = pa.int64(), pa.float64()
+    columns = None  # csv: header names and the positions of the four columns
     if layout == "csv":
-        skip = first_line  # the header's line (after any blank lines)
-        names, types, delim = list(CSV_HEADER), [i64, i64, f64, i64], ","
+        skip, header, pos = _csv_columns(path)  # skip: the header's line (after any blank lines)
+        columns = (header, pos)
+        names = [f"_{k}" for k in range(len(header))]  # other columns: parsed, not converted
+        for c, k in zip(CSV_HEADER, pos):
+            names[k] = c
+        cols, delim = list(CSV_HEADER), ","
+        types = dict(zip(cols, [i64, i64, f64, i64]))
     elif layout == "dat":
         # '::' is read as ':' with an empty (null-typed) field between the values; anything in
         # those fields is a parse error.
         names = ["user", "_a", "item", "_b", "rating", "_c", "timestamp"]
-        types, delim, skip = [i64, pa.null(), i64, pa.null(), f64, pa.null(), i64], ":", 0
+        types = dict(zip(names, [i64, pa.null(), i64, pa.null(), f64, pa.null(), i64]))
+        cols, delim, skip = ["user", "item", "rating", "timestamp"], ":", 0
     elif layout == "udata":
-        names, types, delim, skip = ["user", "item", "rating", "timestamp"], [i64, i64, f64, i64], "\t", 0
+        names = cols = ["user", "item", "rating", "timestamp"]
+        types, delim, skip = dict(zip(names, [i64, i64, f64, i64])), "\t", 0
     else:
         raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(LAYOUT_FILES)}")
     try:
@@ -343,20 +415,19 @@ def read_ratings(path: str | os.PathLike, layout: str | None = None) -> RawRatin
             path,
             read_options=pacsv.ReadOptions(column_names=names, skip_rows=skip, block_size=1 << 22),
             parse_options=pacsv.ParseOptions(delimiter=delim, quote_char=False if layout != "csv" else '"'),
-            convert_options=pacsv.ConvertOptions(column_types=dict(zip(names, types))),
+            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=list(types)),
         )
     except pa.ArrowInvalid as e:
-        raise _malformed(path, layout, str(e), skip) from None
-    cols = [c for c in names if not c.startswith("_")]
+        raise _malformed(path, layout, str(e), skip, columns) from None
     if table.num_rows == 0:
         raise MalformedRatingsError(path, None, "holds no ratings.")
     if any(table[c].null_count for c in cols):
-        raise _malformed(path, layout, "empty or null field", skip)
+        raise _malformed(path, layout, "empty or null field", skip, columns)
     out = [table[c].to_numpy() for c in cols]
     del table
     user, item, rating, ts = out
     if not np.isfinite(rating).all():
-        raise _malformed(path, layout, "non-finite rating", skip)
+        raise _malformed(path, layout, "non-finite rating", skip, columns)
 
     def at(*rows: int) -> tuple[list[int | None], list[str]]:  # lines (None: unknown) and "line N" texts
         lines = _lines_of_rows(path, skip, rating.size, rows)
@@ -380,6 +451,13 @@ def read_ratings(path: str | os.PathLike, layout: str | None = None) -> RawRatin
             path, line, f"{_count(count, 'row repeats', 'rows repeat')} an earlier row exactly (same user, item, "
             f"rating and timestamp), the first is {text} ({values(row)}), a repeat of {text0}. Remove the repeated "
             "lines (was part of the file appended to it?); the same user rating a movie again at another time is fine.")
+    if (hit := _first_repeat(user, item, ts, ts)) is not None:  # no exact repeats left: the ratings differ
+        count, row, earlier = hit
+        (line, _), (text, text0) = at(row, earlier)
+        raise MalformedRatingsError(
+            path, line, f"{_count(count, 'row gives', 'rows give')} an earlier row's user, item and timestamp another "
+            f"rating, the first is {text} ({values(row)}), against {text0} ({values(earlier)}). Keep one rating "
+            "per user, item and timestamp (a user rating a movie again at another time is fine).")
     return RawRatings(*out)
 
 
