@@ -745,8 +745,17 @@ def make_planted_cmd(
 _PROCESS = {"own": False}
 
 
+def _plain_warnings() -> None:
+    """The command line's warnings as one line each, ``warning: <message>`` (not Python's
+    ``file.py:123: UserWarning: <message>`` followed by the source line that raised it)."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
+
+
 def main() -> None:
     _PROCESS["own"] = True
+    _plain_warnings()
     app()
 
 

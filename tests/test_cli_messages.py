@@ -26,6 +26,25 @@ def test_offline_movielens_download_prints_one_line(tmp_path):
     assert "Warning" not in out
 
 
+def test_a_warning_is_one_plain_line(tmp_path):
+    """A library warning on the command line (here: a corpus folder's sub-folder is not read) prints as
+    `warning: ...`, without Python's file:line: UserWarning and the source line under it."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "texts"
+    (src / "more").mkdir(parents=True)
+    (src / "1850-a.txt").write_text("the union is strong and the nation is free " * 5)
+    (src / "1900-b.txt").write_text("the nation grows and the union stands " * 5)
+    res = subprocess.run([sys.executable, "-m", "goldstone_cli", "data", "prepare", "corpus", "--source", str(src),
+                          "--out", str(tmp_path / "out"), "--bin-years", "50", "-q"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    warning = [line for line in res.stderr.splitlines() if "sub-folder" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: ") and "more" in warning[0], res.stderr
+    assert "UserWarning" not in res.stderr and "warnings.warn" not in res.stderr, res.stderr
+
+
 def test_plot_help_lists_only_existing_commands():
     res = runner.invoke(app, ["plot", "--help"])
     assert res.exit_code == 0

@@ -170,6 +170,24 @@ def test_missing_data_fails_the_dry_run_before_any_folder(in_tmp):
     assert corpus.exit_code == 2 and "no prepared corpus at data.path=nowhere" in corpus.output, corpus.output
 
 
+def test_a_compressed_or_headerless_ratings_file_fails_the_dry_run_in_one_line(in_tmp):
+    """The data check reads a MovieLens file's first line: a gzip-compressed ratings file, or a csv
+    without the four columns, stops the sweep before any folder with one line (each run failed alone)."""
+    import gzip
+
+    cases = {"gz": ("ratings.csv.gz", gzip.compress(b"userId,movieId,rating,timestamp\n1,2,4.0,964982703\n"),
+                    "decompress it"),
+             "header": ("ratings.csv", b"user,item,stars,time\n1,2,4.0,964982703\n", "no column userId")}
+    for folder, (name, data, expected) in cases.items():
+        (in_tmp / folder).mkdir()
+        (in_tmp / folder / name).write_bytes(data)
+        res = runner.invoke(app, ["sweep", "--dry-run", "model=movielens", "optimizer=gd,adam", f"data.path={folder}",
+                                  "seed=0"])
+        assert res.exit_code == 2 and expected in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1, res.output
+    assert not (in_tmp / "outputs").exists()
+
+
 def test_continued_sweep_checks_its_data_again(in_tmp, shared_data):
     """A sweep folder whose data was moved away stops before any run is (re)started."""
     from goldstone_cli.io import atomic_write_json

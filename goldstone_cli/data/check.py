@@ -1,5 +1,5 @@
-"""Is the data a config needs on disk? A cheap check (no reading, no preparing) that
-``goldstone sweep`` runs for every planned run before it starts any of them."""
+"""Is the data a config needs on disk? A cheap check (no preparing; of a MovieLens file only its
+first line is read) that ``goldstone sweep`` runs for every planned run before it starts any of them."""
 
 from __future__ import annotations
 
@@ -17,12 +17,16 @@ def missing_data(cfg: DictConfig) -> Optional[str]:
     data = cfg.data
     name = str(data.name)
     if name == "movielens":
-        from goldstone_cli.data.movielens import find_ratings_file
+        from goldstone_cli.data.movielens import MalformedRatingsError, detect_layout, find_ratings_file
 
         try:
-            find_ratings_file(str(data.path))
-        except FileNotFoundError as exc:
+            # the first line too: a compressed file, an empty one or a csv header without the four columns
+            # is said once here instead of failing each run of a sweep
+            detect_layout(find_ratings_file(str(data.path)))
+        except (FileNotFoundError, MalformedRatingsError) as exc:
             return _one_line(str(exc)) + f" (data.path={data.path})"
+        except OSError as exc:
+            return f"cannot read the MovieLens ratings under data.path={data.path}: {exc}"
         return None
     if name in ("sotu", "cooc"):
         from goldstone_cli.data.cooc import existing_output_state
