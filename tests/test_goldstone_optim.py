@@ -489,7 +489,7 @@ def test_fallback_levels_shorten_k2_then_rho():
     assert max_fallback_level(50) == 5 + MAX_FALLBACK_LR_HALVINGS
 
 
-@pytest.mark.parametrize("rotation,keep", [("expm", True), ("expm", False), ("cayley", False)])
+@pytest.mark.parametrize("rotation,keep", [("expm", True), ("expm", False), ("cayley", False), ("cayley", True)])
 def test_natural_recovers_after_a_gauge_step_whose_halvings_all_fail(rotation, keep):
     """The dropped step (rotate nothing, reset the fields) must not repeat for ever: the next gauge
     step takes k2 // 2 natural steps (``fallback`` 1 in ``last_gauge``), and the solver reaches the
@@ -577,6 +577,63 @@ def test_state_dict_round_trip_across_the_fallback_is_bit_exact():
     bad = {"base": state["base"], "goldstone": {**state["goldstone"], "gauge_fallback": [1, 2]}}
     with pytest.raises(ValueError, match="gauge_fallback"):
         opt2.load_state_dict(bad)
+
+
+def _stall_pair_opt(U, V, coupling, allow_reflections=False):
+    return GoldstoneGD(torch.optim.SGD([U, V], lr=0.0), [[U, V]], coupling, k1=1, solver="natural", k2=50,
+                       lr_scale=1.0, allow_reflections=allow_reflections, rotation="cayley", keep_gauge_fields=True)
+
+
+@pytest.mark.parametrize("seed", [2, 12, 14, 21])
+def test_cayley_with_kept_fields_restarts_runaway_fields_instead_of_stalling(seed):
+    """Kept gauge fields on an indefinite L'' (Eq. 14): the k2 steps of Eq. 16 grow them x1e8 per gauge
+    step, and the Cayley transform of such a generator is (nearly) the same rotation by pi at every
+    time step: psi does not move, yet the step passed the psi check. Before the restart, seed 2 stayed
+    at psi 29.144 (minimum 17.399) while the fields grew 7e8, 8e16, ... 1e49 up to overflow (~40 gauge
+    steps), and seeds 12, 14 and 21 had not reached the minimum after 60; now such a step is dropped and
+    the fields restart from zero. Every step keeps U V^T, U U^T and V V^T, never raises psi, and the
+    fields stay finite."""
+    U, V, coupling = _stuck_pair(seed)
+    psi_min = _so_d_minimum(U, V, coupling)
+    opt = _stall_pair_opt(U, V, coupling)
+    restarted = 0
+    for _ in range(30):  # converged after 9 (seed 2) to 21 (seed 12) gauge steps
+        before = _pair_invariants(U, V)
+        info = opt.gauge_step()
+        restarted += info["groups"][0].get("restarted", 0)
+        for a, b in zip(before, _pair_invariants(U, V)):
+            assert float((a - b).norm() / b.norm()) < 1e-10
+        assert info["psi_after"] <= info["psi_before"] * (1 + 1e-12)
+        assert bool(torch.isfinite(opt.gauge_fields[0]).all())
+        if info["groups"][0].get("restarted"):  # dropped: nothing rotated, fields at zero
+            assert info["rejected"] == 1 and info["psi_after"] == info["psi_before"]
+            assert not bool(opt.gauge_fields[0].any())
+    assert info["psi_after"] == pytest.approx(psi_min, rel=1e-8)  # before: 29.144 for seed 2 (stalled)
+    assert restarted >= 1
+    assert float(torch.linalg.matrix_norm(opt.gauge_fields[0]).max()) < 1e-3  # converged fields are small
+
+
+def test_cayley_kept_field_restart_round_trips_through_the_state_dict():
+    """The restart adds no state (fields at zero, one fallback level up): a resume right after it
+    continues bit for bit."""
+    U, V, coupling = _stuck_pair(2)
+    U0, V0 = U.detach().clone(), V.detach().clone()
+    ref = _stall_pair_opt(U, V, coupling)
+    infos = [ref.gauge_step() for _ in range(12)]
+    k = next(i for i, info in enumerate(infos) if info["groups"][0].get("restarted")) + 1
+    U2, V2 = torch.nn.Parameter(U0.clone()), torch.nn.Parameter(V0.clone())
+    first = _stall_pair_opt(U2, V2, coupling)
+    for _ in range(k):
+        first.gauge_step()
+    state = first.state_dict()
+    U3, V3 = torch.nn.Parameter(U2.detach().clone()), torch.nn.Parameter(V2.detach().clone())
+    second = _stall_pair_opt(U3, V3, coupling)
+    second.load_state_dict(state)
+    assert second.gauge_fallback == first.gauge_fallback == [1]
+    for _ in range(12 - k):
+        second.gauge_step()
+    assert torch.equal(U3, U) and torch.equal(V3, V)
+    assert torch.equal(second.gauge_fields[0], ref.gauge_fields[0]) and second.gauge_fallback == ref.gauge_fallback
 
 
 def test_a_rotation_orthogonal_only_to_4e_10_is_refused():

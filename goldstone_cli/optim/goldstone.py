@@ -158,7 +158,11 @@ class GoldstoneGD(torch.optim.Optimizer):
         configured k2 and rho' at level 0). The same moments would otherwise give the same dropped step
         for ever; the fallback ends at a single small first-order step, L^+ times the gradient of psi
         over the rotations, which lowers psi unless that gradient vanishes (there the tiny step is
-        accepted). Runs without a dropped step are not changed. With ``rotation="linear"`` (the
+        accepted). Runs without a dropped step are not changed. A step that passes the check only because
+        psi did not move although L'' (Eq. 14) promised a decrease beyond rounding is dropped the same way
+        (``restarted`` in the group's diagnostics): runaway fields whose Cayley transform saturates at a
+        rotation by pi everywhere (kept fields: they grew x1e8 per gauge step with psi stuck) start again
+        from zero. With ``rotation="linear"`` (the
         paper's update, not a rotation) there is no such check, and with kept gauge fields every
         gauge step also scales the rotated planes by sqrt(1 + angle^2) again: a randomly
         initialized dense MF (T=20, d=3) reached NaN after 70 base steps. ``procrustes`` has no such
@@ -316,10 +320,36 @@ class GoldstoneGD(torch.optim.Optimizer):
                 "gauge_fallback": list(self.gauge_fallback),
                 "last_gauge": None if self.last_gauge is None else dict(self.last_gauge),
                 "config": self._config(),
+                "group_shapes": self._group_shapes(),
             },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Restore what :meth:`state_dict` saved: the base optimizer's state, the gauge fields, the
+        fallback levels and the step counters (nothing changes if a check below fails).
+
+        The settings are this optimizer's own (the constructor's), not the saved ones; the state
+        dict's ``config`` is checked only for the settings whose change breaks the saved state, and a
+        mismatch raises ``ValueError`` naming the setting, its saved and current values:
+
+        - ``solver``: the state of one solver means nothing to the other (``natural`` keeps gauge
+          fields and fallback levels, ``procrustes`` none).
+        - the symmetric groups: their number, and per group T, d and the number of tensors (the gauge
+          fields are (T, d, d) per group; a state dict from before the shapes were saved is checked
+          through its gauge fields only).
+        - ``rotation``, where the state holds kept gauge fields (``natural``): they are generators, and
+          the same generator is another rotation under ``expm`` (Eq. 12), ``cayley`` or ``linear``,
+          so the next gauge step would apply a rotation that was never solved for. Without saved
+          fields the rotation may change.
+
+        All other settings may change on a resume, like a learning rate after ``torch.optim``'s
+        ``load_state_dict``: ``k1`` and ``k2`` (step counts; a fallback level above what the new k2
+        allows is capped at :func:`max_fallback_level`), ``lr_scale`` (a factor on Eq. 17),
+        ``keep_gauge_fields`` (saved fields are used only if they are kept; a state without them
+        starts from zero fields, as the first gauge step does), ``allow_reflections``, ``max_sweeps``,
+        ``tol``, ``balance`` and ``state_transform`` (they act on each gauge step afresh; the base
+        state has the same form under all of them). State dicts written before a key existed
+        (``gauge_fallback``, ``group_shapes``, ``config``) still load."""
         for hook in self._optimizer_load_state_dict_pre_hooks.values():  # as torch.optim.Optimizer runs them
             changed = hook(self, state_dict)
             state_dict = state_dict if changed is None else changed
@@ -334,11 +364,26 @@ class GoldstoneGD(torch.optim.Optimizer):
                 "optimizer's state use goldstone_opt.base.load_state_dict(...)"
             )
         gs = state_dict["goldstone"]
+        saved = gs.get("config") if isinstance(gs.get("config"), dict) else {}  # absent: no settings to check
+        self._check_saved_setting(saved, "solver", self.solver)
         fields = gs["gauge_fields"]
         if len(fields) != len(self.groups):
             raise ValueError(
-                f"the state dict has gauge fields for {len(fields)} symmetric groups, this optimizer has {len(self.groups)}"
+                f"the state dict was saved with {len(fields)} symmetric groups (gauge fields for each), this optimizer "
+                f"has {len(self.groups)}: construct GoldstoneGD with the groups it was saved with"
             )
+        shapes = gs.get("group_shapes")  # absent in state dicts written before it existed
+        if shapes is not None:
+            for k, (was, now) in enumerate(zip(shapes, self._group_shapes())):
+                if list(was) != now:
+                    raise ValueError(
+                        f"symmetric group {k} was saved with (T, d, tensors) = {tuple(was)}, this optimizer's is "
+                        f"{tuple(now)}: construct GoldstoneGD with the groups (and coupling) it was saved with"
+                    )
+        if any(f is not None for f in fields):
+            self._check_saved_setting(saved, "rotation", self.rotation,
+                                      "or drop the saved gauge fields first (state['goldstone']['gauge_fields'] = "
+                                      "[None] * number of groups: the gauge steps start from zero fields)")
         loaded: list[Tensor | None] = []
         for k, (f, tensors) in enumerate(zip(fields, self.groups)):
             if f is None:
@@ -353,6 +398,7 @@ class GoldstoneGD(torch.optim.Optimizer):
         if len(fallback) != len(self.groups) or any(x < 0 for x in fallback):
             raise ValueError(f"gauge_fallback {gs.get('gauge_fallback')!r} must hold one level >= 0 per symmetric "
                              f"group ({len(self.groups)})")
+        fallback = [min(x, max_fallback_level(self.k2)) for x in fallback]  # k2 may have changed
         self.base.load_state_dict(state_dict["base"])
         self.gauge_fields = loaded
         self.gauge_fallback = fallback
@@ -360,6 +406,21 @@ class GoldstoneGD(torch.optim.Optimizer):
         self.num_gauge_steps = int(gs["num_gauge_steps"])
         self.gauge_seconds = float(gs["gauge_seconds"])
         self.last_gauge = None if gs.get("last_gauge") is None else dict(gs["last_gauge"])
+
+    @staticmethod
+    def _check_saved_setting(saved: dict[str, Any], name: str, current: Any, alternative: str = "") -> None:
+        """Raise if the state dict's config has another value of a setting whose change breaks the state."""
+        if name in saved and saved[name] != current:
+            raise ValueError(
+                f"the state dict was saved with {name}={saved[name]!r}, this optimizer has {name}={current!r}; "
+                f"its state does not carry over: construct GoldstoneGD with {name}={saved[name]!r} (the setting it "
+                f"was saved with) to load it{', ' + alternative if alternative else ''}"
+            )
+
+    def _group_shapes(self) -> list[list[int]]:
+        """[T, d, number of tensors] per symmetric group (what the saved gauge state depends on; not the
+        rows N, which the base state checks and which differ between the ranks of a process group)."""
+        return [[self.coupling.T, int(g[0].shape[-1]), len(g)] for g in self.groups]
 
     def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy / pickle: the whole wrapper
         return self.__dict__.copy()
@@ -380,7 +441,8 @@ class GoldstoneGD(torch.optim.Optimizer):
         base state with it. Returns (and stores in ``last_gauge``) the diagnostics
         {"step", "psi_before", "psi_after", "max_angle", "seconds", "groups": [per-group info]}, and
         for ``natural`` the totals "flips" (reflection walls flipped) and "backtracks" (halvings); with an
-        exact rotation also "rejected" (groups whose step was dropped: every halving raised psi) and
+        exact rotation also "rejected" (groups whose step was dropped: every halving raised psi, or psi
+        did not fall although Eq. 14 promised it would: then the group's info has "restarted") and
         "fallback" (the largest fallback level used, 0 for the configured k2 and rho'; per group with
         the "k2" and "lr" it used)."""
         t0 = time.perf_counter()
@@ -486,7 +548,7 @@ class GoldstoneGD(torch.optim.Optimizer):
             gauge = torch.bmm(torch.bmm(A, gauge), A.transpose(1, 2))  # kept fields, in the new frame
         gauge = G.natural_solve(gauge, M, src, dst, w, self._pinv(device), lr, k2)
         R = G.rotation_from_generator(G.skew(gauge), self.rotation)  # (T, d, d), Eq. 13 and line 9
-        backtracks, rejected = 0, False
+        backtracks, rejected, restarted = 0, False, False
         if exact:
             # An exact rotation must never raise psi. L'' (Eq. 14) is only a local model: far from
             # alignment it can send the fields past the minimum (we saw psi x4 on word embeddings at
@@ -494,11 +556,13 @@ class GoldstoneGD(torch.optim.Optimizer):
             # generator until psi does not rise (at most MAX_BACKTRACKS times, then rotate nothing).
             eye = torch.eye(d, dtype=M.dtype, device=device).expand(T, d, d)
             f_id = G.coupling_gain(eye, M, src, dst, w)
-            f_id = f_id - 64 * torch.finfo(M.dtype).eps * (w * torch.linalg.matrix_norm(M)).sum()  # rounding
+            margin = 64 * torch.finfo(M.dtype).eps * (w * torch.linalg.matrix_norm(M)).sum()  # rounding
+            f_id_exact, f_id = f_id, f_id - margin
             # a generator far too large (fields run away where L'' is indefinite) gives a rotation
             # that is not orthogonal in floating point, or not finite: (*) does not hold, so it is
             # refused too (a NaN gain fails the comparison)
-            while not (G.coupling_gain(R, M, src, dst, w) >= f_id and _orthogonal(R)):
+            f_R = G.coupling_gain(R, M, src, dst, w)
+            while not (f_R >= f_id and _orthogonal(R)):
                 if backtracks == MAX_BACKTRACKS or not bool(torch.isfinite(gauge).all()):
                     # still rising or not a rotation: rotate nothing, forget the fields
                     gauge, R = torch.zeros_like(gauge), eye.clone()
@@ -507,6 +571,26 @@ class GoldstoneGD(torch.optim.Optimizer):
                 backtracks += 1
                 gauge = 0.5 * gauge
                 R = G.rotation_from_generator(G.skew(gauge), self.rotation)
+                f_R = G.coupling_gain(R, M, src, dst, w)
+            # Restart of the gauge fields. Eq. 14 is psi's change to second order in Gamma, exact only as
+            # the fields go to zero (Sec. 4.1); where it is indefinite, the k2 steps of Eq. 16 diverge
+            # geometrically, and the more so from kept fields (the paper's "momentum in the symmetry
+            # subspace"): on a 2-step chain (d=2, weight 1.5, k2=50, Cayley, kept fields) x1.1e8 per
+            # gauge step, 9 -> 1e9 -> 1e17 -> ... -> inf. expm of such a generator is refused above
+            # (not orthogonal), but the Cayley transform stays orthogonal: its angle 2 atan(theta/2)
+            # saturates at pi (the singular set of the Cayley map), every R_t tends to the same
+            # rotation by pi, R_s^T R_t -> I, and the step was accepted with psi unchanged (29.14 for
+            # ~40 gauge steps against the minimum 17.40, until the fields overflowed). So a step whose
+            # model L''(G~) promised a decrease of psi beyond rounding while (*) shows none is dropped
+            # like one whose halvings all failed: rotate nothing, fields to zero (Eq. 16 starts afresh,
+            # as at the first gauge step; the momentum is restarted, like an accelerated gradient
+            # method's when the objective stops falling), one fallback level up. A step that lowers
+            # psi, or near convergence fields so small that Eq. 14 promises nothing, are as before.
+            if not rejected and not bool(f_R > f_id_exact + margin):
+                promised = -G.natural_objective(gauge, M, src, dst, w)  # psi(Z) - psi(expm(Gamma) Z), Eq. 14
+                if bool(promised > margin):
+                    gauge, R = torch.zeros_like(gauge), eye.clone()
+                    rejected = restarted = True
             # The next step would meet (nearly) the same moments from reset fields and be dropped the
             # same way for ever: it takes a shorter solve (fallback_step), one level shorter after each drop,
             # one level longer after each accepted step (a single drop: one step at k2 // 2). Back to
@@ -518,6 +602,8 @@ class GoldstoneGD(torch.optim.Optimizer):
         info = {"lr": lr, "flips": 0 if flips is None else int(flips[1].sum()), "backtracks": backtracks}
         if exact:
             info.update(rejected=int(rejected), fallback=level, k2=k2)
+            if restarted:
+                info["restarted"] = 1
         return R, info, (G.skew(gauge) if self.rotation == "linear" and A is None else None)
 
     def _balanced_procrustes(self, k: int, tensors: list[Tensor], M: Tensor, R: Tensor, info: dict,
