@@ -369,6 +369,10 @@ def load(folder: Path, shard: RowShard, device: torch.device, verify: bool = Tru
         text = str(exc).strip().splitlines()
         raise CheckpointError(f"cannot read the sharded checkpoint {folder} ({type(exc).__name__}: "
                               f"{text[0] if text else ''})") from None
+    # DCP's own collectives do not go through collective.run: one of ours, waited for, lets gloo's
+    # workers free DCP's last tensors now rather than at the interpreter's exit (SIGABRT there: see
+    # distributed/collective.py); as after dcp.save
+    shard.barrier()
     for path, key in places:
         t = targets[key]
         state = _replace(state, path, t.to_local() if shard.distributed else t)
