@@ -498,8 +498,10 @@ def _train_locked(cfg: DictConfig, run_dir: Path, resuming: bool, device, dtype,
                 final = step >= steps
                 # the run may end at this step (its last, or an evaluation that can reach the target): the
                 # end checkpoint holds the generator before this step's draw too, so that a run continued
-                # (more steps, another target) draws what an uninterrupted run draws
-                may_end = final or (target is not None and target_step is None and step % tc.eval_every == 0)
+                # (more steps, another target) draws what an uninterrupted run draws; target_step set here: a
+                # resume of a run that reached its target (the same target), which ends at this step again
+                may_end = final or target_step is not None or (
+                    target is not None and step % tc.eval_every == 0)
                 gen_found = generator.get_state() if due or may_end else None
                 wall_found = wall  # as this step found it: what a checkpoint at this step records (see below)
                 t0 = time.perf_counter()

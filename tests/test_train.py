@@ -185,8 +185,8 @@ def test_a_changed_target_on_resume_replaces_the_reached_one(in_tmp):
 def test_a_run_continued_after_its_target_draws_the_minibatches_of_an_uninterrupted_run(in_tmp, tiny_corpus):
     """The end checkpoint of a run stopped at its target holds the generator as the target's step found
     it: continued with trainer.target=null, the run draws the minibatches (and so logs the losses) of a
-    run that never had a target. (It held the generator after that step's draw: the resumed run's rows
-    from the target step on differed.)"""
+    run that never had a target, also after a resume with the same target. (It held the generator after
+    that step's draw: the resumed run's rows from the target step on differed.)"""
     args = ["model=dwe_map", *tiny_corpus, "model.batch_words=40", "model.batch_contexts=40",
             "trainer.progress=false", "trainer.log_every=1", "trainer.eval_every=3",
             "trainer.checkpoint_every=1000", "trainer.steps=12"]
@@ -196,6 +196,11 @@ def test_a_run_continued_after_its_target_draws_the_minibatches_of_an_uninterrup
     target = float(ll.loc[6] - 1e-9 * abs(ll.loc[6]))
     first = train(compose([*args, "run_dir=t", f"trainer.target={target!r}"]))
     assert first.status == "target_reached" and 0 < first.summary["steps"] <= 6
+    # resumed with the same target first: it stops again at once, and its end checkpoint must still hold
+    # the generator as the target's step found it (it held the one after that step's draw)
+    res = runner.invoke(app, ["train", "resume=t", f"trainer.target={target!r}"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((in_tmp / "t" / "summary.json").read_text())["status"] == "target_reached"
     res = runner.invoke(app, ["train", "resume=t", "trainer.target=null"])
     assert res.exit_code == 0, res.output
     pd.testing.assert_frame_equal(_metrics(in_tmp / "t"), _metrics(in_tmp / "ref"))
