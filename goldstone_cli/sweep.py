@@ -332,6 +332,8 @@ class Plan:
             "format": 1,
             "name": self.name,
             "description": self.description,
+            # the seed count the description states (see describe), for a report of fewer or more runs
+            "description_seeds": seed_count([(r.method, r.settings) for r in self.runs], self.config.seed_keys),
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
             "grid": self.grid,
             "command_line": self.command_line,
@@ -349,10 +351,14 @@ class Plan:
 
 def seed_count(runs: list[tuple[str, dict[str, str]]], seed_keys: list[str]) -> int:
     """Repetitions per method of runs given as (method, varying settings): the most distinct seeds a method has."""
+    return max(_seeds_per_method(runs, seed_keys), default=0)
+
+
+def _seeds_per_method(runs: list[tuple[str, dict[str, str]]], seed_keys: list[str]) -> list[int]:
     seeds: dict[str, set] = {}
     for method, settings in runs:
         seeds.setdefault(method, set()).add(tuple(settings.get(k) for k in seed_keys))
-    return max((len(v) for v in seeds.values()), default=0)
+    return [len(v) for v in seeds.values()]
 
 
 def _n(count: int, word: str) -> str:
@@ -360,18 +366,63 @@ def _n(count: int, word: str) -> str:
 
 
 def run_counts(runs: list[tuple[str, dict[str, str]]], seed_keys: list[str]) -> str:
-    """``6 runs (2 methods x 3 seeds)`` for runs given as (method, varying settings)."""
+    """``6 runs (2 methods x 3 seeds)`` for runs given as (method, varying settings); a grid over other
+    settings within a method too: ``8 runs (2 methods x 2 settings of optimizer.lr x 2 seeds)``."""
     methods = len({m for m, _ in runs})
-    return f"{_n(len(runs), 'run')} ({_n(methods, 'method')} x {_n(seed_count(runs, seed_keys), 'seed')})"
+    per_method: dict[str, set] = {}
+    keys: list[str] = []
+    for method, settings in runs:  # a method's other settings (a labelled method's grid, e.g. optimizer.lr=0.1,0.2)
+        other = {k: v for k, v in settings.items() if k != "method" and k not in seed_keys}
+        keys += [k for k in other if k not in keys]
+        per_method.setdefault(method, set()).add(tuple(sorted(other.items())))
+    n_other = max((len(v) for v in per_method.values()), default=1)
+    seeds = _seeds_per_method(runs, seed_keys) or [0]
+    seed_text = (_n(seeds[0], "seed") if min(seeds) == max(seeds)
+                 else f"{min(seeds)}-{max(seeds)} seeds")  # e.g. a report of runs merged from two plans
+    middle = f" x {_n(n_other, 'setting')} of {', '.join(keys)}" if n_other > 1 else ""
+    return f"{_n(len(runs), 'run')} ({_n(methods, 'method')}{middle} x {seed_text})"
 
 
-_SEEDS = re.compile(r"\b(?:\d+|one|two|three|four|five|six|seven|eight|nine|ten)(\s+)seeds?\b", re.IGNORECASE)
+_SEEDS = re.compile(r"(?<![\d.,])\b(\d+|one|two|three|four|five|six|seven|eight|nine|ten)(\s+)seeds?\b", re.IGNORECASE)
+_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 
 
-def describe(description: str, n_seeds: int) -> str:
-    """A sweep file's description with the seed count it states ("3 seeds") made the plan's: the command
-    line may give other seeds (``seed=0,1``) than the file."""
-    return _SEEDS.sub(lambda m: f"{n_seeds}{m.group(1)}seed{'s' if n_seeds != 1 else ''}", description)
+def file_seed_count(config: SweepConfig) -> int:
+    """Seeds per method of a sweep file's own grid (before the command line's entries): the count its
+    description states."""
+    seed_keys = set(config.seed_keys)
+    n = 1
+    for a in expand(list(config.overrides)):
+        if a.key in seed_keys:
+            n *= len(a.values)
+    return n
+
+
+def describe(description: str, n_seeds: int, file_seeds: Optional[int]) -> str:
+    """A sweep file's description with the seed count it states made the plan's: the command line may
+    give other seeds (``seed=0,1``) than the file's grid, which has ``file_seeds`` per method.
+
+    Unchanged when the plan runs the file's count; the one phrase that states the file's count ("3
+    seeds") is rewritten, else (no such phrase, or several) the plan's count is appended. ``file_seeds``
+    None (a sweep.json of an older version, whose description kept the file's count): the one seed count
+    it states is rewritten when it differs."""
+    found = list(_SEEDS.finditer(description))
+    if file_seeds is None:
+        if len(found) != 1 or _count(found[0]) == n_seeds:
+            return description
+        file_seeds = _count(found[0])
+    if n_seeds == file_seeds:
+        return description
+    stating = [m for m in found if _count(m) == file_seeds]
+    if len(stating) == 1:
+        m = stating[0]
+        return f"{description[:m.start()]}{n_seeds}{m.group(2)}seed{'s' if n_seeds != 1 else ''}{description[m.end():]}"
+    return f"{description} (this sweep: {_n(n_seeds, 'seed')})" if description else description
+
+
+def _count(match: re.Match) -> int:
+    word = match.group(1).lower()
+    return int(word) if word.isdigit() else _WORDS[word]
 
 
 def _sanitize(text: str) -> str:
@@ -453,7 +504,8 @@ def make_plan(config: SweepConfig, cli_grid: list[str] = ()) -> Plan:
             r.name = f"{r.name}__{n + 1}"
     # the file's description states its comparison: not what runs when the command line replaced its methods
     description = "" if config.methods and not methods else describe(
-        config.description, seed_count([(r.method, r.settings) for r in runs], list(config.seed_keys)))
+        config.description, seed_count([(r.method, r.settings) for r in runs], list(config.seed_keys)),
+        file_seed_count(config))
     return Plan(config.name, runs, config, [o for a in grid_axes for o in _entry(a)],
                 [a.overrides[0] for a in fixed_axes], methods,
                 (["method"] if len(method_items) > 1 else []) + varying, list(cli_grid), description=description)
@@ -767,7 +819,8 @@ def plan_from_manifest(m: dict[str, Any]) -> Plan:
             for r in m["runs"]]
     return Plan(m["name"], runs, cfg, cfg.overrides, cfg.fixed, cfg.methods, list(m.get("varying", [])),
                 list(m.get("command_line", [])),
-                description=describe(cfg.description, seed_count([(r.method, r.settings) for r in runs], cfg.seed_keys)))
+                description=describe(cfg.description, seed_count([(r.method, r.settings) for r in runs], cfg.seed_keys),
+                                     m.get("description_seeds")))
 
 
 def _same_runs(a: Plan, b: Plan) -> Optional[str]:

@@ -565,7 +565,8 @@ def build_report(sweep_dir: str | Path) -> ReportPaths:
     seed_keys = list(manifest.get("seed_keys") or ["seed"])
     planned = [(r.method, r.settings) for r in runs]
     if manifest.get("description"):  # its seed count the runs' (a sweep.json of an older version kept the file's)
-        lines += [describe(manifest["description"], seed_count(planned, seed_keys)), ""]
+        lines += [describe(manifest["description"], seed_count(planned, seed_keys), manifest.get("description_seeds")),
+                  ""]
     counts = df["status"].value_counts()
     lines += [f"Sweep folder: `{sweep_dir}`" + (f", planned {manifest['created']}" if manifest.get("created") else ""),
               f"Runs: {run_counts(planned, seed_keys)}: {', '.join(f'{n} {s}' for s, n in counts.items())}. "

@@ -295,11 +295,46 @@ def test_the_description_and_plan_state_the_seeds_that_run(in_tmp):
     # a sweep.json with the file's count: the report states the runs' count
     d = _sweep_folder(in_tmp / "sw", ("seed=0,1", *TINY))
     m = json.loads((d / MANIFEST).read_text())
+    assert m["description_seeds"] == 2
+    del m["description_seeds"]  # as an older version wrote it
     m["description"] = m["description"].replace("2 seeds", "3 seeds")
     atomic_write_json(d / MANIFEST, m)
     md = build_report(d).report_md.read_text()
     assert "Sec. 5.1 synthetic data, 2 seeds" in md and "3 seeds" not in md
     assert "Runs: 4 runs (2 methods x 2 seeds): 4 pending." in md, md
+
+
+def test_describe_rewrites_only_the_phrase_that_states_the_files_seed_count():
+    """A description's other numbers of seeds are the user's words: "planted from 5 seeds" stays when
+    the seeds are the file's, and "1,000 seeds" never becomes "1,2 seeds". (Every "N seeds" was rewritten.)"""
+    from goldstone_cli.sweep import describe
+
+    assert describe("data planted from 5 seeds, 3 seeds", 3, 3) == "data planted from 5 seeds, 3 seeds"
+    assert describe("data planted from 5 seeds, 3 seeds", 2, 3) == "data planted from 5 seeds, 2 seeds"
+    assert describe("data planted from 5 seeds", 2, 3) == "data planted from 5 seeds (this sweep: 2 seeds)"
+    assert describe("3 seeds here, 3 seeds there", 1, 3) == "3 seeds here, 3 seeds there (this sweep: 1 seed)"
+    assert describe("Three seeds", 1, 3) == "1 seed"
+    assert describe("1,000 seeds", 2, 3) == "1,000 seeds (this sweep: 2 seeds)"
+    assert describe("", 2, 3) == ""
+    # a sweep.json of an older version (no description_seeds): its one seed count made the runs'
+    assert describe("GD vs GS, 3 seeds", 2, None) == "GD vs GS, 2 seeds"
+    assert describe("1,000 seeds", 2, None) == "1,000 seeds"
+    assert describe("5 seeds and 3 seeds", 2, None) == "5 seeds and 3 seeds"
+
+
+def test_the_run_count_names_a_grid_within_each_method(in_tmp):
+    """Two methods x optimizer.lr=0.1,0.2 x 2 seeds are 8 runs: the count says so (it said "8 runs (2
+    methods x 2 seeds)"), in the printed plan and in the report."""
+    from goldstone_cli.sweep import run_counts
+
+    plan = prepare(["seed=0,1", "optimizer.lr=0.1,0.2", *TINY])[0]
+    assert plan.counts() == "8 runs (2 methods x 2 settings of optimizer.lr x 2 seeds)"
+    assert prepare(["seed=0,1", *TINY])[0].counts() == "4 runs (2 methods x 2 seeds)"
+    # methods from the grid itself (no labelled methods): each setting is a method
+    assert prepare(["optimizer=adam,gd", "seed=0,1", *TINY])[0].counts() == "4 runs (2 methods x 2 seeds)"
+    # runs of a report where the methods have different numbers of seeds
+    assert run_counts([("a", {"seed": "0"}), ("b", {"seed": "0"}), ("b", {"seed": "1"})],
+                      ["seed"]) == "3 runs (2 methods x 1-2 seeds)"
 
 
 # ----------------------------------------------------------------------------- mappings given whole, repeated keys
