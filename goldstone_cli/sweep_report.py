@@ -332,17 +332,29 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+PM_DIGITS = 8  # at most this many significant digits of a mean; a spread below them is written apart
+
+
 def _pm(mean: float, spread: float, sig: int = 2) -> str:
     """``mean ± spread`` as measurements are written: the spread rounded to ``sig`` significant digits
     and the mean to the same decimal place (``12.000 ± 0.034``, not ``12 ± 0.034``); numbers below 1e-3
-    or from 1e6 on share a power of ten (``(1.20 ± 0.34)e-07``)."""
-    if not (math.isfinite(mean) and math.isfinite(spread)) or spread <= 0:
-        return f"{_fmt(mean)} ± {_fmt(spread, sig) if spread else 0}"
+    or from 1e6 on share a power of ten (``(1.20 ± 0.34)e-07``), taken from the mean as rounded
+    (``(1.00 ± 0.10)e-03``, not ``(10.0 ± 1.0)e-04``). A mean that would need more than ``PM_DIGITS``
+    digits (seeds that agree to float rounding), or an exact 0 spread, gives the mean's ``PM_DIGITS``
+    significant digits and the spread on its own (``12 ± 1.0e-15``, ``12.345678 ± 0``)."""
+    if not (math.isfinite(mean) and math.isfinite(spread)) or spread < 0:
+        return f"{_fmt(mean)} ± {_fmt(spread, sig)}"
+    if spread == 0:
+        return f"{_fmt(mean, PM_DIGITS)} ± 0"
     spread = float(f"{spread:.{sig - 1}e}")  # rounded first: 0.0996 -> 0.1 has its leading digit one place up
     lead = math.floor(math.log10(spread))
+    decimals = sig - 1 - lead  # decimal places of the spread's last significant digit
+    if mean and math.floor(math.log10(abs(mean))) + decimals + 1 > PM_DIGITS:
+        return f"{_fmt(mean, PM_DIGITS)} ± {spread:.{sig - 1}e}"
+    mean = round(mean, decimals)  # 9.96e-4 ± 1e-4 -> 1.00e-3: the power of ten is the rounded mean's
     top = max(lead, math.floor(math.log10(abs(mean))) if mean else lead)
     exp = top if top < -3 or top >= 6 else 0
-    places = sig - 1 - lead + exp  # decimal places of the spread's last significant digit (after / 10**exp)
+    places = decimals + exp  # decimal places of the spread's last significant digit after / 10**exp
 
     def num(x: float) -> str:
         x = round(x / 10.0 ** exp, places)

@@ -128,6 +128,17 @@ def test_a_mean_shows_the_decimal_places_of_its_spread():
     assert ms(-0.7, -0.5) == "-0.60 ± 0.14"
 
 
+def test_a_mean_and_spread_stay_short_and_share_the_rounded_means_power_of_ten():
+    from goldstone_cli.sweep_report import _pm
+
+    assert _pm(9.96e-6, 1e-6) == "(1.00 ± 0.10)e-05"  # the power of ten of the rounded mean: not (10.0 ± 1.0)e-06
+    assert _pm(-9.96e-6, 1e-6) == "(-1.00 ± 0.10)e-05" and _pm(9.99996e6, 1e3) == "(1.00000 ± 0.00010)e+07"
+    assert _pm(12.0, 1e-15) == "12 ± 1.0e-15"  # seeds that agree to rounding: not 17 decimal places
+    assert _pm(12.0, 5e-324) == "12 ± 4.9e-324"  # the smallest float: it printed 330 characters
+    assert _pm(12.3456789, 0.0) == "12.345679 ± 0"  # a zero spread: the mean's 8 digits, not 4
+    assert _pm(999999.7, 0.3) == "999999.70 ± 0.30"  # 8 digits still in the plain form
+
+
 # ----------------------------------------------------------------------------- damaged runs, while the sweep runs
 class _FakeTrain:
     """``goldstone train`` as run_local starts it, without training: writes the run's metrics.csv and
