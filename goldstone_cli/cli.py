@@ -745,12 +745,21 @@ def make_planted_cmd(
 _PROCESS = {"own": False}
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Our own UserWarnings as ``warning: <message>``; any other (a library's, or another category) keeps
+    its category, and a library's its origin: ``warning: DeprecationWarning: <message> (torch/x.py:12)``."""
+    own = Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+    if own and category is UserWarning:
+        return f"warning: {message}\n"
+    return f"warning: {category.__name__}: {message}" + ("" if own else f" ({filename}:{lineno})") + "\n"
+
+
 def _plain_warnings() -> None:
-    """The command line's warnings as one line each, ``warning: <message>`` (not Python's
-    ``file.py:123: UserWarning: <message>`` followed by the source line that raised it)."""
+    """The command line's warnings as one line each (not Python's ``file.py:123: UserWarning: <message>``
+    followed by the source line that raised it); see ``_format_warning``."""
     import warnings
 
-    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
+    warnings.formatwarning = _format_warning
 
 
 def main() -> None:

@@ -45,6 +45,22 @@ def test_a_warning_is_one_plain_line(tmp_path):
     assert "UserWarning" not in res.stderr and "warnings.warn" not in res.stderr, res.stderr
 
 
+def test_a_library_warning_keeps_its_category_and_origin():
+    """Only our own UserWarnings drop Python's decorations; a library's DeprecationWarning printed as a bare
+    `warning: x`, which hid what it was and where it came from."""
+    import torch
+
+    import goldstone_cli.cli as cli
+    import goldstone_cli.train as train
+
+    lib = torch.__file__
+    assert cli._format_warning("old API", DeprecationWarning, lib, 12) == \
+        f"warning: DeprecationWarning: old API ({lib}:12)\n"
+    assert cli._format_warning("slow", UserWarning, lib, 3) == f"warning: UserWarning: slow ({lib}:3)\n"
+    assert cli._format_warning("no GPU", UserWarning, train.__file__, 40) == "warning: no GPU\n"
+    assert cli._format_warning("overflow", RuntimeWarning, train.__file__, 40) == "warning: RuntimeWarning: overflow\n"
+
+
 def test_plot_help_lists_only_existing_commands():
     res = runner.invoke(app, ["plot", "--help"])
     assert res.exit_code == 0
