@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path

@@ -51,8 +51,7 @@ def _reset_peak() -> None:
 
 
 def child(args) -> None:
-    from goldstone_cli.data.movielens import (by_user_folder, by_user_key, find_ratings_file, load_movielens,
-                                              prepare_by_user, read_user_rows)
+    from goldstone_cli.data.movielens import find_ratings_file, load_movielens, prepare_by_user, read_user_rows
     from goldstone_cli.models.movielens import ratings_of_users
 
     import numpy as np  # noqa: F401  (imported before the peak is reset)

@@ -69,4 +69,4 @@ def neighbors_table(word: str, res: Sequence[StepNeighbors], show_cos: bool = Fa
         flag = "" if r.query_present else f" ('{word}' has no data here)"
         cells = [f"{w} ({c:.2f})" if show_cos else w for w, c in zip(r.words, r.cosines)]
         rows.append([r.label + flag, ", ".join(cells)])
-    return format_table([f"step", f"nearest neighbours of '{word}'"], rows)
+    return format_table(["step", f"nearest neighbours of '{word}'"], rows)
