@@ -665,24 +665,38 @@ def test_part_of_the_file_appended_to_itself_is_rejected(small_csv, tmp_path):
         assert load_movielens(path, use_cache=False, progress=False).source.n_raw == len(lines)
 
 
-@pytest.mark.parametrize("order", ["sorted", "shuffled", "huge_ids"])
-def test_first_repeat_matches_pandas(order):
+@pytest.mark.parametrize("order", ["sorted", "shuffled", "wide_ids", "huge_ids", "huge_times"])
+def test_repeats_match_pandas(order):
     rng = np.random.default_rng(1)
     n = 3000
     df = pd.DataFrame({"u": rng.integers(0, 30, n), "i": rng.integers(0, 20, n),
                        "r": rng.integers(1, 3, n) / 2, "t": rng.integers(0, 4, n)})
-    if order == "sorted":
+    if order == "sorted":  # the O(n) path
         df = df.sort_values(["u", "i"], kind="stable").reset_index(drop=True)
+    if order == "wide_ids":  # (user, item) fits one int64 key, but not beside the row number
+        df["u"] = df.u * (1 << 24)
+        df["i"] = df.i * (1 << 20)
     if order == "huge_ids":  # (user, item) does not fit in one int64 key
         df["u"] = df.u * (1 << 58)
         df["i"] = df.i * (1 << 58) - (1 << 62)
-    cols = [df[c].to_numpy() for c in "uirt"]
-    dup = df.duplicated()
-    count, row, earlier = ml._first_repeat(*cols)
-    assert count == dup.sum() > 0 and row == dup.idxmax()
-    assert earlier == (df == df.iloc[row]).all(axis=1).idxmax() < row
-    unique = df.drop_duplicates().reset_index(drop=True)
-    assert ml._first_repeat(*[unique[c].to_numpy() for c in "uirt"]) is None
+    if order == "huge_times":  # (pair, timestamp) does not fit in one int64 key
+        df["t"] = df.t * (1 << 61)
+
+    def first(cols):  # (count, first repeating row in file order, the first row it repeats) as pandas sees them
+        dup = df.duplicated(list(cols))
+        row = dup.idxmax()
+        return int(dup.sum()), int(row), int((df[list(cols)] == df.loc[row, list(cols)]).all(axis=1).idxmax())
+
+    def ours():
+        return ml._repeats(*[df[c].to_numpy() for c in "uirt"])
+
+    exact = first("uirt")
+    assert exact[0] > 0 and exact[2] < exact[1] and ours() == (exact, None)
+    df = df.drop_duplicates().reset_index(drop=True)  # no exact repeats left: pairs rated twice at one time
+    same_time = first("uit")
+    assert same_time[0] > 0 and ours() == (None, same_time)
+    df = df.drop_duplicates(["u", "i", "t"]).reset_index(drop=True)
+    assert df.duplicated(["u", "i"]).any() and ours() == (None, None)  # re-rated at other times: fine
 
 
 def test_ratings_outside_the_star_scale_warn(tmp_path):

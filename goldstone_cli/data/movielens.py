@@ -342,42 +342,92 @@ def _count(n: int, one: str, many: str) -> str:
     return f"{n:,} {one if n == 1 else many}"
 
 
-def _first_repeat(user: np.ndarray, item: np.ndarray, rating: np.ndarray,
-                  ts: np.ndarray) -> tuple[int, int, int] | None:
-    """``(count, row, earlier row)`` of the rows equal in all four columns to an earlier row (``row``: the
-    first of them in file order, ``earlier``: the first row it repeats); None when there are none."""
-    if user.size < 2:
+def _later_members(rows: np.ndarray, same: np.ndarray) -> tuple[int, int, int] | None:
+    """``(count, row, earlier)`` for groups of consecutive entries of ``rows`` (file rows, in any order within a
+    group; ``same[j]``: entry j+1 is in entry j's group): count of rows that are not their group's first in file
+    order, the first such row in file order, and the first row of its group. None when every group has one row."""
+    if not same.any():
         return None
+    starts = np.flatnonzero(np.r_[True, ~same])
+    first = np.repeat(np.minimum.reduceat(rows, starts), np.diff(np.r_[starts, rows.size]))
+    later = np.flatnonzero(rows != first)
+    j = later[np.argmin(rows[later])]
+    return int(later.size), int(rows[j]), int(first[j])
+
+
+def _repeats(user: np.ndarray, item: np.ndarray, rating: np.ndarray, ts: np.ndarray
+             ) -> tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]:
+    """The rows that repeat an earlier row exactly, and the rows that give an earlier row's (user, item,
+    timestamp) another rating: each ``(count, row, earlier row)`` as ``_later_members`` says, or None; the
+    second is looked for only where there are no exact repeats (None beside an exact repeat).
+
+    One sort by (user, item) finds the rows of pairs rated more than once (none in most files: done); only
+    those rows are sorted by (pair, timestamp), and only rows that share a pair and a timestamp by rating.
+    """
+    if user.size < 2:
+        return None, None
     same_u = user[1:] == user[:-1]
     if not (user[1:] < user[:-1]).any() and not (same_u & (item[1:] < item[:-1])).any():
         same = same_u & (item[1:] == item[:-1])  # sorted by (user, item), as ml-20m: O(n)
-        if not same.any():
-            return None
-        cand = np.flatnonzero(np.r_[same, False] | np.r_[False, same])  # rows in runs of one pair
-    else:  # unsorted: sort the (user, item) pairs
+        rows = None
+    else:  # unsorted: sort by (user, item)
         du, di = int(user.max()) - int(user.min()) + 1, int(item.max()) - int(item.min()) + 1
         if du * di < 2**63:
-            key = (user - user.min()) * di + (item - item.min())
-            s = np.sort(key)
-            dup = s[1:] == s[:-1]
-            if not dup.any():
-                return None
-            cand = np.flatnonzero(np.isin(key, s[1:][dup]))
+            key = user - user.min()  # in place from here: 20M rows are 160 MB an array
+            key *= di
+            key += item - item.min()
+            bits = (user.size - 1).bit_length()
+            if du * di <= 2 ** (63 - bits):  # key and row in one int64: a plain sort does the argsort's work
+                key <<= bits
+                key |= np.arange(user.size)
+                key.sort()
+                rows = key & ((1 << bits) - 1)
+                key >>= bits
+            else:
+                rows = np.argsort(key)
+                key = key[rows]
+            same = key[1:] == key[:-1]
+            del key
         else:
-            cand = np.arange(user.size)
+            rows = np.lexsort((item, user))
+            same = (user[rows[1:]] == user[rows[:-1]]) & (item[rows[1:]] == item[rows[:-1]])
     del same_u
-    cols = [a[cand] for a in (user, item, rating, ts)]
-    o = np.lexsort(cols[::-1])  # stable: equal rows stay in file order
-    rep = np.ones(o.size - 1, dtype=bool)  # sorted row j+1 equals sorted row j
-    for c in cols:
-        rep &= c[o[1:]] == c[o[:-1]]
-    if not rep.any():
-        return None
-    pos = np.flatnonzero(rep) + 1
-    first = pos[np.argmin(o[pos])]  # sorted position of the first repeat in file order
-    starts = np.flatnonzero(np.r_[True, ~rep])  # sorted positions where a group of equal rows starts
-    group = starts[np.searchsorted(starts, first, side="right") - 1]
-    return int(pos.size), int(cand[o[first]]), int(cand[o[group]])
+    if not same.any():
+        return None, None
+    in_run = np.r_[same, False] | np.r_[False, same]  # entries of pairs rated more than once
+    pair = np.cumsum(np.r_[True, ~same])[in_run]  # a number per pair, increasing in sorted order
+    rows = np.flatnonzero(in_run) if rows is None else rows[in_run]
+    del same, in_run
+    t = ts[rows]
+    lo, span = int(t.min()), int(t.max()) - int(t.min()) + 1
+    if (int(pair[-1]) + 1) * span < 2**63:  # (pair, timestamp) as one int64
+        key = pair
+        key *= span
+        key += t - lo
+        del pair, t
+        sk = np.sort(key)
+        if not (sk[1:] == sk[:-1]).any():  # every pair's ratings at distinct times (a sort is faster than argsort)
+            return None, None
+        del sk
+        o = np.argsort(key)
+        key = key[o]
+        same = key[1:] == key[:-1]
+    else:
+        o = np.lexsort((t, pair))
+        same = (pair[o[1:]] == pair[o[:-1]]) & (t[o[1:]] == t[o[:-1]])
+        del pair, t
+    rows = rows[o]
+    del o
+    if not same.any():  # every pair's ratings at distinct times
+        return None, None
+    in_run = np.r_[same, False] | np.r_[False, same]  # rows sharing a pair and a timestamp with another row
+    group = np.cumsum(np.r_[True, ~same])[in_run]
+    sub = rows[in_run]
+    r = rating[sub]
+    o = np.lexsort((r, group))
+    sub, group, r = sub[o], group[o], r[o]
+    exact = _later_members(sub, (group[1:] == group[:-1]) & (r[1:] == r[:-1]))
+    return exact, None if exact else _later_members(rows, same)
 
 
 def read_ratings(path: str | os.PathLike, layout: str | None = None) -> RawRatings:
@@ -444,14 +494,15 @@ def read_ratings(path: str | os.PathLike, layout: str | None = None) -> RawRatin
             path, line, f"{_count(int(neg.sum()), 'rating has', 'ratings have')} a negative timestamp (before 1970), "
             f"the first is {text} ({values(row)}); MovieLens timestamps are unix seconds since 1970-01-01 UTC. "
             "Fix or remove those lines.")
-    if (hit := _first_repeat(user, item, rating, ts)) is not None:
+    exact, same_time = _repeats(user, item, rating, ts)
+    if (hit := exact) is not None:
         count, row, earlier = hit
         (line, _), (text, text0) = at(row, earlier)
         raise MalformedRatingsError(
             path, line, f"{_count(count, 'row repeats', 'rows repeat')} an earlier row exactly (same user, item, "
             f"rating and timestamp), the first is {text} ({values(row)}), a repeat of {text0}. Remove the repeated "
             "lines (was part of the file appended to it?); the same user rating a movie again at another time is fine.")
-    if (hit := _first_repeat(user, item, ts, ts)) is not None:  # no exact repeats left: the ratings differ
+    if (hit := same_time) is not None:  # no exact repeats: the ratings differ
         count, row, earlier = hit
         (line, _), (text, text0) = at(row, earlier)
         raise MalformedRatingsError(
