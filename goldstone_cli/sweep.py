@@ -1294,6 +1294,12 @@ def prepare(args: list[str], sweep_dir: Optional[Path] = None) -> tuple[Plan, Pa
         config, note = own_model_only(config, a.sweep_overrides, a.grid)
         plan = make_plan(config, a.grid)
         plan.note = note
+        if config.methods and not plan.methods:  # the command line replaced the file's methods: the file's
+            given = {o.split("=", 1)[0].lstrip("+~") for o in a.sweep_overrides}  # words name another comparison
+            if not given & {"sweep.report", "sweep.report.title"}:
+                plan.config.report.title = f"Sweep {config.name}: {' '.join(a.grid)}"
+            if "sweep.description" in given:  # the user's own words for this sweep (make_plan drops the file's)
+                plan.description = config.description
         if existing is not None:
             diff = _same_runs(existing, plan)
             if diff:

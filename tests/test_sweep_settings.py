@@ -161,7 +161,10 @@ def test_the_default_sweep_leaves_its_settings_out_for_another_model(in_tmp):
     for args in ([], ["model=dense_mf"], ["experiment=fig2"]):
         plan, _, _, _ = prepare(args)
         assert "trainer.steps=5000" in plan.fixed and plan.config.target.metric == "suboptimality", args
-        assert plan.config.report.title.startswith("Sec. 5.1") and not plan.note
+        assert not plan.note
+        # experiment=... replaces the methods (gd_paper is experiment=fig2_gd_paper): the file's title names them
+        assert plan.config.report.title == ("Sweep default: experiment=fig2" if args == ["experiment=fig2"]
+                                            else "Sec. 5.1: GD vs Goldstone-GD (dense dynamic MF, synthetic data)")
     # sweep.model=null: the settings apply whatever the model (here: the Sec. 5.1 target does not fit)
     with pytest.raises(ConfigError, match="suboptimality is not a metric of model movielens"):
         prepare(readme + ["sweep.model=null"])
@@ -358,3 +361,17 @@ def test_a_run_ended_by_a_signal_says_which_and_a_failed_sweep_says_how_to_retry
     res = run_sweep([], sweep_dir=d, progress=False, echo=lambda *_: None)
     assert res.exit_code == 1 and "1 done, 1 failed" in res.message
     assert f"goldstone sweep --dir {d} retries the failed runs" in res.message, res.message
+
+
+def test_methods_replaced_on_the_command_line_drop_the_files_title(in_tmp):
+    """optimizer=... replaces the default sweep's methods (GD vs Goldstone-GD): its report was still titled
+    'Sec. 5.1: GD vs Goldstone-GD' over an Adam vs Goldstone-GD comparison."""
+    grid = ["optimizer=adam,goldstone", "seed=0"]
+    plan, _, _, _ = prepare(grid)
+    assert plan.methods == {} and plan.description == ""
+    assert plan.config.report.title == "Sweep default: optimizer=adam,goldstone seed=0"
+    assert plan.manifest()["report"]["title"] == plan.config.report.title
+    plan, _, _, _ = prepare(grid + ["sweep.report.title=Adam vs ours", "sweep.description=our words"])
+    assert plan.config.report.title == "Adam vs ours" and plan.description == "our words"
+    plan, _, _, _ = prepare(["seed=0"])  # the file's methods: its own words
+    assert plan.config.report.title.startswith("Sec. 5.1") and plan.description.startswith("GD (paper baseline")
