@@ -334,7 +334,8 @@ def prepare_ngrams_cmd(
                                     "1-grams, which are then read twice."),
     vocab_file: Optional[Path] = typer.Option(
         None, "--vocab-file", help="Use this vocabulary instead of ranking the 1-grams: one word per line, or the "
-                                   "vocab.tsv of a prepared corpus (to compare corpora on one vocabulary)."),
+                                   "vocab.tsv of a prepared corpus (to compare corpora on one vocabulary); lowercased "
+                                   "like the tokens unless --keep-case."),
     lowercase: bool = typer.Option(True, "--lowercase/--keep-case", help="Lowercase tokens, merging 'The' and 'the' "
                                                                          "(default), or keep Google's case."),
     pos: str = typer.Option("drop", "--pos", help="Part-of-speech rule. drop (default): skip POS-annotated ngrams "
@@ -383,8 +384,9 @@ def prepare_corpus_cmd(
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Output folder: vocab.tsv, times.tsv, cooc_00000.npz ... (one sparse matrix per time "
                                   "bin), manifest.json (written last). Default (sotu or a folder of dated files): "
-                                  "data/<source>-<N>y-v<V>-<rank>[-k<hash of --keep-words>], the folder `goldstone "
-                                  "train model=dwe` prepares and reads; semeval:DIR needs --out."),
+                                  "data/<source>[-only]-<N>y-v<V>-<rank>[-k<hash of --keep-words>] (-only: "
+                                  "--sotu-only), the folder `goldstone train model=dwe` prepares and reads (without "
+                                  "-only); semeval:DIR and --years need --out."),
     bin_years: int = typer.Option(_DWE_BIN_YEARS, "--bin-years", help="Width of a time bin in years (1: one step per "
                                                                       "year, as model=dwe; 10: calendar decades). Bins "
                                                                       "without text are kept as empty time steps."),
@@ -422,7 +424,7 @@ def prepare_corpus_cmd(
             if semeval or years:
                 _fail(f"{'a semeval: source' if semeval else '--years'} needs --out (the default folder name is for "
                       "sotu or a folder of dated files over all their years)")
-            out = default_corpus_dir(source, bin_years, vocab, rank, keep)
+            out = default_corpus_dir(source, bin_years, vocab, rank, keep, include_related=sotu_all)
         r = prepare_corpus(source, out, bin_years=bin_years, vocab_size=vocab, years=y, rank=rank,
                            include_related=sotu_all, keep_words=keep, force=force, progress=not quiet)
     except _PREPARE_ERRORS as exc:

@@ -133,7 +133,7 @@ def test_folder_corpus_hand_computed(tmp_path):
     r = prepare_corpus(tmp_path / "texts", tmp_path / "out2", bin_years=10, vocab_size=3, years=(1851, 1875),
                        progress=False)
     d = load_cooc(r.out)
-    assert d.labels == ["1851-1860", "1861-1870", "1871-1880"] and r.n_documents == 2
+    assert d.labels == ["1851-1860", "1861-1870", "1871-1875"] and r.n_documents == 2  # the last bin ends with --years
 
 
 def test_folder_errors(tmp_path):
@@ -477,3 +477,139 @@ def test_corpus_without_words_names_the_source(tmp_path):
     (f / "1860.txt").write_text("1 2 3")
     with pytest.raises(ValueError, match=f"{f}: the 2 documents have no word tokens"):
         prepare_corpus(f, tmp_path / "out", progress=False)
+
+
+# ------------------------------------------------------------------------------------------ review: --years bins
+
+def test_years_cut_the_last_bin_at_the_end_of_the_range(tmp_path):
+    """--years 1850-1865 in decades: the last bin is 1860-1865 (end, label, time and bin edges), not
+    1860-1869, whose mid-year 1864.5 put the step 2 years after its text."""
+    f = tmp_path / "texts"
+    f.mkdir()
+    for y in (1850, 1851, 1853, 1862, 1868):
+        (f / f"{y}.txt").write_text("the cat sat on the mat")
+    r = prepare_corpus(f, tmp_path / "out", bin_years=10, vocab_size=3, years=(1850, 1865), progress=False)
+    d = load_cooc(r.out)
+    assert r.n_documents == 4  # 1868 is outside the range
+    assert d.labels == ["1850-1859", "1860-1865"]
+    assert d.start.tolist() == [1850, 1860] and d.end.tolist() == [1859, 1865]
+    assert d.times.tolist() == [1854.5, 1862.5]
+    assert d.manifest["bin_edges"] == [1850, 1860, 1866]
+    assert corpus.make_bins([1850], 10, (1850, 1860)).tolist() == [1850, 1860, 1861]
+    r = prepare_corpus(f, tmp_path / "one", bin_years=10, vocab_size=3, years=(1850, 1860), progress=False)
+    assert load_cooc(r.out).labels == ["1850-1859", "1860"]  # a one-year last bin is named by its year
+    # without --years the bins stay calendar decades
+    assert load_cooc(prepare_corpus(f, tmp_path / "all", bin_years=10, vocab_size=3, progress=False).out).labels == \
+        ["1850-1859", "1860-1869"]
+
+
+# ------------------------------------------------------------------------------------------ review: --sotu-only, --years
+
+def _dwe_data_cfg(out, source, **kw):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"path": str(out), "source": str(source), "bin_years": 10, "vocab_size": 3,
+                             "rank": "relfreq", "keep_words": [], "verify": False, **kw})
+
+
+def _edit_settings(path: Path, drop=(), **changes) -> None:
+    """Rewrite a prepared folder's manifest settings (the manifest lists no size of itself)."""
+    mf = path / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["settings"].update(changes)
+    for k in drop:
+        m["settings"].pop(k)
+    mf.write_text(json.dumps(m))
+
+
+def test_prepared_corpus_of_other_years_is_refused_with_the_command_that_prepares_it(tmp_path):
+    """data.source given: a folder prepared with --years (here written to the folder training reads)
+    was accepted as the whole corpus; it is refused, and the command in the message fixes it."""
+    import shlex
+
+    from goldstone_cli.models.dwe import load_word_counts
+
+    texts, out = _folder(tmp_path), tmp_path / "prepared"
+    prepare_corpus(texts, out, bin_years=10, vocab_size=3, years=(1850, 1860), progress=False)
+    cfg = _dwe_data_cfg(out, texts)
+    with pytest.raises(ValueError, match=r"prepared with --years 1850-1860 .*trains on all years; prepare the right "
+                                         r"folder with `goldstone data prepare corpus --source") as exc:
+        load_word_counts(cfg, progress=False)
+    assert "\n" not in str(exc.value)
+    cmd = shlex.split(str(exc.value).split("`")[1])
+    assert cmd[:4] == ["goldstone", "data", "prepare", "corpus"] and cmd[cmd.index("--out") + 1] == str(out)
+    res = CliRunner().invoke(app, cmd[1:] + ["-q"])
+    assert res.exit_code == 0, res.output
+    wc = load_word_counts(cfg, progress=False)  # the right folder now
+    assert wc.labels == ["1850-1859", "1860-1869", "1870-1879"]
+
+
+def test_prepared_sotu_only_corpus_is_refused_and_a_default_one_of_the_previous_version_read(tmp_path):
+    """A --sotu-only folder (include_related=false) at data.path was trained on as the whole sotu corpus.
+    Emulated on a small corpus: its manifest made that of a sotu corpus."""
+    import importlib.metadata
+
+    from goldstone_cli.models.dwe import load_word_counts
+
+    out = tmp_path / "prepared"
+    prepare_corpus(_folder(tmp_path), out, bin_years=10, vocab_size=3, progress=False)
+    _edit_settings(out, source="sotu", sotu_version=importlib.metadata.version("sotu"), include_related=False,
+                   keep_words=["car", "dna"])
+    cfg = _dwe_data_cfg(out, "sotu", keep_words=["car", "dna"])
+    with pytest.raises(ValueError, match=r"prepared with --sotu-only \(include_related=false.*trains on all texts; "
+                                         r"prepare the right folder with `goldstone data prepare corpus --source sotu "
+                                         r"--bin-years 10 --vocab 3 --rank relfreq --keep-words car,dna --out ") as e:
+        load_word_counts(cfg, progress=False)
+    assert str(e.value).endswith(f"or train on this one as it is with data=cooc data.path={out}")
+    # what the previous version recorded for the defaults (include_related true, years null), or neither key
+    _edit_settings(out, include_related=True)
+    assert load_word_counts(cfg, progress=False).vocab == ["the", "cat", "cat's"]
+    _edit_settings(out, drop=("include_related", "years"))
+    assert load_word_counts(cfg, progress=False).vocab == ["the", "cat", "cat's"]
+
+
+def test_default_folder_names_tell_sotu_only_and_years_apart(tmp_path, monkeypatch):
+    """`prepare corpus --sotu-only -q` wrote data/sotu-1y-v1000-relfreq-k1cca6e8a, the folder that
+    `train model=dwe` reads; --sotu-only and --years now have folder names of their own."""
+    from goldstone_cli.config import compose
+
+    cfg = compose(["model=dwe"])
+    args = ("sotu", cfg.data.bin_years, cfg.data.vocab_size, cfg.data.rank, list(cfg.data.keep_words))
+    base = corpus.default_corpus_dir(*args)
+    only = corpus.default_corpus_dir(*args, include_related=False)
+    years = corpus.default_corpus_dir(*args, years=(1900, 1950))
+    both = corpus.default_corpus_dir(*args, include_related=False, years=(1900, 1950))
+    assert str(base) == cfg.data.path and len({base, only, years, both}) == 4
+    assert only.name.startswith("sotu-only-") and "-1900-1950-" in years.name
+    texts = _folder(tmp_path)  # a folder has no related texts: the flag does not change its name
+    assert corpus.default_corpus_dir(texts, 10, 3, "relfreq", include_related=False) == \
+        corpus.default_corpus_dir(texts, 10, 3, "relfreq")
+    seen = {}
+
+    def fake_prepare(source, out, **kw):
+        seen.update(kw, out=out)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(corpus, "prepare_corpus", fake_prepare)
+    res = CliRunner().invoke(app, ["data", "prepare", "corpus", "--source", "sotu", "--sotu-only", "-q"])
+    assert res.exit_code == 1 and "stop here" in res.output
+    assert seen["include_related"] is False and str(seen["out"]) == str(only) != cfg.data.path
+
+
+# ------------------------------------------------------------------------------------------ review: word lists
+
+def test_word_list_reads_a_crlf_vocab_tsv_and_drops_a_byte_order_mark(tmp_path):
+    """A vocab.tsv with Windows line ends was taken for one (its header was recognised) and then
+    refused: "first line must be the header index<TAB>word<TAB>count". A UTF-8 BOM (Windows editors)
+    stayed part of the first word ('\ufeffparis')."""
+    from goldstone_cli.data.cooc import read_word_list
+
+    vocab = (_write_small(tmp_path / "c") / "vocab.tsv").read_bytes()
+    crlf = tmp_path / "vocab.tsv"
+    crlf.write_bytes(vocab.replace(b"\n", b"\r\n"))
+    assert read_word_list(crlf) == ["nan", "null"]
+    crlf.write_bytes(b"\xef\xbb\xbf" + vocab.replace(b"\n", b"\r\n"))
+    assert read_word_list(crlf) == ["nan", "null"]
+    words = tmp_path / "words.txt"
+    words.write_bytes("\ufeffparis\r\nlondon\r\n".encode("utf-8"))
+    assert read_word_list(words) == ["paris", "london"]

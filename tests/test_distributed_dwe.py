@@ -165,6 +165,36 @@ def test_sharded_builder_reads_the_prepared_folder_like_dwe(tmp_path):
     assert mr.keys() == mg.keys() and all(math.isclose(mr[k], mg[k], rel_tol=1e-10) for k in mr)
 
 
+@pytest.mark.parametrize("settings,refused", [
+    ({"include_related": False}, r"--sotu-only \(include_related=false"),
+    ({"include_related": True, "years": [1800, 1840]}, r"--years 1800-1840 "),
+    ({"include_related": True, "years": None}, None),  # what a default corpus records
+    ({}, None),  # neither key: read as the defaults
+])
+def test_sharded_builder_refuses_a_sotu_only_or_years_corpus_as_dwe_does(tmp_path, settings, refused):
+    """data.source given: build_sharded_dwe compares the folder's settings as load_word_counts does,
+    --sotu-only and --years included (they were not compared)."""
+    import json
+
+    from goldstone_cli.models.dwe_sharded import build_sharded_dwe
+
+    path = tmp_path / "c"
+    _write_corpus(path)
+    mf = path / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["settings"] = {"source": "sotu", "bin_years": 10, "vocab_size": 41, "rank": "relfreq", "keep_words": [], **settings}
+    mf.write_text(json.dumps(m))
+    cfg = _cfg(path)
+    cfg.data.update({"name": "sotu", "source": "sotu", "bin_years": 10, "vocab_size": 41, "rank": "relfreq",
+                     "keep_words": []})
+    if refused is None:
+        assert isinstance(build_sharded_dwe(cfg, torch.device("cpu"), DT, RowShard.single()), ShardedDynamicWordEmbeddings)
+        return
+    with pytest.raises(ValueError, match=refused + r".*`goldstone data prepare corpus --source sotu --bin-years 10 "
+                                                   r"--vocab 41 --rank relfreq --keep-words '' --out "):
+        build_sharded_dwe(cfg, torch.device("cpu"), DT, RowShard.single())
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     path = tmp_path_factory.mktemp("dwe_corpus") / "c"

@@ -148,3 +148,19 @@ def test_targets_and_truth_keep_words_that_str_splitlines_would_split(tmp_path):
     binary, graded = read_truth(tmp_path, words)
     assert binary == {w: i % 2 for i, w in enumerate(words)}
     assert graded == {w: i / 10 for i, w in enumerate(words)}
+
+
+def test_semeval_target_listed_twice_names_the_file_and_the_word(tmp_path):
+    """A target given twice failed later with "vocabulary words must be unique" (no file, no word);
+    it is refused as `eval lsc` refuses it ("lists a word twice"), naming the file and the word."""
+    root = tmp_path / "semeval2020_ulscd_eng"
+    _gz(root / "corpus1" / "lemma" / "ccoha1.txt.gz", ["a b plane_nn", "c d"])
+    _gz(root / "corpus2" / "lemma" / "ccoha2.txt.gz", ["plane_nn fly b", "c d"])
+    (root / "targets.txt").write_text("plane_nn\nfly_vb\nplane_nn\n")
+    targets = root / "targets.txt"
+    with pytest.raises(ValueError, match=f"targets file {targets} lists a word twice: 'plane_nn'; remove"):
+        prepare_corpus(f"semeval:{root}", tmp_path / "prep", vocab_size=2, progress=False)
+    r = runner.invoke(app, ["data", "prepare", "corpus", "--source", f"semeval:{root}", "--out", str(tmp_path / "cli"),
+                            "-q"])
+    assert r.exit_code == 1 and "lists a word twice: 'plane_nn'" in r.output and str(targets) in r.output.replace("\n", "")
+    assert not (tmp_path / "prep").exists() and not (tmp_path / "cli").exists()

@@ -797,3 +797,45 @@ def test_workers_exit_when_the_main_process_is_killed(tmp_path):
     kw = dict(years=(1900, 1901), vocab_size=3, workers=2, progress=False)
     r = prepare_ngrams([one], [busy, idle], tmp_path / "out", **kw)
     same_output(load_cooc(r.out), load_cooc(prepare_ngrams([one], [busy, idle], tmp_path / "ref", **kw).out))
+
+
+# ------------------------------------------------------------------------------------------ review: --vocab-file case
+
+def test_given_vocabulary_is_lowercased_like_the_tokens(tmp_path):
+    """--vocab-file words were used as written: with the tokens lowercased (the default), 'A' got count
+    0 and no co-occurrences, silently. They are lowercased as the tokens are; words that then repeat
+    are refused by name; words that never occur are warned about."""
+    one = write_v2(tmp_path / "one", ONE)
+    five = write_v2(tmp_path / "five", FIVE)
+    r = prepare_ngrams([one], [five], tmp_path / "o1", years=(1900, 1902), vocab_words=["A", "B", "C"], workers=1,
+                       progress=False)
+    d = load_cooc(r.out)
+    assert d.vocab == ["a", "b", "c"] and d.counts.tolist() == [12, 5, 3]
+    e1900, e1901 = expected_hand()
+    np.testing.assert_array_equal(dense(d, 0), e1900)
+    np.testing.assert_array_equal(dense(d, 1), e1901)
+    with pytest.raises(ValueError, match=r"lists 1 word\(s\) twice after lowercasing: 'a' \(as 'a', 'A'\); remove "
+                                         r"the repeats \(or pass --keep-case\)"):
+        prepare_ngrams([one], [five], tmp_path / "o2", years=(1900, 1902), vocab_words=["a", "b", "A"], progress=False)
+    assert not (tmp_path / ".o2.work").exists()  # refused before any counting
+    with pytest.raises(ValueError, match=r"lists 1 word\(s\) twice: 'b' \(as 'b', 'b'\); remove the repeats$"):
+        prepare_ngrams([one], [five], tmp_path / "o3", years=(1900, 1902), vocab_words=["a", "b", "b"], progress=False)
+    with pytest.warns(UserWarning, match=r"1 of the 3 given vocabulary words never occur in the 1-grams in 1900-1902 "
+                                         r"\(count 0\), e.g. \['paris'\]; check their spelling$"):
+        r = prepare_ngrams([one], [five], tmp_path / "o4", years=(1900, 1902), vocab_words=["a", "Paris", "b"],
+                           workers=1, progress=False)
+    assert load_cooc(r.out).vocab == ["a", "paris", "b"]
+    # --keep-case: the words as written (Google's case)
+    r = prepare_ngrams([one], [five], tmp_path / "o5", years=(1900, 1902), vocab_words=["a", "A", "b"],
+                       lowercase=False, workers=1, progress=False)
+    assert load_cooc(r.out).counts.tolist() == [10, 2, 5]
+    # the command line: a vocabulary file with a byte order mark and Windows line ends
+    vf = tmp_path / "vocab.txt"
+    vf.write_bytes("\ufeffA\r\nB\r\nc\r\n".encode("utf-8"))
+    res = CliRunner().invoke(app, ["data", "prepare", "ngrams", "--onegrams", str(one), "--fivegrams", str(five),
+                                   "--out", str(tmp_path / "cli"), "--years", "1900-1902", "--vocab-file", str(vf),
+                                   "-j", "1", "-q"])
+    assert res.exit_code == 0, res.output
+    d = load_cooc(tmp_path / "cli")
+    assert d.vocab == ["a", "b", "c"] and d.counts.tolist() == [12, 5, 3]
+    np.testing.assert_array_equal(dense(d, 0), e1900)

@@ -331,6 +331,10 @@ def _read_tsv(path: Path, header: tuple[str, ...]) -> list[list[str]]:
                               "prepare the corpus again") from None
     if lines and lines[-1] == "":
         lines.pop()
+    return _parse_tsv(path, lines, header)
+
+
+def _parse_tsv(path: Path, lines: list[str], header: tuple[str, ...]) -> list[list[str]]:
     if not lines or tuple(lines[0].split("\t")) != header:
         raise CoocFormatError(f"{path}: first line must be the header {'<TAB>'.join(header)}")
     rows = [ln.split("\t") for ln in lines[1:]]
@@ -392,14 +396,16 @@ def read_word_list(path: str | os.PathLike) -> list[str]:
     """Words from a ``vocab.tsv`` of a prepared corpus, or from a text file with one word per line
     (stripped, blank lines skipped). Lines end at "\\n" only (``io.split_lines``; the bytes decoded,
     no newline translation): a word may hold U+2028, \\x85, \\x0c or a lone "\\r", which
-    ``str.splitlines`` or text-mode reading turned into line ends."""
+    ``str.splitlines`` or text-mode reading turned into line ends. Windows line ends (CRLF) and a
+    leading UTF-8 byte order mark are no part of a word."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"vocabulary file {path} does not exist")
-    text = path.read_bytes().decode("utf-8")
-    if text.split("\n", 1)[0].rstrip("\r") == "\t".join(VOCAB_HEADER):
-        return [r[1] for r in _read_tsv(path, VOCAB_HEADER)]
-    words = [ln.strip() for ln in split_lines(text) if ln.strip()]
+    text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+    lines = split_lines(text)  # one "\r" at each line end dropped
+    if lines and lines[0] == "\t".join(VOCAB_HEADER):
+        return [r[1] for r in _parse_tsv(path, lines, VOCAB_HEADER)]
+    words = [ln.strip() for ln in lines if ln.strip()]
     if not words:
         raise ValueError(f"vocabulary file {path} is empty")
     return words

