@@ -111,6 +111,17 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.momentum must be in [0, 1), got {self.momentum}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        # a setting of another base optimizer would be taken without effect (adagrad has no momentum)
+        base = getattr(self, "base", self.name)  # goldstone: its base (None: the model's tuned base, known later)
+        base = getattr(base, "value", base)
+        for key, users, default in (("momentum", ("gd",), 0.0), ("betas", ("adam",), [0.9, 0.999]),
+                                    ("eps", ("adam", "adagrad"), 1e-8)):
+            value = list(self.betas) if key == "betas" else getattr(self, key)
+            if base is not None and base not in users and value != default:
+                what = f"optimizer={base}" if base == self.name else f"optimizer.base={base}"
+                raise ConfigError(f"optimizer.{key}={getattr(self, key)} has no effect with {what} (it is a "
+                                  f"setting of {' and '.join(users)}); drop it, or choose "
+                                  f"{'optimizer.base' if base != self.name else 'optimizer'}={users[0]}")
 
 
 @dataclass
@@ -787,8 +798,41 @@ def _did_you_mean(exc: BaseException, overrides: list[str]) -> str:
         value = next((ov.partition("=")[2] for ov in overrides if ov.partition("=")[0].lstrip("+~") == key), None)
         if match and value is not None:  # optimizr=adam -> optimizer=adam
             return match[:-2] + f"={value}?)"
-        return match or _close(key, fields)
-    return _close(key, fields, prefix)
+        return match or _close(key, fields) or _other_group(key, None, value) or (
+            f" (valid: {', '.join(g + '=OPTION' for g in groups)}, {', '.join(sorted(fields - set(groups) - {'trainer'}))}"
+            ", and each group's settings as GROUP.KEY, e.g. trainer.steps=100; `goldstone config` prints them all)")
+    group = prefix.split(".", 1)[0] or None
+    value = next((ov.partition("=")[2] for ov in overrides if ov.partition("=")[0].lstrip("+~") == prefix + key), None)
+    if schema is OptimizerConfig and key in GoldstoneConfig.__dataclass_fields__:  # optimizer=adam optimizer.k1=10
+        name = next((ov.partition("=")[2] for ov in overrides if ov.partition("=")[0].lstrip("+~") == "optimizer"),
+                    "BASE")
+        if key == "base":
+            return f" (optimizer.base is the base optimizer of optimizer=goldstone: optimizer=goldstone optimizer.base={value or name})"
+        return (f" (optimizer.{key} is a setting of optimizer=goldstone, which takes this optimizer's steps as its "
+                f"base: optimizer=goldstone optimizer.base={name} optimizer.{key}={value or 'VALUE'})")
+    return _close(key, fields, prefix) or _other_group(key, group, value)
+
+
+# what users coming from other trainers type for our keys
+_ALIASES = {"learning_rate": "lr", "num_steps": "steps", "max_steps": "steps", "iterations": "steps",
+            "dim": "d", "embedding_dim": "d"}
+
+
+def _other_group(key: str, group: Optional[str], value: Optional[str]) -> str:
+    """``" (did you mean trainer.steps=10?)"`` for a key of another group (``steps=10``, ``model.lr=0.1``,
+    ``optimizer.learning_rate=0.1``): the first group, in the order trainer, optimizer, model, data, whose
+    schema has ``key`` (or what ``_ALIASES`` maps it to); "" when none has."""
+    schemas = {"trainer": [TrainerConfig], "optimizer": [OptimizerConfig, GoldstoneConfig],
+               "model": list(_SCHEMAS["model"].values()), "data": list(_SCHEMAS["data"].values())}
+    for name in (key, _ALIASES.get(key)):
+        if name is None:
+            continue
+        for g, types in schemas.items():
+            if g != group and any(name in t.__dataclass_fields__ for t in types) and name != "name":
+                return f" (did you mean {g}.{name}{'=' + value if value is not None else ''}?)"
+        if group is not None and name != key and any(name in t.__dataclass_fields__ for t in schemas[group]):
+            return f" (did you mean {group}.{name}{'=' + value if value is not None else ''}?)"
+    return ""
 
 
 def _check_finite(cfg: DictConfig) -> None:

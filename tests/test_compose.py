@@ -127,6 +127,45 @@ def test_unknown_keys_and_options_suggest_the_closest(override, hint):
     assert hint in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("overrides, hint", [  # the review's first guesses: no hint at all before
+    (["steps=10"], "did you mean trainer.steps=10?"),
+    (["lr=0.1"], "did you mean optimizer.lr=0.1?"),
+    (["optimizer.learning_rate=0.1"], "did you mean optimizer.lr=0.1?"),
+    (["model.lr=0.1"], "did you mean optimizer.lr=0.1?"),
+    (["model.embedding_dim=4"], "did you mean model.d=4?"),
+    (["optimizer=adam", "optimizer.solver=natural"],
+     "optimizer.solver is a setting of optimizer=goldstone, which takes this optimizer's steps as its base: "
+     "optimizer=goldstone optimizer.base=adam optimizer.solver=natural"),
+    (["optimizer=adam", "optimizer.base=gd"], "optimizer=goldstone optimizer.base=gd)"),
+    (["epochs=3"], "valid: model=OPTION, data=OPTION, optimizer=OPTION, experiment=OPTION, name, "),
+])
+def test_a_key_of_another_group_or_optimizer_is_named(overrides, hint):
+    with pytest.raises(ConfigError) as info:
+        compose(overrides)
+    assert hint in str(info.value) and "\n" not in str(info.value)
+    assert "betas" not in str(info.value)  # optimizer.base=gd suggested "did you mean optimizer.betas?"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optimizer=adagrad", "optimizer.momentum=0.9"],
+     "optimizer.momentum=0.9 has no effect with optimizer=adagrad (it is a setting of gd); drop it, or choose optimizer=gd"),
+    (["optimizer=adam", "optimizer.momentum=0.9"], "no effect with optimizer=adam"),
+    (["optimizer=gd", "optimizer.betas=[0.8,0.9]"], "optimizer.betas=[0.8, 0.9] has no effect with optimizer=gd"),
+    (["optimizer=gd", "optimizer.eps=1e-6"], "it is a setting of adam and adagrad"),
+    (["optimizer=goldstone", "optimizer.base=adam", "optimizer.momentum=0.5"],
+     "no effect with optimizer.base=adam (it is a setting of gd); drop it, or choose optimizer.base=gd"),
+])
+def test_a_setting_of_another_base_optimizer_is_refused(overrides, message):
+    """optimizer=adagrad optimizer.momentum=0.9 trained without momentum and said nothing."""
+    with pytest.raises(ConfigError) as info:
+        compose(overrides)
+    assert message in str(info.value)
+    for ok in (["optimizer=gd", "optimizer.momentum=0.9"], ["optimizer=adam", "optimizer.betas=[0.8,0.9]"],
+               ["optimizer=adagrad", "optimizer.eps=1e-6"], ["optimizer=goldstone", "optimizer.base=gd",
+                                                             "optimizer.momentum=0.5"]):
+        compose(ok)
+
+
 def test_tuned_table_errors_name_the_file():
     from omegaconf import OmegaConf
 
@@ -209,7 +248,11 @@ def test_goldstone_runs_its_base_with_the_settings_of_that_optimizer_option(mode
     for key in ("lr", "eps", "schedule", "clip"):
         if key in plain:
             assert gauged[key] == plain[key], key
-    assert compose(["optimizer=goldstone", f"optimizer.base={base}", "optimizer.eps=0.001"]).optimizer.eps == 0.001
+    if base == "gd":  # gd has no eps: refused rather than ignored
+        with pytest.raises(ConfigError, match="optimizer.eps=0.001 has no effect with optimizer.base=gd"):
+            compose(["optimizer=goldstone", f"optimizer.base={base}", "optimizer.eps=0.001"])
+    else:
+        assert compose(["optimizer=goldstone", f"optimizer.base={base}", "optimizer.eps=0.001"]).optimizer.eps == 0.001
 
 
 def test_experiment_null_and_experiment_keys():
