@@ -121,6 +121,9 @@ def _config_from(overrides: list[str]):
             from goldstone_cli.checkpoint import has_checkpoint
 
             run_dir = Path(resume[-1].split("=", 1)[1])
+            if not run_dir.is_dir():
+                _fail(f"resume={run_dir}: no such folder; give a run folder (outputs/<model>/<name>_<date>_<time>, "
+                      "printed as 'outputs in ...' when the run started)")
             if not has_checkpoint(run_dir):
                 _fail(f"{run_dir} has no checkpoint to resume from (expected {run_dir / 'checkpoints' / 'last.pt'}); "
                       f"a run killed before its first checkpoint can be started again with run_dir={run_dir}")
@@ -434,7 +437,8 @@ def prepare_corpus_cmd(
     if r.empty_steps:
         typer.echo(f"empty bins (kept as empty time steps): {', '.join(r.empty_steps)}")
     if r.keep_words_missing:
-        typer.echo(f"--keep-words not in the corpus (left out): {', '.join(r.keep_words_missing)}")
+        given = "--keep-words" if keep_words != ",".join(_TABLE2_WORDS) else "the default --keep-words (Table 2's queries)"
+        typer.echo(f"{given} not in the corpus (left out): {', '.join(r.keep_words_missing)}")
     if source.startswith("semeval:"):
         from goldstone_cli.data.cooc import read_manifest
 

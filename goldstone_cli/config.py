@@ -522,7 +522,8 @@ def _hydra_compose(overrides: list[str]) -> DictConfig:
     except ConfigError:
         raise
     except Exception as exc:  # Hydra/OmegaConf errors: keep their message, make it one line
-        raise ConfigError(_one_line(exc) + (_experiment_hint(exc) or _did_you_mean(exc, overrides))) from exc
+        raise ConfigError(_one_line(exc) + (_experiment_hint(exc) or _sweep_hint(exc)
+                                            or _did_you_mean(exc, overrides))) from exc
     finally:
         GlobalHydra.instance().clear()
 
@@ -768,6 +769,14 @@ def _experiment_hint(exc: BaseException) -> str:
         return ""
     return (f" (experiment={m.group(1)} sets up its own model, data and optimizer; a model=, data= or optimizer= "
             "override that does not fit them fails: drop it or choose another experiment)")
+
+
+def _sweep_hint(exc: BaseException) -> str:
+    """Hydra's "Ambiguous value for argument 'optimizer=goldstone,adam'": a comma list is a sweep."""
+    if "Ambiguous value for argument" not in str(exc):
+        return ""
+    return (" (a comma list runs one model per value: `goldstone sweep KEY=A,B`; `goldstone train` runs one; a "
+            "list value is written in brackets, KEY=[A,B])")
 
 
 def _did_you_mean(exc: BaseException, overrides: list[str]) -> str:

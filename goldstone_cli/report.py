@@ -75,6 +75,8 @@ def load_snapshots(run_dir: str | Path) -> dict[int, dict]:
     from goldstone_cli import checkpoint as ckpt
 
     path = Path(run_dir) / ckpt.SNAPSHOTS
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
     if not path.is_file():
         raise FileNotFoundError(
             f"{run_dir} has no snapshots.pt: trajectories are kept for small models only "

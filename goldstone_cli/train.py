@@ -857,7 +857,8 @@ def _human_seconds(sec: float) -> str:
 def _device_text(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"{device.type} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{device.type} ({n} thread{'s' if n != 1 else ''})"
 
 
 class _Eta:

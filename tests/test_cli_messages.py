@@ -208,3 +208,36 @@ def test_under_a_launcher_only_rank_0_prints_an_error_that_every_rank_raises(tmp
         r = runner.invoke(app, ["train", "trainer.steps=1"])
         assert r.exit_code == code and (str(exc) in r.output) == printed, (exc, r.output)
         assert len(r.output.strip().splitlines()) == int(printed)
+
+
+def test_first_guesses_that_name_something_else_get_the_right_message(tmp_path, monkeypatch):
+    """Review: a comma list under `train` printed Hydra's bare 'Ambiguous value'; a folder that does not
+    exist was called a run without snapshots or without a checkpoint; default keep-words that the user
+    never passed were reported as '--keep-words not in the corpus'; '1 threads'."""
+    import torch
+
+    from goldstone_cli.train import _device_text
+
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["train", "optimizer=goldstone,adam"])
+    assert res.exit_code != 0 and "`goldstone sweep KEY=A,B`" in res.output, res.output
+    res = runner.invoke(app, ["plot", "trajectories", str(tmp_path / "nope")])
+    assert res.exit_code != 0 and "no such run folder" in res.output, res.output
+    res = runner.invoke(app, ["train", f"resume={tmp_path / 'nope'}"])
+    assert res.exit_code != 0 and "no such folder" in res.output and "no checkpoint" not in res.output, res.output
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _device_text(torch.device("cpu")) == "cpu (1 thread)"
+    finally:
+        torch.set_num_threads(threads)
+    src = tmp_path / "texts"
+    src.mkdir()
+    (src / "1850-a.txt").write_text("the union is strong and the nation is free " * 5)
+    (src / "1900-b.txt").write_text("the nation grows and the union stands " * 5)
+    res = runner.invoke(app, ["data", "prepare", "corpus", "--source", str(src), "--out", str(tmp_path / "out"),
+                              "--bin-years", "50", "-q"])
+    assert res.exit_code == 0 and "the default --keep-words (Table 2's queries) not in the corpus" in res.output
+    res = runner.invoke(app, ["data", "prepare", "corpus", "--source", str(src), "--out", str(tmp_path / "out2"),
+                              "--bin-years", "50", "--keep-words", "union,zebra", "-q"])
+    assert res.exit_code == 0 and "\n--keep-words not in the corpus (left out): zebra" in "\n" + res.output, res.output
