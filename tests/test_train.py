@@ -258,6 +258,9 @@ def test_target_stops_early(in_tmp):
 
 def test_resume_of_missing_run_is_a_clear_error(in_tmp):
     res = runner.invoke(app, ["train", "resume=outputs/nothing"])
+    assert res.exit_code == 2 and "resume=outputs/nothing: no such folder" in res.output
+    (in_tmp / "outputs" / "empty").mkdir(parents=True)  # a folder without a checkpoint
+    res = runner.invoke(app, ["train", "resume=outputs/empty"])
     assert res.exit_code == 2 and "no checkpoint" in res.output
 
 
