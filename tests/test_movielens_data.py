@@ -312,6 +312,10 @@ def test_missing_data_set_says_where_it_looked_and_how_to_download(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         load_movielens(tmp_path / "data" / "ml-25m" / "ratings.csv", use_cache=False)
     assert f"--variant ml-25m --dest {tmp_path / 'data'}" in str(e.value)
+    # a path not named like a data set: --dest / would have written /ml-20m, not this path
+    with pytest.raises(FileNotFoundError) as e:
+        load_movielens(tmp_path / "mydata", use_cache=False)
+    assert "--variant ml-20m --dest data\n" in str(e.value) and "then train with data.path=data/ml-20m" in str(e.value)
 
     empty = tmp_path / "data" / "ml-1m"
     empty.mkdir(parents=True)

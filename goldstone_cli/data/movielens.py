@@ -110,10 +110,14 @@ class MalformedRatingsError(ValueError):
 
 
 def _download_hint(variant: str | None, data_dir: Path) -> str:
-    v = variant if variant in {m.value for m in MovieLensVariant} else "ml-20m"
-    return (f"Download it with\n    goldstone data download movielens --variant {v} --dest {data_dir}\n"
-            f"(variants: {', '.join(m.value for m in MovieLensVariant)}), or point data.path= at the folder or "
-            "ratings file of a MovieLens copy you already have (goldstone train model=movielens data.path=DIR).")
+    """How to get the data: a path named like a variant (…/ml-20m) is downloaded to exactly that folder;
+    any other path cannot be, so the download goes to data/<variant> and data.path is to name it."""
+    known = variant in {m.value for m in MovieLensVariant}
+    v = variant if known else "ml-20m"
+    dest, then = (data_dir, "") if known else (Path("data"), f", then train with data.path=data/{v}")
+    return (f"Download it with\n    goldstone data download movielens --variant {v} --dest {dest}\n"
+            f"(variants: {', '.join(m.value for m in MovieLensVariant)}){then}, or point data.path= at the folder "
+            "or ratings file of a MovieLens copy you already have (goldstone train model=movielens data.path=DIR).")
 
 
 def find_ratings_file(path: str | os.PathLike, data_dir: str | os.PathLike = "data") -> Path:
