@@ -746,6 +746,22 @@ def make_planted_cmd(
     typer.echo(f"wrote {path}")
 
 
+def _one_line_summaries(typer_app: typer.Typer) -> None:
+    """Each command's first docstring paragraph as one line in the command lists of --help (Rich kept the
+    docstring's line breaks there, so the list wrapped raggedly); the command's own --help is unchanged."""
+    import inspect
+
+    for info in typer_app.registered_commands:
+        if info.short_help is None and info.help is None and info.callback is not None:
+            doc = inspect.getdoc(info.callback) or ""
+            info.short_help = " ".join(doc.split("\n\n", 1)[0].split()) or None
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _one_line_summaries(group.typer_instance)
+
+
+_one_line_summaries(app)
+
 # whether this process runs the command line as its own (main(), the `goldstone` script and
 # `python -m goldstone_cli`) and exits when the command returns; not under CliRunner or another caller
 _PROCESS = {"own": False}

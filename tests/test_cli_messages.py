@@ -241,3 +241,18 @@ def test_first_guesses_that_name_something_else_get_the_right_message(tmp_path, 
     res = runner.invoke(app, ["data", "prepare", "corpus", "--source", str(src), "--out", str(tmp_path / "out2"),
                               "--bin-years", "50", "--keep-words", "union,zebra", "-q"])
     assert res.exit_code == 0 and "\n--keep-words not in the corpus (left out): zebra" in "\n" + res.output, res.output
+
+
+def test_command_lists_show_one_line_summaries():
+    """`goldstone --help` kept each docstring's line breaks in its command list ("dense dynamic MF on" /
+    "synthetic data" on lines of their own): every command now has its first paragraph as one line."""
+    import goldstone_cli.cli as cli
+
+    apps = [cli.app, cli.data_app, cli.prepare_app, cli.download_app, cli.plot_app, cli.eval_app]
+    infos = [i for a in apps for i in a.registered_commands]
+    assert len(infos) >= 15
+    for info in infos:
+        assert info.short_help and "\n" not in info.short_help and "  " not in info.short_help, info.callback
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    assert "(dense dynamic MF on synthetic data)" in res.output, res.output  # it broke after "MF on"
