@@ -804,22 +804,26 @@ def _did_you_mean(exc: BaseException, overrides: list[str]) -> str:
                     "trainer.* keys, which are overridden by those names, e.g. trainer.steps=100)")
         groups = [g for g in GROUPS if g != "sweep"]
         match = _close(key, groups)
-        value = next((ov.partition("=")[2] for ov in overrides if ov.partition("=")[0].lstrip("+~") == key), None)
+        value = _given(overrides, key)
         if match and value is not None:  # optimizr=adam -> optimizer=adam
             return match[:-2] + f"={value}?)"
         return match or _close(key, fields) or _other_group(key, None, value) or (
             f" (valid: {', '.join(g + '=OPTION' for g in groups)}, {', '.join(sorted(fields - set(groups) - {'trainer'}))}"
             ", and each group's settings as GROUP.KEY, e.g. trainer.steps=100; `goldstone config` prints them all)")
     group = prefix.split(".", 1)[0] or None
-    value = next((ov.partition("=")[2] for ov in overrides if ov.partition("=")[0].lstrip("+~") == prefix + key), None)
+    value = _given(overrides, prefix + key)
     if schema is OptimizerConfig and key in GoldstoneConfig.__dataclass_fields__:  # optimizer=adam optimizer.k1=10
-        name = next((ov.partition("=")[2] for ov in overrides if ov.partition("=")[0].lstrip("+~") == "optimizer"),
-                    "BASE")
+        name = _given(overrides, "optimizer") or "BASE"
         if key == "base":
             return f" (optimizer.base is the base optimizer of optimizer=goldstone: optimizer=goldstone optimizer.base={value or name})"
         return (f" (optimizer.{key} is a setting of optimizer=goldstone, which takes this optimizer's steps as its "
                 f"base: optimizer=goldstone optimizer.base={name} optimizer.{key}={value or 'VALUE'})")
     return _close(key, fields, prefix) or _other_group(key, group, value)
+
+
+def _given(overrides: list[str], key: str) -> Optional[str]:
+    """The value the command line gives ``key`` (``+key=`` and ``~key=`` too), or None."""
+    return next((v for k, _, v in (ov.partition("=") for ov in overrides) if k.lstrip("+~") == key), None)
 
 
 # what users coming from other trainers type for our keys
